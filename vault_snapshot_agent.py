@@ -1,0 +1,1926 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Keep verified, rotated Raft snapshots of a HashiCorp Vault or OpenBao cluster.
+
+One file, Python standard library only, Python 3.6 to 3.13. Run it beside every
+Vault node; on each tick the agent logs in (AppRole, Kubernetes or a token),
+asks whether its own node is the Raft leader and only there streams
+``GET /v1/sys/storage/raft/snapshot`` to disk with constant memory, verifies
+the archive while it arrives, stores it in every configured storage and
+applies retention. It reads the Go ``vault_raft_snapshot_agent`` config file
+unchanged.
+
+Usage::
+
+    vault_snapshot_agent.py [-c /etc/vault.d/snapshot.json] [--once]
+                            [--check-config] [--log-level info]
+                            [--log-format text|json] [--version]
+
+Exit codes: 0 success, requested stop, or not the leader; 1 a ``--once``
+cycle failed; 2 usage or config error.
+
+Sections (``grep -n '^# [0-9]*\\. '`` lists them):
+
+    1. Constants
+    2. Errors
+    3. Utilities
+    4. Clock and signals
+    5. Config
+    6. HTTP transport and retry
+    7. Vault client
+    8. Snapshot stream and verification
+    9. Storage backends
+    10. Retention
+    11. Agent
+    12. Command line
+"""
+
+from __future__ import print_function
+
+import argparse
+import collections
+import datetime
+import errno
+import gzip
+import hashlib
+import http.client
+import json
+import logging
+import os
+import random
+import re
+import select
+import signal
+import socket
+import ssl
+import stat
+import sys
+import time
+import urllib.parse
+import zlib
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentError", "ConfigError", "TransportError", "VaultError", "SnapshotError",
+    "StorageError", "Stopped", "Config", "load_config", "VaultClient",
+    "ArchiveVerifier", "verify_file", "LocalStorage", "plan_retention", "Agent",
+    "main",
+]
+
+# =============================================================================
+# 1. Constants
+# =============================================================================
+
+PROG = "vault-snapshot-agent"
+LOG = logging.getLogger("vault_snapshot_agent")
+
+DEFAULT_CONFIG_PATH = "/etc/vault.d/snapshot.json"
+DEFAULT_ADDR = "https://127.0.0.1:8200"
+DEFAULT_FREQUENCY = "1h"
+DEFAULT_API_TIMEOUT = "30s"          # per socket operation on API calls
+DEFAULT_SNAPSHOT_TIMEOUT = "2m"      # idle (per read) timeout of the snapshot stream
+DEFAULT_K8S_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+
+SNAPSHOT_PATH = "/v1/sys/storage/raft/snapshot"
+SNAPSHOT_PREFIX = "raft_snapshot-"
+SNAPSHOT_SUFFIX = ".snap"
+# Our names: raft_snapshot-20261127T205239.123Z.snap (UTC, sorts by time as text).
+OWN_NAME_RE = re.compile(r"^raft_snapshot-(\d{8}T\d{6}\.\d{3})Z\.snap$")
+# The Go agent's names: raft_snapshot-<unix nanoseconds>.snap.
+GO_NAME_RE = re.compile(r"^raft_snapshot-(\d{1,20})\.snap$")
+# Staging and partial files: hidden, tagged with host and pid so a later run
+# can tell its own crash leftovers from another live process's work.
+TEMP_NAME_RE = re.compile(r"^\.raft_snapshot-(?P<host>[A-Za-z0-9_.-]*)-(?P<pid>\d+)-[0-9a-f]+\.tmp$")
+
+CHUNK_SIZE = 1024 * 1024             # stream and copy granularity
+MAX_JSON_BYTES = 4 * 1024 * 1024     # an API answer larger than this is refused
+MAX_SMALL_MEMBER = 1024 * 1024       # meta.json / SHA256SUMS size cap
+MAX_REDIRECTS = 3
+
+TOKEN_RENEW_FRACTION = 2.0 / 3.0     # renew after 2/3 of the TTL has passed
+TOKEN_MIN_REMAINING = 10.0           # seconds: below this, log in again instead
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# Config keys of the storage blocks, in the order storages run.
+STORAGE_KEYS = ("local_storage", "aws_storage", "google_storage", "azure_storage")
+
+ENV_PREFIXES = ("VAULT_", "BAO_")    # VAULT_X wins over BAO_X; config wins over both
+
+# =============================================================================
+# 2. Errors
+# =============================================================================
+
+
+class AgentError(Exception):
+    """Root of every error this program raises on purpose."""
+
+
+class ConfigError(AgentError):
+    """A config file, flag or environment value is wrong (exit code 2)."""
+
+
+class TransportError(AgentError):
+    """A request could not be completed. ``status`` is the HTTP status if any."""
+
+    def __init__(self, message, status=None, retryable=False):
+        AgentError.__init__(self, message)
+        self.status = status
+        self.retryable = retryable
+
+
+class VaultError(AgentError):
+    """Vault answered, but not with what the agent needs."""
+
+    def __init__(self, message, status=None):
+        AgentError.__init__(self, message)
+        self.status = status
+
+
+class NotLeader(AgentError):
+    """This node is not (or no longer) the active node."""
+
+
+class SnapshotError(AgentError):
+    """The snapshot archive is empty, truncated or does not verify."""
+
+
+class StorageError(AgentError):
+    """A storage backend failed to store, list or delete."""
+
+
+class Stopped(AgentError):
+    """A stop was requested (SIGTERM/SIGINT) while work was in progress."""
+
+
+# =============================================================================
+# 3. Utilities
+# =============================================================================
+
+
+class Secret(object):
+    """A credential. Formats as '***' everywhere; ``reveal()`` is the only way in."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value):
+        self._value = value
+
+    def reveal(self):
+        return self._value
+
+    def __repr__(self):
+        return "'***'"
+
+    __str__ = __repr__
+
+    def __bool__(self):
+        return bool(self._value)
+
+    __nonzero__ = __bool__
+
+    def __eq__(self, other):
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
+    __hash__ = None
+
+
+_DURATION_UNITS = {
+    "ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3,
+    "s": 1.0, "m": 60.0, "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+def parse_duration(text):
+    """Parse a Go duration ('30s', '1h30m', '500ms', '1.5h') into seconds.
+
+    Raises ValueError for anything Go's time.ParseDuration would refuse, and for
+    negative values, which no setting here accepts.
+    """
+    if not isinstance(text, str) or not text:
+        raise ValueError("empty duration")
+    if text == "0":
+        return 0.0
+    rest = text[1:] if text[0] == "+" else text
+    if rest.startswith("-"):
+        raise ValueError("negative duration")
+    total, pos = 0.0, 0
+    if not rest:
+        raise ValueError("no number")
+    while pos < len(rest):
+        match = _DURATION_PART.match(rest, pos)
+        if match is None:
+            raise ValueError("cannot parse %r" % rest[pos:])
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    return total
+
+
+def format_duration(seconds):
+    """Seconds as a short Go-style duration: 3600 -> '1h', 90 -> '1m30s'."""
+    if seconds < 1:
+        return "%dms" % round(seconds * 1000)
+    whole = int(round(seconds))
+    hours, rem = divmod(whole, 3600)
+    minutes, secs = divmod(rem, 60)
+    out = ""
+    if hours:
+        out += "%dh" % hours
+    if minutes:
+        out += "%dm" % minutes
+    if secs or not out:
+        out += "%ds" % secs
+    return out
+
+
+def format_size(num):
+    """Bytes for humans, decimal units as storage consoles show them."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(num) < 1000 or unit == "TB":
+            return ("%d %s" % (num, unit)) if unit == "B" else ("%.1f %s" % (num, unit))
+        num /= 1000.0
+    return "%d B" % num  # pragma: no cover
+
+
+def snapshot_name(when):
+    """The name of a snapshot taken at ``when`` (an aware datetime)."""
+    utc = when.astimezone(UTC)
+    return "%s%s.%03dZ%s" % (SNAPSHOT_PREFIX, utc.strftime("%Y%m%dT%H%M%S"),
+                             utc.microsecond // 1000, SNAPSHOT_SUFFIX)
+
+
+def parse_snapshot_name(name):
+    """The UTC time inside one of our or the Go agent's names, else None."""
+    match = OWN_NAME_RE.match(name)
+    if match:
+        try:
+            return datetime.datetime.strptime(match.group(1), "%Y%m%dT%H%M%S.%f").replace(tzinfo=UTC)
+        except ValueError:
+            return None
+    match = GO_NAME_RE.match(name)
+    if match:
+        nanos = int(match.group(1))
+        try:
+            return EPOCH + datetime.timedelta(microseconds=nanos // 1000)
+        except OverflowError:
+            return None
+    return None
+
+
+def redact_url(url):
+    """A URL fit for logs: no userinfo, no query string (SAS tokens live there)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.netloc.rpartition("@")[2]
+    query = "<redacted>" if parts.query else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def one_line(text, limit=300):
+    """Collapse whitespace and cut long server answers for a log line."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def parse_bool(text):
+    """Go's strconv.ParseBool, as used for VAULT_SKIP_VERIFY."""
+    lowered = text.strip().lower()
+    if lowered in ("1", "t", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "f", "false", "no", "n", "off", ""):
+        return False
+    raise ValueError("not a boolean: %r" % text)
+
+
+def read_secret_file(path, what):
+    """The stripped first content of a small secret file, as a Secret."""
+    try:
+        with open(path, "r") as handle:
+            value = handle.read(65536).strip()
+    except (IOError, OSError) as exc:
+        raise ConfigError("%s %s: cannot read: %s" % (what, path, exc.strerror or exc))
+    if not value:
+        raise ConfigError("%s %s: file is empty" % (what, path))
+    return Secret(value)
+
+
+def fsync_dir(path):
+    """Make a rename or link in ``path`` durable (best effort where unsupported)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def temp_name():
+    """A hidden staging name tagged with this host and pid."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:40]
+    return ".raft_snapshot-%s-%d-%s.tmp" % (host, os.getpid(), os.urandom(4).hex())
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except OSError as exc:
+        return exc.errno == errno.EPERM
+    return True
+
+
+# =============================================================================
+# 4. Clock and signals
+# =============================================================================
+
+UTC = datetime.timezone.utc
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class Clock(object):
+    """Wall and monotonic time. Tests pass a fake with the same two methods."""
+
+    def now(self):
+        return datetime.datetime.now(UTC)
+
+    def monotonic(self):
+        return time.monotonic()
+
+
+class Signals(object):
+    """SIGTERM/SIGINT/SIGHUP as flags, plus a self-pipe so waits end at once.
+
+    A handler that only sets a flag does not cut ``time.sleep`` short (PEP 475
+    restarts it), so ``wait`` selects on a pipe the handler writes to. Work in
+    progress polls ``check()`` between chunks, and ``aborting`` registers a
+    callable (closing a socket) that runs the moment a stop arrives, so a read
+    blocked on a silent server returns at once.
+    """
+
+    HANDLED = ("SIGTERM", "SIGINT", "SIGHUP")
+
+    def __init__(self):
+        self.stop_requested = False
+        self.reload_requested = False
+        self.stop_signal = None
+        self._read_fd, self._write_fd = os.pipe()
+        for fd in (self._read_fd, self._write_fd):
+            _set_nonblocking(fd)
+        self._previous = {}
+        self._abort_hooks = []
+
+    def install(self):
+        """Take over the signals; returns False outside the main thread."""
+        try:
+            for name in self.HANDLED:
+                num = getattr(signal, name)
+                self._previous[num] = signal.signal(num, self._handle)
+        except ValueError:      # not the main thread: leave signals alone
+            self.uninstall()
+            return False
+        return True
+
+    def uninstall(self):
+        for num, previous in self._previous.items():
+            try:
+                signal.signal(num, previous if previous is not None else signal.SIG_DFL)
+            except ValueError:
+                pass
+        self._previous = {}
+
+    def close(self):
+        self.uninstall()
+        for fd in (self._read_fd, self._write_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _handle(self, signum, frame):
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
+        else:
+            self.request_stop(signum)
+        try:
+            os.write(self._write_fd, b"!")
+        except OSError:
+            pass
+
+    def request_stop(self, signum=None):
+        """Ask everything to stop; also used by tests and by the second signal."""
+        self.stop_requested = True
+        self.stop_signal = signum
+        for hook in list(self._abort_hooks):
+            try:
+                hook()
+            except Exception:   # an abort hook must never break signal handling
+                pass
+
+    def check(self):
+        """Raise Stopped if a stop was requested."""
+        if self.stop_requested:
+            raise Stopped("stop requested")
+
+    def wait(self, seconds):
+        """Sleep up to ``seconds``; returns early when any handled signal arrives."""
+        if self.stop_requested or self.reload_requested:
+            return
+        try:
+            ready, _, _ = select.select([self._read_fd], [], [], max(0.0, seconds))
+        except (OSError, ValueError):
+            ready = []
+        if ready:
+            try:
+                while os.read(self._read_fd, 512):
+                    pass
+            except OSError:
+                pass
+
+    def aborting(self, hook):
+        """Context manager: run ``hook`` if a stop arrives inside the block."""
+        return _AbortHook(self, hook)
+
+
+class _AbortHook(object):
+    def __init__(self, signals, hook):
+        self.signals, self.hook = signals, hook
+
+    def __enter__(self):
+        self.signals._abort_hooks.append(self.hook)
+        if self.signals.stop_requested:
+            self.hook()
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.signals._abort_hooks.remove(self.hook)
+        except ValueError:
+            pass
+        return False
+
+
+def _set_nonblocking(fd):
+    import fcntl
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+
+# =============================================================================
+# 5. Config
+# =============================================================================
+
+TlsOptions = collections.namedtuple(
+    "TlsOptions", "ca_cert ca_path client_cert client_key server_name skip_verify")
+
+
+class Section(object):
+    """Typed, strict reads from one JSON object of the config file.
+
+    Every getter names the key in its error (``local_storage.path: ...``) and
+    records what was read, so ``unknown()`` can warn about typos. JSON ``null``
+    and, as the Go agent's files use them for "unset", empty strings count as
+    absent.
+    """
+
+    def __init__(self, raw, prefix="", env=None):
+        self.raw = raw
+        self.prefix = prefix
+        self.env = os.environ if env is None else env
+        self.seen = set()
+
+    def name(self, key):
+        return self.prefix + key
+
+    def error(self, key, problem):
+        return ConfigError("%s: %s" % (self.name(key), problem))
+
+    def _value(self, key, env=()):
+        self.seen.add(key)
+        value = self.raw.get(key)
+        if value is None or value == "":
+            for var in env:
+                if self.env.get(var):
+                    return self.env[var], var
+            return None, None
+        return value, None
+
+    def string(self, key, default=None, env=(), choices=None):
+        value, source = self._value(key, env)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self.error(key, "must be a string, got %s" % _json_type(value))
+        if choices and value not in choices:
+            raise self.error(key, "must be one of %s, got %r" % (", ".join(choices), value))
+        return value
+
+    def secret(self, key, env=()):
+        value = self.string(key, env=env)
+        return None if value is None else Secret(value)
+
+    def path(self, key, default=None, env=(), must_exist=None):
+        value = self.string(key, default, env)
+        if value is None:
+            return None
+        value = os.path.expanduser(value)
+        if must_exist == "file" and not os.path.isfile(value):
+            raise self.error(key, "file %s does not exist" % value)
+        if must_exist == "dir" and not os.path.isdir(value):
+            raise self.error(key, "directory %s does not exist" % value)
+        return value
+
+    def integer(self, key, default=None, minimum=0):
+        value, _ = self._value(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise self.error(key, "must be a whole number, got %s" % _json_type(value))
+        if value < minimum:
+            raise self.error(key, "must be at least %d, got %d" % (minimum, value))
+        return value
+
+    def boolean(self, key, default=False, env=()):
+        value, source = self._value(key, env)
+        if value is None:
+            return default
+        if source is not None:
+            try:
+                return parse_bool(value)
+            except ValueError:
+                raise ConfigError("%s: environment value %r is not a boolean" % (source, value))
+        if not isinstance(value, bool):
+            raise self.error(key, "must be true or false, got %s" % _json_type(value))
+        return value
+
+    def duration(self, key, default, minimum=0.0):
+        self.seen.add(key)
+        value = self.raw.get(key, default)
+        if value is None:
+            value = default
+        if not isinstance(value, str):
+            raise self.error(key, "must be a duration string like \"1h\" or \"30s\", got %s"
+                             % _json_type(value))
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            raise self.error(key, "invalid duration %r (use Go syntax: 30s, 15m, 1h30m, 500ms)" % value)
+        if seconds < minimum:
+            raise self.error(key, "must be at least %s, got %r" % (format_duration(minimum), value))
+        return seconds
+
+    def section(self, key):
+        """A nested object as a Section, or None when absent."""
+        self.seen.add(key)
+        value = self.raw.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self.error(key, "must be an object, got %s" % _json_type(value))
+        return Section(value, self.name(key) + ".", self.env)
+
+    def unknown(self):
+        return sorted(self.name(k) for k in self.raw if k not in self.seen)
+
+
+def _json_type(value):
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "null"
+
+
+def _env_names(name):
+    """VAULT_X and BAO_X, in precedence order."""
+    return tuple(prefix + name for prefix in ENV_PREFIXES)
+
+
+AUTH_METHODS = ("approle", "k8s", "kubernetes", "token")
+
+
+class Config(object):
+    """The effective configuration, after defaults and environment.
+
+    Built by ``load_config``; storage blocks stay raw ``Section`` objects here
+    and are turned into backends by ``build_storages`` (section 9), which owns
+    their keys.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.warnings = []
+
+    def describe(self):
+        """The effective settings as a JSON-able dict, secrets masked."""
+        out = collections.OrderedDict()
+        for key in ("addr", "frequency", "retain", "vault_auth_method", "approle",
+                    "role_id", "secret_id", "secret_id_file", "k8s_auth_role",
+                    "k8s_auth_path", "k8s_token_path", "token", "token_file", "namespace",
+                    "ca_cert", "ca_path", "client_cert", "client_key", "tls_server_name",
+                    "tls_skip_verify", "timeout", "snapshot_timeout", "temp_dir"):
+            value = getattr(self, key, None)
+            if isinstance(value, Secret):
+                value = "***"
+            elif key in ("frequency", "timeout", "snapshot_timeout"):
+                value = format_duration(value)
+            if value is not None:
+                out[key] = value
+        return out
+
+
+def load_config(path, env=None):
+    """Read, validate and complete the config file at ``path``.
+
+    Raises ConfigError with one line naming the key and the problem.
+    Precedence for each setting: config file, then VAULT_*, then BAO_*
+    environment variables, then the default.
+    """
+    env = os.environ if env is None else env
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(16 * 1024 * 1024)
+    except (IOError, OSError) as exc:
+        raise ConfigError("config file %s: cannot read: %s" % (path, exc.strerror or exc))
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("config file %s: not UTF-8 text" % path)
+    except ValueError as exc:
+        raise ConfigError("config file %s: invalid JSON: %s" % (path, exc))
+    if not isinstance(raw, dict):
+        raise ConfigError("config file %s: top level must be a JSON object, got %s"
+                          % (path, _json_type(raw)))
+    return config_from_dict(raw, path, env)
+
+
+def config_from_dict(raw, path="<config>", env=None):
+    top = Section(raw, "", env)
+    cfg = Config(path)
+    cfg.addr = top.string("addr", DEFAULT_ADDR, env=_env_names("ADDR")).rstrip("/")
+    parts = urllib.parse.urlsplit(cfg.addr)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise top.error("addr", "must be an http:// or https:// URL, got %r" % cfg.addr)
+    try:
+        parts.port
+    except ValueError:
+        raise top.error("addr", "invalid port in %r" % cfg.addr)
+    cfg.retain = top.integer("retain", 0)
+    cfg.frequency = top.duration("frequency", DEFAULT_FREQUENCY, minimum=1.0)
+    cfg.timeout = top.duration("timeout", DEFAULT_API_TIMEOUT, minimum=1.0)
+    cfg.snapshot_timeout = top.duration("snapshot_timeout", DEFAULT_SNAPSHOT_TIMEOUT, minimum=1.0)
+    cfg.temp_dir = top.path("temp_dir", must_exist="dir")
+
+    # Authentication.
+    cfg.approle = top.string("approle", "approle").strip("/")
+    cfg.role_id = top.string("role_id")
+    cfg.secret_id = top.secret("secret_id")
+    cfg.secret_id_file = top.path("secret_id_file", must_exist="file")
+    cfg.k8s_auth_role = top.string("k8s_auth_role")
+    cfg.k8s_auth_path = top.string("k8s_auth_path", "kubernetes").strip("/")
+    cfg.k8s_token_path = top.path("k8s_token_path", DEFAULT_K8S_TOKEN_PATH)
+    cfg.token = top.secret("token", env=_env_names("TOKEN"))
+    cfg.token_file = top.path("token_file", must_exist="file")
+    cfg.namespace = top.string("namespace", env=_env_names("NAMESPACE"))
+    method = top.string("vault_auth_method", choices=AUTH_METHODS)
+    if method is None:
+        # Drop-in default is AppRole; a token (file) alone selects token auth.
+        has_token = cfg.token_file or (cfg.token and not (cfg.role_id or cfg.secret_id
+                                                          or cfg.secret_id_file))
+        method = "token" if has_token else "approle"
+    cfg.vault_auth_method = "k8s" if method == "kubernetes" else method
+    if cfg.vault_auth_method == "approle":
+        if not cfg.role_id:
+            raise top.error("role_id", "required for AppRole login (or set vault_auth_method)")
+        if cfg.secret_id and cfg.secret_id_file:
+            raise top.error("secret_id_file", "conflicts with secret_id: set only one")
+        if not (cfg.secret_id or cfg.secret_id_file):
+            raise top.error("secret_id", "required for AppRole login (or use secret_id_file)")
+        if cfg.secret_id_file:
+            read_secret_file(cfg.secret_id_file, "secret_id_file")
+    elif cfg.vault_auth_method == "k8s":
+        if not cfg.k8s_auth_role:
+            raise top.error("k8s_auth_role", "required for Kubernetes login")
+    else:
+        if cfg.token and cfg.token_file:
+            raise top.error("token_file", "conflicts with token: set only one")
+        if not (cfg.token or cfg.token_file):
+            raise top.error("token", "required for token auth (or token_file, or VAULT_TOKEN)")
+        if cfg.token_file:
+            read_secret_file(cfg.token_file, "token_file")
+
+    # TLS towards Vault: verification is on unless explicitly skipped.
+    cfg.ca_cert = top.path("ca_cert", env=_env_names("CACERT"), must_exist="file")
+    cfg.ca_path = top.path("ca_path", env=_env_names("CAPATH"), must_exist="dir")
+    cfg.client_cert = top.path("client_cert", env=_env_names("CLIENT_CERT"), must_exist="file")
+    cfg.client_key = top.path("client_key", env=_env_names("CLIENT_KEY"), must_exist="file")
+    cfg.tls_server_name = top.string("tls_server_name", env=_env_names("TLS_SERVER_NAME"))
+    cfg.tls_skip_verify = top.boolean("tls_skip_verify", False, env=_env_names("SKIP_VERIFY"))
+    if cfg.client_key and not cfg.client_cert:
+        raise top.error("client_key", "needs client_cert as well")
+    cfg.tls = TlsOptions(cfg.ca_cert, cfg.ca_path, cfg.client_cert, cfg.client_key,
+                         cfg.tls_server_name, cfg.tls_skip_verify)
+    if parts.scheme == "https":
+        make_ssl_context(cfg.tls)   # load certificates now: errors are config errors
+
+    cfg.storages = collections.OrderedDict()
+    for key in STORAGE_KEYS:
+        block = top.section(key)
+        if block is not None:
+            cfg.storages[key] = block
+    if not cfg.storages:
+        raise ConfigError("no storage configured: add local_storage (or another *_storage block)")
+    cfg.warnings.extend("unknown config key %r ignored (typo?)" % k for k in top.unknown())
+    return cfg
+
+
+# =============================================================================
+# 6. HTTP transport and retry
+# =============================================================================
+
+
+def make_ssl_context(tls):
+    """An SSLContext for ``tls``; certificate errors become ConfigErrors."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls.skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context.check_hostname = True
+        context.verify_mode = ssl.CERT_REQUIRED
+        if tls.ca_cert or tls.ca_path:
+            try:
+                context.load_verify_locations(cafile=tls.ca_cert, capath=tls.ca_path)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError("ca_cert: cannot load %s: %s"
+                                  % (tls.ca_cert or tls.ca_path, _exc_text(exc)))
+        else:
+            context.load_default_certs()
+    if tls.client_cert:
+        try:
+            context.load_cert_chain(tls.client_cert, tls.client_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError("client_cert: cannot load %s: %s" % (tls.client_cert, _exc_text(exc)))
+    return context
+
+
+def _exc_text(exc):
+    return one_line(getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """HTTPSConnection with a settable SNI / verified hostname."""
+
+    def __init__(self, host, port, timeout, context, server_name):
+        http.client.HTTPSConnection.__init__(self, host, port, timeout=timeout, context=context)
+        self._tls_context = context
+        self._server_name = server_name
+
+    def connect(self):
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._tls_context.wrap_socket(
+            self.sock, server_hostname=self._server_name or self.host)
+
+
+class Response(object):
+    """An HTTP response whose body is read on demand (streams stay streams)."""
+
+    def __init__(self, method, url, conn, raw, sock):
+        self.method = method
+        self.url = url
+        self.status = raw.status
+        self.reason = raw.reason
+        self.headers = raw.msg
+        self._conn = conn
+        self._raw = raw
+        self._sock = sock
+
+    def header(self, name, default=None):
+        return self.headers.get(name, default)
+
+    def read(self, size=CHUNK_SIZE):
+        try:
+            return self._raw.read(size)
+        except (socket.timeout, OSError, http.client.HTTPException) as exc:
+            raise TransportError("%s %s: reading the answer failed: %s"
+                                 % (self.method, redact_url(self.url), _exc_text(exc) or type(exc).__name__),
+                                 retryable=True)
+
+    def body(self, limit=MAX_JSON_BYTES):
+        """The whole body, refusing more than ``limit`` bytes."""
+        data = b""
+        while True:
+            chunk = self.read(min(CHUNK_SIZE, limit + 1 - len(data)))
+            if not chunk:
+                return data
+            data += chunk
+            if len(data) > limit:
+                self.close()
+                raise TransportError("%s %s: answer larger than %s, refused"
+                                     % (self.method, redact_url(self.url), format_size(limit)))
+
+    def json(self):
+        data = self.body()
+        if not data.strip():
+            return {}
+        try:
+            return json.loads(data.decode("utf-8"))
+        except ValueError:
+            raise TransportError("%s %s: HTTP %d with a body that is not JSON: %s"
+                                 % (self.method, redact_url(self.url), self.status,
+                                    one_line(data[:200].decode("utf-8", "replace"))),
+                                 status=self.status)
+
+    def abort(self):
+        """Cut the connection now; a read blocked in another frame returns at once."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, AttributeError):
+            pass
+
+    def close(self):
+        try:
+            self._raw.close()
+        finally:
+            self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class Http(object):
+    """Minimal HTTP/1.1 client on http.client: no automatic redirects, no
+    proxies, TLS as configured, socket timeouts per operation (so a stream
+    only fails when it goes idle, never because it is long)."""
+
+    def __init__(self, tls=None, timeout=30.0, user_agent=None):
+        self.tls = tls or TlsOptions(None, None, None, None, None, False)
+        self.timeout = timeout
+        self.user_agent = user_agent or "%s/%s" % (PROG, __version__)
+        self._context = None
+
+    def _connection(self, parts, timeout):
+        host = parts.hostname
+        if parts.scheme == "https":
+            if self._context is None:
+                self._context = make_ssl_context(self.tls)
+            return _HTTPSConnection(host, parts.port or 443, timeout, self._context,
+                                    self.tls.server_name)
+        if parts.scheme == "http":
+            return http.client.HTTPConnection(host, parts.port or 80, timeout=timeout)
+        raise TransportError("unsupported URL scheme in %s" % redact_url(parts.geturl()))
+
+    def request(self, method, url, headers=None, body=None, timeout=None):
+        """Send one request and return the Response (any status).
+
+        Connection-level failures raise a retryable TransportError naming the
+        host and operation (never a header value).
+        """
+        parts = urllib.parse.urlsplit(url)
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        all_headers = {"User-Agent": self.user_agent}
+        all_headers.update(headers or {})
+        if body is not None and "Content-Type" not in all_headers:
+            all_headers["Content-Type"] = "application/octet-stream"
+        conn = self._connection(parts, timeout or self.timeout)
+        try:
+            conn.connect()
+            sock = conn.sock
+            conn.request(method, target, body=body, headers=all_headers)
+            raw = conn.getresponse()
+        except ssl.SSLError as exc:
+            conn.close()
+            raise TransportError("%s %s: TLS error: %s" % (method, redact_url(url), _exc_text(exc)),
+                                 retryable=False)
+        except (socket.timeout, OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise TransportError("%s %s: %s" % (method, redact_url(url),
+                                                _exc_text(exc) or type(exc).__name__),
+                                 retryable=True)
+        return Response(method, url, conn, raw, sock)
+
+
+def backoff_delays(attempts, base=1.0, cap=30.0, rand=random.random):
+    """Full-jitter exponential backoff: the waits between ``attempts`` tries."""
+    return [rand() * min(cap, base * (2 ** i)) for i in range(attempts - 1)]
+
+
+def with_retries(operation, what, signals, attempts=4, base=1.0, cap=30.0):
+    """Call ``operation()``; retry retryable TransportErrors with backoff.
+
+    Waits are signal-aware: a stop request raises Stopped instead of waiting.
+    """
+    delays = backoff_delays(attempts, base, cap)
+    for attempt in range(attempts):
+        try:
+            return operation()
+        except TransportError as exc:
+            if not exc.retryable or attempt == attempts - 1:
+                raise
+            LOG.warning("%s failed (%s), retry %d/%d in %.1fs",
+                        what, exc, attempt + 1, attempts - 1, delays[attempt])
+            signals.wait(delays[attempt])
+            signals.check()
+
+
+# =============================================================================
+# 7. Vault client
+# =============================================================================
+
+
+class VaultClient(object):
+    """Login, token lifecycle, leader check and the snapshot request.
+
+    Every request carries ``X-Vault-Request: true``; the namespace header goes
+    on the login call only (snapshots are a root-namespace operation); the
+    token never follows a redirect to another host.
+    """
+
+    def __init__(self, cfg, http=None, clock=None):
+        self.cfg = cfg
+        self.http = http or Http(cfg.tls, cfg.timeout)
+        self.clock = clock or Clock()
+        self._token = None          # Secret
+        self._renew_at = None       # monotonic seconds; None: never
+        self._expire_at = None
+        self._renewable = False
+        origin = urllib.parse.urlsplit(cfg.addr)
+        self._origin = (origin.scheme, origin.hostname, origin.port or
+                        (443 if origin.scheme == "https" else 80))
+
+    # -- plumbing ------------------------------------------------------------
+
+    def _headers(self, token=True, namespace=False):
+        headers = {"X-Vault-Request": "true", "Accept": "application/json"}
+        if token and self._token:
+            headers["X-Vault-Token"] = self._token.reveal()
+        if namespace and self.cfg.namespace:
+            headers["X-Vault-Namespace"] = self.cfg.namespace
+        return headers
+
+    def _call(self, method, path, payload=None, token=True, namespace=False, ok=(200, 204),
+              headers=None):
+        url = self.cfg.addr + path
+        all_headers = self._headers(token, namespace)
+        all_headers.update(headers or {})
+        body = None
+        if payload is not None:
+            body = json.dumps(payload).encode("utf-8")
+            all_headers["Content-Type"] = "application/json"
+        with self.http.request(method, url, all_headers, body) as resp:
+            if resp.status not in ok:
+                raise vault_error(resp)
+            return resp.json() if resp.status != 204 else {}
+
+    # -- leader --------------------------------------------------------------
+
+    def leader_status(self):
+        """``GET /v1/sys/leader``: whether this node is the active node."""
+        try:
+            return self._call("GET", "/v1/sys/leader", token=False)
+        except VaultError as exc:
+            if exc.status == 503:
+                raise VaultError("Vault at %s is sealed or not initialised (HTTP 503 on sys/leader)"
+                                 % self.cfg.addr, 503)
+            raise
+
+    def is_leader(self):
+        status = self.leader_status()
+        if not isinstance(status, dict):
+            raise VaultError("sys/leader answer is not a JSON object")
+        if status.get("ha_enabled") is False:
+            return True
+        return status.get("is_self") is True
+
+    # -- tokens --------------------------------------------------------------
+
+    def ensure_token(self):
+        """Make sure a usable token is held: log in, renew or log in again."""
+        now = self.clock.monotonic()
+        if self._token is None or (self._expire_at is not None
+                                   and now >= self._expire_at - TOKEN_MIN_REMAINING):
+            self.login()
+            return
+        if self._renew_at is not None and now >= self._renew_at:
+            if self._renewable:
+                try:
+                    self.renew()
+                    return
+                except (VaultError, TransportError) as exc:
+                    LOG.warning("Token renewal failed (%s); logging in again", exc)
+            self.login()
+
+    def invalidate(self):
+        self._token = None
+
+    def login(self):
+        method = self.cfg.vault_auth_method
+        if method == "token":
+            self._token = (read_secret_file(self.cfg.token_file, "token_file")
+                           if self.cfg.token_file else self.cfg.token)
+            data = self._call("GET", "/v1/auth/token/lookup-self").get("data") or {}
+            self._set_ttl(data.get("ttl"), data.get("renewable"))
+            LOG.info("Using token auth, token TTL %s", self._ttl_text(data.get("ttl")))
+            return
+        if method == "k8s":
+            mount = self.cfg.k8s_auth_path
+            jwt = read_secret_file(self.cfg.k8s_token_path, "k8s_token_path")
+            payload = {"role": self.cfg.k8s_auth_role, "jwt": jwt.reveal()}
+        else:
+            mount = self.cfg.approle
+            secret_id = (read_secret_file(self.cfg.secret_id_file, "secret_id_file")
+                         if self.cfg.secret_id_file else self.cfg.secret_id)
+            payload = {"role_id": self.cfg.role_id, "secret_id": secret_id.reveal()}
+        self._token = None
+        try:
+            answer = self._call("POST", "/v1/auth/%s/login" % mount, payload, token=False,
+                                namespace=True)
+        except VaultError as exc:
+            raise VaultError("%s login at auth/%s failed: %s" % (method, mount, exc), exc.status)
+        auth = answer.get("auth") if isinstance(answer, dict) else None
+        if not isinstance(auth, dict) or not auth.get("client_token"):
+            raise VaultError("%s login at auth/%s: answer has no auth.client_token" % (method, mount))
+        self._token = Secret(auth["client_token"])
+        self._set_ttl(auth.get("lease_duration"), auth.get("renewable"))
+        LOG.info("Logged in with %s at auth/%s, token TTL %s%s", method, mount,
+                 self._ttl_text(auth.get("lease_duration")),
+                 ", renewable" if self._renewable else "")
+
+    def renew(self):
+        answer = self._call("POST", "/v1/auth/token/renew-self", {})
+        auth = answer.get("auth") or {}
+        ttl = auth.get("lease_duration")
+        self._set_ttl(ttl, auth.get("renewable", self._renewable))
+        LOG.info("Renewed token, TTL now %s", self._ttl_text(ttl))
+
+    def _set_ttl(self, ttl, renewable):
+        now = self.clock.monotonic()
+        try:
+            ttl = float(ttl or 0)
+        except (TypeError, ValueError):
+            ttl = 0.0
+        self._renewable = bool(renewable)
+        if ttl <= 0:
+            self._renew_at = self._expire_at = None     # root-like token: never expires
+        else:
+            self._renew_at = now + ttl * TOKEN_RENEW_FRACTION
+            self._expire_at = now + ttl
+
+    @staticmethod
+    def _ttl_text(ttl):
+        try:
+            return format_duration(float(ttl)) if ttl else "unlimited"
+        except (TypeError, ValueError):
+            return "unknown"
+
+    # -- snapshot ------------------------------------------------------------
+
+    def open_snapshot(self):
+        """Start ``GET /v1/sys/storage/raft/snapshot``; returns the 200 Response.
+
+        Follows a redirect only to the same scheme, host and port (the token
+        must never reach another host); a redirect elsewhere means another
+        node is active and raises NotLeader. One 403 triggers a new login.
+        """
+        relogged = False
+        url = self.cfg.addr + SNAPSHOT_PATH
+        hops = 0
+        while True:
+            headers = self._headers()
+            headers["Accept"] = "application/gzip, application/octet-stream"
+            resp = self.http.request("GET", url, headers, timeout=self.cfg.snapshot_timeout)
+            if resp.status == 200:
+                return resp
+            try:
+                if resp.status in (301, 302, 303, 307, 308):
+                    location = urllib.parse.urljoin(url, resp.header("Location", ""))
+                    target = urllib.parse.urlsplit(location)
+                    origin = (target.scheme, target.hostname,
+                              target.port or (443 if target.scheme == "https" else 80))
+                    if origin != self._origin:
+                        raise NotLeader("snapshot request redirected to %s://%s:%s (the active node);"
+                                        " the token is not sent there" % origin)
+                    hops += 1
+                    if hops > MAX_REDIRECTS:
+                        raise VaultError("snapshot request: too many redirects")
+                    url = location
+                    continue
+                if resp.status == 403 and not relogged and self.cfg.vault_auth_method != "token":
+                    LOG.info("Vault answered 403 to the snapshot request; logging in again")
+                    relogged = True
+                    self.login()
+                    continue
+                raise vault_error(resp)
+            finally:
+                resp.close()
+
+
+def vault_error(resp):
+    """A VaultError from a non-success Vault answer, with Vault's own messages."""
+    try:
+        data = resp.body(64 * 1024)
+    except TransportError:
+        data = b""
+    detail = ""
+    try:
+        errors = json.loads(data.decode("utf-8")).get("errors")
+        if isinstance(errors, list) and errors:
+            detail = "; ".join(str(e) for e in errors)
+    except (ValueError, AttributeError):
+        detail = data[:200].decode("utf-8", "replace")
+    path = urllib.parse.urlsplit(resp.url).path
+    hint = {403: " (permission denied: check the token's policy)",
+            503: " (sealed or unavailable)", 429: " (standby or rate limited)"}.get(resp.status, "")
+    return VaultError("Vault answered HTTP %d to %s %s%s%s" % (
+        resp.status, resp.method, path, hint, (": " + one_line(detail)) if detail else ""),
+        resp.status)
+
+
+# =============================================================================
+# 8. Snapshot stream and verification
+# =============================================================================
+
+SnapshotInfo = collections.namedtuple(
+    "SnapshotInfo", "path size sha256 index term state_size")
+
+REQUIRED_MEMBERS = ("meta.json", "state.bin", "SHA256SUMS", "SHA256SUMS.sealed")
+
+
+class _Member(object):
+    """One tar member as it streams past: hashed, and kept only when small."""
+
+    def __init__(self, name, size, keep):
+        self.name, self.size, self.keep = name, size, keep
+        self.sha256 = hashlib.sha256()
+        self.seen = 0
+        self.data = bytearray() if keep else None
+
+    def feed(self, data):
+        self.sha256.update(data)
+        self.seen += len(data)
+        if self.keep:
+            self.data.extend(data)
+
+
+class ArchiveVerifier(object):
+    """Push-style check of a Raft snapshot archive, fed as bytes arrive.
+
+    Inflates the gzip stream (zlib checks its CRC and length), walks the tar
+    headers, hashes every member, and on ``finish()`` checks that meta.json,
+    state.bin, SHA256SUMS and a non-empty SHA256SUMS.sealed are present, that
+    SHA256SUMS matches, and that state.bin has the size meta.json announces.
+    Memory stays bounded: inflation is capped per call and only the small
+    members are kept.
+    """
+
+    def __init__(self):
+        self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        self._buf = bytearray()
+        self._member = None        # _Member being read, or None when a header is due
+        self._remaining = 0        # data bytes left in the current member
+        self._padding = 0          # bytes to skip after the current member
+        self._pax_name = None
+        self._pax_size = None
+        self._ended = False        # saw the end-of-archive zero block
+        self.members = collections.OrderedDict()
+        self.compressed = 0
+
+    def feed(self, data):
+        self.compressed += len(data)
+        try:
+            out = self._inflate.decompress(data, CHUNK_SIZE)
+            while True:
+                self._tar(out)
+                tail = self._inflate.unconsumed_tail
+                if not tail:
+                    break
+                out = self._inflate.decompress(tail, CHUNK_SIZE)
+        except zlib.error as exc:
+            raise SnapshotError("snapshot is not a valid gzip stream: %s" % exc)
+        if self._inflate.unused_data.strip(b"\0"):
+            raise SnapshotError("snapshot has unexpected data after the end of the gzip stream")
+
+    def _tar(self, data):
+        if self._ended:
+            if data.strip(b"\0"):
+                raise SnapshotError("snapshot has data after the end of the tar archive")
+            return
+        view = memoryview(data)
+        pos = 0
+        while pos < len(view):
+            if self._member is not None and self._remaining:
+                take = min(self._remaining, len(view) - pos)
+                self._member.feed(view[pos:pos + take])
+                self._remaining -= take
+                pos += take
+                if self._remaining:
+                    return
+                self._close_member()
+                continue
+            if self._padding:
+                take = min(self._padding, len(view) - pos)
+                self._padding -= take
+                pos += take
+                continue
+            need = 512 - len(self._buf)
+            self._buf.extend(view[pos:pos + need])
+            pos += min(need, len(view) - pos)
+            if len(self._buf) < 512:
+                return
+            header = bytes(self._buf)
+            del self._buf[:]
+            if not header.strip(b"\0"):
+                self._ended = True
+                if bytes(view[pos:]).strip(b"\0"):
+                    raise SnapshotError("snapshot has data after the end of the tar archive")
+                return
+            self._header(header)
+
+    def _header(self, header):
+        try:
+            stored = int(header[148:156].split(b"\0")[0].strip() or b"0", 8)
+        except ValueError:
+            raise SnapshotError("snapshot tar header is corrupt (bad checksum field)")
+        computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
+        if stored != computed:
+            raise SnapshotError("snapshot tar header checksum mismatch")
+        name = header[0:100].split(b"\0")[0]
+        if header[257:262] == b"ustar" and header[345:500].strip(b"\0"):
+            name = header[345:500].split(b"\0")[0] + b"/" + name
+        name = name.decode("utf-8", "replace")
+        size = _tar_number(header[124:136])
+        kind = header[156:157]
+        self._remaining = size
+        self._padding = (-size) % 512
+        if kind in (b"x", b"g"):
+            self._member = _Member("<pax>", size, keep=True)
+            self._member.pax_global = kind == b"g"
+        else:
+            if self._pax_name is not None:
+                name = self._pax_name
+            if self._pax_size is not None:
+                size = self._remaining = self._pax_size
+                self._padding = (-size) % 512
+            self._pax_name = self._pax_size = None
+            if kind not in (b"0", b"\0", b"7"):
+                size = 0   # directories, links: nothing to hash
+            if name in self.members:
+                raise SnapshotError("snapshot archive lists %s twice" % name)
+            keep = name in ("meta.json", "SHA256SUMS")
+            if keep and size > MAX_SMALL_MEMBER:
+                raise SnapshotError("snapshot member %s is implausibly large (%d bytes)" % (name, size))
+            self._member = _Member(name, size, keep)
+        if not self._remaining:
+            self._close_member()
+
+    def _close_member(self):
+        member = self._member
+        self._member = None
+        if member.name == "<pax>":
+            if len(member.data) > MAX_SMALL_MEMBER:
+                raise SnapshotError("snapshot tar extended header is implausibly large")
+            if not getattr(member, "pax_global", False):
+                self._pax_name, self._pax_size = _parse_pax(bytes(member.data))
+            return
+        self.members[member.name] = member
+
+    def finish(self):
+        """Check the archive is complete and consistent; return (index, term, state size)."""
+        if self.compressed == 0:
+            raise SnapshotError("snapshot is empty (0 bytes)")
+        if not self._inflate.eof:
+            raise SnapshotError("snapshot is truncated (gzip stream ends early after %d bytes)"
+                                % self.compressed)
+        if self._member is not None or self._buf:
+            raise SnapshotError("snapshot is truncated inside a tar member")
+        missing = [m for m in REQUIRED_MEMBERS if m not in self.members]
+        if missing:
+            raise SnapshotError("snapshot archive lacks %s" % ", ".join(missing))
+        try:
+            meta = json.loads(bytes(self.members["meta.json"].data).decode("utf-8"))
+        except ValueError:
+            raise SnapshotError("snapshot meta.json is not valid JSON")
+        if not isinstance(meta, dict):
+            raise SnapshotError("snapshot meta.json is not a JSON object")
+        sums = {}
+        for line in bytes(self.members["SHA256SUMS"].data).decode("utf-8", "replace").splitlines():
+            fields = line.split()
+            if len(fields) == 2:
+                sums[fields[1].lstrip("*")] = fields[0].lower()
+        for name in ("meta.json", "state.bin"):
+            if name not in sums:
+                raise SnapshotError("snapshot SHA256SUMS has no entry for %s" % name)
+            if sums[name] != self.members[name].sha256.hexdigest():
+                raise SnapshotError("snapshot %s does not match its SHA-256 in SHA256SUMS" % name)
+        if self.members["SHA256SUMS.sealed"].seen == 0:
+            raise SnapshotError("snapshot SHA256SUMS.sealed is empty")
+        state = self.members["state.bin"].seen
+        if isinstance(meta.get("Size"), int) and meta["Size"] != state:
+            raise SnapshotError("snapshot state.bin has %d bytes, meta.json says %d"
+                                % (state, meta["Size"]))
+        return meta.get("Index"), meta.get("Term"), state
+
+
+def _tar_number(field):
+    if field[:1] in (b"\x80", b"\xff"):          # GNU base-256 for large sizes
+        value = 0
+        for byte in bytearray(field[1:]):
+            value = (value << 8) | byte
+        return value
+    text = field.split(b"\0")[0].strip()
+    try:
+        return int(text or b"0", 8)
+    except ValueError:
+        raise SnapshotError("snapshot tar header is corrupt (bad size field)")
+
+
+def _parse_pax(data):
+    """The path and size overrides of a PAX extended header."""
+    name = size = None
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        try:
+            length = int(data[pos:space])
+        except ValueError:
+            raise SnapshotError("snapshot tar extended header is corrupt")
+        if length <= 0:
+            break
+        record = data[space + 1:pos + length].rstrip(b"\n")
+        key, _, value = record.partition(b"=")
+        if key == b"path":
+            name = value.decode("utf-8", "replace")
+        elif key == b"size":
+            try:
+                size = int(value)
+            except ValueError:
+                raise SnapshotError("snapshot tar extended header has a bad size")
+        pos += length
+    return name, size
+
+
+def stream_snapshot(resp, directory, signals):
+    """Stream a snapshot answer into a 0600 file in ``directory``, verifying
+    and hashing on the way; returns SnapshotInfo. On any failure or stop the
+    partial file is removed and the error raised."""
+    path = os.path.join(directory, temp_name())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    verifier = ArchiveVerifier()
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out, signals.aborting(resp.abort):
+            while True:
+                signals.check()
+                chunk = resp.read(CHUNK_SIZE)
+                if not chunk:
+                    break
+                signals.check()
+                out.write(chunk)
+                digest.update(chunk)
+                verifier.feed(chunk)
+                size += len(chunk)
+            signals.check()
+            index, term, state_size = verifier.finish()
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        _unlink_quietly(path)
+        raise
+    return SnapshotInfo(path, size, digest.hexdigest(), index, term, state_size)
+
+
+def verify_file(path):
+    """Verify a snapshot file on disk; returns SnapshotInfo (path as given)."""
+    verifier = ArchiveVerifier()
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(path, "rb") as handle:
+            while True:
+                chunk = handle.read(CHUNK_SIZE)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                verifier.feed(chunk)
+                size += len(chunk)
+    except (IOError, OSError) as exc:
+        raise SnapshotError("%s: cannot read: %s" % (path, exc.strerror or exc))
+    index, term, state_size = verifier.finish()
+    return SnapshotInfo(path, size, digest.hexdigest(), index, term, state_size)
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# =============================================================================
+# 9. Storage backends
+# =============================================================================
+
+SnapshotRef = collections.namedtuple("SnapshotRef", "name when size")
+
+
+class Storage(object):
+    """One place snapshots are kept. Subclasses answer to one config key.
+
+    ``upload(path, name, signals)`` stores the verified file under ``name`` and
+    returns its location for the log line; it leaves nothing half-written.
+    ``list()`` returns SnapshotRefs for names this agent (or the Go agent)
+    writes, and only those. ``delete(names)`` is idempotent. ``describe()``
+    names the destination for logs, never a credential.
+    """
+
+    config_key = None
+    kind = None
+
+    def __init__(self, retain):
+        self.retain = retain
+
+    @classmethod
+    def from_config(cls, section, cfg):
+        raise NotImplementedError
+
+    def prepare(self):
+        """Called at the start of each cycle (e.g. to remove crash leftovers)."""
+
+    def upload(self, path, name, signals):
+        raise NotImplementedError
+
+    def list(self):
+        raise NotImplementedError
+
+    def delete(self, names):
+        raise NotImplementedError
+
+    def describe(self):
+        raise NotImplementedError
+
+    def staging_dir(self):
+        """A directory where staging the download makes upload() cheap, or None."""
+        return None
+
+
+class LocalStorage(Storage):
+    """A local directory. Files are 0600, written under a hidden temporary
+    name and renamed (or hard-linked from the staged download) into place, so
+    a reader never sees a partial snapshot."""
+
+    config_key = "local_storage"
+    kind = "local"
+
+    def __init__(self, path, retain):
+        Storage.__init__(self, retain)
+        self.path = path
+
+    @classmethod
+    def from_config(cls, section, cfg):
+        path = section.path("path")
+        if not path:
+            raise section.error("path", "required (the directory snapshots are written to)")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise section.error("path", "%s exists and is not a directory" % path)
+        retain = section.integer("retain", cfg.retain)
+        return cls(os.path.abspath(path), retain)
+
+    def describe(self):
+        return "local:%s" % self.path
+
+    def staging_dir(self):
+        return self.path
+
+    def _ensure_dir(self):
+        try:
+            os.makedirs(self.path, 0o700)
+            LOG.info("Created snapshot directory %s", self.path)
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:
+                raise StorageError("cannot create %s: %s" % (self.path, exc.strerror))
+
+    def prepare(self):
+        """Remove staging files left by a crashed run of this host."""
+        self._ensure_dir()
+        host = temp_name().split("-")[1]
+        try:
+            names = os.listdir(self.path)
+        except OSError as exc:
+            raise StorageError("cannot list %s: %s" % (self.path, exc.strerror))
+        for name in names:
+            match = TEMP_NAME_RE.match(name)
+            if not match or match.group("host") != host[:40]:
+                continue
+            pid = int(match.group("pid"))
+            if pid != os.getpid() and pid_alive(pid):
+                continue
+            _unlink_quietly(os.path.join(self.path, name))
+            LOG.info("Removed leftover temporary file %s", os.path.join(self.path, name))
+
+    def upload(self, path, name, signals):
+        self._ensure_dir()
+        final = os.path.join(self.path, name)
+        if os.path.lexists(final):
+            raise StorageError("%s already exists; not overwriting" % final)
+        try:
+            os.link(path, final)        # same filesystem: atomic, zero-copy
+        except OSError:
+            self._copy(path, final, signals)
+        else:
+            os.chmod(final, 0o600)
+        fsync_dir(self.path)
+        return final
+
+    def _copy(self, source, final, signals):
+        temp = os.path.join(self.path, temp_name())
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
+                while True:
+                    signals.check()
+                    chunk = src.read(CHUNK_SIZE)
+                    if not chunk:
+                        break
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            os.rename(temp, final)
+        except (IOError, OSError) as exc:
+            _unlink_quietly(temp)
+            raise StorageError("cannot write %s: %s" % (final, exc.strerror or exc))
+        except BaseException:
+            _unlink_quietly(temp)
+            raise
+
+    def list(self):
+        try:
+            names = os.listdir(self.path)
+        except OSError as exc:
+            raise StorageError("cannot list %s: %s" % (self.path, exc.strerror))
+        refs = []
+        for name in names:
+            when = parse_snapshot_name(name)
+            if when is None:
+                continue
+            full = os.path.join(self.path, name)
+            try:
+                info = os.lstat(full)
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                refs.append(SnapshotRef(name, when, info.st_size))
+        return refs
+
+    def delete(self, names):
+        for name in names:
+            if parse_snapshot_name(name) is None:
+                raise StorageError("refusing to delete %r: not a snapshot name" % name)
+            try:
+                os.unlink(os.path.join(self.path, name))
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise StorageError("cannot delete %s: %s"
+                                       % (os.path.join(self.path, name), exc.strerror))
+        if names:
+            fsync_dir(self.path)
+
+
+STORAGE_TYPES = collections.OrderedDict((cls.config_key, cls) for cls in (LocalStorage,))
+
+
+def build_storages(cfg):
+    """The storage backends of ``cfg``, in config order. Raises ConfigError."""
+    storages = []
+    for key, section in cfg.storages.items():
+        cls = STORAGE_TYPES.get(key)
+        if cls is None:
+            raise ConfigError("%s: not supported yet by %s %s; remove the block or use local_storage"
+                              % (key, PROG, __version__))
+        storages.append(cls.from_config(section, cfg))
+        cfg.warnings.extend("unknown config key %r ignored (typo?)" % k for k in section.unknown())
+    return storages
+
+
+# =============================================================================
+# 10. Retention
+# =============================================================================
+
+
+def plan_retention(snapshots, retain, keep=None):
+    """Names to delete so that the newest ``retain`` snapshots remain.
+
+    Ordered by the UTC time inside each name (ties by name); ``retain`` 0 keeps
+    everything; ``keep`` (the snapshot just written) is never deleted.
+    """
+    if retain <= 0:
+        return []
+    ordered = sorted(snapshots, key=lambda ref: (ref.when, ref.name), reverse=True)
+    return [ref.name for ref in ordered[retain:] if ref.name != keep]
+
+
+def apply_retention(storage, keep):
+    """List, plan and delete on one storage; returns the deleted names."""
+    if storage.retain <= 0:
+        return []
+    doomed = plan_retention(storage.list(), storage.retain, keep)
+    if doomed:
+        storage.delete(doomed)
+        LOG.info("Retention on %s: kept %d, deleted %d (%s)", storage.describe(), storage.retain,
+                 len(doomed), ", ".join(doomed[:5]) + (" ..." if len(doomed) > 5 else ""))
+    return doomed
+
+
+# =============================================================================
+# 11. Agent
+# =============================================================================
+
+CycleResult = collections.namedtuple("CycleResult", "outcome snapshot stored errors")
+# outcome: "stored" (everywhere), "partial", "failed", "skipped" (not leader), "stopped"
+
+
+class Agent(object):
+    """Runs snapshot cycles: at start, then every ``frequency``.
+
+    ``loader()`` returns a fresh (Config, storages) pair; it is called again on
+    SIGHUP, and a failure keeps the running config. Time and waiting come from
+    ``clock`` and ``signals`` so tests can drive hours in milliseconds.
+    """
+
+    def __init__(self, loader, clock=None, signals=None, vault_factory=VaultClient):
+        self.loader = loader
+        self.clock = clock or Clock()
+        self.signals = signals or Signals()
+        self.vault_factory = vault_factory
+        self.cfg, self.storages = loader()
+        self.vault = vault_factory(self.cfg, clock=self.clock)
+
+    def reload(self):
+        try:
+            cfg, storages = self.loader()
+        except ConfigError as exc:
+            LOG.error("Config reload failed, keeping the running config: %s", exc)
+            return False
+        for warning in cfg.warnings:
+            LOG.warning("%s", warning)
+        self.cfg, self.storages = cfg, storages
+        self.vault = self.vault_factory(cfg, clock=self.clock)
+        LOG.info("Config reloaded from %s: %s", cfg.path, self.summary())
+        return True
+
+    def summary(self):
+        return "addr %s, every %s, storages: %s" % (
+            self.cfg.addr, format_duration(self.cfg.frequency),
+            ", ".join("%s (retain %s)" % (s.describe(), s.retain or "all") for s in self.storages))
+
+    def run_forever(self):
+        """The daemon loop; returns when a stop is requested."""
+        next_at = self.clock.monotonic()
+        while not self.signals.stop_requested:
+            if self.signals.reload_requested:
+                self.signals.reload_requested = False
+                if self.reload():
+                    next_at = min(next_at, self._last_start + self.cfg.frequency) \
+                        if hasattr(self, "_last_start") else next_at
+                continue
+            now = self.clock.monotonic()
+            if now < next_at:
+                self.signals.wait(next_at - now)
+                continue
+            self._last_start = now
+            self.run_cycle()
+            next_at = max(self._last_start + self.cfg.frequency, self.clock.monotonic())
+        LOG.info("Stopping on %s", _signal_name(self.signals.stop_signal))
+
+    def run_cycle(self):
+        """One cycle; never raises. Returns a CycleResult."""
+        started = self.clock.monotonic()
+        try:
+            result = self._cycle()
+        except Stopped:
+            LOG.warning("Snapshot cycle stopped by %s; nothing partial was kept",
+                        _signal_name(self.signals.stop_signal))
+            return CycleResult("stopped", None, [], [])
+        except NotLeader as exc:
+            LOG.info("Not running on leader node, skipping.")
+            LOG.debug("%s", exc)
+            return CycleResult("skipped", None, [], [])
+        except (AgentError, OSError) as exc:
+            LOG.error("Snapshot cycle failed: %s", _error_text(exc))
+            return CycleResult("failed", None, [], [str(exc)])
+        except Exception as exc:      # a bug must not kill the daemon
+            LOG.error("Snapshot cycle failed with an unexpected %s: %s", type(exc).__name__, exc)
+            LOG.debug("Traceback", exc_info=True)
+            return CycleResult("failed", None, [], [repr(exc)])
+        if result.outcome in ("stored", "partial", "failed") and result.snapshot is not None:
+            info = result.snapshot
+            LOG.info("Cycle %s: snapshot %s, %s, Raft index %s term %s, stored in %d/%d storages in %s",
+                     result.outcome, result.stored[0][1] if result.stored else "-",
+                     format_size(info.size), info.index, info.term, len(result.stored),
+                     len(self.storages), format_duration(self.clock.monotonic() - started))
+        return result
+
+    def _cycle(self):
+        vault = self.vault
+        if not vault.is_leader():
+            raise NotLeader("sys/leader: is_self is false")
+        vault.ensure_token()
+        for storage in self.storages:
+            storage.prepare()
+        if not vault.is_leader():      # re-checked right before the snapshot
+            raise NotLeader("leadership moved during login")
+        directory = self.cfg.temp_dir or next(
+            (s.staging_dir() for s in self.storages if s.staging_dir()), None) or _default_temp_dir()
+        name = snapshot_name(self.clock.now())
+        started = self.clock.monotonic()
+        resp = vault.open_snapshot()
+        try:
+            info = stream_snapshot(resp, directory, self.signals)
+        finally:
+            resp.close()
+        elapsed = max(self.clock.monotonic() - started, 1e-6)
+        LOG.info("Snapshot verified: %s, Raft index %s term %s, sha256 %s, downloaded in %s (%s/s)",
+                 format_size(info.size), info.index, info.term, info.sha256[:16],
+                 format_duration(elapsed), format_size(info.size / elapsed))
+        stored, errors = [], []
+        try:
+            for storage in self.storages:
+                self.signals.check()
+                try:
+                    location = storage.upload(info.path, name, self.signals)
+                except (StorageError, TransportError, OSError) as exc:
+                    errors.append("%s: %s" % (storage.describe(), _error_text(exc)))
+                    LOG.error("Storing snapshot in %s failed: %s", storage.describe(), _error_text(exc))
+                    continue
+                LOG.info("Successfully created %s snapshot to %s", storage.kind, location)
+                stored.append((storage, name))
+                try:
+                    apply_retention(storage, keep=name)
+                except (StorageError, TransportError, OSError) as exc:
+                    errors.append("%s retention: %s" % (storage.describe(), _error_text(exc)))
+                    LOG.error("Retention on %s failed: %s", storage.describe(), _error_text(exc))
+        finally:
+            _unlink_quietly(info.path)
+        if not errors:
+            outcome = "stored"
+        else:
+            outcome = "partial" if stored else "failed"
+        return CycleResult(outcome, info, stored, errors)
+
+
+def _default_temp_dir():
+    import tempfile
+    return tempfile.gettempdir()
+
+
+def _error_text(exc):
+    if isinstance(exc, OSError) and not isinstance(exc, AgentError):
+        return "%s%s" % (exc.strerror or exc, (": " + exc.filename) if exc.filename else "")
+    return str(exc)
+
+
+def _signal_name(signum):
+    if signum is None:
+        return "request"
+    try:
+        return signal.Signals(signum).name
+    except (ValueError, AttributeError):
+        return "signal %s" % signum
+
+
+# =============================================================================
+# 12. Command line
+# =============================================================================
+
+
+class _TextFormatter(logging.Formatter):
+    converter = time.gmtime
+
+    def __init__(self):
+        logging.Formatter.__init__(self, "%(asctime)s.%(msecs)03dZ %(levelname)s %(message)s",
+                                   "%Y-%m-%dT%H:%M:%S")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record):
+        when = datetime.datetime.fromtimestamp(record.created, UTC)
+        return json.dumps(collections.OrderedDict((
+            ("time", when.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (when.microsecond // 1000)),
+            ("level", record.levelname.lower()),
+            ("message", record.getMessage()),
+        )))
+
+
+def _configure_logging(level, fmt, stream):
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
+    LOG.handlers[:] = [handler]
+    LOG.setLevel(level)
+    LOG.propagate = False
+    return handler
+
+
+def _parser():
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=__doc__.splitlines()[0],
+        epilog="Exit codes: 0 ok / stopped / not leader, 1 a --once cycle failed, "
+               "2 usage or config error.")
+    parser.add_argument("-c", "--config", default=DEFAULT_CONFIG_PATH, metavar="PATH",
+                        help="config file (default %(default)s)")
+    parser.add_argument("--once", action="store_true",
+                        help="run one snapshot cycle and exit")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the config, print it with secrets masked, and exit")
+    parser.add_argument("--log-level", default="info",
+                        choices=("debug", "info", "warning", "error"))
+    parser.add_argument("--log-format", default="text", choices=("text", "json"))
+    parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
+    return parser
+
+
+def load_all(path):
+    """Config and storages from ``path``; ConfigError on any problem."""
+    cfg = load_config(path)
+    return cfg, build_storages(cfg)
+
+
+def main(argv=None, stream=None):
+    """Run the program; returns the exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:          # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler = _configure_logging(getattr(logging, args.log_level.upper()), args.log_format,
+                                 stream or sys.stderr)
+    try:
+        return _run(args)
+    finally:
+        LOG.removeHandler(handler)
+
+
+def _run(args):
+    path = args.config
+    try:
+        cfg, storages = load_all(path)
+    except ConfigError as exc:
+        LOG.error("Config error: %s", exc)
+        return EXIT_USAGE
+    for warning in cfg.warnings:
+        LOG.warning("%s", warning)
+    if cfg.tls_skip_verify:
+        LOG.warning("TLS certificate verification towards Vault is OFF (tls_skip_verify)")
+    if args.check_config:
+        described = cfg.describe()
+        described["storages"] = [s.describe() for s in storages]
+        print(json.dumps(described, indent=2))
+        return EXIT_OK
+    cfg.warnings = []
+    loaded = [(cfg, storages)]
+
+    def loader():
+        if loaded:
+            return loaded.pop()
+        return load_all(path)
+
+    signals = Signals()
+    signals.install()
+    try:
+        agent = Agent(loader, signals=signals)
+        LOG.info("%s %s starting: %s", PROG, __version__, agent.summary())
+        if args.once:
+            result = agent.run_cycle()
+            return EXIT_OK if result.outcome in ("stored", "skipped", "stopped") else EXIT_FAILED
+        agent.run_forever()
+        return EXIT_OK
+    finally:
+        signals.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
