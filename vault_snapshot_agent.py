@@ -99,7 +99,7 @@ MAX_SMALL_MEMBER = 1024 * 1024       # meta.json / SHA256SUMS size cap
 MAX_REDIRECTS = 3
 
 TOKEN_RENEW_FRACTION = 2.0 / 3.0     # renew after 2/3 of the TTL has passed
-TOKEN_MIN_REMAINING = 10.0           # seconds: below this, log in again instead
+TOKEN_MIN_REMAINING = 10.0           # seconds (at most 10% of the TTL) of safety margin
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -1021,8 +1021,7 @@ class VaultClient(object):
     def ensure_token(self):
         """Make sure a usable token is held: log in, renew or log in again."""
         now = self.clock.monotonic()
-        if self._token is None or (self._expire_at is not None
-                                   and now >= self._expire_at - TOKEN_MIN_REMAINING):
+        if self._token is None or (self._expire_at is not None and now >= self._expire_at):
             self.login()
             return
         if self._renew_at is not None and now >= self._renew_at:
@@ -1087,8 +1086,10 @@ class VaultClient(object):
         if ttl <= 0:
             self._renew_at = self._expire_at = None     # root-like token: never expires
         else:
+            # Treat the token as expired a little early: a request sent in its
+            # last seconds could still arrive after it lapsed.
             self._renew_at = now + ttl * TOKEN_RENEW_FRACTION
-            self._expire_at = now + ttl
+            self._expire_at = now + ttl - min(TOKEN_MIN_REMAINING, ttl * 0.1)
 
     @staticmethod
     def _ttl_text(ttl):
@@ -1732,6 +1733,10 @@ class Agent(object):
             LOG.debug("%s", exc)
             return CycleResult("skipped", None, [], [])
         except (AgentError, OSError) as exc:
+            if self.signals.stop_requested:     # the stop cut a connection or a write
+                LOG.warning("Snapshot cycle stopped by %s; nothing partial was kept",
+                            _signal_name(self.signals.stop_signal))
+                return CycleResult("stopped", None, [], [])
             LOG.error("Snapshot cycle failed: %s", _error_text(exc))
             return CycleResult("failed", None, [], [str(exc)])
         except Exception as exc:      # a bug must not kill the daemon

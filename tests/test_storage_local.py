@@ -1,0 +1,138 @@
+"""Sections 9 and 10: local storage and retention."""
+
+import datetime
+import os
+import stat
+
+import pytest
+
+import vault_snapshot_agent as vsa
+from archives import write_archive
+
+UTC = vsa.UTC
+BASE = datetime.datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
+
+
+class NoSignals(object):
+    stop_requested = False
+
+    def check(self):
+        if self.stop_requested:
+            raise vsa.Stopped("stop")
+
+
+def ref(name):
+    return vsa.SnapshotRef(name, vsa.parse_snapshot_name(name), 1)
+
+
+def own(minutes):
+    return vsa.snapshot_name(BASE + datetime.timedelta(minutes=minutes))
+
+
+def go(minutes):
+    when = BASE + datetime.timedelta(minutes=minutes)
+    return "raft_snapshot-%d.snap" % ((when - vsa.EPOCH) // datetime.timedelta(microseconds=1) * 1000)
+
+
+def test_plan_retention_keeps_the_newest_across_both_name_styles():
+    refs = [ref(own(m)) for m in (10, 30, 50)] + [ref(go(m)) for m in (0, 20, 40)]
+    doomed = vsa.plan_retention(refs, 4, keep=own(50))
+    assert sorted(doomed) == sorted([go(0), own(10)])
+
+
+def test_plan_retention_zero_keeps_all_and_never_deletes_keep():
+    refs = [ref(own(m)) for m in range(5)]
+    assert vsa.plan_retention(refs, 0) == []
+    # The snapshot just written is kept even if the clock went backwards.
+    assert own(0) not in vsa.plan_retention(refs, 1, keep=own(0))
+
+
+def make_store(tmp_path, retain=2):
+    return vsa.LocalStorage(str(tmp_path / "snaps"), retain)
+
+
+def test_upload_is_0600_complete_and_listed(tmp_path):
+    store = make_store(tmp_path)
+    src = tmp_path / "staged"
+    data = write_archive(str(src))
+    location = store.upload(str(src), own(0), NoSignals())
+    assert location == os.path.join(store.path, own(0))
+    assert open(location, "rb").read() == data
+    assert stat.S_IMODE(os.stat(location).st_mode) == 0o600
+    assert [r.name for r in store.list()] == [own(0)]
+
+
+def test_upload_across_filesystems_copies_atomically(tmp_path, monkeypatch):
+    store = make_store(tmp_path)
+    src = tmp_path / "staged"
+    data = write_archive(str(src))
+
+    def no_link(a, b):
+        raise OSError(18, "Invalid cross-device link")
+    monkeypatch.setattr(vsa.os, "link", no_link)
+    location = store.upload(str(src), own(1), NoSignals())
+    assert open(location, "rb").read() == data
+    assert stat.S_IMODE(os.stat(location).st_mode) == 0o600
+    assert sorted(os.listdir(store.path)) == [own(1)]
+
+
+def test_stopped_copy_leaves_nothing(tmp_path, monkeypatch):
+    store = make_store(tmp_path)
+    src = tmp_path / "staged"
+    write_archive(str(src))
+    monkeypatch.setattr(vsa.os, "link", lambda a, b: (_ for _ in ()).throw(OSError(18, "x")))
+    signals = NoSignals()
+    signals.stop_requested = True
+    with pytest.raises(vsa.Stopped):
+        store.upload(str(src), own(2), signals)
+    assert os.listdir(store.path) == []
+
+
+def test_upload_never_overwrites(tmp_path):
+    store = make_store(tmp_path)
+    src = tmp_path / "staged"
+    write_archive(str(src))
+    store.upload(str(src), own(0), NoSignals())
+    with pytest.raises(vsa.StorageError, match="already exists"):
+        store.upload(str(src), own(0), NoSignals())
+
+
+def test_retention_rotates_go_agent_files_and_ignores_foreign_ones(tmp_path):
+    store = make_store(tmp_path, retain=2)
+    os.makedirs(store.path)
+    foreign = ["notes.txt", "raft_snapshot-latest.snap", "vault.db", "raft_snapshot-1.snap.bak"]
+    for name in [go(0), go(10), own(20)] + foreign:
+        open(os.path.join(store.path, name), "wb").close()
+    src = tmp_path / "staged"
+    write_archive(str(src))
+    store.upload(str(src), own(30), NoSignals())
+    deleted = vsa.apply_retention(store, keep=own(30))
+    assert sorted(deleted) == sorted([go(0), go(10)])
+    assert sorted(os.listdir(store.path)) == sorted([own(20), own(30)] + foreign)
+
+
+def test_delete_is_idempotent_and_refuses_foreign_names(tmp_path):
+    store = make_store(tmp_path)
+    os.makedirs(store.path)
+    store.delete([own(0)])
+    with pytest.raises(vsa.StorageError, match="refusing"):
+        store.delete(["../etc/passwd"])
+
+
+def test_prepare_removes_dead_leftovers_of_this_host_only(tmp_path):
+    store = make_store(tmp_path)
+    os.makedirs(store.path)
+    host = vsa.temp_name().split("-")[1]
+    dead = ".raft_snapshot-%s-%d-abcd.tmp" % (host, 2 ** 22 + 12345)
+    alive = ".raft_snapshot-%s-%d-abcd.tmp" % (host, os.getppid())
+    other = ".raft_snapshot-otherhost-%d-abcd.tmp" % (2 ** 22 + 12345)
+    for name in (dead, alive, other):
+        open(os.path.join(store.path, name), "wb").close()
+    store.prepare()
+    assert sorted(os.listdir(store.path)) == sorted([alive, other])
+
+
+def test_prepare_creates_a_missing_directory_0700(tmp_path):
+    store = make_store(tmp_path)
+    store.prepare()
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o700
