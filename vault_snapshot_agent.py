@@ -27,22 +27,29 @@ Sections (``grep -n '^# [0-9]*\\. '`` lists them):
     4. Clock and signals
     5. Config
     6. HTTP transport and retry
-    7. Vault client
-    8. Snapshot stream and verification
-    9. Storage backends
-    10. Retention
-    11. Agent
-    12. Command line
+    7. Request signing
+    8. Cloud credentials
+    9. Vault client
+    10. Snapshot stream and verification
+    11. Storage backends
+    12. S3 storage
+    13. Retention
+    14. Agent
+    15. Command line
 """
 
 from __future__ import print_function
 
 import argparse
+import base64
 import collections
+import concurrent.futures
+import configparser
 import datetime
 import errno
 import gzip
 import hashlib
+import hmac
 import http.client
 import json
 import logging
@@ -58,6 +65,8 @@ import sys
 import time
 import urllib.parse
 import zlib
+from xml.etree import ElementTree
+from xml.sax.saxutils import escape as xml_escape
 
 __version__ = "0.1.0"
 
@@ -431,9 +440,10 @@ class Signals(object):
         if self.stop_requested:
             raise Stopped("stop requested")
 
-    def wait(self, seconds):
-        """Sleep up to ``seconds``; returns early when any handled signal arrives."""
-        if self.stop_requested or self.reload_requested:
+    def wait(self, seconds, wake_on_reload=True):
+        """Sleep up to ``seconds``; returns early when a stop (or, unless told
+        otherwise, a reload) is requested."""
+        if self.stop_requested or (wake_on_reload and self.reload_requested):
             return
         try:
             ready, _, _ = select.select([self._read_fd], [], [], max(0.0, seconds))
@@ -943,12 +953,310 @@ def with_retries(operation, what, signals, attempts=4, base=1.0, cap=30.0):
                 raise
             LOG.warning("%s failed (%s), retry %d/%d in %.1fs",
                         what, exc, attempt + 1, attempts - 1, delays[attempt])
-            signals.wait(delays[attempt])
+            signals.wait(delays[attempt], wake_on_reload=False)
             signals.check()
 
 
 # =============================================================================
-# 7. Vault client
+# 7. Request signing
+# =============================================================================
+
+SIGV4_ALGORITHM = "AWS4-HMAC-SHA256"
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+
+
+def uri_encode(text, safe="-_.~"):
+    """RFC 3986 percent-encoding as SigV4 wants it. ``safe`` is always given
+    explicitly: Python 3.6's quote() escapes '~' by default, 3.7+ does not."""
+    return urllib.parse.quote(text, safe=safe)
+
+
+def canonical_query(pairs):
+    """The SigV4 canonical query string of (name, value) pairs; also a valid
+    query string to send, so the request and the signature cannot differ."""
+    encoded = sorted((uri_encode(k), uri_encode(v)) for k, v in pairs)
+    return "&".join("%s=%s" % kv for kv in encoded)
+
+
+def sigv4_signing_key(secret_key, datestamp, region, service):
+    key = ("AWS4" + secret_key).encode("utf-8")
+    for part in (datestamp, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode("utf-8"), hashlib.sha256).digest()
+    return key
+
+
+def sigv4_headers(method, host, path, query, headers, payload_hash, access_key, secret_key,
+                  session_token, region, service, when):
+    """Headers for one request signed with AWS Signature Version 4.
+
+    Pure: ``when`` (an aware datetime) and the credentials are arguments.
+    ``path`` is the already-encoded canonical URI, ``query`` the canonical
+    query string; every header in ``headers`` is signed (with ``host``).
+    Returns a new dict with x-amz-date, x-amz-content-sha256, the session
+    token if any, and Authorization added.
+    """
+    amz_date = when.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    datestamp = amz_date[:8]
+    out = dict(headers)
+    out["host"] = host
+    out["x-amz-date"] = amz_date
+    if service == "s3":
+        out["x-amz-content-sha256"] = payload_hash
+    if session_token:
+        out["x-amz-security-token"] = session_token
+    canon = {}
+    for name, value in out.items():
+        canon[name.lower()] = " ".join(str(value).split())
+    signed = ";".join(sorted(canon))
+    canonical_request = "\n".join([
+        method, path or "/", query,
+        "".join("%s:%s\n" % (name, canon[name]) for name in sorted(canon)),
+        signed, payload_hash])
+    scope = "%s/%s/%s/aws4_request" % (datestamp, region, service)
+    string_to_sign = "\n".join([SIGV4_ALGORITHM, amz_date, scope,
+                                hashlib.sha256(canonical_request.encode("utf-8")).hexdigest()])
+    signature = hmac.new(sigv4_signing_key(secret_key, datestamp, region, service),
+                         string_to_sign.encode("utf-8"), hashlib.sha256).hexdigest()
+    out["Authorization"] = "%s Credential=%s/%s, SignedHeaders=%s, Signature=%s" % (
+        SIGV4_ALGORITHM, access_key, scope, signed, signature)
+    return out
+
+
+# =============================================================================
+# 8. Cloud credentials
+# =============================================================================
+
+AwsCredentials = collections.namedtuple(
+    "AwsCredentials", "access_key secret_key token expires source")
+# secret_key and token are Secrets; expires is an aware datetime or None.
+
+DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
+DEFAULT_CONTAINER_ENDPOINT = "http://169.254.170.2"
+CREDENTIAL_REFRESH_MARGIN = datetime.timedelta(minutes=5)
+
+
+def _parse_time(text):
+    """An ISO 8601 UTC time as AWS writes it ('2026-11-27T21:00:00Z', with or
+    without fractions); fromisoformat cannot read 'Z' before 3.11."""
+    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]00:?00)?$", text.strip())
+    if not match:
+        raise ValueError("not an ISO 8601 UTC time: %r" % text)
+    return datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+
+
+def xml_children(root, name):
+    """Elements named ``name`` anywhere below ``root``, whatever the namespace."""
+    return [el for el in root.iter() if el.tag == name or el.tag.endswith("}" + name)]
+
+
+def xml_text(root, name, default=None):
+    found = xml_children(root, name)
+    return found[0].text or "" if found else default
+
+
+def parse_xml(data, what):
+    try:
+        return ElementTree.fromstring(data)
+    except ElementTree.ParseError as exc:
+        raise StorageError("%s: answer is not valid XML (%s)" % (what, exc))
+
+
+class AwsCredentialChain(object):
+    """The AWS SDKs' default credential chain, in their order:
+
+    config keys → AWS_ACCESS_KEY_ID/… → web identity (AWS_ROLE_ARN +
+    AWS_WEB_IDENTITY_TOKEN_FILE, via STS AssumeRoleWithWebIdentity) → shared
+    credentials and config files (AWS_PROFILE) → container credentials (ECS,
+    EKS Pod Identity) → EC2 instance metadata (IMDSv2). The first source that
+    is configured is used; if it fails, that is the error (no silent fall
+    through to another identity). Temporary credentials are refreshed five
+    minutes before they expire.
+    """
+
+    def __init__(self, static, env, region, profile, http, clock, imds_endpoint=None,
+                 container_endpoint=None, sts_endpoint=None):
+        self.static = static
+        self.env = env
+        self.region = region
+        self.profile = profile
+        self.http = http
+        self.clock = clock
+        self.imds_endpoint = (imds_endpoint or env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+                              or DEFAULT_IMDS_ENDPOINT).rstrip("/")
+        self.container_endpoint = (container_endpoint or DEFAULT_CONTAINER_ENDPOINT).rstrip("/")
+        self.sts_endpoint = (sts_endpoint or env.get("AWS_ENDPOINT_URL_STS") or env.get("AWS_ENDPOINT_URL")
+                             or "https://sts.%s.amazonaws.com" % region).rstrip("/")
+        self._cached = None
+
+    def get(self):
+        cached = self._cached
+        if cached is not None and (cached.expires is None or
+                                   self.clock.now() < cached.expires - CREDENTIAL_REFRESH_MARGIN):
+            return cached
+        for source in (self._static, self._environment, self._web_identity, self._shared_files,
+                       self._container, self._instance_metadata):
+            creds = source()
+            if creds is not None:
+                if cached is None or cached.source != creds.source:
+                    LOG.info("AWS credentials from %s", creds.source)
+                self._cached = creds
+                return creds
+        raise StorageError("no AWS credentials found (tried aws_storage keys, environment, "
+                           "web identity, shared files, container and EC2 instance metadata)")
+
+    def _static(self):
+        if self.static is not None:
+            return self.static
+
+    def _environment(self):
+        key, secret = self.env.get("AWS_ACCESS_KEY_ID"), self.env.get("AWS_SECRET_ACCESS_KEY")
+        if key and secret:
+            token = self.env.get("AWS_SESSION_TOKEN") or self.env.get("AWS_SECURITY_TOKEN")
+            return AwsCredentials(key, Secret(secret), Secret(token) if token else None, None,
+                                  "environment")
+
+    def _web_identity(self):
+        role, token_file = self.env.get("AWS_ROLE_ARN"), self.env.get("AWS_WEB_IDENTITY_TOKEN_FILE")
+        if not (role and token_file):
+            return None
+        jwt = read_secret_file(token_file, "AWS_WEB_IDENTITY_TOKEN_FILE")
+        form = urllib.parse.urlencode([
+            ("Action", "AssumeRoleWithWebIdentity"), ("Version", "2011-06-15"),
+            ("RoleArn", role),
+            ("RoleSessionName", self.env.get("AWS_ROLE_SESSION_NAME") or "vault-snapshot-agent"),
+            ("WebIdentityToken", jwt.reveal())]).encode("ascii")
+        url = self.sts_endpoint + "/"
+        resp = self.http.request("POST", url, {
+            "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/xml"}, form)
+        with resp:
+            data = resp.body()
+            if resp.status != 200:
+                raise StorageError("STS AssumeRoleWithWebIdentity for %s failed: HTTP %d %s"
+                                   % (role, resp.status, _aws_error_line(data)))
+        root = parse_xml(data, "STS AssumeRoleWithWebIdentity")
+        return self._from_fields(xml_text(root, "AccessKeyId"), xml_text(root, "SecretAccessKey"),
+                                 xml_text(root, "SessionToken"), xml_text(root, "Expiration"),
+                                 "web identity (%s)" % role)
+
+    def _shared_files(self):
+        home = os.path.expanduser("~")
+        cred_file = self.env.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(home, ".aws", "credentials")
+        conf_file = self.env.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config")
+        profile = self.profile or "default"
+        for path, section in ((cred_file, profile),
+                              (conf_file, profile if profile == "default" else "profile " + profile)):
+            values = read_ini_section(path, section)
+            if values.get("aws_access_key_id") and values.get("aws_secret_access_key"):
+                token = values.get("aws_session_token")
+                return AwsCredentials(values["aws_access_key_id"],
+                                      Secret(values["aws_secret_access_key"]),
+                                      Secret(token) if token else None, None,
+                                      "shared file %s [%s]" % (path, section))
+        if self.profile:
+            raise StorageError("AWS profile %r has no aws_access_key_id/aws_secret_access_key in %s or %s"
+                               % (self.profile, cred_file, conf_file))
+
+    def _container(self):
+        full = self.env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
+        relative = self.env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+        if not (full or relative):
+            return None
+        url = full or self.container_endpoint + relative
+        headers = {"Accept": "application/json"}
+        token_file = self.env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
+        if token_file:
+            headers["Authorization"] = read_secret_file(token_file, "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE").reveal()
+        elif self.env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN"):
+            headers["Authorization"] = self.env["AWS_CONTAINER_AUTHORIZATION_TOKEN"]
+        resp = self.http.request("GET", url, headers, timeout=5)
+        with resp:
+            if resp.status != 200:
+                raise StorageError("container credentials at %s: HTTP %d" % (redact_url(url), resp.status))
+            data = _json_object(resp, "container credentials")
+        return self._from_fields(data.get("AccessKeyId"), data.get("SecretAccessKey"),
+                                 data.get("Token"), data.get("Expiration"), "container credentials")
+
+    def _instance_metadata(self):
+        if (self.env.get("AWS_EC2_METADATA_DISABLED") or "").lower() == "true":
+            return None
+        base = self.imds_endpoint
+        try:
+            resp = self.http.request("PUT", base + "/latest/api/token",
+                                     {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, b"", timeout=2)
+        except TransportError:
+            return None        # no metadata service: not on EC2
+        with resp:
+            token = resp.body(4096).decode("ascii", "replace").strip()
+            if resp.status != 200 or not token:
+                raise StorageError("EC2 metadata at %s refused an IMDSv2 session token: HTTP %d"
+                                   % (base, resp.status))
+        headers = {"X-aws-ec2-metadata-token": token}
+        path = base + "/latest/meta-data/iam/security-credentials/"
+        with self.http.request("GET", path, headers, timeout=2) as resp:
+            if resp.status != 200:
+                raise StorageError("EC2 metadata: no instance profile role (HTTP %d)" % resp.status)
+            role = resp.body(4096).decode("utf-8", "replace").strip().splitlines()[0:1]
+        if not role:
+            raise StorageError("EC2 metadata: no instance profile role attached")
+        with self.http.request("GET", path + role[0], headers, timeout=2) as resp:
+            if resp.status != 200:
+                raise StorageError("EC2 metadata: credentials for role %s: HTTP %d" % (role[0], resp.status))
+            data = _json_object(resp, "EC2 metadata credentials")
+        return self._from_fields(data.get("AccessKeyId"), data.get("SecretAccessKey"),
+                                 data.get("Token"), data.get("Expiration"),
+                                 "EC2 instance metadata (%s)" % role[0])
+
+    @staticmethod
+    def _from_fields(key, secret, token, expiration, source):
+        if not key or not secret:
+            raise StorageError("%s: answer has no AccessKeyId/SecretAccessKey" % source)
+        expires = None
+        if expiration:
+            try:
+                expires = _parse_time(expiration)
+            except ValueError:
+                raise StorageError("%s: unreadable Expiration" % source)
+        return AwsCredentials(key, Secret(secret), Secret(token) if token else None, expires, source)
+
+
+def _json_object(resp, what):
+    try:
+        data = resp.json()
+    except TransportError as exc:
+        raise StorageError("%s: %s" % (what, exc))
+    if not isinstance(data, dict):
+        raise StorageError("%s: answer is not a JSON object" % what)
+    return data
+
+
+def read_ini_section(path, section):
+    """Keys of one section of an AWS-style INI file; {} when absent or unreadable."""
+    parser = configparser.RawConfigParser()
+    try:
+        with open(path, "r") as handle:
+            parser.read_file(handle)
+    except (IOError, OSError):
+        return {}
+    except configparser.Error as exc:
+        raise StorageError("%s: cannot parse: %s" % (path, one_line(exc)))
+    if not parser.has_section(section):
+        return {}
+    return dict(parser.items(section))
+
+
+def _aws_error_line(data):
+    """'Code: Message' from an AWS XML error body, or a cut of the body."""
+    try:
+        root = ElementTree.fromstring(data)
+    except ElementTree.ParseError:
+        return one_line(data[:200].decode("utf-8", "replace"))
+    code, message = xml_text(root, "Code"), xml_text(root, "Message")
+    return "%s: %s" % (code, message) if code else one_line(data[:200].decode("utf-8", "replace"))
+
+
+# =============================================================================
+# 9. Vault client
 # =============================================================================
 
 
@@ -1162,7 +1470,7 @@ def vault_error(resp):
 
 
 # =============================================================================
-# 8. Snapshot stream and verification
+# 10. Snapshot stream and verification
 # =============================================================================
 
 SnapshotInfo = collections.namedtuple(
@@ -1445,7 +1753,7 @@ def _unlink_quietly(path):
 
 
 # =============================================================================
-# 9. Storage backends
+# 11. Storage backends
 # =============================================================================
 
 SnapshotRef = collections.namedtuple("SnapshotRef", "name when size")
@@ -1454,8 +1762,9 @@ SnapshotRef = collections.namedtuple("SnapshotRef", "name when size")
 class Storage(object):
     """One place snapshots are kept. Subclasses answer to one config key.
 
-    ``upload(path, name, signals)`` stores the verified file under ``name`` and
-    returns its location for the log line; it leaves nothing half-written.
+    ``upload(snapshot, name, signals)`` stores the verified file (a
+    SnapshotInfo: path, size, sha256) under ``name`` and returns its location
+    for the log line; it leaves nothing half-written.
     ``list()`` returns SnapshotRefs for names this agent (or the Go agent)
     writes, and only those. ``delete(names)`` is idempotent. ``describe()``
     names the destination for logs, never a credential.
@@ -1463,9 +1772,18 @@ class Storage(object):
 
     config_key = None
     kind = None
+    signals = None      # set by the Agent: stop requests and signal-aware waits
 
     def __init__(self, retain):
         self.retain = retain
+
+    def backoff(self, seconds):
+        """Wait before a retry; raises Stopped as soon as a stop is requested."""
+        if self.signals is None:
+            self.signals = Signals()
+        self.signals.check()
+        self.signals.wait(seconds, wake_on_reload=False)
+        self.signals.check()
 
     @classmethod
     def from_config(cls, section, cfg):
@@ -1474,7 +1792,7 @@ class Storage(object):
     def prepare(self):
         """Called at the start of each cycle (e.g. to remove crash leftovers)."""
 
-    def upload(self, path, name, signals):
+    def upload(self, snapshot, name, signals):
         raise NotImplementedError
 
     def list(self):
@@ -1491,6 +1809,16 @@ class Storage(object):
         return None
 
 
+STORAGE_TYPES = collections.OrderedDict()     # config key -> Storage class
+
+
+def register_storage(cls):
+    """Class decorator: make ``cls`` answer to its ``config_key``."""
+    STORAGE_TYPES[cls.config_key] = cls
+    return cls
+
+
+@register_storage
 class LocalStorage(Storage):
     """A local directory. Files are 0600, written under a hidden temporary
     name and renamed (or hard-linked from the staged download) into place, so
@@ -1545,7 +1873,8 @@ class LocalStorage(Storage):
             _unlink_quietly(os.path.join(self.path, name))
             LOG.info("Removed leftover temporary file %s", os.path.join(self.path, name))
 
-    def upload(self, path, name, signals):
+    def upload(self, snapshot, name, signals):
+        path = snapshot.path
         self._ensure_dir()
         final = os.path.join(self.path, name)
         if os.path.lexists(final):
@@ -1613,9 +1942,6 @@ class LocalStorage(Storage):
             fsync_dir(self.path)
 
 
-STORAGE_TYPES = collections.OrderedDict((cls.config_key, cls) for cls in (LocalStorage,))
-
-
 def build_storages(cfg):
     """The storage backends of ``cfg``, in config order. Raises ConfigError."""
     storages = []
@@ -1630,7 +1956,389 @@ def build_storages(cfg):
 
 
 # =============================================================================
-# 10. Retention
+# 12. S3 storage
+# =============================================================================
+
+S3_MAX_PARTS = 10000
+S3_MIN_PART = 5 * 1024 * 1024
+S3_DELETE_BATCH = 1000
+S3_RETRYABLE_CODES = ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
+                      "RequestTimeTooSkewed_never")
+S3_HINTS = {
+    "SignatureDoesNotMatch": "the secret access key does not match the access key id",
+    "InvalidAccessKeyId": "the access key id is unknown to this endpoint",
+    "InvalidToken": "the session token is invalid or expired",
+    "ExpiredToken": "the session token has expired",
+    "RequestTimeTooSkewed": "this host's clock is off: check NTP",
+    "NoSuchBucket": "the bucket does not exist (check s3_bucket and s3_endpoint)",
+    "AccessDenied": "the credentials are not allowed to do this",
+    "InvalidBucketName": "check s3_bucket",
+    "KMS.NotFoundException": "the KMS key does not exist",
+}
+
+
+def _s3_error(resp, data, action):
+    """StorageError (retryable where S3 says so) from an S3 error answer."""
+    code = message = region = None
+    if data.strip():
+        try:
+            root = ElementTree.fromstring(data)
+            code, message = xml_text(root, "Code"), xml_text(root, "Message")
+            region = xml_text(root, "Region") or xml_text(root, "BucketRegion")
+        except ElementTree.ParseError:
+            message = one_line(data[:200].decode("utf-8", "replace"))
+    region = resp.header("x-amz-bucket-region") or region
+    hint = S3_HINTS.get(code or "", "")
+    if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException") \
+            or (resp.status == 301 and region):
+        hint = "the bucket is in region %s: set s3_region to it" % (region or "another region")
+    if code == "AccessDenied":
+        hint = "the credentials are not allowed to %s" % action
+    text = "S3 %s: HTTP %d %s%s%s" % (action, resp.status, code or resp.reason or "",
+                                      (": " + one_line(message)) if message else "",
+                                      (" (%s)" % hint) if hint else "")
+    err = StorageError(text)
+    err.retryable = resp.status >= 500 or resp.status == 429 or code in S3_RETRYABLE_CODES
+    return err
+
+
+class _FileSlice(object):
+    """Iterate ``length`` bytes of ``path`` from ``offset`` in chunks, checking
+    for a stop between chunks (http.client sends an iterable chunk by chunk)."""
+
+    def __init__(self, path, offset, length, stop_check):
+        self.path, self.offset, self.length, self.stop_check = path, offset, length, stop_check
+
+    def __iter__(self):
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            left = self.length
+            while left > 0:
+                self.stop_check()
+                chunk = handle.read(min(CHUNK_SIZE, left))
+                if not chunk:
+                    raise StorageError("%s shrank while uploading" % self.path)
+                left -= len(chunk)
+                yield chunk
+
+    def sha256(self):
+        digest = hashlib.sha256()
+        for chunk in self:
+            digest.update(chunk)
+        return digest
+
+
+@register_storage
+class S3Storage(Storage):
+    """AWS S3 and S3-compatible stores (MinIO, Ceph RGW, ...), signed with SigV4.
+
+    Single PUT up to ``part_size``, multipart above it (parts streamed from
+    the file, uploaded ``concurrency`` at a time, aborted on failure or stop).
+    Every request is signed over the payload's SHA-256, so the store checks
+    integrity; retention lists with ListObjectsV2 pages and deletes in batches
+    with DeleteObjects (single DELETEs where a store lacks it).
+    """
+
+    config_key = "aws_storage"
+    kind = "aws"
+
+    def __init__(self, bucket, prefix, region, endpoint, path_style, chain, http, retain,
+                 sse=None, kms_key_id=None, storage_class=None, static_name=None,
+                 part_size=16 * 1024 * 1024, concurrency=4, clock=None, attempts=5,
+                 checksum=True):
+        Storage.__init__(self, 0 if static_name else retain)
+        self.bucket, self.prefix, self.region = bucket, prefix, region
+        self.endpoint = endpoint
+        self.path_style = path_style
+        self.chain, self.http = chain, http
+        self.sse, self.kms_key_id, self.storage_class = sse, kms_key_id, storage_class
+        self.static_name = static_name
+        self.part_size, self.concurrency = part_size, concurrency
+        self.clock = clock or Clock()
+        self.attempts = attempts
+        self.checksum = checksum
+        self.backoff_base = 0.5
+        parts = urllib.parse.urlsplit(endpoint)
+        self._scheme = parts.scheme
+        self._host = parts.netloc if path_style else "%s.%s" % (bucket, parts.netloc)
+        self._base_path = parts.path.rstrip("/")
+
+    @classmethod
+    def from_config(cls, section, cfg, env=None):
+        env = os.environ if env is None else env
+        bucket = section.string("s3_bucket")
+        if not bucket:
+            raise section.error("s3_bucket", "required")
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$", bucket):
+            raise section.error("s3_bucket", "%r is not a valid bucket name" % bucket)
+        profile = section.string("profile", env=("AWS_PROFILE",))
+        conf_file = env.get("AWS_CONFIG_FILE") or os.path.expanduser("~/.aws/config")
+        region = (section.string("s3_region", env=("AWS_REGION", "AWS_DEFAULT_REGION"))
+                  or read_ini_section(conf_file, "profile " + profile if profile and profile != "default"
+                                      else "default").get("region") or "us-east-1")
+        endpoint = section.string("s3_endpoint", env=("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))
+        if endpoint:
+            if "://" not in endpoint:
+                endpoint = "https://" + endpoint
+            parts = urllib.parse.urlsplit(endpoint)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise section.error("s3_endpoint", "must be a host or an http(s) URL, got %r" % endpoint)
+        else:
+            endpoint = "https://s3.%s.amazonaws.com" % region
+        host = urllib.parse.urlsplit(endpoint).hostname
+        force = section.boolean("s3_force_path_style", False)
+        path_style = (force or _is_ip_or_localhost(host)
+                      or ("." in bucket and endpoint.startswith("https")))
+        prefix = section.string("s3_key_prefix", "raft_snapshots").strip("/")
+        sse_value, _ = section._value("s3_server_side_encryption")
+        kms_key_id = section.string("s3_kms_key_id")
+        if sse_value in (None, False):
+            sse = "aws:kms" if kms_key_id else None
+        elif sse_value is True:
+            sse = "aws:kms" if kms_key_id else "AES256"
+        elif sse_value in ("AES256", "aws:kms", "aws:kms:dsse"):
+            sse = sse_value
+        else:
+            raise section.error("s3_server_side_encryption",
+                                "must be true/false, \"AES256\" or \"aws:kms\", got %r" % (sse_value,))
+        if kms_key_id and sse == "AES256":
+            raise section.error("s3_kms_key_id", "conflicts with s3_server_side_encryption \"AES256\"")
+        part_mb = section.integer("part_size_mb", 16, minimum=5)
+        concurrency = section.integer("concurrency", 4, minimum=1)
+        key_id = section.string("access_key_id")
+        secret = section.secret("secret_access_key")
+        token = section.secret("session_token")
+        if bool(key_id) != bool(secret):
+            raise section.error("secret_access_key" if key_id else "access_key_id",
+                                "access_key_id and secret_access_key go together")
+        static = AwsCredentials(key_id, secret, token, None, "aws_storage keys") if key_id else None
+        tls = TlsOptions(section.path("ca_cert", env=("AWS_CA_BUNDLE",), must_exist="file"), None,
+                         None, None, None, section.boolean("tls_skip_verify", False))
+        if endpoint.startswith("https"):
+            make_ssl_context(tls)
+        http = Http(tls, cfg.timeout)
+        chain = AwsCredentialChain(static, env, region, profile, Http(None, 5.0), Clock(),
+                                   imds_endpoint=section.string("imds_endpoint"),
+                                   container_endpoint=section.string("container_endpoint"),
+                                   sts_endpoint=section.string("sts_endpoint"))
+        static_name = section.string("s3_static_snapshot_name")
+        return cls(bucket, prefix, region, endpoint.rstrip("/"), path_style, chain, http,
+                   section.integer("retain", cfg.retain), sse=sse, kms_key_id=kms_key_id,
+                   storage_class=section.string("s3_storage_class"), static_name=static_name,
+                   part_size=part_mb * 1024 * 1024, concurrency=concurrency,
+                   checksum=section.boolean("s3_checksum", True))
+
+    def describe(self):
+        return "s3://%s/%s" % (self.bucket, self.prefix + "/" if self.prefix else "")
+
+    def key_for(self, name):
+        if self.static_name:
+            name = self.static_name + SNAPSHOT_SUFFIX
+        return "%s/%s" % (self.prefix, name) if self.prefix else name
+
+    # -- requests --------------------------------------------------------------
+
+    def _path(self, key=None):
+        path = self._base_path
+        if self.path_style:
+            path += "/" + uri_encode(self.bucket)
+        return path + "/" + (uri_encode(key, safe="-_.~/") if key else "")
+
+    def _request(self, method, action, key=None, query=(), headers=None, body=None,
+                 payload_hash=EMPTY_SHA256, ok=(200,)):
+        """One signed request with retries; returns (Response-like status, headers, body bytes)."""
+        path = self._path(key)
+        query_text = canonical_query(query)
+        url = "%s://%s%s%s" % (self._scheme, self._host, path, ("?" + query_text) if query_text else "")
+        delays = backoff_delays(self.attempts, self.backoff_base, 20.0)
+        for attempt in range(self.attempts):
+            creds = self.chain.get()
+            signed = sigv4_headers(method, self._host, path, query_text, headers or {},
+                                   payload_hash, creds.access_key, creds.secret_key.reveal(),
+                                   creds.token.reveal() if creds.token else None,
+                                   self.region, "s3", self.clock.now())
+            try:
+                resp = self.http.request(method, url, signed, body() if callable(body) else body)
+                with resp:
+                    data = resp.body(64 * 1024 * 1024)
+                    if resp.status in ok:
+                        return resp, data
+                    error = _s3_error(resp, data, action)
+            except TransportError as exc:
+                error = StorageError("S3 %s: %s" % (action, exc))
+                error.retryable = exc.retryable
+            if not getattr(error, "retryable", False) or attempt == self.attempts - 1:
+                raise error
+            LOG.warning("%s, retry %d/%d in %.1fs", error, attempt + 1, self.attempts - 1,
+                        delays[attempt])
+            self.backoff(delays[attempt])
+
+    def _object_headers(self):
+        headers = {"Content-Type": "application/octet-stream"}
+        if self.sse:
+            headers["x-amz-server-side-encryption"] = self.sse
+        if self.kms_key_id:
+            headers["x-amz-server-side-encryption-aws-kms-key-id"] = self.kms_key_id
+        if self.storage_class:
+            headers["x-amz-storage-class"] = self.storage_class
+        return headers
+
+    # -- upload ------------------------------------------------------------------
+
+    def upload(self, snapshot, name, signals):
+        key = self.key_for(name)
+        if snapshot.size <= self.part_size:
+            self._put(snapshot, key, signals)
+        else:
+            self._multipart(snapshot, key, signals)
+        return "s3://%s/%s" % (self.bucket, key)
+
+    def _put(self, snapshot, key, signals):
+        sha256 = snapshot.sha256 or _FileSlice(snapshot.path, 0, snapshot.size, signals.check).sha256().hexdigest()
+        headers = self._object_headers()
+        headers["Content-Length"] = str(snapshot.size)
+        if self.checksum:
+            headers["x-amz-checksum-sha256"] = base64.b64encode(bytes.fromhex(sha256)).decode("ascii")
+        self._request("PUT", "PutObject on %s" % key, key, headers=headers,
+                      body=lambda: _FileSlice(snapshot.path, 0, snapshot.size, signals.check),
+                      payload_hash=sha256)
+
+    def _multipart(self, snapshot, key, signals):
+        part_size = max(self.part_size, -(-snapshot.size // S3_MAX_PARTS))
+        part_size = -(-part_size // (1024 * 1024)) * 1024 * 1024
+        headers = self._object_headers()
+        if self.checksum:
+            headers["x-amz-checksum-algorithm"] = "SHA256"
+        _, data = self._request("POST", "CreateMultipartUpload on %s" % key, key,
+                                query=[("uploads", "")], headers=headers)
+        upload_id = xml_text(parse_xml(data, "CreateMultipartUpload"), "UploadId")
+        if not upload_id:
+            raise StorageError("S3 CreateMultipartUpload on %s: answer has no UploadId" % key)
+        failed = []
+
+        def check():
+            signals.check()
+            if failed:
+                raise StorageError("multipart upload abandoned")
+
+        def put_part(number, offset, length):
+            piece = _FileSlice(snapshot.path, offset, length, check)
+            digest = piece.sha256()
+            part_headers = {"Content-Length": str(length)}
+            if self.checksum:
+                part_headers["x-amz-checksum-sha256"] = base64.b64encode(digest.digest()).decode("ascii")
+            resp, _ = self._request("PUT", "UploadPart %d of %s" % (number, key), key,
+                                    query=[("partNumber", str(number)), ("uploadId", upload_id)],
+                                    headers=part_headers, body=lambda: piece,
+                                    payload_hash=digest.hexdigest())
+            return number, resp.header("ETag", ""), part_headers.get("x-amz-checksum-sha256")
+
+        parts = [(i + 1, off, min(part_size, snapshot.size - off))
+                 for i, off in enumerate(range(0, snapshot.size, part_size))]
+        done = []
+        try:
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(self.concurrency, len(parts))) as pool:
+                pending = set(pool.submit(put_part, *p) for p in parts)
+                try:
+                    while pending:
+                        finished, pending = concurrent.futures.wait(
+                            pending, timeout=0.5, return_when=concurrent.futures.FIRST_EXCEPTION)
+                        for future in finished:
+                            done.append(future.result())
+                        signals.check()
+                except BaseException:
+                    failed.append(True)
+                    for future in pending:
+                        future.cancel()
+                    raise
+            done.sort()
+            body = ["<CompleteMultipartUpload xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">"]
+            for number, etag, checksum in done:
+                body.append("<Part><PartNumber>%d</PartNumber><ETag>%s</ETag>%s</Part>" % (
+                    number, xml_escape(etag),
+                    "<ChecksumSHA256>%s</ChecksumSHA256>" % checksum if checksum else ""))
+            body.append("</CompleteMultipartUpload>")
+            payload = "".join(body).encode("utf-8")
+            _, data = self._request("POST", "CompleteMultipartUpload on %s" % key, key,
+                                    query=[("uploadId", upload_id)],
+                                    headers={"Content-Type": "application/xml",
+                                             "Content-Length": str(len(payload))},
+                                    body=payload, payload_hash=hashlib.sha256(payload).hexdigest())
+            root = parse_xml(data, "CompleteMultipartUpload")
+            if root.tag == "Error" or root.tag.endswith("}Error"):
+                raise StorageError("S3 CompleteMultipartUpload on %s: %s" % (key, _aws_error_line(data)))
+        except BaseException:
+            self._abort(key, upload_id)
+            raise
+
+    def _abort(self, key, upload_id):
+        try:
+            self._request("DELETE", "AbortMultipartUpload on %s" % key, key,
+                          query=[("uploadId", upload_id)], ok=(200, 204, 404))
+            LOG.info("Aborted multipart upload of s3://%s/%s", self.bucket, key)
+        except (StorageError, TransportError) as exc:
+            LOG.error("Could not abort multipart upload of s3://%s/%s (%s); a bucket lifecycle rule "
+                      "for incomplete uploads will remove the parts", self.bucket, key, exc)
+
+    # -- list and delete ---------------------------------------------------------
+
+    def list(self):
+        prefix = self.prefix + "/" if self.prefix else ""
+        refs, token = [], None
+        while True:
+            query = [("list-type", "2"), ("prefix", prefix), ("max-keys", "1000")]
+            if token:
+                query.append(("continuation-token", token))
+            _, data = self._request("GET", "ListObjectsV2 on %s" % (prefix or "/"), query=query)
+            root = parse_xml(data, "ListObjectsV2")
+            for item in xml_children(root, "Contents"):
+                key = xml_text(item, "Key", "")
+                name = key[len(prefix):]
+                when = parse_snapshot_name(name) if key.startswith(prefix) and "/" not in name else None
+                if when is not None:
+                    refs.append(SnapshotRef(name, when, int(xml_text(item, "Size", "0") or 0)))
+            token = xml_text(root, "NextContinuationToken")
+            if xml_text(root, "IsTruncated", "false") != "true" or not token:
+                return refs
+
+    def delete(self, names):
+        keys = [self.key_for(name) for name in names]
+        for start in range(0, len(keys), S3_DELETE_BATCH):
+            batch = keys[start:start + S3_DELETE_BATCH]
+            payload = ("<Delete><Quiet>true</Quiet>%s</Delete>" % "".join(
+                "<Object><Key>%s</Key></Object>" % xml_escape(k) for k in batch)).encode("utf-8")
+            try:
+                _, data = self._request(
+                    "POST", "DeleteObjects", query=[("delete", "")],
+                    headers={"Content-Type": "application/xml", "Content-Length": str(len(payload)),
+                             "Content-MD5": base64.b64encode(hashlib.md5(payload).digest()).decode("ascii")},
+                    body=payload, payload_hash=hashlib.sha256(payload).hexdigest())
+            except StorageError as exc:
+                if "NotImplemented" not in str(exc) and "HTTP 501" not in str(exc):
+                    raise
+                for key in batch:       # a store without DeleteObjects
+                    self._request("DELETE", "DeleteObject on %s" % key, key, ok=(200, 204, 404))
+                continue
+            errors = xml_children(parse_xml(data, "DeleteObjects"), "Error")
+            if errors:
+                raise StorageError("S3 DeleteObjects: %d keys not deleted, first %s: %s" % (
+                    len(errors), xml_text(errors[0], "Key"), xml_text(errors[0], "Code")))
+
+
+def _is_ip_or_localhost(host):
+    if not host:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+# =============================================================================
+# 13. Retention
 # =============================================================================
 
 
@@ -1659,7 +2367,7 @@ def apply_retention(storage, keep):
 
 
 # =============================================================================
-# 11. Agent
+# 14. Agent
 # =============================================================================
 
 CycleResult = collections.namedtuple("CycleResult", "outcome snapshot stored errors")
@@ -1680,7 +2388,12 @@ class Agent(object):
         self.signals = signals or Signals()
         self.vault_factory = vault_factory
         self.cfg, self.storages = loader()
+        self._attach(self.storages)
         self.vault = vault_factory(self.cfg, clock=self.clock)
+
+    def _attach(self, storages):
+        for storage in storages:
+            storage.signals = self.signals
 
     def reload(self):
         try:
@@ -1690,6 +2403,7 @@ class Agent(object):
             return False
         for warning in cfg.warnings:
             LOG.warning("%s", warning)
+        self._attach(storages)
         self.cfg, self.storages = cfg, storages
         self.vault = self.vault_factory(cfg, clock=self.clock)
         LOG.info("Config reloaded from %s: %s", cfg.path, self.summary())
@@ -1778,7 +2492,7 @@ class Agent(object):
             for storage in self.storages:
                 self.signals.check()
                 try:
-                    location = storage.upload(info.path, name, self.signals)
+                    location = storage.upload(info, name, self.signals)
                 except (StorageError, TransportError, OSError) as exc:
                     errors.append("%s: %s" % (storage.describe(), _error_text(exc)))
                     LOG.error("Storing snapshot in %s failed: %s", storage.describe(), _error_text(exc))
@@ -1820,7 +2534,7 @@ def _signal_name(signum):
 
 
 # =============================================================================
-# 12. Command line
+# 15. Command line
 # =============================================================================
 
 

