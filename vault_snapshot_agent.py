@@ -158,6 +158,10 @@ class SnapshotError(AgentError):
 class StorageError(AgentError):
     """A storage backend failed to store, list or delete."""
 
+    def __init__(self, message, retryable=False):
+        AgentError.__init__(self, message)
+        self.retryable = retryable
+
 
 class Stopped(AgentError):
     """A stop was requested (SIGTERM/SIGINT) while work was in progress."""
@@ -1785,6 +1789,38 @@ class Storage(object):
         self.signals.wait(seconds, wake_on_reload=False)
         self.signals.check()
 
+    # Retry policy of send(): attempts and the first backoff (full jitter, doubling, 20 s cap).
+    attempts = 5
+    backoff_base = 0.5
+    service = "storage"
+
+    def send(self, action, build, ok, error_from):
+        """One storage request with retries; returns (Response, body bytes).
+
+        ``build()`` returns (method, url, headers, body) afresh for each
+        attempt, so signatures, dates and file slices are new on a retry.
+        ``error_from(resp, data, action)`` turns an answer outside ``ok`` into
+        a StorageError whose ``retryable`` says whether to try again;
+        connection failures retry when the transport says so.
+        """
+        delays = backoff_delays(self.attempts, self.backoff_base, 20.0)
+        for attempt in range(self.attempts):
+            method, url, headers, body = build()
+            try:
+                resp = self.http.request(method, url, headers, body)
+                with resp:
+                    data = resp.body(MAX_JSON_BYTES)
+                    if resp.status in ok:
+                        return resp, data
+                    error = error_from(resp, data, action)
+            except TransportError as exc:
+                error = StorageError("%s %s: %s" % (self.service, action, exc), exc.retryable)
+            if not error.retryable or attempt == self.attempts - 1:
+                raise error
+            LOG.warning("%s, retry %d/%d in %.1fs", error, attempt + 1, self.attempts - 1,
+                        delays[attempt])
+            self.backoff(delays[attempt])
+
     @classmethod
     def from_config(cls, section, cfg):
         raise NotImplementedError
@@ -1807,6 +1843,65 @@ class Storage(object):
     def staging_dir(self):
         """A directory where staging the download makes upload() cheap, or None."""
         return None
+
+
+class _FileSlice(object):
+    """Iterate ``length`` bytes of ``path`` from ``offset`` in chunks, checking
+    for a stop between chunks (http.client sends an iterable chunk by chunk)."""
+
+    def __init__(self, path, offset, length, stop_check):
+        self.path, self.offset, self.length, self.stop_check = path, offset, length, stop_check
+
+    def __iter__(self):
+        with open(self.path, "rb") as handle:
+            handle.seek(self.offset)
+            left = self.length
+            while left > 0:
+                self.stop_check()
+                chunk = handle.read(min(CHUNK_SIZE, left))
+                if not chunk:
+                    raise StorageError("%s shrank while uploading" % self.path)
+                left -= len(chunk)
+                yield chunk
+
+    def sha256(self):
+        digest = hashlib.sha256()
+        for chunk in self:
+            digest.update(chunk)
+        return digest
+
+
+def run_parts(parts, worker, concurrency, signals):
+    """Call ``worker(check, *part)`` for every part, ``concurrency`` at a time.
+
+    Returns the results in the order of ``parts``. On the first failure or a
+    stop request, parts not started are cancelled and running ones see
+    ``check()`` raise at their next chunk; then the error is raised, so the
+    caller can abort the upload as a whole.
+    """
+    failed = []
+
+    def check():
+        signals.check()
+        if failed:
+            raise StorageError("upload abandoned after another part failed")
+
+    results = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(parts)))) as pool:
+        pending = dict((pool.submit(worker, check, *part), index) for index, part in enumerate(parts))
+        try:
+            while pending:
+                finished, _ = concurrent.futures.wait(
+                    list(pending), timeout=0.5, return_when=concurrent.futures.FIRST_EXCEPTION)
+                for future in finished:
+                    results[pending.pop(future)] = future.result()
+                signals.check()
+        except BaseException:
+            failed.append(True)
+            for future in pending:
+                future.cancel()
+            raise
+    return [results[i] for i in range(len(parts))]
 
 
 STORAGE_TYPES = collections.OrderedDict()     # config key -> Storage class
@@ -1962,8 +2057,7 @@ def build_storages(cfg):
 S3_MAX_PARTS = 10000
 S3_MIN_PART = 5 * 1024 * 1024
 S3_DELETE_BATCH = 1000
-S3_RETRYABLE_CODES = ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable",
-                      "RequestTimeTooSkewed_never")
+S3_RETRYABLE_CODES = ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable")
 S3_HINTS = {
     "SignatureDoesNotMatch": "the secret access key does not match the access key id",
     "InvalidAccessKeyId": "the access key id is unknown to this endpoint",
@@ -1997,35 +2091,7 @@ def _s3_error(resp, data, action):
     text = "S3 %s: HTTP %d %s%s%s" % (action, resp.status, code or resp.reason or "",
                                       (": " + one_line(message)) if message else "",
                                       (" (%s)" % hint) if hint else "")
-    err = StorageError(text)
-    err.retryable = resp.status >= 500 or resp.status == 429 or code in S3_RETRYABLE_CODES
-    return err
-
-
-class _FileSlice(object):
-    """Iterate ``length`` bytes of ``path`` from ``offset`` in chunks, checking
-    for a stop between chunks (http.client sends an iterable chunk by chunk)."""
-
-    def __init__(self, path, offset, length, stop_check):
-        self.path, self.offset, self.length, self.stop_check = path, offset, length, stop_check
-
-    def __iter__(self):
-        with open(self.path, "rb") as handle:
-            handle.seek(self.offset)
-            left = self.length
-            while left > 0:
-                self.stop_check()
-                chunk = handle.read(min(CHUNK_SIZE, left))
-                if not chunk:
-                    raise StorageError("%s shrank while uploading" % self.path)
-                left -= len(chunk)
-                yield chunk
-
-    def sha256(self):
-        digest = hashlib.sha256()
-        for chunk in self:
-            digest.update(chunk)
-        return digest
+    return StorageError(text, resp.status >= 500 or resp.status == 429 or code in S3_RETRYABLE_CODES)
 
 
 @register_storage
@@ -2041,6 +2107,7 @@ class S3Storage(Storage):
 
     config_key = "aws_storage"
     kind = "aws"
+    service = "S3"
 
     def __init__(self, bucket, prefix, region, endpoint, path_style, chain, http, retain,
                  sse=None, kms_key_id=None, storage_class=None, static_name=None,
@@ -2146,32 +2213,19 @@ class S3Storage(Storage):
 
     def _request(self, method, action, key=None, query=(), headers=None, body=None,
                  payload_hash=EMPTY_SHA256, ok=(200,)):
-        """One signed request with retries; returns (Response-like status, headers, body bytes)."""
+        """One SigV4-signed request with retries; returns (Response, body bytes)."""
         path = self._path(key)
         query_text = canonical_query(query)
         url = "%s://%s%s%s" % (self._scheme, self._host, path, ("?" + query_text) if query_text else "")
-        delays = backoff_delays(self.attempts, self.backoff_base, 20.0)
-        for attempt in range(self.attempts):
+
+        def build():
             creds = self.chain.get()
             signed = sigv4_headers(method, self._host, path, query_text, headers or {},
                                    payload_hash, creds.access_key, creds.secret_key.reveal(),
                                    creds.token.reveal() if creds.token else None,
                                    self.region, "s3", self.clock.now())
-            try:
-                resp = self.http.request(method, url, signed, body() if callable(body) else body)
-                with resp:
-                    data = resp.body(64 * 1024 * 1024)
-                    if resp.status in ok:
-                        return resp, data
-                    error = _s3_error(resp, data, action)
-            except TransportError as exc:
-                error = StorageError("S3 %s: %s" % (action, exc))
-                error.retryable = exc.retryable
-            if not getattr(error, "retryable", False) or attempt == self.attempts - 1:
-                raise error
-            LOG.warning("%s, retry %d/%d in %.1fs", error, attempt + 1, self.attempts - 1,
-                        delays[attempt])
-            self.backoff(delays[attempt])
+            return method, url, signed, body() if callable(body) else body
+        return self.send(action, build, ok, _s3_error)
 
     def _object_headers(self):
         headers = {"Content-Type": "application/octet-stream"}
@@ -2204,8 +2258,7 @@ class S3Storage(Storage):
                       payload_hash=sha256)
 
     def _multipart(self, snapshot, key, signals):
-        part_size = max(self.part_size, -(-snapshot.size // S3_MAX_PARTS))
-        part_size = -(-part_size // (1024 * 1024)) * 1024 * 1024
+        part_size = s3_part_size(snapshot.size, self.part_size)
         headers = self._object_headers()
         if self.checksum:
             headers["x-amz-checksum-algorithm"] = "SHA256"
@@ -2214,14 +2267,8 @@ class S3Storage(Storage):
         upload_id = xml_text(parse_xml(data, "CreateMultipartUpload"), "UploadId")
         if not upload_id:
             raise StorageError("S3 CreateMultipartUpload on %s: answer has no UploadId" % key)
-        failed = []
 
-        def check():
-            signals.check()
-            if failed:
-                raise StorageError("multipart upload abandoned")
-
-        def put_part(number, offset, length):
+        def put_part(check, number, offset, length):
             piece = _FileSlice(snapshot.path, offset, length, check)
             digest = piece.sha256()
             part_headers = {"Content-Length": str(length)}
@@ -2235,23 +2282,8 @@ class S3Storage(Storage):
 
         parts = [(i + 1, off, min(part_size, snapshot.size - off))
                  for i, off in enumerate(range(0, snapshot.size, part_size))]
-        done = []
         try:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=min(self.concurrency, len(parts))) as pool:
-                pending = set(pool.submit(put_part, *p) for p in parts)
-                try:
-                    while pending:
-                        finished, pending = concurrent.futures.wait(
-                            pending, timeout=0.5, return_when=concurrent.futures.FIRST_EXCEPTION)
-                        for future in finished:
-                            done.append(future.result())
-                        signals.check()
-                except BaseException:
-                    failed.append(True)
-                    for future in pending:
-                        future.cancel()
-                    raise
-            done.sort()
+            done = run_parts(parts, put_part, self.concurrency, signals)
             body = ["<CompleteMultipartUpload xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">"]
             for number, etag, checksum in done:
                 body.append("<Part><PartNumber>%d</PartNumber><ETag>%s</ETag>%s</Part>" % (
@@ -2323,6 +2355,12 @@ class S3Storage(Storage):
             if errors:
                 raise StorageError("S3 DeleteObjects: %d keys not deleted, first %s: %s" % (
                     len(errors), xml_text(errors[0], "Key"), xml_text(errors[0], "Code")))
+
+
+def s3_part_size(size, preferred):
+    """``preferred``, grown in whole MiB so that ``size`` fits in 10,000 parts."""
+    needed = max(preferred, -(-size // S3_MAX_PARTS))
+    return -(-needed // (1024 * 1024)) * 1024 * 1024
 
 
 def _is_ip_or_localhost(host):

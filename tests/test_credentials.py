@@ -1,0 +1,137 @@
+"""Section 8 and the pure parts of section 12: the AWS credential chain
+(against loopback servers speaking IMDSv2 and the container protocol), its
+refresh before expiry, S3 addressing and part sizing."""
+
+import datetime
+
+import pytest
+
+import vault_snapshot_agent as vsa
+from cred_servers import ContainerCredentialsServer, ImdsServer
+
+UTC = vsa.UTC
+
+
+class FakeClock(object):
+    def __init__(self, now):
+        self.t = now
+
+    def now(self):
+        return self.t
+
+
+def chain(env, clock=None, **kwargs):
+    return vsa.AwsCredentialChain(None, env, "us-east-1", None, vsa.Http(None, 5.0),
+                                  clock or FakeClock(datetime.datetime.now(UTC)), **kwargs)
+
+
+NO_FILES = {"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/c", "AWS_CONFIG_FILE": "/nonexistent/f"}
+
+
+def test_environment_wins_over_metadata():
+    env = dict(NO_FILES, AWS_ACCESS_KEY_ID="AKIAENV", AWS_SECRET_ACCESS_KEY="envsecret")
+    creds = chain(env).get()
+    assert creds.access_key == "AKIAENV" and creds.source == "environment"
+    assert "envsecret" not in repr(creds)
+
+
+def test_imdsv2_session_token_is_used_and_credentials_refresh_before_expiry():
+    now = datetime.datetime.now(UTC).replace(microsecond=0)
+    with ImdsServer(access_key_id="ASIA1", expiration=now + datetime.timedelta(hours=1)) as imds:
+        clock = FakeClock(now)
+        aws = chain(dict(NO_FILES), clock, imds_endpoint=imds.url)
+        assert aws.get().access_key == "ASIA1"
+        calls = len(imds.requests)
+        clock.t = now + datetime.timedelta(minutes=50)
+        assert aws.get().access_key == "ASIA1"          # cached: 10 minutes left
+        assert len(imds.requests) == calls
+        imds.set_credentials(access_key_id="ASIA2", expiration=now + datetime.timedelta(hours=2))
+        clock.t = now + datetime.timedelta(minutes=56)  # inside the 5-minute margin
+        assert aws.get().access_key == "ASIA2"
+        assert imds.requests[0].method == "PUT"
+        assert all(r.header("X-aws-ec2-metadata-token") for r in imds.requests if r.method == "GET")
+
+
+def test_imds_without_role_is_a_clear_error():
+    with ImdsServer(role=None) as imds:
+        with pytest.raises(vsa.StorageError, match="instance profile"):
+            chain(dict(NO_FILES), imds_endpoint=imds.url).get()
+
+
+def test_no_metadata_service_means_no_credentials():
+    with pytest.raises(vsa.StorageError, match="no AWS credentials found"):
+        chain(dict(NO_FILES), imds_endpoint="http://127.0.0.1:9").get()
+
+
+def test_container_relative_uri_with_authorization_token():
+    with ContainerCredentialsServer(authorization="tok", access_key_id="ASIAC") as server:
+        env = dict(NO_FILES, AWS_CONTAINER_CREDENTIALS_RELATIVE_URI=server.relative_uri,
+                   AWS_CONTAINER_AUTHORIZATION_TOKEN="tok")
+        assert chain(env, container_endpoint=server.url).get().access_key == "ASIAC"
+        env["AWS_CONTAINER_AUTHORIZATION_TOKEN"] = "wrong"
+        with pytest.raises(vsa.StorageError, match="HTTP 401"):
+            chain(env, container_endpoint=server.url).get()
+
+
+def test_configured_profile_missing_is_an_error(tmp_path):
+    creds = tmp_path / "credentials"
+    creds.write_text("[default]\naws_access_key_id = A\naws_secret_access_key = B\n")
+    env = {"AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_CONFIG_FILE": "/nonexistent"}
+    assert chain(env).get().access_key == "A"
+    named = vsa.AwsCredentialChain(None, env, "us-east-1", "prod", vsa.Http(None, 5.0),
+                                   FakeClock(datetime.datetime.now(UTC)))
+    with pytest.raises(vsa.StorageError, match="profile 'prod'"):
+        named.get()
+
+
+@pytest.mark.parametrize("size,part", [
+    (100, 16 * 2 ** 20), (16 * 2 ** 20 * 10000, 16 * 2 ** 20),
+    (16 * 2 ** 20 * 10000 + 1, 17 * 2 ** 20), (5 * 2 ** 40, 525 * 2 ** 20),
+])
+def test_part_size_grows_so_any_file_fits_in_10000_parts(size, part):
+    assert vsa.s3_part_size(size, 16 * 2 ** 20) == part
+    assert -(-size // part) <= 10000
+
+
+def build(aws, env=None):
+    cfg = vsa.config_from_dict({"addr": "http://127.0.0.1:8200", "role_id": "r", "secret_id": "s",
+                                "aws_storage": aws}, env=env or {})
+    return vsa.S3Storage.from_config(cfg.storages["aws_storage"], cfg, env=env or {})
+
+
+def test_addressing_virtual_hosted_on_aws_path_style_when_needed():
+    aws = build({"s3_bucket": "bkt", "s3_region": "eu-west-1"})
+    assert aws.endpoint == "https://s3.eu-west-1.amazonaws.com" and not aws.path_style
+    assert aws._host == "bkt.s3.eu-west-1.amazonaws.com" and aws._path("k y") == "/k%20y"
+    forced = build({"s3_bucket": "bkt", "s3_endpoint": "minio.local:9000", "s3_force_path_style": True})
+    assert forced._host == "minio.local:9000" and forced._path("k") == "/bkt/k"
+    assert build({"s3_bucket": "bkt", "s3_endpoint": "http://127.0.0.1:9000"}).path_style
+    assert build({"s3_bucket": "my.bucket"}).path_style        # dots break TLS wildcards
+
+
+def test_region_and_endpoint_from_environment():
+    env = {"AWS_REGION": "ap-south-1", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:1234",
+           "AWS_CONFIG_FILE": "/nonexistent"}
+    aws = build({"s3_bucket": "bkt"}, env)
+    assert aws.region == "ap-south-1" and aws.endpoint == "http://127.0.0.1:1234"
+
+
+@pytest.mark.parametrize("block,key", [
+    ({}, "s3_bucket"), ({"s3_bucket": "bkt", "access_key_id": "A"}, "secret_access_key"),
+    ({"s3_bucket": "bkt", "s3_server_side_encryption": "DES"}, "s3_server_side_encryption"),
+    ({"s3_bucket": "bkt", "s3_server_side_encryption": "AES256", "s3_kms_key_id": "k"}, "s3_kms_key_id"),
+    ({"s3_bucket": "bkt", "part_size_mb": 1}, "part_size_mb"),
+    ({"s3_bucket": "bkt", "concurrency": 0}, "concurrency"),
+    ({"s3_bucket": "bkt", "s3_endpoint": "ftp://x"}, "s3_endpoint"),
+    ({"s3_bucket": "bad bucket"}, "s3_bucket"),
+    ({"s3_bucket": "bkt", "s3_force_path_style": "yes"}, "s3_force_path_style"),
+])
+def test_aws_config_errors_name_the_key(block, key):
+    with pytest.raises(vsa.ConfigError, match="aws_storage.%s" % key):
+        build(block)
+
+
+def test_go_agent_boolean_sse_means_aes256():
+    assert build({"s3_bucket": "bkt", "s3_server_side_encryption": True}).sse == "AES256"
+    kms = build({"s3_bucket": "bkt", "s3_kms_key_id": "alias/backup"})
+    assert kms.sse == "aws:kms" and kms.kms_key_id == "alias/backup"
