@@ -28,14 +28,17 @@ Sections (``grep -n '^# [0-9]*\\. '`` lists them):
     5. Config
     6. HTTP transport and retry
     7. Request signing
-    8. Cloud credentials
-    9. Vault client
-    10. Snapshot stream and verification
-    11. Storage backends
-    12. S3 storage
-    13. Retention
-    14. Agent
-    15. Command line
+    8. RS256 with the standard library
+    9. Cloud credentials
+    10. Vault client
+    11. Snapshot stream and verification
+    12. Storage backends
+    13. S3 storage
+    14. Azure Blob storage
+    15. Google Cloud Storage
+    16. Retention
+    17. Agent
+    18. Command line
 """
 
 from __future__ import print_function
@@ -65,6 +68,7 @@ import sys
 import time
 import urllib.parse
 import zlib
+from email.utils import formatdate
 from xml.etree import ElementTree
 from xml.sax.saxutils import escape as xml_escape
 
@@ -1028,7 +1032,136 @@ def sigv4_headers(method, host, path, query, headers, payload_hash, access_key, 
 
 
 # =============================================================================
-# 8. Cloud credentials
+# 8. RS256 with the standard library
+# =============================================================================
+
+# DER of the DigestInfo prefix for SHA-256 (RFC 8017, section 9.2, note 1).
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+RSA_ENCRYPTION_OID = bytes.fromhex("2a864886f70d010101")
+
+RsaKey = collections.namedtuple("RsaKey", "n e d p q dp dq qinv")
+
+
+def _der_read(data, pos, want=None):
+    """One DER element at ``pos``: returns (tag, value bytes, next position)."""
+    if pos + 2 > len(data):
+        raise ValueError("truncated DER")
+    tag = data[pos]
+    length = data[pos + 1]
+    pos += 2
+    if length & 0x80:
+        count = length & 0x7F
+        if count == 0 or count > 4 or pos + count > len(data):
+            raise ValueError("bad DER length")
+        length = int.from_bytes(data[pos:pos + count], "big")
+        pos += count
+    if pos + length > len(data):
+        raise ValueError("truncated DER")
+    if want is not None and tag != want:
+        raise ValueError("unexpected DER tag 0x%02x" % tag)
+    return tag, data[pos:pos + length], pos + length
+
+
+def _der_integers(data):
+    """The INTEGERs of a DER SEQUENCE body, in order (non-integers skipped)."""
+    out, pos = [], 0
+    while pos < len(data):
+        tag, value, pos = _der_read(data, pos)
+        if tag == 0x02:
+            out.append(int.from_bytes(value, "big", signed=True))
+    return out
+
+
+def load_rsa_private_key(pem):
+    """An RsaKey from a PEM PKCS#8 ('PRIVATE KEY') or PKCS#1 ('RSA PRIVATE
+    KEY') block. Errors never include key material."""
+    match = re.search(r"-----BEGIN (RSA )?PRIVATE KEY-----(.*?)-----END (RSA )?PRIVATE KEY-----",
+                      pem, re.S)
+    if not match:
+        raise ValueError("no PEM 'PRIVATE KEY' or 'RSA PRIVATE KEY' block found")
+    try:
+        der = base64.b64decode("".join(match.group(2).split()), validate=True)
+    except (ValueError, TypeError):
+        raise ValueError("the PEM block is not valid base64")
+    _, body, _ = _der_read(der, 0, 0x30)
+    if not match.group(1):             # PKCS#8: version, AlgorithmIdentifier, OCTET STRING
+        _, _, pos = _der_read(body, 0, 0x02)
+        _, algorithm, pos = _der_read(body, pos, 0x30)
+        _, oid, _ = _der_read(algorithm, 0, 0x06)
+        if oid != RSA_ENCRYPTION_OID:
+            raise ValueError("the private key is not an RSA key")
+        _, inner, _ = _der_read(body, pos, 0x04)
+        _, body, _ = _der_read(inner, 0, 0x30)
+    numbers = _der_integers(body)
+    if len(numbers) < 9 or numbers[0] != 0:
+        raise ValueError("not a two-prime RSA private key")
+    return RsaKey(*numbers[1:9])
+
+
+def _mod_inverse(value, modulus):
+    """value**-1 mod modulus (pow(x, -1, m) only exists from 3.8)."""
+    old_r, r, old_s, s = value % modulus, modulus, 1, 0
+    while r:
+        q = old_r // r
+        old_r, r = r, old_r - q * r
+        old_s, s = s, old_s - q * s
+    if old_r != 1:
+        raise ValueError("not invertible")
+    return old_s % modulus
+
+
+def rs256_sign(key, message, rand=os.urandom):
+    """RSASSA-PKCS1-v1_5 with SHA-256 (RFC 8017, 8.2.1) of ``message``.
+
+    Uses the CRT with the key's primes, blinds the input with a random r**e
+    so the time taken does not depend on the secret exponent's use on the
+    real message, and checks the result against the public key before
+    returning it (a faulty CRT result would leak the key).
+    """
+    k = (key.n.bit_length() + 7) // 8
+    t = SHA256_DIGEST_INFO + hashlib.sha256(message).digest()
+    if k < len(t) + 11:
+        raise ValueError("RSA key too short")
+    em = b"\x00\x01" + b"\xff" * (k - len(t) - 3) + b"\x00" + t
+    m = int.from_bytes(em, "big")
+    while True:
+        r = int.from_bytes(rand(k), "big") % key.n
+        if r > 1:
+            try:
+                r_inv = _mod_inverse(r, key.n)
+                break
+            except ValueError:
+                continue
+    blinded = (m * pow(r, key.e, key.n)) % key.n
+    m1 = pow(blinded, key.dp, key.p)
+    m2 = pow(blinded, key.dq, key.q)
+    h = (key.qinv * (m1 - m2)) % key.p
+    s = ((m2 + h * key.q) * r_inv) % key.n
+    if pow(s, key.e, key.n) != m:
+        raise ValueError("RSA signature self-check failed")
+    return s.to_bytes(k, "big")
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def service_account_jwt(key, client_email, key_id, token_uri, scope, now):
+    """The signed JWT assertion Google's OAuth 2.0 server exchanges for an
+    access token (service accounts, "Using OAuth 2.0 for Server to Server")."""
+    header = collections.OrderedDict([("alg", "RS256"), ("typ", "JWT")])
+    if key_id:
+        header["kid"] = key_id
+    iat = int(now)
+    claims = collections.OrderedDict([("iss", client_email), ("scope", scope), ("aud", token_uri),
+                                      ("iat", iat), ("exp", iat + 3600)])
+    signing_input = "%s.%s" % (b64url(json.dumps(header, separators=(",", ":")).encode("utf-8")),
+                               b64url(json.dumps(claims, separators=(",", ":")).encode("utf-8")))
+    return signing_input + "." + b64url(rs256_sign(key, signing_input.encode("ascii")))
+
+
+# =============================================================================
+# 9. Cloud credentials
 # =============================================================================
 
 AwsCredentials = collections.namedtuple(
@@ -1259,8 +1392,59 @@ def _aws_error_line(data):
     return "%s: %s" % (code, message) if code else one_line(data[:200].decode("utf-8", "replace"))
 
 
+class BearerToken(object):
+    """An OAuth access token cache: ``fetch()`` returns (token, seconds valid);
+    a new token is fetched five minutes before the old one expires."""
+
+    def __init__(self, fetch, clock, what):
+        self.fetch, self.clock, self.what = fetch, clock, what
+        self._token = None
+        self._expires = None
+
+    def get(self):
+        if self._token is None or self.clock.monotonic() >= self._expires:
+            token, seconds = self.fetch()
+            if not token:
+                raise StorageError("%s: answer has no access token" % self.what)
+            self._token = Secret(token)
+            self._expires = self.clock.monotonic() + max(0.0, float(seconds) - 300.0)
+            LOG.info("Obtained an access token from %s, valid %s", self.what,
+                     format_duration(float(seconds)))
+        return self._token
+
+
+def _oauth_answer(http, method, url, headers, body, what):
+    """POST/GET a token endpoint; returns the JSON object or raises StorageError."""
+    try:
+        resp = http.request(method, url, headers, body, timeout=30)
+    except TransportError as exc:
+        raise StorageError("%s: %s" % (what, exc), exc.retryable)
+    with resp:
+        try:
+            data = resp.json()
+        except TransportError:
+            data = {}
+        if resp.status != 200:
+            detail = ""
+            if isinstance(data, dict):
+                detail = data.get("error_description") or data.get("error") or data.get("message") or ""
+            raise StorageError("%s: HTTP %d %s" % (what, resp.status, one_line(detail, 200)),
+                               resp.status >= 500 or resp.status == 429)
+    if not isinstance(data, dict):
+        raise StorageError("%s: answer is not a JSON object" % what)
+    return data
+
+
+def _expires_in(data):
+    """Seconds a token stays valid (``expires_in``, a number or a string)."""
+    try:
+        return float(data["expires_in"])
+    except (KeyError, TypeError, ValueError):
+        return 3600.0
+
+
 # =============================================================================
-# 9. Vault client
+# 10. Vault client
 # =============================================================================
 
 
@@ -1474,7 +1658,7 @@ def vault_error(resp):
 
 
 # =============================================================================
-# 10. Snapshot stream and verification
+# 11. Snapshot stream and verification
 # =============================================================================
 
 SnapshotInfo = collections.namedtuple(
@@ -1757,7 +1941,7 @@ def _unlink_quietly(path):
 
 
 # =============================================================================
-# 11. Storage backends
+# 12. Storage backends
 # =============================================================================
 
 SnapshotRef = collections.namedtuple("SnapshotRef", "name when size")
@@ -1864,8 +2048,9 @@ class _FileSlice(object):
                 left -= len(chunk)
                 yield chunk
 
-    def sha256(self):
-        digest = hashlib.sha256()
+    def digest(self, algorithm="sha256"):
+        """Hash the slice (one read pass); returns the hashlib object."""
+        digest = hashlib.new(algorithm)
         for chunk in self:
             digest.update(chunk)
         return digest
@@ -2051,7 +2236,7 @@ def build_storages(cfg):
 
 
 # =============================================================================
-# 12. S3 storage
+# 13. S3 storage
 # =============================================================================
 
 S3_MAX_PARTS = 10000
@@ -2248,7 +2433,7 @@ class S3Storage(Storage):
         return "s3://%s/%s" % (self.bucket, key)
 
     def _put(self, snapshot, key, signals):
-        sha256 = snapshot.sha256 or _FileSlice(snapshot.path, 0, snapshot.size, signals.check).sha256().hexdigest()
+        sha256 = snapshot.sha256 or _FileSlice(snapshot.path, 0, snapshot.size, signals.check).digest("sha256").hexdigest()
         headers = self._object_headers()
         headers["Content-Length"] = str(snapshot.size)
         if self.checksum:
@@ -2270,7 +2455,7 @@ class S3Storage(Storage):
 
         def put_part(check, number, offset, length):
             piece = _FileSlice(snapshot.path, offset, length, check)
-            digest = piece.sha256()
+            digest = piece.digest("sha256")
             part_headers = {"Content-Length": str(length)}
             if self.checksum:
                 part_headers["x-amz-checksum-sha256"] = base64.b64encode(digest.digest()).decode("ascii")
@@ -2376,7 +2561,675 @@ def _is_ip_or_localhost(host):
 
 
 # =============================================================================
-# 13. Retention
+# 14. Azure Blob storage
+# =============================================================================
+
+AZURE_VERSION = "2021-08-06"          # x-ms-version: understood by Azure and Azurite
+AZURE_MAX_BLOCKS = 50000
+AZURE_STORAGE_SCOPE = "https://storage.azure.com/.default"
+AZURE_STORAGE_RESOURCE = "https://storage.azure.com/"
+AZURE_AUTH_MODES = ("auto", "shared_key", "sas", "managed_identity", "workload_identity",
+                    "client_secret")
+AZURE_HINTS = {
+    "AuthenticationFailed": "the account key, SAS or token was refused",
+    "AuthorizationFailure": "the credentials are not allowed to do this",
+    "AuthorizationPermissionMismatch": "the SAS or role lacks a permission for this operation",
+    "ContainerNotFound": "the container does not exist (check container_name)",
+    "InvalidAuthenticationInfo": "the token is malformed or expired",
+    "Md5Mismatch": "the data changed on the way",
+}
+
+
+def azure_shared_key(method, url, headers, account, key):
+    """The Shared Key ``Authorization`` value for one Blob service request.
+
+    Pure: ``headers`` must already hold x-ms-date and x-ms-version; ``key`` is
+    the base64 account key. The string-to-sign follows "Authorize with
+    Shared Key" (version 2015-02-21 and later: an empty Content-Length for 0).
+    """
+    lower = dict((name.lower(), str(value)) for name, value in headers.items())
+    length = lower.get("content-length", "")
+    fields = [method.upper(), lower.get("content-encoding", ""), lower.get("content-language", ""),
+              "" if length == "0" else length, lower.get("content-md5", ""),
+              lower.get("content-type", ""), lower.get("date", ""),
+              lower.get("if-modified-since", ""), lower.get("if-match", ""),
+              lower.get("if-none-match", ""), lower.get("if-unmodified-since", ""),
+              lower.get("range", "")]
+    canonical_headers = "".join(
+        "%s:%s\n" % (name, " ".join(lower[name].split()))
+        for name in sorted(n for n in lower if n.startswith("x-ms-")))
+    parts = urllib.parse.urlsplit(url)
+    resource = "/%s%s" % (account, parts.path or "/")
+    params = collections.defaultdict(list)
+    for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        params[name.lower()].append(value)
+    for name in sorted(params):
+        resource += "\n%s:%s" % (name, ",".join(sorted(params[name])))
+    string_to_sign = "\n".join(fields) + "\n" + canonical_headers + resource
+    digest = hmac.new(base64.b64decode(key), string_to_sign.encode("utf-8"), hashlib.sha256).digest()
+    return "SharedKey %s:%s" % (account, base64.b64encode(digest).decode("ascii"))
+
+
+def parse_connection_string(text):
+    """Azure Storage connection string fields (AccountName, AccountKey, ...)."""
+    fields = {}
+    for part in text.split(";"):
+        if part.strip():
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise ValueError("%r is not Name=Value" % part.strip())
+            fields[name.strip()] = value.strip()
+    return fields
+
+
+@register_storage
+class AzureStorage(Storage):
+    """Azure Blob storage (and Azurite, sovereign clouds, private endpoints).
+
+    Auth, in this order when ``auth_mode`` is ``auto``: a SAS token, the
+    account key (Shared Key), a client secret, workload identity (federated
+    token file), managed identity (IMDS). Put Blob up to ``block_size``;
+    above it Put Block (each block's MD5 checked by the service, uploaded
+    ``concurrency`` at a time) and Put Block List, so no blob exists until
+    every block arrived: a failed or stopped upload leaves no blob (Azure
+    discards uncommitted blocks itself after a week).
+    """
+
+    config_key = "azure_storage"
+    kind = "azure"
+    service = "Azure"
+
+    def __init__(self, endpoint, account, container, prefix, auth, http, retain,
+                 key=None, sas=None, token=None, access_tier=None, block_size=16 * 1024 * 1024,
+                 concurrency=4, clock=None, page_size=5000):
+        Storage.__init__(self, retain)
+        self.endpoint, self.account, self.container, self.prefix = endpoint, account, container, prefix
+        self.auth, self.http = auth, http
+        self.key, self.sas, self.token = key, sas, token
+        self.access_tier = access_tier
+        self.block_size, self.concurrency = block_size, concurrency
+        self.clock = clock or Clock()
+        self.page_size = page_size
+
+    @classmethod
+    def from_config(cls, section, cfg, env=None):
+        env = os.environ if env is None else env
+        conn = {}
+        conn_text = section.string("connection_string", env=("AZURE_STORAGE_CONNECTION_STRING",))
+        if conn_text:
+            try:
+                conn = parse_connection_string(conn_text)
+            except ValueError as exc:
+                raise section.error("connection_string", "cannot parse: %s" % exc)
+        account = section.string("account_name", env=("AZURE_STORAGE_ACCOUNT",)) or conn.get("AccountName")
+        container = section.string("container_name")
+        if not container:
+            raise section.error("container_name", "required")
+        if not re.match(r"^[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])?$", container) and container != "$root":
+            raise section.error("container_name", "%r is not a valid container name" % container)
+        key = section.secret("account_key", env=("AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCESS_KEY"))
+        if key is None and conn.get("AccountKey"):
+            key = Secret(conn["AccountKey"])
+        if key is not None:
+            try:
+                base64.b64decode(key.reveal(), validate=True)
+            except (ValueError, TypeError):
+                raise section.error("account_key", "is not base64 (copy the key as shown by Azure)")
+        sas = section.secret("sas_token", env=("AZURE_STORAGE_SAS_TOKEN",))
+        if sas is None and conn.get("SharedAccessSignature"):
+            sas = Secret(conn["SharedAccessSignature"])
+        if sas is not None:
+            sas = Secret(sas.reveal().lstrip("?"))
+        endpoint = section.string("endpoint") or conn.get("BlobEndpoint")
+        if not endpoint:
+            if not account:
+                raise section.error("account_name", "required (or endpoint / connection_string)")
+            suffix = section.string("endpoint_suffix") or conn.get("EndpointSuffix") or "core.windows.net"
+            scheme = conn.get("DefaultEndpointsProtocol", "https")
+            endpoint = "%s://%s.blob.%s" % (scheme, account, suffix)
+        parts = urllib.parse.urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise section.error("endpoint", "must be an http(s) URL, got %r" % endpoint)
+        if not account:
+            account = (parts.path.strip("/").split("/")[0] if _is_ip_or_localhost(parts.hostname)
+                       else parts.hostname.split(".")[0])
+        mode = section.string("auth_mode", "auto", choices=AZURE_AUTH_MODES)
+        client_id = section.string("client_id", env=("AZURE_CLIENT_ID",))
+        tenant_id = section.string("tenant_id", env=("AZURE_TENANT_ID",))
+        client_secret = section.secret("client_secret", env=("AZURE_CLIENT_SECRET",))
+        token_file = section.path("federated_token_file", env=("AZURE_FEDERATED_TOKEN_FILE",))
+        authority = (section.string("authority_host", env=("AZURE_AUTHORITY_HOST",))
+                     or "https://login.microsoftonline.com").rstrip("/")
+        imds = (section.string("imds_endpoint") or "http://169.254.169.254").rstrip("/")
+        if mode == "auto":
+            if sas is not None:
+                mode = "sas"
+            elif key is not None:
+                mode = "shared_key"
+            elif client_secret is not None and client_id and tenant_id:
+                mode = "client_secret"
+            elif token_file and client_id and tenant_id:
+                mode = "workload_identity"
+            else:
+                mode = "managed_identity"
+        needs = {"shared_key": [("account_key", key)], "sas": [("sas_token", sas)],
+                 "client_secret": [("client_id", client_id), ("tenant_id", tenant_id),
+                                   ("client_secret", client_secret)],
+                 "workload_identity": [("client_id", client_id), ("tenant_id", tenant_id),
+                                       ("federated_token_file", token_file)]}.get(mode, [])
+        for name, value in needs:
+            if not value:
+                raise section.error(name, "required for auth_mode %s" % mode)
+        tls = TlsOptions(section.path("ca_cert", must_exist="file"), None, None, None, None,
+                         section.boolean("tls_skip_verify", False))
+        if endpoint.startswith("https"):
+            make_ssl_context(tls)
+        http = Http(tls, cfg.timeout)
+        token = None
+        if mode in ("managed_identity", "workload_identity", "client_secret"):
+            token = BearerToken(_azure_token_fetcher(mode, Http(tls, 30.0), imds, authority, tenant_id,
+                                                     client_id, client_secret, token_file),
+                                Clock(), "Azure %s" % mode.replace("_", " "))
+        block_mb = section.integer("block_size_mb", 16, minimum=1)
+        if block_mb > 4000:
+            raise section.error("block_size_mb", "at most 4000 (Azure's block limit)")
+        return cls(endpoint.rstrip("/"), account, container,
+                   section.string("prefix", "").strip("/"), mode, http,
+                   section.integer("retain", cfg.retain), key=key, sas=sas, token=token,
+                   access_tier=section.string("access_tier", choices=("Hot", "Cool", "Cold", "Archive")),
+                   block_size=block_mb * 1024 * 1024,
+                   concurrency=section.integer("concurrency", 4, minimum=1),
+                   page_size=section.integer("list_page_size", 5000, minimum=1))
+
+    def describe(self):
+        return "azure:%s/%s/%s" % (self.endpoint, self.container, self.prefix + "/" if self.prefix else "")
+
+    def blob_name(self, name):
+        return "%s/%s" % (self.prefix, name) if self.prefix else name
+
+    def _url(self, blob=None, query=()):
+        path = "/" + self.container + ("/" + uri_encode(blob, safe="-_.~/") if blob else "")
+        pairs = list(query)
+        text = "&".join("%s=%s" % (uri_encode(k), uri_encode(v)) for k, v in pairs)
+        if self.auth == "sas":
+            text = "&".join(t for t in (text, self.sas.reveal()) if t)
+        return self.endpoint + path + ("?" + text if text else "")
+
+    def _request(self, method, action, blob=None, query=(), headers=None, body=None, ok=(200, 201)):
+        url = self._url(blob, query)
+
+        def build():
+            all_headers = {"x-ms-version": AZURE_VERSION,
+                           "x-ms-date": formatdate(self.clock.now().timestamp(), usegmt=True)}
+            all_headers.update(headers or {})
+            if self.auth == "shared_key":
+                all_headers["Authorization"] = azure_shared_key(method, url, all_headers, self.account,
+                                                                self.key.reveal())
+            elif self.token is not None:
+                all_headers["Authorization"] = "Bearer " + self.token.get().reveal()
+            return method, url, all_headers, body() if callable(body) else body
+        return self.send(action, build, ok, _azure_error)
+
+    # -- upload ------------------------------------------------------------------
+
+    def upload(self, snapshot, name, signals):
+        blob = self.blob_name(name)
+        headers = {"Content-Type": "application/octet-stream"}
+        if self.access_tier:
+            headers["x-ms-access-tier"] = self.access_tier
+        if snapshot.size <= self.block_size:
+            piece = _FileSlice(snapshot.path, 0, snapshot.size, signals.check)
+            headers.update({"x-ms-blob-type": "BlockBlob", "Content-Length": str(snapshot.size),
+                            "Content-MD5": base64.b64encode(piece.digest("md5").digest()).decode("ascii")})
+            self._request("PUT", "Put Blob %s" % blob, blob, headers=headers, body=lambda: piece)
+        else:
+            self._put_blocks(snapshot, blob, headers, signals)
+        return "%s/%s/%s" % (self.endpoint, self.container, uri_encode(blob, safe="-_.~/"))
+
+    def _put_blocks(self, snapshot, blob, headers, signals):
+        size = max(self.block_size, -(-snapshot.size // AZURE_MAX_BLOCKS))
+        nonce = os.urandom(6).hex()
+
+        def put_block(check, number, offset, length):
+            block_id = base64.b64encode(("%s-%06d" % (nonce, number)).encode("ascii")).decode("ascii")
+            piece = _FileSlice(snapshot.path, offset, length, check)
+            md5 = base64.b64encode(piece.digest("md5").digest()).decode("ascii")
+            self._request("PUT", "Put Block %d of %s" % (number, blob), blob,
+                          query=[("comp", "block"), ("blockid", block_id)],
+                          headers={"Content-Length": str(length), "Content-MD5": md5},
+                          body=lambda: piece)
+            return block_id
+
+        blocks = [(i, off, min(size, snapshot.size - off))
+                  for i, off in enumerate(range(0, snapshot.size, size))]
+        ids = run_parts(blocks, put_block, self.concurrency, signals)
+        signals.check()
+        payload = ("<?xml version=\"1.0\" encoding=\"utf-8\"?><BlockList>%s</BlockList>" % "".join(
+            "<Latest>%s</Latest>" % block_id for block_id in ids)).encode("utf-8")
+        list_headers = {"Content-Length": str(len(payload)), "Content-Type": "application/xml",
+                        "x-ms-blob-content-type": headers["Content-Type"],
+                        "Content-MD5": base64.b64encode(hashlib.md5(payload).digest()).decode("ascii")}
+        if self.access_tier:
+            list_headers["x-ms-access-tier"] = self.access_tier
+        self._request("PUT", "Put Block List %s" % blob, blob, query=[("comp", "blocklist")],
+                      headers=list_headers, body=payload)
+
+    # -- list and delete ---------------------------------------------------------
+
+    def list(self):
+        prefix = self.prefix + "/" if self.prefix else ""
+        refs, marker = [], None
+        while True:
+            query = [("restype", "container"), ("comp", "list"), ("prefix", prefix),
+                     ("maxresults", str(self.page_size))]
+            if marker:
+                query.append(("marker", marker))
+            _, data = self._request("GET", "List Blobs", query=query, ok=(200,))
+            root = parse_xml(data, "List Blobs")
+            for item in xml_children(root, "Blob"):
+                if xml_children(item, "Snapshot"):
+                    continue
+                full = xml_text(item, "Name", "")
+                name = full[len(prefix):]
+                when = parse_snapshot_name(name) if full.startswith(prefix) and "/" not in name else None
+                if when is not None:
+                    refs.append(SnapshotRef(name, when, int(xml_text(item, "Content-Length", "0") or 0)))
+            marker = xml_text(root, "NextMarker")
+            if not marker:
+                return refs
+
+    def delete(self, names):
+        for name in names:
+            blob = self.blob_name(name)
+            self._request("DELETE", "Delete Blob %s" % blob, blob,
+                          headers={"x-ms-delete-snapshots": "include"}, ok=(200, 202, 404))
+
+
+def _azure_error(resp, data, action):
+    code = resp.header("x-ms-error-code")
+    message = None
+    if data.strip():
+        try:
+            root = ElementTree.fromstring(data)
+            code = xml_text(root, "Code") or code
+            message = (xml_text(root, "Message") or "").splitlines()[0:1]
+            message = message[0] if message else None
+        except ElementTree.ParseError:
+            message = one_line(data[:200].decode("utf-8", "replace"))
+    hint = AZURE_HINTS.get(code or "", "")
+    if code == "AuthenticationFailed" and message and "expired" in message.lower():
+        hint = "the SAS or token has expired"
+    text = "Azure %s: HTTP %d %s%s%s" % (action, resp.status, code or resp.reason or "",
+                                         (": " + one_line(message)) if message else "",
+                                         (" (%s)" % hint) if hint else "")
+    return StorageError(text, resp.status >= 500 or resp.status in (408, 429)
+                        or code in ("ServerBusy", "OperationTimedOut", "InternalError"))
+
+
+def _azure_token_fetcher(mode, http, imds, authority, tenant_id, client_id, client_secret, token_file):
+    """A function returning (access token, seconds) for Azure Storage."""
+    def managed_identity():
+        query = [("api-version", "2018-02-01"), ("resource", AZURE_STORAGE_RESOURCE)]
+        if client_id:
+            query.append(("client_id", client_id))
+        data = _oauth_answer(http, "GET", imds + "/metadata/identity/oauth2/token?" +
+                             urllib.parse.urlencode(query), {"Metadata": "true"}, None,
+                             "Azure managed identity (IMDS)")
+        return data.get("access_token"), _expires_in(data)
+
+    def entra():
+        form = [("grant_type", "client_credentials"), ("client_id", client_id),
+                ("scope", AZURE_STORAGE_SCOPE)]
+        if mode == "client_secret":
+            form.append(("client_secret", client_secret.reveal()))
+        else:
+            form += [("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+                     ("client_assertion", read_secret_file(token_file, "federated_token_file").reveal())]
+        data = _oauth_answer(http, "POST", "%s/%s/oauth2/v2.0/token" % (authority, tenant_id),
+                             {"Content-Type": "application/x-www-form-urlencoded",
+                              "Accept": "application/json"},
+                             urllib.parse.urlencode(form).encode("ascii"),
+                             "Microsoft Entra token for %s" % mode.replace("_", " "))
+        return data.get("access_token"), _expires_in(data)
+
+    return managed_identity if mode == "managed_identity" else entra
+
+
+# =============================================================================
+# 15. Google Cloud Storage
+# =============================================================================
+
+GCS_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
+GCS_CHUNK_ALIGN = 256 * 1024                     # resumable chunks are multiples of this
+GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+GCS_HINTS = {
+    "forbidden": "the credentials are not allowed to do this (roles/storage.objectAdmin on the bucket?)",
+    "notFound": "the bucket does not exist (check bucket)",
+    "authError": "the access token was refused",
+    "invalid_grant": "the key or refresh token was refused (revoked, or this host's clock is off)",
+}
+
+
+def google_token_source(credentials_file, env, http, clock, metadata_host):
+    """(fetch function, description) for Application Default Credentials:
+    the given file or GOOGLE_APPLICATION_CREDENTIALS, then gcloud's ADC file,
+    then the metadata server. The fetch returns (access token, seconds)."""
+    path = credentials_file or env.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if not path:
+        gcloud = env.get("CLOUDSDK_CONFIG") or os.path.join(os.path.expanduser("~"), ".config", "gcloud")
+        candidate = os.path.join(gcloud, "application_default_credentials.json")
+        path = candidate if os.path.isfile(candidate) else None
+    if path is None:
+        def metadata():
+            data = _oauth_answer(http, "GET", "http://%s/computeMetadata/v1/instance/service-accounts/"
+                                 "default/token" % metadata_host, {"Metadata-Flavor": "Google"}, None,
+                                 "GCE metadata server %s" % metadata_host)
+            return data.get("access_token"), _expires_in(data)
+        return metadata, "the GCE metadata server"
+    info = read_credentials_file(path)
+    kind = info.get("type")
+    if kind == "service_account":
+        try:
+            key = load_rsa_private_key(info.get("private_key") or "")
+        except ValueError as exc:
+            raise ConfigError("credentials file %s: private_key: %s" % (path, exc))
+        email, token_uri = info.get("client_email"), info.get("token_uri") or GOOGLE_TOKEN_URI
+        if not email:
+            raise ConfigError("credentials file %s: client_email missing" % path)
+
+        def service_account():
+            assertion = service_account_jwt(key, email, info.get("private_key_id"), token_uri,
+                                            GCS_SCOPE, (clock.now() - EPOCH).total_seconds())
+            form = urllib.parse.urlencode([("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                                           ("assertion", assertion)]).encode("ascii")
+            data = _oauth_answer(http, "POST", token_uri, {
+                "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"},
+                form, "Google token exchange for %s" % email)
+            return data.get("access_token"), _expires_in(data)
+        return service_account, "service account %s" % email
+    if kind == "authorized_user":
+        missing = [k for k in ("client_id", "client_secret", "refresh_token") if not info.get(k)]
+        if missing:
+            raise ConfigError("credentials file %s: %s missing" % (path, ", ".join(missing)))
+        token_uri = info.get("token_uri") or GOOGLE_TOKEN_URI
+
+        def authorized_user():
+            form = urllib.parse.urlencode([("grant_type", "refresh_token"),
+                                           ("client_id", info["client_id"]),
+                                           ("client_secret", info["client_secret"]),
+                                           ("refresh_token", info["refresh_token"])]).encode("ascii")
+            data = _oauth_answer(http, "POST", token_uri, {
+                "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"},
+                form, "Google token refresh (authorized_user)")
+            return data.get("access_token"), _expires_in(data)
+        return authorized_user, "authorized user credentials in %s" % path
+    raise ConfigError("credentials file %s: type %r is not supported (service_account or "
+                      "authorized_user)" % (path, kind))
+
+
+def read_credentials_file(path):
+    try:
+        with open(path, "r") as handle:
+            info = json.load(handle)
+    except (IOError, OSError) as exc:
+        raise ConfigError("credentials file %s: cannot read: %s" % (path, exc.strerror or exc))
+    except ValueError:
+        raise ConfigError("credentials file %s: not valid JSON" % path)
+    if not isinstance(info, dict):
+        raise ConfigError("credentials file %s: not a JSON object" % path)
+    return info
+
+
+def _gcs_error(resp, data, action):
+    reason = message = None
+    try:
+        error = json.loads(data.decode("utf-8")).get("error")
+        if isinstance(error, dict):
+            message = error.get("message")
+            details = error.get("errors") or [{}]
+            reason = details[0].get("reason") if isinstance(details[0], dict) else None
+        elif isinstance(error, str):
+            reason = error
+    except (ValueError, AttributeError):
+        message = one_line(data[:200].decode("utf-8", "replace"))
+    hint = GCS_HINTS.get(reason or "", "")
+    if resp.status == 401:
+        hint = GCS_HINTS["authError"]
+    text = "GCS %s: HTTP %d %s%s%s" % (action, resp.status, reason or resp.reason or "",
+                                       (": " + one_line(message)) if message else "",
+                                       (" (%s)" % hint) if hint else "")
+    return StorageError(text, resp.status >= 500 or resp.status in (408, 429))
+
+
+@register_storage
+class GoogleStorage(Storage):
+    """Google Cloud Storage through the JSON API.
+
+    Objects up to ``chunk_size`` go in one request; larger ones through a
+    resumable upload session in chunks (multiples of 256 KiB): after an
+    interrupted chunk the session is asked how much it holds and the upload
+    goes on from there. The MD5 GCS reports must equal the file's. A failed or
+    stopped upload cancels its session, so no object appears.
+    """
+
+    config_key = "google_storage"
+    kind = "google"
+    service = "GCS"
+
+    def __init__(self, bucket, prefix, endpoint, token, http, retain, storage_class=None,
+                 chunk_size=16 * 1024 * 1024, clock=None, page_size=1000):
+        Storage.__init__(self, retain)
+        self.bucket, self.prefix, self.endpoint = bucket, prefix, endpoint
+        self.token, self.http = token, http
+        self.storage_class = storage_class
+        self.chunk_size = chunk_size
+        self.clock = clock or Clock()
+        self.page_size = page_size
+
+    @classmethod
+    def from_config(cls, section, cfg, env=None):
+        env = os.environ if env is None else env
+        bucket = section.string("bucket")
+        if not bucket:
+            raise section.error("bucket", "required")
+        if not re.match(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$", bucket):
+            raise section.error("bucket", "%r is not a valid bucket name" % bucket)
+        emulator = env.get("STORAGE_EMULATOR_HOST")
+        endpoint = section.string("endpoint") or emulator or "https://storage.googleapis.com"
+        if "://" not in endpoint:
+            endpoint = "http://" + endpoint
+        parts = urllib.parse.urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise section.error("endpoint", "must be an http(s) URL, got %r" % endpoint)
+        chunk_mb = section.integer("chunk_size_mb", 16, minimum=1)
+        tls = TlsOptions(section.path("ca_cert", must_exist="file"), None, None, None, None,
+                         section.boolean("tls_skip_verify", False))
+        if endpoint.startswith("https"):
+            make_ssl_context(tls)
+        credentials_file = section.path("credentials_file", must_exist="file")
+        metadata_host = (section.string("metadata_host", env=("GCE_METADATA_HOST",))
+                         or "metadata.google.internal")
+        token = None
+        if credentials_file or not section.boolean("anonymous", bool(emulator) and not env.get(
+                "GOOGLE_APPLICATION_CREDENTIALS")):
+            try:
+                fetch, what = google_token_source(credentials_file, env, Http(tls, 30.0), Clock(),
+                                                  metadata_host)
+            except ConfigError as exc:
+                raise section.error("credentials_file", str(exc))
+            token = BearerToken(fetch, Clock(), what)
+        return cls(bucket, section.string("prefix", "").strip("/"), endpoint.rstrip("/"), token,
+                   Http(tls, cfg.timeout), section.integer("retain", cfg.retain),
+                   storage_class=section.string("storage_class"), chunk_size=chunk_mb * 1024 * 1024,
+                   page_size=section.integer("list_page_size", 1000, minimum=1))
+
+    def describe(self):
+        return "gs://%s/%s" % (self.bucket, self.prefix + "/" if self.prefix else "")
+
+    def object_name(self, name):
+        return "%s/%s" % (self.prefix, name) if self.prefix else name
+
+    def _headers(self, url, extra=None):
+        headers = {"Accept": "application/json"}
+        same_host = urllib.parse.urlsplit(url).netloc == urllib.parse.urlsplit(self.endpoint).netloc
+        if self.token is not None and same_host:
+            headers["Authorization"] = "Bearer " + self.token.get().reveal()
+        headers.update(extra or {})
+        return headers
+
+    def _request(self, method, action, url, headers=None, body=None, ok=(200,)):
+        def build():
+            return method, url, self._headers(url, headers), body() if callable(body) else body
+        return self.send(action, build, ok, _gcs_error)
+
+    # -- upload ------------------------------------------------------------------
+
+    def upload(self, snapshot, name, signals):
+        obj = self.object_name(name)
+        md5 = _FileSlice(snapshot.path, 0, snapshot.size, signals.check).digest("md5").digest()
+        base = "%s/upload/storage/v1/b/%s/o" % (self.endpoint, uri_encode(self.bucket))
+        if snapshot.size <= self.chunk_size:
+            url = base + "?" + canonical_query([("uploadType", "media"), ("name", obj)])
+            headers = {"Content-Type": "application/octet-stream",
+                       "Content-Length": str(snapshot.size)}
+            _, data = self._request("POST", "upload of %s" % obj, url, headers,
+                                    lambda: _FileSlice(snapshot.path, 0, snapshot.size, signals.check))
+            result = self._object_json(data, obj)
+            if self.storage_class:
+                self._set_storage_class(obj)
+        else:
+            result = self._resumable(snapshot, obj, base, signals)
+        reported = result.get("md5Hash")
+        if reported and base64.b64decode(reported) != md5:
+            self.delete([name])
+            raise StorageError("GCS upload of %s: stored MD5 %s differs from the file's %s; object deleted"
+                               % (obj, reported, base64.b64encode(md5).decode("ascii")))
+        return "gs://%s/%s" % (self.bucket, obj)
+
+    def _object_json(self, data, obj):
+        try:
+            result = json.loads(data.decode("utf-8"))
+        except ValueError:
+            raise StorageError("GCS upload of %s: answer is not JSON" % obj)
+        return result if isinstance(result, dict) else {}
+
+    def _set_storage_class(self, obj):
+        url = "%s/storage/v1/b/%s/o/%s/rewriteTo/b/%s/o/%s" % (
+            self.endpoint, uri_encode(self.bucket), uri_encode(obj, safe=""), uri_encode(self.bucket),
+            uri_encode(obj, safe=""))
+        payload = json.dumps({"storageClass": self.storage_class}).encode("utf-8")
+        self._request("POST", "set storage class of %s" % obj, url,
+                      {"Content-Type": "application/json"}, payload)
+
+    def _resumable(self, snapshot, obj, base, signals):
+        metadata = {"name": obj, "contentType": "application/octet-stream"}
+        if self.storage_class:
+            metadata["storageClass"] = self.storage_class
+        payload = json.dumps(metadata).encode("utf-8")
+        url = base + "?" + canonical_query([("uploadType", "resumable"), ("name", obj)])
+        resp, _ = self._request("POST", "start of resumable upload of %s" % obj, url, {
+            "Content-Type": "application/json; charset=UTF-8",
+            "X-Upload-Content-Type": "application/octet-stream",
+            "X-Upload-Content-Length": str(snapshot.size)}, payload)
+        session = resp.header("Location")
+        if not session:
+            raise StorageError("GCS resumable upload of %s: no session URI in the answer" % obj)
+        chunk = max(GCS_CHUNK_ALIGN, self.chunk_size // GCS_CHUNK_ALIGN * GCS_CHUNK_ALIGN)
+        try:
+            offset, failures = 0, 0
+            while True:
+                signals.check()
+                length = min(chunk, snapshot.size - offset)
+                headers = {"Content-Length": str(length),
+                           "Content-Range": "bytes %d-%d/%d" % (offset, offset + length - 1, snapshot.size)}
+                try:
+                    resp = self.http.request("PUT", session, self._headers(session, headers),
+                                             _FileSlice(snapshot.path, offset, length, signals.check))
+                    with resp:
+                        data = resp.body()
+                        status = resp.status
+                        if status in (200, 201):
+                            return self._object_json(data, obj)
+                        if status == 308:
+                            offset = _confirmed(resp.header("Range"))
+                            failures = 0
+                            continue
+                        error = _gcs_error(resp, data, "chunk at %d of %s" % (offset, obj))
+                except TransportError as exc:
+                    error = StorageError("GCS chunk at %d of %s: %s" % (offset, obj, exc), exc.retryable)
+                failures += 1
+                if not error.retryable or failures >= self.attempts:
+                    raise error
+                delay = backoff_delays(failures + 1, self.backoff_base, 20.0)[-1]
+                LOG.warning("%s, asking the session how much it has after %.1fs", error, delay)
+                self.backoff(delay)
+                offset, done = self._session_status(session, snapshot.size, obj)
+                if done is not None:
+                    return done
+        except BaseException:
+            self._cancel(session, obj)
+            raise
+
+    def _session_status(self, session, total, obj):
+        """(bytes the session holds, object JSON if it is already complete)."""
+        resp, data = self.send("status of resumable upload of %s" % obj, lambda: (
+            "PUT", session, self._headers(session, {"Content-Range": "bytes */%d" % total,
+                                                    "Content-Length": "0"}), b""),
+            (200, 201, 308), _gcs_error)
+        if resp.status in (200, 201):
+            return total, self._object_json(data, obj)
+        return _confirmed(resp.header("Range")), None
+
+    def _cancel(self, session, obj):
+        try:
+            resp = self.http.request("DELETE", session, self._headers(session, {"Content-Length": "0"}))
+            resp.close()
+            LOG.info("Cancelled resumable upload of gs://%s/%s", self.bucket, obj)
+        except TransportError as exc:
+            LOG.error("Could not cancel resumable upload of gs://%s/%s (%s); GCS drops it after a week",
+                      self.bucket, obj, exc)
+
+    # -- list and delete ---------------------------------------------------------
+
+    def list(self):
+        prefix = self.prefix + "/" if self.prefix else ""
+        refs, token = [], None
+        while True:
+            query = [("prefix", prefix), ("maxResults", str(self.page_size))]
+            if token:
+                query.append(("pageToken", token))
+            url = "%s/storage/v1/b/%s/o?%s" % (self.endpoint, uri_encode(self.bucket), canonical_query(query))
+            _, data = self._request("GET", "list of %s" % self.describe(), url)
+            try:
+                page = json.loads(data.decode("utf-8"))
+            except ValueError:
+                raise StorageError("GCS list of %s: answer is not JSON" % self.describe())
+            for item in page.get("items") or []:
+                full = item.get("name", "")
+                name = full[len(prefix):]
+                when = parse_snapshot_name(name) if full.startswith(prefix) and "/" not in name else None
+                if when is not None:
+                    refs.append(SnapshotRef(name, when, int(item.get("size") or 0)))
+            token = page.get("nextPageToken")
+            if not token:
+                return refs
+
+    def delete(self, names):
+        for name in names:
+            obj = self.object_name(name)
+            url = "%s/storage/v1/b/%s/o/%s" % (self.endpoint, uri_encode(self.bucket), uri_encode(obj, safe=""))
+            self._request("DELETE", "delete of %s" % obj, url, {"Content-Length": "0"}, b"",
+                          ok=(200, 204, 404))
+
+
+def _confirmed(range_header):
+    """Bytes a resumable session holds, from its 'Range: bytes=0-N' (none: 0)."""
+    match = re.match(r"^bytes=0-(\d+)$", (range_header or "").strip())
+    return int(match.group(1)) + 1 if match else 0
+
+
+# =============================================================================
+# 16. Retention
 # =============================================================================
 
 
@@ -2405,7 +3258,7 @@ def apply_retention(storage, keep):
 
 
 # =============================================================================
-# 14. Agent
+# 17. Agent
 # =============================================================================
 
 CycleResult = collections.namedtuple("CycleResult", "outcome snapshot stored errors")
@@ -2572,7 +3425,7 @@ def _signal_name(signum):
 
 
 # =============================================================================
-# 15. Command line
+# 18. Command line
 # =============================================================================
 
 
