@@ -2762,6 +2762,8 @@ class AzureStorage(Storage):
             all_headers = {"x-ms-version": AZURE_VERSION,
                            "x-ms-date": formatdate(self.clock.now().timestamp(), usegmt=True)}
             all_headers.update(headers or {})
+            if body is not None and not any(k.lower() == "content-type" for k in all_headers):
+                all_headers["Content-Type"] = "application/octet-stream"   # signed, not added later
             if self.auth == "shared_key":
                 all_headers["Authorization"] = azure_shared_key(method, url, all_headers, self.account,
                                                                 self.key.reveal())

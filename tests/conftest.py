@@ -19,12 +19,14 @@ for _path in (TESTS_DIR, ROOT_DIR):      # helpers, and the agent module itself
 
 import bao_cluster as _bao  # noqa: E402
 import moto_s3 as _moto  # noqa: E402
+import gcs_emulators as _gcs  # noqa: E402
+import azurite as _azurite  # noqa: E402
 
 
 # ---------------------------------------------------------------- markers
 
 
-SERVER_FIXTURES = ("bao_cluster", "moto")
+SERVER_FIXTURES = ("bao_cluster", "moto", "gcs", "gcs_paging", "azurite", "azurite_oauth")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -92,6 +94,79 @@ def moto(tmp_path_factory):
         server.start()
         server.setup()
         server.enable_auth()
+        yield server
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------ GCS emulators
+
+
+def _gcs_emulator(tmp_path_factory, kind):
+    try:
+        _gcs.find_emulator(kind)
+    except _gcs.GcsEmulatorError as exc:
+        pytest.fail("cannot run the GCS tests: %s (tests/run.sh installs it)" % exc)
+    server = _gcs.GcsEmulator(str(tmp_path_factory.mktemp(kind)), kind)
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """gcp-storage-emulator: correct resumable uploads and status queries
+    (but no list pagination). Bucket ``snapshots`` exists."""
+    server = _gcs_emulator(tmp_path_factory, "gcp-storage-emulator")
+    try:
+        server.create_bucket("snapshots")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_paging(tmp_path_factory):
+    """fake-gcs-server: paginates lists (but corrupts resumable status
+    queries, so only simple uploads go to it). Bucket ``snapshots`` exists."""
+    server = _gcs_emulator(tmp_path_factory, "fake-gcs-server")
+    try:
+        server.create_bucket("snapshots")
+        yield server
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------- Azurite
+
+
+def _azurite_server(tmp_path_factory, name, **kwargs):
+    try:
+        _azurite.find_azurite()
+    except _azurite.AzuriteError as exc:
+        pytest.fail("cannot run the Azure tests: %s (tests/run.sh installs it)" % exc)
+    server = _azurite.Azurite(str(tmp_path_factory.mktemp(name)), **kwargs)
+    server.start()
+    server.create_container("snapshots")
+    return server
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    """Azurite's blob service over HTTP; Shared Key and SAS signatures are
+    checked. Container ``snapshots`` exists."""
+    server = _azurite_server(tmp_path_factory, "azurite")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite_oauth(tmp_path_factory):
+    """Azurite over HTTPS (self-signed ``.cert``) accepting Bearer tokens
+    (``--oauth basic``: claims checked, signature not)."""
+    server = _azurite_server(tmp_path_factory, "azurite-oauth", https=True, oauth="basic")
+    try:
         yield server
     finally:
         server.stop()

