@@ -15,6 +15,10 @@ Usage::
     vault_snapshot_agent.py [-c /etc/vault.d/snapshot.json] [--once]
                             [--check-config] [--log-level info]
                             [--log-format text|json] [--version]
+    vault_snapshot_agent.py [-c CONFIG] list
+    vault_snapshot_agent.py [-c CONFIG] download NAME|latest [-o FILE]
+    vault_snapshot_agent.py verify FILE
+    vault_snapshot_agent.py [-c CONFIG] restore FILE|NAME|latest --yes [--force]
 
 Exit codes: 0 success, requested stop, or not the leader; 1 a ``--once``
 cycle failed; 2 usage or config error.
@@ -38,7 +42,8 @@ Sections (``grep -n '^# [0-9]*\\. '`` lists them):
     15. Google Cloud Storage
     16. Retention
     17. Agent
-    18. Command line
+    18. Restore tooling
+    19. Command line
 """
 
 from __future__ import print_function
@@ -1594,7 +1599,25 @@ class VaultClient(object):
         except (TypeError, ValueError):
             return "unknown"
 
+    def use_token(self, token):
+        """Use ``token`` (a Secret) as is, e.g. an operator's token for restore."""
+        self._token = token
+        self._renew_at = self._expire_at = None
+
     # -- snapshot ------------------------------------------------------------
+
+    def restore(self, path, size, force=False):
+        """``POST /v1/sys/storage/raft/snapshot[-force]`` with the file as body."""
+        url = self.cfg.addr + SNAPSHOT_PATH + ("-force" if force else "")
+        headers = self._headers()
+        headers.update({"Content-Type": "application/octet-stream", "Content-Length": str(size)})
+        with open(path, "rb") as body:
+            with self.http.request("POST", url, headers, body, timeout=self.cfg.snapshot_timeout) as resp:
+                if resp.status in (301, 302, 303, 307, 308):
+                    raise VaultError("restore must be sent to the active node; %s redirected to %s"
+                                     % (self.cfg.addr, redact_url(resp.header("Location", "?"))))
+                if resp.status not in (200, 204):
+                    raise vault_error(resp)
 
     def open_snapshot(self):
         """Start ``GET /v1/sys/storage/raft/snapshot``; returns the 200 Response.
@@ -1978,14 +2001,16 @@ class Storage(object):
     backoff_base = 0.5
     service = "storage"
 
-    def send(self, action, build, ok, error_from):
+    def send(self, action, build, ok, error_from, sink=None):
         """One storage request with retries; returns (Response, body bytes).
 
         ``build()`` returns (method, url, headers, body) afresh for each
         attempt, so signatures, dates and file slices are new on a retry.
         ``error_from(resp, data, action)`` turns an answer outside ``ok`` into
         a StorageError whose ``retryable`` says whether to try again;
-        connection failures retry when the transport says so.
+        connection failures retry when the transport says so. With ``sink``
+        (an open binary file) a successful body is streamed into it instead
+        of being returned.
         """
         delays = backoff_delays(self.attempts, self.backoff_base, 20.0)
         for attempt in range(self.attempts):
@@ -1993,6 +2018,11 @@ class Storage(object):
             try:
                 resp = self.http.request(method, url, headers, body)
                 with resp:
+                    if sink is not None and resp.status in ok:
+                        sink.seek(0)
+                        sink.truncate()
+                        copy_stream(resp.read, sink.write, self.signals or Signals())
+                        return resp, b""
                     data = resp.body(MAX_JSON_BYTES)
                     if resp.status in ok:
                         return resp, data
@@ -2024,9 +2054,26 @@ class Storage(object):
     def describe(self):
         raise NotImplementedError
 
+    def download(self, name, sink, signals):
+        """Write snapshot ``name`` into the open binary file ``sink``."""
+        raise NotImplementedError
+
     def staging_dir(self):
         """A directory where staging the download makes upload() cheap, or None."""
         return None
+
+
+def copy_stream(read, write, signals, size=CHUNK_SIZE):
+    """Copy ``read(size)`` chunks to ``write`` until EOF, checking for a stop
+    between chunks; returns the bytes copied."""
+    total = 0
+    while True:
+        signals.check()
+        chunk = read(size)
+        if not chunk:
+            return total
+        write(chunk)
+        total += len(chunk)
 
 
 class _FileSlice(object):
@@ -2188,6 +2235,13 @@ class LocalStorage(Storage):
         except BaseException:
             _unlink_quietly(temp)
             raise
+
+    def download(self, name, sink, signals):
+        try:
+            with open(os.path.join(self.path, name), "rb") as src:
+                copy_stream(src.read, sink.write, signals)
+        except (IOError, OSError) as exc:
+            raise StorageError("cannot read %s: %s" % (os.path.join(self.path, name), exc.strerror or exc))
 
     def list(self):
         try:
@@ -2397,7 +2451,7 @@ class S3Storage(Storage):
         return path + "/" + (uri_encode(key, safe="-_.~/") if key else "")
 
     def _request(self, method, action, key=None, query=(), headers=None, body=None,
-                 payload_hash=EMPTY_SHA256, ok=(200,)):
+                 payload_hash=EMPTY_SHA256, ok=(200,), sink=None):
         """One SigV4-signed request with retries; returns (Response, body bytes)."""
         path = self._path(key)
         query_text = canonical_query(query)
@@ -2410,7 +2464,11 @@ class S3Storage(Storage):
                                    creds.token.reveal() if creds.token else None,
                                    self.region, "s3", self.clock.now())
             return method, url, signed, body() if callable(body) else body
-        return self.send(action, build, ok, _s3_error)
+        return self.send(action, build, ok, _s3_error, sink)
+
+    def download(self, name, sink, signals):
+        key = self.key_for(name)
+        self._request("GET", "GetObject on %s" % key, key, sink=sink)
 
     def _object_headers(self):
         headers = {"Content-Type": "application/octet-stream"}
@@ -2755,7 +2813,8 @@ class AzureStorage(Storage):
             text = "&".join(t for t in (text, self.sas.reveal()) if t)
         return self.endpoint + path + ("?" + text if text else "")
 
-    def _request(self, method, action, blob=None, query=(), headers=None, body=None, ok=(200, 201)):
+    def _request(self, method, action, blob=None, query=(), headers=None, body=None, ok=(200, 201),
+                 sink=None):
         url = self._url(blob, query)
 
         def build():
@@ -2770,7 +2829,11 @@ class AzureStorage(Storage):
             elif self.token is not None:
                 all_headers["Authorization"] = "Bearer " + self.token.get().reveal()
             return method, url, all_headers, body() if callable(body) else body
-        return self.send(action, build, ok, _azure_error)
+        return self.send(action, build, ok, _azure_error, sink)
+
+    def download(self, name, sink, signals):
+        blob = self.blob_name(name)
+        self._request("GET", "Get Blob %s" % blob, blob, ok=(200,), sink=sink)
 
     # -- upload ------------------------------------------------------------------
 
@@ -3079,10 +3142,16 @@ class GoogleStorage(Storage):
         headers.update(extra or {})
         return headers
 
-    def _request(self, method, action, url, headers=None, body=None, ok=(200,)):
+    def _request(self, method, action, url, headers=None, body=None, ok=(200,), sink=None):
         def build():
             return method, url, self._headers(url, headers), body() if callable(body) else body
-        return self.send(action, build, ok, _gcs_error)
+        return self.send(action, build, ok, _gcs_error, sink)
+
+    def download(self, name, sink, signals):
+        obj = self.object_name(name)
+        url = "%s/storage/v1/b/%s/o/%s?alt=media" % (self.endpoint, uri_encode(self.bucket),
+                                                     uri_encode(obj, safe=""))
+        self._request("GET", "download of %s" % obj, url, sink=sink)
 
     # -- upload ------------------------------------------------------------------
 
@@ -3427,7 +3496,121 @@ def _signal_name(signum):
 
 
 # =============================================================================
-# 18. Command line
+# 18. Restore tooling
+# =============================================================================
+
+STORAGE_ALIASES = {"local": "local_storage", "aws": "aws_storage", "s3": "aws_storage",
+                   "azure": "azure_storage", "google": "google_storage", "gcs": "google_storage"}
+
+
+def list_snapshots(storages):
+    """([(storage, SnapshotRef)] newest first, [error lines]) over all storages."""
+    found, errors = [], []
+    for storage in storages:
+        try:
+            found.extend((storage, ref) for ref in storage.list())
+        except (StorageError, TransportError, OSError) as exc:
+            errors.append("%s: %s" % (storage.describe(), _error_text(exc)))
+    found.sort(key=lambda item: (item[1].when, item[1].name), reverse=True)
+    return found, errors
+
+
+def pick_storages(storages, wanted):
+    if not wanted:
+        return storages
+    key = STORAGE_ALIASES.get(wanted, wanted)
+    chosen = [s for s in storages if s.config_key == key]
+    if not chosen:
+        raise ConfigError("--storage %s: no such storage in the config (have: %s)"
+                          % (wanted, ", ".join(s.config_key for s in storages)))
+    return chosen
+
+
+def fetch_snapshot(storages, name, directory, signals, output=None):
+    """Download ``name`` (or the newest, for 'latest') from the first storage
+    that has it, verify it, and move it to ``output`` (or ``directory/name``).
+    Returns (SnapshotInfo, storage). Nothing unverified is left behind."""
+    found, errors = list_snapshots(storages)
+    for line in errors:
+        LOG.error("Listing failed: %s", line)
+    candidates = [(s, r) for s, r in found if name == "latest" or r.name == name]
+    if not candidates:
+        raise StorageError("snapshot %s not found in %s" % (
+            name, ", ".join(s.describe() for s in storages)))
+    storage, ref = candidates[0]
+    final = output or os.path.join(directory, ref.name)
+    temp = os.path.join(os.path.dirname(os.path.abspath(final)), temp_name())
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as sink:
+            storage.download(ref.name, sink, signals)
+            sink.flush()
+            os.fsync(sink.fileno())
+        info = verify_file(temp)
+        os.rename(temp, final)
+    except BaseException:
+        _unlink_quietly(temp)
+        raise
+    return info._replace(path=final), storage
+
+
+def cmd_list(storages, out):
+    found, errors = list_snapshots(storages)
+    for storage, ref in found:
+        out.write("%-24s  %-10s  %10s  %s\n" % (
+            ref.when.strftime("%Y-%m-%dT%H:%M:%SZ"), storage.kind, format_size(ref.size),
+            ref.name))
+    for line in errors:
+        LOG.error("Listing failed: %s", line)
+    return EXIT_FAILED if errors else EXIT_OK
+
+
+def cmd_download(storages, name, output, signals, out):
+    info, storage = fetch_snapshot(storages, name, os.getcwd(), signals, output)
+    out.write("%s  (from %s; verified: %s, Raft index %s term %s, sha256 %s)\n" % (
+        info.path, storage.describe(), format_size(info.size), info.index, info.term, info.sha256))
+    return EXIT_OK
+
+
+def cmd_verify(path, out):
+    info = verify_file(path)
+    out.write("%s: OK, %s, Raft index %s term %s, state %d bytes, sha256 %s\n" % (
+        path, format_size(info.size), info.index, info.term, info.state_size, info.sha256))
+    return EXIT_OK
+
+
+def cmd_restore(cfg, storages, target, force, signals, out, env=None):
+    """POST a verified snapshot to the cluster. Uses VAULT_TOKEN/BAO_TOKEN when
+    set (restoring needs an operator's token), else the configured login."""
+    env = os.environ if env is None else env
+    temp_dir = None
+    if os.path.isfile(target):
+        info = verify_file(target)
+    else:
+        import tempfile
+        temp_dir = tempfile.mkdtemp(prefix="vault-snapshot-restore-")
+        info, storage = fetch_snapshot(storages, target, temp_dir, signals)
+        LOG.info("Downloaded and verified %s from %s", os.path.basename(info.path), storage.describe())
+    try:
+        vault = VaultClient(cfg)
+        token = next((env[v] for v in _env_names("TOKEN") if env.get(v)), None)
+        if token:
+            vault.use_token(Secret(token))
+        else:
+            vault.ensure_token()
+        vault.restore(info.path, info.size, force)
+    finally:
+        if temp_dir:
+            _unlink_quietly(info.path)
+            os.rmdir(temp_dir)
+    out.write("Restored %s (Raft index %s term %s) into %s%s\n" % (
+        info.path if not temp_dir else os.path.basename(info.path), info.index, info.term, cfg.addr,
+        " (forced)" if force else ""))
+    return EXIT_OK
+
+
+# =============================================================================
+# 19. Command line
 # =============================================================================
 
 
@@ -3473,6 +3656,22 @@ def _parser():
                         choices=("debug", "info", "warning", "error"))
     parser.add_argument("--log-format", default="text", choices=("text", "json"))
     parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                     help="restore tooling (without one: run the agent)")
+    commands.add_parser("list", help="list the snapshots in every configured storage, newest first")
+    download = commands.add_parser("download", help="download a snapshot and verify it")
+    download.add_argument("name", help="a snapshot name, or 'latest'")
+    download.add_argument("-o", "--output", metavar="FILE", help="where to write it (default ./NAME)")
+    download.add_argument("--storage", help="only this storage (local, aws, azure, google)")
+    verify = commands.add_parser("verify", help="verify a snapshot file (no config needed)")
+    verify.add_argument("file")
+    restore = commands.add_parser("restore", help="restore a snapshot into the cluster at addr")
+    restore.add_argument("target", help="a snapshot file, a snapshot name, or 'latest'")
+    restore.add_argument("--yes", action="store_true",
+                         help="really replace all data in the cluster with the snapshot")
+    restore.add_argument("--force", action="store_true",
+                         help="use snapshot-force (a snapshot from another cluster)")
+    restore.add_argument("--storage", help="only this storage (local, aws, azure, google)")
     return parser
 
 
@@ -3496,13 +3695,28 @@ def main(argv=None, stream=None):
         LOG.removeHandler(handler)
 
 
-def _run(args):
+def _run(args, out=None):
+    out = out or sys.stdout
+    if args.command == "verify":
+        try:
+            return cmd_verify(args.file, out)
+        except SnapshotError as exc:
+            LOG.error("%s", exc)
+            return EXIT_FAILED
+    if args.command == "restore" and not args.yes:
+        LOG.error("restore replaces ALL data in the cluster at the configured addr with the "
+                  "snapshot; add --yes to do it")
+        return EXIT_USAGE
     path = args.config
     try:
         cfg, storages = load_all(path)
+        if args.command in ("download", "restore"):
+            storages = pick_storages(storages, args.storage)
     except ConfigError as exc:
         LOG.error("Config error: %s", exc)
         return EXIT_USAGE
+    if args.command:
+        return _run_command(args, cfg, storages, out)
     for warning in cfg.warnings:
         LOG.warning("%s", warning)
     if cfg.tls_skip_verify:
@@ -3530,6 +3744,27 @@ def _run(args):
             return EXIT_OK if result.outcome in ("stored", "skipped", "stopped") else EXIT_FAILED
         agent.run_forever()
         return EXIT_OK
+    finally:
+        signals.close()
+
+
+def _run_command(args, cfg, storages, out):
+    signals = Signals()
+    signals.install()
+    for storage in storages:
+        storage.signals = signals
+    try:
+        if args.command == "list":
+            return cmd_list(storages, out)
+        if args.command == "download":
+            return cmd_download(storages, args.name, args.output, signals, out)
+        return cmd_restore(cfg, storages, args.target, args.force, signals, out)
+    except Stopped:
+        LOG.warning("Stopped; nothing partial was kept")
+        return EXIT_OK
+    except (AgentError, OSError) as exc:
+        LOG.error("%s failed: %s", args.command, _error_text(exc))
+        return EXIT_FAILED
     finally:
         signals.close()
 
