@@ -41,9 +41,10 @@ Sections (``grep -n '^# [0-9]*\\. '`` lists them):
     14. Azure Blob storage
     15. Google Cloud Storage
     16. Retention
-    17. Agent
-    18. Restore tooling
-    19. Command line
+    17. Status, metrics and systemd
+    18. Agent
+    19. Restore tooling
+    20. Command line
 """
 
 from __future__ import print_function
@@ -61,6 +62,7 @@ import hmac
 import http.client
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -400,6 +402,8 @@ class Signals(object):
             _set_nonblocking(fd)
         self._previous = {}
         self._abort_hooks = []
+        self.heartbeat = time.monotonic()    # last check(): the watchdog's sign of life
+        self.waiting = False
 
     def install(self):
         """Take over the signals; returns False outside the main thread."""
@@ -450,6 +454,7 @@ class Signals(object):
 
     def check(self):
         """Raise Stopped if a stop was requested."""
+        self.heartbeat = time.monotonic()
         if self.stop_requested:
             raise Stopped("stop requested")
 
@@ -458,10 +463,14 @@ class Signals(object):
         otherwise, a reload) is requested."""
         if self.stop_requested or (wake_on_reload and self.reload_requested):
             return
+        self.waiting = True
         try:
             ready, _, _ = select.select([self._read_fd], [], [], max(0.0, seconds))
         except (OSError, ValueError):
             ready = []
+        finally:
+            self.waiting = False
+            self.heartbeat = time.monotonic()
         if ready:
             try:
                 while os.read(self._read_fd, 512):
@@ -659,11 +668,12 @@ class Config(object):
                     "role_id", "secret_id", "secret_id_file", "k8s_auth_role",
                     "k8s_auth_path", "k8s_token_path", "token", "token_file", "namespace",
                     "ca_cert", "ca_path", "client_cert", "client_key", "tls_server_name",
-                    "tls_skip_verify", "timeout", "snapshot_timeout", "temp_dir"):
+                    "tls_skip_verify", "timeout", "snapshot_timeout", "temp_dir", "retain_days",
+                    "jitter", "align", "status_file", "metrics_textfile", "metrics_address"):
             value = getattr(self, key, None)
             if isinstance(value, Secret):
                 value = "***"
-            elif key in ("frequency", "timeout", "snapshot_timeout"):
+            elif key in ("frequency", "timeout", "snapshot_timeout", "jitter"):
                 value = format_duration(value)
             if value is not None:
                 out[key] = value
@@ -711,6 +721,22 @@ def config_from_dict(raw, path="<config>", env=None):
     cfg.timeout = top.duration("timeout", DEFAULT_API_TIMEOUT, minimum=1.0)
     cfg.snapshot_timeout = top.duration("snapshot_timeout", DEFAULT_SNAPSHOT_TIMEOUT, minimum=1.0)
     cfg.temp_dir = top.path("temp_dir", must_exist="dir")
+    cfg.retain_days = top.integer("retain_days", 0)
+    cfg.jitter = top.duration("jitter", "0s")
+    cfg.align = top.boolean("align", False)
+    cfg.status_file = top.path("status_file")
+    cfg.metrics_textfile = top.path("metrics_textfile")
+    cfg.metrics_address = top.string("metrics_address")
+    if cfg.metrics_address is not None:
+        host, _, port = cfg.metrics_address.rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise top.error("metrics_address", "must be host:port, e.g. 127.0.0.1:9469, got %r"
+                            % cfg.metrics_address)
+        cfg.metrics_bind = (host.strip("[]") or "127.0.0.1", int(port))
+    for key in ("status_file", "metrics_textfile"):
+        target = getattr(cfg, key)
+        if target and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
+            raise top.error(key, "directory %s does not exist" % os.path.dirname(os.path.abspath(target)))
 
     # Authentication.
     cfg.approle = top.string("approle", "approle").strip("/")
@@ -1905,7 +1931,7 @@ def _parse_pax(data):
     return name, size
 
 
-def stream_snapshot(resp, directory, signals):
+def stream_snapshot(resp, directory, signals, progress=None):
     """Stream a snapshot answer into a 0600 file in ``directory``, verifying
     and hashing on the way; returns SnapshotInfo. On any failure or stop the
     partial file is removed and the error raised."""
@@ -1926,6 +1952,8 @@ def stream_snapshot(resp, directory, signals):
                 digest.update(chunk)
                 verifier.feed(chunk)
                 size += len(chunk)
+                if progress is not None:
+                    progress.add(len(chunk))
             signals.check()
             index, term, state_size = verifier.finish()
             out.flush()
@@ -1984,6 +2012,9 @@ class Storage(object):
     config_key = None
     kind = None
     signals = None      # set by the Agent: stop requests and signal-aware waits
+    frequency = None    # seconds between snapshots for this storage (set by build_storages)
+    retain_days = 0     # age-based retention, next to the count
+    progress = None     # a Progress for the upload in course, set by the Agent
 
     def __init__(self, retain):
         self.retain = retain
@@ -2080,8 +2111,9 @@ class _FileSlice(object):
     """Iterate ``length`` bytes of ``path`` from ``offset`` in chunks, checking
     for a stop between chunks (http.client sends an iterable chunk by chunk)."""
 
-    def __init__(self, path, offset, length, stop_check):
+    def __init__(self, path, offset, length, stop_check, progress=None):
         self.path, self.offset, self.length, self.stop_check = path, offset, length, stop_check
+        self.progress = progress
 
     def __iter__(self):
         with open(self.path, "rb") as handle:
@@ -2093,6 +2125,8 @@ class _FileSlice(object):
                 if not chunk:
                     raise StorageError("%s shrank while uploading" % self.path)
                 left -= len(chunk)
+                if self.progress is not None:
+                    self.progress.add(len(chunk))
                 yield chunk
 
     def digest(self, algorithm="sha256"):
@@ -2284,7 +2318,10 @@ def build_storages(cfg):
         if cls is None:
             raise ConfigError("%s: not supported yet by %s %s; remove the block or use local_storage"
                               % (key, PROG, __version__))
-        storages.append(cls.from_config(section, cfg))
+        storage = cls.from_config(section, cfg)
+        storage.frequency = section.duration("frequency", format_duration(cfg.frequency), minimum=1.0)
+        storage.retain_days = section.integer("retain_days", cfg.retain_days)
+        storages.append(storage)
         cfg.warnings.extend("unknown config key %r ignored (typo?)" % k for k in section.unknown())
     return storages
 
@@ -2491,13 +2528,15 @@ class S3Storage(Storage):
         return "s3://%s/%s" % (self.bucket, key)
 
     def _put(self, snapshot, key, signals):
-        sha256 = snapshot.sha256 or _FileSlice(snapshot.path, 0, snapshot.size, signals.check).digest("sha256").hexdigest()
+        sha256 = snapshot.sha256 or _FileSlice(snapshot.path, 0, snapshot.size,
+                                               signals.check).digest("sha256").hexdigest()
         headers = self._object_headers()
         headers["Content-Length"] = str(snapshot.size)
         if self.checksum:
             headers["x-amz-checksum-sha256"] = base64.b64encode(bytes.fromhex(sha256)).decode("ascii")
         self._request("PUT", "PutObject on %s" % key, key, headers=headers,
-                      body=lambda: _FileSlice(snapshot.path, 0, snapshot.size, signals.check),
+                      body=lambda: _FileSlice(snapshot.path, 0, snapshot.size, signals.check,
+                                              self.progress),
                       payload_hash=sha256)
 
     def _multipart(self, snapshot, key, signals):
@@ -2512,8 +2551,8 @@ class S3Storage(Storage):
             raise StorageError("S3 CreateMultipartUpload on %s: answer has no UploadId" % key)
 
         def put_part(check, number, offset, length):
-            piece = _FileSlice(snapshot.path, offset, length, check)
-            digest = piece.digest("sha256")
+            digest = _FileSlice(snapshot.path, offset, length, check).digest("sha256")
+            piece = _FileSlice(snapshot.path, offset, length, check, self.progress)
             part_headers = {"Content-Length": str(length)}
             if self.checksum:
                 part_headers["x-amz-checksum-sha256"] = base64.b64encode(digest.digest()).decode("ascii")
@@ -2843,9 +2882,10 @@ class AzureStorage(Storage):
         if self.access_tier:
             headers["x-ms-access-tier"] = self.access_tier
         if snapshot.size <= self.block_size:
-            piece = _FileSlice(snapshot.path, 0, snapshot.size, signals.check)
+            md5 = _FileSlice(snapshot.path, 0, snapshot.size, signals.check).digest("md5")
+            piece = _FileSlice(snapshot.path, 0, snapshot.size, signals.check, self.progress)
             headers.update({"x-ms-blob-type": "BlockBlob", "Content-Length": str(snapshot.size),
-                            "Content-MD5": base64.b64encode(piece.digest("md5").digest()).decode("ascii")})
+                            "Content-MD5": base64.b64encode(md5.digest()).decode("ascii")})
             self._request("PUT", "Put Blob %s" % blob, blob, headers=headers, body=lambda: piece)
         else:
             self._put_blocks(snapshot, blob, headers, signals)
@@ -2857,8 +2897,9 @@ class AzureStorage(Storage):
 
         def put_block(check, number, offset, length):
             block_id = base64.b64encode(("%s-%06d" % (nonce, number)).encode("ascii")).decode("ascii")
-            piece = _FileSlice(snapshot.path, offset, length, check)
-            md5 = base64.b64encode(piece.digest("md5").digest()).decode("ascii")
+            md5 = base64.b64encode(_FileSlice(snapshot.path, offset, length, check).digest("md5")
+                                   .digest()).decode("ascii")
+            piece = _FileSlice(snapshot.path, offset, length, check, self.progress)
             self._request("PUT", "Put Block %d of %s" % (number, blob), blob,
                           query=[("comp", "block"), ("blockid", block_id)],
                           headers={"Content-Length": str(length), "Content-MD5": md5},
@@ -3164,7 +3205,8 @@ class GoogleStorage(Storage):
             headers = {"Content-Type": "application/octet-stream",
                        "Content-Length": str(snapshot.size)}
             _, data = self._request("POST", "upload of %s" % obj, url, headers,
-                                    lambda: _FileSlice(snapshot.path, 0, snapshot.size, signals.check))
+                                    lambda: _FileSlice(snapshot.path, 0, snapshot.size, signals.check,
+                                                       self.progress))
             result = self._object_json(data, obj)
             if self.storage_class:
                 self._set_storage_class(obj)
@@ -3215,7 +3257,8 @@ class GoogleStorage(Storage):
                            "Content-Range": "bytes %d-%d/%d" % (offset, offset + length - 1, snapshot.size)}
                 try:
                     resp = self.http.request("PUT", session, self._headers(session, headers),
-                                             _FileSlice(snapshot.path, offset, length, signals.check))
+                                             _FileSlice(snapshot.path, offset, length, signals.check,
+                                                        self.progress))
                     with resp:
                         data = resp.body()
                         status = resp.status
@@ -3304,23 +3347,30 @@ def _confirmed(range_header):
 # =============================================================================
 
 
-def plan_retention(snapshots, retain, keep=None):
-    """Names to delete so that the newest ``retain`` snapshots remain.
+def plan_retention(snapshots, retain, keep=None, max_age=None, now=None):
+    """Names to delete: beyond the newest ``retain`` snapshots, or older than
+    ``max_age`` (a timedelta) at ``now``.
 
-    Ordered by the UTC time inside each name (ties by name); ``retain`` 0 keeps
-    everything; ``keep`` (the snapshot just written) is never deleted.
+    Ordered by the UTC time inside each name (ties by name); ``retain`` 0 and
+    no ``max_age`` keep everything; ``keep`` (the snapshot just written) is
+    never deleted, so age-based retention cannot empty a storage.
     """
-    if retain <= 0:
-        return []
     ordered = sorted(snapshots, key=lambda ref: (ref.when, ref.name), reverse=True)
-    return [ref.name for ref in ordered[retain:] if ref.name != keep]
+    doomed = []
+    for position, ref in enumerate(ordered):
+        too_many = retain > 0 and position >= retain
+        too_old = max_age is not None and now - ref.when > max_age
+        if (too_many or too_old) and ref.name != keep:
+            doomed.append(ref.name)
+    return doomed
 
 
-def apply_retention(storage, keep):
+def apply_retention(storage, keep, now=None):
     """List, plan and delete on one storage; returns the deleted names."""
-    if storage.retain <= 0:
+    max_age = datetime.timedelta(days=storage.retain_days) if storage.retain_days else None
+    if storage.retain <= 0 and max_age is None:
         return []
-    doomed = plan_retention(storage.list(), storage.retain, keep)
+    doomed = plan_retention(storage.list(), storage.retain, keep, max_age, now)
     if doomed:
         storage.delete(doomed)
         LOG.info("Retention on %s: kept %d, deleted %d (%s)", storage.describe(), storage.retain,
@@ -3329,29 +3379,298 @@ def apply_retention(storage, keep):
 
 
 # =============================================================================
-# 17. Agent
+# 17. Status, metrics and systemd
 # =============================================================================
 
-CycleResult = collections.namedtuple("CycleResult", "outcome snapshot stored errors")
-# outcome: "stored" (everywhere), "partial", "failed", "skipped" (not leader), "stopped"
+
+def write_atomic(path, text):
+    """Replace ``path`` with ``text`` so readers see the old or the new file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    try:
+        with open(temp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(temp, 0o644)
+        os.rename(temp, path)
+    except (IOError, OSError):
+        _unlink_quietly(temp)
+        raise
+
+
+def iso(when):
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if when else None
+
+
+def _timestamp(when):
+    return (when - EPOCH).total_seconds() if when else 0
+
+
+class Status(object):
+    """What the agent tells operators, modelled on Vault Enterprise's
+    ``sys/storage/raft/snapshot-auto/status``: the JSON status file, the
+    Prometheus metrics and systemd's STATUS line come from here."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.started = clock.now()
+        self.last_start = self.last_end = self.next_start = None
+        self.last_outcome = self.last_error = None
+        self.last_duration = 0.0
+        self.last_snapshot = None      # dict
+        self.is_leader = None
+        self.cycles = collections.Counter()
+        self.storages = collections.OrderedDict()   # describe() -> dict
+        self.frequency = 0.0
+
+    def storage(self, storage):
+        return self.storages.setdefault(storage.describe(), {
+            "type": storage.kind, "last_success": None, "last_snapshot": None,
+            "last_error": None, "last_error_time": None, "successes": 0, "failures": 0})
+
+    def record(self, result, started, ended, duration, storages):
+        self.last_start, self.last_end, self.last_duration = started, ended, duration
+        self.last_outcome = result.outcome
+        self.cycles[result.outcome] += 1
+        self.is_leader = result.outcome != "skipped" if result.outcome != "stopped" else self.is_leader
+        self.last_error = "; ".join(result.errors) or None
+        if result.snapshot is not None and result.stored:
+            info = result.snapshot
+            self.last_snapshot = collections.OrderedDict((
+                ("name", result.stored[0][1]), ("time", iso(started)), ("size", info.size),
+                ("sha256", info.sha256), ("raft_index", info.index), ("raft_term", info.term)))
+        stored = set(id(s) for s, _ in result.stored)
+        failed = dict((s.describe(), e) for s, e in getattr(result, "failures", ()))
+        for storage in storages:
+            entry = self.storage(storage)
+            if id(storage) in stored:
+                entry["last_success"] = iso(ended)
+                entry["last_snapshot"] = result.stored[0][1]
+                entry["successes"] += 1
+            elif storage.describe() in failed:
+                entry["last_error"] = failed[storage.describe()]
+                entry["last_error_time"] = iso(ended)
+                entry["failures"] += 1
+
+    def as_json(self):
+        return collections.OrderedDict((
+            ("version", __version__), ("pid", os.getpid()), ("started", iso(self.started)),
+            ("is_leader", self.is_leader), ("last_start", iso(self.last_start)),
+            ("last_end", iso(self.last_end)), ("last_outcome", self.last_outcome),
+            ("last_error", self.last_error), ("last_snapshot", self.last_snapshot),
+            ("next_start", iso(self.next_start)), ("cycles", dict(self.cycles)),
+            ("storages", self.storages)))
+
+    def metrics(self):
+        """Prometheus text exposition format (version 0.0.4)."""
+        lines = []
+
+        def metric(name, kind, help_text, samples):
+            lines.append("# HELP %s %s" % (name, help_text))
+            lines.append("# TYPE %s %s" % (name, kind))
+            for labels, value in samples:
+                label_text = ",".join('%s="%s"' % (k, _label_escape(v)) for k, v in labels)
+                lines.append("%s%s %s" % (name, "{%s}" % label_text if label_text else "",
+                                          repr(float(value)) if isinstance(value, float) else value))
+
+        metric("vault_snapshot_agent_info", "gauge", "Agent version.", [((("version", __version__),), 1)])
+        metric("vault_snapshot_is_leader", "gauge",
+               "1 when this node was the active node at the last cycle.",
+               [((), 1 if self.is_leader else 0)])
+        metric("vault_snapshot_frequency_seconds", "gauge", "Configured time between snapshots.",
+               [((), float(self.frequency))])
+        metric("vault_snapshot_cycles_total", "counter", "Snapshot cycles by outcome.",
+               [((("outcome", k),), v) for k, v in sorted(self.cycles.items())])
+        metric("vault_snapshot_last_cycle_timestamp_seconds", "gauge", "End of the last cycle.",
+               [((), _timestamp(self.last_end))])
+        metric("vault_snapshot_last_cycle_duration_seconds", "gauge", "Duration of the last cycle.",
+               [((), float(self.last_duration))])
+        if self.last_snapshot:
+            metric("vault_snapshot_last_size_bytes", "gauge", "Size of the last stored snapshot.",
+                   [((), self.last_snapshot["size"])])
+            metric("vault_snapshot_last_raft_index", "gauge", "Raft index of the last stored snapshot.",
+                   [((), self.last_snapshot["raft_index"] or 0)])
+        per = list(self.storages.items())
+        metric("vault_snapshot_last_success_timestamp_seconds", "gauge",
+               "Last time a snapshot was stored in this storage.",
+               [((("storage", k), ("type", v["type"])), _timestamp(_parse_iso(v["last_success"])))
+                for k, v in per])
+        metric("vault_snapshot_storage_successes_total", "counter", "Snapshots stored.",
+               [((("storage", k), ("type", v["type"])), v["successes"]) for k, v in per])
+        metric("vault_snapshot_storage_failures_total", "counter", "Failed stores or retentions.",
+               [((("storage", k), ("type", v["type"])), v["failures"]) for k, v in per])
+        return "\n".join(lines) + "\n"
+
+    def summary(self):
+        if self.last_outcome is None:
+            return "starting"
+        text = "last cycle %s at %s" % (self.last_outcome, iso(self.last_end))
+        if self.next_start:
+            text += ", next %s" % iso(self.next_start)
+        return text
+
+
+def _label_escape(value):
+    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _parse_iso(text):
+    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) if text else None
+
+
+class MetricsServer(object):
+    """Serves ``GET /metrics`` from a Status on (host, port), in a thread."""
+
+    def __init__(self, bind, status):
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if self.path.split("?")[0] not in ("/metrics", "/"):
+                    self.send_error(404)
+                    return
+                body = status.metrics().encode("utf-8")
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        try:
+            self.server = http.server.HTTPServer(bind, Handler)
+        except (OSError, socket.error) as exc:
+            raise ConfigError("metrics_address: cannot listen on %s:%d: %s"
+                              % (bind[0], bind[1], exc.strerror or exc))
+        import threading
+        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics")
+        self.thread.daemon = True
+        self.thread.start()
+        LOG.info("Serving Prometheus metrics on http://%s:%d/metrics", bind[0], self.server.server_port)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class SystemdNotifier(object):
+    """sd_notify(3) over $NOTIFY_SOCKET with the standard library; silent when
+    not started by systemd. With WatchdogSec= set, a thread sends WATCHDOG=1
+    every half period while the main loop shows signs of life."""
+
+    def __init__(self, env, signals, clock):
+        self.signals, self.clock = signals, clock
+        self.sock = self.address = None
+        address = env.get("NOTIFY_SOCKET")
+        if address and address[0] in "/@":
+            self.address = "\0" + address[1:] if address[0] == "@" else address
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.watchdog = 0.0
+        usec = env.get("WATCHDOG_USEC")
+        pid = env.get("WATCHDOG_PID")
+        if self.sock and usec and usec.isdigit() and (not pid or pid == str(os.getpid())):
+            self.watchdog = int(usec) / 1e6
+        import threading
+        self._stopped = threading.Event()
+
+    def notify(self, *fields):
+        if self.sock is None:
+            return
+        try:
+            self.sock.sendto("\n".join(fields).encode("utf-8"), self.address)
+        except (OSError, socket.error) as exc:
+            LOG.debug("sd_notify failed: %s", exc)
+
+    def start_watchdog(self):
+        if not self.watchdog:
+            return
+        import threading
+        thread = threading.Thread(target=self._watchdog_loop, name="watchdog")
+        thread.daemon = True
+        thread.start()
+
+    def _watchdog_loop(self):
+        interval = self.watchdog / 2.0
+        while not self._stopped.is_set():
+            alive = self.signals.waiting or self.clock.monotonic() - self.signals.heartbeat < self.watchdog
+            if alive:
+                self.notify("WATCHDOG=1")
+            self._stopped.wait(interval)
+
+    def close(self):
+        self._stopped.set()
+        if self.sock is not None:
+            self.sock.close()
+
+
+class Progress(object):
+    """Logs a long transfer every ``interval`` seconds: bytes, rate, ETA."""
+
+    def __init__(self, what, total, clock, interval=30.0):
+        self.what, self.total, self.clock, self.interval = what, total, clock, interval
+        self.done = 0
+        self.start = self.last = clock.monotonic()
+        import threading
+        self._lock = threading.Lock()
+
+    def add(self, count):
+        with self._lock:
+            self.done += count
+            now = self.clock.monotonic()
+            if now - self.last < self.interval:
+                return
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-6)
+            if self.total:
+                LOG.info("%s: %s of %s (%d%%), %s/s, about %s left", self.what, format_size(self.done),
+                         format_size(self.total), 100 * self.done // self.total, format_size(rate),
+                         format_duration((self.total - self.done) / max(rate, 1.0)))
+            else:
+                LOG.info("%s: %s so far, %s/s", self.what, format_size(self.done), format_size(rate))
+
+
+# =============================================================================
+# 18. Agent
+# =============================================================================
+
+CycleResult = collections.namedtuple("CycleResult", "outcome snapshot stored errors failures")
+# outcome: "stored" (everywhere), "partial", "failed", "skipped" (not leader), "stopped";
+# stored: [(storage, name)]; failures: [(storage, error text)].
 
 
 class Agent(object):
-    """Runs snapshot cycles: at start, then every ``frequency``.
+    """Runs snapshot cycles on a schedule, stores them, reports on them.
+
+    Each storage has its own ``frequency``; its next snapshot is due one
+    frequency after its newest snapshot (read from the storage at start, so a
+    restart or a crash loop does not take snapshots early, and a long outage
+    leads to one catch-up, not many). A cycle serves every storage that is
+    due. ``align`` rounds due times up to whole multiples of the frequency
+    (UTC), ``jitter`` adds a random delay so a fleet spreads out.
 
     ``loader()`` returns a fresh (Config, storages) pair; it is called again on
     SIGHUP, and a failure keeps the running config. Time and waiting come from
-    ``clock`` and ``signals`` so tests can drive hours in milliseconds.
+    ``clock`` and ``signals`` so tests can drive days in milliseconds.
     """
 
-    def __init__(self, loader, clock=None, signals=None, vault_factory=VaultClient):
+    def __init__(self, loader, clock=None, signals=None, vault_factory=VaultClient,
+                 notifier=None, rand=random.random):
         self.loader = loader
         self.clock = clock or Clock()
         self.signals = signals or Signals()
         self.vault_factory = vault_factory
+        self.notifier = notifier
+        self.rand = rand
+        self.status = Status(self.clock)
+        self.due = {}          # storage.describe() -> aware datetime
+        self.last_start = {}   # storage.describe() -> aware datetime
         self.cfg, self.storages = loader()
         self._attach(self.storages)
         self.vault = vault_factory(self.cfg, clock=self.clock)
+        self.status.frequency = self.cfg.frequency
 
     def _attach(self, storages):
         for storage in storages:
@@ -3368,111 +3687,191 @@ class Agent(object):
         self._attach(storages)
         self.cfg, self.storages = cfg, storages
         self.vault = self.vault_factory(cfg, clock=self.clock)
+        self.status.frequency = cfg.frequency
+        self.plan(reloaded=True)
         LOG.info("Config reloaded from %s: %s", cfg.path, self.summary())
         return True
 
     def summary(self):
         return "addr %s, every %s, storages: %s" % (
-            self.cfg.addr, format_duration(self.cfg.frequency),
-            ", ".join("%s (retain %s)" % (s.describe(), s.retain or "all") for s in self.storages))
+            self.cfg.addr, format_duration(self.cfg.frequency), ", ".join(
+                "%s (every %s, retain %s%s)" % (
+                    s.describe(), format_duration(s.frequency or self.cfg.frequency),
+                    s.retain or "all", ", %d days" % s.retain_days if s.retain_days else "")
+                for s in self.storages))
+
+    # -- schedule --------------------------------------------------------------
+
+    def _frequency(self, storage):
+        return storage.frequency or self.cfg.frequency
+
+    def next_time(self, after, frequency):
+        """The due time one ``frequency`` after ``after``, aligned and jittered."""
+        due = after + datetime.timedelta(seconds=frequency)
+        if self.cfg.align:
+            seconds = (due - EPOCH).total_seconds()
+            due = EPOCH + datetime.timedelta(seconds=math.ceil(seconds / frequency) * frequency)
+        if self.cfg.jitter:
+            due += datetime.timedelta(seconds=self.rand() * self.cfg.jitter)
+        return due
+
+    def plan(self, reloaded=False):
+        """Set each storage's due time from its newest snapshot (or now)."""
+        now = self.clock.now()
+        for storage in self.storages:
+            key = storage.describe()
+            if reloaded and key in self.last_start:
+                self.due[key] = min(self.due.get(key, now),
+                                    self.next_time(self.last_start[key], self._frequency(storage)))
+                continue
+            try:
+                newest = max([ref.when for ref in storage.list()] or [None], key=lambda w: w or EPOCH)
+            except (AgentError, OSError) as exc:
+                LOG.warning("Cannot list %s to plan the schedule (%s); snapshotting now",
+                            key, _error_text(exc))
+                newest = None
+            due = self.next_time(newest, self._frequency(storage)) if newest else now
+            self.due[key] = due if due > now else now
+            if newest and due > now:
+                LOG.info("Newest snapshot in %s is from %s: next one due %s", key, iso(newest), iso(due))
 
     def run_forever(self):
         """The daemon loop; returns when a stop is requested."""
-        next_at = self.clock.monotonic()
+        self.plan()
+        if self.notifier:
+            self.notifier.notify("READY=1", "STATUS=" + self.status.summary())
+            self.notifier.start_watchdog()
         while not self.signals.stop_requested:
             if self.signals.reload_requested:
                 self.signals.reload_requested = False
-                if self.reload():
-                    next_at = min(next_at, self._last_start + self.cfg.frequency) \
-                        if hasattr(self, "_last_start") else next_at
+                if self.notifier:
+                    self.notifier.notify("RELOADING=1",
+                                         "MONOTONIC_USEC=%d" % int(self.clock.monotonic() * 1e6))
+                self.reload()
+                if self.notifier:
+                    self.notifier.notify("READY=1", "STATUS=" + self.status.summary())
                 continue
-            now = self.clock.monotonic()
-            if now < next_at:
-                self.signals.wait(next_at - now)
+            now = self.clock.now()
+            next_due = min(self.due[s.describe()] for s in self.storages)
+            self.status.next_start = next_due
+            if now < next_due:
+                self.signals.wait((next_due - now).total_seconds())
                 continue
-            self._last_start = now
-            self.run_cycle()
-            next_at = max(self._last_start + self.cfg.frequency, self.clock.monotonic())
+            due = [s for s in self.storages if self.due[s.describe()] <= now]
+            result = self.run_cycle(due)
+            if result.outcome == "stopped":
+                break
+            for storage in due:
+                key = storage.describe()
+                self.last_start[key] = now
+                self.due[key] = self.next_time(now, self._frequency(storage))
+            self.status.next_start = min(self.due[s.describe()] for s in self.storages)
+            self.report()
+        if self.notifier:
+            self.notifier.notify("STOPPING=1")
         LOG.info("Stopping on %s", _signal_name(self.signals.stop_signal))
 
-    def run_cycle(self):
-        """One cycle; never raises. Returns a CycleResult."""
-        started = self.clock.monotonic()
-        try:
-            result = self._cycle()
-        except Stopped:
-            LOG.warning("Snapshot cycle stopped by %s; nothing partial was kept",
-                        _signal_name(self.signals.stop_signal))
-            return CycleResult("stopped", None, [], [])
-        except NotLeader as exc:
-            LOG.info("Not running on leader node, skipping.")
-            LOG.debug("%s", exc)
-            return CycleResult("skipped", None, [], [])
-        except (AgentError, OSError) as exc:
-            if self.signals.stop_requested:     # the stop cut a connection or a write
-                LOG.warning("Snapshot cycle stopped by %s; nothing partial was kept",
-                            _signal_name(self.signals.stop_signal))
-                return CycleResult("stopped", None, [], [])
-            LOG.error("Snapshot cycle failed: %s", _error_text(exc))
-            return CycleResult("failed", None, [], [str(exc)])
-        except Exception as exc:      # a bug must not kill the daemon
-            LOG.error("Snapshot cycle failed with an unexpected %s: %s", type(exc).__name__, exc)
-            LOG.debug("Traceback", exc_info=True)
-            return CycleResult("failed", None, [], [repr(exc)])
-        if result.outcome in ("stored", "partial", "failed") and result.snapshot is not None:
+    # -- reporting -------------------------------------------------------------
+
+    def report(self):
+        """Write the status file and metrics textfile; tell systemd."""
+        for path, render in ((self.cfg.status_file, lambda: json.dumps(self.status.as_json(), indent=2)),
+                             (self.cfg.metrics_textfile, self.status.metrics)):
+            if path:
+                try:
+                    write_atomic(path, render() + "\n" if path == self.cfg.status_file else render())
+                except (IOError, OSError) as exc:
+                    LOG.error("Cannot write %s: %s", path, exc.strerror or exc)
+        if self.notifier:
+            self.notifier.notify("STATUS=" + self.status.summary())
+
+    # -- one cycle ---------------------------------------------------------------
+
+    def run_cycle(self, storages=None):
+        """One cycle for ``storages`` (default: all); never raises. Returns a
+        CycleResult and records it in ``status``."""
+        storages = self.storages if storages is None else storages
+        started, began = self.clock.now(), self.clock.monotonic()
+        result = self._guarded_cycle(storages)
+        elapsed = self.clock.monotonic() - began
+        if result.snapshot is not None:
             info = result.snapshot
             LOG.info("Cycle %s: snapshot %s, %s, Raft index %s term %s, stored in %d/%d storages in %s",
                      result.outcome, result.stored[0][1] if result.stored else "-",
                      format_size(info.size), info.index, info.term, len(result.stored),
-                     len(self.storages), format_duration(self.clock.monotonic() - started))
+                     len(storages), format_duration(elapsed))
+        self.status.record(result, started, self.clock.now(), elapsed, storages)
         return result
 
-    def _cycle(self):
+    def _guarded_cycle(self, storages):
+        try:
+            return self._cycle(storages)
+        except Stopped:
+            pass
+        except NotLeader as exc:
+            LOG.info("Not running on leader node, skipping.")
+            LOG.debug("%s", exc)
+            return CycleResult("skipped", None, [], [], [])
+        except (AgentError, OSError) as exc:
+            if not self.signals.stop_requested:     # else: the stop cut a connection or a write
+                LOG.error("Snapshot cycle failed: %s", _error_text(exc))
+                return CycleResult("failed", None, [], [_error_text(exc)], [])
+        except Exception as exc:      # a bug must not kill the daemon
+            LOG.error("Snapshot cycle failed with an unexpected %s: %s", type(exc).__name__, exc)
+            LOG.debug("Traceback", exc_info=True)
+            return CycleResult("failed", None, [], [repr(exc)], [])
+        LOG.warning("Snapshot cycle stopped by %s; nothing partial was kept",
+                    _signal_name(self.signals.stop_signal))
+        return CycleResult("stopped", None, [], [], [])
+
+    def _cycle(self, storages):
         vault = self.vault
         if not vault.is_leader():
             raise NotLeader("sys/leader: is_self is false")
         vault.ensure_token()
-        for storage in self.storages:
+        for storage in storages:
             storage.prepare()
         if not vault.is_leader():      # re-checked right before the snapshot
             raise NotLeader("leadership moved during login")
         directory = self.cfg.temp_dir or next(
-            (s.staging_dir() for s in self.storages if s.staging_dir()), None) or _default_temp_dir()
+            (s.staging_dir() for s in storages if s.staging_dir()), None) or _default_temp_dir()
         name = snapshot_name(self.clock.now())
         started = self.clock.monotonic()
         resp = vault.open_snapshot()
         try:
-            info = stream_snapshot(resp, directory, self.signals)
+            info = stream_snapshot(resp, directory, self.signals,
+                                   Progress("Downloading snapshot", None, self.clock))
         finally:
             resp.close()
         elapsed = max(self.clock.monotonic() - started, 1e-6)
         LOG.info("Snapshot verified: %s, Raft index %s term %s, sha256 %s, downloaded in %s (%s/s)",
                  format_size(info.size), info.index, info.term, info.sha256[:16],
                  format_duration(elapsed), format_size(info.size / elapsed))
-        stored, errors = [], []
+        stored, failures = [], []
         try:
-            for storage in self.storages:
+            for storage in storages:
                 self.signals.check()
+                storage.progress = Progress("Uploading to %s" % storage.describe(), info.size, self.clock)
                 try:
                     location = storage.upload(info, name, self.signals)
                 except (StorageError, TransportError, OSError) as exc:
-                    errors.append("%s: %s" % (storage.describe(), _error_text(exc)))
+                    failures.append((storage, _error_text(exc)))
                     LOG.error("Storing snapshot in %s failed: %s", storage.describe(), _error_text(exc))
                     continue
+                finally:
+                    storage.progress = None
                 LOG.info("Successfully created %s snapshot to %s", storage.kind, location)
                 stored.append((storage, name))
                 try:
-                    apply_retention(storage, keep=name)
+                    apply_retention(storage, keep=name, now=self.clock.now())
                 except (StorageError, TransportError, OSError) as exc:
-                    errors.append("%s retention: %s" % (storage.describe(), _error_text(exc)))
+                    failures.append((storage, "retention: %s" % _error_text(exc)))
                     LOG.error("Retention on %s failed: %s", storage.describe(), _error_text(exc))
         finally:
             _unlink_quietly(info.path)
-        if not errors:
-            outcome = "stored"
-        else:
-            outcome = "partial" if stored else "failed"
-        return CycleResult(outcome, info, stored, errors)
+        errors = ["%s: %s" % (s.describe(), e) for s, e in failures]
+        outcome = "stored" if not failures else ("partial" if stored else "failed")
+        return CycleResult(outcome, info, stored, errors, failures)
 
 
 def _default_temp_dir():
@@ -3496,7 +3895,7 @@ def _signal_name(signum):
 
 
 # =============================================================================
-# 18. Restore tooling
+# 19. Restore tooling
 # =============================================================================
 
 STORAGE_ALIASES = {"local": "local_storage", "aws": "aws_storage", "s3": "aws_storage",
@@ -3610,7 +4009,7 @@ def cmd_restore(cfg, storages, target, force, signals, out, env=None):
 
 
 # =============================================================================
-# 19. Command line
+# 20. Command line
 # =============================================================================
 
 
@@ -3736,15 +4135,27 @@ def _run(args, out=None):
 
     signals = Signals()
     signals.install()
+    clock = Clock()
+    notifier = SystemdNotifier(os.environ, signals, clock)
+    server = None
     try:
-        agent = Agent(loader, signals=signals)
+        agent = Agent(loader, clock=clock, signals=signals, notifier=notifier)
         LOG.info("%s %s starting: %s", PROG, __version__, agent.summary())
+        if cfg.metrics_address:
+            server = MetricsServer(cfg.metrics_bind, agent.status)
         if args.once:
             result = agent.run_cycle()
+            agent.report()
             return EXIT_OK if result.outcome in ("stored", "skipped", "stopped") else EXIT_FAILED
         agent.run_forever()
         return EXIT_OK
+    except ConfigError as exc:
+        LOG.error("Config error: %s", exc)
+        return EXIT_USAGE
     finally:
+        if server is not None:
+            server.close()
+        notifier.close()
         signals.close()
 
 

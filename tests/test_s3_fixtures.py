@@ -83,11 +83,11 @@ def test_moto_sse_kms_and_helpers(moto):
 
 
 def test_moto_put_many_and_paged_listing(moto):
-    keys = ["many/%05d.snap" % i for i in range(1100)]
+    keys = ["fx-many/%05d.snap" % i for i in range(1100)]
     assert moto.put_many("snapshots", keys) == 1100
-    assert moto.list_keys("snapshots", "many/") == keys          # > 1000: two pages
-    assert moto.delete_all("snapshots", "many/") == 1100
-    assert moto.list_keys("snapshots", "many/") == []
+    assert moto.list_keys("snapshots", "fx-many/") == keys          # > 1000: two pages
+    assert moto.delete_all("snapshots", "fx-many/") == 1100
+    assert moto.list_keys("snapshots", "fx-many/") == []
 
 
 def test_moto_other_region_bucket(moto):

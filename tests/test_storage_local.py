@@ -140,3 +140,14 @@ def test_prepare_creates_a_missing_directory_0700(tmp_path):
     store = make_store(tmp_path)
     store.prepare()
     assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o700
+
+
+def test_age_based_retention_next_to_the_count():
+    refs = [ref(own(m)) for m in (0, 60 * 24, 60 * 24 * 3, 60 * 24 * 9)]
+    now = BASE + datetime.timedelta(days=10)
+    age = datetime.timedelta(days=7)
+    assert vsa.plan_retention(refs, 0, max_age=age, now=now) == [own(60 * 24), own(0)]
+    assert vsa.plan_retention(refs, 1, max_age=age, now=now) == [own(60 * 24 * 3), own(60 * 24), own(0)]
+    # The snapshot just written survives even when everything is too old.
+    assert own(60 * 24 * 9) not in vsa.plan_retention(refs, 0, keep=own(60 * 24 * 9),
+                                                       max_age=datetime.timedelta(0), now=now)
