@@ -1634,7 +1634,15 @@ class VaultClient(object):
 
     def restore(self, path, size, force=False):
         """``POST /v1/sys/storage/raft/snapshot[-force]`` with the file as body."""
-        url = self.cfg.addr + SNAPSHOT_PATH + ("-force" if force else "")
+        api_path = SNAPSHOT_PATH[len("/v1/"):] + ("-force" if force else "")
+        # Ask first: Vault refuses a restore only after the upload started, and
+        # closes the connection on the rest of the body, hiding its 403.
+        answer = self._call("POST", "/v1/sys/capabilities-self", {"paths": [api_path]})
+        capabilities = answer.get(api_path) or (answer.get("data") or {}).get(api_path) or []
+        if not set(capabilities) & set(["update", "root", "sudo"]):
+            raise VaultError("this token may not restore: its capabilities on %s are [%s]; use an "
+                             "operator token (VAULT_TOKEN or BAO_TOKEN)" % (api_path, ", ".join(capabilities)))
+        url = self.cfg.addr + "/v1/" + api_path
         headers = self._headers()
         headers.update({"Content-Type": "application/octet-stream", "Content-Length": str(size)})
         with open(path, "rb") as body:
