@@ -355,6 +355,17 @@ def temp_name():
     return ".raft_snapshot-%s-%d-%s.tmp" % (host, os.getpid(), os.urandom(4).hex())
 
 
+def new_hash(algorithm, data=b""):
+    """A hashlib object; MD5 (a checksum the storage APIs ask for, not a
+    security function) is created so that FIPS-mode hosts allow it."""
+    if algorithm == "md5":
+        try:
+            return hashlib.new("md5", data, usedforsecurity=False)  # novermin (3.9+, guarded)
+        except TypeError:        # Python < 3.9 has no usedforsecurity
+            return hashlib.new("md5", data)
+    return hashlib.new(algorithm, data)
+
+
 def pid_alive(pid):
     try:
         os.kill(pid, 0)
@@ -564,6 +575,8 @@ class Section(object):
         value = self.string(key, default, env)
         if value is None:
             return None
+        if "\0" in value:
+            raise self.error(key, "contains a NUL character")
         value = os.path.expanduser(value)
         if must_exist == "file" and not os.path.isfile(value):
             raise self.error(key, "file %s does not exist" % value)
@@ -597,10 +610,10 @@ class Section(object):
             raise self.error(key, "must be true or false, got %s" % _json_type(value))
         return value
 
-    def duration(self, key, default, minimum=0.0):
+    def duration(self, key, default, minimum=0.0, maximum=10 * 365 * 86400.0):
         self.seen.add(key)
         value = self.raw.get(key, default)
-        if value is None:
+        if value is None or value == "":
             value = default
         if not isinstance(value, str):
             raise self.error(key, "must be a duration string like \"1h\" or \"30s\", got %s"
@@ -611,7 +624,25 @@ class Section(object):
             raise self.error(key, "invalid duration %r (use Go syntax: 30s, 15m, 1h30m, 500ms)" % value)
         if seconds < minimum:
             raise self.error(key, "must be at least %s, got %r" % (format_duration(minimum), value))
+        if not seconds <= maximum:
+            raise self.error(key, "must be at most %s, got %r" % (format_duration(maximum), value))
         return seconds
+
+    def url(self, key, default=None, env=()):
+        """An http(s) URL (a bare host gets ``https://``), checked to parse."""
+        value = self.string(key, default, env)
+        if value is None:
+            return None
+        if "://" not in value:
+            value = "https://" + value
+        try:
+            parts = urllib.parse.urlsplit(value)
+            parts.port
+        except ValueError as exc:
+            raise self.error(key, "invalid URL %r: %s" % (value, exc))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self.error(key, "must be an http:// or https:// URL, got %r" % value)
+        return value.rstrip("/")
 
     def section(self, key):
         """A nested object as a Section, or None when absent."""
@@ -699,6 +730,8 @@ def load_config(path, env=None):
         raise ConfigError("config file %s: not UTF-8 text" % path)
     except ValueError as exc:
         raise ConfigError("config file %s: invalid JSON: %s" % (path, exc))
+    except RecursionError:
+        raise ConfigError("config file %s: JSON nested too deeply" % path)
     if not isinstance(raw, dict):
         raise ConfigError("config file %s: top level must be a JSON object, got %s"
                           % (path, _json_type(raw)))
@@ -708,14 +741,11 @@ def load_config(path, env=None):
 def config_from_dict(raw, path="<config>", env=None):
     top = Section(raw, "", env)
     cfg = Config(path)
-    cfg.addr = top.string("addr", DEFAULT_ADDR, env=_env_names("ADDR")).rstrip("/")
+    raw_addr = top.string("addr", DEFAULT_ADDR, env=_env_names("ADDR"))
+    if "://" not in raw_addr:
+        raise top.error("addr", "must be an http:// or https:// URL, got %r" % raw_addr)
+    cfg.addr = top.url("addr", DEFAULT_ADDR, env=_env_names("ADDR"))
     parts = urllib.parse.urlsplit(cfg.addr)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise top.error("addr", "must be an http:// or https:// URL, got %r" % cfg.addr)
-    try:
-        parts.port
-    except ValueError:
-        raise top.error("addr", "invalid port in %r" % cfg.addr)
     cfg.retain = top.integer("retain", 0)
     cfg.frequency = top.duration("frequency", DEFAULT_FREQUENCY, minimum=1.0)
     cfg.timeout = top.duration("timeout", DEFAULT_API_TIMEOUT, minimum=1.0)
@@ -947,7 +977,11 @@ class Http(object):
         Connection-level failures raise a retryable TransportError naming the
         host and operation (never a header value).
         """
-        parts = urllib.parse.urlsplit(url)
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port
+        except ValueError as exc:
+            raise TransportError("%s %s: invalid URL (%s)" % (method, redact_url(url), exc))
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
@@ -1334,7 +1368,8 @@ class AwsCredentialChain(object):
         headers = {"Accept": "application/json"}
         token_file = self.env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")
         if token_file:
-            headers["Authorization"] = read_secret_file(token_file, "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE").reveal()
+            headers["Authorization"] = read_secret_file(
+                token_file, "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE").reveal()
         elif self.env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN"):
             headers["Authorization"] = self.env["AWS_CONTAINER_AUTHORIZATION_TOKEN"]
         resp = self.http.request("GET", url, headers, timeout=5)
@@ -1641,7 +1676,8 @@ class VaultClient(object):
         capabilities = answer.get(api_path) or (answer.get("data") or {}).get(api_path) or []
         if not set(capabilities) & set(["update", "root", "sudo"]):
             raise VaultError("this token may not restore: its capabilities on %s are [%s]; use an "
-                             "operator token (VAULT_TOKEN or BAO_TOKEN)" % (api_path, ", ".join(capabilities)))
+                             "operator token (VAULT_TOKEN or BAO_TOKEN)"
+                             % (api_path, ", ".join(capabilities)))
         url = self.cfg.addr + "/v1/" + api_path
         headers = self._headers()
         headers.update({"Content-Type": "application/octet-stream", "Content-Length": str(size)})
@@ -1831,6 +1867,8 @@ class ArchiveVerifier(object):
         self._remaining = size
         self._padding = (-size) % 512
         if kind in (b"x", b"g"):
+            if size > MAX_SMALL_MEMBER:
+                raise SnapshotError("snapshot tar extended header is implausibly large (%d bytes)" % size)
             self._member = _Member("<pax>", size, keep=True)
             self._member.pax_global = kind == b"g"
         else:
@@ -2139,7 +2177,7 @@ class _FileSlice(object):
 
     def digest(self, algorithm="sha256"):
         """Hash the slice (one read pass); returns the hashlib object."""
-        digest = hashlib.new(algorithm)
+        digest = new_hash(algorithm)
         for chunk in self:
             digest.update(chunk)
         return digest
@@ -2427,15 +2465,8 @@ class S3Storage(Storage):
         region = (section.string("s3_region", env=("AWS_REGION", "AWS_DEFAULT_REGION"))
                   or read_ini_section(conf_file, "profile " + profile if profile and profile != "default"
                                       else "default").get("region") or "us-east-1")
-        endpoint = section.string("s3_endpoint", env=("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))
-        if endpoint:
-            if "://" not in endpoint:
-                endpoint = "https://" + endpoint
-            parts = urllib.parse.urlsplit(endpoint)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise section.error("s3_endpoint", "must be a host or an http(s) URL, got %r" % endpoint)
-        else:
-            endpoint = "https://s3.%s.amazonaws.com" % region
+        endpoint = (section.url("s3_endpoint", env=("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))
+                    or "https://s3.%s.amazonaws.com" % region)
         host = urllib.parse.urlsplit(endpoint).hostname
         force = section.boolean("s3_force_path_style", False)
         path_style = (force or _is_ip_or_localhost(host)
@@ -2633,7 +2664,7 @@ class S3Storage(Storage):
                 _, data = self._request(
                     "POST", "DeleteObjects", query=[("delete", "")],
                     headers={"Content-Type": "application/xml", "Content-Length": str(len(payload)),
-                             "Content-MD5": base64.b64encode(hashlib.md5(payload).digest()).decode("ascii")},
+                             "Content-MD5": base64.b64encode(new_hash("md5", payload).digest()).decode("ascii")},
                     body=payload, payload_hash=hashlib.sha256(payload).hexdigest())
             except StorageError as exc:
                 if "NotImplemented" not in str(exc) and "HTTP 501" not in str(exc):
@@ -2785,16 +2816,22 @@ class AzureStorage(Storage):
             sas = Secret(conn["SharedAccessSignature"])
         if sas is not None:
             sas = Secret(sas.reveal().lstrip("?"))
-        endpoint = section.string("endpoint") or conn.get("BlobEndpoint")
+        endpoint = section.url("endpoint")
+        if not endpoint and conn.get("BlobEndpoint"):
+            section.raw.setdefault("endpoint", conn["BlobEndpoint"])
+            endpoint = section.url("endpoint")
         if not endpoint:
             if not account:
                 raise section.error("account_name", "required (or endpoint / connection_string)")
+            if not re.match(r"^[a-z0-9]{3,24}$", account):
+                raise section.error("account_name", "%r is not a storage account name "
+                                    "(3-24 lowercase letters and digits)" % account)
             suffix = section.string("endpoint_suffix") or conn.get("EndpointSuffix") or "core.windows.net"
-            scheme = conn.get("DefaultEndpointsProtocol", "https")
+            if not re.match(r"^[A-Za-z0-9.-]+$", suffix):
+                raise section.error("endpoint_suffix", "%r is not a DNS suffix" % suffix)
+            scheme = "http" if conn.get("DefaultEndpointsProtocol") == "http" else "https"
             endpoint = "%s://%s.blob.%s" % (scheme, account, suffix)
         parts = urllib.parse.urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise section.error("endpoint", "must be an http(s) URL, got %r" % endpoint)
         if not account:
             account = (parts.path.strip("/").split("/")[0] if _is_ip_or_localhost(parts.hostname)
                        else parts.hostname.split(".")[0])
@@ -2922,7 +2959,7 @@ class AzureStorage(Storage):
             "<Latest>%s</Latest>" % block_id for block_id in ids)).encode("utf-8")
         list_headers = {"Content-Length": str(len(payload)), "Content-Type": "application/xml",
                         "x-ms-blob-content-type": headers["Content-Type"],
-                        "Content-MD5": base64.b64encode(hashlib.md5(payload).digest()).decode("ascii")}
+                        "Content-MD5": base64.b64encode(new_hash("md5", payload).digest()).decode("ascii")}
         if self.access_tier:
             list_headers["x-ms-access-tier"] = self.access_tier
         self._request("PUT", "Put Block List %s" % blob, blob, query=[("comp", "blocklist")],
@@ -3044,7 +3081,8 @@ def google_token_source(credentials_file, env, http, clock, metadata_host):
     kind = info.get("type")
     if kind == "service_account":
         try:
-            key = load_rsa_private_key(info.get("private_key") or "")
+            pem = info.get("private_key")
+            key = load_rsa_private_key(pem if isinstance(pem, str) else "")
         except ValueError as exc:
             raise ConfigError("credentials file %s: private_key: %s" % (path, exc))
         email, token_uri = info.get("client_email"), info.get("token_uri") or GOOGLE_TOKEN_URI
@@ -3149,12 +3187,9 @@ class GoogleStorage(Storage):
         if not re.match(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$", bucket):
             raise section.error("bucket", "%r is not a valid bucket name" % bucket)
         emulator = env.get("STORAGE_EMULATOR_HOST")
-        endpoint = section.string("endpoint") or emulator or "https://storage.googleapis.com"
-        if "://" not in endpoint:
-            endpoint = "http://" + endpoint
-        parts = urllib.parse.urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise section.error("endpoint", "must be an http(s) URL, got %r" % endpoint)
+        if emulator and "://" not in emulator:
+            emulator = "http://" + emulator        # the emulator convention: plain host:port
+        endpoint = section.url("endpoint", emulator or "https://storage.googleapis.com")
         chunk_mb = section.integer("chunk_size_mb", 16, minimum=1)
         tls = TlsOptions(section.path("ca_cert", must_exist="file"), None, None, None, None,
                          section.boolean("tls_skip_verify", False))
@@ -3339,7 +3374,8 @@ class GoogleStorage(Storage):
     def delete(self, names):
         for name in names:
             obj = self.object_name(name)
-            url = "%s/storage/v1/b/%s/o/%s" % (self.endpoint, uri_encode(self.bucket), uri_encode(obj, safe=""))
+            url = "%s/storage/v1/b/%s/o/%s" % (self.endpoint, uri_encode(self.bucket),
+                                               uri_encode(obj, safe=""))
             self._request("DELETE", "delete of %s" % obj, url, {"Content-Length": "0"}, b"",
                           ok=(200, 204, 404))
 

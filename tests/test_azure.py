@@ -205,15 +205,15 @@ def test_client_secret(azurite_oauth, bao_cluster, approle, tmp_path):
 
 
 @pytest.mark.parametrize("block,key", [
-    ({"account_name": "a"}, "container_name"),
-    ({"account_name": "a", "container_name": "Bad_Name"}, "container_name"),
-    ({"account_name": "a", "container_name": "c", "account_key": "not base64!"}, "account_key"),
-    ({"account_name": "a", "container_name": "c", "auth_mode": "sas"}, "sas_token"),
-    ({"account_name": "a", "container_name": "c", "auth_mode": "client_secret"}, "client_id"),
-    ({"account_name": "a", "container_name": "c", "auth_mode": "magic"}, "auth_mode"),
+    ({"account_name": "acct"}, "container_name"),
+    ({"account_name": "acct", "container_name": "Bad_Name"}, "container_name"),
+    ({"account_name": "acct", "container_name": "c", "account_key": "not base64!"}, "account_key"),
+    ({"account_name": "acct", "container_name": "c", "auth_mode": "sas"}, "sas_token"),
+    ({"account_name": "acct", "container_name": "c", "auth_mode": "client_secret"}, "client_id"),
+    ({"account_name": "acct", "container_name": "c", "auth_mode": "magic"}, "auth_mode"),
     ({"container_name": "c"}, "account_name"),
-    ({"account_name": "a", "container_name": "c", "connection_string": "garbage"}, "connection_string"),
-    ({"account_name": "a", "container_name": "c", "block_size_mb": 5000}, "block_size_mb"),
+    ({"account_name": "acct", "container_name": "c", "connection_string": "garbage"}, "connection_string"),
+    ({"account_name": "acct", "container_name": "c", "block_size_mb": 5000}, "block_size_mb"),
 ])
 def test_azure_config_errors_name_the_key(tmp_path, block, key):
     config = tmp_path / "c.json"

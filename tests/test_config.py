@@ -101,7 +101,7 @@ BAD_CONFIGS = [
     # (description, config or raw text, key named in the error)
     ("bad frequency", dict(GO_AGENT_CONFIG, frequency="1day"), "frequency"),
     ("frequency number", dict(GO_AGENT_CONFIG, frequency=3600), "frequency"),
-    ("empty frequency", dict(GO_AGENT_CONFIG, frequency=""), "frequency"),
+    ("huge frequency", dict(GO_AGENT_CONFIG, frequency="100000000h"), "frequency"),
     ("zero frequency", dict(GO_AGENT_CONFIG, frequency="0s"), "frequency"),
     ("retain string", dict(GO_AGENT_CONFIG, retain="72"), "retain"),
     ("retain negative", dict(GO_AGENT_CONFIG, retain=-1), "retain"),
