@@ -3831,6 +3831,22 @@ class Agent(object):
 
     # -- one cycle ---------------------------------------------------------------
 
+    def _store_everywhere(self, storages, info, name):
+        """Store in every storage at once (one slow store does not hold up the
+        others); [(storage, (stored?, error text or None))] in config order."""
+        self.signals.check()
+        if len(storages) == 1:
+            return [(storages[0], _store_one(storages[0], info, name, self.signals, self.clock))]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(storages)) as pool:
+            futures = [pool.submit(_store_one, s, info, name, self.signals, self.clock)
+                       for s in storages]
+            while not all(f.done() for f in futures):
+                concurrent.futures.wait(futures, timeout=0.5)   # lets the main thread take signals
+        for future in futures:
+            if isinstance(future.exception(), Stopped):
+                raise Stopped("stop requested")
+        return [(s, f.result()) for s, f in zip(storages, futures)]
+
     def run_cycle(self, storages=None):
         """One cycle for ``storages`` (default: all); never raises. Returns a
         CycleResult and records it in ``status``."""
@@ -3891,31 +3907,42 @@ class Agent(object):
         LOG.info("Snapshot verified: %s, Raft index %s term %s, sha256 %s, downloaded in %s (%s/s)",
                  format_size(info.size), info.index, info.term, info.sha256[:16],
                  format_duration(elapsed), format_size(info.size / elapsed))
-        stored, failures = [], []
         try:
-            for storage in storages:
-                self.signals.check()
-                storage.progress = Progress("Uploading to %s" % storage.describe(), info.size, self.clock)
-                try:
-                    location = storage.upload(info, name, self.signals)
-                except (StorageError, TransportError, OSError) as exc:
-                    failures.append((storage, _error_text(exc)))
-                    LOG.error("Storing snapshot in %s failed: %s", storage.describe(), _error_text(exc))
-                    continue
-                finally:
-                    storage.progress = None
-                LOG.info("Successfully created %s snapshot to %s", storage.kind, location)
-                stored.append((storage, name))
-                try:
-                    apply_retention(storage, keep=name, now=self.clock.now())
-                except (StorageError, TransportError, OSError) as exc:
-                    failures.append((storage, "retention: %s" % _error_text(exc)))
-                    LOG.error("Retention on %s failed: %s", storage.describe(), _error_text(exc))
+            results = self._store_everywhere(storages, info, name)
         finally:
             _unlink_quietly(info.path)
+        stored = [(s, name) for s, (ok, _) in results if ok]
+        failures = [(s, error) for s, (_, error) in results if error is not None]
         errors = ["%s: %s" % (s.describe(), e) for s, e in failures]
         outcome = "stored" if not failures else ("partial" if stored else "failed")
         return CycleResult(outcome, info, stored, errors, failures)
+
+
+def _store_one(storage, info, name, signals, clock):
+    """Upload to one storage, then apply its retention. Returns (stored?,
+    error text or None); raises Stopped. Any other failure stays in this
+    storage: one storage failing never stops the others."""
+    storage.progress = Progress("Uploading to %s" % storage.describe(), info.size, clock)
+    try:
+        location = storage.upload(info, name, signals)
+    except Stopped:
+        raise
+    except Exception as exc:
+        if signals.stop_requested:
+            raise Stopped("stop requested")
+        if not isinstance(exc, (AgentError, OSError)):
+            LOG.debug("Traceback", exc_info=True)
+        LOG.error("Storing snapshot in %s failed: %s", storage.describe(), _error_text(exc))
+        return False, _error_text(exc)
+    finally:
+        storage.progress = None
+    LOG.info("Successfully created %s snapshot to %s", storage.kind, location)
+    try:
+        apply_retention(storage, keep=name, now=clock.now())
+    except (StorageError, TransportError, OSError) as exc:
+        LOG.error("Retention on %s failed: %s", storage.describe(), _error_text(exc))
+        return True, "retention: %s" % _error_text(exc)
+    return True, None
 
 
 def _default_temp_dir():
