@@ -1982,7 +1982,10 @@ def stream_snapshot(resp, directory, signals, progress=None):
     and hashing on the way; returns SnapshotInfo. On any failure or stop the
     partial file is removed and the error raised."""
     path = os.path.join(directory, temp_name())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise SnapshotError("cannot create a temporary file in %s: %s" % (directory, exc.strerror))
     verifier = ArchiveVerifier()
     digest = hashlib.sha256()
     size = 0
@@ -2004,6 +2007,10 @@ def stream_snapshot(resp, directory, signals, progress=None):
             index, term, state_size = verifier.finish()
             out.flush()
             os.fsync(out.fileno())
+    except (IOError, OSError) as exc:     # the disk: full, file too large, I/O error
+        _unlink_quietly(path)
+        raise SnapshotError("cannot write the snapshot to %s (in %s, after %s): %s" % (
+            os.path.basename(path), directory, format_size(size), exc.strerror or exc))
     except BaseException:
         _unlink_quietly(path)
         raise

