@@ -56,7 +56,6 @@ import concurrent.futures
 import configparser
 import datetime
 import errno
-import gzip
 import hashlib
 import hmac
 import http.client

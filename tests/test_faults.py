@@ -28,7 +28,6 @@ import random
 import re
 import resource
 import signal
-import socket
 import socketserver
 import subprocess
 import sys

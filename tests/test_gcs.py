@@ -5,7 +5,6 @@ sources tested against loopback servers that verify the JWT signature."""
 
 import io
 import json
-import os
 
 import pytest
 
