@@ -23,10 +23,7 @@ import textwrap
 
 import pytest
 
-try:        # PyYAML comes with moto in the test venv; the bare per-Python
-    import yaml  # runs deselect this module (oracle) instead of skipping it.
-except ImportError:
-    yaml = None
+yaml = pytest.importorskip("yaml")
 
 import vault_snapshot_agent as vsa  # noqa: E402
 
