@@ -2726,9 +2726,16 @@ def azure_shared_key(method, url, headers, account, key):
     """The Shared Key ``Authorization`` value for one Blob service request.
 
     Pure: ``headers`` must already hold x-ms-date and x-ms-version; ``key`` is
-    the base64 account key. The string-to-sign follows "Authorize with
-    Shared Key" (version 2015-02-21 and later: an empty Content-Length for 0).
+    the base64 account key.
     """
+    string_to_sign = azure_string_to_sign(method, url, headers, account)
+    digest = hmac.new(base64.b64decode(key), string_to_sign.encode("utf-8"), hashlib.sha256).digest()
+    return "SharedKey %s:%s" % (account, base64.b64encode(digest).decode("ascii"))
+
+
+def azure_string_to_sign(method, url, headers, account):
+    """The string-to-sign of "Authorize with Shared Key" (Blob service,
+    version 2015-02-21 and later: an empty Content-Length for 0)."""
     lower = dict((name.lower(), str(value)) for name, value in headers.items())
     length = lower.get("content-length", "")
     fields = [method.upper(), lower.get("content-encoding", ""), lower.get("content-language", ""),
@@ -2747,9 +2754,7 @@ def azure_shared_key(method, url, headers, account, key):
         params[name.lower()].append(value)
     for name in sorted(params):
         resource += "\n%s:%s" % (name, ",".join(sorted(params[name])))
-    string_to_sign = "\n".join(fields) + "\n" + canonical_headers + resource
-    digest = hmac.new(base64.b64decode(key), string_to_sign.encode("utf-8"), hashlib.sha256).digest()
-    return "SharedKey %s:%s" % (account, base64.b64encode(digest).decode("ascii"))
+    return "\n".join(fields) + "\n" + canonical_headers + resource
 
 
 def parse_connection_string(text):
