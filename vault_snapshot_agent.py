@@ -1011,24 +1011,6 @@ def backoff_delays(attempts, base=1.0, cap=30.0, rand=random.random):
     return [rand() * min(cap, base * (2 ** i)) for i in range(attempts - 1)]
 
 
-def with_retries(operation, what, signals, attempts=4, base=1.0, cap=30.0):
-    """Call ``operation()``; retry retryable TransportErrors with backoff.
-
-    Waits are signal-aware: a stop request raises Stopped instead of waiting.
-    """
-    delays = backoff_delays(attempts, base, cap)
-    for attempt in range(attempts):
-        try:
-            return operation()
-        except TransportError as exc:
-            if not exc.retryable or attempt == attempts - 1:
-                raise
-            LOG.warning("%s failed (%s), retry %d/%d in %.1fs",
-                        what, exc, attempt + 1, attempts - 1, delays[attempt])
-            signals.wait(delays[attempt], wake_on_reload=False)
-            signals.check()
-
-
 # =============================================================================
 # 7. Request signing
 # =============================================================================
