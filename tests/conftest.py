@@ -5,7 +5,10 @@ in plain modules next to this file (bao_cluster.py, faultproxy.py) so they
 can be imported by tests and scripts alike.
 """
 
+import io
+import logging
 import os
+import re
 import sys
 import types
 
@@ -18,6 +21,7 @@ for _path in (TESTS_DIR, ROOT_DIR):      # helpers, and the agent module itself
         sys.path.insert(0, _path)
 
 import bao_cluster as _bao  # noqa: E402
+import vault_snapshot_agent as _vsa  # noqa: E402
 import moto_s3 as _moto  # noqa: E402
 import gcs_emulators as _gcs  # noqa: E402
 import azurite as _azurite  # noqa: E402
@@ -62,6 +66,7 @@ def bao_cluster(tmp_path_factory):
     cluster = _bao.BaoCluster(str(tmp_path_factory.mktemp("bao")), nodes=3, bao=binary)
     try:
         cluster.start()
+        KNOWN_SECRETS.add(cluster.root_token)
         yield cluster
     finally:
         cluster.stop()
@@ -84,6 +89,7 @@ def approle(bao_cluster):
     role_id, secret_id = bao_cluster.setup_snapshot_approle(
         role=role, token_ttl="1h", token_max_ttl="24h", mount=mount
     )
+    KNOWN_SECRETS.add(secret_id)
     return types.SimpleNamespace(role_id=role_id, secret_id=secret_id, mount=mount, role=role)
 
 
@@ -104,6 +110,8 @@ def moto(tmp_path_factory):
         server.start()
         server.setup()
         server.enable_auth()
+        KNOWN_SECRETS.update([server.secret_access_key, server.denied_secret_access_key,
+                              server.web_identity[1], server.web_identity[2]])
         yield server
     finally:
         server.stop()
@@ -157,6 +165,7 @@ def _azurite_server(tmp_path_factory, name, **kwargs):
     server = _azurite.Azurite(str(tmp_path_factory.mktemp(name)), **kwargs)
     server.start()
     server.create_container("snapshots")
+    KNOWN_SECRETS.add(server.key)
     return server
 
 
@@ -180,3 +189,50 @@ def azurite_oauth(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+# ----------------------------------------------- no secret in any log line
+#
+# Every in-process run of the agent during the session also logs (at debug
+# level) into one buffer; at the end it must hold none of the credentials
+# the fixtures handed out, no Vault token, no SigV4 signature, no SAS
+# signature and no private key. Subprocess runs check their own logs.
+
+KNOWN_SECRETS = set()
+LEAK_PATTERNS = [
+    re.compile(r"\b(?:hvs|hvb|hvr|s|b|r|sb)\.[A-Za-z0-9_-]{20,}"),   # Vault/OpenBao tokens
+    re.compile(r"Signature=[0-9a-f]{64}"),                          # SigV4
+    re.compile(r"[?&]sig=[A-Za-z0-9%+/=]{10,}"),                    # Azure SAS
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+]
+_SESSION_LOG = io.StringIO()
+_CAPTURE = logging.StreamHandler(_SESSION_LOG)
+_CAPTURE.setLevel(logging.DEBUG)
+_CAPTURE.setFormatter(logging.Formatter("%(message)s"))
+_real_configure_logging = _vsa._configure_logging
+
+
+def _configure_logging_and_capture(level, fmt, stream):
+    handler = _real_configure_logging(level, fmt, stream)
+    _vsa.LOG.setLevel(min(level, logging.DEBUG))
+    handler.setLevel(level)
+    _vsa.LOG.addHandler(_CAPTURE)
+    return handler
+
+
+_vsa._configure_logging = _configure_logging_and_capture
+
+
+def pytest_sessionfinish(session, exitstatus):
+    text = _SESSION_LOG.getvalue()
+    leaks = sorted(set(secret for secret in KNOWN_SECRETS if secret and secret in text))
+    leaks += sorted(set(m.group(0)[:12] + "..." for p in LEAK_PATTERNS for m in p.finditer(text)))
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = len(text.splitlines())
+    if reporter is not None:
+        reporter.write_line("secret scan: %d log lines of in-process agent runs, %d known secrets, "
+                            "%d leaks" % (lines, len(KNOWN_SECRETS), len(leaks)))
+    if leaks:
+        if reporter is not None:
+            reporter.write_line("SECRET LEAKED INTO LOGS: %s" % ", ".join(leaks[:10]), red=True)
+        session.exitstatus = 1

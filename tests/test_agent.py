@@ -112,3 +112,23 @@ def test_a_long_cycle_does_not_cause_a_burst(tmp_path):
     times = [t for t, _ in StandbyVault.calls]
     assert len(times) == 4
     assert all(b - a == 5000 for a, b in zip(times, times[1:]))
+
+
+def test_progress_logs_bytes_rate_and_eta_every_interval():
+    clock = FakeClock()
+    stream = io.StringIO()
+    handler = vsa._configure_logging(20, "text", stream)
+    try:
+        progress = vsa.Progress("Uploading to s3://b/", 10 * 10 ** 9, clock, interval=30)
+        for _ in range(100):                 # 100 MB a second for 100 seconds
+            clock.t += 1
+            progress.add(100 * 10 ** 6)
+        unknown = vsa.Progress("Downloading snapshot", None, clock, interval=30)
+        clock.t += 31
+        unknown.add(5 * 10 ** 9)
+    finally:
+        vsa.LOG.removeHandler(handler)
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 4, lines             # at 30, 60, 90 s, and the download
+    assert "Uploading to s3://b/: 3.0 GB of 10.0 GB (30%), 100.0 MB/s, about 1m10s left" in lines[0]
+    assert "Downloading snapshot: 5.0 GB so far" in lines[3]
