@@ -2315,6 +2315,8 @@ class LocalStorage(Storage):
         try:
             names = os.listdir(self.path)
         except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return []           # not created yet: no snapshots
             raise StorageError("cannot list %s: %s" % (self.path, exc.strerror))
         refs = []
         for name in names:
