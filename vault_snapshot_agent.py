@@ -63,6 +63,7 @@ import json
 import logging
 import math
 import os
+import queue
 import random
 import re
 import select
@@ -71,6 +72,7 @@ import socket
 import ssl
 import stat
 import sys
+import threading
 import time
 import urllib.parse
 import zlib
@@ -116,6 +118,7 @@ CHUNK_SIZE = 1024 * 1024             # stream and copy granularity
 MAX_JSON_BYTES = 4 * 1024 * 1024     # an API answer larger than this is refused
 MAX_SMALL_MEMBER = 1024 * 1024       # meta.json / SHA256SUMS size cap
 MAX_REDIRECTS = 3
+VERIFY_QUEUE = 8                     # chunks in flight between download and verification
 
 TOKEN_RENEW_FRACTION = 2.0 / 3.0     # renew after 2/3 of the TTL has passed
 TOKEN_MIN_REMAINING = 10.0           # seconds (at most 10% of the TTL) of safety margin
@@ -1958,6 +1961,71 @@ def _parse_pax(data):
     return name, size
 
 
+class _Pass(object):
+    """One pass over a snapshot's bytes: the caller's thread reads, writes and
+    takes the archive's SHA-256; a second thread inflates and checks the
+    archive at the same time (zlib and hashlib release the GIL), fed through
+    a queue of at most ``VERIFY_QUEUE`` chunks, so memory stays bounded."""
+
+    def __init__(self, signals):
+        self.signals = signals
+        self.verifier = ArchiveVerifier()
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self._queue = queue.Queue(maxsize=VERIFY_QUEUE)
+        self._failure = []
+        self._thread = threading.Thread(target=self._verify, name="verify")
+        self._thread.daemon = True
+        self._thread.start()
+
+    def _verify(self):
+        while True:
+            chunk = self._queue.get()
+            if chunk is None:
+                return
+            if not self._failure:
+                try:
+                    self.verifier.feed(chunk)
+                except BaseException as exc:    # handed to the caller's thread
+                    self._failure.append(exc)
+
+    def run(self, read, write, progress=None):
+        """Pump ``read()`` chunks to ``write`` until EOF; returns (index, term,
+        state size) once the archive verified. Raises the first error of either
+        thread; the verifying thread is always gone on return."""
+        try:
+            while True:
+                self.signals.check()
+                if self._failure:
+                    raise self._failure[0]
+                chunk = read()
+                if not chunk:
+                    break
+                self.signals.check()
+                write(chunk)
+                self.digest.update(chunk)
+                self._queue.put(chunk)
+                self.size += len(chunk)
+                if progress is not None:
+                    progress.add(len(chunk))
+            self._queue.put(None)
+            self._thread.join()
+            if self._failure:
+                raise self._failure[0]
+            self.signals.check()
+            return self.verifier.finish()
+        finally:
+            if self._thread.is_alive():
+                self._failure.append(Stopped("pass abandoned"))   # drain without feeding
+                self._queue.put(None)
+                self._thread.join()
+
+
+class _NoStop(object):
+    def check(self):
+        pass
+
+
 def stream_snapshot(resp, directory, signals, progress=None):
     """Stream a snapshot answer into a 0600 file in ``directory``, verifying
     and hashing on the way; returns SnapshotInfo. On any failure or stop the
@@ -1967,55 +2035,31 @@ def stream_snapshot(resp, directory, signals, progress=None):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
         raise SnapshotError("cannot create a temporary file in %s: %s" % (directory, exc.strerror))
-    verifier = ArchiveVerifier()
-    digest = hashlib.sha256()
-    size = 0
+    one_pass = _Pass(signals)
     try:
         with os.fdopen(fd, "wb") as out, signals.aborting(resp.abort):
-            while True:
-                signals.check()
-                chunk = resp.read(CHUNK_SIZE)
-                if not chunk:
-                    break
-                signals.check()
-                out.write(chunk)
-                digest.update(chunk)
-                verifier.feed(chunk)
-                size += len(chunk)
-                if progress is not None:
-                    progress.add(len(chunk))
-            signals.check()
-            index, term, state_size = verifier.finish()
+            index, term, state_size = one_pass.run(lambda: resp.read(CHUNK_SIZE), out.write, progress)
             out.flush()
             os.fsync(out.fileno())
     except (IOError, OSError) as exc:     # the disk: full, file too large, I/O error
         _unlink_quietly(path)
         raise SnapshotError("cannot write the snapshot to %s (in %s, after %s): %s" % (
-            os.path.basename(path), directory, format_size(size), exc.strerror or exc))
+            os.path.basename(path), directory, format_size(one_pass.size), exc.strerror or exc))
     except BaseException:
         _unlink_quietly(path)
         raise
-    return SnapshotInfo(path, size, digest.hexdigest(), index, term, state_size)
+    return SnapshotInfo(path, one_pass.size, one_pass.digest.hexdigest(), index, term, state_size)
 
 
 def verify_file(path):
     """Verify a snapshot file on disk; returns SnapshotInfo (path as given)."""
-    verifier = ArchiveVerifier()
-    digest = hashlib.sha256()
-    size = 0
+    one_pass = _Pass(_NoStop())
     try:
         with open(path, "rb") as handle:
-            while True:
-                chunk = handle.read(CHUNK_SIZE)
-                if not chunk:
-                    break
-                digest.update(chunk)
-                verifier.feed(chunk)
-                size += len(chunk)
+            index, term, state_size = one_pass.run(lambda: handle.read(CHUNK_SIZE), lambda chunk: None)
     except (IOError, OSError) as exc:
         raise SnapshotError("%s: cannot read: %s" % (path, exc.strerror or exc))
-    index, term, state_size = verifier.finish()
-    return SnapshotInfo(path, size, digest.hexdigest(), index, term, state_size)
+    return SnapshotInfo(path, one_pass.size, one_pass.digest.hexdigest(), index, term, state_size)
 
 
 def _unlink_quietly(path):
@@ -3584,7 +3628,6 @@ class MetricsServer(object):
         except (OSError, socket.error) as exc:
             raise ConfigError("metrics_address: cannot listen on %s:%d: %s"
                               % (bind[0], bind[1], exc.strerror or exc))
-        import threading
         self.thread = threading.Thread(target=self.server.serve_forever, name="metrics")
         self.thread.daemon = True
         self.thread.start()
@@ -3612,7 +3655,6 @@ class SystemdNotifier(object):
         pid = env.get("WATCHDOG_PID")
         if self.sock and usec and usec.isdigit() and (not pid or pid == str(os.getpid())):
             self.watchdog = int(usec) / 1e6
-        import threading
         self._stopped = threading.Event()
 
     def notify(self, *fields):
@@ -3626,7 +3668,6 @@ class SystemdNotifier(object):
     def start_watchdog(self):
         if not self.watchdog:
             return
-        import threading
         thread = threading.Thread(target=self._watchdog_loop, name="watchdog")
         thread.daemon = True
         thread.start()
@@ -3652,7 +3693,6 @@ class Progress(object):
         self.what, self.total, self.clock, self.interval = what, total, clock, interval
         self.done = 0
         self.start = self.last = clock.monotonic()
-        import threading
         self._lock = threading.Lock()
 
     def add(self, count):
