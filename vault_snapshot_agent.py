@@ -1009,6 +1009,12 @@ class Http(object):
         return Response(method, url, conn, raw, sock)
 
 
+def retryable_status(status):
+    """Whether an HTTP status is worth another try: timeouts, throttling and
+    server errors, but not 501 (the server will never implement it)."""
+    return status in (408, 429) or (500 <= status < 600 and status != 501)
+
+
 def backoff_delays(attempts, base=1.0, cap=30.0, rand=random.random):
     """Full-jitter exponential backoff: the waits between ``attempts`` tries."""
     return [rand() * min(cap, base * (2 ** i)) for i in range(attempts - 1)]
@@ -1479,7 +1485,7 @@ def _oauth_answer(http, method, url, headers, body, what):
             if isinstance(data, dict):
                 detail = data.get("error_description") or data.get("error") or data.get("message") or ""
             raise StorageError("%s: HTTP %d %s" % (what, resp.status, one_line(detail, 200)),
-                               resp.status >= 500 or resp.status == 429)
+                               retryable_status(resp.status))
     if not isinstance(data, dict):
         raise StorageError("%s: answer is not a JSON object" % what)
     return data
@@ -2447,7 +2453,7 @@ def _s3_error(resp, data, action):
     text = "S3 %s: HTTP %d %s%s%s" % (action, resp.status, code or resp.reason or "",
                                       (": " + one_line(message)) if message else "",
                                       (" (%s)" % hint) if hint else "")
-    return StorageError(text, resp.status >= 500 or resp.status == 429 or code in S3_RETRYABLE_CODES)
+    return StorageError(text, retryable_status(resp.status) or code in S3_RETRYABLE_CODES)
 
 
 @register_storage
@@ -3052,7 +3058,7 @@ def _azure_error(resp, data, action):
     text = "Azure %s: HTTP %d %s%s%s" % (action, resp.status, code or resp.reason or "",
                                          (": " + one_line(message)) if message else "",
                                          (" (%s)" % hint) if hint else "")
-    return StorageError(text, resp.status >= 500 or resp.status in (408, 429)
+    return StorageError(text, retryable_status(resp.status)
                         or code in ("ServerBusy", "OperationTimedOut", "InternalError"))
 
 
@@ -3189,7 +3195,7 @@ def _gcs_error(resp, data, action):
     text = "GCS %s: HTTP %d %s%s%s" % (action, resp.status, reason or resp.reason or "",
                                        (": " + one_line(message)) if message else "",
                                        (" (%s)" % hint) if hint else "")
-    return StorageError(text, resp.status >= 500 or resp.status in (408, 429))
+    return StorageError(text, retryable_status(resp.status))
 
 
 @register_storage

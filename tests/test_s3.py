@@ -306,3 +306,22 @@ def test_no_credentials_anywhere_is_one_clear_line(moto, bao_cluster, approle, t
     code, log = run_with_chain(tmp_path, bao_cluster, approle, moto, "none")
     assert code == 1
     assert "no AWS credentials found" in log
+
+
+def test_store_without_delete_objects_falls_back_to_single_deletes(moto, bao_cluster, approle,
+                                                                  tmp_path):
+    prefix = "nobatch/"
+    moto.delete_all(BUCKET, prefix)
+    old = ["%sraft_snapshot-%d.snap" % (prefix, 1700000000000000000 + i) for i in range(4)]
+    moto.put_many(BUCKET, old)
+    port = int(moto.endpoint.rsplit(":", 1)[1])
+    body = b"<Error><Code>NotImplemented</Code><Message>DeleteObjects</Message></Error>"
+    with FaultProxy("127.0.0.1", port) as proxy:
+        rule = proxy.fail_requests(lambda m, p: m == "POST" and "delete" in p.split("?", 1)[-1],
+                                   status=501, body=body, content_type="application/xml")
+        aws = s3_block(moto, s3_endpoint=proxy.addr, s3_key_prefix="nobatch", retain=2)
+        code, log = run_agent(tmp_path, bao_cluster, approle, aws, local=False)
+        deletes = [r for r in proxy.requests if r.startswith("DELETE ")]
+    assert code == 0, log
+    assert rule.hits == 1 and len(deletes) == 3
+    assert moto.list_keys(BUCKET, prefix) == sorted([stored_key(log), old[-1]])
