@@ -4,7 +4,7 @@
 (gcp-storage-emulator), agent vs google-cloud-storage (Python).
 
 Builds (or reuses, --file) a valid snapshot archive of about --mb MB (the
-same generator and cache file as s3_upload.py), checks it once with
+same generator and cache file as s3_upload.py, in benchlib), checks it once with
 vsa.verify_file (untimed), starts a throw-away gcp-storage-emulator
 (tests/gcs_emulators.py: in memory, single-threaded, HTTP/1.0, no auth
 checks; its resumable uploads behave like GCS's), then uploads the file
@@ -29,9 +29,9 @@ deleted, so the in-memory emulator does not grow from run to run.
 
 For each run: wall time of the child process, its CPU time and peak RSS
 (ru_maxrss from os.wait4), and the CPU time the emulator burnt meanwhile
-(/proc/PID/stat).  Children are started by the forked helper of
-s3_upload.py (Spawner), so a child's ru_maxrss is not inflated by this
-process.  Each child also reports its own start-up and upload time.
+(/proc/PID/stat).  Children are started by benchlib.Spawner, a helper
+forked before anything big is imported, so a child's ru_maxrss is not
+inflated by this process.  Each child also reports its own start-up and upload time.
 
 Mind the emulator: it keeps a resumable upload as one bytes object and
 copies all of it for every chunk it appends (quadratic in the number of
@@ -53,48 +53,22 @@ archive in $TMPDIR for the next --keep run (shared with s3_upload.py and
 azure_upload.py); --file PATH uses (or creates and keeps) an archive at PATH.
 """
 
-import argparse
-import hashlib
 import json
 import os
-import platform
-import shutil
-import signal
-import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(REPO, "tests"))
+import benchlib
+from benchlib import MB
 
-from s3_upload import (MB, Interrupted, Spawner, _on_term,  # noqa: E402
-                       prepare_archive, proc_cpu, proc_status)
+sys.path.insert(0, benchlib.TESTS)
 
 ALL_TOOLS = ("agent", "gcs-py", "gcs-py-dflt")
 BUCKET = "snapshots"
 OBJECTS = {"agent": "bench/agent.snap", "gcs-py": "bench/ref.snap", "gcs-py-dflt": "bench/ref.snap"}
-
-AGENT_CHILD = r"""
-import json, os, sys, time
-t0 = time.perf_counter()
-sys.path.insert(0, sys.argv[1])
-import vault_snapshot_agent as vsa
-spec = json.loads(os.environ.pop("BENCH_SPEC"))
-cls = getattr(vsa, spec["class"])
-cfg = vsa.config_from_dict(spec["config"])
-storage = [s for s in vsa.build_storages(cfg) if isinstance(s, cls)][0]
-t1 = time.perf_counter()
-info = vsa.verify_file(spec["path"]) if spec["verify"] else vsa.SnapshotInfo(*spec["info"])
-t2 = time.perf_counter()
-url = storage.upload(info, spec["name"], vsa.Signals())
-t3 = time.perf_counter()
-print(json.dumps({"setup": t1 - t0, "verify": t2 - t1, "upload": t3 - t2, "url": url,
-                  "size": info.size}))
-"""
+SCRUB = ("AWS_", "AZURE_", "VAULT_", "BAO_", "GOOGLE_", "CLOUDSDK_", "BENCH_SPEC",
+         "STORAGE_EMULATOR_HOST")
 
 GCS_PY_CHILD = r"""
 # python gcs_up.py BUCKET NAME FILE CHUNK_MIB|default   ($STORAGE_EMULATOR_HOST set)
@@ -114,16 +88,6 @@ print(json.dumps({"setup": t1 - t0, "upload": t2 - t1, "size": blob.size,
 """
 
 
-def base_env(**extra):
-    env = dict((k, v) for k, v in os.environ.items()
-               if not (k.startswith("AWS_") or k.startswith("AZURE_") or k.startswith("VAULT_")
-                       or k.startswith("BAO_") or k.startswith("GOOGLE_")
-                       or k.startswith("CLOUDSDK_")
-                       or k in ("BENCH_SPEC", "STORAGE_EMULATOR_HOST")))
-    env.update(extra)
-    return env
-
-
 def find_ref_python(explicit):
     for cand in (explicit, "/tmp/gcs-ref-venv/bin/python"):
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
@@ -132,84 +96,64 @@ def find_ref_python(explicit):
                      "/tmp/gcs-ref-venv/bin/pip install google-cloud-storage (or --ref-python PATH)")
 
 
-def file_sha12(path):
-    with open(path, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()[:12]
-
-
 # ----------------------------------------------------------------- bench
+
+def ref_versions(ref_python):
+    """Python, google-cloud-storage and google-resumable-media of the reference venv."""
+    return json.loads(subprocess.check_output(
+        [ref_python, "-c", "import json, platform; from importlib.metadata import version; "
+         "print(json.dumps({'python': platform.python_version(), "
+         "'gcs': version('google-cloud-storage'), "
+         "'resumable': version('google-resumable-media')}))"],
+        universal_newlines=True))
+
 
 def bench(args, workdir, spawner, tools):
     from gcs_emulators import GcsEmulator
-    import vault_snapshot_agent as vsa
 
     ref_python = find_ref_python(args.ref_python)
     python = args.python or sys.executable
-    path = prepare_archive(args, workdir)
+    path = benchlib.prepare_archive(args, workdir)
     size = os.path.getsize(path)
-    t0 = time.time()
-    info = vsa.verify_file(path)
-    print("archive verified in %.1fs (index %d, term %d, sha256 %s...)" % (
-        time.time() - t0, info.index, info.term, info.sha256[:12]), flush=True)
+    info = benchlib.verify_archive(path)
     script = os.path.join(workdir, "gcs_up.py")
     with open(script, "w") as fh:
         fh.write(GCS_PY_CHILD)
 
     gcs = GcsEmulator(os.path.join(workdir, "gcs"), "gcp-storage-emulator")
-    try:
+    with benchlib.stopping(spawner.close, gcs.stop):   # spawner.close kills a running child
         t0 = time.time()
         gcs.start()
         gcs.create_bucket(BUCKET)
         print("gcp-storage-emulator %s up in %.1fs (in memory)" % (gcs.endpoint, time.time() - t0),
               flush=True)
-        agent_spec = {"path": path, "name": "agent.snap", "class": "GoogleStorage",
-                      "verify": args.verify, "info": list(info), "config": {
-                          "addr": "http://127.0.0.1:8200", "token": "unused-by-this-bench",
-                          "google_storage": {"bucket": BUCKET, "endpoint": gcs.endpoint,
-                                             "anonymous": True, "prefix": "bench",
-                                             "chunk_size_mb": args.chunk_size}}}
-        ref_versions = json.loads(subprocess.check_output(
-            [ref_python, "-c", "import json, platform; from importlib.metadata import version; "
-             "print(json.dumps({'python': platform.python_version(), "
-             "'gcs': version('google-cloud-storage'), "
-             "'resumable': version('google-resumable-media')}))"],
-            universal_newlines=True))
+        agent_spec = benchlib.agent_upload_spec(
+            path, "GoogleStorage", "google_storage",
+            {"bucket": BUCKET, "endpoint": gcs.endpoint, "anonymous": True, "prefix": "bench",
+             "chunk_size_mb": args.chunk_size},
+            verify=args.verify, info=info)
+        ref = ref_versions(ref_python)
         versions = {
-            "python": subprocess.check_output([python, "-c", "import platform; "
-                                               "print(platform.python_version())"],
-                                              universal_newlines=True).strip(),
-            "ref_python": ref_versions["python"],
-            "google-cloud-storage": ref_versions["gcs"],
-            "google-resumable-media": ref_versions["resumable"],
+            "python": benchlib.python_version(python),
+            "ref_python": ref["python"],
+            "google-cloud-storage": ref["gcs"],
+            "google-resumable-media": ref["resumable"],
             "emulator": subprocess.check_output(
                 [sys.executable, "-c", "from importlib.metadata import version; "
                  "print(version('gcp-storage-emulator'))"], universal_newlines=True).strip(),
-            "agent_sha256": file_sha12(os.path.join(REPO, "vault_snapshot_agent.py")),
+            "agent_sha256": benchlib.agent_sha12(),
         }
-        count = [0]
+        uploads = benchlib.Uploads(spawner, workdir, args.timeout, gcs.pid)
 
         def take(tool):
-            count[0] += 1
-            log = os.path.join(workdir, "run%03d-%s.log" % (count[0], tool))
             if tool == "agent":
-                argv = [python, "-c", AGENT_CHILD, REPO]
-                env = base_env(BENCH_SPEC=json.dumps(agent_spec))
+                argv = benchlib.agent_upload_argv(python)
+                env = benchlib.scrubbed_env(SCRUB, BENCH_SPEC=json.dumps(agent_spec))
             else:
                 chunk = "default" if tool == "gcs-py-dflt" else str(args.chunk_size)
                 argv = [ref_python, script, BUCKET, OBJECTS[tool], path, chunk]
-                env = base_env(STORAGE_EMULATOR_HOST=gcs.endpoint)
-            server_before = proc_cpu(gcs.pid)
-            r = spawner.run(argv, env, log, args.timeout)
-            r["server_cpu"] = proc_cpu(gcs.pid) - server_before
-            if r["rc"] != 0:
-                with open(log, "rb") as fh:
-                    tail = fh.read()[-3000:].decode("utf-8", "replace")
-                raise RuntimeError("%s %s after %.0fs:\n%s" % (
-                    tool, "timed out" if r["timed_out"] else "exited %d" % r["rc"],
-                    r["seconds"], tail))
-            with open(log) as fh:
-                lines = [l for l in fh.read().splitlines() if l.startswith("{")]
-            r["child"] = json.loads(lines[-1])
+                env = benchlib.scrubbed_env(SCRUB, STORAGE_EMULATOR_HOST=gcs.endpoint)
+            r = uploads.run(tool, argv, env)
             meta = gcs.object_metadata(BUCKET, OBJECTS[tool])
             if meta is None or int(meta.get("size", -1)) != size:
                 raise RuntimeError("%s: gs://%s/%s is %s bytes, file is %d" % (
@@ -219,151 +163,73 @@ def bench(args, workdir, spawner, tools):
             gcs.delete_object(BUCKET, OBJECTS[tool])
             return r
 
-        results = dict((t, []) for t in tools)
-        for i in range(args.runs):
-            order = tools[i % len(tools):] + tools[:i % len(tools)]
-            for tool in order:
-                r = take(tool)
-                results[tool].append(r)
-                extra = "  (upload %.2fs" % r["child"]["upload"]
-                if tool == "agent" and args.verify:
-                    extra += ", verify %.2fs" % r["child"]["verify"]
-                extra += ")"
-                print("run %d %-11s %7.2fs %7.1f MB/s  client CPU %6.2fs  emulator CPU %6.2fs  "
-                      "RSS %6.1f MB  object %d B%s" % (
-                          i + 1, tool, r["seconds"], size / MB / r["seconds"], r["cpu"],
-                          r["server_cpu"], r["maxrss_kib"] * 1024 / MB, r["object_size"], extra),
-                      flush=True)
-        return {
-            "date": time.strftime("%Y-%m-%d"),
-            "machine": "%s %s, %d cores" % (platform.system(), platform.machine(),
-                                            os.cpu_count() or 0),
+        def report(i, tool, r):
+            tail = "  object %d B%s" % (r["object_size"],
+                                     benchlib.child_times(r, tool, args.verify))
+            benchlib.upload_progress(i, tool, 11, r, size, "emulator", "server_cpu", tail)
+
+        results = benchlib.interleave(tools, args.runs, take, report)
+        return dict(benchlib.stamp(), **{
             "versions": versions, "python_path": python, "ref_python_path": ref_python,
             "file_bytes": size, "runs": args.runs, "chunk_size_mib": args.chunk_size,
             "verify": args.verify, "tools": list(tools),
-            "server_peak_rss": proc_status(gcs.pid, "VmHWM"),
+            "server_peak_rss": benchlib.proc_status(gcs.pid, "VmHWM"),
             "results": results,
-        }
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        spawner.close()     # kills a child still running
-        gcs.stop()
+        })
 
 
 def summarize(data):
-    rows = {}
-    for tool, runs in data["results"].items():
-        rows[tool] = {
-            "seconds": statistics.median(r["seconds"] for r in runs),
-            "min": min(r["seconds"] for r in runs),
-            "max": max(r["seconds"] for r in runs),
-            "cpu": statistics.median(r["cpu"] for r in runs),
-            "server_cpu": statistics.median(r["server_cpu"] for r in runs),
-            "rss": max(r["maxrss_kib"] for r in runs) * 1024,
-            "rss_floor": max(r["floor_kib"] for r in runs) * 1024,
-            "upload": statistics.median(r["child"]["upload"] for r in runs),
-            "setup": statistics.median(r["child"]["setup"] for r in runs),
-        }
-        if tool == "agent":
-            rows[tool]["verify"] = statistics.median(r["child"]["verify"] for r in runs)
-    return rows
+    return benchlib.summarize_uploads(data["results"], "server_cpu")
 
 
 def table(data):
     rows = summarize(data)
     size = data["file_bytes"]
-    base = rows["gcs-py"]
     c = data["chunk_size_mib"]
-    label = {
+    labels = {
         "agent": "agent: %sGoogleStorage.upload (MD5 pass + resumable, %d MiB chunks)"
                  % ("verify_file + " if data["verify"] else "", c),
         "gcs-py": "google-cloud-storage `upload_from_filename`, chunk_size %d MiB" % c,
         "gcs-py-dflt": "google-cloud-storage `upload_from_filename`, default (100 MiB chunks)",
     }
-    lines = [
-        "| tool | wall time, median (min-max) | MB/s | peak RSS | client CPU | emulator CPU "
-        "| time vs gcs-py | RSS vs gcs-py |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for tool in data["tools"]:
-        r = rows[tool]
-        lines.append("| %s | %.2f s (%.2f-%.2f) | %.1f | %.1f MB | %.2f s | %.2f s | %.2fx | %.2fx |"
-                     % (label[tool], r["seconds"], r["min"], r["max"], size / MB / r["seconds"],
-                        r["rss"] / MB, r["cpu"], r["server_cpu"], r["seconds"] / base["seconds"],
-                        r["rss"] / base["rss"]))
-    parts = [("upload", "agent, of which GoogleStorage.upload")]
-    if data["verify"]:
-        parts.insert(0, ("verify", "agent, of which verify_file"))
-    for part, text in parts:
-        a = rows["agent"][part]
-        lines.append("| %s | %.2f s | %.1f | - | - | - | %.2fx | - |" % (
-            text, a, size / MB / a, a / base["seconds"]))
-    lines.append("| gcs-py, of which `upload_from_filename` | %.2f s | %.1f | - | - | - | %.2fx | - |"
-                 % (base["upload"], size / MB / base["upload"], base["upload"] / base["seconds"]))
+    parts = benchlib.agent_parts(rows, "GoogleStorage", data["verify"])
+    parts.append(("gcs-py, of which `upload_from_filename`", rows["gcs-py"]["upload"]))
     v = data["versions"]
-    lines.append("")
-    lines.append("%d runs each, interleaved; %.1f MB archive; gcp-storage-emulator %s in memory "
-                 "(peak RSS %.0f MB); agent on Python %s, sha256 `%s`; google-cloud-storage %s "
-                 "(google-resumable-media %s) on Python %s; %s; %s." % (
-                     data["runs"], size / MB, v["emulator"], data["server_peak_rss"] / MB,
-                     v["python"], v["agent_sha256"], v["google-cloud-storage"],
-                     v["google-resumable-media"], v["ref_python"], data["machine"], data["date"]))
-    return "\n".join(lines)
+    footer = ("%d runs each, interleaved; %.1f MB archive; gcp-storage-emulator %s in memory "
+              "(peak RSS %.0f MB); agent on Python %s, sha256 `%s`; google-cloud-storage %s "
+              "(google-resumable-media %s) on Python %s; %s; %s." % (
+                  data["runs"], size / MB, v["emulator"], data["server_peak_rss"] / MB,
+                  v["python"], v["agent_sha256"], v["google-cloud-storage"],
+                  v["google-resumable-media"], v["ref_python"], data["machine"], data["date"]))
+    return benchlib.upload_table(rows, data["tools"], labels, size, ("gcs-py", "gcs-py"),
+                                 "emulator", "server_cpu", parts, footer)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mb", type=float, default=500, help="archive size in MB (500)")
-    parser.add_argument("--file", help="archive to upload: reused if it exists, else created "
-                                       "there and kept")
-    parser.add_argument("--runs", type=int, default=3, help="uploads per tool (3)")
+def add_options(parser):
     parser.add_argument("--chunk-size", type=int, default=16, metavar="MIB",
                         help="agent chunk_size_mb, and gcs-py's chunk_size (16)")
     parser.add_argument("--no-default", action="store_true",
                         help="leave out gcs-py-dflt (the library's 100 MiB chunks)")
     parser.add_argument("--verify", action="store_true",
                         help="the agent child runs verify_file before the upload (timed apart)")
-    parser.add_argument("--timeout", type=float, default=1800,
-                        help="kill a single upload after this many seconds (1800)")
-    parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
-    parser.add_argument("--python", help="interpreter for the agent (default: this one)")
+
+
+def add_client_options(parser):
     parser.add_argument("--ref-python", help="interpreter with google-cloud-storage "
                                              "(default: /tmp/gcs-ref-venv/bin/python)")
-    parser.add_argument("--workdir", help="parent of the work dir (default: $TMPDIR)")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the work dir (logs) and cache the archive in $TMPDIR")
-    args = parser.parse_args(argv)
-    if args.runs < 1 or args.mb <= 0:
-        parser.error("--runs and --mb must be positive")
+
+
+def main(argv=None):
+    parser = benchlib.upload_parser(__doc__, add_options, add_client_options)
+    args = benchlib.parse_upload_args(parser, argv)
     if args.chunk_size < 1:
         parser.error("--chunk-size >= 1")
     tools = tuple(t for t in ALL_TOOLS if not (args.no_default and t == "gcs-py-dflt"))
-
-    spawner = Spawner()   # before anything big gets imported or allocated
-    signal.signal(signal.SIGTERM, _on_term)
-    signal.signal(signal.SIGHUP, _on_term)
-    workdir = tempfile.mkdtemp(prefix="gcs-upload-bench.", dir=args.workdir)
-    try:
-        sys.path.insert(0, REPO)
-        data = bench(args, workdir, spawner, tools)
-    except (KeyboardInterrupt, Interrupted) as exc:
-        print("interrupted (%s); emulator stopped" % (str(exc) or "Ctrl-C"), file=sys.stderr)
-        return 130
-    finally:
-        spawner.close()
-        if args.keep:
-            print("work dir kept: %s" % workdir, file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print()
-    print(table(data))
-    if args.json:
-        data["summary"] = summarize(data)
-        with open(args.json, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-    return 0
+    spawner = benchlib.Spawner()   # before anything big gets imported or allocated
+    return benchlib.run_bench(args, "gcs-upload-bench.",
+                              lambda wd: bench(args, wd, spawner, tools), table, "emulator",
+                              summarize=lambda d: d.update(summary=summarize(d)),
+                              spawner=spawner, keep=args.keep)
 
 
 if __name__ == "__main__":

