@@ -118,7 +118,7 @@ CHUNK_SIZE = 1024 * 1024             # stream and copy granularity
 MAX_JSON_BYTES = 4 * 1024 * 1024     # an API answer larger than this is refused
 MAX_SMALL_MEMBER = 1024 * 1024       # meta.json / SHA256SUMS size cap
 MAX_REDIRECTS = 3
-VERIFY_QUEUE = 8                     # chunks in flight between download and verification
+VERIFY_QUEUE = 3                     # chunks in flight between download and verification
 
 TOKEN_RENEW_FRACTION = 2.0 / 3.0     # renew after 2/3 of the TTL has passed
 TOKEN_MIN_REMAINING = 10.0           # seconds (at most 10% of the TTL) of safety margin

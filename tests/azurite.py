@@ -94,7 +94,6 @@ reading its dist/ sources):
 
 from __future__ import print_function
 
-import atexit
 import base64
 import collections
 import datetime
@@ -105,16 +104,15 @@ import http.client
 import os
 import re
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
 import sys
-import threading
-import time
 import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote, unquote
+
+from harness import ServerProcess, child_env
 
 __all__ = [
     "Azurite", "AzuriteError", "AzureResponse", "find_azurite", "install_azurite",
@@ -348,26 +346,6 @@ def make_self_signed_cert(directory, hosts=("127.0.0.1", "localhost")):
 # ---------------------------------------------------------------- server
 
 
-def _free_port():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
-
-
-def _tail(path, lines=30):
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 16384))
-            data = fh.read().decode("utf-8", "replace")
-    except (IOError, OSError) as exc:
-        return "<cannot read %s: %s>" % (path, exc)
-    return "\n".join(data.splitlines()[-lines:])
-
-
 def _text(elem, tag, default=None):
     child = elem.find(tag)
     return child.text if child is not None and child.text is not None else default
@@ -397,8 +375,10 @@ class AzureResponse(object):
         return "<AzureResponse %s %s>" % (self.status, self.error_code or self.reason)
 
 
-class Azurite(object):
-    """``azurite-blob`` in its own process group on 127.0.0.1:<free port>.
+class Azurite(ServerProcess):
+    """``azurite-blob`` in its own process group on 127.0.0.1:<free port>
+    (harness.ServerProcess: ``stop()`` by PID, SIGTERM then SIGKILL,
+    idempotent, also at exit).
 
     ``https``: serve TLS with a fresh self-signed cert (``.cert`` is its path,
     for ``ssl.create_default_context(cafile=...)``); ``oauth``: "basic" to
@@ -408,10 +388,17 @@ class Azurite(object):
     ``skip_api_version_check``: the Azurite flags of those names.
     """
 
+    label = BIN_NAME
+    error = AzuriteError
+    start_timeout = DEFAULT_START_TIMEOUT
+    poll_interval = 0.05
+
     def __init__(self, workdir, binary=None, https=False, oauth=None, debug=False,
                  accounts=None, loose=False, skip_api_version_check=False,
                  in_memory=False):
         self.workdir = os.path.abspath(workdir)
+        ServerProcess.__init__(self, os.path.join(self.workdir, "azurite.log"),
+                               cwd=self.workdir)
         self.binary = binary
         self.https = https
         self.oauth = oauth
@@ -423,15 +410,10 @@ class Azurite(object):
         self.account = ACCOUNT
         self.key = ACCOUNT_KEY
         self.api_version = API_VERSION
-        self.port = None
-        self.proc = None
         self.cert = None
         self.cert_key = None
-        self.log_path = os.path.join(self.workdir, "azurite.log")
         self.debug_path = None
         self.location = os.path.join(self.workdir, "data")
-        self._stop_lock = threading.Lock()
-        atexit.register(self.stop)
 
     # ---------------------------------------------------------- lifecycle
     @property
@@ -472,8 +454,20 @@ class Azurite(object):
             cmd.append("--inMemoryPersistence")
         return cmd
 
-    def start(self, timeout=DEFAULT_START_TIMEOUT):
-        if self.proc is not None:
+    def environment(self):
+        env = child_env(drop=("AZURITE_ACCOUNTS",))
+        if self.accounts:
+            accts = [(ACCOUNT, ACCOUNT_KEY)] + sorted(self.accounts.items())
+            env["AZURITE_ACCOUNTS"] = ";".join("%s:%s" % a for a in accts)
+        return env
+
+    def ready(self):
+        socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+        return True
+
+    def start(self, timeout=None):
+        """Launch azurite-blob and wait until it accepts connections."""
+        if self.running:
             return self
         if not os.path.isdir(self.location):
             os.makedirs(self.location)
@@ -484,67 +478,7 @@ class Azurite(object):
                                if self.debug is True else os.path.abspath(self.debug))
         if self.https and self.cert is None:
             self.cert, self.cert_key = make_self_signed_cert(self.workdir)
-        env = dict(os.environ)
-        env.pop("AZURITE_ACCOUNTS", None)
-        if self.accounts:
-            accts = [(ACCOUNT, ACCOUNT_KEY)] + sorted(self.accounts.items())
-            env["AZURITE_ACCOUNTS"] = ";".join("%s:%s" % a for a in accts)
-        self.port = _free_port()
-        log = open(self.log_path, "ab")
-        try:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=self.workdir, env=env,
-                                         start_new_session=True)
-        finally:
-            log.close()
-        deadline = time.time() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                rc = self.proc.returncode
-                self.proc = None
-                raise AzuriteError("azurite-blob exited with status %s:\n%s"
-                                   % (rc, _tail(self.log_path)))
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                break
-            except (OSError, socket.error):
-                pass
-            if time.time() > deadline:
-                self.stop()
-                raise AzuriteError("azurite-blob not listening after %.0fs:\n%s"
-                                   % (timeout, _tail(self.log_path)))
-            time.sleep(0.05)
-        return self
-
-    def stop(self, timeout=10.0):
-        """SIGTERM the process group, SIGKILL after ``timeout`` (idempotent)."""
-        with self._stop_lock:
-            proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except (OSError, ProcessLookupError):
-            pass
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (OSError, ProcessLookupError):
-                pass
-            proc.wait(5)
-
-    @property
-    def running(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-        return False
+        return ServerProcess.start(self, timeout)
 
     # ------------------------------------------------------------- client
     def ssl_context(self):

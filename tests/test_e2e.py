@@ -19,6 +19,7 @@ import pytest
 
 import vault_snapshot_agent as vsa
 from faultproxy import FaultProxy
+from harness import read, start_agent, stop, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(ROOT, "vault_snapshot_agent.py")
@@ -58,40 +59,6 @@ def leftovers(snapdir):
 def assert_no_secrets(log, approle):
     assert approle.secret_id not in log
     assert not TOKEN_RE.search(log), TOKEN_RE.search(log).group(0)
-
-
-def start_daemon(config, logfile, python=sys.executable, *extra):
-    handle = open(str(logfile), "wb")
-    proc = subprocess.Popen([python, "-I", AGENT, "-c", config] + list(extra),
-                            stdout=handle, stderr=subprocess.STDOUT)
-    handle.close()
-    return proc
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
-
-
-def read(path):
-    with open(str(path), "r") as handle:
-        return handle.read()
-
-
-def stop(proc, sig=signal.SIGTERM, timeout=10):
-    if proc.poll() is None:
-        proc.send_signal(sig)
-    try:
-        return proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise
 
 
 # -- one cycle -------------------------------------------------------------------
@@ -246,7 +213,7 @@ def test_short_token_ttl_is_renewed_then_replaced_by_a_new_login(bao_cluster, tm
     config = write_config(tmp_path / "c.json", bao_cluster.leader().addr, approle, snapdir,
                           frequency="1s")
     logfile = tmp_path / "agent.log"
-    proc = start_daemon(config, logfile, sys.executable, "--log-level", "debug")
+    proc = start_agent(config, logfile, sys.executable, "--log-level", "debug")
     try:
         wait_for(lambda: read(logfile).count("Logged in") >= 2 and "Renewed token" in read(logfile),
                  60, "a renewal and a second login")
@@ -264,7 +231,7 @@ def test_sigterm_while_idle_exits_0_within_a_second(bao_cluster, approle, tmp_pa
     snapdir = tmp_path / "snaps"
     config = write_config(tmp_path / "c.json", bao_cluster.leader().addr, approle, snapdir)
     logfile = tmp_path / "agent.log"
-    proc = start_daemon(config, logfile)
+    proc = start_agent(config, logfile)
     try:
         wait_for(lambda: "Successfully created local snapshot" in read(logfile), 30, "a snapshot")
         time.sleep(0.3)
@@ -288,7 +255,7 @@ def test_stop_during_transfer_leaves_nothing_and_exits_0(bao_cluster, approle, k
         proxy.delay(0.5)     # every 64 KiB of answer takes half a second
         config = write_config(tmp_path / "c.json", proxy.addr, approle, snapdir)
         logfile = tmp_path / "agent.log"
-        proc = start_daemon(config, logfile, sys.executable, "--log-level", "debug")
+        proc = start_agent(config, logfile, sys.executable, "--log-level", "debug")
         try:
             wait_for(lambda: any(r.startswith("GET " + vsa.SNAPSHOT_PATH) for r in proxy.requests),
                      60, "the snapshot request")
@@ -308,7 +275,7 @@ def test_sighup_reloads_and_a_broken_config_keeps_the_old_one(bao_cluster, appro
     snapdir = tmp_path / "snaps"
     config = write_config(tmp_path / "c.json", bao_cluster.leader().addr, approle, snapdir)
     logfile = tmp_path / "agent.log"
-    proc = start_daemon(config, logfile)
+    proc = start_agent(config, logfile)
     try:
         wait_for(lambda: "Successfully created local snapshot" in read(logfile), 30, "a snapshot")
         write_config(tmp_path / "c.json", bao_cluster.leader().addr, approle, snapdir,
@@ -378,7 +345,7 @@ def test_leader_killed_next_snapshot_comes_from_the_new_leader(bao_cluster, appr
             snapdir = tmp_path / node.name
             config = write_config(tmp_path / (node.name + ".json"), node.addr, approle, snapdir,
                                   frequency="1s")
-            procs[node.name] = (start_daemon(config, tmp_path / (node.name + ".log")), snapdir)
+            procs[node.name] = (start_agent(config, tmp_path / (node.name + ".log")), snapdir)
         old = bao_cluster.leader()
         wait_for(lambda: snapshots(procs[old.name][1]), 30, "a snapshot from the first leader")
         for node in bao_cluster.standbys():

@@ -9,17 +9,13 @@ import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 
 import pytest
 
 import vault_snapshot_agent as vsa
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AGENT = os.path.join(ROOT, "vault_snapshot_agent.py")
+from harness import free_port, read, start_agent, stop, wait_for
 
 
 def write_config(tmp_path, addr, approle, **extra):
@@ -34,29 +30,6 @@ def write_config(tmp_path, addr, approle, **extra):
 def snapshots(directory):
     return sorted(n for n in os.listdir(str(directory)) if vsa.parse_snapshot_name(n)) \
         if os.path.isdir(str(directory)) else []
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out waiting for " + what)
-
-
-def read(path):
-    with open(str(path)) as handle:
-        return handle.read()
-
-
-def free_port():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
 
 
 PROM_LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? '
@@ -126,25 +99,11 @@ def test_status_file_directory_must_exist(tmp_path):
 
 # -- the daemon: metrics, restart, systemd --------------------------------------------
 
-def start(config, logfile, env=None):
-    handle = open(str(logfile), "wb")
-    proc = subprocess.Popen([sys.executable, "-I", AGENT, "-c", config], stdout=handle,
-                            stderr=subprocess.STDOUT, env=env)
-    handle.close()
-    return proc
-
-
-def stop(proc):
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    return proc.wait(10)
-
-
 def test_metrics_endpoint_is_prometheus_text(bao_cluster, approle, tmp_path):
     port = free_port()
     config = write_config(tmp_path, bao_cluster.leader().addr, approle,
                           metrics_address="127.0.0.1:%d" % port)
-    proc = start(config, tmp_path / "log")
+    proc = start_agent(config, tmp_path / "log")
     try:
         wait_for(lambda: snapshots(tmp_path / "snaps"), 30, "a snapshot")
         time.sleep(0.5)
@@ -168,7 +127,7 @@ def test_a_restart_does_not_snapshot_early(bao_cluster, approle, tmp_path):
     recent = vsa.snapshot_name(datetime.datetime.now(vsa.UTC) - datetime.timedelta(minutes=10))
     (snapdir / recent).write_bytes(b"taken before the restart")
     config = write_config(tmp_path, bao_cluster.leader().addr, approle, frequency="1h")
-    proc = start(config, tmp_path / "log")
+    proc = start_agent(config, tmp_path / "log")
     try:
         wait_for(lambda: "next one due" in read(tmp_path / "log"), 20, "the plan")
         time.sleep(2)
@@ -184,7 +143,7 @@ def test_a_long_outage_causes_one_catch_up_not_many(bao_cluster, approle, tmp_pa
     old = vsa.snapshot_name(datetime.datetime.now(vsa.UTC) - datetime.timedelta(days=3))
     (snapdir / old).write_bytes(b"old")
     config = write_config(tmp_path, bao_cluster.leader().addr, approle, frequency="1h")
-    proc = start(config, tmp_path / "log")
+    proc = start_agent(config, tmp_path / "log")
     try:
         wait_for(lambda: len(snapshots(snapdir)) == 2, 30, "the catch-up snapshot")
         time.sleep(2)
@@ -200,7 +159,7 @@ def test_sd_notify_ready_status_watchdog_reloading_stopping(bao_cluster, approle
     sock.settimeout(0.2)
     config = write_config(tmp_path, bao_cluster.leader().addr, approle)
     env = dict(os.environ, NOTIFY_SOCKET=path, WATCHDOG_USEC="400000")
-    proc = start(config, tmp_path / "log", env)
+    proc = start_agent(config, tmp_path / "log", env=env)
     messages = []
 
     def drain(until, timeout=20):

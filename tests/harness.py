@@ -1,0 +1,291 @@
+"""Shared plumbing for the server fixtures and the tests that run the agent.
+
+Stdlib only; works on Python 3.6+.
+
+For the server modules (moto_s3, gcs_emulators, azurite, bao_cluster):
+
+* ``free_port()`` / ``free_ports(count)``: unused TCP ports on 127.0.0.1;
+* ``tail(path, lines)``: the end of a log file, for error messages;
+* ``child_env(drop=..., drop_prefixes=..., **extra)``: ``os.environ`` minus
+  some names, plus some;
+* ``spawn(argv, log_path, ...)``: a command in its own session (process
+  group = its PID) with stdout and stderr appended to a log file;
+* ``ServerProcess``: one such process with a readiness check, a port chosen
+  (and re-chosen if the server died at once, e.g. the port was taken), an
+  error carrying the log tail when it does not come up, and an idempotent
+  ``stop()`` (SIGTERM to the process group, SIGKILL after a timeout) that
+  also runs at exit.  Subclass it (override ``command()``, ``ready()``,
+  ``environment()``) or give it ``argv`` and ``ready`` directly.
+
+For the tests that run the agent as a daemon: ``wait_for``, ``read``,
+``start_agent`` and ``stop``.
+"""
+
+import atexit
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+AGENT = os.path.join(ROOT, "vault_snapshot_agent.py")
+
+__all__ = ["free_port", "free_ports", "tail", "child_env", "spawn", "ServerError",
+           "ServerProcess", "wait_for", "read", "start_agent", "stop", "AGENT"]
+
+
+# ------------------------------------------------------------ ports and logs
+
+
+def free_ports(count):
+    """``count`` distinct TCP ports on 127.0.0.1 that were free just now
+    (all bound at once, so they differ)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(sock)
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def free_port():
+    """One TCP port on 127.0.0.1 that was free just now."""
+    return free_ports(1)[0]
+
+
+def tail(path, lines=30):
+    """The last ``lines`` lines of a (log) file, from its last 16 KiB; a
+    placeholder text when it cannot be read."""
+    try:
+        with open(str(path), "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 16384))
+            data = handle.read().decode("utf-8", "replace")
+    except (IOError, OSError) as exc:
+        return "<cannot read %s: %s>" % (path, exc)
+    return "\n".join(data.splitlines()[-lines:])
+
+
+# -------------------------------------------------------------- processes
+
+
+def child_env(drop=(), drop_prefixes=(), **extra):
+    """A copy of ``os.environ`` without the names in ``drop`` or starting
+    with one of ``drop_prefixes``, updated with ``extra``."""
+    env = dict((name, value) for name, value in os.environ.items()
+               if name not in drop and not name.startswith(tuple(drop_prefixes)))
+    env.update(extra)
+    return env
+
+
+def spawn(argv, log_path, cwd=None, env=None, banner=None):
+    """Start ``argv`` in a new session (its process group id is its PID),
+    stdin from /dev/null, stdout and stderr appended to ``log_path`` (after
+    a ``==== banner ====`` line if given).  Returns the ``Popen``."""
+    log = open(str(log_path), "ab")
+    try:
+        if banner:
+            log.write(("\n==== %s ====\n" % banner).encode("utf-8", "replace"))
+            log.flush()
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                                start_new_session=True, close_fds=True)
+    finally:
+        log.close()
+
+
+def _signal_group(proc, sig):
+    """``sig`` to the process group ``spawn`` gave ``proc`` (to ``proc``
+    alone if that fails)."""
+    try:
+        os.killpg(proc.pid, sig)
+    except OSError:
+        try:
+            proc.send_signal(sig)
+        except OSError:
+            pass
+
+
+class ServerError(RuntimeError):
+    """A server process did not come up."""
+
+
+class ServerProcess(object):
+    """One server process on 127.0.0.1, started with ``spawn``.
+
+    ``start()`` launches ``command()`` and polls ``ready()`` (errors from the
+    socket or HTTP layer count as "not yet") every ``poll_interval`` seconds.
+    If the process exits first it is tried again on another port
+    (``port_attempts`` in all, when ``port_attempts`` is not 0 and no port
+    was given); if it stays up but not ready for ``timeout`` seconds, or
+    every attempt fails, it is stopped and ``error`` is raised with the log
+    tail.  ``port`` is chosen before ``command()`` is called.
+    """
+
+    label = "server"
+    error = ServerError
+    start_timeout = 30.0
+    poll_interval = 0.1
+    port_attempts = 3          # 0: do not choose a port
+
+    def __init__(self, log_path, argv=None, ready=None, cwd=None, env=None, port=None):
+        self.log_path = log_path
+        self.argv = argv
+        self.ready_check = ready
+        self.cwd = cwd
+        self.env = env
+        self.port = port
+        self.proc = None
+        self._stop_lock = threading.Lock()
+        atexit.register(self.stop)
+
+    # -- what to run (override in subclasses)
+
+    def command(self):
+        """argv to run (``self.port`` is already chosen)."""
+        return list(self.argv)
+
+    def environment(self):
+        """Environment for the process (None: inherit ours)."""
+        return self.env
+
+    def ready(self):
+        """True once the server serves."""
+        return self.ready_check() if self.ready_check is not None else True
+
+    # -- lifecycle
+
+    @property
+    def endpoint(self):
+        """``http://127.0.0.1:PORT`` (no trailing slash)."""
+        return "http://127.0.0.1:%d" % self.port
+
+    @property
+    def pid(self):
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout=None):
+        """Launch and wait until ready (see the class docstring); returns self."""
+        if self.running:
+            return self
+        timeout = self.start_timeout if timeout is None else timeout
+        fixed_port = self.port
+        attempts = 1 if fixed_port or not self.port_attempts else self.port_attempts
+        for _ in range(attempts):
+            if self.port_attempts:
+                self.port = fixed_port or free_port()
+            argv = self.command()
+            self.proc = spawn(argv, self.log_path, self.cwd, self.environment(),
+                              "%s on port %s at %s: %s"
+                              % (self.label, self.port, time.ctime(), " ".join(argv)))
+            problem = self._wait_ready(time.monotonic() + timeout, timeout)
+            if problem is None:
+                return self
+            gave_up = self.running
+            self.stop()
+            if gave_up:
+                break
+        raise self.error("%s did not start on port %s (%s); log %s:\n%s"
+                         % (self.label, self.port, problem, self.log_path,
+                            self.log_tail()))
+
+    def _wait_ready(self, deadline, timeout):
+        """None once ready, else why not."""
+        while True:
+            if self.proc.poll() is not None:
+                return "exited with status %s" % self.proc.returncode
+            try:
+                if self.ready():
+                    return None
+            except (OSError, http.client.HTTPException):
+                pass
+            if time.monotonic() > deadline:
+                return "not ready after %.0fs" % timeout
+            time.sleep(self.poll_interval)
+
+    def stop(self, timeout=10.0):
+        """SIGTERM the process group, SIGKILL it after ``timeout`` seconds,
+        reap the process.  Idempotent; also runs at exit."""
+        with self._stop_lock:
+            proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            _signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def log_tail(self, lines=30):
+        return tail(self.log_path, lines)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+
+# ------------------------------------------------------- the agent daemon
+
+
+def wait_for(predicate, timeout, what, interval=0.05):
+    """Poll ``predicate`` until it returns something true (returned), or
+    fail the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out after %ss waiting for %s" % (timeout, what))
+
+
+def read(path):
+    """A text file's content (undecodable bytes replaced)."""
+    with open(str(path), "r", errors="replace") as handle:
+        return handle.read()
+
+
+def start_agent(config, logfile, python=sys.executable, *extra, env=None):
+    """The agent script as a subprocess: ``python -I AGENT -c config *extra``
+    with stdout and stderr written to ``logfile``, in environment ``env``
+    (default: ours)."""
+    handle = open(str(logfile), "wb")
+    try:
+        return subprocess.Popen([python, "-I", AGENT, "-c", config] + list(extra),
+                                stdout=handle, stderr=subprocess.STDOUT, env=env)
+    finally:
+        handle.close()
+
+
+def stop(proc, sig=signal.SIGTERM, timeout=10):
+    """Send ``sig`` (if still running) and return the exit status; fail the
+    test (after killing it) if it does not exit within ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("agent pid %d did not exit within %ss of %s"
+                             % (proc.pid, timeout, signal.Signals(sig).name))
