@@ -176,7 +176,7 @@ def iso8601(value):
 
 
 def _utcnow():
-    return datetime.datetime.utcnow().replace(microsecond=0)
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None, microsecond=0)
 
 
 class RecordedRequest(object):
