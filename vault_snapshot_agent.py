@@ -3492,7 +3492,10 @@ class Status(object):
         self.last_start, self.last_end, self.last_duration = started, ended, duration
         self.last_outcome = result.outcome
         self.cycles[result.outcome] += 1
-        self.is_leader = result.outcome != "skipped" if result.outcome != "stopped" else self.is_leader
+        if result.outcome == "skipped":
+            self.is_leader = False
+        elif result.snapshot is not None:      # only the leader gets this far
+            self.is_leader = True
         self.last_error = "; ".join(result.errors) or None
         if result.snapshot is not None and result.stored:
             info = result.snapshot
