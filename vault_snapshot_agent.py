@@ -3833,11 +3833,12 @@ class Agent(object):
 
     def report(self):
         """Write the status file and metrics textfile; tell systemd."""
-        for path, render in ((self.cfg.status_file, lambda: json.dumps(self.status.as_json(), indent=2)),
-                             (self.cfg.metrics_textfile, self.status.metrics)):
+        outputs = ((self.cfg.status_file, lambda: json.dumps(self.status.as_json(), indent=2) + "\n"),
+                   (self.cfg.metrics_textfile, self.status.metrics))
+        for path, render in outputs:
             if path:
                 try:
-                    write_atomic(path, render() + "\n" if path == self.cfg.status_file else render())
+                    write_atomic(path, render())
                 except (IOError, OSError) as exc:
                     LOG.error("Cannot write %s: %s", path, exc.strerror or exc)
         if self.notifier:
