@@ -140,12 +140,12 @@ SNAP=$(ls -1t "$SNAPDIR"/raft_snapshot-*.snap | head -n 1)
 
 say "Verify: tar -tzvf $SNAP"
 tar -tzvf "$SNAP"
-say "Verify: the checksums the archive carries (SHA256SUMS over meta.json and state.bin)"
-CHECK=$(mktemp -d "$DIR/verify.XXXXXX")
-tar -xzf "$SNAP" -C "$CHECK"
-(cd "$CHECK" && sha256sum -c SHA256SUMS)
-rm -rf "$CHECK"
-echo "(restore with: bao operator raft snapshot restore $SNAP)"
+say "Verify: python3 vault_snapshot_agent.py verify $SNAP (gzip, tar, SHA256SUMS, sealed sums)"
+python3 vault_snapshot_agent.py verify "$SNAP"
+say "List what the storages hold: python3 vault_snapshot_agent.py -c $DIR/snapshot.json list"
+python3 vault_snapshot_agent.py -c "$DIR/snapshot.json" list
+echo "(restore with: VAULT_TOKEN=<operator token> python3 vault_snapshot_agent.py -c $DIR/snapshot.json restore latest --yes,"
+echo " or: bao operator raft snapshot restore $SNAP)"
 
 # 5. a standby skips -----------------------------------------------------
 say "Same agent on a standby ($STANDBY): it only snapshots on the leader"
