@@ -2139,6 +2139,26 @@ class Storage(object):
     def describe(self):
         raise NotImplementedError
 
+    # Object stores keep snapshots under an optional "folder" prefix.
+    prefix = ""
+
+    def full_name(self, name):
+        """The object name of snapshot ``name`` under the prefix."""
+        return "%s/%s" % (self.prefix, name) if self.prefix else name
+
+    def list_prefix(self):
+        return self.prefix + "/" if self.prefix else ""
+
+    def snapshot_ref(self, full, size):
+        """A SnapshotRef for a listed object when it is one of ours directly
+        under the prefix (not in a deeper "folder"), else None."""
+        prefix = self.list_prefix()
+        name = full[len(prefix):]
+        if not full.startswith(prefix) or "/" in name:
+            return None
+        when = parse_snapshot_name(name)
+        return SnapshotRef(name, when, int(size or 0)) if when is not None else None
+
     def download(self, name, sink, signals):
         """Write snapshot ``name`` into the open binary file ``sink``."""
         raise NotImplementedError
@@ -2521,12 +2541,10 @@ class S3Storage(Storage):
                    checksum=section.boolean("s3_checksum", True))
 
     def describe(self):
-        return "s3://%s/%s" % (self.bucket, self.prefix + "/" if self.prefix else "")
+        return "s3://%s/%s" % (self.bucket, self.list_prefix())
 
     def key_for(self, name):
-        if self.static_name:
-            name = self.static_name + SNAPSHOT_SUFFIX
-        return "%s/%s" % (self.prefix, name) if self.prefix else name
+        return self.full_name(self.static_name + SNAPSHOT_SUFFIX if self.static_name else name)
 
     # -- requests --------------------------------------------------------------
 
@@ -2646,7 +2664,7 @@ class S3Storage(Storage):
     # -- list and delete ---------------------------------------------------------
 
     def list(self):
-        prefix = self.prefix + "/" if self.prefix else ""
+        prefix = self.list_prefix()
         refs, token = [], None
         while True:
             query = [("list-type", "2"), ("prefix", prefix), ("max-keys", "1000")]
@@ -2655,11 +2673,9 @@ class S3Storage(Storage):
             _, data = self._request("GET", "ListObjectsV2 on %s" % (prefix or "/"), query=query)
             root = parse_xml(data, "ListObjectsV2")
             for item in xml_children(root, "Contents"):
-                key = xml_text(item, "Key", "")
-                name = key[len(prefix):]
-                when = parse_snapshot_name(name) if key.startswith(prefix) and "/" not in name else None
-                if when is not None:
-                    refs.append(SnapshotRef(name, when, int(xml_text(item, "Size", "0") or 0)))
+                ref = self.snapshot_ref(xml_text(item, "Key", ""), xml_text(item, "Size"))
+                if ref:
+                    refs.append(ref)
             token = xml_text(root, "NextContinuationToken")
             if xml_text(root, "IsTruncated", "false") != "true" or not token:
                 return refs
@@ -2899,10 +2915,7 @@ class AzureStorage(Storage):
                    page_size=section.integer("list_page_size", 5000, minimum=1))
 
     def describe(self):
-        return "azure:%s/%s/%s" % (self.endpoint, self.container, self.prefix + "/" if self.prefix else "")
-
-    def blob_name(self, name):
-        return "%s/%s" % (self.prefix, name) if self.prefix else name
+        return "azure:%s/%s/%s" % (self.endpoint, self.container, self.list_prefix())
 
     def _url(self, blob=None, query=()):
         path = "/" + self.container + ("/" + uri_encode(blob, safe="-_.~/") if blob else "")
@@ -2931,13 +2944,13 @@ class AzureStorage(Storage):
         return self.send(action, build, ok, _azure_error, sink)
 
     def download(self, name, sink, signals):
-        blob = self.blob_name(name)
+        blob = self.full_name(name)
         self._request("GET", "Get Blob %s" % blob, blob, ok=(200,), sink=sink)
 
     # -- upload ------------------------------------------------------------------
 
     def upload(self, snapshot, name, signals):
-        blob = self.blob_name(name)
+        blob = self.full_name(name)
         headers = {"Content-Type": "application/octet-stream"}
         if self.access_tier:
             headers["x-ms-access-tier"] = self.access_tier
@@ -2983,30 +2996,26 @@ class AzureStorage(Storage):
     # -- list and delete ---------------------------------------------------------
 
     def list(self):
-        prefix = self.prefix + "/" if self.prefix else ""
         refs, marker = [], None
         while True:
-            query = [("restype", "container"), ("comp", "list"), ("prefix", prefix),
+            query = [("restype", "container"), ("comp", "list"), ("prefix", self.list_prefix()),
                      ("maxresults", str(self.page_size))]
             if marker:
                 query.append(("marker", marker))
             _, data = self._request("GET", "List Blobs", query=query, ok=(200,))
             root = parse_xml(data, "List Blobs")
             for item in xml_children(root, "Blob"):
-                if xml_children(item, "Snapshot"):
-                    continue
-                full = xml_text(item, "Name", "")
-                name = full[len(prefix):]
-                when = parse_snapshot_name(name) if full.startswith(prefix) and "/" not in name else None
-                if when is not None:
-                    refs.append(SnapshotRef(name, when, int(xml_text(item, "Content-Length", "0") or 0)))
+                if not xml_children(item, "Snapshot"):       # blob snapshots go with their blob
+                    ref = self.snapshot_ref(xml_text(item, "Name", ""), xml_text(item, "Content-Length"))
+                    if ref:
+                        refs.append(ref)
             marker = xml_text(root, "NextMarker")
             if not marker:
                 return refs
 
     def delete(self, names):
         for name in names:
-            blob = self.blob_name(name)
+            blob = self.full_name(name)
             self._request("DELETE", "Delete Blob %s" % blob, blob,
                           headers={"x-ms-delete-snapshots": "include"}, ok=(200, 202, 404))
 
@@ -3228,10 +3237,7 @@ class GoogleStorage(Storage):
                    page_size=section.integer("list_page_size", 1000, minimum=1))
 
     def describe(self):
-        return "gs://%s/%s" % (self.bucket, self.prefix + "/" if self.prefix else "")
-
-    def object_name(self, name):
-        return "%s/%s" % (self.prefix, name) if self.prefix else name
+        return "gs://%s/%s" % (self.bucket, self.list_prefix())
 
     def _headers(self, url, extra=None):
         headers = {"Accept": "application/json"}
@@ -3247,7 +3253,7 @@ class GoogleStorage(Storage):
         return self.send(action, build, ok, _gcs_error, sink)
 
     def download(self, name, sink, signals):
-        obj = self.object_name(name)
+        obj = self.full_name(name)
         url = "%s/storage/v1/b/%s/o/%s?alt=media" % (self.endpoint, uri_encode(self.bucket),
                                                      uri_encode(obj, safe=""))
         self._request("GET", "download of %s" % obj, url, sink=sink)
@@ -3255,7 +3261,7 @@ class GoogleStorage(Storage):
     # -- upload ------------------------------------------------------------------
 
     def upload(self, snapshot, name, signals):
-        obj = self.object_name(name)
+        obj = self.full_name(name)
         md5 = _FileSlice(snapshot.path, 0, snapshot.size, signals.check).digest("md5").digest()
         base = "%s/upload/storage/v1/b/%s/o" % (self.endpoint, uri_encode(self.bucket))
         if snapshot.size <= self.chunk_size:
@@ -3364,10 +3370,9 @@ class GoogleStorage(Storage):
     # -- list and delete ---------------------------------------------------------
 
     def list(self):
-        prefix = self.prefix + "/" if self.prefix else ""
         refs, token = [], None
         while True:
-            query = [("prefix", prefix), ("maxResults", str(self.page_size))]
+            query = [("prefix", self.list_prefix()), ("maxResults", str(self.page_size))]
             if token:
                 query.append(("pageToken", token))
             url = "%s/storage/v1/b/%s/o?%s" % (self.endpoint, uri_encode(self.bucket), canonical_query(query))
@@ -3377,18 +3382,16 @@ class GoogleStorage(Storage):
             except ValueError:
                 raise StorageError("GCS list of %s: answer is not JSON" % self.describe())
             for item in page.get("items") or []:
-                full = item.get("name", "")
-                name = full[len(prefix):]
-                when = parse_snapshot_name(name) if full.startswith(prefix) and "/" not in name else None
-                if when is not None:
-                    refs.append(SnapshotRef(name, when, int(item.get("size") or 0)))
+                ref = self.snapshot_ref(item.get("name", ""), item.get("size"))
+                if ref:
+                    refs.append(ref)
             token = page.get("nextPageToken")
             if not token:
                 return refs
 
     def delete(self, names):
         for name in names:
-            obj = self.object_name(name)
+            obj = self.full_name(name)
             url = "%s/storage/v1/b/%s/o/%s" % (self.endpoint, uri_encode(self.bucket),
                                                uri_encode(obj, safe=""))
             self._request("DELETE", "delete of %s" % obj, url, {"Content-Length": "0"}, b"",
