@@ -289,3 +289,37 @@ def stop(proc, sig=signal.SIGTERM, timeout=10):
         proc.wait()
         raise AssertionError("agent pid %d did not exit within %ss of %s"
                              % (proc.pid, timeout, signal.Signals(sig).name))
+
+
+# ---------------------------------------------------- one in-process cycle
+
+def run_once(tmp_path, addr, approle, **config):
+    """Write a config (the fixture's AppRole plus ``config``) and run one
+    in-process ``--once`` cycle at debug level: (exit code, log text)."""
+    import io
+    import json
+    import vault_snapshot_agent as vsa
+    full = {"addr": addr, "role_id": approle.role_id, "secret_id": approle.secret_id}
+    full.update(config)
+    path = os.path.join(str(tmp_path), "c.json")
+    with open(path, "w") as handle:
+        json.dump(full, handle)
+    stream = io.StringIO()
+    code = vsa.main(["-c", path, "--once", "--log-level", "debug"], stream=stream)
+    return code, stream.getvalue()
+
+
+def success_location(log, marker):
+    """What follows ``marker`` on the one line of ``log`` that holds it."""
+    lines = [line for line in log.splitlines() if marker in line]
+    assert len(lines) == 1, log
+    return lines[0].split(marker, 1)[1].strip()
+
+
+def verify_download(data, tmp_path):
+    """Write downloaded bytes to a file and verify them as a snapshot."""
+    import vault_snapshot_agent as vsa
+    path = os.path.join(str(tmp_path), "downloaded.snap")
+    with open(path, "wb") as handle:
+        handle.write(data)
+    return vsa.verify_file(path)

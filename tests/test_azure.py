@@ -13,6 +13,7 @@ import vault_snapshot_agent as vsa
 from azurite import service_sas
 from cred_servers import DEFAULT_CLIENT_ID, DEFAULT_TENANT, AzureImdsServer, EntraTokenServer
 from faultproxy import FaultProxy
+from harness import run_once, success_location, verify_download
 
 CONTAINER = "snapshots"
 
@@ -32,26 +33,16 @@ def key_block(server, **extra):
 
 
 def run_agent(tmp_path, bao_cluster, approle, block):
-    config = {"addr": bao_cluster.leader().addr, "role_id": approle.role_id,
-              "secret_id": approle.secret_id, "azure_storage": block}
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(config))
-    stream = io.StringIO()
-    code = vsa.main(["-c", str(path), "--once", "--log-level", "debug"], stream=stream)
-    return code, stream.getvalue()
+    return run_once(tmp_path, bao_cluster.leader().addr, approle, azure_storage=block)
 
 
 def stored(server, log):
-    marker = "Successfully created azure snapshot to %s/%s/" % (server.endpoint, CONTAINER)
-    lines = [line for line in log.splitlines() if marker in line]
-    assert len(lines) == 1, log
-    return lines[0].split(marker, 1)[1].strip()
+    return success_location(log, "Successfully created azure snapshot to %s/%s/"
+                            % (server.endpoint, CONTAINER))
 
 
 def verify(server, blob, tmp_path):
-    path = tmp_path / "dl.snap"
-    path.write_bytes(server.get_blob(CONTAINER, blob))
-    return vsa.verify_file(str(path))
+    return verify_download(server.get_blob(CONTAINER, blob), tmp_path)
 
 
 def test_shared_key_put_blob_downloads_and_verifies(azurite, bao_cluster, approle, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 import vault_snapshot_agent as vsa
 from cred_servers import GceMetadataServer, GoogleTokenServer
 from faultproxy import FaultProxy
+from harness import run_once, success_location, verify_download
 from rsa_keys import authorized_user_json, make_rsa_key, service_account_json, write_json
 
 BUCKET = "snapshots"
@@ -24,26 +25,15 @@ def no_google_env(monkeypatch, tmp_path):
 
 
 def run_agent(tmp_path, bao_cluster, approle, block):
-    config = {"addr": bao_cluster.leader().addr, "role_id": approle.role_id,
-              "secret_id": approle.secret_id, "google_storage": block}
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(config))
-    stream = io.StringIO()
-    code = vsa.main(["-c", str(path), "--once", "--log-level", "debug"], stream=stream)
-    return code, stream.getvalue()
+    return run_once(tmp_path, bao_cluster.leader().addr, approle, google_storage=block)
 
 
 def stored(log):
-    marker = "Successfully created google snapshot to gs://%s/" % BUCKET
-    lines = [line for line in log.splitlines() if marker in line]
-    assert len(lines) == 1, log
-    return lines[0].split(marker, 1)[1].strip()
+    return success_location(log, "Successfully created google snapshot to gs://%s/" % BUCKET)
 
 
 def verify(server, name, tmp_path):
-    path = tmp_path / "dl.snap"
-    path.write_bytes(server.get_object(BUCKET, name))
-    return vsa.verify_file(str(path))
+    return verify_download(server.get_object(BUCKET, name), tmp_path)
 
 
 def test_once_stores_an_object_at_the_bucket_root_like_the_go_agent(gcs, bao_cluster, approle,

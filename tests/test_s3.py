@@ -4,8 +4,6 @@ checking ON (a wrong signature fails the test); objects are downloaded and
 verified, buckets are listed to prove retention and cleanup."""
 
 import hashlib
-import io
-import json
 import os
 
 import pytest
@@ -13,6 +11,7 @@ import pytest
 import vault_snapshot_agent as vsa
 from cred_servers import ContainerCredentialsServer, ImdsServer
 from faultproxy import FaultProxy
+from harness import run_once, success_location, verify_download
 
 BUCKET = "snapshots"
 
@@ -35,30 +34,17 @@ def s3_block(moto, **extra):
 
 
 def run_agent(tmp_path, bao_cluster, approle, aws, local=True, **extra):
-    config = {"addr": bao_cluster.leader().addr, "role_id": approle.role_id,
-              "secret_id": approle.secret_id, "aws_storage": aws}
     if local:
-        config["local_storage"] = {"path": str(tmp_path / "local")}
-    config.update(extra)
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(config))
-    stream = io.StringIO()
-    code = vsa.main(["-c", str(path), "--once", "--log-level", "debug"], stream=stream)
-    return code, stream.getvalue()
+        extra["local_storage"] = {"path": str(tmp_path / "local")}
+    return run_once(tmp_path, bao_cluster.leader().addr, approle, aws_storage=aws, **extra)
 
 
 def stored_key(log):
-    marker = "Successfully created aws snapshot to s3://%s/" % BUCKET
-    lines = [line for line in log.splitlines() if marker in line]
-    assert len(lines) == 1, log
-    return lines[0].split(marker, 1)[1].strip()
+    return success_location(log, "Successfully created aws snapshot to s3://%s/" % BUCKET)
 
 
 def verify_object(moto, key, tmp_path):
-    data = moto.get(BUCKET, key)
-    path = tmp_path / "downloaded.snap"
-    path.write_bytes(data)
-    return vsa.verify_file(str(path))
+    return verify_download(moto.get(BUCKET, key), tmp_path)
 
 
 def assert_no_aws_secrets(log, *secrets):
