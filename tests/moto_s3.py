@@ -224,6 +224,14 @@ class MotoServer(ServerProcess):
         return self.client(self.access_key_id, self.secret_access_key, **config)
 
     @property
+    def wrong_secret_access_key(self):
+        """The agent user's secret with its first character changed: same
+        length and alphabet, never equal (moto's secrets are random, so a fixed
+        replacement character would match one run in sixty-four)."""
+        first = self.secret_access_key[0]
+        return ("x" if first != "x" else "y") + self.secret_access_key[1:]
+
+    @property
     def admin(self):
         """S3 client used by the inspection helpers (admin user once set up,
         root example keys before)."""

@@ -1007,7 +1007,7 @@ def test_no_credential_appears_in_any_output(bao_cluster, approle, moto, azurite
     sas = service_sas(azurite.account, azurite.key, CONTAINER, permissions="racwdl")
     expired = service_sas(azurite.account, azurite.key, CONTAINER, start=-7200, expiry=-3600)
     token = bao_cluster.login_approle(approle.role_id, approle.secret_id, approle.mount)
-    wrong_aws = "W" + moto.secret_access_key[1:]
+    wrong_aws = moto.wrong_secret_access_key
     wrong_azure = base64.b64encode(os.urandom(64)).decode("ascii")
     wrong_secret_id = "6f1c2d3e-0000-4000-8000-0123456789ab"
     (tmp_path / "sid").write_text(approle.secret_id + "\n")

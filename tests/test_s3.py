@@ -139,7 +139,7 @@ def test_keys_with_awkward_characters(moto, bao_cluster, approle, tmp_path, pref
 
 
 def test_wrong_secret_fails_aws_but_local_still_stores(moto, bao_cluster, approle, tmp_path):
-    wrong = "x" + moto.secret_access_key[1:]
+    wrong = moto.wrong_secret_access_key
     code, log = run_agent(tmp_path, bao_cluster, approle, s3_block(moto, secret_access_key=wrong))
     assert code == 1
     assert "SignatureDoesNotMatch" in log and "secret access key does not match" in log

@@ -38,7 +38,7 @@ def test_moto_right_key_succeeds(moto):
 
 
 def test_moto_rejects_bad_credentials(moto):
-    wrong = moto.client(moto.access_key_id, "x" + moto.secret_access_key[1:])
+    wrong = moto.client(moto.access_key_id, moto.wrong_secret_access_key)
     assert _error(lambda: wrong.list_objects_v2(Bucket="snapshots")) == ("SignatureDoesNotMatch", 403)
     unknown = moto.client("AKIAUNKNOWN000000000", moto.secret_access_key)
     assert _error(lambda: unknown.list_objects_v2(Bucket="snapshots")) == ("InvalidAccessKeyId", 403)
