@@ -100,6 +100,7 @@ DEFAULT_ADDR = "https://127.0.0.1:8200"
 DEFAULT_FREQUENCY = "1h"
 DEFAULT_API_TIMEOUT = "30s"          # per socket operation on API calls
 DEFAULT_SNAPSHOT_TIMEOUT = "2m"      # idle (per read) timeout of the snapshot stream
+DEFAULT_RETRY_INTERVAL = "1m"        # first retry after a failed cycle; doubles, up to frequency
 DEFAULT_K8S_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 SNAPSHOT_PATH = "/v1/sys/storage/raft/snapshot"
@@ -700,11 +701,12 @@ class Config(object):
                     "k8s_auth_path", "k8s_token_path", "token", "token_file", "namespace",
                     "ca_cert", "ca_path", "client_cert", "client_key", "tls_server_name",
                     "tls_skip_verify", "timeout", "snapshot_timeout", "temp_dir", "retain_days",
-                    "jitter", "align", "status_file", "metrics_textfile", "metrics_address"):
+                    "jitter", "retry_interval", "align", "status_file", "metrics_textfile",
+                    "metrics_address"):
             value = getattr(self, key, None)
             if isinstance(value, Secret):
                 value = "***"
-            elif key in ("frequency", "timeout", "snapshot_timeout", "jitter"):
+            elif key in ("frequency", "timeout", "snapshot_timeout", "jitter", "retry_interval"):
                 value = format_duration(value)
             if value is not None:
                 out[key] = value
@@ -753,6 +755,7 @@ def config_from_dict(raw, path="<config>", env=None):
     cfg.temp_dir = top.path("temp_dir", must_exist="dir")
     cfg.retain_days = top.integer("retain_days", 0)
     cfg.jitter = top.duration("jitter", "0s")
+    cfg.retry_interval = top.duration("retry_interval", DEFAULT_RETRY_INTERVAL)
     cfg.align = top.boolean("align", False)
     cfg.status_file = top.path("status_file")
     cfg.metrics_textfile = top.path("metrics_textfile")
@@ -3710,7 +3713,11 @@ class Agent(object):
     restart or a crash loop does not take snapshots early, and a long outage
     leads to one catch-up, not many). A cycle serves every storage that is
     due. ``align`` rounds due times up to whole multiples of the frequency
-    (UTC), ``jitter`` adds a random delay so a fleet spreads out.
+    (UTC), ``jitter`` adds a random delay so a fleet spreads out. A storage
+    whose cycle failed (Vault unreachable, sealed, a bad snapshot, its own
+    upload) is due again after ``retry_interval``, doubling with each failure
+    in a row, never later than its regular time: a blip costs a minute, not a
+    day of backups.
 
     ``loader()`` returns a fresh (Config, storages) pair; it is called again on
     SIGHUP, and a failure keeps the running config. Time and waiting come from
@@ -3728,6 +3735,7 @@ class Agent(object):
         self.status = Status(self.clock)
         self.due = {}          # storage.describe() -> aware datetime
         self.last_start = {}   # storage.describe() -> aware datetime
+        self.failed_runs = {}  # storage.describe() -> failed cycles in a row
         self.cfg, self.storages = loader()
         self._attach(self.storages)
         self.vault = vault_factory(self.cfg, clock=self.clock)
@@ -3796,6 +3804,29 @@ class Agent(object):
             if newest and due > now:
                 LOG.info("Newest snapshot in %s is from %s: next one due %s", key, iso(newest), iso(due))
 
+    def schedule_after(self, result, storages, started):
+        """Set the next due time of the ``storages`` a cycle begun at
+        ``started`` served: the regular time, or a retry for those it failed."""
+        if result.outcome == "failed" and result.snapshot is None:
+            failed = set(s.describe() for s in storages)      # before any upload: all of them
+        else:
+            failed = set(s.describe() for s, _ in result.failures)
+        retries = []
+        for storage in storages:
+            key = storage.describe()
+            self.last_start[key] = started
+            regular = self.next_time(started, self._frequency(storage))
+            if key not in failed or not self.cfg.retry_interval:
+                self.failed_runs.pop(key, None)
+                self.due[key] = regular
+                continue
+            runs = self.failed_runs[key] = self.failed_runs.get(key, 0) + 1
+            delay = self.cfg.retry_interval * 2 ** min(runs - 1, 20)
+            self.due[key] = min(regular, started + datetime.timedelta(seconds=delay))
+            retries.append("%s at %s (%d failed in a row)" % (key, iso(self.due[key]), runs))
+        if retries:
+            LOG.warning("Retrying %s", "; ".join(retries))
+
     def run_forever(self):
         """The daemon loop; returns when a stop is requested."""
         self.plan()
@@ -3822,10 +3853,7 @@ class Agent(object):
             result = self.run_cycle(due)
             if result.outcome == "stopped":
                 break
-            for storage in due:
-                key = storage.describe()
-                self.last_start[key] = now
-                self.due[key] = self.next_time(now, self._frequency(storage))
+            self.schedule_after(result, due, now)
             self.status.next_start = min(self.due[s.describe()] for s in self.storages)
             self.report()
         if self.notifier:

@@ -58,17 +58,33 @@ class StandbyVault(object):
         return False
 
 
-def make_loader(tmp_path, frequencies):
+def make_loader(tmp_path, frequencies, **extra):
     path = tmp_path / "c.json"
 
     def loader():
         value = frequencies.pop(0)
         if value is None:
             raise vsa.ConfigError("frequency: broken")
-        path.write_text(json.dumps({"addr": "http://127.0.0.1:1", "role_id": "r", "secret_id": "s",
-                                    "frequency": value, "local_storage": {"path": str(tmp_path)}}))
+        config = {"addr": "http://127.0.0.1:1", "role_id": "r", "secret_id": "s",
+                  "frequency": value, "local_storage": {"path": str(tmp_path)}}
+        config.update(extra)
+        path.write_text(json.dumps(config))
         return vsa.load_all(str(path))
     return loader
+
+
+class FlakyVault(StandbyVault):
+    """The leader, whose login fails ``fail`` times in a row (Vault sealed,
+    unreachable...), then a standby (a cycle that ends normally)."""
+    fail = 0
+
+    def is_leader(self):
+        StandbyVault.is_leader(self)
+        return FlakyVault.fail > 0
+
+    def ensure_token(self):
+        FlakyVault.fail -= 1
+        raise vsa.VaultError("Vault answered HTTP 503 to POST /v1/auth/approle/login (sealed)")
 
 
 def test_cycles_run_at_start_then_every_frequency(tmp_path):
@@ -112,6 +128,47 @@ def test_a_long_cycle_does_not_cause_a_burst(tmp_path):
     times = [t for t, _ in StandbyVault.calls]
     assert len(times) == 4
     assert all(b - a == 5000 for a, b in zip(times, times[1:]))
+
+
+def test_a_failed_cycle_is_retried_sooner_with_backoff_up_to_the_frequency(tmp_path):
+    StandbyVault.calls = []
+    FlakyVault.fail = 100
+    clock = FakeClock()
+    signals = FakeSignals(clock, until=1000 + 8000)
+    stream = io.StringIO()
+    handler = vsa._configure_logging(20, "text", stream)
+    try:
+        vsa.Agent(make_loader(tmp_path, ["1h"], retry_interval="1m"), clock, signals,
+                  FlakyVault).run_forever()
+    finally:
+        vsa.LOG.removeHandler(handler)
+    times = [t - 1000 for t, _ in StandbyVault.calls]
+    # 1m, 2m, 4m, 8m, 16m, 32m after each failure; then capped at the 1h frequency.
+    assert times == [0, 60, 180, 420, 900, 1860, 3780, 7380]
+    log = stream.getvalue()
+    assert log.count("Snapshot cycle failed") == 8
+    assert "Retrying local:%s at 2026-01-01T00:17:40Z (1 failed in a row)" % tmp_path in log
+    assert "(7 failed in a row)" in log
+
+
+def test_retries_stop_once_a_cycle_ends_normally(tmp_path):
+    StandbyVault.calls = []
+    FlakyVault.fail = 2
+    clock = FakeClock()
+    signals = FakeSignals(clock, until=1000 + 2 * 3600)
+    vsa.Agent(make_loader(tmp_path, ["1h"]), clock, signals, FlakyVault).run_forever()
+    # default retry_interval 1m: fail, fail, then a standby answer: back to hourly.
+    assert [t - 1000 for t, _ in StandbyVault.calls] == [0, 60, 180, 3780]
+
+
+def test_retry_interval_0s_keeps_the_go_agents_behaviour(tmp_path):
+    StandbyVault.calls = []
+    FlakyVault.fail = 100
+    clock = FakeClock()
+    signals = FakeSignals(clock, until=1000 + 2 * 3600 + 1)
+    vsa.Agent(make_loader(tmp_path, ["1h"], retry_interval="0s"), clock, signals,
+              FlakyVault).run_forever()
+    assert [t - 1000 for t, _ in StandbyVault.calls] == [0, 3600, 7200]
 
 
 def test_progress_logs_bytes_rate_and_eta_every_interval():

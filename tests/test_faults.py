@@ -601,7 +601,7 @@ def test_unknown_keys_are_warnings_not_errors(tmp_path, corpus_files, capsys):
     assert error_lines(log) == []
 
 
-@pytest.mark.parametrize("key", ["frequency", "timeout", "snapshot_timeout"])
+@pytest.mark.parametrize("key", ["frequency", "timeout", "snapshot_timeout", "retry_interval"])
 def test_empty_duration_counts_as_unset_like_every_other_key(tmp_path, corpus_files, capsys, key):
     # README: "Empty strings and null count as "not set" (the Go agent's files use them that way)."
     config = bad_configs.materialize(dict(bad_configs.BASE, **{key: ""}), corpus_files)
@@ -612,8 +612,8 @@ def test_empty_duration_counts_as_unset_like_every_other_key(tmp_path, corpus_fi
     assert code == 0, "%s \"\" should mean the default, like null; got exit %s: %s" % (key, code, log)
 
 
-TOP_KEYS = ["addr", "frequency", "retain", "retain_days", "jitter", "align", "timeout",
-            "snapshot_timeout", "temp_dir", "status_file", "metrics_textfile", "metrics_address",
+TOP_KEYS = ["addr", "frequency", "retain", "retain_days", "jitter", "retry_interval", "align",
+            "timeout", "snapshot_timeout", "temp_dir", "status_file", "metrics_textfile", "metrics_address",
             "vault_auth_method", "approle", "role_id", "secret_id", "secret_id_file",
             "k8s_auth_role", "k8s_auth_path", "k8s_token_path", "token", "token_file", "namespace",
             "ca_cert", "ca_path", "client_cert", "client_key", "tls_server_name", "tls_skip_verify"]

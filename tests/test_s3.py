@@ -4,14 +4,17 @@ checking ON (a wrong signature fails the test); objects are downloaded and
 verified, buckets are listed to prove retention and cleanup."""
 
 import hashlib
+import json
 import os
+import signal
 
 import pytest
 
 import vault_snapshot_agent as vsa
 from cred_servers import ContainerCredentialsServer, ImdsServer
 from faultproxy import FaultProxy
-from harness import run_once, success_location, verify_download
+from harness import (read, run_once, start_agent, stop, success_location, verify_download,
+                     wait_for)
 
 BUCKET = "snapshots"
 
@@ -146,6 +149,42 @@ def test_wrong_secret_fails_aws_but_local_still_stores(moto, bao_cluster, approl
     assert "Successfully created local snapshot" in log
     assert len(os.listdir(str(tmp_path / "local"))) == 1
     assert_no_aws_secrets(log, wrong, moto.secret_access_key)
+
+
+def test_daemon_retries_only_the_failed_storage_until_a_reload_fixes_it(moto, bao_cluster, approle,
+                                                                       tmp_path):
+    """Hourly snapshots, S3 with a wrong secret: the daemon stores locally
+    once, retries S3 alone after 1 s, 2 s, 4 s..., and once SIGHUP brings the
+    right secret the next retry stores in S3, without a second local copy."""
+    prefix = "retry-%s" % os.urandom(3).hex()
+    config = {"addr": bao_cluster.leader().addr, "role_id": approle.role_id,
+              "secret_id": approle.secret_id, "frequency": "1h", "retry_interval": "1s",
+              "local_storage": {"path": str(tmp_path / "local")},
+              "aws_storage": s3_block(moto, secret_access_key=moto.wrong_secret_access_key,
+                                      s3_key_prefix=prefix)}
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    logfile = tmp_path / "agent.log"
+    proc = start_agent(str(path), logfile)
+    try:
+        wait_for(lambda: "(3 failed in a row)" in read(logfile), 30, "three failed S3 attempts")
+        assert moto.list_keys(BUCKET, prefix + "/") == []
+        config["aws_storage"]["secret_access_key"] = moto.secret_access_key
+        path.write_text(json.dumps(config))
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "Successfully created aws snapshot" in read(logfile), 30, "a stored object")
+    finally:
+        code = stop(proc)
+    log = read(logfile)
+    assert code == 0, log
+    assert log.count("Successfully created local snapshot") == 1, log
+    assert len(os.listdir(str(tmp_path / "local"))) == 1
+    assert "Retrying s3://%s/%s/ at " % (BUCKET, prefix) in log
+    assert "local:" not in "".join(l for l in log.splitlines() if "Retrying" in l)
+    keys = moto.list_keys(BUCKET, prefix + "/")
+    assert keys == [stored_key(log)]
+    verify_object(moto, keys[0], tmp_path)
+    assert_no_aws_secrets(log, moto.wrong_secret_access_key, moto.secret_access_key)
 
 
 def test_denied_user_gets_a_one_line_access_denied(moto, bao_cluster, approle, tmp_path):
