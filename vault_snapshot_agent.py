@@ -2186,21 +2186,25 @@ def copy_stream(read, write, signals, size=CHUNK_SIZE):
 
 class _FileSlice(object):
     """Iterate ``length`` bytes of ``path`` from ``offset`` in chunks, checking
-    for a stop between chunks (http.client sends an iterable chunk by chunk)."""
+    for a stop between chunks (http.client sends an iterable chunk by chunk).
+    ``tap(position, chunk)``, if given, sees every chunk read."""
 
-    def __init__(self, path, offset, length, stop_check, progress=None):
+    def __init__(self, path, offset, length, stop_check, progress=None, tap=None):
         self.path, self.offset, self.length, self.stop_check = path, offset, length, stop_check
-        self.progress = progress
+        self.progress, self.tap = progress, tap
 
     def __iter__(self):
         with open(self.path, "rb") as handle:
             handle.seek(self.offset)
-            left = self.length
+            position, left = self.offset, self.length
             while left > 0:
                 self.stop_check()
                 chunk = handle.read(min(CHUNK_SIZE, left))
                 if not chunk:
                     raise StorageError("%s shrank while uploading" % self.path)
+                if self.tap is not None:
+                    self.tap(position, chunk)
+                position += len(chunk)
                 left -= len(chunk)
                 if self.progress is not None:
                     self.progress.add(len(chunk))
@@ -2212,6 +2216,28 @@ class _FileSlice(object):
         for chunk in self:
             digest.update(chunk)
         return digest
+
+
+class _RunningHash(object):
+    """Hash a file from the chunks an upload reads anyway, in file order: a
+    chunk read again (a retry, a resumed session) is skipped where already
+    hashed. ``digest(path, size, check)`` reads only what no upload covered."""
+
+    def __init__(self, algorithm):
+        self.hash, self.done = new_hash(algorithm), 0
+
+    def __call__(self, position, chunk):
+        end = position + len(chunk)
+        if position <= self.done < end:
+            self.hash.update(chunk[self.done - position:])
+            self.done = end
+
+    def digest(self, path, size, check):
+        if self.done < size:
+            for chunk in _FileSlice(path, self.done, size - self.done, check):
+                self.hash.update(chunk)
+            self.done = size
+        return self.hash.digest()
 
 
 def run_parts(parts, worker, concurrency, signals):
@@ -3265,7 +3291,7 @@ class GoogleStorage(Storage):
 
     def upload(self, snapshot, name, signals):
         obj = self.full_name(name)
-        md5 = _FileSlice(snapshot.path, 0, snapshot.size, signals.check).digest("md5").digest()
+        md5 = _RunningHash("md5")       # to compare with GCS's md5Hash, without a pass of its own
         base = "%s/upload/storage/v1/b/%s/o" % (self.endpoint, uri_encode(self.bucket))
         if snapshot.size <= self.chunk_size:
             url = base + "?" + canonical_query([("uploadType", "media"), ("name", obj)])
@@ -3273,17 +3299,18 @@ class GoogleStorage(Storage):
                        "Content-Length": str(snapshot.size)}
             _, data = self._request("POST", "upload of %s" % obj, url, headers,
                                     lambda: _FileSlice(snapshot.path, 0, snapshot.size, signals.check,
-                                                       self.progress))
+                                                       self.progress, md5))
             result = self._object_json(data, obj)
             if self.storage_class:
                 self._set_storage_class(obj)
         else:
-            result = self._resumable(snapshot, obj, base, signals)
+            result = self._resumable(snapshot, obj, base, signals, md5)
         reported = result.get("md5Hash")
-        if reported and base64.b64decode(reported) != md5:
+        ours = md5.digest(snapshot.path, snapshot.size, signals.check)
+        if reported and base64.b64decode(reported) != ours:
             self.delete([name])
             raise StorageError("GCS upload of %s: stored MD5 %s differs from the file's %s; object deleted"
-                               % (obj, reported, base64.b64encode(md5).decode("ascii")))
+                               % (obj, reported, base64.b64encode(ours).decode("ascii")))
         return "gs://%s/%s" % (self.bucket, obj)
 
     def _object_json(self, data, obj):
@@ -3301,7 +3328,7 @@ class GoogleStorage(Storage):
         self._request("POST", "set storage class of %s" % obj, url,
                       {"Content-Type": "application/json"}, payload)
 
-    def _resumable(self, snapshot, obj, base, signals):
+    def _resumable(self, snapshot, obj, base, signals, tap):
         metadata = {"name": obj, "contentType": "application/octet-stream"}
         if self.storage_class:
             metadata["storageClass"] = self.storage_class
@@ -3325,7 +3352,7 @@ class GoogleStorage(Storage):
                 try:
                     resp = self.http.request("PUT", session, self._headers(session, headers),
                                              _FileSlice(snapshot.path, offset, length, signals.check,
-                                                        self.progress))
+                                                        self.progress, tap))
                     with resp:
                         data = resp.body()
                         status = resp.status

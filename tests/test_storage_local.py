@@ -151,3 +151,33 @@ def test_age_based_retention_next_to_the_count():
     # The snapshot just written survives even when everything is too old.
     assert own(60 * 24 * 9) not in vsa.plan_retention(refs, 0, keep=own(60 * 24 * 9),
                                                        max_age=datetime.timedelta(0), now=now)
+
+
+def test_running_hash_equals_a_full_pass_whatever_the_upload_rereads(tmp_path):
+    """GCS's MD5 comes from the chunks its upload reads: retries re-read,
+    a session may skip ahead; the digest must still be the file's."""
+    import hashlib
+    import os
+    data = os.urandom(3 * vsa.CHUNK_SIZE + 123)
+    path = str(tmp_path / "f")
+    with open(path, "wb") as handle:
+        handle.write(data)
+    size, want = len(data), hashlib.md5(data).digest()
+    third = size // 3
+
+    def read(running, offset, length):
+        for _ in vsa._FileSlice(path, offset, length, lambda: None, tap=running):
+            pass
+
+    plans = {
+        "in order": [(0, third), (third, size - third)],
+        "a chunk re-sent": [(0, third), (0, third), (third, size - third)],
+        "resumed from earlier": [(0, 2 * third), (third, size - third)],
+        "a gap, then the rest": [(0, third), (2 * third, size - 2 * third)],
+        "nothing read": [],
+    }
+    for what, reads in plans.items():
+        running = vsa._RunningHash("md5")
+        for offset, length in reads:
+            read(running, offset, length)
+        assert running.digest(path, size, lambda: None) == want, what

@@ -11,9 +11,9 @@ checks; its resumable uploads behave like GCS's), then uploads the file
 --runs times with each tool, interleaved (the order rotates per round):
 
   agent        python -c '... GoogleStorage.upload(SnapshotInfo(...))'
-               (the agent's own code: one MD5 pass over the file, then a
-                resumable upload in --chunk-size MiB chunks, one at a time,
-                anonymous; the MD5 GCS reports is compared with the file's)
+               (the agent's own code: a resumable upload in --chunk-size
+                MiB chunks, one at a time, anonymous; the MD5 of the chunks
+                as they are read is compared with the one GCS reports)
                With --verify the child runs vsa.verify_file first (timed
                apart), as the agent does before every upload.
   gcs-py       python gcs_up.py: google-cloud-storage Client(anonymous
@@ -187,7 +187,7 @@ def table(data):
     size = data["file_bytes"]
     c = data["chunk_size_mib"]
     labels = {
-        "agent": "agent: %sGoogleStorage.upload (MD5 pass + resumable, %d MiB chunks)"
+        "agent": "agent: %sGoogleStorage.upload (resumable, MD5 while sending, %d MiB chunks)"
                  % ("verify_file + " if data["verify"] else "", c),
         "gcs-py": "google-cloud-storage `upload_from_filename`, chunk_size %d MiB" % c,
         "gcs-py-dflt": "google-cloud-storage `upload_from_filename`, default (100 MiB chunks)",
