@@ -1521,6 +1521,7 @@ class VaultClient(object):
         self._renew_at = None       # monotonic seconds; None: never
         self._expire_at = None
         self._renewable = False
+        self._granted = 0.0         # TTL the login granted; a renewal giving less hit the max TTL
         origin = urllib.parse.urlsplit(cfg.addr)
         self._origin = (origin.scheme, origin.hostname, origin.port or
                         (443 if origin.scheme == "https" else 80))
@@ -1617,7 +1618,7 @@ class VaultClient(object):
         if not isinstance(auth, dict) or not auth.get("client_token"):
             raise VaultError("%s login at auth/%s: answer has no auth.client_token" % (method, mount))
         self._token = Secret(auth["client_token"])
-        self._set_ttl(auth.get("lease_duration"), auth.get("renewable"))
+        self._granted = self._set_ttl(auth.get("lease_duration"), auth.get("renewable"))
         LOG.info("Logged in with %s at auth/%s, token TTL %s%s", method, mount,
                  self._ttl_text(auth.get("lease_duration")),
                  ", renewable" if self._renewable else "")
@@ -1626,10 +1627,17 @@ class VaultClient(object):
         answer = self._call("POST", "/v1/auth/token/renew-self", {})
         auth = answer.get("auth") or {}
         ttl = auth.get("lease_duration")
-        self._set_ttl(ttl, auth.get("renewable", self._renewable))
-        LOG.info("Renewed token, TTL now %s", self._ttl_text(ttl))
+        seconds = self._set_ttl(ttl, auth.get("renewable", self._renewable))
+        capped = 0 < seconds < self._granted
+        if capped:
+            # The token reached its max TTL: renewing again could only shrink
+            # it further (and fail once it lapses), so the next refresh logs in.
+            self._renewable = False
+        LOG.info("Renewed token, TTL now %s%s", self._ttl_text(ttl),
+                 " (capped by its max TTL: a new login follows)" if capped else "")
 
     def _set_ttl(self, ttl, renewable):
+        """Schedule renewal and expiry from a TTL in seconds; returns it."""
         now = self.clock.monotonic()
         try:
             ttl = float(ttl or 0)
@@ -1640,9 +1648,11 @@ class VaultClient(object):
             self._renew_at = self._expire_at = None     # root-like token: never expires
         else:
             # Treat the token as expired a little early: a request sent in its
-            # last seconds could still arrive after it lapsed.
+            # last seconds could still arrive after it lapsed, and Vault
+            # rounds TTLs to whole seconds.
             self._renew_at = now + ttl * TOKEN_RENEW_FRACTION
-            self._expire_at = now + ttl - min(TOKEN_MIN_REMAINING, ttl * 0.1)
+            self._expire_at = now + ttl - min(TOKEN_MIN_REMAINING, max(1.0, ttl * 0.1))
+        return ttl
 
     @staticmethod
     def _ttl_text(ttl):
@@ -1736,6 +1746,8 @@ def vault_error(resp):
     path = urllib.parse.urlsplit(resp.url).path
     hint = {403: " (permission denied: check the token's policy)",
             503: " (sealed or unavailable)", 429: " (standby or rate limited)"}.get(resp.status, "")
+    if resp.status in (400, 403) and path.endswith("/login"):
+        hint = " (login refused: check the credentials and the role)"
     return VaultError("Vault answered HTTP %d to %s %s%s%s" % (
         resp.status, resp.method, path, hint, (": " + one_line(detail)) if detail else ""),
         resp.status)

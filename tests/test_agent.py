@@ -189,3 +189,51 @@ def test_progress_logs_bytes_rate_and_eta_every_interval():
     assert len(lines) == 4, lines             # at 30, 60, 90 s, and the download
     assert "Uploading to s3://b/: 3.0 GB of 10.0 GB (30%), 100.0 MB/s, about 1m10s left" in lines[0]
     assert "Downloading snapshot: 5.0 GB so far" in lines[3]
+
+
+class ScriptedHttp(object):
+    """Answers Vault's login and renew-self from a script of TTLs; records paths."""
+
+    def __init__(self, renew_ttls):
+        self.renew_ttls = list(renew_ttls)
+        self.paths = []
+
+    def request(self, method, url, headers, body=None, timeout=None):
+        path = url.split("://", 1)[1].split("/", 1)[1]
+        self.paths.append(path)
+        ttl = 4 if path.endswith("/login") else self.renew_ttls.pop(0)
+        answer = {"auth": {"client_token": "s.%d" % len(self.paths), "lease_duration": ttl,
+                           "renewable": True}}
+
+        class Answer(object):
+            status = 200
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+            def json(self):
+                return answer
+        return Answer()
+
+
+def test_a_renewal_capped_by_the_max_ttl_is_followed_by_a_login_not_another_renewal(tmp_path):
+    clock = FakeClock()
+    cfg, _ = make_loader(tmp_path, ["1h"])()
+    http = ScriptedHttp(renew_ttls=[4, 3, 4])
+    vault = vsa.VaultClient(cfg, http, clock)
+    stream = io.StringIO()
+    handler = vsa._configure_logging(20, "text", stream)
+    try:
+        for _ in range(5):               # a cycle every 2.7 s: past each renewal time
+            vault.ensure_token()
+            clock.t += 2.7
+    finally:
+        vsa.LOG.removeHandler(handler)
+    # login (4 s), renew (4 s), renew (3 s < 4 s: the max TTL), then a login, renew.
+    assert [p.rsplit("/", 1)[1] for p in http.paths] == [
+        "login", "renew-self", "renew-self", "login", "renew-self"]
+    assert "TTL now 3s (capped by its max TTL: a new login follows)" in stream.getvalue()
+    assert "failed" not in stream.getvalue()

@@ -126,6 +126,8 @@ def test_wrong_secret_id_fails_with_a_clear_line_and_no_secret(bao_cluster, appr
     code, log = run_main("-c", config, "--once", "--log-level", "debug")
     assert code == 1
     assert "approle login at auth/%s failed" % approle.mount in log
+    assert "(login refused: check the credentials and the role)" in log, log
+    assert "token's policy" not in log            # there is no token yet to blame
     assert "00000000-wrong-secret-0000" not in log
     assert snapshots(snapdir) == []
 
