@@ -293,20 +293,38 @@ def stop(proc, sig=signal.SIGTERM, timeout=10):
 
 # ---------------------------------------------------- one in-process cycle
 
+def run_main(*argv):
+    """The agent's main() in-process: (exit code, log text)."""
+    import io
+    import vault_snapshot_agent as vsa
+    stream = io.StringIO()
+    code = vsa.main(list(argv), stream=stream)
+    return code, stream.getvalue()
+
+
 def run_once(tmp_path, addr, approle, **config):
     """Write a config (the fixture's AppRole plus ``config``) and run one
     in-process ``--once`` cycle at debug level: (exit code, log text)."""
-    import io
     import json
-    import vault_snapshot_agent as vsa
     full = {"addr": addr, "role_id": approle.role_id, "secret_id": approle.secret_id}
     full.update(config)
     path = os.path.join(str(tmp_path), "c.json")
     with open(path, "w") as handle:
         json.dump(full, handle)
-    stream = io.StringIO()
-    code = vsa.main(["-c", path, "--once", "--log-level", "debug"], stream=stream)
-    return code, stream.getvalue()
+    return run_main("-c", path, "--once", "--log-level", "debug")
+
+
+def snapshots(directory):
+    """Names of the snapshots (ours and the Go agent's) in a directory, sorted."""
+    import vault_snapshot_agent as vsa
+    if not os.path.isdir(str(directory)):
+        return []
+    return sorted(n for n in os.listdir(str(directory)) if vsa.parse_snapshot_name(n))
+
+
+def error_lines(log):
+    """The ERROR lines of a text or JSON log."""
+    return [line for line in log.splitlines() if " ERROR " in line or '"level": "error"' in line]
 
 
 def success_location(log, marker):

@@ -15,9 +15,9 @@ it was told about::
         ...   #   token_reviewer_jwt="reviewer-jwt"
         assert k8s.reviewed_tokens() == [jwt]
 
-It runs ``http.server`` in a daemon thread on 127.0.0.1:<free port> (bound
-to port 0, so the port is chosen atomically) and records every request
-(``requests``: ``Review`` objects).  ``make_sa_jwt`` builds a JWT with the
+It is one of cred_servers' loopback servers (``http.server`` in a daemon
+thread on 127.0.0.1, port chosen by the kernel) and records every request
+(``requests``, with what each review saw and answered).  ``make_sa_jwt`` builds a JWT with the
 claims a Kubernetes service-account token carries.
 
 Protocol facts relied on (OpenBao ``builtin/credential/kubernetes``,
@@ -50,18 +50,15 @@ search tools; the Kubernetes API reference for TokenReview v1):
 
 from __future__ import print_function
 
-import atexit
 import base64
 import json
 import os
-import socketserver
-import threading
 import time
 import uuid
 
-import http.server
+from cred_servers import _CredServer
 
-__all__ = ["TokenReviewServer", "Review", "ServiceAccount", "make_sa_jwt", "decode_claims",
+__all__ = ["TokenReviewServer", "ServiceAccount", "make_sa_jwt", "decode_claims",
            "TOKENREVIEW_PATH", "DEFAULT_AUDIENCE"]
 
 TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
@@ -86,86 +83,28 @@ class ServiceAccount(object):
         return "<ServiceAccount %s uid=%s>" % (self.username, self.uid)
 
 
-class Review(object):
-    """One request as the server saw it, and what it answered."""
-
-    def __init__(self, method, path, authorization, body):
-        self.method = method
-        self.path = path
-        self.authorization = authorization   # the Authorization header (or None)
-        self.body = body                     # raw bytes
-        self.token = None                    # spec.token, when the body had one
-        self.audiences = None                # spec.audiences as sent
-        self.status = None                   # HTTP status answered
-        self.authenticated = False
-        self.error = None                    # status.error / Status message answered
-        self.time = time.time()
-
-    @property
-    def bearer(self):
-        auth = self.authorization or ""
-        return auth[len("Bearer "):] if auth.startswith("Bearer ") else None
-
-    def __repr__(self):
-        return "<Review %s %s -> %s authenticated=%s>" % (self.method, self.path, self.status,
-                                                          self.authenticated)
-
-
 def _status_object(code, reason, message):
     """A Kubernetes ``Status`` (the body of an API error)."""
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
             "message": message, "reason": reason, "code": code}
 
 
-class _ThreadingServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "k8s-tokenreview-test-server"
-    sys_version = ""
-
-    def _handle(self):
-        owner = self.server.owner
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length > 0 else b""
-        review = Review(self.command, self.path, self.headers.get("Authorization"), body)
-        status, payload = owner._respond(review)
-        review.status = status
-        with owner._lock:
-            owner.requests.append(review)
-        data = json.dumps(payload).encode("utf-8")
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = do_PATCH = _handle
-
-    def log_message(self, *args):
-        pass
-
-
-class TokenReviewServer(object):
-    """The TokenReview endpoint of a Kubernetes API server, on loopback.
+class TokenReviewServer(_CredServer):
+    """The TokenReview endpoint of a Kubernetes API server, on loopback
+    (lifecycle, request log and fault injection from cred_servers).
 
     ``reviewer_token``: the bearer token the caller must present (OpenBao's
     ``token_reviewer_jwt``); None accepts any token the server knows (the
-    plugin then uses the login JWT itself as the bearer)."""
+    plugin then uses the login JWT itself as the bearer).
+
+    Each recorded request (``requests``) also carries what the review saw
+    and answered: ``bearer``, ``token`` (spec.token), ``audiences``
+    (spec.audiences as sent), ``authenticated`` and ``error``."""
 
     def __init__(self, reviewer_token=None):
+        _CredServer.__init__(self, None, None, None, None)
         self.reviewer_token = reviewer_token
         self.tokens = {}             # token -> ServiceAccount
-        self.requests = []           # Review, in arrival order
-        self._lock = threading.Lock()
-        self._server = None
-        self._thread = None
-        self.port = None
-        atexit.register(self.stop)
 
     # -- tokens
 
@@ -185,15 +124,19 @@ class TokenReviewServer(object):
     def reviewed_tokens(self):
         """``spec.token`` of every TokenReview received, in order."""
         with self._lock:
-            return [r.token for r in self.requests if r.token is not None]
-
-    def clear(self):
-        with self._lock:
-            del self.requests[:]
+            return [r.token for r in self.requests if getattr(r, "token", None) is not None]
 
     # -- answers
 
-    def _respond(self, review):
+    def respond(self, review):
+        auth = review.header("Authorization") or ""
+        review.bearer = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
+        review.token = review.audiences = review.error = None
+        review.authenticated = False
+        status, payload = self._review(review)
+        return status, {}, payload
+
+    def _review(self, review):
         path = review.path.split("?", 1)[0]
         if path != TOKENREVIEW_PATH:
             return 404, _status_object(404, "NotFound", "the server could not find the "
@@ -255,47 +198,6 @@ class TokenReviewServer(object):
             "audiences": valid_for,
         }
         return 201, answer
-
-    # -- lifecycle
-
-    @property
-    def url(self):
-        """``http://127.0.0.1:PORT`` (no trailing slash): the kubernetes_host."""
-        return "http://127.0.0.1:%d" % self.port
-
-    def start(self):
-        if self._server is not None:
-            return self
-        server = _ThreadingServer(("127.0.0.1", 0), _Handler)
-        server.owner = self
-        self._server = server
-        self.port = server.server_address[1]
-        self._thread = threading.Thread(target=server.serve_forever,
-                                        name="TokenReviewServer", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self):
-        """Shut the server down (idempotent; also at exit)."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-    @property
-    def running(self):
-        return self._server is not None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-        return False
 
 
 # ------------------------------------------------------------------- JWTs

@@ -6,7 +6,6 @@ exit codes, log lines, nothing left behind, no secret in any log line.
 """
 
 import glob
-import io
 import json
 import os
 import re
@@ -19,7 +18,7 @@ import pytest
 
 import vault_snapshot_agent as vsa
 from faultproxy import FaultProxy
-from harness import read, start_agent, stop, wait_for
+from harness import read, run_main, snapshots, start_agent, stop, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(ROOT, "vault_snapshot_agent.py")
@@ -38,18 +37,6 @@ def write_config(path, addr, approle, snapdir, **extra):
     with open(str(path), "w") as handle:
         json.dump(config, handle)
     return str(path)
-
-
-def run_main(*argv):
-    stream = io.StringIO()
-    code = vsa.main(list(argv), stream=stream)
-    return code, stream.getvalue()
-
-
-def snapshots(snapdir):
-    if not os.path.isdir(str(snapdir)):
-        return []
-    return sorted(n for n in os.listdir(str(snapdir)) if vsa.parse_snapshot_name(n))
 
 
 def leftovers(snapdir):

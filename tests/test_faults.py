@@ -43,7 +43,7 @@ import bad_configs
 import vault_snapshot_agent as vsa
 from archives import build_archive
 from faultproxy import FaultProxy
-from harness import read, start_agent, stop, wait_for
+from harness import error_lines, read, run_main, snapshots, start_agent, stop, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(ROOT, "vault_snapshot_agent.py")
@@ -90,23 +90,6 @@ def write_config(path, addr, approle, snapdir=None, **extra):
     with open(str(path), "w") as handle:
         json.dump(config, handle)
     return str(path)
-
-
-def run_main(*argv):
-    """vsa.main in-process: (exit code, log text)."""
-    stream = io.StringIO()
-    code = vsa.main(list(argv), stream=stream)
-    return code, stream.getvalue()
-
-
-def error_lines(log):
-    return [line for line in log.splitlines() if " ERROR " in line or '"level": "error"' in line]
-
-
-def snapshots(snapdir):
-    if not os.path.isdir(str(snapdir)):
-        return []
-    return sorted(n for n in os.listdir(str(snapdir)) if vsa.parse_snapshot_name(n))
 
 
 def hidden(snapdir):

@@ -12,7 +12,6 @@ loopback here, so a throw-away CA certificate is configured.
 """
 
 import datetime
-import io
 import json
 import os
 import re
@@ -25,7 +24,8 @@ import pytest
 import conftest
 import rsa_keys
 import vault_snapshot_agent as vsa
-from harness import child_env, read, start_agent, stop, wait_for
+from harness import (child_env, error_lines, read, run_main, snapshots, start_agent, stop,
+                     wait_for)
 from k8s_tokenreview import DEFAULT_AUDIENCE, ServiceAccount, TokenReviewServer, make_sa_jwt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,16 +135,17 @@ def write_config(path, addr, token_path, snapdir, **extra):
     return str(path)
 
 
-def run_main(*argv):
-    stream = io.StringIO()
-    code = vsa.main(list(argv), stream=stream)
-    return code, stream.getvalue()
-
-
-def snapshots(snapdir):
-    if not os.path.isdir(str(snapdir)):
-        return []
-    return sorted(n for n in os.listdir(str(snapdir)) if vsa.parse_snapshot_name(n))
+def once_with(bao_cluster, k8s, tmp_path, jwt, **extra):
+    """Write ``jwt`` as the token file and run one in-process ``--once`` at
+    debug level with k8s auth (plus ``extra`` config): (code, log, snapdir)."""
+    snapdir = tmp_path / "snaps"
+    token_path = write_token(tmp_path / "sa" / "token", jwt) if jwt is not None \
+        else tmp_path / "sa" / "token"
+    config = write_config(tmp_path / "c.json", bao_cluster.leader().addr, token_path, snapdir,
+                          **extra)
+    k8s.server.clear()
+    code, log = run_main("-c", config, "--once", "--log-level", "debug")
+    return code, log, snapdir
 
 
 def assert_no_secrets(log, *jwts, reviewer=None):
@@ -157,19 +158,11 @@ def assert_no_secrets(log, *jwts, reviewer=None):
     assert match is None, match.group(0)
 
 
-def error_lines(log):
-    return [line for line in log.splitlines() if " ERROR " in line]
-
-
 # -- 1. one cycle --------------------------------------------------------------------
 
 def test_once_with_k8s_auth_stores_a_verified_snapshot(bao_cluster, k8s, tmp_path):
     jwt = new_jwt(k8s)
-    token_path = write_token(tmp_path / "sa" / "token", jwt)
-    snapdir = tmp_path / "snaps"
-    config = write_config(tmp_path / "c.json", bao_cluster.leader().addr, token_path, snapdir)
-    k8s.server.clear()
-    code, log = run_main("-c", config, "--once", "--log-level", "debug")
+    code, log, snapdir = once_with(bao_cluster, k8s, tmp_path, jwt)
     assert code == 0, log
     names = snapshots(snapdir)
     assert len(names) == 1, log
@@ -200,11 +193,7 @@ def test_refused_k8s_login_fails_once_with_one_error_line(bao_cluster, k8s, tmp_
     else:
         jwt = new_jwt(k8s, namespace="kube-system")
         vault_says = "namespace not authorized"
-    token_path = write_token(tmp_path / "sa" / "token", jwt)
-    snapdir = tmp_path / "snaps"
-    config = write_config(tmp_path / "c.json", bao_cluster.leader().addr, token_path, snapdir)
-    k8s.server.clear()
-    code, log = run_main("-c", config, "--once", "--log-level", "debug")
+    code, log, snapdir = once_with(bao_cluster, k8s, tmp_path, jwt)
     assert code == 1, log
     errors = error_lines(log)
     assert len(errors) == 1, log
@@ -305,13 +294,9 @@ def test_custom_k8s_auth_path(bao_cluster, k8s, tmp_path):
     # a legacy (secret-based) token this time: its claims are the
     # kubernetes.io/serviceaccount/* ones, and it has no audience
     jwt = new_jwt(k8s, name=CUSTOM_SA, projected=False)
-    token_path = write_token(tmp_path / "token", jwt)
-    snapdir = tmp_path / "snaps"
     # CUSTOM_ROLE exists only at k8s-snap: a login at the default mount would fail
-    config = write_config(tmp_path / "c.json", bao_cluster.leader().addr, token_path, snapdir,
-                          k8s_auth_path=CUSTOM_MOUNT, k8s_auth_role=CUSTOM_ROLE)
-    k8s.server.clear()
-    code, log = run_main("-c", config, "--once", "--log-level", "debug")
+    code, log, snapdir = once_with(bao_cluster, k8s, tmp_path, jwt, k8s_auth_path=CUSTOM_MOUNT,
+                                   k8s_auth_role=CUSTOM_ROLE)
     assert code == 0, log
     assert "Logged in with k8s at auth/%s, token TTL 1h" % CUSTOM_MOUNT in log, log
     names = snapshots(snapdir)
@@ -326,11 +311,7 @@ def test_custom_path_role_is_not_found_at_the_default_mount(bao_cluster, k8s, tm
     """The counter-check of the test above: the same config without
     ``k8s_auth_path`` goes to auth/kubernetes, where CUSTOM_ROLE does not exist."""
     jwt = new_jwt(k8s, name=CUSTOM_SA)
-    token_path = write_token(tmp_path / "token", jwt)
-    config = write_config(tmp_path / "c.json", bao_cluster.leader().addr, token_path,
-                          tmp_path / "snaps", k8s_auth_role=CUSTOM_ROLE)
-    k8s.server.clear()
-    code, log = run_main("-c", config, "--once")
+    code, log, _ = once_with(bao_cluster, k8s, tmp_path, jwt, k8s_auth_role=CUSTOM_ROLE)
     assert code == 1, log
     errors = error_lines(log)
     assert len(errors) == 1 and "k8s login at auth/%s failed" % MOUNT in errors[0], log
@@ -345,12 +326,7 @@ def test_custom_path_role_is_not_found_at_the_default_mount(bao_cluster, k8s, tm
 def test_unreadable_token_file_fails_the_cycle_with_one_line(bao_cluster, k8s, tmp_path,
                                                               problem):
     token_path = tmp_path / "sa" / "token"
-    if problem == "empty":
-        write_token(token_path, "\n")
-    snapdir = tmp_path / "snaps"
-    config = write_config(tmp_path / "c.json", bao_cluster.leader().addr, token_path, snapdir)
-    k8s.server.clear()
-    code, log = run_main("-c", config, "--once")
+    code, log, snapdir = once_with(bao_cluster, k8s, tmp_path, "\n" if problem == "empty" else None)
     assert code == 1, log
     errors = error_lines(log)
     assert len(errors) == 1, log

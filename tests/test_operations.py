@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 
 import vault_snapshot_agent as vsa
-from harness import free_port, read, start_agent, stop, wait_for
+from harness import free_port, read, snapshots, start_agent, stop, wait_for
 
 
 def write_config(tmp_path, addr, approle, **extra):
@@ -25,11 +25,6 @@ def write_config(tmp_path, addr, approle, **extra):
     path = tmp_path / "c.json"
     path.write_text(json.dumps(config))
     return str(path)
-
-
-def snapshots(directory):
-    return sorted(n for n in os.listdir(str(directory)) if vsa.parse_snapshot_name(n)) \
-        if os.path.isdir(str(directory)) else []
 
 
 PROM_LINE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-zA-Z_][a-zA-Z0-9_]*="([^"\\]|\\.)*",?)*\})? '
