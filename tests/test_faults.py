@@ -515,9 +515,14 @@ def _sigterm_trials(bao_cluster, approle, moto, tmp_path, trials, seed):
 
         duration, stored, uploaded = trial(0, None)
         assert (stored, uploaded) == (1, 1), "the calibration cycle did not store everywhere"
+        # Stratified over 1.5 cycles: every part of the cycle gets its share of
+        # moments (a third fall after a calibrated cycle's end, so a busier
+        # machine's slower cycles still see some SIGTERMs after both stores).
+        span = duration * 1.5
         outcomes = []
         for index in range(1, trials + 1):
-            outcomes.append(trial(index, rng.uniform(0, duration * 1.1))[1:])
+            moment = span * (index - 1 + rng.random()) / trials
+            outcomes.append(trial(index, moment)[1:])
     print("SIGTERM trials: cycle %.2fs; (local, s3) stored per trial: %s" % (duration, outcomes))
     return outcomes
 
