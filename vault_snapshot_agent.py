@@ -3845,7 +3845,10 @@ class Agent(object):
 
     def schedule_after(self, result, storages, started):
         """Set the next due time of the ``storages`` a cycle begun at
-        ``started`` served: the regular time, or a retry for those it failed."""
+        ``started`` served: the regular time, or, for those it failed, a
+        retry counted from the cycle's end (a long failing upload still
+        leaves a pause before the next attempt)."""
+        ended = self.clock.now()
         if result.outcome == "failed" and result.snapshot is None:
             failed = set(s.describe() for s in storages)      # before any upload: all of them
         else:
@@ -3861,7 +3864,7 @@ class Agent(object):
                 continue
             runs = self.failed_runs[key] = self.failed_runs.get(key, 0) + 1
             delay = self.cfg.retry_interval * 2 ** min(runs - 1, 20)
-            self.due[key] = min(regular, started + datetime.timedelta(seconds=delay))
+            self.due[key] = min(regular, ended + datetime.timedelta(seconds=delay))
             retries.append("%s at %s (%d failed in a row)" % (key, iso(self.due[key]), runs))
         if retries:
             LOG.warning("Retrying %s", "; ".join(retries))

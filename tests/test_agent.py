@@ -151,6 +151,21 @@ def test_a_failed_cycle_is_retried_sooner_with_backoff_up_to_the_frequency(tmp_p
     assert "(7 failed in a row)" in log
 
 
+def test_a_retry_is_counted_from_the_end_of_a_long_failing_cycle(tmp_path):
+    StandbyVault.calls = []
+    FlakyVault.fail = 100
+    clock = FakeClock()
+
+    class SlowFlakyVault(FlakyVault):
+        def ensure_token(self):
+            clock.t += 100           # e.g. an upload retried for 100 s before giving up
+            FlakyVault.ensure_token(self)
+    signals = FakeSignals(clock, until=1000 + 600)
+    vsa.Agent(make_loader(tmp_path, ["1h"]), clock, signals, SlowFlakyVault).run_forever()
+    # start 0, fails at 100, retried 1m later (160), fails at 260, 2m later (380)...
+    assert [t - 1000 for t, _ in StandbyVault.calls] == [0, 160, 380]
+
+
 def test_retries_stop_once_a_cycle_ends_normally(tmp_path):
     StandbyVault.calls = []
     FlakyVault.fail = 2
