@@ -3531,7 +3531,8 @@ class Status(object):
     def storage(self, storage):
         return self.storages.setdefault(storage.describe(), {
             "type": storage.kind, "last_success": None, "last_snapshot": None,
-            "last_error": None, "last_error_time": None, "successes": 0, "failures": 0})
+            "last_error": None, "last_error_time": None, "successes": 0, "failures": 0,
+            "failures_in_a_row": 0})
 
     def record(self, result, started, ended, duration, storages):
         self.last_start, self.last_end, self.last_duration = started, ended, duration
@@ -3555,10 +3556,12 @@ class Status(object):
                 entry["last_success"] = iso(ended)
                 entry["last_snapshot"] = result.stored[0][1]
                 entry["successes"] += 1
+                entry["failures_in_a_row"] = 0
             elif storage.describe() in failed:
                 entry["last_error"] = failed[storage.describe()]
                 entry["last_error_time"] = iso(ended)
                 entry["failures"] += 1
+                entry["failures_in_a_row"] += 1
 
     def as_json(self):
         return collections.OrderedDict((
@@ -3607,6 +3610,9 @@ class Status(object):
                [((("storage", k), ("type", v["type"])), v["successes"]) for k, v in per])
         metric("vault_snapshot_storage_failures_total", "counter", "Failed stores or retentions.",
                [((("storage", k), ("type", v["type"])), v["failures"]) for k, v in per])
+        metric("vault_snapshot_storage_consecutive_failures", "gauge",
+               "Failed stores in a row (0 after a success).",
+               [((("storage", k), ("type", v["type"])), v["failures_in_a_row"]) for k, v in per])
         return "\n".join(lines) + "\n"
 
     def summary(self):

@@ -6,6 +6,7 @@ verified, buckets are listed to prove retention and cleanup."""
 import hashlib
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -159,6 +160,8 @@ def test_daemon_retries_only_the_failed_storage_until_a_reload_fixes_it(moto, ba
     prefix = "retry-%s" % os.urandom(3).hex()
     config = {"addr": bao_cluster.leader().addr, "role_id": approle.role_id,
               "secret_id": approle.secret_id, "frequency": "1h", "retry_interval": "1s",
+              "status_file": str(tmp_path / "status.json"),
+              "metrics_textfile": str(tmp_path / "agent.prom"),
               "local_storage": {"path": str(tmp_path / "local")},
               "aws_storage": s3_block(moto, secret_access_key=moto.wrong_secret_access_key,
                                       s3_key_prefix=prefix)}
@@ -169,12 +172,22 @@ def test_daemon_retries_only_the_failed_storage_until_a_reload_fixes_it(moto, ba
     try:
         wait_for(lambda: "(3 failed in a row)" in read(logfile), 30, "three failed S3 attempts")
         assert moto.list_keys(BUCKET, prefix + "/") == []
+        failing = s3_status(tmp_path, prefix)
+        assert failing["failures_in_a_row"] >= 3 and failing["successes"] == 0, failing
+        assert "SignatureDoesNotMatch" in failing["last_error"]
+        assert re.search(r'^vault_snapshot_storage_consecutive_failures\{storage="s3://%s/%s/",'
+                         r'type="aws"\} [3-9]' % (BUCKET, prefix), read(tmp_path / "agent.prom"), re.M)
         config["aws_storage"]["secret_access_key"] = moto.secret_access_key
         path.write_text(json.dumps(config))
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "Successfully created aws snapshot" in read(logfile), 30, "a stored object")
+        wait_for(lambda: s3_status(tmp_path, prefix)["successes"] == 1, 10, "the status file")
     finally:
         code = stop(proc)
+    fixed = s3_status(tmp_path, prefix)
+    assert fixed["failures_in_a_row"] == 0 and fixed["failures"] >= 3, fixed
+    assert re.search(r'^vault_snapshot_storage_consecutive_failures\{storage="s3://%s/%s/",'
+                     r'type="aws"\} 0$' % (BUCKET, prefix), read(tmp_path / "agent.prom"), re.M)
     log = read(logfile)
     assert code == 0, log
     assert log.count("Successfully created local snapshot") == 1, log
@@ -185,6 +198,12 @@ def test_daemon_retries_only_the_failed_storage_until_a_reload_fixes_it(moto, ba
     assert keys == [stored_key(log)]
     verify_object(moto, keys[0], tmp_path)
     assert_no_aws_secrets(log, moto.wrong_secret_access_key, moto.secret_access_key)
+
+
+def s3_status(tmp_path, prefix):
+    """The S3 storage's entry in the daemon's status file."""
+    status = json.loads(read(tmp_path / "status.json"))
+    return status["storages"]["s3://%s/%s/" % (BUCKET, prefix)]
 
 
 def test_denied_user_gets_a_one_line_access_denied(moto, bao_cluster, approle, tmp_path):
