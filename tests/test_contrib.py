@@ -49,7 +49,7 @@ ENTRYPOINT = ["python3", "-u", "/app/vault_snapshot_agent.py"]
 IMAGE_CMD = ["--config", "/etc/vault.d/snapshot.json"]
 
 METRICS = ("vault_snapshot_last_success_timestamp_seconds",
-           "vault_snapshot_storage_failures_total",
+           "vault_snapshot_storage_consecutive_failures",
            "vault_snapshot_is_leader",
            "vault_snapshot_frequency_seconds")
 
@@ -577,8 +577,9 @@ def test_alert_rules_shape():
     too_old = rules["VaultSnapshotTooOld"]["expr"]
     assert "max without (instance" in too_old and "vault_snapshot_is_leader" in too_old
     assert "2 *" in too_old and "vault_snapshot_frequency_seconds" in too_old
-    assert re.search(r"increase\(vault_snapshot_storage_failures_total(\{[^}]*\})?\[1h\]\)",
-                     rules["VaultSnapshotStorageFailing"]["expr"])
+    failing = rules["VaultSnapshotStorageFailing"]["expr"]
+    assert "vault_snapshot_storage_consecutive_failures" in failing and ">= 2" in failing
+    assert "vault_snapshot_is_leader" in failing
     assert re.search(r"\bup\{[^}]*\} == 0", rules["VaultSnapshotAgentDown"]["expr"])
 
 
@@ -602,7 +603,8 @@ evaluation_interval: 1m
 tests:
   # Failover: node a was leader and stored at t=60s, then b became leader and
   # has not stored yet. a's snapshot is the newest: no alert until it is older
-  # than 2h (+10m), then one alert for that storage.
+  # than 2h (+10m), then one alert for that storage. a's count of failures in
+  # a row (3) is frozen since it became a standby: no StorageFailing.
   - interval: 1m
     input_series:
       - series: 'vault_snapshot_last_success_timestamp_seconds{{job="vault-snapshot-agent",instance="a",storage="local",type="local"}}'
@@ -617,8 +619,8 @@ tests:
         values: '3600x300'
       - series: 'vault_snapshot_frequency_seconds{{job="vault-snapshot-agent",instance="b"}}'
         values: '3600x300'
-      - series: 'vault_snapshot_storage_failures_total{{job="vault-snapshot-agent",instance="a",storage="local",type="local"}}'
-        values: '0x300'
+      - series: 'vault_snapshot_storage_consecutive_failures{{job="vault-snapshot-agent",instance="a",storage="local",type="local"}}'
+        values: '3x300'
       - series: 'up{{job="vault-snapshot-agent",instance="a"}}'
         values: '1x300'
       - series: 'up{{job="vault-snapshot-agent",instance="b"}}'
@@ -641,7 +643,9 @@ tests:
   # The leader stores hourly in "local"; its agent restarts at 200m (the gauge
   # is 0 until it stores again at 241m): no alert, the last success is
   # remembered. "s3" never succeeded: alert. Another cluster, whose agent sees
-  # no leader, stays quiet. One storage failure at 101m; agent c goes down.
+  # no leader, stays quiet. "local" fails once at 51m and heals on the retry:
+  # quiet. "s3" fails from 101m, twice in a row from 102m, stores at 201m:
+  # alert in between. Agent c goes down.
   - interval: 1m
     input_series:
       - series: 'vault_snapshot_last_success_timestamp_seconds{{job="vault-snapshot-agent",instance="a",storage="local",type="local"}}'
@@ -658,8 +662,10 @@ tests:
         values: '0x300'
       - series: 'vault_snapshot_frequency_seconds{{job="vault-snapshot-agent",instance="c",cluster="other"}}'
         values: '3600x300'
-      - series: 'vault_snapshot_storage_failures_total{{job="vault-snapshot-agent",instance="a",storage="s3",type="s3"}}'
-        values: '0x100 1x200'
+      - series: 'vault_snapshot_storage_consecutive_failures{{job="vault-snapshot-agent",instance="a",storage="s3",type="s3"}}'
+        values: '0x100 1 2x98 0x100'
+      - series: 'vault_snapshot_storage_consecutive_failures{{job="vault-snapshot-agent",instance="a",storage="local",type="local"}}'
+        values: '0x50 1 0x248'
       - series: 'up{{job="vault-snapshot-agent",instance="a"}}'
         values: '1x300'
       - series: 'up{{job="vault-snapshot-agent",instance="c",cluster="other"}}'
@@ -676,6 +682,12 @@ tests:
         alertname: VaultSnapshotTooOld
         exp_alerts:
           - exp_labels: {{severity: critical, job: vault-snapshot-agent, storage: s3, type: s3}}
+      - eval_time: 51m
+        alertname: VaultSnapshotStorageFailing
+        exp_alerts: []
+      - eval_time: 101m
+        alertname: VaultSnapshotStorageFailing
+        exp_alerts: []
       - eval_time: 120m
         alertname: VaultSnapshotStorageFailing
         exp_alerts:
