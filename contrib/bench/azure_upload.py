@@ -91,10 +91,8 @@ const { BlockBlobClient } = require(path.join(modDir, "node_modules", "@azure", 
 
 
 def find_node(explicit):
-    for cand in (explicit, shutil.which("node")):
-        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
-            return os.path.abspath(cand)
-    raise SystemExit("node not found (--node PATH)")
+    return benchlib.find_executable((explicit, shutil.which("node")),
+                                    "node not found (--node PATH)")
 
 
 def node_module_version(moddir):

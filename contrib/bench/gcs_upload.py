@@ -89,11 +89,10 @@ print(json.dumps({"setup": t1 - t0, "upload": t2 - t1, "size": blob.size,
 
 
 def find_ref_python(explicit):
-    for cand in (explicit, "/tmp/gcs-ref-venv/bin/python"):
-        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
-            return os.path.abspath(cand)
-    raise SystemExit("google-cloud-storage venv not found: python3 -m venv /tmp/gcs-ref-venv && "
-                     "/tmp/gcs-ref-venv/bin/pip install google-cloud-storage (or --ref-python PATH)")
+    return benchlib.find_executable(
+        (explicit, "/tmp/gcs-ref-venv/bin/python"),
+        "google-cloud-storage venv not found: python3 -m venv /tmp/gcs-ref-venv && "
+        "/tmp/gcs-ref-venv/bin/pip install google-cloud-storage (or --ref-python PATH)")
 
 
 # ----------------------------------------------------------------- bench

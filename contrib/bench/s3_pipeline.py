@@ -73,11 +73,7 @@ SIZE_TOLERANCE = 0.01   # agent object vs the bao snapshot of the same round
 
 
 def find_aws(explicit):
-    for cand in (explicit, "/tmp/awscli-venv/bin/aws"):
-        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
-            return os.path.abspath(cand)
-    raise SystemExit("aws CLI not found: python3 -m venv /tmp/awscli-venv && "
-                     "/tmp/awscli-venv/bin/pip install awscli (or --aws PATH)")
+    return benchlib.find_executable((explicit, "/tmp/awscli-venv/bin/aws"), benchlib.AWS_MISSING)
 
 
 def start_moto(moto, spool):

@@ -63,11 +63,8 @@ SCRUB = ("AWS_", "VAULT_", "BAO_", "BENCH_SPEC")
 
 
 def find_aws(explicit):
-    for cand in (explicit, "/tmp/awscli-venv/bin/aws", shutil.which("aws")):
-        if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
-            return os.path.abspath(cand)
-    raise SystemExit("aws CLI not found: python3 -m venv /tmp/awscli-venv && "
-                     "/tmp/awscli-venv/bin/pip install awscli (or --aws PATH)")
+    return benchlib.find_executable((explicit, "/tmp/awscli-venv/bin/aws", shutil.which("aws")),
+                                    benchlib.AWS_MISSING)
 
 
 def write_aws_files(workdir, args):
