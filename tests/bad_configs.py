@@ -16,6 +16,8 @@ import base64
 import json
 import os
 
+from harness import overridden
+
 MISSING_FILE, DIRECTORY, UNREADABLE = "<missing>", "<directory>", "<unreadable>"
 
 # Readable by stat, unreadable by read(): EIO at offset 0, even for root
@@ -112,13 +114,7 @@ def materialize(value, paths):
 
 def cfg(**changes):
     """BASE with top-level changes; a value of None removes the key."""
-    out = dict(BASE)
-    for key, value in changes.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = value
-    return out
+    return overridden(dict(BASE), changes)
 
 
 def store(key, block):

@@ -18,7 +18,8 @@ For the server modules (moto_s3, gcs_emulators, azurite, bao_cluster):
   ``environment()``) or give it ``argv`` and ``ready`` directly.
 
 For the tests that run the agent as a daemon: ``wait_for``, ``read``,
-``start_agent`` and ``stop``.
+``start_agent`` and ``stop``; in process: ``run_main``, ``run_once``.
+For documents built from a base: ``overridden``.
 """
 
 import atexit
@@ -39,6 +40,17 @@ __all__ = ["free_port", "free_ports", "tail", "child_env", "spawn", "ServerError
 
 
 # ------------------------------------------------------------ ports and logs
+
+
+def overridden(doc, changes):
+    """``doc`` with ``changes`` applied in place (a value of None removes
+    the key); returns ``doc``."""
+    for key, value in changes.items():
+        if value is None:
+            doc.pop(key, None)
+        else:
+            doc[key] = value
+    return doc
 
 
 def free_ports(count):

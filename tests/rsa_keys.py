@@ -31,6 +31,8 @@ import collections
 import json
 import os
 
+from harness import overridden
+
 __all__ = ["RsaKey", "make_rsa_key", "service_account_json", "authorized_user_json",
            "write_json", "make_jwt", "b64url", "public_numbers", "PKCS8", "PKCS1"]
 
@@ -116,12 +118,7 @@ def service_account_json(private_pem, token_uri, client_email=None, project_id="
                                 + client_email.replace("@", "%40"),
         "universe_domain": "googleapis.com",
     }
-    for key, value in extra.items():
-        if value is None:
-            doc.pop(key, None)
-        else:
-            doc[key] = value
-    return doc
+    return overridden(doc, extra)
 
 
 def authorized_user_json(client_id="123456789-test.apps.googleusercontent.com",
@@ -130,12 +127,7 @@ def authorized_user_json(client_id="123456789-test.apps.googleusercontent.com",
     """An ``authorized_user`` credentials file as a dict."""
     doc = {"type": "authorized_user", "client_id": client_id,
            "client_secret": client_secret, "refresh_token": refresh_token}
-    for key, value in extra.items():
-        if value is None:
-            doc.pop(key, None)
-        else:
-            doc[key] = value
-    return doc
+    return overridden(doc, extra)
 
 
 def write_json(path, doc, mode=0o600):

@@ -43,7 +43,8 @@ import bad_configs
 import vault_snapshot_agent as vsa
 from archives import build_archive
 from faultproxy import FaultProxy
-from harness import error_lines, read, run_main, snapshots, start_agent, stop, wait_for
+from harness import (error_lines, overridden, read, run_main, snapshots, start_agent, stop,
+                     wait_for)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(ROOT, "vault_snapshot_agent.py")
@@ -82,11 +83,7 @@ def write_config(path, addr, approle, snapdir=None, **extra):
               "approle": approle.mount, "frequency": "1h"}
     if snapdir is not None:
         config["local_storage"] = {"path": str(snapdir)}
-    for key, value in extra.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
+    overridden(config, extra)
     with open(str(path), "w") as handle:
         json.dump(config, handle)
     return str(path)
