@@ -116,30 +116,19 @@ def _need_azurite():
 
 
 @pytest.fixture(scope="module")
-def azurite(tmp_path_factory):
-    """Azurite (plain HTTP, Shared Key / SAS) for this module."""
-    _need_azurite()
-    server = az_mod.Azurite(str(tmp_path_factory.mktemp("azurite")))
-    try:
-        server.start()
-        server.create_container("fixtures")
-        yield server
-    finally:
-        server.stop()
+def azurite(azurite):
+    """The session's Azurite (plain HTTP, Shared Key / SAS; conftest), with
+    this module's container ``fixtures``."""
+    azurite.create_container("fixtures")
+    return azurite
 
 
 @pytest.fixture(scope="module")
-def azurite_oauth(tmp_path_factory):
-    """Azurite over HTTPS (self-signed cert) accepting Bearer tokens."""
-    _need_azurite()
-    server = az_mod.Azurite(str(tmp_path_factory.mktemp("azurite-oauth")), https=True,
-                            oauth="basic")
-    try:
-        server.start()
-        server.create_container("fixtures")
-        yield server
-    finally:
-        server.stop()
+def azurite_oauth(azurite_oauth):
+    """The session's Azurite over HTTPS accepting Bearer tokens, with the
+    container ``fixtures``."""
+    azurite_oauth.create_container("fixtures")
+    return azurite_oauth
 
 
 @pytest.mark.e2e
