@@ -107,17 +107,27 @@ SNAPSHOT_PATH = "/v1/sys/storage/raft/snapshot"
 SNAPSHOT_PREFIX = "raft_snapshot-"
 SNAPSHOT_SUFFIX = ".snap"
 # Our names: raft_snapshot-20261127T205239.123Z.snap (UTC, sorts by time as text).
-OWN_NAME_RE = re.compile(r"^raft_snapshot-(\d{8}T\d{6}\.\d{3})Z\.snap$")
+# Whole ASCII names only: [0-9], not \d (fullwidth digits), and \Z, not $ (a
+# trailing newline).
+OWN_NAME_RE = re.compile(r"\Araft_snapshot-([0-9]{8}T[0-9]{6}\.[0-9]{3})Z\.snap\Z")
 # The Go agent's names: raft_snapshot-<unix nanoseconds>.snap.
-GO_NAME_RE = re.compile(r"^raft_snapshot-(\d{1,20})\.snap$")
+GO_NAME_RE = re.compile(r"\Araft_snapshot-([0-9]{1,20})\.snap\Z")
+# A listed name dated later than now plus this is planted or from a clock that
+# ran ahead: the schedule, retention and 'latest' ignore it, nothing deletes it.
+FUTURE_SKEW = 300.0
 # Staging and partial files: hidden, tagged with host and pid so a later run
 # can tell its own crash leftovers from another live process's work.
-TEMP_NAME_RE = re.compile(r"^\.raft_snapshot-(?P<host>[A-Za-z0-9_.-]*)-(?P<pid>\d+)-[0-9a-f]+\.tmp$")
+TEMP_NAME_RE = re.compile(r"\A\.raft_snapshot-(?P<host>[A-Za-z0-9_.-]*)-(?P<pid>[0-9]{1,10})-[0-9a-f]+\.tmp\Z")
 
 CHUNK_SIZE = 1024 * 1024             # stream and copy granularity
 MAX_JSON_BYTES = 4 * 1024 * 1024     # an API answer larger than this is refused
 MAX_SMALL_MEMBER = 1024 * 1024       # meta.json / SHA256SUMS size cap
+MAX_PAX_HEADER = 64 * 1024           # a PAX extended header larger than this is refused
+MAX_TAR_HEADERS = 64                 # 4 members, their PAX headers and a few spare
+MAX_LIST_PAGES = 10000               # pages of one storage listing (10 million objects)
 MAX_REDIRECTS = 3
+MAX_RETAIN = 1000000                 # snapshots kept per storage
+MAX_RETAIN_DAYS = 36500              # a century: beyond, the date arithmetic overflows
 
 TOKEN_RENEW_FRACTION = 2.0 / 3.0     # renew after 2/3 of the TTL has passed
 TOKEN_MIN_REMAINING = 10.0           # seconds (at most 10% of the TTL) of safety margin
@@ -308,6 +318,32 @@ def redact_url(url):
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+def printable(text, limit=200):
+    """``text`` from an untrusted source (a tar member, a listed name) fit for
+    one log line: control and non-ASCII characters escaped, length capped."""
+    text = str(text).encode("unicode_escape").decode("ascii")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def has_control(text):
+    """Whether ``text`` holds a character no header value or path may hold
+    (C0 controls but tab, and DEL): CR/LF would split a header."""
+    return _CONTROL_RE.search(text) is not None
+
+
+def parse_listed_size(value):
+    """An object size from a listing (XML text, JSON string or number); 0
+    when it is missing or not a plain whole number."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return max(value, 0)
+    if isinstance(value, str) and re.match(r"\A[0-9]{1,20}\Z", value.strip()):
+        return int(value.strip())
+    return 0
+
+
 def one_line(text, limit=300):
     """Collapse whitespace and cut long server answers for a log line."""
     text = " ".join(str(text).split())
@@ -333,6 +369,9 @@ def read_secret_file(path, what):
         raise ConfigError("%s %s: cannot read: %s" % (what, path, exc.strerror or exc))
     if not value:
         raise ConfigError("%s %s: file is empty" % (what, path))
+    if has_control(value):
+        raise ConfigError("%s %s: holds a control character inside the secret; value not shown"
+                          % (what, path))
     return Secret(value)
 
 
@@ -553,24 +592,46 @@ class Section(object):
         value = self.raw.get(key)
         if value is None or value == "":
             for var in env:
-                if self.env.get(var):
-                    return self.env[var], var
+                # Surrounding white space from the environment is never meant
+                # (VAULT_TOKEN=$(cat file) keeps a newline): strip it.
+                if self.env.get(var, "").strip():
+                    return self.env[var].strip(), var
             return None, None
         return value, None
 
-    def string(self, key, default=None, env=(), choices=None):
+    def string(self, key, default=None, env=(), choices=None, spaces=True):
+        """A string; ``spaces=False`` for values that end up in a header or a
+        URL path (a name, a mount, a storage class), where white space is
+        always a mistake. Control characters are refused everywhere, and the
+        error never shows the value (it may be a credential)."""
         value, source = self._value(key, env)
         if value is None:
             return default
         if not isinstance(value, str):
             raise self.error(key, "must be a string, got %s" % _json_type(value))
+        where = source or self.name(key)
+        if has_control(value):
+            raise ConfigError("%s: contains a control character (CR, LF, NUL...); value not shown"
+                              % where)
+        if not spaces and value != "".join(value.split()):
+            raise ConfigError("%s: must not contain whitespace, got %r" % (where, value))
         if choices and value not in choices:
             raise self.error(key, "must be one of %s, got %r" % (", ".join(choices), value))
         return value
 
     def secret(self, key, env=()):
-        value = self.string(key, env=env)
-        return None if value is None else Secret(value)
+        """A credential, stripped of surrounding white space (a pasted newline)."""
+        value, source = self._value(key, env)
+        if isinstance(value, str):
+            value = value.strip()
+            if has_control(value):
+                raise ConfigError("%s: contains a control character (CR, LF, NUL...); value not shown"
+                                  % (source or self.name(key)))
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise self.error(key, "must be a string, got %s" % _json_type(value))
+        return Secret(value)
 
     def path(self, key, default=None, env=(), must_exist=None):
         value = self.string(key, default, env)
@@ -585,7 +646,7 @@ class Section(object):
             raise self.error(key, "directory %s does not exist" % value)
         return value
 
-    def integer(self, key, default=None, minimum=0):
+    def integer(self, key, default=None, minimum=0, maximum=1000000):
         value, _ = self._value(key)
         if value is None:
             return default
@@ -596,6 +657,8 @@ class Section(object):
                 raise self.error(key, "must be a whole number, got %s" % _json_type(value))
         if value < minimum:
             raise self.error(key, "must be at least %d, got %d" % (minimum, value))
+        if value > maximum:
+            raise self.error(key, "must be at most %d, got %d" % (maximum, value))
         return value
 
     def boolean(self, key, default=False, env=()):
@@ -748,12 +811,12 @@ def config_from_dict(raw, path="<config>", env=None):
         raise top.error("addr", "must be an http:// or https:// URL, got %r" % raw_addr)
     cfg.addr = top.url("addr", DEFAULT_ADDR, env=_env_names("ADDR"))
     parts = urllib.parse.urlsplit(cfg.addr)
-    cfg.retain = top.integer("retain", 0)
+    cfg.retain = top.integer("retain", 0, maximum=MAX_RETAIN)
     cfg.frequency = top.duration("frequency", DEFAULT_FREQUENCY, minimum=1.0)
     cfg.timeout = top.duration("timeout", DEFAULT_API_TIMEOUT, minimum=1.0)
     cfg.snapshot_timeout = top.duration("snapshot_timeout", DEFAULT_SNAPSHOT_TIMEOUT, minimum=1.0)
     cfg.temp_dir = top.path("temp_dir", must_exist="dir")
-    cfg.retain_days = top.integer("retain_days", 0)
+    cfg.retain_days = top.integer("retain_days", 0, maximum=MAX_RETAIN_DAYS)
     cfg.jitter = top.duration("jitter", "0s")
     cfg.retry_interval = top.duration("retry_interval", DEFAULT_RETRY_INTERVAL)
     cfg.align = top.boolean("align", False)
@@ -772,16 +835,16 @@ def config_from_dict(raw, path="<config>", env=None):
             raise top.error(key, "directory %s does not exist" % os.path.dirname(os.path.abspath(target)))
 
     # Authentication.
-    cfg.approle = top.string("approle", "approle").strip("/")
-    cfg.role_id = top.string("role_id")
+    cfg.approle = top.string("approle", "approle", spaces=False).strip("/")
+    cfg.role_id = top.string("role_id", spaces=False)
     cfg.secret_id = top.secret("secret_id")
     cfg.secret_id_file = top.path("secret_id_file", must_exist="file")
-    cfg.k8s_auth_role = top.string("k8s_auth_role")
-    cfg.k8s_auth_path = top.string("k8s_auth_path", "kubernetes").strip("/")
+    cfg.k8s_auth_role = top.string("k8s_auth_role", spaces=False)
+    cfg.k8s_auth_path = top.string("k8s_auth_path", "kubernetes", spaces=False).strip("/")
     cfg.k8s_token_path = top.path("k8s_token_path", DEFAULT_K8S_TOKEN_PATH)
     cfg.token = top.secret("token", env=_env_names("TOKEN"))
     cfg.token_file = top.path("token_file", must_exist="file")
-    cfg.namespace = top.string("namespace", env=_env_names("NAMESPACE"))
+    cfg.namespace = top.string("namespace", env=_env_names("NAMESPACE"), spaces=False)
     method = top.string("vault_auth_method", choices=AUTH_METHODS)
     if method is None:
         # Drop-in default is AppRole; a token (file) alone selects token auth.
@@ -814,7 +877,7 @@ def config_from_dict(raw, path="<config>", env=None):
     cfg.ca_path = top.path("ca_path", env=_env_names("CAPATH"), must_exist="dir")
     cfg.client_cert = top.path("client_cert", env=_env_names("CLIENT_CERT"), must_exist="file")
     cfg.client_key = top.path("client_key", env=_env_names("CLIENT_KEY"), must_exist="file")
-    cfg.tls_server_name = top.string("tls_server_name", env=_env_names("TLS_SERVER_NAME"))
+    cfg.tls_server_name = top.string("tls_server_name", env=_env_names("TLS_SERVER_NAME"), spaces=False)
     cfg.tls_skip_verify = top.boolean("tls_skip_verify", False, env=_env_names("SKIP_VERIFY"))
     if cfg.client_key and not cfg.client_cert:
         raise top.error("client_key", "needs client_cert as well")
@@ -992,12 +1055,22 @@ class Http(object):
         all_headers.update(headers or {})
         if body is not None and "Content-Type" not in all_headers:
             all_headers["Content-Type"] = "application/octet-stream"
+        for name, value in all_headers.items():
+            # http.client would refuse it with the value in the message: a
+            # token with a pasted newline would land in the log.
+            if has_control("%s%s" % (name, value)):
+                raise TransportError("%s %s: header %s holds a control character (CR, LF...); "
+                                     "not sent" % (method, redact_url(url), printable(name, 60)))
         conn = self._connection(parts, timeout or self.timeout)
         try:
             conn.connect()
             sock = conn.sock
             conn.request(method, target, body=body, headers=all_headers)
             raw = conn.getresponse()
+        except ValueError:          # http.client's header checks; its text may hold a value
+            conn.close()
+            raise TransportError("%s %s: http.client refused the request headers"
+                                 % (method, redact_url(url)))
         except ssl.SSLError as exc:
             conn.close()
             raise TransportError("%s %s: TLS error: %s" % (method, redact_url(url), _exc_text(exc)),
@@ -1303,9 +1376,11 @@ class AwsCredentialChain(object):
             return self.static
 
     def _environment(self):
-        key, secret = self.env.get("AWS_ACCESS_KEY_ID"), self.env.get("AWS_SECRET_ACCESS_KEY")
+        def get(name):      # export X=$(cat file) keeps a newline: strip it
+            return (self.env.get(name) or "").strip()
+        key, secret = get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY")
         if key and secret:
-            token = self.env.get("AWS_SESSION_TOKEN") or self.env.get("AWS_SECURITY_TOKEN")
+            token = get("AWS_SESSION_TOKEN") or get("AWS_SECURITY_TOKEN")
             return AwsCredentials(key, Secret(secret), Secret(token) if token else None, None,
                                   "environment")
 
@@ -1761,10 +1836,14 @@ SnapshotInfo = collections.namedtuple(
     "SnapshotInfo", "path size sha256 index term state_size")
 
 REQUIRED_MEMBERS = ("meta.json", "state.bin", "SHA256SUMS", "SHA256SUMS.sealed")
+SMALL_MEMBERS = ("meta.json", "SHA256SUMS")         # kept in memory, to be parsed
+SUMMED_MEMBERS = ("meta.json", "state.bin")         # listed in SHA256SUMS
+_SUMS_LINE_RE = re.compile(r"\A([0-9a-fA-F]{64}) [ *](\S+)\Z")
 
 
 class _Member(object):
-    """One tar member as it streams past: hashed, and kept only when small."""
+    """One tar member as it streams past: hashed, and kept only when small
+    (what is kept is capped by the bytes really kept, not the declared size)."""
 
     def __init__(self, name, size, keep):
         self.name, self.size, self.keep = name, size, keep
@@ -1776,18 +1855,22 @@ class _Member(object):
         self.sha256.update(data)
         self.seen += len(data)
         if self.keep:
+            if len(self.data) + len(data) > MAX_SMALL_MEMBER:
+                raise SnapshotError("snapshot member %s is implausibly large" % printable(self.name))
             self.data.extend(data)
 
 
 class ArchiveVerifier(object):
     """Push-style check of a Raft snapshot archive, fed as bytes arrive.
 
-    Inflates the gzip stream (zlib checks its CRC and length), walks the tar
-    headers, hashes every member, and on ``finish()`` checks that meta.json,
-    state.bin, SHA256SUMS and a non-empty SHA256SUMS.sealed are present, that
-    SHA256SUMS matches, and that state.bin has the size meta.json announces.
-    Memory stays bounded: inflation is capped per call and only the small
-    members are kept.
+    As strict as the official restore: a gzip stream (zlib checks its CRC and
+    length) of a tar holding exactly meta.json, state.bin, SHA256SUMS and a
+    non-empty SHA256SUMS.sealed, each a regular file, once; SHA256SUMS lists
+    exactly the first two and matches them; state.bin has the size meta.json
+    announces. After the gzip stream only NUL padding may follow. Memory is
+    bounded whatever the stream claims: inflation is capped per call, the
+    header count and PAX headers are capped, and a wrong member is refused at
+    its header, before any of its data is read.
     """
 
     def __init__(self):
@@ -1798,12 +1881,18 @@ class ArchiveVerifier(object):
         self._padding = 0          # bytes to skip after the current member
         self._pax_name = None
         self._pax_size = None
+        self._headers = 0
         self._ended = False        # saw the end-of-archive zero block
         self.members = collections.OrderedDict()
         self.compressed = 0
 
     def feed(self, data):
         self.compressed += len(data)
+        if self._inflate.eof:
+            # Past the gzip end: check each new chunk once (linear, nothing kept).
+            if data.strip(b"\0"):
+                raise SnapshotError("snapshot has unexpected data after the end of the gzip stream")
+            return
         try:
             out = self._inflate.decompress(data, CHUNK_SIZE)
             while True:
@@ -1814,7 +1903,7 @@ class ArchiveVerifier(object):
                 out = self._inflate.decompress(tail, CHUNK_SIZE)
         except zlib.error as exc:
             raise SnapshotError("snapshot is not a valid gzip stream: %s" % exc)
-        if self._inflate.unused_data.strip(b"\0"):
+        if self._inflate.eof and self._inflate.unused_data.strip(b"\0"):
             raise SnapshotError("snapshot has unexpected data after the end of the gzip stream")
 
     def _tar(self, data):
@@ -1854,6 +1943,10 @@ class ArchiveVerifier(object):
             self._header(header)
 
     def _header(self, header):
+        self._headers += 1
+        if self._headers > MAX_TAR_HEADERS:
+            raise SnapshotError("snapshot tar has too many members (more than %d headers)"
+                                % MAX_TAR_HEADERS)
         try:
             stored = int(header[148:156].split(b"\0")[0].strip() or b"0", 8)
         except ValueError:
@@ -1867,37 +1960,41 @@ class ArchiveVerifier(object):
         name = name.decode("utf-8", "replace")
         size = _tar_number(header[124:136])
         kind = header[156:157]
+        if kind in (b"x", b"g"):                 # PAX extended header: parsed, kept small
+            if size > MAX_PAX_HEADER:
+                raise SnapshotError("snapshot tar extended header is implausibly large (%d bytes)" % size)
+            self._start(_Member("<pax>", size, keep=True), size)
+            self._member.pax_global = kind == b"g"
+            return
+        if self._pax_name is not None:
+            name = self._pax_name
+        if self._pax_size is not None:
+            size = self._pax_size
+        self._pax_name = self._pax_size = None
+        if name not in REQUIRED_MEMBERS:
+            raise SnapshotError("snapshot has an unexpected member %s (a Raft snapshot holds only %s)"
+                                % (printable(name), ", ".join(REQUIRED_MEMBERS)))
+        if kind not in (b"0", b"\0"):
+            raise SnapshotError("snapshot member %s is not a regular file (tar type %s)"
+                                % (name, printable(kind.decode("latin-1"))))
+        if name in self.members:
+            raise SnapshotError("snapshot archive lists %s twice" % name)
+        keep = name in SMALL_MEMBERS
+        if keep and size > MAX_SMALL_MEMBER:
+            raise SnapshotError("snapshot member %s is implausibly large (%d bytes)" % (name, size))
+        self._start(_Member(name, size, keep), size)
+
+    def _start(self, member, size):
+        self._member = member
         self._remaining = size
         self._padding = (-size) % 512
-        if kind in (b"x", b"g"):
-            if size > MAX_SMALL_MEMBER:
-                raise SnapshotError("snapshot tar extended header is implausibly large (%d bytes)" % size)
-            self._member = _Member("<pax>", size, keep=True)
-            self._member.pax_global = kind == b"g"
-        else:
-            if self._pax_name is not None:
-                name = self._pax_name
-            if self._pax_size is not None:
-                size = self._remaining = self._pax_size
-                self._padding = (-size) % 512
-            self._pax_name = self._pax_size = None
-            if kind not in (b"0", b"\0", b"7"):
-                size = 0   # directories, links: nothing to hash
-            if name in self.members:
-                raise SnapshotError("snapshot archive lists %s twice" % name)
-            keep = name in ("meta.json", "SHA256SUMS")
-            if keep and size > MAX_SMALL_MEMBER:
-                raise SnapshotError("snapshot member %s is implausibly large (%d bytes)" % (name, size))
-            self._member = _Member(name, size, keep)
-        if not self._remaining:
+        if not size:
             self._close_member()
 
     def _close_member(self):
         member = self._member
         self._member = None
         if member.name == "<pax>":
-            if len(member.data) > MAX_SMALL_MEMBER:
-                raise SnapshotError("snapshot tar extended header is implausibly large")
             if not getattr(member, "pax_global", False):
                 self._pax_name, self._pax_size = _parse_pax(bytes(member.data))
             return
@@ -1915,18 +2012,9 @@ class ArchiveVerifier(object):
         missing = [m for m in REQUIRED_MEMBERS if m not in self.members]
         if missing:
             raise SnapshotError("snapshot archive lacks %s" % ", ".join(missing))
-        try:
-            meta = json.loads(bytes(self.members["meta.json"].data).decode("utf-8"))
-        except ValueError:
-            raise SnapshotError("snapshot meta.json is not valid JSON")
-        if not isinstance(meta, dict):
-            raise SnapshotError("snapshot meta.json is not a JSON object")
-        sums = {}
-        for line in bytes(self.members["SHA256SUMS"].data).decode("utf-8", "replace").splitlines():
-            fields = line.split()
-            if len(fields) == 2:
-                sums[fields[1].lstrip("*")] = fields[0].lower()
-        for name in ("meta.json", "state.bin"):
+        meta = self._meta()
+        sums = self._sums()
+        for name in SUMMED_MEMBERS:
             if name not in sums:
                 raise SnapshotError("snapshot SHA256SUMS has no entry for %s" % name)
             if sums[name] != self.members[name].sha256.hexdigest():
@@ -1934,18 +2022,56 @@ class ArchiveVerifier(object):
         if self.members["SHA256SUMS.sealed"].seen == 0:
             raise SnapshotError("snapshot SHA256SUMS.sealed is empty")
         state = self.members["state.bin"].seen
-        if isinstance(meta.get("Size"), int) and meta["Size"] != state:
+        if "Size" in meta and meta["Size"] != state:
             raise SnapshotError("snapshot state.bin has %d bytes, meta.json says %d"
                                 % (state, meta["Size"]))
-        return meta.get("Index"), meta.get("Term"), state
+        return meta["Index"], meta["Term"], state
+
+    def _meta(self):
+        """meta.json as a dict whose Index, Term (and Size, if any) are whole
+        numbers: they reach logs and metrics, so nothing else may pass."""
+        try:
+            meta = json.loads(bytes(self.members["meta.json"].data).decode("utf-8"))
+        except (ValueError, RecursionError):
+            raise SnapshotError("snapshot meta.json is not valid JSON")
+        if not isinstance(meta, dict):
+            raise SnapshotError("snapshot meta.json is not a JSON object")
+        for key in ("Index", "Term", "Size"):
+            value = meta.get(key)
+            if key == "Size" and key not in meta:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SnapshotError("snapshot meta.json %s is not a whole number" % key)
+        return meta
+
+    def _sums(self):
+        """SHA256SUMS as {name: hex}: one '<sha256>  <name>' line for each of
+        meta.json and state.bin, nothing else (blank lines aside)."""
+        try:
+            text = bytes(self.members["SHA256SUMS"].data).decode("ascii")
+        except UnicodeDecodeError:
+            raise SnapshotError("snapshot SHA256SUMS is not ASCII text")
+        sums = {}
+        for number, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            match = _SUMS_LINE_RE.match(line.rstrip("\r"))
+            if not match or match.group(2) not in SUMMED_MEMBERS or match.group(2) in sums:
+                raise SnapshotError("snapshot SHA256SUMS line %d is not one '<sha256>  NAME' line "
+                                    "for each of %s: %s" % (number, " and ".join(SUMMED_MEMBERS),
+                                                            printable(line, 80)))
+            sums[match.group(2)] = match.group(1).lower()
+        return sums
 
 
 def _tar_number(field):
-    if field[:1] in (b"\x80", b"\xff"):          # GNU base-256 for large sizes
+    if field[:1] == b"\x80":                      # GNU base-256 for large sizes
         value = 0
         for byte in bytearray(field[1:]):
             value = (value << 8) | byte
         return value
+    if field[:1] == b"\xff":                      # base-256 negative: never a size
+        raise SnapshotError("snapshot tar header is corrupt (negative size)")
     text = field.split(b"\0")[0].strip()
     try:
         return int(text or b"0", 8)
@@ -1972,10 +2098,9 @@ def _parse_pax(data):
         if key == b"path":
             name = value.decode("utf-8", "replace")
         elif key == b"size":
-            try:
-                size = int(value)
-            except ValueError:
+            if not re.match(br"\A[0-9]{1,20}\Z", value):
                 raise SnapshotError("snapshot tar extended header has a bad size")
+            size = int(value)
         pos += length
     return name, size
 
@@ -2437,10 +2562,17 @@ def build_storages(cfg):
                               % (key, PROG, __version__))
         storage = cls.from_config(section, cfg)
         storage.frequency = section.duration("frequency", format_duration(cfg.frequency), minimum=1.0)
-        storage.retain_days = section.integer("retain_days", cfg.retain_days)
+        storage.retain_days = section.integer("retain_days", cfg.retain_days, maximum=MAX_RETAIN_DAYS)
         storages.append(storage)
         cfg.warnings.extend("unknown config key %r ignored (typo?)" % k for k in section.unknown())
     return storages
+
+
+def _auth_tls(section, tls):
+    """TLS for the token endpoints a storage sends client secrets and signed
+    assertions to: verified even when the storage itself is not, unless the
+    block says ``auth_tls_skip_verify`` too."""
+    return tls._replace(skip_verify=section.boolean("auth_tls_skip_verify", False))
 
 
 # =============================================================================
@@ -2526,14 +2658,14 @@ class S3Storage(Storage):
     @classmethod
     def from_config(cls, section, cfg, env=None):
         env = os.environ if env is None else env
-        bucket = section.string("s3_bucket")
+        bucket = section.string("s3_bucket", spaces=False)
         if not bucket:
             raise section.error("s3_bucket", "required")
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$", bucket):
             raise section.error("s3_bucket", "%r is not a valid bucket name" % bucket)
-        profile = section.string("profile", env=("AWS_PROFILE",))
+        profile = section.string("profile", env=("AWS_PROFILE",), spaces=False)
         conf_file = env.get("AWS_CONFIG_FILE") or os.path.expanduser("~/.aws/config")
-        region = (section.string("s3_region", env=("AWS_REGION", "AWS_DEFAULT_REGION"))
+        region = (section.string("s3_region", env=("AWS_REGION", "AWS_DEFAULT_REGION"), spaces=False)
                   or read_ini_section(conf_file, "profile " + profile if profile and profile != "default"
                                       else "default").get("region") or "us-east-1")
         endpoint = (section.url("s3_endpoint", env=("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))
@@ -2544,7 +2676,7 @@ class S3Storage(Storage):
                       or ("." in bucket and endpoint.startswith("https")))
         prefix = section.string("s3_key_prefix", "raft_snapshots").strip("/")
         sse_value, _ = section._value("s3_server_side_encryption")
-        kms_key_id = section.string("s3_kms_key_id")
+        kms_key_id = section.string("s3_kms_key_id", spaces=False)
         if sse_value in (None, False):
             sse = "aws:kms" if kms_key_id else None
         elif sse_value is True:
@@ -2556,9 +2688,9 @@ class S3Storage(Storage):
                                 "must be true/false, \"AES256\" or \"aws:kms\", got %r" % (sse_value,))
         if kms_key_id and sse == "AES256":
             raise section.error("s3_kms_key_id", "conflicts with s3_server_side_encryption \"AES256\"")
-        part_mb = section.integer("part_size_mb", 16, minimum=5)
-        concurrency = section.integer("concurrency", 4, minimum=1)
-        key_id = section.string("access_key_id")
+        part_mb = section.integer("part_size_mb", 16, minimum=5, maximum=5120)
+        concurrency = section.integer("concurrency", 4, minimum=1, maximum=64)
+        key_id = section.string("access_key_id", spaces=False)
         secret = section.secret("secret_access_key")
         token = section.secret("session_token")
         if bool(key_id) != bool(secret):
@@ -2577,7 +2709,7 @@ class S3Storage(Storage):
         static_name = section.string("s3_static_snapshot_name")
         return cls(bucket, prefix, region, endpoint.rstrip("/"), path_style, chain, http,
                    section.integer("retain", cfg.retain), sse=sse, kms_key_id=kms_key_id,
-                   storage_class=section.string("s3_storage_class"), static_name=static_name,
+                   storage_class=section.string("s3_storage_class", spaces=False), static_name=static_name,
                    part_size=part_mb * 1024 * 1024, concurrency=concurrency,
                    checksum=section.boolean("s3_checksum", True))
 
@@ -2869,8 +3001,8 @@ class AzureStorage(Storage):
                 conn = parse_connection_string(conn_text)
             except ValueError as exc:
                 raise section.error("connection_string", "cannot parse: %s" % exc)
-        account = section.string("account_name", env=("AZURE_STORAGE_ACCOUNT",)) or conn.get("AccountName")
-        container = section.string("container_name")
+        account = section.string("account_name", env=("AZURE_STORAGE_ACCOUNT",), spaces=False) or conn.get("AccountName")
+        container = section.string("container_name", spaces=False)
         if not container:
             raise section.error("container_name", "required")
         if not re.match(r"^[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])?$", container) and container != "$root":
@@ -2892,6 +3024,9 @@ class AzureStorage(Storage):
         if not endpoint and conn.get("BlobEndpoint"):
             section.raw.setdefault("endpoint", conn["BlobEndpoint"])
             endpoint = section.url("endpoint")
+        if endpoint and urllib.parse.urlsplit(endpoint).query:
+            # It would be printed in logs, metrics and --check-config.
+            raise section.error("endpoint", "must not carry a query string (put the SAS in sas_token)")
         if not endpoint:
             if not account:
                 raise section.error("account_name", "required (or endpoint / connection_string)")
@@ -2908,8 +3043,8 @@ class AzureStorage(Storage):
             account = (parts.path.strip("/").split("/")[0] if _is_ip_or_localhost(parts.hostname)
                        else parts.hostname.split(".")[0])
         mode = section.string("auth_mode", "auto", choices=AZURE_AUTH_MODES)
-        client_id = section.string("client_id", env=("AZURE_CLIENT_ID",))
-        tenant_id = section.string("tenant_id", env=("AZURE_TENANT_ID",))
+        client_id = section.string("client_id", env=("AZURE_CLIENT_ID",), spaces=False)
+        tenant_id = section.string("tenant_id", env=("AZURE_TENANT_ID",), spaces=False)
         client_secret = section.secret("client_secret", env=("AZURE_CLIENT_SECRET",))
         token_file = section.path("federated_token_file", env=("AZURE_FEDERATED_TOKEN_FILE",))
         authority = (section.string("authority_host", env=("AZURE_AUTHORITY_HOST",))
@@ -2941,7 +3076,8 @@ class AzureStorage(Storage):
         http = Http(tls, cfg.timeout)
         token = None
         if mode in ("managed_identity", "workload_identity", "client_secret"):
-            token = BearerToken(_azure_token_fetcher(mode, Http(tls, 30.0), imds, authority, tenant_id,
+            token = BearerToken(_azure_token_fetcher(mode, Http(_auth_tls(section, tls), 30.0), imds,
+                                                     authority, tenant_id,
                                                      client_id, client_secret, token_file),
                                 Clock(), "Azure %s" % mode.replace("_", " "))
         block_mb = section.integer("block_size_mb", 16, minimum=1)
@@ -2952,8 +3088,8 @@ class AzureStorage(Storage):
                    section.integer("retain", cfg.retain), key=key, sas=sas, token=token,
                    access_tier=section.string("access_tier", choices=("Hot", "Cool", "Cold", "Archive")),
                    block_size=block_mb * 1024 * 1024,
-                   concurrency=section.integer("concurrency", 4, minimum=1),
-                   page_size=section.integer("list_page_size", 5000, minimum=1))
+                   concurrency=section.integer("concurrency", 4, minimum=1, maximum=64),
+                   page_size=section.integer("list_page_size", 5000, minimum=1, maximum=5000))
 
     def describe(self):
         return "azure:%s/%s/%s" % (self.endpoint, self.container, self.list_prefix())
@@ -3246,7 +3382,7 @@ class GoogleStorage(Storage):
     @classmethod
     def from_config(cls, section, cfg, env=None):
         env = os.environ if env is None else env
-        bucket = section.string("bucket")
+        bucket = section.string("bucket", spaces=False)
         if not bucket:
             raise section.error("bucket", "required")
         if not re.match(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$", bucket):
@@ -3255,7 +3391,7 @@ class GoogleStorage(Storage):
         if emulator and "://" not in emulator:
             emulator = "http://" + emulator        # the emulator convention: plain host:port
         endpoint = section.url("endpoint", emulator or "https://storage.googleapis.com")
-        chunk_mb = section.integer("chunk_size_mb", 16, minimum=1)
+        chunk_mb = section.integer("chunk_size_mb", 16, minimum=1, maximum=5120)
         tls = TlsOptions(section.path("ca_cert", must_exist="file"), None, None, None, None,
                          section.boolean("tls_skip_verify", False))
         if endpoint.startswith("https"):
@@ -3267,15 +3403,16 @@ class GoogleStorage(Storage):
         if credentials_file or not section.boolean("anonymous", bool(emulator) and not env.get(
                 "GOOGLE_APPLICATION_CREDENTIALS")):
             try:
-                fetch, what = google_token_source(credentials_file, env, Http(tls, 30.0), Clock(),
+                fetch, what = google_token_source(credentials_file, env, Http(_auth_tls(section, tls), 30.0),
+                                                  Clock(),
                                                   metadata_host)
             except ConfigError as exc:
                 raise section.error("credentials_file", str(exc))
             token = BearerToken(fetch, Clock(), what)
         return cls(bucket, section.string("prefix", "").strip("/"), endpoint.rstrip("/"), token,
                    Http(tls, cfg.timeout), section.integer("retain", cfg.retain),
-                   storage_class=section.string("storage_class"), chunk_size=chunk_mb * 1024 * 1024,
-                   page_size=section.integer("list_page_size", 1000, minimum=1))
+                   storage_class=section.string("storage_class", spaces=False), chunk_size=chunk_mb * 1024 * 1024,
+                   page_size=section.integer("list_page_size", 1000, minimum=1, maximum=5000))
 
     def describe(self):
         return "gs://%s/%s" % (self.bucket, self.list_prefix())
@@ -4157,7 +4294,9 @@ def cmd_restore(cfg, storages, target, force, signals, out, env=None):
         LOG.info("Downloaded and verified %s from %s", os.path.basename(info.path), storage.describe())
     try:
         vault = VaultClient(cfg)
-        token = next((env[v] for v in _env_names("TOKEN") if env.get(v)), None)
+        token = next((env[v].strip() for v in _env_names("TOKEN") if env.get(v, "").strip()), None)
+        if token and has_control(token):
+            raise ConfigError("VAULT_TOKEN/BAO_TOKEN: contains a control character; value not shown")
         if token:
             vault.use_token(Secret(token))
         else:
