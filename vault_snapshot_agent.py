@@ -2297,7 +2297,28 @@ class Storage(object):
         if not full.startswith(prefix) or "/" in name:
             return None
         when = parse_snapshot_name(name)
-        return SnapshotRef(name, when, int(size or 0)) if when is not None else None
+        return SnapshotRef(name, when, parse_listed_size(size)) if when is not None else None
+
+    def pages(self, fetch, what, token_name):
+        """The items of a paged listing. ``fetch(token)`` returns (items, next
+        token or None). A server that repeats a token, or pages on past
+        MAX_LIST_PAGES, fails the listing instead of looping forever, and a
+        stop request is honoured between pages."""
+        seen, token = set(), None
+        for _ in range(MAX_LIST_PAGES):
+            if self.signals is not None:
+                self.signals.check()
+            items, token = fetch(token)
+            for item in items:
+                yield item
+            if not token:
+                return
+            digest = hashlib.sha256(token.encode("utf-8", "replace")).digest()
+            if digest in seen:
+                raise StorageError("%s: the server repeated its %s %s; listing abandoned"
+                                   % (what, token_name, printable(token, 40)))
+            seen.add(digest)
+        raise StorageError("%s: more than %d pages; listing abandoned" % (what, MAX_LIST_PAGES))
 
     def download(self, name, sink, signals):
         """Write snapshot ``name`` into the open binary file ``sink``."""
@@ -2306,6 +2327,17 @@ class Storage(object):
     def staging_dir(self):
         """A directory where staging the download makes upload() cheap, or None."""
         return None
+
+
+def _unique_refs(storage, items):
+    """SnapshotRefs for the (name, size) pairs of a listing that are our
+    snapshots, each name once."""
+    refs = collections.OrderedDict()
+    for name, size in items:
+        ref = storage.snapshot_ref(name, size) if isinstance(name, str) else None
+        if ref is not None:
+            refs[ref.name] = ref
+    return list(refs.values())
 
 
 def copy_stream(read, write, signals, size=CHUNK_SIZE):
@@ -2439,6 +2471,16 @@ class LocalStorage(Storage):
             raise section.error("path", "required (the directory snapshots are written to)")
         if os.path.exists(path) and not os.path.isdir(path):
             raise section.error("path", "%s exists and is not a directory" % path)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            mode = 0
+        if mode & 0o022:
+            cfg.warnings.append("%s: %s is writable by %s (mode %04o): anyone there could plant or "
+                                "replace snapshot names; chmod 700 %s" % (
+                                    section.name("path"), path,
+                                    "group and others" if mode & 0o022 == 0o022 else
+                                    "others" if mode & 0o002 else "group", mode, path))
         retain = section.integer("retain", cfg.retain)
         return cls(os.path.abspath(path), retain)
 
@@ -2838,20 +2880,20 @@ class S3Storage(Storage):
 
     def list(self):
         prefix = self.list_prefix()
-        refs, token = [], None
-        while True:
+        what = "ListObjectsV2 on %s" % (prefix or "/")
+
+        def page(token):
             query = [("list-type", "2"), ("prefix", prefix), ("max-keys", "1000")]
             if token:
                 query.append(("continuation-token", token))
-            _, data = self._request("GET", "ListObjectsV2 on %s" % (prefix or "/"), query=query)
+            _, data = self._request("GET", what, query=query)
             root = parse_xml(data, "ListObjectsV2")
-            for item in xml_children(root, "Contents"):
-                ref = self.snapshot_ref(xml_text(item, "Key", ""), xml_text(item, "Size"))
-                if ref:
-                    refs.append(ref)
-            token = xml_text(root, "NextContinuationToken")
-            if xml_text(root, "IsTruncated", "false") != "true" or not token:
-                return refs
+            items = [(xml_text(item, "Key", ""), xml_text(item, "Size"))
+                     for item in xml_children(root, "Contents")]
+            more = xml_text(root, "IsTruncated", "false") == "true"
+            return items, xml_text(root, "NextContinuationToken") if more else None
+
+        return _unique_refs(self, self.pages(page, what, "continuation token"))
 
     def delete(self, names):
         keys = [self.key_for(name) for name in names]
@@ -3173,22 +3215,19 @@ class AzureStorage(Storage):
     # -- list and delete ---------------------------------------------------------
 
     def list(self):
-        refs, marker = [], None
-        while True:
+        def page(marker):
             query = [("restype", "container"), ("comp", "list"), ("prefix", self.list_prefix()),
                      ("maxresults", str(self.page_size))]
             if marker:
                 query.append(("marker", marker))
             _, data = self._request("GET", "List Blobs", query=query, ok=(200,))
             root = parse_xml(data, "List Blobs")
-            for item in xml_children(root, "Blob"):
-                if not xml_children(item, "Snapshot"):       # blob snapshots go with their blob
-                    ref = self.snapshot_ref(xml_text(item, "Name", ""), xml_text(item, "Content-Length"))
-                    if ref:
-                        refs.append(ref)
-            marker = xml_text(root, "NextMarker")
-            if not marker:
-                return refs
+            items = [(xml_text(item, "Name", ""), xml_text(item, "Content-Length"))
+                     for item in xml_children(root, "Blob")
+                     if not xml_children(item, "Snapshot")]     # blob snapshots go with their blob
+            return items, xml_text(root, "NextMarker")
+
+        return _unique_refs(self, self.pages(page, "List Blobs of %s" % self.describe(), "NextMarker"))
 
     def delete(self, names):
         for name in names:
@@ -3492,7 +3531,7 @@ class GoogleStorage(Storage):
             raise StorageError("GCS resumable upload of %s: no session URI in the answer" % obj)
         chunk = max(GCS_CHUNK_ALIGN, self.chunk_size // GCS_CHUNK_ALIGN * GCS_CHUNK_ALIGN)
         try:
-            offset, failures = 0, 0
+            offset, failures, stalls = 0, 0, 0
             while True:
                 signals.check()
                 length = min(chunk, snapshot.size - offset)
@@ -3508,8 +3547,9 @@ class GoogleStorage(Storage):
                         if status in (200, 201):
                             return self._object_json(data, obj)
                         if status == 308:
-                            offset = _confirmed(resp.header("Range"))
-                            failures = 0
+                            confirmed = _confirmed(resp.header("Range"))
+                            stalls = self._check_progress(obj, offset, length, confirmed, stalls)
+                            offset, failures = confirmed, 0
                             continue
                         error = _gcs_error(resp, data, "chunk at %d of %s" % (offset, obj))
                 except TransportError as exc:
@@ -3526,6 +3566,20 @@ class GoogleStorage(Storage):
         except BaseException:
             self._cancel(session, obj)
             raise
+
+    def _check_progress(self, obj, offset, length, confirmed, stalls):
+        """Chunks in a row after which a resumable session held no more than
+        before; a session that never moves on (or claims bytes it was never
+        sent) fails the upload instead of taking chunks forever."""
+        if confirmed > offset + length:
+            raise StorageError("GCS upload of %s: the session claims %d bytes, more than the %d sent"
+                               % (obj, confirmed, offset + length))
+        if confirmed > offset:
+            return 0
+        if stalls + 1 >= self.attempts:
+            raise StorageError("GCS upload of %s: the session made no progress (still %d bytes "
+                               "after %d chunks in a row)" % (obj, confirmed, stalls + 1))
+        return stalls + 1
 
     def _session_status(self, session, total, obj):
         """(bytes the session holds, object JSON if it is already complete)."""
@@ -3549,24 +3603,26 @@ class GoogleStorage(Storage):
     # -- list and delete ---------------------------------------------------------
 
     def list(self):
-        refs, token = [], None
-        while True:
+        what = "GCS list of %s" % self.describe()
+
+        def page(token):
             query = [("prefix", self.list_prefix()), ("maxResults", str(self.page_size))]
             if token:
                 query.append(("pageToken", token))
             url = "%s/storage/v1/b/%s/o?%s" % (self.endpoint, uri_encode(self.bucket), canonical_query(query))
             _, data = self._request("GET", "list of %s" % self.describe(), url)
             try:
-                page = json.loads(data.decode("utf-8"))
-            except ValueError:
-                raise StorageError("GCS list of %s: answer is not JSON" % self.describe())
-            for item in page.get("items") or []:
-                ref = self.snapshot_ref(item.get("name", ""), item.get("size"))
-                if ref:
-                    refs.append(ref)
-            token = page.get("nextPageToken")
-            if not token:
-                return refs
+                answer = json.loads(data.decode("utf-8"))
+            except (ValueError, RecursionError):
+                raise StorageError("%s: answer is not JSON" % what)
+            if not isinstance(answer, dict) or not isinstance(answer.get("items") or [], list):
+                raise StorageError("%s: answer is not a list of objects" % what)
+            items = [(item.get("name"), item.get("size")) for item in answer.get("items") or []
+                     if isinstance(item, dict)]
+            token = answer.get("nextPageToken")
+            return items, token if isinstance(token, str) else None
+
+        return _unique_refs(self, self.pages(page, what, "nextPageToken"))
 
     def delete(self, names):
         for name in names:
@@ -3579,7 +3635,7 @@ class GoogleStorage(Storage):
 
 def _confirmed(range_header):
     """Bytes a resumable session holds, from its 'Range: bytes=0-N' (none: 0)."""
-    match = re.match(r"^bytes=0-(\d+)$", (range_header or "").strip())
+    match = re.match(r"\Abytes=0-([0-9]{1,20})\Z", (range_header or "").strip())
     return int(match.group(1)) + 1 if match else 0
 
 
@@ -3606,12 +3662,29 @@ def plan_retention(snapshots, retain, keep=None, max_age=None, now=None):
     return doomed
 
 
+def without_future(refs, now, where):
+    """``refs`` less those dated beyond ``now`` plus FUTURE_SKEW, which are
+    named in one WARNING. Such a name was planted, or written by a host whose
+    clock ran ahead: trusted, it would put the schedule off for years and
+    make retention delete the real snapshots, so it is left alone."""
+    limit = now + datetime.timedelta(seconds=FUTURE_SKEW)
+    future = [ref for ref in refs if ref.when > limit]
+    if future:
+        LOG.warning("Ignoring %d snapshot name(s) dated in the future in %s: %s (planted, or "
+                    "written by a host whose clock ran ahead; the agent never deletes them)",
+                    len(future), where, ", ".join(printable(r.name, 60) for r in future[:5])
+                    + (" ..." if len(future) > 5 else ""))
+    return [ref for ref in refs if ref.when <= limit]
+
+
 def apply_retention(storage, keep, now=None):
     """List, plan and delete on one storage; returns the deleted names."""
+    now = now or Clock().now()
     max_age = datetime.timedelta(days=storage.retain_days) if storage.retain_days else None
     if storage.retain <= 0 and max_age is None:
         return []
-    doomed = plan_retention(storage.list(), storage.retain, keep, max_age, now)
+    refs = without_future(storage.list(), now, storage.describe())
+    doomed = plan_retention(refs, storage.retain, keep, max_age, now)
     if doomed:
         storage.delete(doomed)
         LOG.info("Retention on %s: kept %d, deleted %d (%s)", storage.describe(), storage.retain,
@@ -3624,16 +3697,21 @@ def apply_retention(storage, keep, now=None):
 # =============================================================================
 
 
-def write_atomic(path, text):
-    """Replace ``path`` with ``text`` so readers see the old or the new file."""
+def write_atomic(path, text, mode):
+    """Replace ``path`` with ``text`` so readers see the old or the new file.
+
+    The temporary name is unpredictable and opened with O_EXCL|O_NOFOLLOW, so
+    a file or link planted in the directory is never followed or reused; the
+    mode is set on the descriptor, whatever the umask."""
     directory = os.path.dirname(os.path.abspath(path))
-    temp = os.path.join(directory, ".%s.%d.tmp" % (os.path.basename(path), os.getpid()))
+    temp = os.path.join(directory, ".%s.%s.tmp" % (os.path.basename(path), os.urandom(6).hex()))
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
     try:
-        with open(temp, "w") as handle:
+        with os.fdopen(fd, "w") as handle:
+            os.fchmod(fd, mode)
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(temp, 0o644)
         os.rename(temp, path)
     except (IOError, OSError):
         _unlink_quietly(temp)
@@ -3769,13 +3847,27 @@ def _parse_iso(text):
     return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) if text else None
 
 
+METRICS_CLIENT_TIMEOUT = 10.0       # seconds a scraper may stay silent before it is dropped
+
+
 class MetricsServer(object):
-    """Serves ``GET /metrics`` from a Status on (host, port), in a thread."""
+    """Serves ``GET /metrics`` from a Status on (host, port), in a thread.
+
+    Each client gets its own daemon thread and a socket timeout, so a client
+    that connects and goes quiet holds up neither other scrapes nor a stop;
+    request lines are capped by http.server (64 KiB, 100 headers)."""
 
     def __init__(self, bind, status):
         import http.server
+        import socketserver
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+            block_on_close = False       # 3.7+: close() must not wait for a client
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = METRICS_CLIENT_TIMEOUT
+
             def do_GET(self):
                 if self.path.split("?")[0] not in ("/metrics", "/"):
                     self.send_error(404)
@@ -3791,7 +3883,7 @@ class MetricsServer(object):
                 pass
 
         try:
-            self.server = http.server.HTTPServer(bind, Handler)
+            self.server = Server(bind, Handler)
         except (OSError, socket.error) as exc:
             raise ConfigError("metrics_address: cannot listen on %s:%d: %s"
                               % (bind[0], bind[1], exc.strerror or exc))
@@ -3976,7 +4068,8 @@ class Agent(object):
                                     self.next_time(self.last_start[key], self._frequency(storage)))
                 continue
             try:
-                newest = max([ref.when for ref in storage.list()] or [None], key=lambda w: w or EPOCH)
+                refs = without_future(storage.list(), now, key)
+                newest = max([ref.when for ref in refs] or [None], key=lambda w: w or EPOCH)
             except (AgentError, OSError) as exc:
                 LOG.warning("Cannot list %s to plan the schedule (%s); snapshotting now",
                             key, _error_text(exc))
@@ -4049,12 +4142,14 @@ class Agent(object):
 
     def report(self):
         """Write the status file and metrics textfile; tell systemd."""
-        outputs = ((self.cfg.status_file, lambda: json.dumps(self.status.as_json(), indent=2) + "\n"),
-                   (self.cfg.metrics_textfile, self.status.metrics))
-        for path, render in outputs:
+        # The status file holds error texts: 0640. Prometheus' textfile
+        # collector runs as another user: 0644.
+        outputs = ((self.cfg.status_file, lambda: json.dumps(self.status.as_json(), indent=2) + "\n",
+                    0o640), (self.cfg.metrics_textfile, self.status.metrics, 0o644))
+        for path, render, mode in outputs:
             if path:
                 try:
-                    write_atomic(path, render())
+                    write_atomic(path, render(), mode)
                 except (IOError, OSError) as exc:
                     LOG.error("Cannot write %s: %s", path, exc.strerror or exc)
         if self.notifier:
@@ -4227,13 +4322,18 @@ def pick_storages(storages, wanted):
     return chosen
 
 
-def fetch_snapshot(storages, name, directory, signals, output=None):
-    """Download ``name`` (or the newest, for 'latest') from the first storage
-    that has it, verify it, and move it to ``output`` (or ``directory/name``).
-    Returns (SnapshotInfo, storage). Nothing unverified is left behind."""
+def fetch_snapshot(storages, name, directory, signals, output=None, now=None):
+    """Download ``name`` (or the newest, for 'latest', ignoring names dated
+    in the future) from the first storage that has it, verify it, and move it
+    to ``output`` (or ``directory/name``). Returns (SnapshotInfo, storage).
+    Nothing unverified is left behind."""
     found, errors = list_snapshots(storages)
     for line in errors:
         LOG.error("Listing failed: %s", line)
+    if name == "latest":
+        usable = set(id(r) for r in without_future([r for _, r in found], now or Clock().now(),
+                                                   "the storages"))
+        found = [(s, r) for s, r in found if id(r) in usable]
     candidates = [(s, r) for s, r in found if name == "latest" or r.name == name]
     if not candidates:
         raise StorageError("snapshot %s not found in %s" % (
