@@ -1568,11 +1568,13 @@ def _oauth_answer(http, method, url, headers, body, what):
 
 
 def _expires_in(data):
-    """Seconds a token stays valid (``expires_in``, a number or a string)."""
+    """Seconds a token stays valid (``expires_in``, a number or a string),
+    within a day: 'nan', 'inf' or 1e308 would keep a token cached forever."""
     try:
-        return float(data["expires_in"])
+        seconds = float(data["expires_in"])
     except (KeyError, TypeError, ValueError):
         return 3600.0
+    return min(max(seconds, 0.0), 86400.0) if math.isfinite(seconds) else 3600.0
 
 
 # =============================================================================
