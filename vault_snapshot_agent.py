@@ -1354,8 +1354,13 @@ class AwsCredentialChain(object):
         self.sts_endpoint = (sts_endpoint or env.get("AWS_ENDPOINT_URL_STS") or env.get("AWS_ENDPOINT_URL")
                              or "https://sts.%s.amazonaws.com" % region).rstrip("/")
         self._cached = None
+        self._lock = threading.Lock()      # upload workers share it: one refresh per expiry
 
     def get(self):
+        with self._lock:
+            return self._get()
+
+    def _get(self):
         cached = self._cached
         if cached is not None and (cached.expires is None or
                                    self.clock.now() < cached.expires - CREDENTIAL_REFRESH_MARGIN):
@@ -1532,17 +1537,19 @@ class BearerToken(object):
         self.fetch, self.clock, self.what = fetch, clock, what
         self._token = None
         self._expires = None
+        self._lock = threading.Lock()      # upload workers share it: one fetch per expiry
 
     def get(self):
-        if self._token is None or self.clock.monotonic() >= self._expires:
-            token, seconds = self.fetch()
-            if not token:
-                raise StorageError("%s: answer has no access token" % self.what)
-            self._token = Secret(token)
-            self._expires = self.clock.monotonic() + max(0.0, float(seconds) - 300.0)
-            LOG.info("Obtained an access token from %s, valid %s", self.what,
-                     format_duration(float(seconds)))
-        return self._token
+        with self._lock:
+            if self._token is None or self.clock.monotonic() >= self._expires:
+                token, seconds = self.fetch()
+                if not token:
+                    raise StorageError("%s: answer has no access token" % self.what)
+                self._token = Secret(token)
+                self._expires = self.clock.monotonic() + max(0.0, float(seconds) - 300.0)
+                LOG.info("Obtained an access token from %s, valid %s", self.what,
+                         format_duration(float(seconds)))
+            return self._token
 
 
 def _oauth_answer(http, method, url, headers, body, what):

@@ -135,3 +135,54 @@ def test_go_agent_boolean_sse_means_aes256():
     assert build({"s3_bucket": "bkt", "s3_server_side_encryption": True}).sse == "AES256"
     kms = build({"s3_bucket": "bkt", "s3_kms_key_id": "alias/backup"})
     assert kms.sse == "aws:kms" and kms.kms_key_id == "alias/backup"
+
+
+def _race(get, threads=8):
+    """Call ``get`` from ``threads`` threads released at the same moment."""
+    import threading
+    barrier = threading.Barrier(threads)
+    results, errors = [], []
+
+    def worker():
+        barrier.wait()
+        try:
+            results.append(get())
+        except Exception as exc:      # pragma: no cover - reported below
+            errors.append(exc)
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(30)
+    assert not errors
+    return results
+
+
+def test_aws_credentials_are_fetched_once_when_upload_workers_race():
+    # Parts upload in worker threads that all ask the chain for credentials:
+    # an expiry must lead to one fetch, not one per worker.
+    with ContainerCredentialsServer(access_key_id="ASIARACE") as server:
+        env = dict(NO_FILES, AWS_CONTAINER_CREDENTIALS_FULL_URI=server.full_uri)
+        shared = chain(env, container_endpoint=server.url)
+        results = _race(shared.get)
+        assert [r.access_key for r in results] == ["ASIARACE"] * 8
+        assert len(server.requests) == 1
+
+
+def test_bearer_token_is_fetched_once_when_upload_workers_race():
+    import threading
+    import time
+    fetches = []
+    lock = threading.Lock()
+
+    def fetch():
+        with lock:
+            fetches.append(1)
+        time.sleep(0.2)          # a slow token endpoint: the others arrive meanwhile
+        return "access-token", 3600
+
+    token = vsa.BearerToken(fetch, vsa.Clock(), "test token endpoint")
+    results = _race(token.get)
+    assert len(fetches) == 1
+    assert set(r.reveal() for r in results) == {"access-token"}
