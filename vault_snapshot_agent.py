@@ -134,9 +134,6 @@ TOKEN_MIN_REMAINING = 10.0           # seconds (at most 10% of the TTL) of safet
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
-# Config keys of the storage blocks, in the order storages run.
-STORAGE_KEYS = ("local_storage", "aws_storage", "google_storage", "azure_storage")
-
 ENV_PREFIXES = ("VAULT_", "BAO_")    # VAULT_X wins over BAO_X; config wins over both
 
 # =============================================================================
@@ -552,6 +549,17 @@ class _AbortHook(object):
         return False
 
 
+class Runtime(collections.namedtuple("Runtime", "env clock signals")):
+    """What every part of one run shares: the environment mapping, the clock
+    and the stop/reload signals. main() builds one; tests build their own."""
+
+    __slots__ = ()
+
+    @classmethod
+    def create(cls, env=None, clock=None, signals=None):
+        return cls(os.environ if env is None else env, clock or Clock(), signals or Signals())
+
+
 def _set_nonblocking(fd):
     import fcntl
     flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -566,12 +574,60 @@ TlsOptions = collections.namedtuple(
     "TlsOptions", "ca_cert ca_path client_cert client_key server_name skip_verify")
 
 
+class Key(object):
+    """One config key, declared once: how it is read and checked (``kind``
+    and ``options``), its default, the environment variables that stand in
+    for it (in order), the old names it also answers to, and a one-line doc.
+    Parsing, unknown-key warnings, ``--check-config`` and the README tables
+    (``--config-reference``) all come from these declarations.
+
+    Kinds: ``str``; ``name`` (no white space: it ends up in a header or a
+    URL path); ``choice`` (``choices=``); ``secret`` (stripped, shown as
+    ``***``); ``path``, ``file``, ``dir`` (the last two must exist); ``int``
+    (``minimum=``, ``maximum=``); ``bool``; ``duration`` (``minimum=``);
+    ``url``; ``any`` (a raw JSON value its block checks itself).
+    """
+
+    __slots__ = ("name", "kind", "default", "env", "aliases", "doc", "default_doc", "options")
+
+    def __init__(self, name, kind, default=None, env=(), aliases=(), doc="", default_doc=None,
+                 **options):
+        self.name, self.kind, self.default = name, kind, default
+        self.env, self.aliases, self.doc = tuple(env), tuple(aliases), doc
+        self.default_doc, self.options = default_doc, options
+
+    def show(self, value):
+        """``value`` as --check-config prints it: secrets masked, durations
+        as text, unset as null."""
+        if value is None:
+            return None
+        if isinstance(value, Secret):
+            return "***"
+        if self.kind == "duration":
+            return format_duration(value)
+        return value
+
+    def documented_default(self):
+        """The default column of the README tables."""
+        parts = ["`%s`" % var for var in self.env]
+        if self.default_doc:
+            parts.append(self.default_doc)
+        elif self.default is not None:
+            shown = self.default
+            if isinstance(shown, bool):
+                shown = "true" if shown else "false"
+            parts.append("`%s`" % (shown if shown != "" else '""'))
+        return ", ".join(parts) or "–"
+
+
 class Section(object):
     """Typed, strict reads from one JSON object of the config file.
 
     Every getter names the key in its error (``local_storage.path: ...``) and
-    records what was read, so ``unknown()`` can warn about typos. JSON ``null``
-    and, as the Go agent's files use them for "unset", empty strings count as
+    records what was read and where it came from, so ``unknown()`` can warn
+    about typos and ``sources`` says which value came from the file, which
+    from an environment variable and which is a default. JSON ``null`` and,
+    as the Go agent's files use them for "unset", empty strings count as
     absent.
     """
 
@@ -580,6 +636,7 @@ class Section(object):
         self.prefix = prefix
         self.env = os.environ if env is None else env
         self.seen = set()
+        self.sources = {}        # key -> "config", "env VAR" or "default"
 
     def name(self, key):
         return self.prefix + key
@@ -595,9 +652,26 @@ class Section(object):
                 # Surrounding white space from the environment is never meant
                 # (VAULT_TOKEN=$(cat file) keeps a newline): strip it.
                 if self.env.get(var, "").strip():
+                    self.sources[key] = "env " + var
                     return self.env[var].strip(), var
+            self.sources[key] = "default"
             return None, None
+        self.sources[key] = "config"
         return value, None
+
+    def read(self, key, default=None):
+        """The value of ``key`` (a Key) in this block, ``default`` when unset."""
+        name = key.name
+        if self.raw.get(name) in (None, ""):
+            for alias in key.aliases:           # an old spelling, used when the new one is absent
+                if self.raw.get(alias) not in (None, ""):
+                    self.seen.add(name)
+                    name = alias
+                    break
+        value = _READERS[key.kind](self, name, key, default)
+        if name != key.name:
+            self.sources[key.name] = self.sources.pop(name, "config") + " (as %s)" % name
+        return value
 
     def string(self, key, default=None, env=(), choices=None, spaces=True):
         """A string; ``spaces=False`` for values that end up in a header or a
@@ -637,8 +711,6 @@ class Section(object):
         value = self.string(key, default, env)
         if value is None:
             return None
-        if "\0" in value:
-            raise self.error(key, "contains a NUL character")
         value = os.path.expanduser(value)
         if must_exist == "file" and not os.path.isfile(value):
             raise self.error(key, "file %s does not exist" % value)
@@ -675,9 +747,11 @@ class Section(object):
         return value
 
     def duration(self, key, default, minimum=0.0, maximum=10 * 365 * 86400.0):
-        self.seen.add(key)
-        value = self.raw.get(key, default)
-        if value is None or value == "":
+        """Seconds from a Go duration string; ``default`` is a string or seconds."""
+        value, _ = self._value(key)
+        if value is None:
+            if not isinstance(default, str):
+                return default
             value = default
         if not isinstance(value, str):
             raise self.error(key, "must be a duration string like \"1h\" or \"30s\", got %s"
@@ -695,18 +769,12 @@ class Section(object):
     def url(self, key, default=None, env=()):
         """An http(s) URL (a bare host gets ``https://``), checked to parse."""
         value = self.string(key, default, env)
-        if value is None:
-            return None
-        if "://" not in value:
-            value = "https://" + value
-        try:
-            parts = urllib.parse.urlsplit(value)
-            parts.port
-        except ValueError as exc:
-            raise self.error(key, "invalid URL %r: %s" % (value, exc))
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise self.error(key, "must be an http:// or https:// URL, got %r" % value)
-        return value.rstrip("/")
+        return None if value is None else check_url(value, self.name(key))
+
+    def any(self, key, default=None):
+        """The raw JSON value (its block checks it)."""
+        value, _ = self._value(key)
+        return default if value is None else value
 
     def section(self, key):
         """A nested object as a Section, or None when absent."""
@@ -720,6 +788,62 @@ class Section(object):
 
     def unknown(self):
         return sorted(self.name(k) for k in self.raw if k not in self.seen)
+
+
+def check_url(value, where):
+    """``value`` as an http(s) URL without a trailing slash (a bare host gets
+    ``https://``); ConfigError naming ``where`` otherwise."""
+    if "://" not in value:
+        value = "https://" + value
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port
+    except ValueError as exc:
+        raise ConfigError("%s: invalid URL %s: %s" % (where, redact_url(value), exc))
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("%s: must be an http:// or https:// URL, got %s" % (where, redact_url(value)))
+    return value.rstrip("/")
+
+
+_READERS = {
+    "str": lambda s, n, k, d: s.string(n, d, k.env, choices=k.options.get("choices")),
+    "choice": lambda s, n, k, d: s.string(n, d, k.env, choices=k.options["choices"]),
+    "name": lambda s, n, k, d: s.string(n, d, k.env, spaces=False),
+    "secret": lambda s, n, k, d: s.secret(n, k.env),
+    "path": lambda s, n, k, d: s.path(n, d, k.env),
+    "file": lambda s, n, k, d: s.path(n, d, k.env, must_exist="file"),
+    "dir": lambda s, n, k, d: s.path(n, d, k.env, must_exist="dir"),
+    "int": lambda s, n, k, d: s.integer(n, d, k.options.get("minimum", 0),
+                                        k.options.get("maximum", 1000000)),
+    "bool": lambda s, n, k, d: s.boolean(n, d, k.env),
+    "duration": lambda s, n, k, d: s.duration(n, d, k.options.get("minimum", 0.0)),
+    "url": lambda s, n, k, d: s.url(n, d, k.env),
+    "any": lambda s, n, k, d: s.any(n, d),
+}
+
+
+class Settings(collections.OrderedDict):
+    """A block's effective values, by key; ``sources`` says where each came
+    from ("config", "env VAR", "default")."""
+
+    sources = None
+
+
+def read_block(section, keys, inherited=None):
+    """Every key of ``keys`` read from ``section`` as Settings (defaults
+    filled in; ``inherited`` overrides the declared defaults, e.g. a
+    storage's ``retain`` defaults to the global one)."""
+    inherited = inherited or {}
+    values = Settings()
+    for key in keys:
+        values[key.name] = section.read(key, inherited.get(key.name, key.default))
+    values.sources = section.sources
+    return values
+
+
+def show_block(keys, values):
+    """A block's values as --check-config prints them: every key, in order."""
+    return collections.OrderedDict((key.name, key.show(values.get(key.name))) for key in keys)
 
 
 def _json_type(value):
@@ -743,37 +867,105 @@ def _env_names(name):
 
 AUTH_METHODS = ("approle", "k8s", "kubernetes", "token")
 
+TOP_KEYS = (
+    Key("addr", "url", DEFAULT_ADDR, env=_env_names("ADDR"),
+        doc="this node's Vault API address (`http://` or `https://`)"),
+    Key("frequency", "duration", DEFAULT_FREQUENCY, minimum=1.0,
+        doc="Go duration between snapshots (`30s`, `15m`, `1h30m`); minimum `1s`; a bad value is an error"),
+    Key("retain", "int", 0, maximum=MAX_RETAIN,
+        doc="snapshots to keep per storage; `0` keeps all"),
+    Key("retain_days", "int", 0, maximum=MAX_RETAIN_DAYS,
+        doc="also delete snapshots older than this many days (never the one just written); `0`: off"),
+    Key("jitter", "duration", "0s",
+        doc="add a random delay up to this to every scheduled time, so a fleet spreads out"),
+    Key("retry_interval", "duration", DEFAULT_RETRY_INTERVAL,
+        doc="after a failed cycle, try the failed storages again this much later, doubling each "
+            "time, never later than their regular time; `0s`: wait for the regular time (the Go "
+            "agent's behaviour)"),
+    Key("align", "bool", False,
+        doc="round scheduled times up to whole multiples of the frequency (UTC): `1h` runs at :00"),
+    Key("timeout", "duration", DEFAULT_API_TIMEOUT, minimum=1.0,
+        doc="per socket operation on API calls (login, leader, renew)"),
+    Key("snapshot_timeout", "duration", DEFAULT_SNAPSHOT_TIMEOUT, minimum=1.0,
+        doc="idle timeout of the snapshot stream: only a stream that stops sending for this long "
+            "fails; a long snapshot never does"),
+    Key("temp_dir", "dir", default_doc="the `local_storage` path, else the system temp dir",
+        doc="where the download is staged and verified"),
+    Key("status_file", "path", doc="JSON status written atomically (mode 0640) after each cycle "
+                                   "(see Operations)"),
+    Key("metrics_textfile", "path",
+        doc="write the metrics to a file (mode 0644) for node_exporter's textfile collector"),
+    Key("metrics_address", "str",
+        doc="serve Prometheus metrics at `http://HOST:PORT/metrics`, e.g. `127.0.0.1:9469`"),
+    Key("vault_auth_method", "choice", choices=AUTH_METHODS,
+        default_doc="`approle` (or `token` when only a token is given)",
+        doc="`approle`, `k8s` (alias `kubernetes`), `token`"),
+    Key("approle", "name", "approle", doc="AppRole mount path"),
+    Key("role_id", "name", doc="AppRole role_id"),
+    Key("secret_id", "secret", doc="AppRole secret_id"),
+    Key("secret_id_file", "file",
+        doc="read the secret_id from this file at each login (instead of `secret_id`)"),
+    Key("k8s_auth_role", "name", aliases=("vault_auth_role",),
+        doc="Kubernetes auth role (required for `k8s`); the Go agent's README calls it "
+            "`vault_auth_role`, which works too"),
+    Key("k8s_auth_path", "name", "kubernetes", aliases=("vault_auth_path",),
+        doc="Kubernetes auth mount path (also as `vault_auth_path`)"),
+    Key("k8s_token_path", "path", DEFAULT_K8S_TOKEN_PATH,
+        doc="service-account JWT, re-read at each login"),
+    Key("token", "secret", env=_env_names("TOKEN"), doc="a token to use as is (token auth)"),
+    Key("token_file", "file",
+        doc="a Vault/Bao Agent sink file, re-read whenever a new token is needed"),
+    Key("namespace", "name", env=_env_names("NAMESPACE"),
+        doc="sent on the login call only (snapshots are a root-namespace operation)"),
+    Key("ca_cert", "file", env=_env_names("CACERT"), doc="CA bundle for Vault's certificate"),
+    Key("ca_path", "dir", env=_env_names("CAPATH"), doc="directory of CA certificates"),
+    Key("client_cert", "file", env=_env_names("CLIENT_CERT"), doc="TLS client certificate"),
+    Key("client_key", "file", env=_env_names("CLIENT_KEY"), doc="its private key"),
+    Key("tls_server_name", "name", env=_env_names("TLS_SERVER_NAME"),
+        doc="name to send (SNI) and verify, e.g. when `addr` is 127.0.0.1"),
+    Key("tls_skip_verify", "bool", False, env=_env_names("SKIP_VERIFY"),
+        doc="turn certificate verification off (warned about at start)"),
+)
+
+# Keys every storage block has, declared once: each defaults to the global value.
+STORAGE_POLICY_KEYS = (
+    Key("retain", "int", maximum=MAX_RETAIN, default_doc="global `retain`",
+        doc="snapshots to keep in this storage; `0` keeps all"),
+    Key("retain_days", "int", maximum=MAX_RETAIN_DAYS, default_doc="global `retain_days`",
+        doc="also delete snapshots older than this many days here"),
+    Key("frequency", "duration", minimum=1.0, default_doc="global `frequency`",
+        doc="time between snapshots for this storage (e.g. local hourly, S3 daily)"),
+)
+
+
+def tls_keys(ca_env=()):
+    """The TLS keys of a storage block that talks to a server."""
+    return (
+        Key("ca_cert", "file", env=ca_env, doc="CA bundle for the endpoint"),
+        Key("tls_skip_verify", "bool", False, doc="turn certificate verification off for the endpoint"),
+    )
+
 
 class Config(object):
     """The effective configuration, after defaults and environment.
 
-    Built by ``load_config``; storage blocks stay raw ``Section`` objects here
-    and are turned into backends by ``build_storages`` (section 9), which owns
-    their keys.
+    Built by ``load_config``: every key of TOP_KEYS is an attribute (None
+    when unset), ``sources`` says where each came from. The storage blocks
+    are read by ``build_storages``, with each backend's own keys, from
+    ``top`` (the top-level Section).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, values):
         self.path = path
+        self.values = values
+        self.sources = values.sources
         self.warnings = []
+        for name, value in values.items():
+            setattr(self, name, value)
 
     def describe(self):
-        """The effective settings as a JSON-able dict, secrets masked."""
-        out = collections.OrderedDict()
-        for key in ("addr", "frequency", "retain", "vault_auth_method", "approle",
-                    "role_id", "secret_id", "secret_id_file", "k8s_auth_role",
-                    "k8s_auth_path", "k8s_token_path", "token", "token_file", "namespace",
-                    "ca_cert", "ca_path", "client_cert", "client_key", "tls_server_name",
-                    "tls_skip_verify", "timeout", "snapshot_timeout", "temp_dir", "retain_days",
-                    "jitter", "retry_interval", "align", "status_file", "metrics_textfile",
-                    "metrics_address"):
-            value = getattr(self, key, None)
-            if isinstance(value, Secret):
-                value = "***"
-            elif key in ("frequency", "timeout", "snapshot_timeout", "jitter", "retry_interval"):
-                value = format_duration(value)
-            if value is not None:
-                out[key] = value
-        return out
+        """Every top-level setting as a JSON-able dict, secrets masked."""
+        return show_block(TOP_KEYS, self.values)
 
 
 def load_config(path, env=None):
@@ -787,6 +979,7 @@ def load_config(path, env=None):
     try:
         with open(path, "rb") as handle:
             data = handle.read(16 * 1024 * 1024)
+            mode = os.fstat(handle.fileno()).st_mode
     except (IOError, OSError) as exc:
         raise ConfigError("config file %s: cannot read: %s" % (path, exc.strerror or exc))
     try:
@@ -800,29 +993,96 @@ def load_config(path, env=None):
     if not isinstance(raw, dict):
         raise ConfigError("config file %s: top level must be a JSON object, got %s"
                           % (path, _json_type(raw)))
-    return config_from_dict(raw, path, env)
+    cfg = config_from_dict(raw, path, env)
+    if _holds_secret(raw):
+        cfg.warnings.extend(secret_file_warnings(path, mode, "config file"))
+    for key in ("secret_id_file", "token_file"):
+        target = getattr(cfg, key)
+        if target:
+            try:
+                cfg.warnings.extend(secret_file_warnings(target, os.stat(target).st_mode, key))
+            except OSError:
+                pass
+    return cfg
+
+
+SECRET_KEY_NAMES = ("secret_id", "token", "secret_access_key", "session_token", "account_key",
+                    "sas_token", "connection_string", "client_secret")
+
+
+def _holds_secret(raw):
+    """Whether a config document sets a secret anywhere (any block)."""
+    for name, value in raw.items():
+        if isinstance(value, dict) and _holds_secret(value):
+            return True
+        if name in SECRET_KEY_NAMES and value not in (None, ""):
+            return True
+    return False
+
+
+def secret_file_warnings(path, mode, what):
+    """A warning when a file holding secrets can be read by group or others (as ssh does)."""
+    if stat.S_IMODE(mode) & 0o077:
+        return ["%s %s holds secrets and is readable by others (mode %04o); run: chmod 600 %s"
+                % (what, path, stat.S_IMODE(mode), path)]
+    return []
 
 
 def config_from_dict(raw, path="<config>", env=None):
+    """The Config of a parsed config document (see load_config)."""
     top = Section(raw, "", env)
-    cfg = Config(path)
-    raw_addr = top.string("addr", DEFAULT_ADDR, env=_env_names("ADDR"))
-    if "://" not in raw_addr:
-        raise top.error("addr", "must be an http:// or https:// URL, got %r" % raw_addr)
-    cfg.addr = top.url("addr", DEFAULT_ADDR, env=_env_names("ADDR"))
-    parts = urllib.parse.urlsplit(cfg.addr)
-    cfg.retain = top.integer("retain", 0, maximum=MAX_RETAIN)
-    cfg.frequency = top.duration("frequency", DEFAULT_FREQUENCY, minimum=1.0)
-    cfg.timeout = top.duration("timeout", DEFAULT_API_TIMEOUT, minimum=1.0)
-    cfg.snapshot_timeout = top.duration("snapshot_timeout", DEFAULT_SNAPSHOT_TIMEOUT, minimum=1.0)
-    cfg.temp_dir = top.path("temp_dir", must_exist="dir")
-    cfg.retain_days = top.integer("retain_days", 0, maximum=MAX_RETAIN_DAYS)
-    cfg.jitter = top.duration("jitter", "0s")
-    cfg.retry_interval = top.duration("retry_interval", DEFAULT_RETRY_INTERVAL)
-    cfg.align = top.boolean("align", False)
-    cfg.status_file = top.path("status_file")
-    cfg.metrics_textfile = top.path("metrics_textfile")
-    cfg.metrics_address = top.string("metrics_address")
+    given = top.string("addr", DEFAULT_ADDR, env=_env_names("ADDR"))
+    if "://" not in given:          # a bare host is fine for storages, not for Vault
+        raise top.error("addr", "must be an http:// or https:// URL, got %r" % given)
+    values = read_block(top, TOP_KEYS)
+    values["approle"] = values["approle"].strip("/")
+    values["k8s_auth_path"] = values["k8s_auth_path"].strip("/")
+    values["vault_auth_method"] = _auth_method(top, values)
+    cfg = Config(path, values)
+    _check_outputs(top, cfg)
+    cfg.tls = TlsOptions(cfg.ca_cert, cfg.ca_path, cfg.client_cert, cfg.client_key,
+                         cfg.tls_server_name, cfg.tls_skip_verify)
+    if cfg.client_key and not cfg.client_cert:
+        raise top.error("client_key", "needs client_cert as well")
+    if cfg.addr.startswith("https://"):
+        make_ssl_context(cfg.tls)   # load certificates now: errors are config errors
+    cfg.top = top         # the storage blocks are read by build_storages
+    return cfg
+
+
+def _auth_method(top, values):
+    """The login method, with the credentials it needs checked."""
+    method = values["vault_auth_method"]
+    if method is None:
+        # Drop-in default is AppRole; a token (file) alone selects token auth.
+        has_token = values["token_file"] or (values["token"] and not (
+            values["role_id"] or values["secret_id"] or values["secret_id_file"]))
+        method = "token" if has_token else "approle"
+    method = "k8s" if method == "kubernetes" else method
+    if method == "approle":
+        if not values["role_id"]:
+            raise top.error("role_id", "required for AppRole login (or set vault_auth_method)")
+        if values["secret_id"] and values["secret_id_file"]:
+            raise top.error("secret_id_file", "conflicts with secret_id: set only one")
+        if not (values["secret_id"] or values["secret_id_file"]):
+            raise top.error("secret_id", "required for AppRole login (or use secret_id_file)")
+        if values["secret_id_file"]:
+            read_secret_file(values["secret_id_file"], "secret_id_file")
+    elif method == "k8s":
+        if not values["k8s_auth_role"]:
+            raise top.error("k8s_auth_role", "required for Kubernetes login")
+    else:
+        if values["token"] and values["token_file"]:
+            raise top.error("token_file", "conflicts with token: set only one")
+        if not (values["token"] or values["token_file"]):
+            raise top.error("token", "required for token auth (or token_file, or VAULT_TOKEN)")
+        if values["token_file"]:
+            read_secret_file(values["token_file"], "token_file")
+    return method
+
+
+def _check_outputs(top, cfg):
+    """metrics_address parses to a bind address; output files have a directory."""
     if cfg.metrics_address is not None:
         host, _, port = cfg.metrics_address.rpartition(":")
         if not port.isdigit() or not 0 < int(port) < 65536:
@@ -833,68 +1093,6 @@ def config_from_dict(raw, path="<config>", env=None):
         target = getattr(cfg, key)
         if target and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
             raise top.error(key, "directory %s does not exist" % os.path.dirname(os.path.abspath(target)))
-
-    # Authentication.
-    cfg.approle = top.string("approle", "approle", spaces=False).strip("/")
-    cfg.role_id = top.string("role_id", spaces=False)
-    cfg.secret_id = top.secret("secret_id")
-    cfg.secret_id_file = top.path("secret_id_file", must_exist="file")
-    cfg.k8s_auth_role = top.string("k8s_auth_role", spaces=False)
-    cfg.k8s_auth_path = top.string("k8s_auth_path", "kubernetes", spaces=False).strip("/")
-    cfg.k8s_token_path = top.path("k8s_token_path", DEFAULT_K8S_TOKEN_PATH)
-    cfg.token = top.secret("token", env=_env_names("TOKEN"))
-    cfg.token_file = top.path("token_file", must_exist="file")
-    cfg.namespace = top.string("namespace", env=_env_names("NAMESPACE"), spaces=False)
-    method = top.string("vault_auth_method", choices=AUTH_METHODS)
-    if method is None:
-        # Drop-in default is AppRole; a token (file) alone selects token auth.
-        has_token = cfg.token_file or (cfg.token and not (cfg.role_id or cfg.secret_id
-                                                          or cfg.secret_id_file))
-        method = "token" if has_token else "approle"
-    cfg.vault_auth_method = "k8s" if method == "kubernetes" else method
-    if cfg.vault_auth_method == "approle":
-        if not cfg.role_id:
-            raise top.error("role_id", "required for AppRole login (or set vault_auth_method)")
-        if cfg.secret_id and cfg.secret_id_file:
-            raise top.error("secret_id_file", "conflicts with secret_id: set only one")
-        if not (cfg.secret_id or cfg.secret_id_file):
-            raise top.error("secret_id", "required for AppRole login (or use secret_id_file)")
-        if cfg.secret_id_file:
-            read_secret_file(cfg.secret_id_file, "secret_id_file")
-    elif cfg.vault_auth_method == "k8s":
-        if not cfg.k8s_auth_role:
-            raise top.error("k8s_auth_role", "required for Kubernetes login")
-    else:
-        if cfg.token and cfg.token_file:
-            raise top.error("token_file", "conflicts with token: set only one")
-        if not (cfg.token or cfg.token_file):
-            raise top.error("token", "required for token auth (or token_file, or VAULT_TOKEN)")
-        if cfg.token_file:
-            read_secret_file(cfg.token_file, "token_file")
-
-    # TLS towards Vault: verification is on unless explicitly skipped.
-    cfg.ca_cert = top.path("ca_cert", env=_env_names("CACERT"), must_exist="file")
-    cfg.ca_path = top.path("ca_path", env=_env_names("CAPATH"), must_exist="dir")
-    cfg.client_cert = top.path("client_cert", env=_env_names("CLIENT_CERT"), must_exist="file")
-    cfg.client_key = top.path("client_key", env=_env_names("CLIENT_KEY"), must_exist="file")
-    cfg.tls_server_name = top.string("tls_server_name", env=_env_names("TLS_SERVER_NAME"), spaces=False)
-    cfg.tls_skip_verify = top.boolean("tls_skip_verify", False, env=_env_names("SKIP_VERIFY"))
-    if cfg.client_key and not cfg.client_cert:
-        raise top.error("client_key", "needs client_cert as well")
-    cfg.tls = TlsOptions(cfg.ca_cert, cfg.ca_path, cfg.client_cert, cfg.client_key,
-                         cfg.tls_server_name, cfg.tls_skip_verify)
-    if parts.scheme == "https":
-        make_ssl_context(cfg.tls)   # load certificates now: errors are config errors
-
-    cfg.storages = collections.OrderedDict()
-    for key in STORAGE_KEYS:
-        block = top.section(key)
-        if block is not None:
-            cfg.storages[key] = block
-    if not cfg.storages:
-        raise ConfigError("no storage configured: add local_storage (or another *_storage block)")
-    cfg.warnings.extend("unknown config key %r ignored (typo?)" % k for k in top.unknown())
-    return cfg
 
 
 # =============================================================================
@@ -1067,14 +1265,14 @@ class Http(object):
             sock = conn.sock
             conn.request(method, target, body=body, headers=all_headers)
             raw = conn.getresponse()
+        except ssl.SSLError as exc:     # before ValueError: a certificate error is both
+            conn.close()
+            raise TransportError("%s %s: TLS error: %s" % (method, redact_url(url), _exc_text(exc)),
+                                 retryable=False)
         except ValueError:          # http.client's header checks; its text may hold a value
             conn.close()
             raise TransportError("%s %s: http.client refused the request headers"
                                  % (method, redact_url(url)))
-        except ssl.SSLError as exc:
-            conn.close()
-            raise TransportError("%s %s: TLS error: %s" % (method, redact_url(url), _exc_text(exc)),
-                                 retryable=False)
         except (socket.timeout, OSError, http.client.HTTPException) as exc:
             conn.close()
             raise TransportError("%s %s: %s" % (method, redact_url(url),
@@ -2200,11 +2398,18 @@ def _unlink_quietly(path):
 
 SnapshotRef = collections.namedtuple("SnapshotRef", "name when size")
 
+Policy = collections.namedtuple("Policy", "retain retain_days frequency")
+# When a storage gets snapshots (every ``frequency`` seconds) and which it
+# keeps (the newest ``retain``, none older than ``retain_days``; 0: no limit).
+
 
 class Storage(object):
-    """One place snapshots are kept. Subclasses answer to one config key.
+    """One place snapshots are kept. A subclass answers to one config key,
+    declares its keys, and gets everything it uses through its constructor:
+    its Policy, the Runtime (environment, clock, signals) and the settings
+    ``--check-config`` shows.
 
-    ``upload(snapshot, name, signals)`` stores the verified file (a
+    ``upload(snapshot, name, progress)`` stores the verified file (a
     SnapshotInfo: path, size, sha256) under ``name`` and returns its location
     for the log line; it leaves nothing half-written.
     ``list()`` returns SnapshotRefs for names this agent (or the Go agent)
@@ -2214,18 +2419,24 @@ class Storage(object):
 
     config_key = None
     kind = None
-    signals = None      # set by the Agent: stop requests and signal-aware waits
-    frequency = None    # seconds between snapshots for this storage (set by build_storages)
-    retain_days = 0     # age-based retention, next to the count
-    progress = None     # a Progress for the upload in course, set by the Agent
+    aliases = ()        # short names for --storage (besides the config key)
+    keys = STORAGE_POLICY_KEYS
 
-    def __init__(self, retain):
-        self.retain = retain
+    def __init__(self, policy, runtime, settings=None):
+        self.retain, self.retain_days, self.frequency = policy
+        self.env, self.clock, self.signals = runtime.env, runtime.clock, runtime.signals
+        self.settings = settings or Settings()
+
+    @classmethod
+    def read_block(cls, section, cfg):
+        """The block's values (every key of ``keys``) and its Policy; the
+        policy keys default to the global ones."""
+        values = read_block(section, cls.keys, {
+            "retain": cfg.retain, "retain_days": cfg.retain_days, "frequency": cfg.frequency})
+        return values, Policy(values["retain"], values["retain_days"], values["frequency"])
 
     def backoff(self, seconds):
         """Wait before a retry; raises Stopped as soon as a stop is requested."""
-        if self.signals is None:
-            self.signals = Signals()
         self.signals.check()
         self.signals.wait(seconds, wake_on_reload=False)
         self.signals.check()
@@ -2255,7 +2466,7 @@ class Storage(object):
                     if sink is not None and resp.status in ok:
                         sink.seek(0)
                         sink.truncate()
-                        copy_stream(resp.read, sink.write, self.signals or Signals())
+                        copy_stream(resp.read, sink.write, self.signals)
                         return resp, b""
                     data = resp.body(MAX_JSON_BYTES)
                     if resp.status in ok:
@@ -2270,13 +2481,15 @@ class Storage(object):
             self.backoff(delays[attempt])
 
     @classmethod
-    def from_config(cls, section, cfg):
+    def from_config(cls, section, cfg, runtime):
+        """The backend configured by ``section`` (its block); ConfigError
+        naming the key otherwise."""
         raise NotImplementedError
 
     def prepare(self):
         """Called at the start of each cycle (e.g. to remove crash leftovers)."""
 
-    def upload(self, snapshot, name, signals):
+    def upload(self, snapshot, name, progress=None):
         raise NotImplementedError
 
     def list(self):
@@ -2329,7 +2542,7 @@ class Storage(object):
             seen.add(digest)
         raise StorageError("%s: more than %d pages; listing abandoned" % (what, MAX_LIST_PAGES))
 
-    def download(self, name, sink, signals):
+    def download(self, name, sink):
         """Write snapshot ``name`` into the open binary file ``sink``."""
         raise NotImplementedError
 
@@ -2468,14 +2681,18 @@ class LocalStorage(Storage):
 
     config_key = "local_storage"
     kind = "local"
+    aliases = ("local",)
+    keys = (Key("path", "path", doc="directory for snapshots (created 0700 if missing)"),
+            ) + STORAGE_POLICY_KEYS
 
-    def __init__(self, path, retain):
-        Storage.__init__(self, retain)
+    def __init__(self, path, policy, runtime, settings=None):
+        Storage.__init__(self, policy, runtime, settings)
         self.path = path
 
     @classmethod
-    def from_config(cls, section, cfg):
-        path = section.path("path")
+    def from_config(cls, section, cfg, runtime):
+        values, policy = cls.read_block(section, cfg)
+        path = values["path"]
         if not path:
             raise section.error("path", "required (the directory snapshots are written to)")
         if os.path.exists(path) and not os.path.isdir(path):
@@ -2490,8 +2707,7 @@ class LocalStorage(Storage):
                                     section.name("path"), path,
                                     "group and others" if mode & 0o022 == 0o022 else
                                     "others" if mode & 0o002 else "group", mode, path))
-        retain = section.integer("retain", cfg.retain)
-        return cls(os.path.abspath(path), retain)
+        return cls(os.path.abspath(path), policy, runtime, values)
 
     def describe(self):
         return "local:%s" % self.path
@@ -2525,7 +2741,7 @@ class LocalStorage(Storage):
             _unlink_quietly(os.path.join(self.path, name))
             LOG.info("Removed leftover temporary file %s", os.path.join(self.path, name))
 
-    def upload(self, snapshot, name, signals):
+    def upload(self, snapshot, name, progress=None):
         path = snapshot.path
         self._ensure_dir()
         final = os.path.join(self.path, name)
@@ -2534,19 +2750,19 @@ class LocalStorage(Storage):
         try:
             os.link(path, final)        # same filesystem: atomic, zero-copy
         except OSError:
-            self._copy(path, final, signals)
+            self._copy(path, final)
         else:
             os.chmod(final, 0o600)
         fsync_dir(self.path)
         return final
 
-    def _copy(self, source, final, signals):
+    def _copy(self, source, final):
         temp = os.path.join(self.path, temp_name())
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
                 while True:
-                    signals.check()
+                    self.signals.check()
                     chunk = src.read(CHUNK_SIZE)
                     if not chunk:
                         break
@@ -2561,10 +2777,10 @@ class LocalStorage(Storage):
             _unlink_quietly(temp)
             raise
 
-    def download(self, name, sink, signals):
+    def download(self, name, sink):
         try:
             with open(os.path.join(self.path, name), "rb") as src:
-                copy_stream(src.read, sink.write, signals)
+                copy_stream(src.read, sink.write, self.signals)
         except (IOError, OSError) as exc:
             raise StorageError("cannot read %s: %s" % (os.path.join(self.path, name), exc.strerror or exc))
 
@@ -2603,27 +2819,20 @@ class LocalStorage(Storage):
             fsync_dir(self.path)
 
 
-def build_storages(cfg):
-    """The storage backends of ``cfg``, in config order. Raises ConfigError."""
-    storages = []
-    for key, section in cfg.storages.items():
-        cls = STORAGE_TYPES.get(key)
-        if cls is None:
-            raise ConfigError("%s: not supported yet by %s %s; remove the block or use local_storage"
-                              % (key, PROG, __version__))
-        storage = cls.from_config(section, cfg)
-        storage.frequency = section.duration("frequency", format_duration(cfg.frequency), minimum=1.0)
-        storage.retain_days = section.integer("retain_days", cfg.retain_days, maximum=MAX_RETAIN_DAYS)
-        storages.append(storage)
+def build_storages(cfg, runtime):
+    """The storage backends of ``cfg``, in registry order; then the warnings
+    for keys nobody read. Raises ConfigError."""
+    storages, sections = [], [cfg.top]
+    for key, cls in STORAGE_TYPES.items():
+        section = cfg.top.section(key)
+        if section is not None:
+            storages.append(cls.from_config(section, cfg, runtime))
+            sections.append(section)
+    if not storages:
+        raise ConfigError("no storage configured: add local_storage (or another *_storage block)")
+    for section in sections:
         cfg.warnings.extend("unknown config key %r ignored (typo?)" % k for k in section.unknown())
     return storages
-
-
-def _auth_tls(section, tls):
-    """TLS for the token endpoints a storage sends client secrets and signed
-    assertions to: verified even when the storage itself is not, unless the
-    block says ``auth_tls_skip_verify`` too."""
-    return tls._replace(skip_verify=section.boolean("auth_tls_skip_verify", False))
 
 
 # =============================================================================
@@ -2670,6 +2879,24 @@ def _s3_error(resp, data, action):
     return StorageError(text, retryable_status(resp.status) or code in S3_RETRYABLE_CODES)
 
 
+def _s3_sse(section, values):
+    """The server-side encryption header value, from the Go agent's boolean
+    or a name; a KMS key alone means aws:kms."""
+    given, kms_key_id = values["s3_server_side_encryption"], values["s3_kms_key_id"]
+    if given in (None, False):
+        sse = "aws:kms" if kms_key_id else None
+    elif given is True:
+        sse = "aws:kms" if kms_key_id else "AES256"
+    elif given in ("AES256", "aws:kms", "aws:kms:dsse"):
+        sse = given
+    else:
+        raise section.error("s3_server_side_encryption",
+                            "must be true/false, \"AES256\" or \"aws:kms\", got %r" % (given,))
+    if kms_key_id and sse == "AES256":
+        raise section.error("s3_kms_key_id", "conflicts with s3_server_side_encryption \"AES256\"")
+    return sse
+
+
 @register_storage
 class S3Storage(Storage):
     """AWS S3 and S3-compatible stores (MinIO, Ceph RGW, ...), signed with SigV4.
@@ -2683,13 +2910,48 @@ class S3Storage(Storage):
 
     config_key = "aws_storage"
     kind = "aws"
+    aliases = ("aws", "s3")
     service = "S3"
+    keys = (
+        Key("s3_bucket", "name", doc="bucket (required)"),
+        Key("s3_region", "name", env=("AWS_REGION", "AWS_DEFAULT_REGION"),
+            default_doc="the profile's `region`, `us-east-1`", doc="signing region"),
+        Key("s3_endpoint", "url", env=("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
+            default_doc="`https://s3.<region>.amazonaws.com`",
+            doc="for MinIO/Ceph/...: `https://minio.example:9000`"),
+        Key("s3_force_path_style", "bool", False,
+            doc="path-style URLs; automatic for IP/localhost endpoints and dotted bucket names"),
+        Key("s3_key_prefix", "str", "raft_snapshots", doc="\"folder\" for the objects"),
+        Key("s3_server_side_encryption", "any", False,
+            doc="`true` or `\"AES256\"` (SSE-S3), `\"aws:kms\"` (SSE-KMS), `\"aws:kms:dsse\"`"),
+        Key("s3_kms_key_id", "name", doc="KMS key id/ARN/alias; implies `aws:kms`"),
+        Key("s3_storage_class", "name", doc="e.g. `STANDARD_IA`, `GLACIER_IR`"),
+        Key("s3_static_snapshot_name", "str",
+            doc="always write `<prefix>/<name>.snap` (overwritten; no retention)"),
+        Key("s3_checksum", "bool", True,
+            doc="send `x-amz-checksum-sha256` (turn off for stores that reject it)"),
+        Key("access_key_id", "name", doc="static credentials (else the chain below)"),
+        Key("secret_access_key", "secret", doc="goes with `access_key_id`"),
+        Key("session_token", "secret", doc="for temporary static credentials"),
+        Key("profile", "name", env=("AWS_PROFILE",),
+            doc="profile in `~/.aws/credentials` / `~/.aws/config`"),
+        Key("part_size_mb", "int", 16, minimum=5, maximum=5120,
+            doc="multipart part size (grown automatically so any file fits in 10,000 parts); "
+                "files up to it go in one PUT"),
+        Key("concurrency", "int", 4, minimum=1, maximum=64, doc="parts uploaded at once"),
+    ) + tls_keys(ca_env=("AWS_CA_BUNDLE",)) + (
+        Key("imds_endpoint", "str", env=("AWS_EC2_METADATA_SERVICE_ENDPOINT",),
+            default_doc="`http://169.254.169.254`", doc="EC2 instance metadata (tests use loopback)"),
+        Key("container_endpoint", "str", default_doc="`http://169.254.170.2`",
+            doc="container credentials for a relative URI"),
+        Key("sts_endpoint", "str", env=("AWS_ENDPOINT_URL_STS",),
+            default_doc="`https://sts.<region>.amazonaws.com`", doc="STS, for web identity"),
+    ) + STORAGE_POLICY_KEYS
 
-    def __init__(self, bucket, prefix, region, endpoint, path_style, chain, http, retain,
-                 sse=None, kms_key_id=None, storage_class=None, static_name=None,
-                 part_size=16 * 1024 * 1024, concurrency=4, clock=None, attempts=5,
-                 checksum=True):
-        Storage.__init__(self, 0 if static_name else retain)
+    def __init__(self, bucket, prefix, region, endpoint, path_style, chain, http, policy, runtime,
+                 settings=None, sse=None, kms_key_id=None, storage_class=None, static_name=None,
+                 part_size=16 * 1024 * 1024, concurrency=4, attempts=5, checksum=True):
+        Storage.__init__(self, policy._replace(retain=0) if static_name else policy, runtime, settings)
         self.bucket, self.prefix, self.region = bucket, prefix, region
         self.endpoint = endpoint
         self.path_style = path_style
@@ -2697,7 +2959,6 @@ class S3Storage(Storage):
         self.sse, self.kms_key_id, self.storage_class = sse, kms_key_id, storage_class
         self.static_name = static_name
         self.part_size, self.concurrency = part_size, concurrency
-        self.clock = clock or Clock()
         self.attempts = attempts
         self.checksum = checksum
         self.backoff_base = 0.5
@@ -2707,62 +2968,43 @@ class S3Storage(Storage):
         self._base_path = parts.path.rstrip("/")
 
     @classmethod
-    def from_config(cls, section, cfg, env=None):
-        env = os.environ if env is None else env
-        bucket = section.string("s3_bucket", spaces=False)
+    def from_config(cls, section, cfg, runtime):
+        values, policy = cls.read_block(section, cfg)
+        bucket = values["s3_bucket"]
         if not bucket:
             raise section.error("s3_bucket", "required")
-        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$", bucket):
+        if not re.match(r"\A[A-Za-z0-9][A-Za-z0-9._-]{1,254}\Z", bucket):
             raise section.error("s3_bucket", "%r is not a valid bucket name" % bucket)
-        profile = section.string("profile", env=("AWS_PROFILE",), spaces=False)
+        profile, env = values["profile"], runtime.env
         conf_file = env.get("AWS_CONFIG_FILE") or os.path.expanduser("~/.aws/config")
-        region = (section.string("s3_region", env=("AWS_REGION", "AWS_DEFAULT_REGION"), spaces=False)
-                  or read_ini_section(conf_file, "profile " + profile if profile and profile != "default"
-                                      else "default").get("region") or "us-east-1")
-        endpoint = (section.url("s3_endpoint", env=("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"))
-                    or "https://s3.%s.amazonaws.com" % region)
-        host = urllib.parse.urlsplit(endpoint).hostname
-        force = section.boolean("s3_force_path_style", False)
-        path_style = (force or _is_ip_or_localhost(host)
+        values["s3_region"] = region = (values["s3_region"] or read_ini_section(
+            conf_file, "profile " + profile if profile and profile != "default" else "default"
+        ).get("region") or "us-east-1")
+        values["s3_endpoint"] = endpoint = (values["s3_endpoint"] or "https://s3.%s.amazonaws.com"
+                                            % region)
+        path_style = (values["s3_force_path_style"]
+                      or _is_ip_or_localhost(urllib.parse.urlsplit(endpoint).hostname)
                       or ("." in bucket and endpoint.startswith("https")))
-        prefix = section.string("s3_key_prefix", "raft_snapshots").strip("/")
-        sse_value, _ = section._value("s3_server_side_encryption")
-        kms_key_id = section.string("s3_kms_key_id", spaces=False)
-        if sse_value in (None, False):
-            sse = "aws:kms" if kms_key_id else None
-        elif sse_value is True:
-            sse = "aws:kms" if kms_key_id else "AES256"
-        elif sse_value in ("AES256", "aws:kms", "aws:kms:dsse"):
-            sse = sse_value
-        else:
-            raise section.error("s3_server_side_encryption",
-                                "must be true/false, \"AES256\" or \"aws:kms\", got %r" % (sse_value,))
-        if kms_key_id and sse == "AES256":
-            raise section.error("s3_kms_key_id", "conflicts with s3_server_side_encryption \"AES256\"")
-        part_mb = section.integer("part_size_mb", 16, minimum=5, maximum=5120)
-        concurrency = section.integer("concurrency", 4, minimum=1, maximum=64)
-        key_id = section.string("access_key_id", spaces=False)
-        secret = section.secret("secret_access_key")
-        token = section.secret("session_token")
+        values["s3_server_side_encryption"] = sse = _s3_sse(section, values)
+        key_id, secret = values["access_key_id"], values["secret_access_key"]
         if bool(key_id) != bool(secret):
             raise section.error("secret_access_key" if key_id else "access_key_id",
                                 "access_key_id and secret_access_key go together")
-        static = AwsCredentials(key_id, secret, token, None, "aws_storage keys") if key_id else None
-        tls = TlsOptions(section.path("ca_cert", env=("AWS_CA_BUNDLE",), must_exist="file"), None,
-                         None, None, None, section.boolean("tls_skip_verify", False))
+        static = (AwsCredentials(key_id, secret, values["session_token"], None, "aws_storage keys")
+                  if key_id else None)
+        tls = TlsOptions(values["ca_cert"], None, None, None, None, values["tls_skip_verify"])
         if endpoint.startswith("https"):
             make_ssl_context(tls)
-        http = Http(tls, cfg.timeout)
-        chain = AwsCredentialChain(static, env, region, profile, Http(None, 5.0), Clock(),
-                                   imds_endpoint=section.string("imds_endpoint"),
-                                   container_endpoint=section.string("container_endpoint"),
-                                   sts_endpoint=section.string("sts_endpoint"))
-        static_name = section.string("s3_static_snapshot_name")
-        return cls(bucket, prefix, region, endpoint.rstrip("/"), path_style, chain, http,
-                   section.integer("retain", cfg.retain), sse=sse, kms_key_id=kms_key_id,
-                   storage_class=section.string("s3_storage_class", spaces=False), static_name=static_name,
-                   part_size=part_mb * 1024 * 1024, concurrency=concurrency,
-                   checksum=section.boolean("s3_checksum", True))
+        chain = AwsCredentialChain(static, env, region, profile, Http(None, 5.0), runtime.clock,
+                                   imds_endpoint=values["imds_endpoint"],
+                                   container_endpoint=values["container_endpoint"],
+                                   sts_endpoint=values["sts_endpoint"])
+        return cls(bucket, values["s3_key_prefix"].strip("/"), region, endpoint, path_style, chain,
+                   Http(tls, cfg.timeout), policy, runtime, values, sse=sse,
+                   kms_key_id=values["s3_kms_key_id"], storage_class=values["s3_storage_class"],
+                   static_name=values["s3_static_snapshot_name"],
+                   part_size=values["part_size_mb"] * 1024 * 1024,
+                   concurrency=values["concurrency"], checksum=values["s3_checksum"])
 
     def describe(self):
         return "s3://%s/%s" % (self.bucket, self.list_prefix())
@@ -2794,7 +3036,7 @@ class S3Storage(Storage):
             return method, url, signed, body() if callable(body) else body
         return self.send(action, build, ok, _s3_error, sink)
 
-    def download(self, name, sink, signals):
+    def download(self, name, sink):
         key = self.key_for(name)
         self._request("GET", "GetObject on %s" % key, key, sink=sink)
 
@@ -2810,27 +3052,27 @@ class S3Storage(Storage):
 
     # -- upload ------------------------------------------------------------------
 
-    def upload(self, snapshot, name, signals):
+    def upload(self, snapshot, name, progress=None):
         key = self.key_for(name)
         if snapshot.size <= self.part_size:
-            self._put(snapshot, key, signals)
+            self._put(snapshot, key, progress)
         else:
-            self._multipart(snapshot, key, signals)
+            self._multipart(snapshot, key, progress)
         return "s3://%s/%s" % (self.bucket, key)
 
-    def _put(self, snapshot, key, signals):
+    def _put(self, snapshot, key, progress):
         sha256 = snapshot.sha256 or _FileSlice(snapshot.path, 0, snapshot.size,
-                                               signals.check).digest("sha256").hexdigest()
+                                               self.signals.check).digest("sha256").hexdigest()
         headers = self._object_headers()
         headers["Content-Length"] = str(snapshot.size)
         if self.checksum:
             headers["x-amz-checksum-sha256"] = base64.b64encode(bytes.fromhex(sha256)).decode("ascii")
         self._request("PUT", "PutObject on %s" % key, key, headers=headers,
-                      body=lambda: _FileSlice(snapshot.path, 0, snapshot.size, signals.check,
-                                              self.progress),
+                      body=lambda: _FileSlice(snapshot.path, 0, snapshot.size, self.signals.check,
+                                              progress),
                       payload_hash=sha256)
 
-    def _multipart(self, snapshot, key, signals):
+    def _multipart(self, snapshot, key, progress):
         part_size = s3_part_size(snapshot.size, self.part_size)
         headers = self._object_headers()
         if self.checksum:
@@ -2843,7 +3085,7 @@ class S3Storage(Storage):
 
         def put_part(check, number, offset, length):
             digest = _FileSlice(snapshot.path, offset, length, check).digest("sha256")
-            piece = _FileSlice(snapshot.path, offset, length, check, self.progress)
+            piece = _FileSlice(snapshot.path, offset, length, check, progress)
             part_headers = {"Content-Length": str(length)}
             if self.checksum:
                 part_headers["x-amz-checksum-sha256"] = base64.b64encode(digest.digest()).decode("ascii")
@@ -2856,7 +3098,7 @@ class S3Storage(Storage):
         parts = [(i + 1, off, min(part_size, snapshot.size - off))
                  for i, off in enumerate(range(0, snapshot.size, part_size))]
         try:
-            done = run_parts(parts, put_part, self.concurrency, signals)
+            done = run_parts(parts, put_part, self.concurrency, self.signals)
             body = ["<CompleteMultipartUpload xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">"]
             for number, etag, checksum in done:
                 body.append("<Part><PartNumber>%d</PartNumber><ETag>%s</ETag>%s</Part>" % (
@@ -3008,9 +3250,63 @@ def parse_connection_string(text):
         if part.strip():
             name, sep, value = part.partition("=")
             if not sep:
-                raise ValueError("%r is not Name=Value" % part.strip())
+                raise ValueError("a part is not Name=Value (value not shown)")
             fields[name.strip()] = value.strip()
     return fields
+
+
+def _azure_endpoint(section, values, conn):
+    """(blob endpoint URL, account name) from the endpoint, the connection
+    string or the account name and suffix."""
+    endpoint, account = values["endpoint"], values["account_name"] or conn.get("AccountName")
+    if not endpoint and conn.get("BlobEndpoint"):
+        endpoint = check_url(conn["BlobEndpoint"], section.name("connection_string") + " BlobEndpoint")
+    if endpoint and urllib.parse.urlsplit(endpoint).query:
+        # It would be printed in logs, metrics and --check-config.
+        raise section.error("endpoint", "must not carry a query string (put the SAS in sas_token)")
+    if not endpoint:
+        if not account:
+            raise section.error("account_name", "required (or endpoint / connection_string)")
+        if not re.match(r"\A[a-z0-9]{3,24}\Z", account):
+            raise section.error("account_name", "%r is not a storage account name "
+                                "(3-24 lowercase letters and digits)" % account)
+        suffix = (values["endpoint_suffix"] if section.sources.get("endpoint_suffix") != "default"
+                  else conn.get("EndpointSuffix") or values["endpoint_suffix"])
+        if not re.match(r"\A[A-Za-z0-9.-]+\Z", suffix):
+            raise section.error("endpoint_suffix", "%r is not a DNS suffix" % suffix)
+        scheme = "http" if conn.get("DefaultEndpointsProtocol") == "http" else "https"
+        endpoint = "%s://%s.blob.%s" % (scheme, account, suffix)
+    if not account:
+        parts = urllib.parse.urlsplit(endpoint)
+        account = (parts.path.strip("/").split("/")[0] if _is_ip_or_localhost(parts.hostname)
+                   else parts.hostname.split(".")[0])
+    return endpoint, account
+
+
+def _azure_auth_mode(section, values, key, sas):
+    """The auth mode (``auto`` resolved), with the keys it needs checked."""
+    mode = values["auth_mode"]
+    client_id, tenant_id = values["client_id"], values["tenant_id"]
+    if mode == "auto":
+        if sas is not None:
+            mode = "sas"
+        elif key is not None:
+            mode = "shared_key"
+        elif values["client_secret"] is not None and client_id and tenant_id:
+            mode = "client_secret"
+        elif values["federated_token_file"] and client_id and tenant_id:
+            mode = "workload_identity"
+        else:
+            mode = "managed_identity"
+    needs = {"shared_key": [("account_key", key)], "sas": [("sas_token", sas)],
+             "client_secret": [("client_id", client_id), ("tenant_id", tenant_id),
+                               ("client_secret", values["client_secret"])],
+             "workload_identity": [("client_id", client_id), ("tenant_id", tenant_id),
+                                   ("federated_token_file", values["federated_token_file"])]}
+    for name, value in needs.get(mode, []):
+        if not value:
+            raise section.error(name, "required for auth_mode %s" % mode)
+    return mode
 
 
 @register_storage
@@ -3028,119 +3324,102 @@ class AzureStorage(Storage):
 
     config_key = "azure_storage"
     kind = "azure"
+    aliases = ("azure",)
     service = "Azure"
+    keys = (
+        Key("account_name", "name", env=("AZURE_STORAGE_ACCOUNT",), doc="storage account"),
+        Key("container_name", "name", doc="container (required)"),
+        Key("account_key", "secret", env=("AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCESS_KEY"),
+            doc="Shared Key auth"),
+        Key("sas_token", "secret", env=("AZURE_STORAGE_SAS_TOKEN",),
+            doc="SAS (needs create, write, list, delete)"),
+        Key("connection_string", "secret", env=("AZURE_STORAGE_CONNECTION_STRING",),
+            doc="`AccountName=...;AccountKey=...;BlobEndpoint=...`"),
+        Key("auth_mode", "choice", "auto", choices=AZURE_AUTH_MODES,
+            doc="`shared_key`, `sas`, `client_secret`, `workload_identity`, `managed_identity`; "
+                "`auto` picks in that spirit: SAS, key, client secret, federated token, managed "
+                "identity"),
+        Key("client_id", "name", env=("AZURE_CLIENT_ID",),
+            doc="Microsoft Entra app, workload identity or user-assigned managed identity"),
+        Key("tenant_id", "name", env=("AZURE_TENANT_ID",), doc="Microsoft Entra tenant"),
+        Key("client_secret", "secret", env=("AZURE_CLIENT_SECRET",), doc="Entra app secret"),
+        Key("federated_token_file", "path", env=("AZURE_FEDERATED_TOKEN_FILE",),
+            doc="AKS workload identity token"),
+        Key("authority_host", "str", "https://login.microsoftonline.com",
+            env=("AZURE_AUTHORITY_HOST",), doc="sovereign clouds"),
+        Key("endpoint", "url", default_doc="`https://<account>.blob.<endpoint_suffix>`",
+            doc="Azurite, private endpoints; no query string (a SAS goes in `sas_token`)"),
+        Key("endpoint_suffix", "str", "core.windows.net",
+            doc="e.g. `core.usgovcloudapi.net`, `core.chinacloudapi.cn`"),
+        Key("prefix", "str", "", doc="blob name prefix (\"folder\")"),
+        Key("access_tier", "choice", choices=("Hot", "Cool", "Cold", "Archive"),
+            doc="`Hot`, `Cool`, `Cold`, `Archive`"),
+        Key("block_size_mb", "int", 16, minimum=1, maximum=4000,
+            doc="block size (Azure's limit: 4000)"),
+        Key("concurrency", "int", 4, minimum=1, maximum=64, doc="blocks uploaded at once"),
+        Key("imds_endpoint", "str", "http://169.254.169.254",
+            doc="managed identity endpoint (tests use loopback)"),
+        Key("list_page_size", "int", 5000, minimum=1, maximum=5000, doc="List Blobs page size"),
+    ) + tls_keys() + (
+        Key("auth_tls_skip_verify", "bool", False,
+            doc="also skip certificate checks on the Entra token endpoint (`authority_host`); "
+                "`tls_skip_verify` alone leaves the endpoint that receives the client secret "
+                "verified"),
+    ) + STORAGE_POLICY_KEYS
 
-    def __init__(self, endpoint, account, container, prefix, auth, http, retain,
-                 key=None, sas=None, token=None, access_tier=None, block_size=16 * 1024 * 1024,
-                 concurrency=4, clock=None, page_size=5000):
-        Storage.__init__(self, retain)
+    def __init__(self, endpoint, account, container, prefix, auth, http, policy, runtime,
+                 settings=None, key=None, sas=None, token=None, access_tier=None,
+                 block_size=16 * 1024 * 1024, concurrency=4, page_size=5000):
+        Storage.__init__(self, policy, runtime, settings)
         self.endpoint, self.account, self.container, self.prefix = endpoint, account, container, prefix
         self.auth, self.http = auth, http
         self.key, self.sas, self.token = key, sas, token
         self.access_tier = access_tier
         self.block_size, self.concurrency = block_size, concurrency
-        self.clock = clock or Clock()
         self.page_size = page_size
 
     @classmethod
-    def from_config(cls, section, cfg, env=None):
-        env = os.environ if env is None else env
+    def from_config(cls, section, cfg, runtime):
+        values, policy = cls.read_block(section, cfg)
         conn = {}
-        conn_text = section.string("connection_string", env=("AZURE_STORAGE_CONNECTION_STRING",))
-        if conn_text:
+        if values["connection_string"]:
             try:
-                conn = parse_connection_string(conn_text)
+                conn = parse_connection_string(values["connection_string"].reveal())
             except ValueError as exc:
                 raise section.error("connection_string", "cannot parse: %s" % exc)
-        account = section.string("account_name", env=("AZURE_STORAGE_ACCOUNT",), spaces=False) or conn.get("AccountName")
-        container = section.string("container_name", spaces=False)
+        container = values["container_name"]
         if not container:
             raise section.error("container_name", "required")
-        if not re.match(r"^[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])?$", container) and container != "$root":
+        if not re.match(r"\A[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])?\Z", container) and container != "$root":
             raise section.error("container_name", "%r is not a valid container name" % container)
-        key = section.secret("account_key", env=("AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCESS_KEY"))
-        if key is None and conn.get("AccountKey"):
-            key = Secret(conn["AccountKey"])
+        key = values["account_key"] or (Secret(conn["AccountKey"]) if conn.get("AccountKey") else None)
         if key is not None:
             try:
                 base64.b64decode(key.reveal(), validate=True)
             except (ValueError, TypeError):
                 raise section.error("account_key", "is not base64 (copy the key as shown by Azure)")
-        sas = section.secret("sas_token", env=("AZURE_STORAGE_SAS_TOKEN",))
-        if sas is None and conn.get("SharedAccessSignature"):
-            sas = Secret(conn["SharedAccessSignature"])
+        sas = values["sas_token"] or (Secret(conn["SharedAccessSignature"])
+                                      if conn.get("SharedAccessSignature") else None)
         if sas is not None:
             sas = Secret(sas.reveal().lstrip("?"))
-        endpoint = section.url("endpoint")
-        if not endpoint and conn.get("BlobEndpoint"):
-            section.raw.setdefault("endpoint", conn["BlobEndpoint"])
-            endpoint = section.url("endpoint")
-        if endpoint and urllib.parse.urlsplit(endpoint).query:
-            # It would be printed in logs, metrics and --check-config.
-            raise section.error("endpoint", "must not carry a query string (put the SAS in sas_token)")
-        if not endpoint:
-            if not account:
-                raise section.error("account_name", "required (or endpoint / connection_string)")
-            if not re.match(r"^[a-z0-9]{3,24}$", account):
-                raise section.error("account_name", "%r is not a storage account name "
-                                    "(3-24 lowercase letters and digits)" % account)
-            suffix = section.string("endpoint_suffix") or conn.get("EndpointSuffix") or "core.windows.net"
-            if not re.match(r"^[A-Za-z0-9.-]+$", suffix):
-                raise section.error("endpoint_suffix", "%r is not a DNS suffix" % suffix)
-            scheme = "http" if conn.get("DefaultEndpointsProtocol") == "http" else "https"
-            endpoint = "%s://%s.blob.%s" % (scheme, account, suffix)
-        parts = urllib.parse.urlsplit(endpoint)
-        if not account:
-            account = (parts.path.strip("/").split("/")[0] if _is_ip_or_localhost(parts.hostname)
-                       else parts.hostname.split(".")[0])
-        mode = section.string("auth_mode", "auto", choices=AZURE_AUTH_MODES)
-        client_id = section.string("client_id", env=("AZURE_CLIENT_ID",), spaces=False)
-        tenant_id = section.string("tenant_id", env=("AZURE_TENANT_ID",), spaces=False)
-        client_secret = section.secret("client_secret", env=("AZURE_CLIENT_SECRET",))
-        token_file = section.path("federated_token_file", env=("AZURE_FEDERATED_TOKEN_FILE",))
-        authority = (section.string("authority_host", env=("AZURE_AUTHORITY_HOST",))
-                     or "https://login.microsoftonline.com").rstrip("/")
-        imds = (section.string("imds_endpoint") or "http://169.254.169.254").rstrip("/")
-        if mode == "auto":
-            if sas is not None:
-                mode = "sas"
-            elif key is not None:
-                mode = "shared_key"
-            elif client_secret is not None and client_id and tenant_id:
-                mode = "client_secret"
-            elif token_file and client_id and tenant_id:
-                mode = "workload_identity"
-            else:
-                mode = "managed_identity"
-        needs = {"shared_key": [("account_key", key)], "sas": [("sas_token", sas)],
-                 "client_secret": [("client_id", client_id), ("tenant_id", tenant_id),
-                                   ("client_secret", client_secret)],
-                 "workload_identity": [("client_id", client_id), ("tenant_id", tenant_id),
-                                       ("federated_token_file", token_file)]}.get(mode, [])
-        for name, value in needs:
-            if not value:
-                raise section.error(name, "required for auth_mode %s" % mode)
-        tls = TlsOptions(section.path("ca_cert", must_exist="file"), None, None, None, None,
-                         section.boolean("tls_skip_verify", False))
+        endpoint, account = _azure_endpoint(section, values, conn)
+        values["endpoint"], values["account_name"] = endpoint, account
+        values["auth_mode"] = mode = _azure_auth_mode(section, values, key, sas)
+        tls = TlsOptions(values["ca_cert"], None, None, None, None, values["tls_skip_verify"])
         if endpoint.startswith("https"):
             make_ssl_context(tls)
-        http = Http(tls, cfg.timeout)
         token = None
         if mode in ("managed_identity", "workload_identity", "client_secret"):
-            token = BearerToken(_azure_token_fetcher(mode, Http(_auth_tls(section, tls), 30.0), imds,
-                                                     authority, tenant_id,
-                                                     client_id, client_secret, token_file),
-                                Clock(), "Azure %s" % mode.replace("_", " "))
-        block_mb = section.integer("block_size_mb", 16, minimum=1)
-        if block_mb > 4000:
-            raise section.error("block_size_mb", "at most 4000 (Azure's block limit)")
-        return cls(endpoint.rstrip("/"), account, container,
-                   section.string("prefix", "").strip("/"), mode, http,
-                   section.integer("retain", cfg.retain), key=key, sas=sas, token=token,
-                   access_tier=section.string("access_tier", choices=("Hot", "Cool", "Cold", "Archive")),
-                   block_size=block_mb * 1024 * 1024,
-                   concurrency=section.integer("concurrency", 4, minimum=1, maximum=64),
-                   page_size=section.integer("list_page_size", 5000, minimum=1, maximum=5000))
+            auth_http = Http(tls._replace(skip_verify=values["auth_tls_skip_verify"]), 30.0)
+            token = BearerToken(_azure_token_fetcher(
+                mode, auth_http, values["imds_endpoint"].rstrip("/"),
+                values["authority_host"].rstrip("/"), values["tenant_id"], values["client_id"],
+                values["client_secret"], values["federated_token_file"]),
+                runtime.clock, "Azure %s" % mode.replace("_", " "))
+        return cls(endpoint.rstrip("/"), account, container, values["prefix"].strip("/"), mode,
+                   Http(tls, cfg.timeout), policy, runtime, values, key=key, sas=sas, token=token,
+                   access_tier=values["access_tier"], block_size=values["block_size_mb"] * 1024 * 1024,
+                   concurrency=values["concurrency"], page_size=values["list_page_size"])
 
     def describe(self):
         return "azure:%s/%s/%s" % (self.endpoint, self.container, self.list_prefix())
@@ -3171,28 +3450,28 @@ class AzureStorage(Storage):
             return method, url, all_headers, body() if callable(body) else body
         return self.send(action, build, ok, _azure_error, sink)
 
-    def download(self, name, sink, signals):
+    def download(self, name, sink):
         blob = self.full_name(name)
         self._request("GET", "Get Blob %s" % blob, blob, ok=(200,), sink=sink)
 
     # -- upload ------------------------------------------------------------------
 
-    def upload(self, snapshot, name, signals):
+    def upload(self, snapshot, name, progress=None):
         blob = self.full_name(name)
         headers = {"Content-Type": "application/octet-stream"}
         if self.access_tier:
             headers["x-ms-access-tier"] = self.access_tier
         if snapshot.size <= self.block_size:
-            md5 = _FileSlice(snapshot.path, 0, snapshot.size, signals.check).digest("md5")
-            piece = _FileSlice(snapshot.path, 0, snapshot.size, signals.check, self.progress)
+            md5 = _FileSlice(snapshot.path, 0, snapshot.size, self.signals.check).digest("md5")
+            piece = _FileSlice(snapshot.path, 0, snapshot.size, self.signals.check, progress)
             headers.update({"x-ms-blob-type": "BlockBlob", "Content-Length": str(snapshot.size),
                             "Content-MD5": base64.b64encode(md5.digest()).decode("ascii")})
             self._request("PUT", "Put Blob %s" % blob, blob, headers=headers, body=lambda: piece)
         else:
-            self._put_blocks(snapshot, blob, headers, signals)
+            self._put_blocks(snapshot, blob, headers, progress)
         return "%s/%s/%s" % (self.endpoint, self.container, uri_encode(blob, safe="-_.~/"))
 
-    def _put_blocks(self, snapshot, blob, headers, signals):
+    def _put_blocks(self, snapshot, blob, headers, progress):
         size = max(self.block_size, -(-snapshot.size // AZURE_MAX_BLOCKS))
         nonce = os.urandom(6).hex()
 
@@ -3200,7 +3479,7 @@ class AzureStorage(Storage):
             block_id = base64.b64encode(("%s-%06d" % (nonce, number)).encode("ascii")).decode("ascii")
             md5 = base64.b64encode(_FileSlice(snapshot.path, offset, length, check).digest("md5")
                                    .digest()).decode("ascii")
-            piece = _FileSlice(snapshot.path, offset, length, check, self.progress)
+            piece = _FileSlice(snapshot.path, offset, length, check, progress)
             self._request("PUT", "Put Block %d of %s" % (number, blob), blob,
                           query=[("comp", "block"), ("blockid", block_id)],
                           headers={"Content-Length": str(length), "Content-MD5": md5},
@@ -3209,8 +3488,8 @@ class AzureStorage(Storage):
 
         blocks = [(i, off, min(size, snapshot.size - off))
                   for i, off in enumerate(range(0, snapshot.size, size))]
-        ids = run_parts(blocks, put_block, self.concurrency, signals)
-        signals.check()
+        ids = run_parts(blocks, put_block, self.concurrency, self.signals)
+        self.signals.check()
         payload = ("<?xml version=\"1.0\" encoding=\"utf-8\"?><BlockList>%s</BlockList>" % "".join(
             "<Latest>%s</Latest>" % block_id for block_id in ids)).encode("utf-8")
         list_headers = {"Content-Length": str(len(payload)), "Content-Type": "application/xml",
@@ -3415,52 +3694,74 @@ class GoogleStorage(Storage):
 
     config_key = "google_storage"
     kind = "google"
+    aliases = ("google", "gcs")
     service = "GCS"
 
-    def __init__(self, bucket, prefix, endpoint, token, http, retain, storage_class=None,
-                 chunk_size=16 * 1024 * 1024, clock=None, page_size=1000):
-        Storage.__init__(self, retain)
+    keys = (
+        Key("bucket", "name", doc="bucket (required; the Go agent's key)"),
+        Key("prefix", "str", "", default_doc="`\"\"` (bucket root, as the Go agent)",
+            doc="object name prefix"),
+        Key("credentials_file", "file",
+            default_doc="`GOOGLE_APPLICATION_CREDENTIALS`, gcloud's ADC file, the metadata server",
+            doc="`service_account` key (JWT signed RS256 here) or `authorized_user`"),
+        Key("endpoint", "url", default_doc="`STORAGE_EMULATOR_HOST`, `https://storage.googleapis.com`",
+            doc="the JSON API endpoint"),
+        Key("anonymous", "bool", default_doc="`true` only with `STORAGE_EMULATOR_HOST` and no credentials",
+            doc="send no token"),
+        Key("metadata_host", "str", "metadata.google.internal", env=("GCE_METADATA_HOST",),
+            doc="the metadata server (tests use loopback)"),
+        Key("storage_class", "name", doc="e.g. `NEARLINE`"),
+        Key("chunk_size_mb", "int", 16, minimum=1, maximum=5120,
+            doc="resumable chunk (multiple of 256 KiB); files up to it go in one request"),
+        Key("list_page_size", "int", 1000, minimum=1, maximum=5000, doc="objects list page size"),
+    ) + tls_keys() + (
+        Key("auth_tls_skip_verify", "bool", False,
+            doc="also skip certificate checks on the key file's `token_uri` and the metadata "
+                "server; `tls_skip_verify` alone leaves the endpoint that receives the signed "
+                "assertion verified"),
+    ) + STORAGE_POLICY_KEYS
+
+    def __init__(self, bucket, prefix, endpoint, token, http, policy, runtime, settings=None,
+                 storage_class=None, chunk_size=16 * 1024 * 1024, page_size=1000):
+        Storage.__init__(self, policy, runtime, settings)
         self.bucket, self.prefix, self.endpoint = bucket, prefix, endpoint
         self.token, self.http = token, http
         self.storage_class = storage_class
         self.chunk_size = chunk_size
-        self.clock = clock or Clock()
         self.page_size = page_size
 
     @classmethod
-    def from_config(cls, section, cfg, env=None):
-        env = os.environ if env is None else env
-        bucket = section.string("bucket", spaces=False)
+    def from_config(cls, section, cfg, runtime):
+        values, policy = cls.read_block(section, cfg)
+        bucket, env = values["bucket"], runtime.env
         if not bucket:
             raise section.error("bucket", "required")
-        if not re.match(r"^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$", bucket):
+        if not re.match(r"\A[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]\Z", bucket):
             raise section.error("bucket", "%r is not a valid bucket name" % bucket)
         emulator = env.get("STORAGE_EMULATOR_HOST")
-        if emulator and "://" not in emulator:
-            emulator = "http://" + emulator        # the emulator convention: plain host:port
-        endpoint = section.url("endpoint", emulator or "https://storage.googleapis.com")
-        chunk_mb = section.integer("chunk_size_mb", 16, minimum=1, maximum=5120)
-        tls = TlsOptions(section.path("ca_cert", must_exist="file"), None, None, None, None,
-                         section.boolean("tls_skip_verify", False))
+        if emulator:           # the emulator convention: a plain host:port
+            emulator = check_url(emulator if "://" in emulator else "http://" + emulator,
+                                 "STORAGE_EMULATOR_HOST")
+        values["endpoint"] = endpoint = values["endpoint"] or emulator or "https://storage.googleapis.com"
+        tls = TlsOptions(values["ca_cert"], None, None, None, None, values["tls_skip_verify"])
         if endpoint.startswith("https"):
             make_ssl_context(tls)
-        credentials_file = section.path("credentials_file", must_exist="file")
-        metadata_host = (section.string("metadata_host", env=("GCE_METADATA_HOST",))
-                         or "metadata.google.internal")
+        if values["anonymous"] is None:
+            values["anonymous"] = bool(emulator) and not env.get("GOOGLE_APPLICATION_CREDENTIALS")
         token = None
-        if credentials_file or not section.boolean("anonymous", bool(emulator) and not env.get(
-                "GOOGLE_APPLICATION_CREDENTIALS")):
+        if values["credentials_file"] or not values["anonymous"]:
+            auth_http = Http(tls._replace(skip_verify=values["auth_tls_skip_verify"]), 30.0)
             try:
-                fetch, what = google_token_source(credentials_file, env, Http(_auth_tls(section, tls), 30.0),
-                                                  Clock(),
-                                                  metadata_host)
+                fetch, what = google_token_source(values["credentials_file"], env, auth_http,
+                                                  runtime.clock, values["metadata_host"])
             except ConfigError as exc:
                 raise section.error("credentials_file", str(exc))
-            token = BearerToken(fetch, Clock(), what)
-        return cls(bucket, section.string("prefix", "").strip("/"), endpoint.rstrip("/"), token,
-                   Http(tls, cfg.timeout), section.integer("retain", cfg.retain),
-                   storage_class=section.string("storage_class", spaces=False), chunk_size=chunk_mb * 1024 * 1024,
-                   page_size=section.integer("list_page_size", 1000, minimum=1, maximum=5000))
+            token = BearerToken(fetch, runtime.clock, what)
+        return cls(bucket, values["prefix"].strip("/"), endpoint.rstrip("/"), token,
+                   Http(tls, cfg.timeout), policy, runtime, values,
+                   storage_class=values["storage_class"],
+                   chunk_size=values["chunk_size_mb"] * 1024 * 1024,
+                   page_size=values["list_page_size"])
 
     def describe(self):
         return "gs://%s/%s" % (self.bucket, self.list_prefix())
@@ -3478,7 +3779,7 @@ class GoogleStorage(Storage):
             return method, url, self._headers(url, headers), body() if callable(body) else body
         return self.send(action, build, ok, _gcs_error, sink)
 
-    def download(self, name, sink, signals):
+    def download(self, name, sink):
         obj = self.full_name(name)
         url = "%s/storage/v1/b/%s/o/%s?alt=media" % (self.endpoint, uri_encode(self.bucket),
                                                      uri_encode(obj, safe=""))
@@ -3486,7 +3787,7 @@ class GoogleStorage(Storage):
 
     # -- upload ------------------------------------------------------------------
 
-    def upload(self, snapshot, name, signals):
+    def upload(self, snapshot, name, progress=None):
         obj = self.full_name(name)
         md5 = _RunningHash("md5")       # to compare with GCS's md5Hash, without a pass of its own
         base = "%s/upload/storage/v1/b/%s/o" % (self.endpoint, uri_encode(self.bucket))
@@ -3495,15 +3796,15 @@ class GoogleStorage(Storage):
             headers = {"Content-Type": "application/octet-stream",
                        "Content-Length": str(snapshot.size)}
             _, data = self._request("POST", "upload of %s" % obj, url, headers,
-                                    lambda: _FileSlice(snapshot.path, 0, snapshot.size, signals.check,
-                                                       self.progress, md5))
+                                    lambda: _FileSlice(snapshot.path, 0, snapshot.size, self.signals.check,
+                                                       progress, md5))
             result = self._object_json(data, obj)
             if self.storage_class:
                 self._set_storage_class(obj)
         else:
-            result = self._resumable(snapshot, obj, base, signals, md5)
+            result = self._resumable(snapshot, obj, base, progress, md5)
         reported = result.get("md5Hash")
-        ours = md5.digest(snapshot.path, snapshot.size, signals.check)
+        ours = md5.digest(snapshot.path, snapshot.size, self.signals.check)
         if reported and base64.b64decode(reported) != ours:
             self.delete([name])
             raise StorageError("GCS upload of %s: stored MD5 %s differs from the file's %s; object deleted"
@@ -3525,7 +3826,7 @@ class GoogleStorage(Storage):
         self._request("POST", "set storage class of %s" % obj, url,
                       {"Content-Type": "application/json"}, payload)
 
-    def _resumable(self, snapshot, obj, base, signals, tap):
+    def _resumable(self, snapshot, obj, base, progress, tap):
         metadata = {"name": obj, "contentType": "application/octet-stream"}
         if self.storage_class:
             metadata["storageClass"] = self.storage_class
@@ -3542,14 +3843,14 @@ class GoogleStorage(Storage):
         try:
             offset, failures, stalls = 0, 0, 0
             while True:
-                signals.check()
+                self.signals.check()
                 length = min(chunk, snapshot.size - offset)
                 headers = {"Content-Length": str(length),
                            "Content-Range": "bytes %d-%d/%d" % (offset, offset + length - 1, snapshot.size)}
                 try:
                     resp = self.http.request("PUT", session, self._headers(session, headers),
-                                             _FileSlice(snapshot.path, offset, length, signals.check,
-                                                        self.progress, tap))
+                                             _FileSlice(snapshot.path, offset, length, self.signals.check,
+                                                        progress, tap))
                     with resp:
                         data = resp.body()
                         status = resp.status
@@ -3864,7 +4165,7 @@ class MetricsServer(object):
 
     Each client gets its own daemon thread and a socket timeout, so a client
     that connects and goes quiet holds up neither other scrapes nor a stop;
-    request lines are capped by http.server (64 KiB, 100 headers)."""
+    request lines over 8 KiB get 414, headers are capped by http.server (100)."""
 
     def __init__(self, bind, status):
         import http.server
@@ -3874,8 +4175,19 @@ class MetricsServer(object):
             daemon_threads = True
             block_on_close = False       # 3.7+: close() must not wait for a client
 
+            def handle_error(self, request, client_address):
+                # A scraper that hangs up or times out: no traceback in the journal.
+                LOG.debug("Metrics client %s: %s", client_address[0], sys.exc_info()[1])
+
         class Handler(http.server.BaseHTTPRequestHandler):
             timeout = METRICS_CLIENT_TIMEOUT
+
+            def parse_request(self):
+                if len(self.raw_requestline) > 8192:     # a scrape is one short line
+                    self.requestline, self.request_version = "", "HTTP/0.9"
+                    self.send_error(414)
+                    return False
+                return http.server.BaseHTTPRequestHandler.parse_request(self)
 
             def do_GET(self):
                 if self.path.split("?")[0] not in ("/metrics", "/"):
@@ -4008,10 +4320,11 @@ class Agent(object):
     """
 
     def __init__(self, loader, clock=None, signals=None, vault_factory=VaultClient,
-                 notifier=None, rand=random.random):
+                 notifier=None, rand=random.random, env=None):
         self.loader = loader
         self.clock = clock or Clock()
         self.signals = signals or Signals()
+        self.runtime = Runtime(os.environ if env is None else env, self.clock, self.signals)
         self.vault_factory = vault_factory
         self.notifier = notifier
         self.rand = rand
@@ -4019,24 +4332,18 @@ class Agent(object):
         self.due = {}          # storage.describe() -> aware datetime
         self.last_start = {}   # storage.describe() -> aware datetime
         self.failed_runs = {}  # storage.describe() -> failed cycles in a row
-        self.cfg, self.storages = loader()
-        self._attach(self.storages)
+        self.cfg, self.storages = loader(self.runtime)
         self.vault = vault_factory(self.cfg, clock=self.clock)
         self.status.frequency = self.cfg.frequency
 
-    def _attach(self, storages):
-        for storage in storages:
-            storage.signals = self.signals
-
     def reload(self):
         try:
-            cfg, storages = self.loader()
+            cfg, storages = self.loader(self.runtime)
         except ConfigError as exc:
             LOG.error("Config reload failed, keeping the running config: %s", exc)
             return False
         for warning in cfg.warnings:
             LOG.warning("%s", warning)
-        self._attach(storages)
         self.cfg, self.storages = cfg, storages
         self.vault = self.vault_factory(cfg, clock=self.clock)
         self.status.frequency = cfg.frequency
@@ -4171,9 +4478,9 @@ class Agent(object):
         others); [(storage, (stored?, error text or None))] in config order."""
         self.signals.check()
         if len(storages) == 1:
-            return [(storages[0], _store_one(storages[0], info, name, self.signals, self.clock))]
+            return [(storages[0], _store_one(storages[0], info, name))]
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(storages)) as pool:
-            futures = [pool.submit(_store_one, s, info, name, self.signals, self.clock)
+            futures = [pool.submit(_store_one, s, info, name)
                        for s in storages]
             while not all(f.done() for f in futures):
                 concurrent.futures.wait(futures, timeout=0.5)   # lets the main thread take signals
@@ -4253,27 +4560,25 @@ class Agent(object):
         return CycleResult(outcome, info, stored, errors, failures)
 
 
-def _store_one(storage, info, name, signals, clock):
+def _store_one(storage, info, name):
     """Upload to one storage, then apply its retention. Returns (stored?,
     error text or None); raises Stopped. Any other failure stays in this
     storage: one storage failing never stops the others."""
-    storage.progress = Progress("Uploading to %s" % storage.describe(), info.size, clock)
+    progress = Progress("Uploading to %s" % storage.describe(), info.size, storage.clock)
     try:
-        location = storage.upload(info, name, signals)
+        location = storage.upload(info, name, progress)
     except Stopped:
         raise
     except Exception as exc:
-        if signals.stop_requested:
+        if storage.signals.stop_requested:
             raise Stopped("stop requested")
         if not isinstance(exc, (AgentError, OSError)):
             LOG.debug("Traceback", exc_info=True)
         LOG.error("Storing snapshot in %s failed: %s", storage.describe(), _error_text(exc))
         return False, _error_text(exc)
-    finally:
-        storage.progress = None
     LOG.info("Successfully created %s snapshot to %s", storage.kind, location)
     try:
-        apply_retention(storage, keep=name, now=clock.now())
+        apply_retention(storage, keep=name, now=storage.clock.now())
     except (StorageError, TransportError, OSError) as exc:
         LOG.error("Retention on %s failed: %s", storage.describe(), _error_text(exc))
         return True, "retention: %s" % _error_text(exc)
@@ -4304,10 +4609,6 @@ def _signal_name(signum):
 # 19. Restore tooling
 # =============================================================================
 
-STORAGE_ALIASES = {"local": "local_storage", "aws": "aws_storage", "s3": "aws_storage",
-                   "azure": "azure_storage", "google": "google_storage", "gcs": "google_storage"}
-
-
 def list_snapshots(storages):
     """([(storage, SnapshotRef)] newest first, [error lines]) over all storages."""
     found, errors = [], []
@@ -4321,17 +4622,17 @@ def list_snapshots(storages):
 
 
 def pick_storages(storages, wanted):
+    """The storages ``--storage`` names (a config key or a short name)."""
     if not wanted:
         return storages
-    key = STORAGE_ALIASES.get(wanted, wanted)
-    chosen = [s for s in storages if s.config_key == key]
+    chosen = [s for s in storages if wanted == s.config_key or wanted in s.aliases]
     if not chosen:
         raise ConfigError("--storage %s: no such storage in the config (have: %s)"
                           % (wanted, ", ".join(s.config_key for s in storages)))
     return chosen
 
 
-def fetch_snapshot(storages, name, directory, signals, output=None, now=None):
+def fetch_snapshot(storages, name, directory, output=None, now=None):
     """Download ``name`` (or the newest, for 'latest', ignoring names dated
     in the future) from the first storage that has it, verify it, and move it
     to ``output`` (or ``directory/name``). Returns (SnapshotInfo, storage).
@@ -4353,7 +4654,7 @@ def fetch_snapshot(storages, name, directory, signals, output=None, now=None):
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "wb") as sink:
-            storage.download(ref.name, sink, signals)
+            storage.download(ref.name, sink)
             sink.flush()
             os.fsync(sink.fileno())
         info = verify_file(temp)
@@ -4375,8 +4676,8 @@ def cmd_list(storages, out):
     return EXIT_FAILED if errors else EXIT_OK
 
 
-def cmd_download(storages, name, output, signals, out):
-    info, storage = fetch_snapshot(storages, name, os.getcwd(), signals, output)
+def cmd_download(storages, name, output, out, now=None):
+    info, storage = fetch_snapshot(storages, name, os.getcwd(), output, now)
     out.write("%s  (from %s; verified: %s, Raft index %s term %s, sha256 %s)\n" % (
         info.path, storage.describe(), format_size(info.size), info.index, info.term, info.sha256))
     return EXIT_OK
@@ -4389,7 +4690,7 @@ def cmd_verify(path, out):
     return EXIT_OK
 
 
-def cmd_restore(cfg, storages, target, force, signals, out, env=None):
+def cmd_restore(cfg, storages, target, force, out, env=None):
     """POST a verified snapshot to the cluster. Uses VAULT_TOKEN/BAO_TOKEN when
     set (restoring needs an operator's token), else the configured login."""
     env = os.environ if env is None else env
@@ -4399,7 +4700,7 @@ def cmd_restore(cfg, storages, target, force, signals, out, env=None):
     else:
         import tempfile
         temp_dir = tempfile.mkdtemp(prefix="vault-snapshot-restore-")
-        info, storage = fetch_snapshot(storages, target, temp_dir, signals)
+        info, storage = fetch_snapshot(storages, target, temp_dir)
         LOG.info("Downloaded and verified %s from %s", os.path.basename(info.path), storage.describe())
     try:
         vault = VaultClient(cfg)
@@ -4468,6 +4769,8 @@ def _parser():
                         choices=("debug", "info", "warning", "error"))
     parser.add_argument("--log-format", default="text", choices=("text", "json"))
     parser.add_argument("--version", action="version", version="%s %s" % (PROG, __version__))
+    parser.add_argument("--config-reference", action="store_true",
+                        help="print every config key with its default and meaning (Markdown) and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                      help="restore tooling (without one: run the agent)")
     commands.add_parser("list", help="list the snapshots in every configured storage, newest first")
@@ -4487,10 +4790,10 @@ def _parser():
     return parser
 
 
-def load_all(path):
+def load_all(path, runtime):
     """Config and storages from ``path``; ConfigError on any problem."""
-    cfg = load_config(path)
-    return cfg, build_storages(cfg)
+    cfg = load_config(path, runtime.env)
+    return cfg, build_storages(cfg, runtime)
 
 
 def main(argv=None, stream=None):
@@ -4509,6 +4812,9 @@ def main(argv=None, stream=None):
 
 def _run(args, out=None):
     out = out or sys.stdout
+    if args.config_reference:
+        out.write(config_reference())
+        return EXIT_OK
     if args.command == "verify":
         try:
             return cmd_verify(args.file, out)
@@ -4519,40 +4825,59 @@ def _run(args, out=None):
         LOG.error("restore replaces ALL data in the cluster at the configured addr with the "
                   "snapshot; add --yes to do it")
         return EXIT_USAGE
-    path = args.config
+    runtime = Runtime.create()
     try:
-        cfg, storages = load_all(path)
-        if args.command in ("download", "restore"):
-            storages = pick_storages(storages, args.storage)
-    except ConfigError as exc:
-        LOG.error("Config error: %s", exc)
-        return EXIT_USAGE
-    if args.command:
-        return _run_command(args, cfg, storages, out)
-    for warning in cfg.warnings:
-        LOG.warning("%s", warning)
-    if cfg.tls_skip_verify:
-        LOG.warning("TLS certificate verification towards Vault is OFF (tls_skip_verify)")
-    if args.check_config:
-        described = cfg.describe()
-        described["storages"] = [s.describe() for s in storages]
-        print(json.dumps(described, indent=2))
-        return EXIT_OK
+        try:
+            cfg, storages = load_all(args.config, runtime)
+            if args.command in ("download", "restore"):
+                storages = pick_storages(storages, args.storage)
+        except ConfigError as exc:
+            LOG.error("Config error: %s", exc)
+            return EXIT_USAGE
+        if args.command:
+            return _run_command(args, cfg, storages, runtime, out)
+        for warning in cfg.warnings:
+            LOG.warning("%s", warning)
+        if cfg.tls_skip_verify:
+            LOG.warning("TLS certificate verification towards Vault is OFF (tls_skip_verify)")
+        if args.check_config:
+            return _check_config(cfg, storages, out)
+        return _run_agent(args, cfg, storages, runtime)
+    finally:
+        runtime.signals.close()
+
+
+def _check_config(cfg, storages, out):
+    """Print the whole effective configuration (stdout, JSON) and where each
+    value came from (the log: stderr)."""
+    described = cfg.describe()
+    sources = [("", cfg.sources)]
+    for storage in storages:
+        described[storage.config_key] = show_block(storage.keys, storage.settings)
+        sources.append((storage.config_key + ".", storage.settings.sources or {}))
+    out.write(json.dumps(described, indent=2) + "\n")
+    from_env = ["%s%s (%s)" % (prefix, key, source[4:]) for prefix, block in sources
+                for key, source in sorted(block.items()) if source.startswith("env ")]
+    LOG.info("Values from the environment: %s", ", ".join(from_env) or "none")
+    return EXIT_OK
+
+
+def _run_agent(args, cfg, storages, runtime):
+    """The daemon (or one cycle with --once) on an already loaded config."""
     cfg.warnings = []
     loaded = [(cfg, storages)]
 
-    def loader():
+    def loader(runtime):
         if loaded:
             return loaded.pop()
-        return load_all(path)
+        return load_all(args.config, runtime)
 
-    signals = Signals()
-    signals.install()
-    clock = Clock()
-    notifier = SystemdNotifier(os.environ, signals, clock)
+    runtime.signals.install()
+    notifier = SystemdNotifier(runtime.env, runtime.signals, runtime.clock)
     server = None
     try:
-        agent = Agent(loader, clock=clock, signals=signals, notifier=notifier)
+        agent = Agent(loader, clock=runtime.clock, signals=runtime.signals, notifier=notifier,
+                      env=runtime.env)
         LOG.info("%s %s starting: %s", PROG, __version__, agent.summary())
         if cfg.metrics_address:
             server = MetricsServer(cfg.metrics_bind, agent.status)
@@ -4569,28 +4894,35 @@ def _run(args, out=None):
         if server is not None:
             server.close()
         notifier.close()
-        signals.close()
 
 
-def _run_command(args, cfg, storages, out):
-    signals = Signals()
-    signals.install()
-    for storage in storages:
-        storage.signals = signals
+def _run_command(args, cfg, storages, runtime, out):
+    runtime.signals.install()
     try:
         if args.command == "list":
             return cmd_list(storages, out)
         if args.command == "download":
-            return cmd_download(storages, args.name, args.output, signals, out)
-        return cmd_restore(cfg, storages, args.target, args.force, signals, out)
+            return cmd_download(storages, args.name, args.output, out, runtime.clock.now())
+        return cmd_restore(cfg, storages, args.target, args.force, out, runtime.env)
     except Stopped:
         LOG.warning("Stopped; nothing partial was kept")
         return EXIT_OK
     except (AgentError, OSError) as exc:
         LOG.error("%s failed: %s", args.command, _error_text(exc))
         return EXIT_FAILED
-    finally:
-        signals.close()
+
+
+def config_reference():
+    """The config keys of every block as Markdown tables (the README's)."""
+    blocks = [("top level", TOP_KEYS)] + [(key, cls.keys) for key, cls in STORAGE_TYPES.items()]
+    lines = []
+    for title, keys in blocks:
+        lines += ["<!-- keys: %s -->" % title, "| key | default | meaning |", "|---|---|---|"]
+        lines += ["| `%s`%s | %s | %s |" % (
+            key.name, "".join(" (or `%s`)" % a for a in key.aliases), key.documented_default(),
+            key.doc.replace("|", "\\|")) for key in keys]
+        lines += ["<!-- /keys -->", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ class StandbyVault(object):
 def make_loader(tmp_path, frequencies, **extra):
     path = tmp_path / "c.json"
 
-    def loader():
+    def loader(runtime):
         value = frequencies.pop(0)
         if value is None:
             raise vsa.ConfigError("frequency: broken")
@@ -69,7 +69,7 @@ def make_loader(tmp_path, frequencies, **extra):
                   "frequency": value, "local_storage": {"path": str(tmp_path)}}
         config.update(extra)
         path.write_text(json.dumps(config))
-        return vsa.load_all(str(path))
+        return vsa.load_all(str(path), runtime)
     return loader
 
 
@@ -236,7 +236,7 @@ class ScriptedHttp(object):
 
 def test_a_renewal_capped_by_the_max_ttl_is_followed_by_a_login_not_another_renewal(tmp_path):
     clock = FakeClock()
-    cfg, _ = make_loader(tmp_path, ["1h"])()
+    cfg, _ = make_loader(tmp_path, ["1h"])(vsa.Runtime.create(env={}))
     http = ScriptedHttp(renew_ttls=[4, 3, 4])
     vault = vsa.VaultClient(cfg, http, clock)
     stream = io.StringIO()

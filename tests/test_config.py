@@ -45,7 +45,7 @@ def test_go_agent_config_is_accepted_unchanged(tmp_path, capsys):
     assert out["addr"] == "https://vault.example.com:8200"
     assert out["retain"] == 72 and out["frequency"] == "1h"
     assert out["secret_id"] == "***"
-    assert out["storages"] == ["local:/var/backups/vault"]
+    assert out["local_storage"]["path"] == "/var/backups/vault"
     assert "SECRET-ID-VALUE" not in log
 
 

@@ -319,7 +319,7 @@ def test_sidecar_metrics_are_exposed_and_scraped(tmp_path):
     endpoint = monitor["spec"]["podMetricsEndpoints"][0]
     assert {"targetLabel": "job", "replacement": "vault-snapshot-agent"} in endpoint["relabelings"]
     raw = json.loads(load_docs(SIDECAR_CONFIG)[0]["stringData"]["snapshot.json"])
-    cfg = check_config(raw, tmp_path, "sidecar")
+    cfg, _ = check_config(raw, tmp_path, "sidecar")
     host, port = cfg.metrics_bind
     assert host == "0.0.0.0", "Prometheus must reach it from outside the pod"
     sidecars = [c for path, _d, _s, c in agent_containers() if path != CRONJOB]
@@ -338,7 +338,7 @@ FILE_KEYS = ("secret_id_file", "token_file")
 def check_config(raw, tmp_path, label):
     """config_from_dict + build_storages on ``raw``, with the secret files it
     names replaced by temporary ones (they exist only on the target host);
-    returns the Config. Fails on any warning (an unknown key)."""
+    returns the Config and the storages. Fails on any warning (an unknown key)."""
     raw = json.loads(json.dumps(raw))
     for key in FILE_KEYS:
         if raw.get(key):
@@ -346,10 +346,10 @@ def check_config(raw, tmp_path, label):
             stand_in.write_text("dummy-%s\n" % key)
             raw[key] = str(stand_in)
     cfg = vsa.config_from_dict(raw, "<%s>" % label, env={})
-    storages = vsa.build_storages(cfg)
+    storages = vsa.build_storages(cfg, vsa.Runtime.create(env={}))
     assert storages
     assert cfg.warnings == [], "%s: %s" % (label, cfg.warnings)
-    return cfg
+    return cfg, storages
 
 
 def embedded_configs():
@@ -372,12 +372,12 @@ def test_manifests_embed_configs():
 
 @pytest.mark.parametrize("label,raw", embedded_configs(), ids=[c[0] for c in embedded_configs()])
 def test_embedded_configs_are_valid(label, raw, tmp_path):
-    cfg = check_config(raw, tmp_path, "embedded")
+    cfg, storages = check_config(raw, tmp_path, "embedded")
     assert cfg.vault_auth_method == "k8s" and cfg.k8s_auth_role
     if label.startswith(_rel(CRONJOB)):
         # The CronJob reaches the active node through the active Service.
         assert cfg.addr == "http://vault-active.vault.svc:8200"
-        assert list(cfg.storages) == ["local_storage"]
+        assert [s.config_key for s in storages] == ["local_storage"]
     else:
         # A sidecar talks to the Vault node of its own pod.
         assert cfg.addr == "http://127.0.0.1:8200"
@@ -387,7 +387,7 @@ def test_credentials_config_is_valid(tmp_path):
     with open(CREDS_CONFIG) as handle:
         raw = json.load(handle)
     assert raw["secret_id_file"] == "/run/credentials/vault-snapshot-agent.service/secret_id"
-    cfg = check_config(raw, tmp_path, "credentials")
+    cfg, _ = check_config(raw, tmp_path, "credentials")
     assert cfg.vault_auth_method == "approle" and cfg.secret_id is None
     # The same config is quoted in the unit's header.
     with open(CREDS_UNIT) as handle:

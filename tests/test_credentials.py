@@ -96,7 +96,7 @@ def test_part_size_grows_so_any_file_fits_in_10000_parts(size, part):
 def build(aws, env=None):
     cfg = vsa.config_from_dict({"addr": "http://127.0.0.1:8200", "role_id": "r", "secret_id": "s",
                                 "aws_storage": aws}, env=env or {})
-    return vsa.S3Storage.from_config(cfg.storages["aws_storage"], cfg, env=env or {})
+    return vsa.build_storages(cfg, vsa.Runtime.create(env=env or {}))[0]
 
 
 def test_addressing_virtual_hosted_on_aws_path_style_when_needed():

@@ -1138,7 +1138,7 @@ def test_soak_200_in_process_cycles_keep_fds_flat(bao_cluster, approle, tmp_path
     snapdir = tmp_path / "snaps"
     config = write_config(tmp_path / "c.json", bao_cluster.leader().addr, approle, snapdir,
                           retain=3)
-    agent = vsa.Agent(lambda: vsa.load_all(config))
+    agent = vsa.Agent(lambda runtime: vsa.load_all(config, runtime))
     fds = []
     try:
         for cycle in range(200):

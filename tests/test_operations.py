@@ -223,11 +223,11 @@ def test_per_storage_frequencies_over_a_simulated_day(bao_cluster, approle, tmp_
     clock = DayClock()
     signals = DaySignals(clock, clock.t + datetime.timedelta(days=1))
 
-    def loader():
-        cfg, storages = vsa.load_all(config)
+    def loader(runtime):
+        cfg, storages = vsa.load_all(config, runtime)
         assert storages[0].frequency == 3600 and cfg.frequency == 86400
-        daily = vsa.LocalStorage(str(tmp_path / "daily"), 0)     # a second storage at 24h
-        daily.frequency = cfg.frequency
+        daily = vsa.LocalStorage(str(tmp_path / "daily"),                   # a second storage at 24h
+                                 vsa.Policy(0, 0, cfg.frequency), runtime)
         return cfg, storages + [daily]
     agent = vsa.Agent(loader, clock=clock, signals=signals)
     agent.run_forever()

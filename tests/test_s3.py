@@ -302,7 +302,7 @@ def test_web_identity_through_sts(moto, bao_cluster, approle, tmp_path, monkeypa
     cfg = vsa.config_from_dict({"addr": bao_cluster.leader().addr, "role_id": "r", "secret_id": "s",
                                 "aws_storage": s3_block(moto, access_key_id=None, secret_access_key=None,
                                                         s3_key_prefix="irsa")})
-    storage = vsa.build_storages(cfg)[0]
+    storage = vsa.build_storages(cfg, vsa.Runtime.create())[0]
     moto.disable_auth()           # moto answers AssumeRoleWithWebIdentity only with auth off
     try:
         creds = storage.chain.get()
@@ -313,7 +313,7 @@ def test_web_identity_through_sts(moto, bao_cluster, approle, tmp_path, monkeypa
     from archives import write_archive
     write_archive(str(src))
     info = vsa.verify_file(str(src))
-    location = storage.upload(info, "raft_snapshot-20261127T000000.000Z.snap", vsa.Signals())
+    location = storage.upload(info, "raft_snapshot-20261127T000000.000Z.snap")
     assert location == "s3://snapshots/irsa/raft_snapshot-20261127T000000.000Z.snap"
     assert moto.get(BUCKET, "irsa/raft_snapshot-20261127T000000.000Z.snap") == src.read_bytes()
 

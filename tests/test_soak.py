@@ -31,7 +31,7 @@ def test_500_cycles_keep_rss_and_fds_flat(bao_cluster, approle, tmp_path, capsys
         "local_storage": {"path": str(snapdir)}}))
     stream = io.StringIO()
     handler = vsa._configure_logging(30, "text", stream)     # warnings and errors only
-    agent = vsa.Agent(lambda: vsa.load_all(str(config)))
+    agent = vsa.Agent(lambda runtime: vsa.load_all(str(config), runtime))
     samples = []
     try:
         for cycle in range(1, CYCLES + 1):

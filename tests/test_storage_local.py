@@ -51,15 +51,16 @@ def staged(path):
     return vsa.SnapshotInfo(str(path), os.path.getsize(str(path)), None, 1, 1, 1)
 
 
-def make_store(tmp_path, retain=2):
-    return vsa.LocalStorage(str(tmp_path / "snaps"), retain)
+def make_store(tmp_path, retain=2, signals=None):
+    runtime = vsa.Runtime({}, vsa.Clock(), signals or NoSignals())
+    return vsa.LocalStorage(str(tmp_path / "snaps"), vsa.Policy(retain, 0, 3600.0), runtime)
 
 
 def test_upload_is_0600_complete_and_listed(tmp_path):
     store = make_store(tmp_path)
     src = tmp_path / "staged"
     data = write_archive(str(src))
-    location = store.upload(staged(src), own(0), NoSignals())
+    location = store.upload(staged(src), own(0))
     assert location == os.path.join(store.path, own(0))
     assert open(location, "rb").read() == data
     assert stat.S_IMODE(os.stat(location).st_mode) == 0o600
@@ -74,21 +75,21 @@ def test_upload_across_filesystems_copies_atomically(tmp_path, monkeypatch):
     def no_link(a, b):
         raise OSError(18, "Invalid cross-device link")
     monkeypatch.setattr(vsa.os, "link", no_link)
-    location = store.upload(staged(src), own(1), NoSignals())
+    location = store.upload(staged(src), own(1))
     assert open(location, "rb").read() == data
     assert stat.S_IMODE(os.stat(location).st_mode) == 0o600
     assert sorted(os.listdir(store.path)) == [own(1)]
 
 
 def test_stopped_copy_leaves_nothing(tmp_path, monkeypatch):
-    store = make_store(tmp_path)
+    signals = NoSignals()
+    store = make_store(tmp_path, signals=signals)
     src = tmp_path / "staged"
     write_archive(str(src))
     monkeypatch.setattr(vsa.os, "link", lambda a, b: (_ for _ in ()).throw(OSError(18, "x")))
-    signals = NoSignals()
     signals.stop_requested = True
     with pytest.raises(vsa.Stopped):
-        store.upload(staged(src), own(2), signals)
+        store.upload(staged(src), own(2))
     assert os.listdir(store.path) == []
 
 
@@ -96,9 +97,9 @@ def test_upload_never_overwrites(tmp_path):
     store = make_store(tmp_path)
     src = tmp_path / "staged"
     write_archive(str(src))
-    store.upload(staged(src), own(0), NoSignals())
+    store.upload(staged(src), own(0))
     with pytest.raises(vsa.StorageError, match="already exists"):
-        store.upload(staged(src), own(0), NoSignals())
+        store.upload(staged(src), own(0))
 
 
 def test_retention_rotates_go_agent_files_and_ignores_foreign_ones(tmp_path):
@@ -109,7 +110,7 @@ def test_retention_rotates_go_agent_files_and_ignores_foreign_ones(tmp_path):
         open(os.path.join(store.path, name), "wb").close()
     src = tmp_path / "staged"
     write_archive(str(src))
-    store.upload(staged(src), own(30), NoSignals())
+    store.upload(staged(src), own(30))
     deleted = vsa.apply_retention(store, keep=own(30))
     assert sorted(deleted) == sorted([go(0), go(10)])
     assert sorted(os.listdir(store.path)) == sorted([own(20), own(30)] + foreign)
