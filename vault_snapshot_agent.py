@@ -29,10 +29,10 @@ Sections (``grep -n '^# [0-9]*\\. '`` lists them):
     2. Errors
     3. Utilities
     4. Clock and signals
-    5. Config
-    6. HTTP transport and retry
-    7. Request signing
-    8. RS256 with the standard library
+    5. HTTP transport and retry
+    6. Config schema
+    7. Config
+    8. Request signing
     9. Cloud credentials
     10. Vault client
     11. Snapshot stream and verification
@@ -92,6 +92,7 @@ __all__ = [
 # 1. Constants
 # =============================================================================
 
+
 PROG = "vault-snapshot-agent"
 LOG = logging.getLogger("vault_snapshot_agent")
 
@@ -135,6 +136,11 @@ TOKEN_MIN_REMAINING = 10.0           # seconds (at most 10% of the TTL) of safet
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 ENV_PREFIXES = ("VAULT_", "BAO_")    # VAULT_X wins over BAO_X; config wins over both
+
+UTC = datetime.timezone.utc
+
+EPOCH = datetime.datetime(1970, 1, 1, tzinfo=UTC)
+
 
 # =============================================================================
 # 2. Errors
@@ -254,8 +260,8 @@ def parse_duration(text):
 
 
 def format_duration(seconds):
-    """Seconds as a short Go-style duration: 3600 -> '1h', 90 -> '1m30s'."""
-    if seconds < 1:
+    """Seconds as a short Go-style duration: 3600 -> '1h', 90 -> '1m30s', 0 -> '0s'."""
+    if 0 < seconds < 1:
         return "%dms" % round(seconds * 1000)
     whole = int(round(seconds))
     hours, rem = divmod(whole, 3600)
@@ -410,13 +416,24 @@ def pid_alive(pid):
         return exc.errno == errno.EPERM
     return True
 
+def xml_children(root, name):
+    """Elements named ``name`` anywhere below ``root``, whatever the namespace."""
+    return [el for el in root.iter() if el.tag == name or el.tag.endswith("}" + name)]
+
+def xml_text(root, name, default=None):
+    found = xml_children(root, name)
+    return found[0].text or "" if found else default
+
+def parse_xml(data, what):
+    try:
+        return ElementTree.fromstring(data)
+    except ElementTree.ParseError as exc:
+        raise StorageError("%s: answer is not valid XML (%s)" % (what, exc))
+
 
 # =============================================================================
 # 4. Clock and signals
 # =============================================================================
-
-UTC = datetime.timezone.utc
-EPOCH = datetime.datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Clock(object):
@@ -567,11 +584,209 @@ def _set_nonblocking(fd):
 
 
 # =============================================================================
-# 5. Config
+# 5. HTTP transport and retry
 # =============================================================================
+
 
 TlsOptions = collections.namedtuple(
     "TlsOptions", "ca_cert ca_path client_cert client_key server_name skip_verify")
+
+
+def make_ssl_context(tls):
+    """An SSLContext for ``tls``; certificate errors become ConfigErrors."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if tls.skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    else:
+        context.check_hostname = True
+        context.verify_mode = ssl.CERT_REQUIRED
+        if tls.ca_cert or tls.ca_path:
+            try:
+                context.load_verify_locations(cafile=tls.ca_cert, capath=tls.ca_path)
+            except (ssl.SSLError, OSError) as exc:
+                raise ConfigError("ca_cert: cannot load %s: %s"
+                                  % (tls.ca_cert or tls.ca_path, _exc_text(exc)))
+        else:
+            context.load_default_certs()
+    if tls.client_cert:
+        try:
+            context.load_cert_chain(tls.client_cert, tls.client_key)
+        except (ssl.SSLError, OSError) as exc:
+            raise ConfigError("client_cert: cannot load %s: %s" % (tls.client_cert, _exc_text(exc)))
+    return context
+
+
+def _exc_text(exc):
+    return one_line(getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """HTTPSConnection with a settable SNI / verified hostname."""
+
+    def __init__(self, host, port, timeout, context, server_name):
+        http.client.HTTPSConnection.__init__(self, host, port, timeout=timeout, context=context)
+        self._tls_context = context
+        self._server_name = server_name
+
+    def connect(self):
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._tls_context.wrap_socket(
+            self.sock, server_hostname=self._server_name or self.host)
+
+
+class Response(object):
+    """An HTTP response whose body is read on demand (streams stay streams)."""
+
+    def __init__(self, method, url, conn, raw, sock):
+        self.method = method
+        self.url = url
+        self.status = raw.status
+        self.reason = raw.reason
+        self.headers = raw.msg
+        self._conn = conn
+        self._raw = raw
+        self._sock = sock
+
+    def header(self, name, default=None):
+        return self.headers.get(name, default)
+
+    def read(self, size=CHUNK_SIZE):
+        try:
+            return self._raw.read(size)
+        except (socket.timeout, OSError, http.client.HTTPException) as exc:
+            raise TransportError("%s %s: reading the answer failed: %s"
+                                 % (self.method, redact_url(self.url), _exc_text(exc) or type(exc).__name__),
+                                 retryable=True)
+
+    def body(self, limit=MAX_JSON_BYTES):
+        """The whole body, refusing more than ``limit`` bytes."""
+        data = b""
+        while True:
+            chunk = self.read(min(CHUNK_SIZE, limit + 1 - len(data)))
+            if not chunk:
+                return data
+            data += chunk
+            if len(data) > limit:
+                self.close()
+                raise TransportError("%s %s: answer larger than %s, refused"
+                                     % (self.method, redact_url(self.url), format_size(limit)))
+
+    def json(self):
+        data = self.body()
+        if not data.strip():
+            return {}
+        try:
+            return json.loads(data.decode("utf-8"))
+        except ValueError:
+            raise TransportError("%s %s: HTTP %d with a body that is not JSON: %s"
+                                 % (self.method, redact_url(self.url), self.status,
+                                    one_line(data[:200].decode("utf-8", "replace"))),
+                                 status=self.status)
+
+    def abort(self):
+        """Cut the connection now; a read blocked in another frame returns at once."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except (OSError, AttributeError):
+            pass
+
+    def close(self):
+        try:
+            self._raw.close()
+        finally:
+            self._conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+class Http(object):
+    """Minimal HTTP/1.1 client on http.client: no automatic redirects, no
+    proxies, TLS as configured, socket timeouts per operation (so a stream
+    only fails when it goes idle, never because it is long)."""
+
+    def __init__(self, tls=None, timeout=30.0, user_agent=None):
+        self.tls = tls or TlsOptions(None, None, None, None, None, False)
+        self.timeout = timeout
+        self.user_agent = user_agent or "%s/%s" % (PROG, __version__)
+        self._context = None
+
+    def _connection(self, parts, timeout):
+        host = parts.hostname
+        if parts.scheme == "https":
+            if self._context is None:
+                self._context = make_ssl_context(self.tls)
+            return _HTTPSConnection(host, parts.port or 443, timeout, self._context,
+                                    self.tls.server_name)
+        if parts.scheme == "http":
+            return http.client.HTTPConnection(host, parts.port or 80, timeout=timeout)
+        raise TransportError("unsupported URL scheme in %s" % redact_url(parts.geturl()))
+
+    def request(self, method, url, headers=None, body=None, timeout=None):
+        """Send one request and return the Response (any status).
+
+        Connection-level failures raise a retryable TransportError naming the
+        host and operation (never a header value).
+        """
+        try:
+            parts = urllib.parse.urlsplit(url)
+            parts.port
+        except ValueError as exc:
+            raise TransportError("%s %s: invalid URL (%s)" % (method, redact_url(url), exc))
+        target = parts.path or "/"
+        if parts.query:
+            target += "?" + parts.query
+        all_headers = {"User-Agent": self.user_agent}
+        all_headers.update(headers or {})
+        if body is not None and "Content-Type" not in all_headers:
+            all_headers["Content-Type"] = "application/octet-stream"
+        for name, value in all_headers.items():
+            # http.client would refuse it with the value in the message: a
+            # token with a pasted newline would land in the log.
+            if has_control("%s%s" % (name, value)):
+                raise TransportError("%s %s: header %s holds a control character (CR, LF...); "
+                                     "not sent" % (method, redact_url(url), printable(name, 60)))
+        conn = self._connection(parts, timeout or self.timeout)
+        try:
+            conn.connect()
+            sock = conn.sock
+            conn.request(method, target, body=body, headers=all_headers)
+            raw = conn.getresponse()
+        except ssl.SSLError as exc:     # before ValueError: a certificate error is both
+            conn.close()
+            raise TransportError("%s %s: TLS error: %s" % (method, redact_url(url), _exc_text(exc)),
+                                 retryable=False)
+        except ValueError:          # http.client's header checks; its text may hold a value
+            conn.close()
+            raise TransportError("%s %s: http.client refused the request headers"
+                                 % (method, redact_url(url)))
+        except (socket.timeout, OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise TransportError("%s %s: %s" % (method, redact_url(url),
+                                                _exc_text(exc) or type(exc).__name__),
+                                 retryable=True)
+        return Response(method, url, conn, raw, sock)
+
+
+def retryable_status(status):
+    """Whether an HTTP status is worth another try: timeouts, throttling and
+    server errors, but not 501 (the server will never implement it)."""
+    return status in (408, 429) or (500 <= status < 600 and status != 501)
+
+
+def backoff_delays(attempts, base=1.0, cap=30.0, rand=random.random):
+    """Full-jitter exponential backoff: the waits between ``attempts`` tries."""
+    return [rand() * min(cap, base * (2 ** i)) for i in range(attempts - 1)]
+
+
+# =============================================================================
+# 6. Config schema
+# =============================================================================
 
 
 class Key(object):
@@ -865,6 +1080,11 @@ def _env_names(name):
     return tuple(prefix + name for prefix in ENV_PREFIXES)
 
 
+# =============================================================================
+# 7. Config
+# =============================================================================
+
+
 AUTH_METHODS = ("approle", "k8s", "kubernetes", "token")
 
 TOP_KEYS = (
@@ -1096,205 +1316,9 @@ def _check_outputs(top, cfg):
 
 
 # =============================================================================
-# 6. HTTP transport and retry
+# 8. Request signing
 # =============================================================================
 
-
-def make_ssl_context(tls):
-    """An SSLContext for ``tls``; certificate errors become ConfigErrors."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if tls.skip_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    else:
-        context.check_hostname = True
-        context.verify_mode = ssl.CERT_REQUIRED
-        if tls.ca_cert or tls.ca_path:
-            try:
-                context.load_verify_locations(cafile=tls.ca_cert, capath=tls.ca_path)
-            except (ssl.SSLError, OSError) as exc:
-                raise ConfigError("ca_cert: cannot load %s: %s"
-                                  % (tls.ca_cert or tls.ca_path, _exc_text(exc)))
-        else:
-            context.load_default_certs()
-    if tls.client_cert:
-        try:
-            context.load_cert_chain(tls.client_cert, tls.client_key)
-        except (ssl.SSLError, OSError) as exc:
-            raise ConfigError("client_cert: cannot load %s: %s" % (tls.client_cert, _exc_text(exc)))
-    return context
-
-
-def _exc_text(exc):
-    return one_line(getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc)
-
-
-class _HTTPSConnection(http.client.HTTPSConnection):
-    """HTTPSConnection with a settable SNI / verified hostname."""
-
-    def __init__(self, host, port, timeout, context, server_name):
-        http.client.HTTPSConnection.__init__(self, host, port, timeout=timeout, context=context)
-        self._tls_context = context
-        self._server_name = server_name
-
-    def connect(self):
-        http.client.HTTPConnection.connect(self)
-        self.sock = self._tls_context.wrap_socket(
-            self.sock, server_hostname=self._server_name or self.host)
-
-
-class Response(object):
-    """An HTTP response whose body is read on demand (streams stay streams)."""
-
-    def __init__(self, method, url, conn, raw, sock):
-        self.method = method
-        self.url = url
-        self.status = raw.status
-        self.reason = raw.reason
-        self.headers = raw.msg
-        self._conn = conn
-        self._raw = raw
-        self._sock = sock
-
-    def header(self, name, default=None):
-        return self.headers.get(name, default)
-
-    def read(self, size=CHUNK_SIZE):
-        try:
-            return self._raw.read(size)
-        except (socket.timeout, OSError, http.client.HTTPException) as exc:
-            raise TransportError("%s %s: reading the answer failed: %s"
-                                 % (self.method, redact_url(self.url), _exc_text(exc) or type(exc).__name__),
-                                 retryable=True)
-
-    def body(self, limit=MAX_JSON_BYTES):
-        """The whole body, refusing more than ``limit`` bytes."""
-        data = b""
-        while True:
-            chunk = self.read(min(CHUNK_SIZE, limit + 1 - len(data)))
-            if not chunk:
-                return data
-            data += chunk
-            if len(data) > limit:
-                self.close()
-                raise TransportError("%s %s: answer larger than %s, refused"
-                                     % (self.method, redact_url(self.url), format_size(limit)))
-
-    def json(self):
-        data = self.body()
-        if not data.strip():
-            return {}
-        try:
-            return json.loads(data.decode("utf-8"))
-        except ValueError:
-            raise TransportError("%s %s: HTTP %d with a body that is not JSON: %s"
-                                 % (self.method, redact_url(self.url), self.status,
-                                    one_line(data[:200].decode("utf-8", "replace"))),
-                                 status=self.status)
-
-    def abort(self):
-        """Cut the connection now; a read blocked in another frame returns at once."""
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except (OSError, AttributeError):
-            pass
-
-    def close(self):
-        try:
-            self._raw.close()
-        finally:
-            self._conn.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-
-class Http(object):
-    """Minimal HTTP/1.1 client on http.client: no automatic redirects, no
-    proxies, TLS as configured, socket timeouts per operation (so a stream
-    only fails when it goes idle, never because it is long)."""
-
-    def __init__(self, tls=None, timeout=30.0, user_agent=None):
-        self.tls = tls or TlsOptions(None, None, None, None, None, False)
-        self.timeout = timeout
-        self.user_agent = user_agent or "%s/%s" % (PROG, __version__)
-        self._context = None
-
-    def _connection(self, parts, timeout):
-        host = parts.hostname
-        if parts.scheme == "https":
-            if self._context is None:
-                self._context = make_ssl_context(self.tls)
-            return _HTTPSConnection(host, parts.port or 443, timeout, self._context,
-                                    self.tls.server_name)
-        if parts.scheme == "http":
-            return http.client.HTTPConnection(host, parts.port or 80, timeout=timeout)
-        raise TransportError("unsupported URL scheme in %s" % redact_url(parts.geturl()))
-
-    def request(self, method, url, headers=None, body=None, timeout=None):
-        """Send one request and return the Response (any status).
-
-        Connection-level failures raise a retryable TransportError naming the
-        host and operation (never a header value).
-        """
-        try:
-            parts = urllib.parse.urlsplit(url)
-            parts.port
-        except ValueError as exc:
-            raise TransportError("%s %s: invalid URL (%s)" % (method, redact_url(url), exc))
-        target = parts.path or "/"
-        if parts.query:
-            target += "?" + parts.query
-        all_headers = {"User-Agent": self.user_agent}
-        all_headers.update(headers or {})
-        if body is not None and "Content-Type" not in all_headers:
-            all_headers["Content-Type"] = "application/octet-stream"
-        for name, value in all_headers.items():
-            # http.client would refuse it with the value in the message: a
-            # token with a pasted newline would land in the log.
-            if has_control("%s%s" % (name, value)):
-                raise TransportError("%s %s: header %s holds a control character (CR, LF...); "
-                                     "not sent" % (method, redact_url(url), printable(name, 60)))
-        conn = self._connection(parts, timeout or self.timeout)
-        try:
-            conn.connect()
-            sock = conn.sock
-            conn.request(method, target, body=body, headers=all_headers)
-            raw = conn.getresponse()
-        except ssl.SSLError as exc:     # before ValueError: a certificate error is both
-            conn.close()
-            raise TransportError("%s %s: TLS error: %s" % (method, redact_url(url), _exc_text(exc)),
-                                 retryable=False)
-        except ValueError:          # http.client's header checks; its text may hold a value
-            conn.close()
-            raise TransportError("%s %s: http.client refused the request headers"
-                                 % (method, redact_url(url)))
-        except (socket.timeout, OSError, http.client.HTTPException) as exc:
-            conn.close()
-            raise TransportError("%s %s: %s" % (method, redact_url(url),
-                                                _exc_text(exc) or type(exc).__name__),
-                                 retryable=True)
-        return Response(method, url, conn, raw, sock)
-
-
-def retryable_status(status):
-    """Whether an HTTP status is worth another try: timeouts, throttling and
-    server errors, but not 501 (the server will never implement it)."""
-    return status in (408, 429) or (500 <= status < 600 and status != 501)
-
-
-def backoff_delays(attempts, base=1.0, cap=30.0, rand=random.random):
-    """Full-jitter exponential backoff: the waits between ``attempts`` tries."""
-    return [rand() * min(cap, base * (2 ** i)) for i in range(attempts - 1)]
-
-
-# =============================================================================
-# 7. Request signing
-# =============================================================================
 
 SIGV4_ALGORITHM = "AWS4-HMAC-SHA256"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -1357,10 +1381,39 @@ def sigv4_headers(method, host, path, query, headers, payload_hash, access_key, 
         SIGV4_ALGORITHM, access_key, scope, signed, signature)
     return out
 
+def azure_shared_key(method, url, headers, account, key):
+    """The Shared Key ``Authorization`` value for one Blob service request.
 
-# =============================================================================
-# 8. RS256 with the standard library
-# =============================================================================
+    Pure: ``headers`` must already hold x-ms-date and x-ms-version; ``key`` is
+    the base64 account key.
+    """
+    string_to_sign = azure_string_to_sign(method, url, headers, account)
+    digest = hmac.new(base64.b64decode(key), string_to_sign.encode("utf-8"), hashlib.sha256).digest()
+    return "SharedKey %s:%s" % (account, base64.b64encode(digest).decode("ascii"))
+
+def azure_string_to_sign(method, url, headers, account):
+    """The string-to-sign of "Authorize with Shared Key" (Blob service,
+    version 2015-02-21 and later: an empty Content-Length for 0)."""
+    lower = dict((name.lower(), str(value)) for name, value in headers.items())
+    length = lower.get("content-length", "")
+    fields = [method.upper(), lower.get("content-encoding", ""), lower.get("content-language", ""),
+              "" if length == "0" else length, lower.get("content-md5", ""),
+              lower.get("content-type", ""), lower.get("date", ""),
+              lower.get("if-modified-since", ""), lower.get("if-match", ""),
+              lower.get("if-none-match", ""), lower.get("if-unmodified-since", ""),
+              lower.get("range", "")]
+    canonical_headers = "".join(
+        "%s:%s\n" % (name, " ".join(lower[name].split()))
+        for name in sorted(n for n in lower if n.startswith("x-ms-")))
+    parts = urllib.parse.urlsplit(url)
+    resource = "/%s%s" % (account, parts.path or "/")
+    params = collections.defaultdict(list)
+    for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
+        params[name.lower()].append(value)
+    for name in sorted(params):
+        resource += "\n%s:%s" % (name, ",".join(sorted(params[name])))
+    return "\n".join(fields) + "\n" + canonical_headers + resource
+
 
 # DER of the DigestInfo prefix for SHA-256 (RFC 8017, section 9.2, note 1).
 SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
@@ -1491,6 +1544,7 @@ def service_account_jwt(key, client_email, key_id, token_uri, scope, now):
 # 9. Cloud credentials
 # =============================================================================
 
+
 AwsCredentials = collections.namedtuple(
     "AwsCredentials", "access_key secret_key token expires source")
 # secret_key and token are Secrets; expires is an aware datetime or None.
@@ -1507,23 +1561,6 @@ def _parse_time(text):
     if not match:
         raise ValueError("not an ISO 8601 UTC time: %r" % text)
     return datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
-
-
-def xml_children(root, name):
-    """Elements named ``name`` anywhere below ``root``, whatever the namespace."""
-    return [el for el in root.iter() if el.tag == name or el.tag.endswith("}" + name)]
-
-
-def xml_text(root, name, default=None):
-    found = xml_children(root, name)
-    return found[0].text or "" if found else default
-
-
-def parse_xml(data, what):
-    try:
-        return ElementTree.fromstring(data)
-    except ElementTree.ParseError as exc:
-        raise StorageError("%s: answer is not valid XML (%s)" % (what, exc))
 
 
 class AwsCredentialChain(object):
@@ -1780,6 +1817,111 @@ def _expires_in(data):
     except (KeyError, TypeError, ValueError):
         return 3600.0
     return min(max(seconds, 0.0), 86400.0) if math.isfinite(seconds) else 3600.0
+
+AZURE_STORAGE_SCOPE = "https://storage.azure.com/.default"
+
+AZURE_STORAGE_RESOURCE = "https://storage.azure.com/"
+
+def _azure_token_fetcher(mode, http, imds, authority, tenant_id, client_id, client_secret, token_file):
+    """A function returning (access token, seconds) for Azure Storage."""
+    def managed_identity():
+        query = [("api-version", "2018-02-01"), ("resource", AZURE_STORAGE_RESOURCE)]
+        if client_id:
+            query.append(("client_id", client_id))
+        data = _oauth_answer(http, "GET", imds + "/metadata/identity/oauth2/token?" +
+                             urllib.parse.urlencode(query), {"Metadata": "true"}, None,
+                             "Azure managed identity (IMDS)")
+        return data.get("access_token"), _expires_in(data)
+
+    def entra():
+        form = [("grant_type", "client_credentials"), ("client_id", client_id),
+                ("scope", AZURE_STORAGE_SCOPE)]
+        if mode == "client_secret":
+            form.append(("client_secret", client_secret.reveal()))
+        else:
+            form += [("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+                     ("client_assertion", read_secret_file(token_file, "federated_token_file").reveal())]
+        data = _oauth_answer(http, "POST", "%s/%s/oauth2/v2.0/token" % (authority, tenant_id),
+                             {"Content-Type": "application/x-www-form-urlencoded",
+                              "Accept": "application/json"},
+                             urllib.parse.urlencode(form).encode("ascii"),
+                             "Microsoft Entra token for %s" % mode.replace("_", " "))
+        return data.get("access_token"), _expires_in(data)
+
+    return managed_identity if mode == "managed_identity" else entra
+
+GCS_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
+
+GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+
+def google_token_source(credentials_file, env, http, clock, metadata_host):
+    """(fetch function, description) for Application Default Credentials:
+    the given file or GOOGLE_APPLICATION_CREDENTIALS, then gcloud's ADC file,
+    then the metadata server. The fetch returns (access token, seconds)."""
+    path = credentials_file or env.get("GOOGLE_APPLICATION_CREDENTIALS")
+    if not path:
+        gcloud = env.get("CLOUDSDK_CONFIG") or os.path.join(os.path.expanduser("~"), ".config", "gcloud")
+        candidate = os.path.join(gcloud, "application_default_credentials.json")
+        path = candidate if os.path.isfile(candidate) else None
+    if path is None:
+        def metadata():
+            data = _oauth_answer(http, "GET", "http://%s/computeMetadata/v1/instance/service-accounts/"
+                                 "default/token" % metadata_host, {"Metadata-Flavor": "Google"}, None,
+                                 "GCE metadata server %s" % metadata_host)
+            return data.get("access_token"), _expires_in(data)
+        return metadata, "the GCE metadata server"
+    info = read_credentials_file(path)
+    kind = info.get("type")
+    if kind == "service_account":
+        try:
+            pem = info.get("private_key")
+            key = load_rsa_private_key(pem if isinstance(pem, str) else "")
+        except ValueError as exc:
+            raise ConfigError("credentials file %s: private_key: %s" % (path, exc))
+        email, token_uri = info.get("client_email"), info.get("token_uri") or GOOGLE_TOKEN_URI
+        if not email:
+            raise ConfigError("credentials file %s: client_email missing" % path)
+
+        def service_account():
+            assertion = service_account_jwt(key, email, info.get("private_key_id"), token_uri,
+                                            GCS_SCOPE, (clock.now() - EPOCH).total_seconds())
+            form = urllib.parse.urlencode([("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
+                                           ("assertion", assertion)]).encode("ascii")
+            data = _oauth_answer(http, "POST", token_uri, {
+                "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"},
+                form, "Google token exchange for %s" % email)
+            return data.get("access_token"), _expires_in(data)
+        return service_account, "service account %s" % email
+    if kind == "authorized_user":
+        missing = [k for k in ("client_id", "client_secret", "refresh_token") if not info.get(k)]
+        if missing:
+            raise ConfigError("credentials file %s: %s missing" % (path, ", ".join(missing)))
+        token_uri = info.get("token_uri") or GOOGLE_TOKEN_URI
+
+        def authorized_user():
+            form = urllib.parse.urlencode([("grant_type", "refresh_token"),
+                                           ("client_id", info["client_id"]),
+                                           ("client_secret", info["client_secret"]),
+                                           ("refresh_token", info["refresh_token"])]).encode("ascii")
+            data = _oauth_answer(http, "POST", token_uri, {
+                "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"},
+                form, "Google token refresh (authorized_user)")
+            return data.get("access_token"), _expires_in(data)
+        return authorized_user, "authorized user credentials in %s" % path
+    raise ConfigError("credentials file %s: type %r is not supported (service_account or "
+                      "authorized_user)" % (path, kind))
+
+def read_credentials_file(path):
+    try:
+        with open(path, "r") as handle:
+            info = json.load(handle)
+    except (IOError, OSError) as exc:
+        raise ConfigError("credentials file %s: cannot read: %s" % (path, exc.strerror or exc))
+    except ValueError:
+        raise ConfigError("credentials file %s: not valid JSON" % path)
+    if not isinstance(info, dict):
+        raise ConfigError("credentials file %s: not a JSON object" % path)
+    return info
 
 
 # =============================================================================
@@ -2038,6 +2180,7 @@ def vault_error(resp):
 # =============================================================================
 # 11. Snapshot stream and verification
 # =============================================================================
+
 
 SnapshotInfo = collections.namedtuple(
     "SnapshotInfo", "path size sha256 index term state_size")
@@ -2395,6 +2538,7 @@ def _unlink_quietly(path):
 # =============================================================================
 # 12. Storage backends
 # =============================================================================
+
 
 SnapshotRef = collections.namedtuple("SnapshotRef", "name when size")
 
@@ -2839,6 +2983,7 @@ def build_storages(cfg, runtime):
 # 13. S3 storage
 # =============================================================================
 
+
 S3_MAX_PARTS = 10000
 S3_MIN_PART = 5 * 1024 * 1024
 S3_DELETE_BATCH = 1000
@@ -3192,10 +3337,9 @@ def _is_ip_or_localhost(host):
 # 14. Azure Blob storage
 # =============================================================================
 
+
 AZURE_VERSION = "2021-08-06"          # x-ms-version: understood by Azure and Azurite
 AZURE_MAX_BLOCKS = 50000
-AZURE_STORAGE_SCOPE = "https://storage.azure.com/.default"
-AZURE_STORAGE_RESOURCE = "https://storage.azure.com/"
 AZURE_AUTH_MODES = ("auto", "shared_key", "sas", "managed_identity", "workload_identity",
                     "client_secret")
 AZURE_HINTS = {
@@ -3206,41 +3350,6 @@ AZURE_HINTS = {
     "InvalidAuthenticationInfo": "the token is malformed or expired",
     "Md5Mismatch": "the data changed on the way",
 }
-
-
-def azure_shared_key(method, url, headers, account, key):
-    """The Shared Key ``Authorization`` value for one Blob service request.
-
-    Pure: ``headers`` must already hold x-ms-date and x-ms-version; ``key`` is
-    the base64 account key.
-    """
-    string_to_sign = azure_string_to_sign(method, url, headers, account)
-    digest = hmac.new(base64.b64decode(key), string_to_sign.encode("utf-8"), hashlib.sha256).digest()
-    return "SharedKey %s:%s" % (account, base64.b64encode(digest).decode("ascii"))
-
-
-def azure_string_to_sign(method, url, headers, account):
-    """The string-to-sign of "Authorize with Shared Key" (Blob service,
-    version 2015-02-21 and later: an empty Content-Length for 0)."""
-    lower = dict((name.lower(), str(value)) for name, value in headers.items())
-    length = lower.get("content-length", "")
-    fields = [method.upper(), lower.get("content-encoding", ""), lower.get("content-language", ""),
-              "" if length == "0" else length, lower.get("content-md5", ""),
-              lower.get("content-type", ""), lower.get("date", ""),
-              lower.get("if-modified-since", ""), lower.get("if-match", ""),
-              lower.get("if-none-match", ""), lower.get("if-unmodified-since", ""),
-              lower.get("range", "")]
-    canonical_headers = "".join(
-        "%s:%s\n" % (name, " ".join(lower[name].split()))
-        for name in sorted(n for n in lower if n.startswith("x-ms-")))
-    parts = urllib.parse.urlsplit(url)
-    resource = "/%s%s" % (account, parts.path or "/")
-    params = collections.defaultdict(list)
-    for name, value in urllib.parse.parse_qsl(parts.query, keep_blank_values=True):
-        params[name.lower()].append(value)
-    for name in sorted(params):
-        resource += "\n%s:%s" % (name, ",".join(sorted(params[name])))
-    return "\n".join(fields) + "\n" + canonical_headers + resource
 
 
 def parse_connection_string(text):
@@ -3545,119 +3654,18 @@ def _azure_error(resp, data, action):
                         or code in ("ServerBusy", "OperationTimedOut", "InternalError"))
 
 
-def _azure_token_fetcher(mode, http, imds, authority, tenant_id, client_id, client_secret, token_file):
-    """A function returning (access token, seconds) for Azure Storage."""
-    def managed_identity():
-        query = [("api-version", "2018-02-01"), ("resource", AZURE_STORAGE_RESOURCE)]
-        if client_id:
-            query.append(("client_id", client_id))
-        data = _oauth_answer(http, "GET", imds + "/metadata/identity/oauth2/token?" +
-                             urllib.parse.urlencode(query), {"Metadata": "true"}, None,
-                             "Azure managed identity (IMDS)")
-        return data.get("access_token"), _expires_in(data)
-
-    def entra():
-        form = [("grant_type", "client_credentials"), ("client_id", client_id),
-                ("scope", AZURE_STORAGE_SCOPE)]
-        if mode == "client_secret":
-            form.append(("client_secret", client_secret.reveal()))
-        else:
-            form += [("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
-                     ("client_assertion", read_secret_file(token_file, "federated_token_file").reveal())]
-        data = _oauth_answer(http, "POST", "%s/%s/oauth2/v2.0/token" % (authority, tenant_id),
-                             {"Content-Type": "application/x-www-form-urlencoded",
-                              "Accept": "application/json"},
-                             urllib.parse.urlencode(form).encode("ascii"),
-                             "Microsoft Entra token for %s" % mode.replace("_", " "))
-        return data.get("access_token"), _expires_in(data)
-
-    return managed_identity if mode == "managed_identity" else entra
-
-
 # =============================================================================
 # 15. Google Cloud Storage
 # =============================================================================
 
-GCS_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
+
 GCS_CHUNK_ALIGN = 256 * 1024                     # resumable chunks are multiples of this
-GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 GCS_HINTS = {
     "forbidden": "the credentials are not allowed to do this (roles/storage.objectAdmin on the bucket?)",
     "notFound": "the bucket does not exist (check bucket)",
     "authError": "the access token was refused",
     "invalid_grant": "the key or refresh token was refused (revoked, or this host's clock is off)",
 }
-
-
-def google_token_source(credentials_file, env, http, clock, metadata_host):
-    """(fetch function, description) for Application Default Credentials:
-    the given file or GOOGLE_APPLICATION_CREDENTIALS, then gcloud's ADC file,
-    then the metadata server. The fetch returns (access token, seconds)."""
-    path = credentials_file or env.get("GOOGLE_APPLICATION_CREDENTIALS")
-    if not path:
-        gcloud = env.get("CLOUDSDK_CONFIG") or os.path.join(os.path.expanduser("~"), ".config", "gcloud")
-        candidate = os.path.join(gcloud, "application_default_credentials.json")
-        path = candidate if os.path.isfile(candidate) else None
-    if path is None:
-        def metadata():
-            data = _oauth_answer(http, "GET", "http://%s/computeMetadata/v1/instance/service-accounts/"
-                                 "default/token" % metadata_host, {"Metadata-Flavor": "Google"}, None,
-                                 "GCE metadata server %s" % metadata_host)
-            return data.get("access_token"), _expires_in(data)
-        return metadata, "the GCE metadata server"
-    info = read_credentials_file(path)
-    kind = info.get("type")
-    if kind == "service_account":
-        try:
-            pem = info.get("private_key")
-            key = load_rsa_private_key(pem if isinstance(pem, str) else "")
-        except ValueError as exc:
-            raise ConfigError("credentials file %s: private_key: %s" % (path, exc))
-        email, token_uri = info.get("client_email"), info.get("token_uri") or GOOGLE_TOKEN_URI
-        if not email:
-            raise ConfigError("credentials file %s: client_email missing" % path)
-
-        def service_account():
-            assertion = service_account_jwt(key, email, info.get("private_key_id"), token_uri,
-                                            GCS_SCOPE, (clock.now() - EPOCH).total_seconds())
-            form = urllib.parse.urlencode([("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
-                                           ("assertion", assertion)]).encode("ascii")
-            data = _oauth_answer(http, "POST", token_uri, {
-                "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"},
-                form, "Google token exchange for %s" % email)
-            return data.get("access_token"), _expires_in(data)
-        return service_account, "service account %s" % email
-    if kind == "authorized_user":
-        missing = [k for k in ("client_id", "client_secret", "refresh_token") if not info.get(k)]
-        if missing:
-            raise ConfigError("credentials file %s: %s missing" % (path, ", ".join(missing)))
-        token_uri = info.get("token_uri") or GOOGLE_TOKEN_URI
-
-        def authorized_user():
-            form = urllib.parse.urlencode([("grant_type", "refresh_token"),
-                                           ("client_id", info["client_id"]),
-                                           ("client_secret", info["client_secret"]),
-                                           ("refresh_token", info["refresh_token"])]).encode("ascii")
-            data = _oauth_answer(http, "POST", token_uri, {
-                "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"},
-                form, "Google token refresh (authorized_user)")
-            return data.get("access_token"), _expires_in(data)
-        return authorized_user, "authorized user credentials in %s" % path
-    raise ConfigError("credentials file %s: type %r is not supported (service_account or "
-                      "authorized_user)" % (path, kind))
-
-
-def read_credentials_file(path):
-    try:
-        with open(path, "r") as handle:
-            info = json.load(handle)
-    except (IOError, OSError) as exc:
-        raise ConfigError("credentials file %s: cannot read: %s" % (path, exc.strerror or exc))
-    except ValueError:
-        raise ConfigError("credentials file %s: not valid JSON" % path)
-    if not isinstance(info, dict):
-        raise ConfigError("credentials file %s: not a JSON object" % path)
-    return info
 
 
 def _gcs_error(resp, data, action):
@@ -4295,6 +4303,7 @@ class Progress(object):
 # 18. Agent
 # =============================================================================
 
+
 CycleResult = collections.namedtuple("CycleResult", "outcome snapshot stored errors failures")
 # outcome: "stored" (everywhere), "partial", "failed", "skipped" (not leader), "stopped";
 # stored: [(storage, name)]; failures: [(storage, error text)].
@@ -4608,6 +4617,7 @@ def _signal_name(signum):
 # =============================================================================
 # 19. Restore tooling
 # =============================================================================
+
 
 def list_snapshots(storages):
     """([(storage, SnapshotRef)] newest first, [error lines]) over all storages."""

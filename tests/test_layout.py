@@ -38,3 +38,52 @@ def test_time_comes_from_the_clock():
     offenders = [line.strip() for line in SOURCE.splitlines()
                  if re.search(r"time\.sleep\(|datetime\.utcnow\(|time\.time\(\)", line)]
     assert offenders == []
+
+
+def _sections():
+    """(line -> section number) and {top-level name: section number}."""
+    lines = SOURCE.splitlines()
+    banners = [(i + 1, int(m.group(1))) for i, line in enumerate(lines)
+               for m in [re.match(r"^# (\d+)\. ", line)] if m]
+
+    def section(lineno):
+        found = 0
+        for line, number in banners:
+            if line <= lineno:
+                found = number
+        return found
+    defined = {}
+    for node in ast.parse(SOURCE).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names = [node.name]
+        elif isinstance(node, ast.Assign):
+            names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+        else:
+            names = []
+        for name in names:
+            defined.setdefault(name, section(node.lineno))
+    return section, defined
+
+
+def test_nothing_is_used_above_its_section():
+    # Sections stand in dependency order: a section uses only what stands
+    # above it (or in itself), so the file reads top to bottom.
+    section, defined = _sections()
+    offenders = set()
+    for node in ast.parse(SOURCE).body:
+        own = section(node.lineno)
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Load) \
+                    and defined.get(sub.id, 0) > own:
+                offenders.add("%s (section %d) uses %s (section %d)" % (
+                    getattr(node, "name", "line %d" % node.lineno), own, sub.id, defined[sub.id]))
+    assert sorted(offenders) == []
+
+
+def test_no_function_is_longer_than_a_screen():
+    long_ones = ["%s (line %d): %d lines" % (node.name, node.lineno, node.end_lineno - node.lineno + 1)
+                 for node in ast.walk(ast.parse(SOURCE))
+                 if isinstance(node, ast.FunctionDef)
+                 and getattr(node, "end_lineno", None)            # 3.8+
+                 and node.end_lineno - node.lineno + 1 > 60]
+    assert long_ones == []
