@@ -2590,7 +2590,7 @@ class Storage(object):
     backoff_base = 0.5
     service = "storage"
 
-    def send(self, action, build, ok, error_from, sink=None):
+    def send(self, action, build, ok, error_from, sink=None, resync=None):
         """One storage request with retries; returns (Response, body bytes).
 
         ``build()`` returns (method, url, headers, body) afresh for each
@@ -2599,7 +2599,10 @@ class Storage(object):
         a StorageError whose ``retryable`` says whether to try again;
         connection failures retry when the transport says so. With ``sink``
         (an open binary file) a successful body is streamed into it instead
-        of being returned.
+        of being returned. ``resync()``, if given, runs before each retry (a
+        resumable upload asks its session where to go on); when it returns a
+        (Response, body) pair, the request's work is already done and that
+        is the result.
         """
         delays = backoff_delays(self.attempts, self.backoff_base, 20.0)
         for attempt in range(self.attempts):
@@ -2620,9 +2623,12 @@ class Storage(object):
                 error = StorageError("%s %s: %s" % (self.service, action, exc), exc.retryable)
             if not error.retryable or attempt == self.attempts - 1:
                 raise error
-            LOG.warning("%s, retry %d/%d in %.1fs", error, attempt + 1, self.attempts - 1,
-                        delays[attempt])
+            LOG.warning("%s, %s %.1fs (retry %d/%d)", error, "asking the session how much it has after"
+                        if resync else "retrying in", delays[attempt], attempt + 1, self.attempts - 1)
             self.backoff(delays[attempt])
+            done = resync() if resync is not None else None
+            if done is not None:
+                return done
 
     @classmethod
     def from_config(cls, section, cfg, runtime):
@@ -3678,9 +3684,9 @@ def _gcs_error(resp, data, action):
             reason = details[0].get("reason") if isinstance(details[0], dict) else None
         elif isinstance(error, str):
             reason = error
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, KeyError, TypeError, IndexError, RecursionError):
         message = one_line(data[:200].decode("utf-8", "replace"))
-    hint = GCS_HINTS.get(reason or "", "")
+    hint = GCS_HINTS.get(reason if isinstance(reason, str) else "", "")
     if resp.status == 401:
         hint = GCS_HINTS["authError"]
     text = "GCS %s: HTTP %d %s%s%s" % (action, resp.status, reason or resp.reason or "",
@@ -3847,43 +3853,42 @@ class GoogleStorage(Storage):
         session = resp.header("Location")
         if not session:
             raise StorageError("GCS resumable upload of %s: no session URI in the answer" % obj)
-        chunk = max(GCS_CHUNK_ALIGN, self.chunk_size // GCS_CHUNK_ALIGN * GCS_CHUNK_ALIGN)
         try:
-            offset, failures, stalls = 0, 0, 0
-            while True:
-                self.signals.check()
-                length = min(chunk, snapshot.size - offset)
-                headers = {"Content-Length": str(length),
-                           "Content-Range": "bytes %d-%d/%d" % (offset, offset + length - 1, snapshot.size)}
-                try:
-                    resp = self.http.request("PUT", session, self._headers(session, headers),
-                                             _FileSlice(snapshot.path, offset, length, self.signals.check,
-                                                        progress, tap))
-                    with resp:
-                        data = resp.body()
-                        status = resp.status
-                        if status in (200, 201):
-                            return self._object_json(data, obj)
-                        if status == 308:
-                            confirmed = _confirmed(resp.header("Range"))
-                            stalls = self._check_progress(obj, offset, length, confirmed, stalls)
-                            offset, failures = confirmed, 0
-                            continue
-                        error = _gcs_error(resp, data, "chunk at %d of %s" % (offset, obj))
-                except TransportError as exc:
-                    error = StorageError("GCS chunk at %d of %s: %s" % (offset, obj, exc), exc.retryable)
-                failures += 1
-                if not error.retryable or failures >= self.attempts:
-                    raise error
-                delay = backoff_delays(failures + 1, self.backoff_base, 20.0)[-1]
-                LOG.warning("%s, asking the session how much it has after %.1fs", error, delay)
-                self.backoff(delay)
-                offset, done = self._session_status(session, snapshot.size, obj)
-                if done is not None:
-                    return done
+            return self._send_chunks(snapshot, obj, session, progress, tap)
         except BaseException:
             self._cancel(session, obj)
             raise
+
+    def _send_chunks(self, snapshot, obj, session, progress, tap):
+        """PUT the file in chunks to a resumable session, with the shared
+        retry policy; after a failed chunk the session says where to go on."""
+        chunk = max(GCS_CHUNK_ALIGN, self.chunk_size // GCS_CHUNK_ALIGN * GCS_CHUNK_ALIGN)
+        where = [0]            # the offset the next chunk starts at
+
+        def build():
+            offset = where[0]
+            length = min(chunk, snapshot.size - offset)
+            headers = {"Content-Length": str(length),
+                       "Content-Range": "bytes %d-%d/%d" % (offset, offset + length - 1, snapshot.size)}
+            return "PUT", session, self._headers(session, headers), _FileSlice(
+                snapshot.path, offset, length, self.signals.check, progress, tap)
+
+        def resync():
+            where[0], done = self._session_status(session, snapshot.size, obj)
+            return done
+
+        stalls = 0
+        while True:
+            self.signals.check()
+            offset = where[0]
+            resp, data = self.send("chunk at %d of %s" % (offset, obj), build, (200, 201, 308),
+                                   _gcs_error, resync=resync)
+            if resp.status in (200, 201):
+                return self._object_json(data, obj)
+            confirmed = _confirmed(resp.header("Range"))
+            stalls = self._check_progress(obj, where[0], min(chunk, snapshot.size - where[0]),
+                                          confirmed, stalls)
+            where[0] = confirmed
 
     def _check_progress(self, obj, offset, length, confirmed, stalls):
         """Chunks in a row after which a resumable session held no more than
@@ -3900,13 +3905,13 @@ class GoogleStorage(Storage):
         return stalls + 1
 
     def _session_status(self, session, total, obj):
-        """(bytes the session holds, object JSON if it is already complete)."""
+        """(bytes the session holds, its final (Response, body) if complete)."""
         resp, data = self.send("status of resumable upload of %s" % obj, lambda: (
             "PUT", session, self._headers(session, {"Content-Range": "bytes */%d" % total,
                                                     "Content-Length": "0"}), b""),
             (200, 201, 308), _gcs_error)
         if resp.status in (200, 201):
-            return total, self._object_json(data, obj)
+            return total, (resp, data)
         return _confirmed(resp.header("Range")), None
 
     def _cancel(self, session, obj):

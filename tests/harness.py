@@ -20,9 +20,13 @@ For the server modules (moto_s3, gcs_emulators, azurite, bao_cluster):
 For the tests that run the agent as a daemon: ``wait_for``, ``read``,
 ``start_agent`` and ``stop``; in process: ``run_main``, ``run_once``.
 For documents built from a base: ``overridden``.
+For unit tests of the agent's time-driven parts: ``FakeClock`` (wall and
+monotonic time that move only when told) and ``FakeSignals`` (stop/reload
+flags whose ``wait`` advances a FakeClock instead of sleeping).
 """
 
 import atexit
+import datetime
 import http.client
 import os
 import signal
@@ -36,7 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(ROOT, "vault_snapshot_agent.py")
 
 __all__ = ["free_port", "free_ports", "tail", "child_env", "spawn", "ServerError",
-           "ServerProcess", "wait_for", "read", "start_agent", "stop", "AGENT"]
+           "ServerProcess", "wait_for", "read", "start_agent", "stop", "AGENT",
+           "FakeClock", "FakeSignals"]
 
 
 # ------------------------------------------------------------ ports and logs
@@ -301,6 +306,121 @@ def stop(proc, sig=signal.SIGTERM, timeout=10):
         proc.wait()
         raise AssertionError("agent pid %d did not exit within %ss of %s"
                              % (proc.pid, timeout, signal.Signals(sig).name))
+
+
+# ------------------------------------------------ fake time and signals
+
+
+def _seconds(value):
+    """A number of seconds, from a number or a ``timedelta``."""
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    return value
+
+
+class FakeClock(object):
+    """The agent's clock (``now()``: an aware UTC datetime; ``monotonic()``:
+    seconds) with time standing still until ``advance()`` moves both.
+
+    ``FakeClock(at, monotonic)`` starts at the aware datetime ``at`` (default:
+    the real time now, in UTC) with ``monotonic()`` reading ``monotonic``
+    (default 0.0).  Wall time is always ``at`` plus the monotonic seconds
+    elapsed since then, so the two never drift apart.
+    """
+
+    def __init__(self, at=None, monotonic=0.0):
+        if at is None:
+            at = datetime.datetime.now(datetime.timezone.utc)
+        if at.tzinfo is None:
+            raise ValueError("FakeClock needs an aware datetime, not %r" % (at,))
+        self._mono = float(monotonic)
+        self._epoch = at.astimezone(datetime.timezone.utc) - datetime.timedelta(seconds=self._mono)
+
+    def now(self):
+        return self._epoch + datetime.timedelta(seconds=self._mono)
+
+    def monotonic(self):
+        return self._mono
+
+    def advance(self, seconds):
+        """Move both clocks forward by ``seconds`` (a number or a timedelta;
+        never backwards).  Returns the new ``monotonic()``."""
+        seconds = _seconds(seconds)
+        if seconds < 0:
+            raise ValueError("a FakeClock does not go backwards (%r)" % (seconds,))
+        self._mono += seconds
+        return self._mono
+
+    sleep = advance
+
+
+class _AbortHook(object):
+    """``FakeSignals.aborting``: ``hook`` runs if a stop is requested inside
+    the block (at once if one already was)."""
+
+    def __init__(self, signals, hook):
+        self.signals, self.hook = signals, hook
+
+    def __enter__(self):
+        self.signals._abort_hooks.append(self.hook)
+        if self.signals.stop_requested:
+            self.hook()
+        return self
+
+    def __exit__(self, *exc):
+        if self.hook in self.signals._abort_hooks:
+            self.signals._abort_hooks.remove(self.hook)
+        return False
+
+
+class FakeSignals(object):
+    """The agent's signals (``stop_requested``, ``reload_requested``,
+    ``stop_signal``, ``check()``, ``wait()``, ``aborting()``) without OS
+    signals or a pipe.
+
+    ``wait(seconds)`` does not sleep: with a ``clock`` (a FakeClock) it
+    advances that clock by ``seconds``, or only up to the first scripted
+    event due in that time; without one it returns at once (retry back-offs
+    cost nothing).  ``events`` are ``(monotonic time, attribute)`` pairs,
+    e.g. ``(1600, "reload_requested")``: the wait that reaches the time sets
+    the attribute to True and ends there.  Once the clock reaches ``until``
+    (a ``monotonic()`` value) a stop is requested, as by SIGTERM.  Tests may
+    also set ``stop_requested`` themselves or call ``request_stop()``.
+    """
+
+    def __init__(self, clock=None, until=None, events=()):
+        self.clock, self.until = clock, until
+        self.events = sorted(events)
+        self.stop_requested = self.reload_requested = False
+        self.stop_signal = None
+        self._abort_hooks = []
+
+    def request_stop(self, signum=signal.SIGTERM):
+        self.stop_requested = True
+        self.stop_signal = signum
+        for hook in list(self._abort_hooks):
+            hook()
+
+    def check(self):
+        if self.stop_requested:
+            import vault_snapshot_agent as vsa
+            raise vsa.Stopped("stop requested")
+
+    def wait(self, seconds, wake_on_reload=True):
+        if self.clock is None:
+            return
+        target = self.clock.monotonic() + seconds
+        if self.events and self.events[0][0] <= target:
+            at, what = self.events.pop(0)
+            self.clock.advance(max(0.0, at - self.clock.monotonic()))
+            setattr(self, what, True)
+            return
+        self.clock.advance(seconds)
+        if self.until is not None and self.clock.monotonic() >= self.until:
+            self.request_stop()
+
+    def aborting(self, hook):
+        return _AbortHook(self, hook)
 
 
 # ---------------------------------------------------- one in-process cycle

@@ -9,42 +9,12 @@ import io
 import json
 
 import vault_snapshot_agent as vsa
+from harness import FakeClock, FakeSignals
 
 
-class FakeClock(object):
-    def __init__(self):
-        self.t = 1000.0
-
-    def monotonic(self):
-        return self.t
-
-    def now(self):
-        return datetime.datetime(2026, 1, 1, tzinfo=vsa.UTC) + datetime.timedelta(seconds=self.t)
-
-
-class FakeSignals(object):
-    """Waiting advances the fake clock; scripted events fire at set times."""
-
-    def __init__(self, clock, until, events=()):
-        self.clock, self.until = clock, until
-        self.events = sorted(events)
-        self.stop_requested = self.reload_requested = False
-        self.stop_signal = 15
-
-    def wait(self, seconds, wake_on_reload=True):
-        target = self.clock.t + seconds
-        if self.events and self.events[0][0] <= target:
-            at, what = self.events.pop(0)
-            self.clock.t = max(self.clock.t, at)
-            setattr(self, what, True)
-            return
-        self.clock.t = target
-        if self.clock.t >= self.until:
-            self.stop_requested = True
-
-    def check(self):
-        if self.stop_requested:
-            raise vsa.Stopped("stop")
+def fake_clock():
+    """2026-01-01T00:16:40Z, monotonic() 1000 (the times the tests assert)."""
+    return FakeClock(datetime.datetime(2026, 1, 1, 0, 16, 40, tzinfo=vsa.UTC), 1000.0)
 
 
 class StandbyVault(object):
@@ -89,7 +59,7 @@ class FlakyVault(StandbyVault):
 
 def test_cycles_run_at_start_then_every_frequency(tmp_path):
     StandbyVault.calls = []
-    clock = FakeClock()
+    clock = fake_clock()
     signals = FakeSignals(clock, until=1000 + 3 * 3600 + 1)
     agent = vsa.Agent(make_loader(tmp_path, ["1h"]), clock, signals, StandbyVault)
     agent.run_forever()
@@ -98,7 +68,7 @@ def test_cycles_run_at_start_then_every_frequency(tmp_path):
 
 def test_reload_applies_new_frequency_and_a_broken_one_is_ignored(tmp_path):
     StandbyVault.calls = []
-    clock = FakeClock()
+    clock = fake_clock()
     events = [(1000 + 600, "reload_requested"), (1000 + 700, "reload_requested")]
     signals = FakeSignals(clock, until=1000 + 3600, events=events)
     agent = vsa.Agent(make_loader(tmp_path, ["1h", "15m", None]), clock, signals, StandbyVault)
@@ -115,13 +85,13 @@ def test_reload_applies_new_frequency_and_a_broken_one_is_ignored(tmp_path):
 
 def test_a_long_cycle_does_not_cause_a_burst(tmp_path):
     StandbyVault.calls = []
-    clock = FakeClock()
+    clock = fake_clock()
 
     class SlowVault(StandbyVault):
         def is_leader(self):
             StandbyVault.is_leader(self)
-            clock.t += 5000      # a cycle longer than the 1h frequency
-            signals.stop_requested = clock.t >= signals.until
+            clock.advance(5000)      # a cycle longer than the 1h frequency
+            signals.stop_requested = clock.monotonic() >= signals.until
             return False
     signals = FakeSignals(clock, until=1000 + 20000)
     vsa.Agent(make_loader(tmp_path, ["1h"]), clock, signals, SlowVault).run_forever()
@@ -133,7 +103,7 @@ def test_a_long_cycle_does_not_cause_a_burst(tmp_path):
 def test_a_failed_cycle_is_retried_sooner_with_backoff_up_to_the_frequency(tmp_path):
     StandbyVault.calls = []
     FlakyVault.fail = 100
-    clock = FakeClock()
+    clock = fake_clock()
     signals = FakeSignals(clock, until=1000 + 8000)
     stream = io.StringIO()
     handler = vsa._configure_logging(20, "text", stream)
@@ -154,11 +124,11 @@ def test_a_failed_cycle_is_retried_sooner_with_backoff_up_to_the_frequency(tmp_p
 def test_a_retry_is_counted_from_the_end_of_a_long_failing_cycle(tmp_path):
     StandbyVault.calls = []
     FlakyVault.fail = 100
-    clock = FakeClock()
+    clock = fake_clock()
 
     class SlowFlakyVault(FlakyVault):
         def ensure_token(self):
-            clock.t += 100           # e.g. an upload retried for 100 s before giving up
+            clock.advance(100)       # e.g. an upload retried for 100 s before giving up
             FlakyVault.ensure_token(self)
     signals = FakeSignals(clock, until=1000 + 600)
     vsa.Agent(make_loader(tmp_path, ["1h"]), clock, signals, SlowFlakyVault).run_forever()
@@ -169,7 +139,7 @@ def test_a_retry_is_counted_from_the_end_of_a_long_failing_cycle(tmp_path):
 def test_retries_stop_once_a_cycle_ends_normally(tmp_path):
     StandbyVault.calls = []
     FlakyVault.fail = 2
-    clock = FakeClock()
+    clock = fake_clock()
     signals = FakeSignals(clock, until=1000 + 2 * 3600)
     vsa.Agent(make_loader(tmp_path, ["1h"]), clock, signals, FlakyVault).run_forever()
     # default retry_interval 1m: fail, fail, then a standby answer: back to hourly.
@@ -179,7 +149,7 @@ def test_retries_stop_once_a_cycle_ends_normally(tmp_path):
 def test_retry_interval_0s_keeps_the_go_agents_behaviour(tmp_path):
     StandbyVault.calls = []
     FlakyVault.fail = 100
-    clock = FakeClock()
+    clock = fake_clock()
     signals = FakeSignals(clock, until=1000 + 2 * 3600 + 1)
     vsa.Agent(make_loader(tmp_path, ["1h"], retry_interval="0s"), clock, signals,
               FlakyVault).run_forever()
@@ -187,16 +157,16 @@ def test_retry_interval_0s_keeps_the_go_agents_behaviour(tmp_path):
 
 
 def test_progress_logs_bytes_rate_and_eta_every_interval():
-    clock = FakeClock()
+    clock = fake_clock()
     stream = io.StringIO()
     handler = vsa._configure_logging(20, "text", stream)
     try:
         progress = vsa.Progress("Uploading to s3://b/", 10 * 10 ** 9, clock, interval=30)
         for _ in range(100):                 # 100 MB a second for 100 seconds
-            clock.t += 1
+            clock.advance(1)
             progress.add(100 * 10 ** 6)
         unknown = vsa.Progress("Downloading snapshot", None, clock, interval=30)
-        clock.t += 31
+        clock.advance(31)
         unknown.add(5 * 10 ** 9)
     finally:
         vsa.LOG.removeHandler(handler)
@@ -235,7 +205,7 @@ class ScriptedHttp(object):
 
 
 def test_a_renewal_capped_by_the_max_ttl_is_followed_by_a_login_not_another_renewal(tmp_path):
-    clock = FakeClock()
+    clock = fake_clock()
     cfg, _ = make_loader(tmp_path, ["1h"])(vsa.Runtime.create(env={}))
     http = ScriptedHttp(renew_ttls=[4, 3, 4])
     vault = vsa.VaultClient(cfg, http, clock)
@@ -244,7 +214,7 @@ def test_a_renewal_capped_by_the_max_ttl_is_followed_by_a_login_not_another_rene
     try:
         for _ in range(5):               # a cycle every 2.7 s: past each renewal time
             vault.ensure_token()
-            clock.t += 2.7
+            clock.advance(2.7)
     finally:
         vsa.LOG.removeHandler(handler)
     # login (4 s), renew (4 s), renew (3 s < 4 s: the max TTL), then a login, renew.

@@ -8,21 +8,14 @@ import pytest
 
 import vault_snapshot_agent as vsa
 from cred_servers import ContainerCredentialsServer, ImdsServer
+from harness import FakeClock
 
 UTC = vsa.UTC
 
 
-class FakeClock(object):
-    def __init__(self, now):
-        self.t = now
-
-    def now(self):
-        return self.t
-
-
 def chain(env, clock=None, **kwargs):
     return vsa.AwsCredentialChain(None, env, "us-east-1", None, vsa.Http(None, 5.0),
-                                  clock or FakeClock(datetime.datetime.now(UTC)), **kwargs)
+                                  clock or FakeClock(), **kwargs)
 
 
 NO_FILES = {"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/c", "AWS_CONFIG_FILE": "/nonexistent/f"}
@@ -42,11 +35,11 @@ def test_imdsv2_session_token_is_used_and_credentials_refresh_before_expiry():
         aws = chain(dict(NO_FILES), clock, imds_endpoint=imds.url)
         assert aws.get().access_key == "ASIA1"
         calls = len(imds.requests)
-        clock.t = now + datetime.timedelta(minutes=50)
+        clock.advance(datetime.timedelta(minutes=50))
         assert aws.get().access_key == "ASIA1"          # cached: 10 minutes left
         assert len(imds.requests) == calls
         imds.set_credentials(access_key_id="ASIA2", expiration=now + datetime.timedelta(hours=2))
-        clock.t = now + datetime.timedelta(minutes=56)  # inside the 5-minute margin
+        clock.advance(datetime.timedelta(minutes=6))    # 56 minutes: inside the 5-minute margin
         assert aws.get().access_key == "ASIA2"
         assert imds.requests[0].method == "PUT"
         assert all(r.header("X-aws-ec2-metadata-token") for r in imds.requests if r.method == "GET")
@@ -79,7 +72,7 @@ def test_configured_profile_missing_is_an_error(tmp_path):
     env = {"AWS_SHARED_CREDENTIALS_FILE": str(creds), "AWS_CONFIG_FILE": "/nonexistent"}
     assert chain(env).get().access_key == "A"
     named = vsa.AwsCredentialChain(None, env, "us-east-1", "prod", vsa.Http(None, 5.0),
-                                   FakeClock(datetime.datetime.now(UTC)))
+                                   FakeClock())
     with pytest.raises(vsa.StorageError, match="profile 'prod'"):
         named.get()
 

@@ -3,8 +3,11 @@
 key helpers (rsa_keys.py).
 
 They pin the emulator behaviour documented in gcs_emulators.QUIRKS, so a new
-emulator release that changes it shows up here first.  Emulators or
-``cryptography`` missing (the bare unit-test interpreters) -> skip."""
+emulator release that changes it shows up here first.  The emulators are the
+session's (conftest's ``gcs`` and ``gcs_paging``), with this module's own
+bucket ``fixtures``; only the test of ``stop()`` starts one of its own.  Like
+every ``*_fixtures.py`` module these tests are ``e2e`` (conftest), out of the
+bare unit-test runs; ``cryptography`` missing -> the RSA tests skip."""
 
 import json
 import os
@@ -20,52 +23,43 @@ import gcs_emulators
 import rsa_keys
 from gcs_emulators import GcsEmulator, md5_base64
 
-BUCKET = "snapshots"
+BUCKET = "fixtures"        # not the session's "snapshots": the backend tests list that one
 SCOPE = rsa_keys.DEFAULT_SCOPE
 
 
 # ------------------------------------------------------------- emulators
 
 
-def _start(tmp_path_factory, kind):
-    try:
-        gcs_emulators.find_emulator(kind)
-    except gcs_emulators.GcsEmulatorError as exc:
-        pytest.skip(str(exc))
-    emu = GcsEmulator(str(tmp_path_factory.mktemp(kind)), kind)
-    emu.start()
-    emu.create_bucket(BUCKET)
+def _with_bucket(emu):
+    emu.create_bucket(BUCKET)            # already there (409) is fine
     return emu
 
 
-@pytest.fixture(scope="module", params=gcs_emulators.KINDS)
-def gcs(request, tmp_path_factory):
-    emu = _start(tmp_path_factory, request.param)
-    try:
-        yield emu
-    finally:
-        emu.stop()
+@pytest.fixture(scope="module")
+def gcs(request, gcs, gcs_paging):
+    """The session's emulator of kind ``request.param`` (default
+    gcp-storage-emulator: conftest's ``gcs``; fake-gcs-server is its
+    ``gcs_paging``), with the bucket ``fixtures``."""
+    kind = getattr(request, "param", "gcp-storage-emulator")
+    return _with_bucket({"gcp-storage-emulator": gcs, "fake-gcs-server": gcs_paging}[kind])
+
+
+# The tests that run against each emulator in turn.
+each_emulator = pytest.mark.parametrize("gcs", gcs_emulators.KINDS, indirect=True)
 
 
 @pytest.fixture(scope="module")
-def gse(tmp_path_factory):
+def gse(gcs):
     """gcp-storage-emulator, the one that handles resumable uploads right."""
-    emu = _start(tmp_path_factory, "gcp-storage-emulator")
-    try:
-        yield emu
-    finally:
-        emu.stop()
+    return gcs
 
 
 @pytest.fixture(scope="module")
-def fake_gcs(tmp_path_factory):
-    emu = _start(tmp_path_factory, "fake-gcs-server")
-    try:
-        yield emu
-    finally:
-        emu.stop()
+def fake_gcs(gcs_paging):
+    return _with_bucket(gcs_paging)
 
 
+@each_emulator
 def test_emulator_put_list_get(gcs):
     assert gcs.endpoint == "http://127.0.0.1:%d" % gcs.port and gcs.running
     data = b"snapshot bytes \x00\xff" * 100
@@ -89,6 +83,7 @@ def test_emulator_put_list_get(gcs):
     assert gcs.list_objects(BUCKET, "fx/") == ["fx/a b/one.snap"]
 
 
+@each_emulator
 def test_emulator_listing_pages(gcs):
     names = ["page/%03d" % i for i in range(25)]
     assert gcs.put_many(BUCKET, names) == 25
@@ -104,6 +99,7 @@ def test_emulator_listing_pages(gcs):
         assert gcs.last_list_pages == 1
 
 
+@each_emulator
 def test_emulator_missing_bucket(gcs):
     for method, path, query in (("GET", "/storage/v1/b/no-such-bucket/o", None),
                                 ("GET", "/storage/v1/b/no-such-bucket/o/x", None),
@@ -117,6 +113,7 @@ def test_emulator_missing_bucket(gcs):
             assert res.body == b""
 
 
+@each_emulator
 def test_emulator_session_uri_points_at_emulator(gcs):
     session = gcs.start_resumable(BUCKET, "loc/x")
     assert session.startswith(gcs.endpoint + "/upload/storage/v1/b/%s/o?" % BUCKET)

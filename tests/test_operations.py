@@ -15,7 +15,8 @@ import urllib.request
 import pytest
 
 import vault_snapshot_agent as vsa
-from harness import free_port, read, snapshots, start_agent, stop, wait_for
+from harness import (FakeClock, FakeSignals, free_port, read, snapshots, start_agent, stop,
+                     wait_for)
 
 
 def write_config(tmp_path, addr, approle, **extra):
@@ -188,40 +189,15 @@ def test_sd_notify_ready_status_watchdog_reloading_stopping(bao_cluster, approle
 
 # -- per-storage frequency over a simulated day ------------------------------------------
 
-class DayClock(object):
-    """Wall time that only moves when the agent waits."""
-
-    def __init__(self):
-        self.t = datetime.datetime(2026, 11, 27, 0, 0, 0, tzinfo=vsa.UTC)
-        self.mono = 0.0
-
-    def now(self):
-        return self.t
-
-    def monotonic(self):
-        return self.mono
-
-
-class DaySignals(vsa.Signals):
-    def __init__(self, clock, until):
-        vsa.Signals.__init__(self)
-        self.clock, self.until = clock, until
-
-    def wait(self, seconds, wake_on_reload=True):
-        self.clock.t += datetime.timedelta(seconds=seconds)
-        self.clock.mono += seconds
-        if self.clock.t >= self.until:
-            self.stop_requested = True
-
-
 @pytest.mark.slow
 def test_per_storage_frequencies_over_a_simulated_day(bao_cluster, approle, tmp_path):
     config = write_config(tmp_path, bao_cluster.leader().addr, approle, frequency="24h",
                           local_storage={"path": str(tmp_path / "hourly"), "frequency": "1h",
                                          "retain_days": 1})
     raw = json.loads(read(config))
-    clock = DayClock()
-    signals = DaySignals(clock, clock.t + datetime.timedelta(days=1))
+    # Wall time that only moves when the agent waits, for one day.
+    clock = FakeClock(datetime.datetime(2026, 11, 27, 0, 0, 0, tzinfo=vsa.UTC))
+    signals = FakeSignals(clock, until=clock.monotonic() + 86400)
 
     def loader(runtime):
         cfg, storages = vsa.load_all(config, runtime)
@@ -237,4 +213,3 @@ def test_per_storage_frequencies_over_a_simulated_day(bao_cluster, approle, tmp_
     times = [vsa.parse_snapshot_name(n) for n in hourly]
     assert all(b - a == datetime.timedelta(hours=1) for a, b in zip(times, times[1:]))
     assert raw["local_storage"]["retain_days"] == 1
-    signals.close()

@@ -8,17 +8,10 @@ import pytest
 
 import vault_snapshot_agent as vsa
 from archives import write_archive
+from harness import FakeSignals
 
 UTC = vsa.UTC
 BASE = datetime.datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
-
-
-class NoSignals(object):
-    stop_requested = False
-
-    def check(self):
-        if self.stop_requested:
-            raise vsa.Stopped("stop")
 
 
 def ref(name):
@@ -52,7 +45,7 @@ def staged(path):
 
 
 def make_store(tmp_path, retain=2, signals=None):
-    runtime = vsa.Runtime({}, vsa.Clock(), signals or NoSignals())
+    runtime = vsa.Runtime({}, vsa.Clock(), signals or FakeSignals())
     return vsa.LocalStorage(str(tmp_path / "snaps"), vsa.Policy(retain, 0, 3600.0), runtime)
 
 
@@ -82,7 +75,7 @@ def test_upload_across_filesystems_copies_atomically(tmp_path, monkeypatch):
 
 
 def test_stopped_copy_leaves_nothing(tmp_path, monkeypatch):
-    signals = NoSignals()
+    signals = FakeSignals()
     store = make_store(tmp_path, signals=signals)
     src = tmp_path / "staged"
     write_archive(str(src))
