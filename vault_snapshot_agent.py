@@ -369,7 +369,7 @@ def read_secret_file(path, what):
         with open(path, "r") as handle:
             value = handle.read(65536).strip()
     except (IOError, OSError) as exc:
-        raise ConfigError("%s %s: cannot read: %s" % (what, path, exc.strerror or exc))
+        raise ConfigError("%s %s: cannot read: %s" % (what, path, exc.strerror or exc)) from exc
     if not value:
         raise ConfigError("%s %s: file is empty" % (what, path))
     if has_control(value):
@@ -428,7 +428,7 @@ def parse_xml(data, what):
     try:
         return ElementTree.fromstring(data)
     except ElementTree.ParseError as exc:
-        raise StorageError("%s: answer is not valid XML (%s)" % (what, exc))
+        raise StorageError("%s: answer is not valid XML (%s)" % (what, exc)) from exc
 
 
 # =============================================================================
@@ -606,14 +606,14 @@ def make_ssl_context(tls):
                 context.load_verify_locations(cafile=tls.ca_cert, capath=tls.ca_path)
             except (ssl.SSLError, OSError) as exc:
                 raise ConfigError("ca_cert: cannot load %s: %s"
-                                  % (tls.ca_cert or tls.ca_path, _exc_text(exc)))
+                                  % (tls.ca_cert or tls.ca_path, _exc_text(exc))) from exc
         else:
             context.load_default_certs()
     if tls.client_cert:
         try:
             context.load_cert_chain(tls.client_cert, tls.client_key)
         except (ssl.SSLError, OSError) as exc:
-            raise ConfigError("client_cert: cannot load %s: %s" % (tls.client_cert, _exc_text(exc)))
+            raise ConfigError("client_cert: cannot load %s: %s" % (tls.client_cert, _exc_text(exc))) from exc
     return context
 
 
@@ -657,7 +657,7 @@ class Response(object):
         except (socket.timeout, OSError, http.client.HTTPException) as exc:
             raise TransportError("%s %s: reading the answer failed: %s"
                                  % (self.method, redact_url(self.url), _exc_text(exc) or type(exc).__name__),
-                                 retryable=True)
+                                 retryable=True) from exc
 
     def body(self, limit=MAX_JSON_BYTES):
         """The whole body, refusing more than ``limit`` bytes."""
@@ -682,7 +682,7 @@ class Response(object):
             raise TransportError("%s %s: HTTP %d with a body that is not JSON: %s"
                                  % (self.method, redact_url(self.url), self.status,
                                     one_line(data[:200].decode("utf-8", "replace"))),
-                                 status=self.status)
+                                 status=self.status) from None
 
     def abort(self):
         """Cut the connection now; a read blocked in another frame returns at once."""
@@ -737,7 +737,7 @@ class Http(object):
             parts = urllib.parse.urlsplit(url)
             parts.port
         except ValueError as exc:
-            raise TransportError("%s %s: invalid URL (%s)" % (method, redact_url(url), exc))
+            raise TransportError("%s %s: invalid URL (%s)" % (method, redact_url(url), exc)) from exc
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
@@ -760,16 +760,16 @@ class Http(object):
         except ssl.SSLError as exc:     # before ValueError: a certificate error is both
             conn.close()
             raise TransportError("%s %s: TLS error: %s" % (method, redact_url(url), _exc_text(exc)),
-                                 retryable=False)
+                                 retryable=False) from exc
         except ValueError:          # http.client's header checks; its text may hold a value
             conn.close()
             raise TransportError("%s %s: http.client refused the request headers"
-                                 % (method, redact_url(url)))
+                                 % (method, redact_url(url))) from None
         except (socket.timeout, OSError, http.client.HTTPException) as exc:
             conn.close()
             raise TransportError("%s %s: %s" % (method, redact_url(url),
                                                 _exc_text(exc) or type(exc).__name__),
-                                 retryable=True)
+                                 retryable=True) from exc
         return Response(method, url, conn, raw, sock)
 
 
@@ -956,7 +956,7 @@ class Section(object):
             try:
                 return parse_bool(value)
             except ValueError:
-                raise ConfigError("%s: environment value %r is not a boolean" % (source, value))
+                raise ConfigError("%s: environment value %r is not a boolean" % (source, value)) from None
         if not isinstance(value, bool):
             raise self.error(key, "must be true or false, got %s" % _json_type(value))
         return value
@@ -974,7 +974,8 @@ class Section(object):
         try:
             seconds = parse_duration(value)
         except ValueError:
-            raise self.error(key, "invalid duration %r (use Go syntax: 30s, 15m, 1h30m, 500ms)" % value)
+            raise self.error(key, "invalid duration %r (use Go syntax: 30s, 15m, 1h30m, 500ms)"
+                             % value) from None
         if seconds < minimum:
             raise self.error(key, "must be at least %s, got %r" % (format_duration(minimum), value))
         if not seconds <= maximum:
@@ -1014,7 +1015,7 @@ def check_url(value, where):
         parts = urllib.parse.urlsplit(value)
         parts.port
     except ValueError as exc:
-        raise ConfigError("%s: invalid URL %s: %s" % (where, redact_url(value), exc))
+        raise ConfigError("%s: invalid URL %s: %s" % (where, redact_url(value), exc)) from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError("%s: must be an http:// or https:// URL, got %s" % (where, redact_url(value)))
     return value.rstrip("/")
@@ -1201,15 +1202,15 @@ def load_config(path, env=None):
             data = handle.read(16 * 1024 * 1024)
             mode = os.fstat(handle.fileno()).st_mode
     except (IOError, OSError) as exc:
-        raise ConfigError("config file %s: cannot read: %s" % (path, exc.strerror or exc))
+        raise ConfigError("config file %s: cannot read: %s" % (path, exc.strerror or exc)) from exc
     try:
         raw = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError:
-        raise ConfigError("config file %s: not UTF-8 text" % path)
+        raise ConfigError("config file %s: not UTF-8 text" % path) from None
     except ValueError as exc:
-        raise ConfigError("config file %s: invalid JSON: %s" % (path, exc))
+        raise ConfigError("config file %s: invalid JSON: %s" % (path, exc)) from exc
     except RecursionError:
-        raise ConfigError("config file %s: JSON nested too deeply" % path)
+        raise ConfigError("config file %s: JSON nested too deeply" % path) from None
     if not isinstance(raw, dict):
         raise ConfigError("config file %s: top level must be a JSON object, got %s"
                           % (path, _json_type(raw)))
@@ -1322,7 +1323,6 @@ def _check_outputs(top, cfg):
 
 SIGV4_ALGORITHM = "AWS4-HMAC-SHA256"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 
 
 def uri_encode(text, safe="-_.~"):
@@ -1462,7 +1462,7 @@ def load_rsa_private_key(pem):
     try:
         der = base64.b64decode("".join(match.group(2).split()), validate=True)
     except (ValueError, TypeError):
-        raise ValueError("the PEM block is not valid base64")
+        raise ValueError("the PEM block is not valid base64") from None
     _, body, _ = _der_read(der, 0, 0x30)
     if not match.group(1):             # PKCS#8: version, AlgorithmIdentifier, OCTET STRING
         _, _, pos = _der_read(body, 0, 0x02)
@@ -1725,7 +1725,7 @@ class AwsCredentialChain(object):
             try:
                 expires = _parse_time(expiration)
             except ValueError:
-                raise StorageError("%s: unreadable Expiration" % source)
+                raise StorageError("%s: unreadable Expiration" % source) from None
         return AwsCredentials(key, Secret(secret), Secret(token) if token else None, expires, source)
 
 
@@ -1733,7 +1733,7 @@ def _json_object(resp, what):
     try:
         data = resp.json()
     except TransportError as exc:
-        raise StorageError("%s: %s" % (what, exc))
+        raise StorageError("%s: %s" % (what, exc)) from exc
     if not isinstance(data, dict):
         raise StorageError("%s: answer is not a JSON object" % what)
     return data
@@ -1748,7 +1748,7 @@ def read_ini_section(path, section):
     except (IOError, OSError):
         return {}
     except configparser.Error as exc:
-        raise StorageError("%s: cannot parse: %s" % (path, one_line(exc)))
+        raise StorageError("%s: cannot parse: %s" % (path, one_line(exc))) from exc
     if not parser.has_section(section):
         return {}
     return dict(parser.items(section))
@@ -1792,7 +1792,7 @@ def _oauth_answer(http, method, url, headers, body, what):
     try:
         resp = http.request(method, url, headers, body, timeout=30)
     except TransportError as exc:
-        raise StorageError("%s: %s" % (what, exc), exc.retryable)
+        raise StorageError("%s: %s" % (what, exc), exc.retryable) from exc
     with resp:
         try:
             data = resp.json()
@@ -1877,7 +1877,7 @@ def google_token_source(credentials_file, env, http, clock, metadata_host):
             pem = info.get("private_key")
             key = load_rsa_private_key(pem if isinstance(pem, str) else "")
         except ValueError as exc:
-            raise ConfigError("credentials file %s: private_key: %s" % (path, exc))
+            raise ConfigError("credentials file %s: private_key: %s" % (path, exc)) from exc
         email, token_uri = info.get("client_email"), info.get("token_uri") or GOOGLE_TOKEN_URI
         if not email:
             raise ConfigError("credentials file %s: client_email missing" % path)
@@ -1916,9 +1916,9 @@ def read_credentials_file(path):
         with open(path, "r") as handle:
             info = json.load(handle)
     except (IOError, OSError) as exc:
-        raise ConfigError("credentials file %s: cannot read: %s" % (path, exc.strerror or exc))
+        raise ConfigError("credentials file %s: cannot read: %s" % (path, exc.strerror or exc)) from exc
     except ValueError:
-        raise ConfigError("credentials file %s: not valid JSON" % path)
+        raise ConfigError("credentials file %s: not valid JSON" % path) from None
     if not isinstance(info, dict):
         raise ConfigError("credentials file %s: not a JSON object" % path)
     return info
@@ -1983,7 +1983,7 @@ class VaultClient(object):
         except VaultError as exc:
             if exc.status == 503:
                 raise VaultError("Vault at %s is sealed or not initialised (HTTP 503 on sys/leader)"
-                                 % self.cfg.addr, 503)
+                                 % self.cfg.addr, 503) from exc
             raise
 
     def is_leader(self):
@@ -2037,7 +2037,7 @@ class VaultClient(object):
             answer = self._call("POST", "/v1/auth/%s/login" % mount, payload, token=False,
                                 namespace=True)
         except VaultError as exc:
-            raise VaultError("%s login at auth/%s failed: %s" % (method, mount, exc), exc.status)
+            raise VaultError("%s login at auth/%s failed: %s" % (method, mount, exc), exc.status) from exc
         auth = answer.get("auth") if isinstance(answer, dict) else None
         if not isinstance(auth, dict) or not auth.get("client_token"):
             raise VaultError("%s login at auth/%s: answer has no auth.client_token" % (method, mount))
@@ -2252,7 +2252,7 @@ class ArchiveVerifier(object):
                     break
                 out = self._inflate.decompress(tail, CHUNK_SIZE)
         except zlib.error as exc:
-            raise SnapshotError("snapshot is not a valid gzip stream: %s" % exc)
+            raise SnapshotError("snapshot is not a valid gzip stream: %s" % exc) from exc
         if self._inflate.eof and self._inflate.unused_data.strip(b"\0"):
             raise SnapshotError("snapshot has unexpected data after the end of the gzip stream")
 
@@ -2300,7 +2300,7 @@ class ArchiveVerifier(object):
         try:
             stored = int(header[148:156].split(b"\0")[0].strip() or b"0", 8)
         except ValueError:
-            raise SnapshotError("snapshot tar header is corrupt (bad checksum field)")
+            raise SnapshotError("snapshot tar header is corrupt (bad checksum field)") from None
         computed = sum(header[:148]) + 8 * 32 + sum(header[156:])
         if stored != computed:
             raise SnapshotError("snapshot tar header checksum mismatch")
@@ -2383,7 +2383,7 @@ class ArchiveVerifier(object):
         try:
             meta = json.loads(bytes(self.members["meta.json"].data).decode("utf-8"))
         except (ValueError, RecursionError):
-            raise SnapshotError("snapshot meta.json is not valid JSON")
+            raise SnapshotError("snapshot meta.json is not valid JSON") from None
         if not isinstance(meta, dict):
             raise SnapshotError("snapshot meta.json is not a JSON object")
         for key in ("Index", "Term", "Size"):
@@ -2400,7 +2400,7 @@ class ArchiveVerifier(object):
         try:
             text = bytes(self.members["SHA256SUMS"].data).decode("ascii")
         except UnicodeDecodeError:
-            raise SnapshotError("snapshot SHA256SUMS is not ASCII text")
+            raise SnapshotError("snapshot SHA256SUMS is not ASCII text") from None
         sums = {}
         for number, line in enumerate(text.split("\n"), 1):
             if not line.strip():
@@ -2426,7 +2426,7 @@ def _tar_number(field):
     try:
         return int(text or b"0", 8)
     except ValueError:
-        raise SnapshotError("snapshot tar header is corrupt (bad size field)")
+        raise SnapshotError("snapshot tar header is corrupt (bad size field)") from None
 
 
 def _parse_pax(data):
@@ -2440,7 +2440,7 @@ def _parse_pax(data):
         try:
             length = int(data[pos:space])
         except ValueError:
-            raise SnapshotError("snapshot tar extended header is corrupt")
+            raise SnapshotError("snapshot tar extended header is corrupt") from None
         if length <= 0:
             break
         record = data[space + 1:pos + length].rstrip(b"\n")
@@ -2500,7 +2500,7 @@ def stream_snapshot(resp, directory, signals, progress=None):
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
-        raise SnapshotError("cannot create a temporary file in %s: %s" % (directory, exc.strerror))
+        raise SnapshotError("cannot create a temporary file in %s: %s" % (directory, exc.strerror)) from exc
     one_pass = _Pass(signals)
     try:
         with os.fdopen(fd, "wb") as out, signals.aborting(resp.abort):
@@ -2510,7 +2510,7 @@ def stream_snapshot(resp, directory, signals, progress=None):
     except (IOError, OSError) as exc:     # the disk: full, file too large, I/O error
         _unlink_quietly(path)
         raise SnapshotError("cannot write the snapshot to %s (in %s, after %s): %s" % (
-            os.path.basename(path), directory, format_size(one_pass.size), exc.strerror or exc))
+            os.path.basename(path), directory, format_size(one_pass.size), exc.strerror or exc)) from exc
     except BaseException:
         _unlink_quietly(path)
         raise
@@ -2524,7 +2524,7 @@ def verify_file(path):
         with open(path, "rb") as handle:
             index, term, state_size = one_pass.run(lambda: handle.read(CHUNK_SIZE), lambda chunk: None)
     except (IOError, OSError) as exc:
-        raise SnapshotError("%s: cannot read: %s" % (path, exc.strerror or exc))
+        raise SnapshotError("%s: cannot read: %s" % (path, exc.strerror or exc)) from exc
     return SnapshotInfo(path, one_pass.size, one_pass.digest.hexdigest(), index, term, state_size)
 
 
@@ -2871,7 +2871,7 @@ class LocalStorage(Storage):
             LOG.info("Created snapshot directory %s", self.path)
         except OSError as exc:
             if exc.errno != errno.EEXIST:
-                raise StorageError("cannot create %s: %s" % (self.path, exc.strerror))
+                raise StorageError("cannot create %s: %s" % (self.path, exc.strerror)) from exc
 
     def prepare(self):
         """Remove staging files left by a crashed run of this host."""
@@ -2880,7 +2880,7 @@ class LocalStorage(Storage):
         try:
             names = os.listdir(self.path)
         except OSError as exc:
-            raise StorageError("cannot list %s: %s" % (self.path, exc.strerror))
+            raise StorageError("cannot list %s: %s" % (self.path, exc.strerror)) from exc
         for name in names:
             match = TEMP_NAME_RE.match(name)
             if not match or match.group("host") != host[:40]:
@@ -2902,7 +2902,10 @@ class LocalStorage(Storage):
         except OSError:
             self._copy(path, final)
         else:
-            os.chmod(final, 0o600)
+            try:
+                os.chmod(final, 0o600)
+            except OSError as exc:
+                raise StorageError("cannot make %s private: %s" % (final, exc.strerror)) from exc
         fsync_dir(self.path)
         return final
 
@@ -2922,7 +2925,7 @@ class LocalStorage(Storage):
             os.rename(temp, final)
         except (IOError, OSError) as exc:
             _unlink_quietly(temp)
-            raise StorageError("cannot write %s: %s" % (final, exc.strerror or exc))
+            raise StorageError("cannot write %s: %s" % (final, exc.strerror or exc)) from exc
         except BaseException:
             _unlink_quietly(temp)
             raise
@@ -2932,7 +2935,8 @@ class LocalStorage(Storage):
             with open(os.path.join(self.path, name), "rb") as src:
                 copy_stream(src.read, sink.write, self.signals)
         except (IOError, OSError) as exc:
-            raise StorageError("cannot read %s: %s" % (os.path.join(self.path, name), exc.strerror or exc))
+            raise StorageError("cannot read %s: %s" % (os.path.join(self.path, name),
+                                                        exc.strerror or exc)) from exc
 
     def list(self):
         try:
@@ -2940,7 +2944,7 @@ class LocalStorage(Storage):
         except OSError as exc:
             if exc.errno == errno.ENOENT:
                 return []           # not created yet: no snapshots
-            raise StorageError("cannot list %s: %s" % (self.path, exc.strerror))
+            raise StorageError("cannot list %s: %s" % (self.path, exc.strerror)) from exc
         refs = []
         for name in names:
             when = parse_snapshot_name(name)
@@ -2964,7 +2968,7 @@ class LocalStorage(Storage):
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     raise StorageError("cannot delete %s: %s"
-                                       % (os.path.join(self.path, name), exc.strerror))
+                                       % (os.path.join(self.path, name), exc.strerror)) from exc
         if names:
             fsync_dir(self.path)
 
@@ -2991,7 +2995,6 @@ def build_storages(cfg, runtime):
 
 
 S3_MAX_PARTS = 10000
-S3_MIN_PART = 5 * 1024 * 1024
 S3_DELETE_BATCH = 1000
 S3_RETRYABLE_CODES = ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable")
 S3_HINTS = {
@@ -3501,7 +3504,7 @@ class AzureStorage(Storage):
             try:
                 conn = parse_connection_string(values["connection_string"].reveal())
             except ValueError as exc:
-                raise section.error("connection_string", "cannot parse: %s" % exc)
+                raise section.error("connection_string", "cannot parse: %s" % exc) from exc
         container = values["container_name"]
         if not container:
             raise section.error("container_name", "required")
@@ -3512,7 +3515,7 @@ class AzureStorage(Storage):
             try:
                 base64.b64decode(key.reveal(), validate=True)
             except (ValueError, TypeError):
-                raise section.error("account_key", "is not base64 (copy the key as shown by Azure)")
+                raise section.error("account_key", "is not base64 (copy the key as shown by Azure)") from None
         sas = values["sas_token"] or (Secret(conn["SharedAccessSignature"])
                                       if conn.get("SharedAccessSignature") else None)
         if sas is not None:
@@ -3769,7 +3772,7 @@ class GoogleStorage(Storage):
                 fetch, what = google_token_source(values["credentials_file"], env, auth_http,
                                                   runtime.clock, values["metadata_host"])
             except ConfigError as exc:
-                raise section.error("credentials_file", str(exc))
+                raise section.error("credentials_file", str(exc)) from exc
             token = BearerToken(fetch, runtime.clock, what)
         return cls(bucket, values["prefix"].strip("/"), endpoint.rstrip("/"), token,
                    Http(tls, cfg.timeout), policy, runtime, values,
@@ -3829,7 +3832,7 @@ class GoogleStorage(Storage):
         try:
             result = json.loads(data.decode("utf-8"))
         except ValueError:
-            raise StorageError("GCS upload of %s: answer is not JSON" % obj)
+            raise StorageError("GCS upload of %s: answer is not JSON" % obj) from None
         return result if isinstance(result, dict) else {}
 
     def _set_storage_class(self, obj):
@@ -3937,7 +3940,7 @@ class GoogleStorage(Storage):
             try:
                 answer = json.loads(data.decode("utf-8"))
             except (ValueError, RecursionError):
-                raise StorageError("%s: answer is not JSON" % what)
+                raise StorageError("%s: answer is not JSON" % what) from None
             if not isinstance(answer, dict) or not isinstance(answer.get("items") or [], list):
                 raise StorageError("%s: answer is not a list of objects" % what)
             items = [(item.get("name"), item.get("size")) for item in answer.get("items") or []
@@ -3967,22 +3970,30 @@ def _confirmed(range_header):
 # =============================================================================
 
 
-def plan_retention(snapshots, retain, keep=None, max_age=None, now=None):
-    """Names to delete: beyond the newest ``retain`` snapshots, or older than
-    ``max_age`` (a timedelta) at ``now``.
+def retention_plan(snapshots, retain, keep=None, max_age=None, now=None):
+    """{name to delete: the rule that deletes it ("retain" or "retain_days")}:
+    beyond the newest ``retain`` snapshots, or older than ``max_age`` (a
+    timedelta) at ``now``; in the order of the snapshots, newest first.
 
     Ordered by the UTC time inside each name (ties by name); ``retain`` 0 and
     no ``max_age`` keep everything; ``keep`` (the snapshot just written) is
     never deleted, so age-based retention cannot empty a storage.
     """
     ordered = sorted(snapshots, key=lambda ref: (ref.when, ref.name), reverse=True)
-    doomed = []
+    doomed = collections.OrderedDict()
     for position, ref in enumerate(ordered):
-        too_many = retain > 0 and position >= retain
-        too_old = max_age is not None and now - ref.when > max_age
-        if (too_many or too_old) and ref.name != keep:
-            doomed.append(ref.name)
+        if ref.name == keep:
+            continue
+        if retain > 0 and position >= retain:
+            doomed[ref.name] = "retain"
+        elif max_age is not None and now - ref.when > max_age:
+            doomed[ref.name] = "retain_days"
     return doomed
+
+
+def plan_retention(snapshots, retain, keep=None, max_age=None, now=None):
+    """The names retention_plan() deletes."""
+    return list(retention_plan(snapshots, retain, keep, max_age, now))
 
 
 def without_future(refs, now, where):
@@ -4007,11 +4018,16 @@ def apply_retention(storage, keep, now=None):
     if storage.retain <= 0 and max_age is None:
         return []
     refs = without_future(storage.list(), now, storage.describe())
-    doomed = plan_retention(refs, storage.retain, keep, max_age, now)
+    plan = retention_plan(refs, storage.retain, keep, max_age, now)
+    doomed = list(plan)
     if doomed:
         storage.delete(doomed)
-        LOG.info("Retention on %s: kept %d, deleted %d (%s)", storage.describe(), storage.retain,
-                 len(doomed), ", ".join(doomed[:5]) + (" ..." if len(doomed) > 5 else ""))
+        rules = [("retain", storage.retain), ("retain_days", storage.retain_days)]
+        LOG.info("Retention on %s: kept %d; deleted %d (%s): %s", storage.describe(),
+                 len(refs) - len(doomed), len(doomed), ", ".join(
+                     "%d by %s=%d" % (list(plan.values()).count(rule), rule, limit)
+                     for rule, limit in rules if limit),
+                 ", ".join(doomed[:5]) + (" ..." if len(doomed) > 5 else ""))
     return doomed
 
 
@@ -4220,7 +4236,7 @@ class MetricsServer(object):
             self.server = Server(bind, Handler)
         except (OSError, socket.error) as exc:
             raise ConfigError("metrics_address: cannot listen on %s:%d: %s"
-                              % (bind[0], bind[1], exc.strerror or exc))
+                              % (bind[0], bind[1], exc.strerror or exc)) from exc
         self.thread = threading.Thread(target=self.server.serve_forever, name="metrics")
         self.thread.daemon = True
         self.thread.start()
@@ -4400,7 +4416,7 @@ class Agent(object):
             try:
                 refs = without_future(storage.list(), now, key)
                 newest = max([ref.when for ref in refs] or [None], key=lambda w: w or EPOCH)
-            except (AgentError, OSError) as exc:
+            except AgentError as exc:
                 LOG.warning("Cannot list %s to plan the schedule (%s); snapshotting now",
                             key, _error_text(exc))
                 newest = None
@@ -4528,7 +4544,7 @@ class Agent(object):
             LOG.info("Not running on leader node, skipping.")
             LOG.debug("%s", exc)
             return CycleResult("skipped", None, [], [], [])
-        except (AgentError, OSError) as exc:
+        except AgentError as exc:
             if not self.signals.stop_requested:     # else: the stop cut a connection or a write
                 LOG.error("Snapshot cycle failed: %s", _error_text(exc))
                 return CycleResult("failed", None, [], [_error_text(exc)], [])
@@ -4585,15 +4601,15 @@ def _store_one(storage, info, name):
         raise
     except Exception as exc:
         if storage.signals.stop_requested:
-            raise Stopped("stop requested")
-        if not isinstance(exc, (AgentError, OSError)):
+            raise Stopped("stop requested") from exc
+        if not isinstance(exc, AgentError):
             LOG.debug("Traceback", exc_info=True)
         LOG.error("Storing snapshot in %s failed: %s", storage.describe(), _error_text(exc))
         return False, _error_text(exc)
     LOG.info("Successfully created %s snapshot to %s", storage.kind, location)
     try:
         apply_retention(storage, keep=name, now=storage.clock.now())
-    except (StorageError, TransportError, OSError) as exc:
+    except AgentError as exc:
         LOG.error("Retention on %s failed: %s", storage.describe(), _error_text(exc))
         return True, "retention: %s" % _error_text(exc)
     return True, None
@@ -4630,7 +4646,7 @@ def list_snapshots(storages):
     for storage in storages:
         try:
             found.extend((storage, ref) for ref in storage.list())
-        except (StorageError, TransportError, OSError) as exc:
+        except AgentError as exc:
             errors.append("%s: %s" % (storage.describe(), _error_text(exc)))
     found.sort(key=lambda item: (item[1].when, item[1].name), reverse=True)
     return found, errors
@@ -4666,7 +4682,10 @@ def fetch_snapshot(storages, name, directory, output=None, now=None):
     storage, ref = candidates[0]
     final = output or os.path.join(directory, ref.name)
     temp = os.path.join(os.path.dirname(os.path.abspath(final)), temp_name())
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise StorageError("cannot create a file next to %s: %s" % (final, exc.strerror)) from exc
     try:
         with os.fdopen(fd, "wb") as sink:
             storage.download(ref.name, sink)
@@ -4674,6 +4693,9 @@ def fetch_snapshot(storages, name, directory, output=None, now=None):
             os.fsync(sink.fileno())
         info = verify_file(temp)
         os.rename(temp, final)
+    except OSError as exc:          # the local disk: full, a directory in the way...
+        _unlink_quietly(temp)
+        raise StorageError("cannot write %s: %s" % (final, exc.strerror or exc)) from exc
     except BaseException:
         _unlink_quietly(temp)
         raise
@@ -4714,7 +4736,10 @@ def cmd_restore(cfg, storages, target, force, out, env=None):
         info = verify_file(target)
     else:
         import tempfile
-        temp_dir = tempfile.mkdtemp(prefix="vault-snapshot-restore-")
+        try:
+            temp_dir = tempfile.mkdtemp(prefix="vault-snapshot-restore-")
+        except OSError as exc:
+            raise SnapshotError("cannot create a temporary directory: %s" % exc.strerror) from exc
         info, storage = fetch_snapshot(storages, target, temp_dir)
         LOG.info("Downloaded and verified %s from %s", os.path.basename(info.path), storage.describe())
     try:
@@ -4922,8 +4947,13 @@ def _run_command(args, cfg, storages, runtime, out):
     except Stopped:
         LOG.warning("Stopped; nothing partial was kept")
         return EXIT_OK
-    except (AgentError, OSError) as exc:
+    except AgentError as exc:
         LOG.error("%s failed: %s", args.command, _error_text(exc))
+        return EXIT_FAILED
+    except Exception as exc:          # a bug: still one line (the traceback at debug level)
+        LOG.error("%s failed with an unexpected %s: %s", args.command, type(exc).__name__,
+                  _error_text(exc))
+        LOG.debug("Traceback", exc_info=True)
         return EXIT_FAILED
 
 

@@ -1,4 +1,4 @@
-"""Section 8: streaming verification of snapshot archives."""
+"""Section 11: streaming verification of snapshot archives."""
 
 import gzip
 import hashlib
