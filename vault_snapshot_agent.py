@@ -517,6 +517,11 @@ class Signals(object):
             except Exception:   # an abort hook must never break signal handling
                 pass
 
+    def idle_for(self):
+        """Seconds since the last sign of life (a check() or a wait), on the
+        same clock as the heartbeat."""
+        return time.monotonic() - self.heartbeat
+
     def check(self):
         """Raise Stopped if a stop was requested."""
         self.heartbeat = time.monotonic()
@@ -4284,7 +4289,7 @@ class SystemdNotifier(object):
     def _watchdog_loop(self):
         interval = self.watchdog / 2.0
         while not self._stopped.is_set():
-            alive = self.signals.waiting or self.clock.monotonic() - self.signals.heartbeat < self.watchdog
+            alive = self.signals.waiting or self.signals.idle_for() < self.watchdog
             if alive:
                 self.notify("WATCHDOG=1")
             self._stopped.wait(interval)
