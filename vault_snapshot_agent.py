@@ -1164,12 +1164,29 @@ STORAGE_POLICY_KEYS = (
 )
 
 
-def tls_keys(ca_env=()):
-    """The TLS keys of a storage block that talks to a server."""
-    return (
+def tls_keys(ca_env=(), token_endpoint=None):
+    """The TLS keys of a storage block that talks to a server; with
+    ``token_endpoint`` (where the block sends client secrets or signed
+    assertions) a separate key to skip verification there too."""
+    keys = (
         Key("ca_cert", "file", env=ca_env, doc="CA bundle for the endpoint"),
         Key("tls_skip_verify", "bool", False, doc="turn certificate verification off for the endpoint"),
     )
+    if token_endpoint:
+        keys += (Key("auth_tls_skip_verify", "bool", False, doc=(
+            "also skip certificate checks on %s; `tls_skip_verify` alone leaves the endpoint that "
+            "receives credentials verified" % token_endpoint)),)
+    return keys
+
+
+def storage_tls(values, endpoint):
+    """TlsOptions of a storage block (``ca_cert``, ``tls_skip_verify``); the
+    CA file is loaded now when ``endpoint`` is https, so errors are config
+    errors."""
+    tls = TlsOptions(values["ca_cert"], None, None, None, None, values["tls_skip_verify"])
+    if endpoint.startswith("https"):
+        make_ssl_context(tls)
+    return tls
 
 
 class Config(object):
@@ -3151,9 +3168,7 @@ class S3Storage(Storage):
                                 "access_key_id and secret_access_key go together")
         static = (AwsCredentials(key_id, secret, values["session_token"], None, "aws_storage keys")
                   if key_id else None)
-        tls = TlsOptions(values["ca_cert"], None, None, None, None, values["tls_skip_verify"])
-        if endpoint.startswith("https"):
-            make_ssl_context(tls)
+        tls = storage_tls(values, endpoint)
         chain = AwsCredentialChain(static, env, region, profile, Http(None, 5.0), runtime.clock,
                                    imds_endpoint=values["imds_endpoint"],
                                    container_endpoint=values["container_endpoint"],
@@ -3483,12 +3498,7 @@ class AzureStorage(Storage):
         Key("imds_endpoint", "str", "http://169.254.169.254",
             doc="managed identity endpoint (tests use loopback)"),
         Key("list_page_size", "int", 5000, minimum=1, maximum=5000, doc="List Blobs page size"),
-    ) + tls_keys() + (
-        Key("auth_tls_skip_verify", "bool", False,
-            doc="also skip certificate checks on the Entra token endpoint (`authority_host`); "
-                "`tls_skip_verify` alone leaves the endpoint that receives the client secret "
-                "verified"),
-    ) + STORAGE_POLICY_KEYS
+    ) + tls_keys(token_endpoint="the Entra token endpoint (`authority_host`)") + STORAGE_POLICY_KEYS
 
     def __init__(self, endpoint, account, container, prefix, auth, http, policy, runtime,
                  settings=None, key=None, sas=None, token=None, access_tier=None,
@@ -3528,9 +3538,7 @@ class AzureStorage(Storage):
         endpoint, account = _azure_endpoint(section, values, conn)
         values["endpoint"], values["account_name"] = endpoint, account
         values["auth_mode"] = mode = _azure_auth_mode(section, values, key, sas)
-        tls = TlsOptions(values["ca_cert"], None, None, None, None, values["tls_skip_verify"])
-        if endpoint.startswith("https"):
-            make_ssl_context(tls)
+        tls = storage_tls(values, endpoint)
         token = None
         if mode in ("managed_identity", "workload_identity", "client_secret"):
             auth_http = Http(tls._replace(skip_verify=values["auth_tls_skip_verify"]), 30.0)
@@ -3736,12 +3744,8 @@ class GoogleStorage(Storage):
         Key("chunk_size_mb", "int", 16, minimum=1, maximum=5120,
             doc="resumable chunk (multiple of 256 KiB); files up to it go in one request"),
         Key("list_page_size", "int", 1000, minimum=1, maximum=5000, doc="objects list page size"),
-    ) + tls_keys() + (
-        Key("auth_tls_skip_verify", "bool", False,
-            doc="also skip certificate checks on the key file's `token_uri` and the metadata "
-                "server; `tls_skip_verify` alone leaves the endpoint that receives the signed "
-                "assertion verified"),
-    ) + STORAGE_POLICY_KEYS
+    ) + tls_keys(token_endpoint="the key file's `token_uri` and the metadata server"
+                 ) + STORAGE_POLICY_KEYS
 
     def __init__(self, bucket, prefix, endpoint, token, http, policy, runtime, settings=None,
                  storage_class=None, chunk_size=16 * 1024 * 1024, page_size=1000):
@@ -3765,9 +3769,7 @@ class GoogleStorage(Storage):
             emulator = check_url(emulator if "://" in emulator else "http://" + emulator,
                                  "STORAGE_EMULATOR_HOST")
         values["endpoint"] = endpoint = values["endpoint"] or emulator or "https://storage.googleapis.com"
-        tls = TlsOptions(values["ca_cert"], None, None, None, None, values["tls_skip_verify"])
-        if endpoint.startswith("https"):
-            make_ssl_context(tls)
+        tls = storage_tls(values, endpoint)
         if values["anonymous"] is None:
             values["anonymous"] = bool(emulator) and not env.get("GOOGLE_APPLICATION_CREDENTIALS")
         token = None
