@@ -37,14 +37,15 @@ Sections (``grep -n '^# [0-9]*\\. '`` lists them):
     10. Vault client
     11. Snapshot stream and verification
     12. Storage backends
-    13. S3 storage
-    14. Azure Blob storage
-    15. Google Cloud Storage
-    16. Retention
-    17. Status, metrics and systemd
-    18. Agent
-    19. Restore tooling
-    20. Command line
+    13. Local storage
+    14. S3 storage
+    15. Azure Blob storage
+    16. Google Cloud Storage
+    17. Retention
+    18. Status, metrics and systemd
+    19. Agent
+    20. Restore tooling
+    21. Command line
 """
 
 from __future__ import print_function
@@ -2845,6 +2846,27 @@ def register_storage(cls):
     return cls
 
 
+def build_storages(cfg, runtime):
+    """The storage backends of ``cfg``, in registry order; then the warnings
+    for keys nobody read. Raises ConfigError."""
+    storages, sections = [], [cfg.top]
+    for key, cls in STORAGE_TYPES.items():
+        section = cfg.top.section(key)
+        if section is not None:
+            storages.append(cls.from_config(section, cfg, runtime))
+            sections.append(section)
+    if not storages:
+        raise ConfigError("no storage configured: add local_storage (or another *_storage block)")
+    for section in sections:
+        cfg.warnings.extend("unknown config key %r ignored (typo?)" % k for k in section.unknown())
+    return storages
+
+
+# =============================================================================
+# 13. Local storage
+# =============================================================================
+
+
 @register_storage
 class LocalStorage(Storage):
     """A local directory. Files are 0600, written under a hidden temporary
@@ -2995,24 +3017,8 @@ class LocalStorage(Storage):
             fsync_dir(self.path)
 
 
-def build_storages(cfg, runtime):
-    """The storage backends of ``cfg``, in registry order; then the warnings
-    for keys nobody read. Raises ConfigError."""
-    storages, sections = [], [cfg.top]
-    for key, cls in STORAGE_TYPES.items():
-        section = cfg.top.section(key)
-        if section is not None:
-            storages.append(cls.from_config(section, cfg, runtime))
-            sections.append(section)
-    if not storages:
-        raise ConfigError("no storage configured: add local_storage (or another *_storage block)")
-    for section in sections:
-        cfg.warnings.extend("unknown config key %r ignored (typo?)" % k for k in section.unknown())
-    return storages
-
-
 # =============================================================================
-# 13. S3 storage
+# 14. S3 storage
 # =============================================================================
 
 
@@ -3363,7 +3369,7 @@ def _is_ip_or_localhost(host):
 
 
 # =============================================================================
-# 14. Azure Blob storage
+# 15. Azure Blob storage
 # =============================================================================
 
 
@@ -3677,7 +3683,7 @@ def _azure_error(resp, data, action):
 
 
 # =============================================================================
-# 15. Google Cloud Storage
+# 16. Google Cloud Storage
 # =============================================================================
 
 
@@ -3973,7 +3979,7 @@ def _confirmed(range_header):
 
 
 # =============================================================================
-# 16. Retention
+# 17. Retention
 # =============================================================================
 
 
@@ -4039,7 +4045,7 @@ def apply_retention(storage, keep, now=None):
 
 
 # =============================================================================
-# 17. Status, metrics and systemd
+# 18. Status, metrics and systemd
 # =============================================================================
 
 
@@ -4328,7 +4334,7 @@ class Progress(object):
 
 
 # =============================================================================
-# 18. Agent
+# 19. Agent
 # =============================================================================
 
 
@@ -4643,7 +4649,7 @@ def _signal_name(signum):
 
 
 # =============================================================================
-# 19. Restore tooling
+# 20. Restore tooling
 # =============================================================================
 
 
@@ -4770,7 +4776,7 @@ def cmd_restore(cfg, storages, target, force, out, env=None):
 
 
 # =============================================================================
-# 20. Command line
+# 21. Command line
 # =============================================================================
 
 

@@ -1,4 +1,4 @@
-"""Section 9 and the pure parts of section 13: the AWS credential chain
+"""Section 9 and the pure parts of section 14: the AWS credential chain
 (against loopback servers speaking IMDSv2 and the container protocol), its
 refresh before expiry, S3 addressing and part sizing."""
 

@@ -1,4 +1,4 @@
-"""Issue 14, section 5: config values checked at load.
+"""Issue 14, part 5: config values checked at load.
 
 A control character in any string value, whitespace in a value that ends up
 in an HTTP header or URL path, or an absurdly large number is a config error:

@@ -1,4 +1,4 @@
-"""Issue 14, section 2: names and values from storage listings.
+"""Issue 14, part 2: names and values from storage listings.
 
 Whoever can write into a storage chooses the names and values the agent
 lists there.  A planted far-future name must not stop the schedule, crash

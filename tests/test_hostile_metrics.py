@@ -1,4 +1,4 @@
-"""Issue 14, section 3: the metrics server against hostile clients.
+"""Issue 14, part 3: the metrics server against hostile clients.
 
 The daemon runs against an address where no Vault listens: its cycles fail
 (and are retried a minute later), but the metrics server serves all along,

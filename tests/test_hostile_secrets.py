@@ -1,4 +1,4 @@
-"""Issue 14, section 4: secrets with stray whitespace or control characters,
+"""Issue 14, part 4: secrets with stray whitespace or control characters,
 the status files against a planted symlink, an SAS in the Azure endpoint,
 and certificate checks on the OAuth token endpoints.
 

@@ -1,4 +1,4 @@
-"""Sections 17 and 18: the schedule that survives restarts, per-storage
+"""Sections 18 and 19: the schedule that survives restarts, per-storage
 frequencies, the status file, Prometheus metrics and systemd notifications,
 against the real cluster."""
 

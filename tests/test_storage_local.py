@@ -1,4 +1,4 @@
-"""Sections 12 and 16: local storage and retention."""
+"""Sections 13 and 17: local storage and retention."""
 
 import datetime
 import os
