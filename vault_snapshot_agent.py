@@ -3179,6 +3179,8 @@ class S3Storage(Storage):
                                    imds_endpoint=values["imds_endpoint"],
                                    container_endpoint=values["container_endpoint"],
                                    sts_endpoint=values["sts_endpoint"])
+        values["imds_endpoint"], values["container_endpoint"], values["sts_endpoint"] = (
+            chain.imds_endpoint, chain.container_endpoint, chain.sts_endpoint)     # effective
         return cls(bucket, values["s3_key_prefix"].strip("/"), region, endpoint, path_style, chain,
                    Http(tls, cfg.timeout), policy, runtime, values, sse=sse,
                    kms_key_id=values["s3_kms_key_id"], storage_class=values["s3_storage_class"],
