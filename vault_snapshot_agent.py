@@ -338,6 +338,32 @@ def has_control(text):
     return _CONTROL_RE.search(text) is not None
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "gb": 1000 ** 3, "tb": 1000 ** 4,
+               "kib": 1024, "mib": 1024 ** 2, "gib": 1024 ** 3, "tib": 1024 ** 4}
+
+
+def parse_size(value):
+    """Bytes from a size: a whole number of bytes, or text such as '500MB',
+    '1.5GB' (powers of 1000) or '20GiB' (powers of 1024). ValueError else."""
+    if isinstance(value, bool):
+        raise ValueError("not a size")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("negative size")
+        return value
+    match = re.match(r"\A\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*\Z", value if isinstance(value, str) else "")
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ValueError("not a size")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def size_text(num):
+    """Bytes as a short size for settings: 50000000000 -> '50GB'."""
+    return format_size(num).replace(".0 ", "").replace(" ", "")
+
+
 def parse_listed_size(value):
     """An object size from a listing (XML text, JSON string or number); 0
     when it is missing or not a plain whole number."""
@@ -993,6 +1019,17 @@ class Section(object):
         value = self.string(key, default, env)
         return None if value is None else check_url(value, self.name(key))
 
+    def size(self, key, default=0):
+        """Bytes from a size ("500MB", "20GiB", a byte count); see parse_size."""
+        value, _ = self._value(key)
+        if value is None:
+            return default
+        try:
+            return parse_size(value)
+        except (ValueError, OverflowError):
+            raise self.error(key, "must be a size like \"500MB\" or \"20GiB\", or a byte count, "
+                                  "got %s" % (repr(value) if isinstance(value, str) else _json_type(value))) from None
+
     def any(self, key, default=None):
         """The raw JSON value (its block checks it)."""
         value, _ = self._value(key)
@@ -1040,6 +1077,7 @@ _READERS = {
     "bool": lambda s, n, k, d: s.boolean(n, d, k.env),
     "duration": lambda s, n, k, d: s.duration(n, d, k.options.get("minimum", 0.0)),
     "url": lambda s, n, k, d: s.url(n, d, k.env),
+    "size": lambda s, n, k, d: s.size(n, d),
     "any": lambda s, n, k, d: s.any(n, d),
 }
 
@@ -1103,6 +1141,9 @@ TOP_KEYS = (
         doc="snapshots to keep per storage; `0` keeps all"),
     Key("retain_days", "int", 0, maximum=MAX_RETAIN_DAYS,
         doc="also delete snapshots older than this many days (never the one just written); `0`: off"),
+    Key("max_space", "size", 0,
+        doc="also delete the oldest snapshots while the storage's snapshots add up to more than this "
+            "(`\"500MB\"`, `\"20GiB\"`, bytes); the one just written is always kept; `0`: no cap"),
     Key("jitter", "duration", "0s",
         doc="add a random delay up to this to every scheduled time, so a fleet spreads out"),
     Key("retry_interval", "duration", DEFAULT_RETRY_INTERVAL,
@@ -1160,6 +1201,8 @@ STORAGE_POLICY_KEYS = (
         doc="snapshots to keep in this storage; `0` keeps all"),
     Key("retain_days", "int", maximum=MAX_RETAIN_DAYS, default_doc="global `retain_days`",
         doc="also delete snapshots older than this many days here"),
+    Key("max_space", "size", default_doc="global `max_space`",
+        doc="size cap for the snapshots in this storage"),
     Key("frequency", "duration", minimum=1.0, default_doc="global `frequency`",
         doc="time between snapshots for this storage (e.g. local hourly, S3 daily)"),
 )
@@ -2565,9 +2608,11 @@ def _unlink_quietly(path):
 
 SnapshotRef = collections.namedtuple("SnapshotRef", "name when size")
 
-Policy = collections.namedtuple("Policy", "retain retain_days frequency")
+Policy = collections.namedtuple("Policy", "retain retain_days frequency max_space")
+Policy.__new__.__defaults__ = (0,)
 # When a storage gets snapshots (every ``frequency`` seconds) and which it
-# keeps (the newest ``retain``, none older than ``retain_days``; 0: no limit).
+# keeps (the newest ``retain``, none older than ``retain_days``, the newest
+# that fit in ``max_space`` bytes; 0: no limit).
 
 
 class Storage(object):
@@ -2590,7 +2635,7 @@ class Storage(object):
     keys = STORAGE_POLICY_KEYS
 
     def __init__(self, policy, runtime, settings=None):
-        self.retain, self.retain_days, self.frequency = policy
+        self.retain, self.retain_days, self.frequency, self.max_space = policy
         self.env, self.clock, self.signals = runtime.env, runtime.clock, runtime.signals
         self.settings = settings or Settings()
 
@@ -2599,8 +2644,10 @@ class Storage(object):
         """The block's values (every key of ``keys``) and its Policy; the
         policy keys default to the global ones."""
         values = read_block(section, cls.keys, {
-            "retain": cfg.retain, "retain_days": cfg.retain_days, "frequency": cfg.frequency})
-        return values, Policy(values["retain"], values["retain_days"], values["frequency"])
+            "retain": cfg.retain, "retain_days": cfg.retain_days, "frequency": cfg.frequency,
+            "max_space": cfg.max_space})
+        return values, Policy(values["retain"], values["retain_days"], values["frequency"],
+                              values["max_space"])
 
     def backoff(self, seconds):
         """Wait before a retry; raises Stopped as soon as a stop is requested."""
@@ -3985,17 +4032,21 @@ def _confirmed(range_header):
 # =============================================================================
 
 
-def retention_plan(snapshots, retain, keep=None, max_age=None, now=None):
-    """{name to delete: the rule that deletes it ("retain" or "retain_days")}:
-    beyond the newest ``retain`` snapshots, or older than ``max_age`` (a
-    timedelta) at ``now``; in the order of the snapshots, newest first.
+def retention_plan(snapshots, retain, keep=None, max_age=None, now=None, max_space=0):
+    """{name to delete: the rule that deletes it}, newest first: beyond the
+    newest ``retain`` snapshots ("retain"), older than ``max_age`` (a
+    timedelta) at ``now`` ("retain_days"), or beyond the newest that add up
+    to at most ``max_space`` bytes ("max_space"). A snapshot goes when any
+    rule says so; a rule at 0 (or None) keeps everything.
 
-    Ordered by the UTC time inside each name (ties by name); ``retain`` 0 and
-    no ``max_age`` keep everything; ``keep`` (the snapshot just written) is
-    never deleted, so age-based retention cannot empty a storage.
+    Ordered by the UTC time inside each name (ties by name); ``keep`` (the
+    snapshot just written) is never deleted and counts first against
+    ``max_space``, so no rule can empty a storage.
     """
     ordered = sorted(snapshots, key=lambda ref: (ref.when, ref.name), reverse=True)
     doomed = collections.OrderedDict()
+    kept_size = sum(ref.size for ref in ordered if ref.name == keep)
+    full = False            # max_space reached: everything older goes
     for position, ref in enumerate(ordered):
         if ref.name == keep:
             continue
@@ -4003,12 +4054,16 @@ def retention_plan(snapshots, retain, keep=None, max_age=None, now=None):
             doomed[ref.name] = "retain"
         elif max_age is not None and now - ref.when > max_age:
             doomed[ref.name] = "retain_days"
+        elif max_space and (full or kept_size + ref.size > max_space):
+            doomed[ref.name], full = "max_space", True
+        else:
+            kept_size += ref.size
     return doomed
 
 
-def plan_retention(snapshots, retain, keep=None, max_age=None, now=None):
+def plan_retention(snapshots, retain, keep=None, max_age=None, now=None, max_space=0):
     """The names retention_plan() deletes."""
-    return list(retention_plan(snapshots, retain, keep, max_age, now))
+    return list(retention_plan(snapshots, retain, keep, max_age, now, max_space))
 
 
 def without_future(refs, now, where):
@@ -4027,22 +4082,29 @@ def without_future(refs, now, where):
 
 
 def apply_retention(storage, keep, now=None):
-    """List, plan and delete on one storage; returns the deleted names."""
+    """List, plan and delete on one storage; returns the deleted names. Logs
+    one line: what is kept, and what each rule deleted."""
     now = now or Clock().now()
-    max_age = datetime.timedelta(days=storage.retain_days) if storage.retain_days else None
-    if storage.retain <= 0 and max_age is None:
+    rules = [("retain", storage.retain, str(storage.retain)),
+             ("retain_days", storage.retain_days, str(storage.retain_days)),
+             ("max_space", storage.max_space, size_text(storage.max_space))]
+    rules = [(rule, text) for rule, limit, text in rules if limit]
+    if not rules:
         return []
     refs = without_future(storage.list(), now, storage.describe())
-    plan = retention_plan(refs, storage.retain, keep, max_age, now)
+    max_age = datetime.timedelta(days=storage.retain_days) if storage.retain_days else None
+    plan = retention_plan(refs, storage.retain, keep, max_age, now, storage.max_space)
+    own = [ref for ref in refs if ref.name == keep]
+    if storage.max_space and own and own[0].size > storage.max_space:
+        LOG.warning("Snapshot %s (%s) alone exceeds max_space=%s on %s; it is kept", keep,
+                    format_size(own[0].size), size_text(storage.max_space), storage.describe())
     doomed = list(plan)
     if doomed:
         storage.delete(doomed)
-        rules = [("retain", storage.retain), ("retain_days", storage.retain_days)]
-        LOG.info("Retention on %s: kept %d; deleted %d (%s): %s", storage.describe(),
-                 len(refs) - len(doomed), len(doomed), ", ".join(
-                     "%d by %s=%d" % (list(plan.values()).count(rule), rule, limit)
-                     for rule, limit in rules if limit),
-                 ", ".join(doomed[:5]) + (" ..." if len(doomed) > 5 else ""))
+    LOG.info("Retention on %s: kept %d; deleted %d (%s)%s", storage.describe(), len(refs) - len(doomed),
+             len(doomed), ", ".join("%d by %s=%s" % (list(plan.values()).count(rule), rule, text)
+                                    for rule, text in rules),
+             (": " + ", ".join(doomed[:5]) + (" ..." if len(doomed) > 5 else "")) if doomed else "")
     return doomed
 
 

@@ -30,7 +30,7 @@ def test_readme_tables_are_the_key_tables(capsys):
     for title, block in generated.items():
         assert documented.get(title) == block, (
             "README table %r differs from the key table; regenerate it with "
-            "`vault_snapshot_agent.py --config-reference`" % title)
+            "`python3 tests/readme_tables.py`" % title)
 
 
 def run_check(tmp_path, config, env=None):
@@ -145,7 +145,7 @@ def test_a_new_backend_is_one_class_and_one_registry_entry():
     for key, cls in vsa.STORAGE_TYPES.items():
         assert cls.config_key == key and cls.aliases and cls.keys
         names = [k.name for k in cls.keys]
-        assert names[-3:] == ["retain", "retain_days", "frequency"], key
+        assert names[-4:] == ["retain", "retain_days", "max_space", "frequency"], key
         assert len(names) == len(set(names)), key
 
 
