@@ -3072,6 +3072,8 @@ class LocalStorage(Storage):
 S3_MAX_PARTS = 10000
 S3_DELETE_BATCH = 1000
 S3_RETRYABLE_CODES = ("SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable")
+S3_LOCK_MODES = ("GOVERNANCE", "COMPLIANCE")
+
 S3_HINTS = {
     "SignatureDoesNotMatch": "the secret access key does not match the access key id",
     "InvalidAccessKeyId": "the access key id is unknown to this endpoint",
@@ -3102,10 +3104,29 @@ def _s3_error(resp, data, action):
         hint = "the bucket is in region %s: set s3_region to it" % (region or "another region")
     if code == "AccessDenied":
         hint = "the credentials are not allowed to %s" % action
+    if code == "InvalidRequest" and "Object Lock" in (message or ""):
+        hint = ("s3_object_lock_mode needs a bucket created with Object Lock enabled; "
+                "create one or remove s3_object_lock_mode")
     text = "S3 %s: HTTP %d %s%s%s" % (action, resp.status, code or resp.reason or "",
                                       (": " + one_line(message)) if message else "",
                                       (" (%s)" % hint) if hint else "")
     return StorageError(text, retryable_status(resp.status) or code in S3_RETRYABLE_CODES)
+
+
+def _s3_lock(section, values):
+    """(MODE, days) of Object Lock for new objects, or None; both keys or neither."""
+    mode, days = values["s3_object_lock_mode"], values["s3_object_lock_days"]
+    if bool(mode) != bool(days):
+        raise section.error("s3_object_lock_days" if mode else "s3_object_lock_mode",
+                            "s3_object_lock_mode and s3_object_lock_days go together")
+    if mode and not values["s3_checksum"]:
+        raise section.error("s3_checksum", "must stay on with s3_object_lock_mode (S3 requires a "
+                                           "checksum on locked writes)")
+    if mode and mode.upper() not in S3_LOCK_MODES:
+        raise section.error("s3_object_lock_mode", "must be GOVERNANCE or COMPLIANCE, got %r" % mode)
+    if mode:
+        values["s3_object_lock_mode"] = mode.upper()
+    return (mode.upper(), days) if mode else None
 
 
 def _s3_sse(section, values):
@@ -3159,6 +3180,12 @@ class S3Storage(Storage):
             doc="always write `<prefix>/<name>.snap` (overwritten; no retention)"),
         Key("s3_checksum", "bool", True,
             doc="send `x-amz-checksum-sha256` (turn off for stores that reject it)"),
+        Key("s3_object_lock_mode", "name",
+            doc="`GOVERNANCE` or `COMPLIANCE` (any case): every new object is locked (Object Lock), "
+                "so these credentials cannot destroy it; needs `s3_object_lock_days` and a bucket "
+                "with Object Lock"),
+        Key("s3_object_lock_days", "int", minimum=1, maximum=MAX_RETAIN_DAYS,
+            doc="days each new object stays locked"),
         Key("access_key_id", "name", doc="static credentials (else the chain below)"),
         Key("secret_access_key", "secret", doc="goes with `access_key_id`"),
         Key("session_token", "secret", doc="for temporary static credentials"),
@@ -3179,7 +3206,7 @@ class S3Storage(Storage):
 
     def __init__(self, bucket, prefix, region, endpoint, path_style, chain, http, policy, runtime,
                  settings=None, sse=None, kms_key_id=None, storage_class=None, static_name=None,
-                 part_size=16 * 1024 * 1024, concurrency=4, attempts=5, checksum=True):
+                 part_size=16 * 1024 * 1024, concurrency=4, attempts=5, checksum=True, lock=None):
         Storage.__init__(self, policy._replace(retain=0) if static_name else policy, runtime, settings)
         self.bucket, self.prefix, self.region = bucket, prefix, region
         self.endpoint = endpoint
@@ -3190,6 +3217,7 @@ class S3Storage(Storage):
         self.part_size, self.concurrency = part_size, concurrency
         self.attempts = attempts
         self.checksum = checksum
+        self.lock = lock            # (mode, days) or None
         self.backoff_base = 0.5
         parts = urllib.parse.urlsplit(endpoint)
         self._scheme = parts.scheme
@@ -3233,7 +3261,8 @@ class S3Storage(Storage):
                    kms_key_id=values["s3_kms_key_id"], storage_class=values["s3_storage_class"],
                    static_name=values["s3_static_snapshot_name"],
                    part_size=values["part_size_mb"] * 1024 * 1024,
-                   concurrency=values["concurrency"], checksum=values["s3_checksum"])
+                   concurrency=values["concurrency"], checksum=values["s3_checksum"],
+                   lock=_s3_lock(section, values))
 
     def describe(self):
         return "s3://%s/%s" % (self.bucket, self.list_prefix())
@@ -3277,6 +3306,11 @@ class S3Storage(Storage):
             headers["x-amz-server-side-encryption-aws-kms-key-id"] = self.kms_key_id
         if self.storage_class:
             headers["x-amz-storage-class"] = self.storage_class
+        if self.lock:
+            until = self.clock.now() + datetime.timedelta(days=self.lock[1])
+            headers["x-amz-object-lock-mode"] = self.lock[0]
+            headers["x-amz-object-lock-retain-until-date"] = until.astimezone(UTC).strftime(
+                "%Y-%m-%dT%H:%M:%SZ")
         return headers
 
     # -- upload ------------------------------------------------------------------
