@@ -2832,16 +2832,19 @@ class _FileSlice(object):
 class _RunningHash(object):
     """Hash a file from the chunks an upload reads anyway, in file order: a
     chunk read again (a retry, a resumed session) is skipped where already
-    hashed. ``digest(path, size, check)`` reads only what no upload covered."""
+    hashed, and so is one read out of order (parts in parallel).
+    ``digest(path, size, check)`` reads only what no upload covered."""
 
     def __init__(self, algorithm):
         self.hash, self.done = new_hash(algorithm), 0
+        self._lock = threading.Lock()      # upload workers call it at once
 
     def __call__(self, position, chunk):
         end = position + len(chunk)
-        if position <= self.done < end:
-            self.hash.update(chunk[self.done - position:])
-            self.done = end
+        with self._lock:
+            if position <= self.done < end:
+                self.hash.update(chunk[self.done - position:])
+                self.done = end
 
     def digest(self, path, size, check):
         if self.done < size:
@@ -3694,11 +3697,12 @@ class AzureStorage(Storage):
     def _put_blocks(self, snapshot, blob, headers, progress):
         size = max(self.block_size, -(-snapshot.size // AZURE_MAX_BLOCKS))
         nonce = os.urandom(6).hex()
+        whole = _RunningHash("md5")     # the blob's own MD5, from the blocks' MD5 passes
 
         def put_block(check, number, offset, length):
             block_id = base64.b64encode(("%s-%06d" % (nonce, number)).encode("ascii")).decode("ascii")
-            md5 = base64.b64encode(_FileSlice(snapshot.path, offset, length, check).digest("md5")
-                                   .digest()).decode("ascii")
+            md5 = base64.b64encode(_FileSlice(snapshot.path, offset, length, check, None, whole)
+                                   .digest("md5").digest()).decode("ascii")
             piece = _FileSlice(snapshot.path, offset, length, check, progress)
             self._request("PUT", "Put Block %d of %s" % (number, blob), blob,
                           query=[("comp", "block"), ("blockid", block_id)],
@@ -3714,6 +3718,9 @@ class AzureStorage(Storage):
             "<Latest>%s</Latest>" % block_id for block_id in ids)).encode("utf-8")
         list_headers = {"Content-Length": str(len(payload)), "Content-Type": "application/xml",
                         "x-ms-blob-content-type": headers["Content-Type"],
+                        # the whole blob's MD5, which clients check on download
+                        "x-ms-blob-content-md5": base64.b64encode(whole.digest(
+                            snapshot.path, snapshot.size, self.signals.check)).decode("ascii"),
                         "Content-MD5": base64.b64encode(new_hash("md5", payload).digest()).decode("ascii")}
         if self.access_tier:
             list_headers["x-ms-access-tier"] = self.access_tier
