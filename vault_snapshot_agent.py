@@ -103,6 +103,7 @@ DEFAULT_FREQUENCY = "1h"
 DEFAULT_API_TIMEOUT = "30s"          # per socket operation on API calls
 DEFAULT_SNAPSHOT_TIMEOUT = "2m"      # idle (per read) timeout of the snapshot stream
 DEFAULT_RETRY_INTERVAL = "1m"        # first retry after a failed cycle; doubles, up to frequency
+DEFAULT_LEADER_POLL = "30s"          # sys/leader between cycles: a failover is noticed this fast
 DEFAULT_K8S_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 SNAPSHOT_PATH = "/v1/sys/storage/raft/snapshot"
@@ -1150,6 +1151,10 @@ TOP_KEYS = (
         doc="after a failed cycle, try the failed storages again this much later, doubling each "
             "time, never later than their regular time; `0s`: wait for the regular time (the Go "
             "agent's behaviour)"),
+    Key("leader_poll", "duration", DEFAULT_LEADER_POLL,
+        doc="between cycles, ask the unauthenticated `sys/leader` this often (plus up to 10% jitter) "
+            "whether this node became the leader, so a new leader takes the due snapshot within "
+            "about this time of a failover; `0s`: only each cycle checks"),
     Key("align", "bool", False,
         doc="round scheduled times up to whole multiples of the frequency (UTC): `1h` runs at :00"),
     Key("timeout", "duration", DEFAULT_API_TIMEOUT, minimum=1.0,
@@ -4480,6 +4485,7 @@ class Agent(object):
         self.due = {}          # storage.describe() -> aware datetime
         self.last_start = {}   # storage.describe() -> aware datetime
         self.failed_runs = {}  # storage.describe() -> failed cycles in a row
+        self.next_poll = None  # monotonic time of the next leader poll; None: no polling
         self.cfg, self.storages = loader(self.runtime)
         self.vault = vault_factory(self.cfg, clock=self.clock)
         self.status.frequency = self.cfg.frequency
@@ -4569,9 +4575,51 @@ class Agent(object):
         if retries:
             LOG.warning("Retrying %s", "; ".join(retries))
 
+    # -- leader poll -----------------------------------------------------------
+
+    def _schedule_poll(self):
+        """The next leader poll: ``leader_poll`` (plus up to 10%) from now, or
+        none when it is off or every cycle checks as often."""
+        poll = self.cfg.leader_poll
+        if not poll or min(self._frequency(s) for s in self.storages) <= poll:
+            self.next_poll = None
+        else:
+            self.next_poll = self.clock.monotonic() + poll * (1.0 + 0.1 * self.rand())
+
+    def poll_leader(self):
+        """Ask ``sys/leader`` (no token, no login) whether this node is the
+        active one and schedule the next poll. When it just became active,
+        plan again from what the storages hold, so a due or overdue snapshot
+        is taken now, not a ``frequency`` after the last skip."""
+        self._schedule_poll()
+        try:
+            leader = self.vault.is_leader()
+        except AgentError as exc:
+            LOG.debug("Leader poll failed: %s", exc)
+            return
+        was, self.status.is_leader = self.status.is_leader, leader
+        if leader and was is False:
+            LOG.info("This node is now the leader; planning from the storages")
+            self.plan()
+        if leader != was:
+            self.report()
+
+    def _wait_for(self, due):
+        """Sleep until ``due`` or the next leader poll, whichever is first."""
+        seconds = (due - self.clock.now()).total_seconds()
+        if self.next_poll is not None:
+            seconds = min(seconds, self.next_poll - self.clock.monotonic())
+        self.signals.wait(max(0.0, seconds))
+        if self.next_poll is not None and self.clock.monotonic() >= self.next_poll \
+                and not (self.signals.stop_requested or self.signals.reload_requested):
+            self.poll_leader()
+
     def run_forever(self):
         """The daemon loop; returns when a stop is requested."""
         self.plan()
+        self._schedule_poll()
+        if self.next_poll is not None and min(self.due.values()) > self.clock.now():
+            self.poll_leader()        # no cycle now: is_leader is known from start-up anyway
         if self.notifier:
             self.notifier.notify("READY=1", "STATUS=" + self.status.summary())
             self.notifier.start_watchdog()
@@ -4582,6 +4630,7 @@ class Agent(object):
                     self.notifier.notify("RELOADING=1",
                                          "MONOTONIC_USEC=%d" % int(self.clock.monotonic() * 1e6))
                 self.reload()
+                self._schedule_poll()
                 if self.notifier:
                     self.notifier.notify("READY=1", "STATUS=" + self.status.summary())
                 continue
@@ -4589,13 +4638,14 @@ class Agent(object):
             next_due = min(self.due[s.describe()] for s in self.storages)
             self.status.next_start = next_due
             if now < next_due:
-                self.signals.wait((next_due - now).total_seconds())
+                self._wait_for(next_due)
                 continue
             due = [s for s in self.storages if self.due[s.describe()] <= now]
             result = self.run_cycle(due)
             if result.outcome == "stopped":
                 break
             self.schedule_after(result, due, now)
+            self._schedule_poll()         # the cycle just checked leadership
             self.status.next_start = min(self.due[s.describe()] for s in self.storages)
             self.report()
         if self.notifier:
@@ -4849,6 +4899,10 @@ def cmd_restore(cfg, storages, target, force, out, env=None):
     """POST a verified snapshot to the cluster. Uses VAULT_TOKEN/BAO_TOKEN when
     set (restoring needs an operator's token), else the configured login."""
     env = os.environ if env is None else env
+    if force:
+        LOG.warning("A forced restore replaces the target's keyring with the source cluster's: "
+                    "the target then seals itself and unseals only with the source's seal key "
+                    "(auto-unseal) or unseal keys (Shamir); have them at hand")
     temp_dir = None
     if os.path.isfile(target):
         info = verify_file(target)

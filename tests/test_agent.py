@@ -35,8 +35,10 @@ def make_loader(tmp_path, frequencies, **extra):
         value = frequencies.pop(0)
         if value is None:
             raise vsa.ConfigError("frequency: broken")
+        # leader_poll off: the counted is_leader calls are then the cycles'
+        # (tests/test_leader_poll.py covers the polls).
         config = {"addr": "http://127.0.0.1:1", "role_id": "r", "secret_id": "s",
-                  "frequency": value, "local_storage": {"path": str(tmp_path)}}
+                  "frequency": value, "leader_poll": "0s", "local_storage": {"path": str(tmp_path)}}
         config.update(extra)
         path.write_text(json.dumps(config))
         return vsa.load_all(str(path), runtime)
