@@ -28,8 +28,8 @@ import pytest
 
 import vault_snapshot_agent as vsa
 from archives import build_archive, write_archive
-from harness import (AGENT, FakeSignals, child_env, error_lines, read, run_main, snapshots,
-                     start_agent, stop, wait_for)
+from harness import (AGENT, FakeSignals, child_env, error_lines, read, reaped, run_main,
+                     snapshots, start_agent, stop, wait_for)
 from fake_endpoints import FakeVault
 from hostile_servers import (AzureListServer, GcsListServer, GcsStuckSession, S3ListServer,
                              snapshot_names)
@@ -191,7 +191,9 @@ def test_the_daemon_loop_starts_at_once_despite_planted_names(tmp_path):
     clock = fake_clock()
     now = clock.now()
     snapdir = plant(tmp_path / "snaps", [name_at(now - 2 * HOUR)] + PLANTED)
-    agent = make_agent(write_config(tmp_path, {"frequency": "1h", "local_storage": {"path": snapdir}}),
+    # leader_poll off: the counted is_leader calls are then the cycles'.
+    agent = make_agent(write_config(tmp_path, {"frequency": "1h", "leader_poll": "0s",
+                                               "local_storage": {"path": snapdir}}),
                        clock, until=clock.monotonic() + 2 * 3600 + 1)
     with captured_log():
         agent.run_forever()       # the old agent: OverflowError, or a first cycle in 2099
@@ -238,6 +240,17 @@ def test_list_still_shows_far_future_names(tmp_path, capsys):
         assert name in out, out
 
 
+def sigterm_the_daemon(config, logfile, ready, what):
+    """Start the daemon (a subprocess) on ``config``, wait (30 s at most)
+    until ``ready()`` -- failing if the daemon exited first --, then SIGTERM
+    it: its exit status (a daemon still running after 15 s fails the test;
+    one left running by a failure is killed)."""
+    with reaped(start_agent(config, str(logfile), env=child_env())) as proc:
+        wait_for(lambda: proc.poll() is not None or ready(), 30, what)
+        assert proc.poll() is None, "the daemon exited with %s:\n%s" % (proc.returncode, read(logfile))
+        return stop(proc, signal.SIGTERM, timeout=15)
+
+
 def _daemon_with_planted_names(tmp_path, vault_config, secrets=()):
     """The daemon (a subprocess) on a local_storage holding two old real
     snapshots and the PLANTED names, retain 2: it snapshots at start, retention
@@ -248,16 +261,8 @@ def _daemon_with_planted_names(tmp_path, vault_config, secrets=()):
     snapdir = plant(tmp_path / "snaps", [older, old] + PLANTED)
     config = dict(vault_config, frequency="1h", local_storage={"path": snapdir, "retain": 2})
     logfile = tmp_path / "agent.log"
-    proc = start_agent(write_config(tmp_path, config), str(logfile), env=child_env())
-    try:
-        wait_for(lambda: proc.poll() is not None or " Cycle " in read(logfile), 30,
-                 "the first cycle to end")
-        assert proc.poll() is None, "the daemon exited with %s:\n%s" % (proc.returncode, read(logfile))
-        code = stop(proc, signal.SIGTERM, timeout=15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    code = sigterm_the_daemon(write_config(tmp_path, config), logfile,
+                              lambda: " Cycle " in read(logfile), "the first cycle to end")
     log = read(logfile)
     assert code == 0, log
     assert "Traceback" not in log and not error_lines(log), log
@@ -358,17 +363,8 @@ def test_sigterm_during_a_listing_that_never_ends_stops_the_daemon(tmp_path, kin
     with LISTINGS[kind]("endless", delay=0.05) as server:
         config = write_config(tmp_path, dict(server.storage_block(), frequency="1h"))
         logfile = tmp_path / "agent.log"
-        proc = start_agent(config, str(logfile), env=child_env())
-        try:
-            wait_for(lambda: proc.poll() is not None or server.count("list") >= 5, 30,
-                     "the daemon to list a few pages")
-            assert proc.poll() is None, "the daemon exited with %s:\n%s" % (
-                proc.returncode, read(logfile))
-            code = stop(proc, signal.SIGTERM, timeout=15)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        code = sigterm_the_daemon(config, logfile, lambda: server.count("list") >= 5,
+                                  "the daemon to list a few pages")
     log = read(logfile)
     assert code == 0, log
     assert "Traceback" not in log, log
