@@ -2721,6 +2721,8 @@ class Storage(object):
         raise NotImplementedError
 
     def delete(self, names):
+        """Delete ``names``; returns those left in place because the store
+        locks them (an immutability or retention policy), [] otherwise."""
         raise NotImplementedError
 
     def describe(self):
@@ -3437,8 +3439,9 @@ class S3Storage(Storage):
                 continue
             errors = xml_children(parse_xml(data, "DeleteObjects"), "Error")
             if errors:
-                raise StorageError("S3 DeleteObjects: %d keys not deleted, first %s: %s" % (
-                    len(errors), xml_text(errors[0], "Key"), xml_text(errors[0], "Code")))
+                raise StorageError("S3 DeleteObjects: %d keys not deleted, first %s: %s %s" % (
+                    len(errors), printable(xml_text(errors[0], "Key", ""), 120),
+                    xml_text(errors[0], "Code"), one_line(xml_text(errors[0], "Message", ""), 200)))
 
 
 def s3_part_size(size, preferred):
@@ -3750,10 +3753,18 @@ class AzureStorage(Storage):
         return _unique_refs(self, self.pages(page, "List Blobs of %s" % self.describe(), "NextMarker"))
 
     def delete(self, names):
+        locked = []
         for name in names:
             blob = self.full_name(name)
-            self._request("DELETE", "Delete Blob %s" % blob, blob,
-                          headers={"x-ms-delete-snapshots": "include"}, ok=(200, 202, 404))
+            try:
+                self._request("DELETE", "Delete Blob %s" % blob, blob,
+                              headers={"x-ms-delete-snapshots": "include"}, ok=(200, 202, 404))
+            except StorageError as exc:
+                if "BlobImmutable" not in str(exc):       # an immutability policy or legal hold
+                    raise
+                locked.append(name)
+                LOG.warning("%s is locked by an immutability policy; left in place (%s)", blob, exc)
+        return locked
 
 
 def _azure_error(resp, data, action):
@@ -4059,12 +4070,20 @@ class GoogleStorage(Storage):
         return _unique_refs(self, self.pages(page, what, "nextPageToken"))
 
     def delete(self, names):
+        locked = []
         for name in names:
             obj = self.full_name(name)
             url = "%s/storage/v1/b/%s/o/%s" % (self.endpoint, uri_encode(self.bucket),
                                                uri_encode(obj, safe=""))
-            self._request("DELETE", "delete of %s" % obj, url, {"Content-Length": "0"}, b"",
-                          ok=(200, 204, 404))
+            try:
+                self._request("DELETE", "delete of %s" % obj, url, {"Content-Length": "0"}, b"",
+                              ok=(200, 204, 404))
+            except StorageError as exc:
+                if "retentionPolicyNotMet" not in str(exc) and "objectRetention" not in str(exc):
+                    raise
+                locked.append(name)         # GCS's message says until when
+                LOG.warning("%s is locked by a retention policy; left in place (%s)", obj, exc)
+        return locked
 
 
 def _confirmed(range_header):
@@ -4145,11 +4164,13 @@ def apply_retention(storage, keep, now=None):
         LOG.warning("Snapshot %s (%s) alone exceeds max_space=%s on %s; it is kept", keep,
                     format_size(own[0].size), size_text(storage.max_space), storage.describe())
     doomed = list(plan)
-    if doomed:
-        storage.delete(doomed)
-    LOG.info("Retention on %s: kept %d; deleted %d (%s)%s", storage.describe(), len(refs) - len(doomed),
-             len(doomed), ", ".join("%d by %s=%s" % (list(plan.values()).count(rule), rule, text)
-                                    for rule, text in rules),
+    locked = (storage.delete(doomed) or []) if doomed else []
+    doomed = [name for name in doomed if name not in locked]
+    LOG.info("Retention on %s: kept %d; deleted %d (%s)%s%s", storage.describe(),
+             len(refs) - len(doomed), len(doomed), ", ".join(
+                 "%d by %s=%s" % (sum(1 for n in doomed if plan[n] == rule), rule, text)
+                 for rule, text in rules),
+             "; %d locked" % len(locked) if locked else "",
              (": " + ", ".join(doomed[:5]) + (" ..." if len(doomed) > 5 else "")) if doomed else "")
     return doomed
 
