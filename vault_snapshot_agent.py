@@ -4607,11 +4607,12 @@ class Agent(object):
         else:
             self.next_poll = self.clock.monotonic() + poll * (1.0 + 0.1 * self.rand())
 
-    def poll_leader(self):
+    def poll_leader(self, planned=False):
         """Ask ``sys/leader`` (no token, no login) whether this node is the
-        active one and schedule the next poll. When it just became active,
-        plan again from what the storages hold, so a due or overdue snapshot
-        is taken now, not a ``frequency`` after the last skip."""
+        active one and schedule the next poll. When it just became active (or
+        became reachable as the active node), plan again from what the
+        storages hold, unless ``planned`` just now, so a due or overdue
+        snapshot is taken now, not a ``frequency`` after the last skip."""
         self._schedule_poll()
         try:
             leader = self.vault.is_leader()
@@ -4619,7 +4620,7 @@ class Agent(object):
             LOG.debug("Leader poll failed: %s", exc)
             return
         was, self.status.is_leader = self.status.is_leader, leader
-        if leader and was is False:
+        if leader and not was and not planned:
             LOG.info("This node is now the leader; planning from the storages")
             self.plan()
         if leader != was:
@@ -4640,7 +4641,7 @@ class Agent(object):
         self.plan()
         self._schedule_poll()
         if self.next_poll is not None and min(self.due.values()) > self.clock.now():
-            self.poll_leader()        # no cycle now: is_leader is known from start-up anyway
+            self.poll_leader(planned=True)    # no cycle now: is_leader known from start-up anyway
         if self.notifier:
             self.notifier.notify("READY=1", "STATUS=" + self.status.summary())
             self.notifier.start_watchdog()
