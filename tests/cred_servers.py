@@ -145,14 +145,13 @@ import base64
 import binascii
 import datetime
 import json
-import socketserver
 import threading
 import time
 import urllib.parse
 import uuid
-
-import http.server
 from urllib.parse import parse_qs, urlsplit
+
+from harness import LoopbackServer
 
 __all__ = ["ImdsServer", "ContainerCredentialsServer", "RecordedRequest", "iso8601",
            "AzureImdsServer", "EntraTokenServer", "make_azure_jwt", "decode_jwt",
@@ -204,57 +203,14 @@ class RecordedRequest(object):
         return "<%s %s -> %s>" % (self.method, self.path, self.status)
 
 
-class _ThreadingServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class _CredServer(LoopbackServer):
+    """Common lifecycle (harness.LoopbackServer), request log and fault
+    injection."""
 
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
     server_version = "cred-test-server"
-    sys_version = ""
-
-    def _handle(self):
-        owner = self.server.owner
-        length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length > 0 else b""
-        record = RecordedRequest(self.command, self.path, list(self.headers.items()), body)
-        with owner._lock:
-            owner.requests.append(record)
-            fault = owner._take_fault()
-            delay = owner.delay
-        if delay:
-            time.sleep(delay)
-        if fault is not None:
-            status, headers, payload = fault
-        else:
-            status, headers, payload = owner.respond(record)
-        record.status = status
-        if isinstance(payload, (dict, list)):
-            payload = json.dumps(payload).encode("utf-8")
-            headers = dict(headers or {})
-            headers.setdefault("Content-Type", "application/json")
-        elif isinstance(payload, str):
-            payload = payload.encode("utf-8")
-        payload = payload or b""
-        self.send_response(status)
-        for key, value in sorted((headers or {}).items()):
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
-
-    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
-
-    def log_message(self, *args):
-        pass
-
-
-class _CredServer(object):
-    """Common lifecycle, request log and fault injection."""
 
     def __init__(self, access_key_id, secret_access_key, token, expiration):
+        LoopbackServer.__init__(self)
         self.access_key_id = access_key_id
         self.secret_access_key = secret_access_key
         self.token = token
@@ -263,46 +219,23 @@ class _CredServer(object):
         self.delay = 0.0
         self._faults = []
         self._lock = threading.Lock()
-        self._server = None
-        self._thread = None
-        self.port = None
         atexit.register(self.stop)
 
-    # lifecycle
-    @property
-    def url(self):
-        """``http://127.0.0.1:PORT`` (no trailing slash)."""
-        return "http://127.0.0.1:%d" % self.port
-
-    def start(self):
-        if self._server is not None:
-            return self
-        server = _ThreadingServer(("127.0.0.1", 0), _Handler)
-        server.owner = self
-        self._server = server
-        self.port = server.server_address[1]
-        self._thread = threading.Thread(target=server.serve_forever,
-                                        name=type(self).__name__, daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self):
-        """Shut the server down (idempotent; also at exit)."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-        return False
+    def answer(self, handler):
+        body = handler.read_body()
+        record = RecordedRequest(handler.command, handler.path, list(handler.headers.items()), body)
+        with self._lock:
+            self.requests.append(record)
+            fault = self._take_fault()
+            delay = self.delay
+        if delay:
+            time.sleep(delay)
+        if fault is not None:
+            status, headers, payload = fault
+        else:
+            status, headers, payload = self.respond(record)
+        record.status = status
+        return status, headers, payload
 
     # credentials
     def set_credentials(self, access_key_id=None, secret_access_key=None,

@@ -1,7 +1,9 @@
 """Small loopback HTTP(S) servers for the hostile-input tests (issue 14):
 a fake Vault that serves real-looking snapshot archives, and a generic
 endpoint answering with a function (fake token endpoints, fake S3 / Azure /
-GCS listings).  Every request is recorded.  Stdlib only; Python 3.6+.
+GCS listings).  Every request is recorded.  Both are harness.LoopbackServer
+subclasses (as are cred_servers' and hostile_servers').  Stdlib only;
+Python 3.6+.
 
     with FakeVault(token="s.abc") as vault:         # token auth only
         ... addr = vault.url ...
@@ -14,13 +16,11 @@ GCS listings).  Every request is recorded.  Stdlib only; Python 3.6+.
 from ``azurite.make_self_signed_cert``).
 """
 
-import http.server
 import json
-import socketserver
-import ssl
 import threading
 
 from archives import build_archive
+from harness import LoopbackServer
 
 __all__ = ["Request", "Endpoint", "FakeVault", "self_signed_cert"]
 
@@ -36,100 +36,32 @@ class Request(object):
         return "<%s %s>" % (self.method, self.path)
 
 
-class _Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
+class Endpoint(LoopbackServer):
+    """A threaded HTTP server on 127.0.0.1:<free port> (harness.LoopbackServer)
+    answering every request with ``respond(Request) -> (status, headers dict,
+    body)`` (body: bytes, str, or a dict/list sent as JSON)."""
 
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
     server_version = "fake-endpoint"
-    sys_version = ""
-    timeout = 30
-
-    def _handle(self):
-        owner = self.server.owner
-        length = int(self.headers.get("Content-Length") or 0)
-        body = b""
-        while len(body) < length:
-            chunk = self.rfile.read(min(1 << 20, length - len(body)))
-            if not chunk:
-                break
-            body += chunk
-        headers = dict((k.lower(), v) for k, v in self.headers.items())
-        record = Request(self.command, self.path, headers, body)
-        with owner.lock:
-            owner.requests.append(record)
-        status, extra, payload = owner.respond(record)
-        if isinstance(payload, (dict, list)):
-            payload = json.dumps(payload).encode("utf-8")
-            extra = dict(extra or {})
-            extra.setdefault("Content-Type", "application/json")
-        elif isinstance(payload, str):
-            payload = payload.encode("utf-8")
-        payload = payload or b""
-        self.send_response(status)
-        for key, value in sorted((extra or {}).items()):
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
-
-    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
-
-    def log_message(self, *args):
-        pass
-
-
-class Endpoint(object):
-    """A threaded HTTP server on 127.0.0.1:<free port> answering every
-    request with ``respond(Request) -> (status, headers dict, body)`` (body:
-    bytes, str, or a dict/list sent as JSON)."""
+    handler_timeout = 30
 
     def __init__(self, respond=None, tls=None):
+        LoopbackServer.__init__(self)
         if respond is not None:
             self.respond = respond
         self.tls = tls
         self.requests = []
         self.lock = threading.Lock()
-        self._server = self._thread = None
-        self.port = None
 
     def respond(self, request):          # overridden by subclasses or the constructor
         return 404, {}, {"errors": ["no such path"]}
 
-    @property
-    def url(self):
-        return "%s://127.0.0.1:%d" % ("https" if self.tls else "http", self.port)
-
-    def start(self):
-        server = _Server(("127.0.0.1", 0), _Handler)
-        server.owner = self
-        if self.tls:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(self.tls[0], self.tls[1])
-            server.socket = context.wrap_socket(server.socket, server_side=True)
-        self._server = server
-        self.port = server.server_address[1]
-        self._thread = threading.Thread(target=server.serve_forever, name="fake-endpoint")
-        self._thread.daemon = True
-        self._thread.start()
-        return self
-
-    def stop(self):
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
-            self._thread.join(5)
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-        return False
+    def answer(self, handler):
+        body = handler.read_body()
+        headers = dict((k.lower(), v) for k, v in handler.headers.items())
+        record = Request(handler.command, handler.path, headers, body)
+        with self.lock:
+            self.requests.append(record)
+        return self.respond(record)
 
 
 class FakeVault(Endpoint):

@@ -17,8 +17,13 @@ For the server modules (moto_s3, gcs_emulators, azurite, bao_cluster):
   also runs at exit.  Subclass it (override ``command()``, ``ready()``,
   ``environment()``) or give it ``argv`` and ``ready`` directly.
 
+For in-process loopback HTTP servers (cred_servers, fake_endpoints,
+hostile_servers): ``LoopbackServer``, whose subclasses only say how to
+answer a request (``answer(handler)``; ``LoopbackHandler.read_body``).
+
 For the tests that run the agent as a daemon: ``wait_for``, ``read``,
-``start_agent`` and ``stop``; in process: ``run_main``, ``run_once``.
+``start_agent``, ``reaped`` and ``stop``; in process: ``run_main``,
+``run_once``.
 For documents built from a base: ``overridden``.
 For unit tests of the agent's time-driven parts: ``FakeClock`` (wall and
 monotonic time that move only when told) and ``FakeSignals`` (stop/reload
@@ -26,11 +31,16 @@ flags whose ``wait`` advances a FakeClock instead of sleeping).
 """
 
 import atexit
+import contextlib
 import datetime
 import http.client
+import http.server
+import json
 import os
 import signal
 import socket
+import socketserver
+import ssl
 import subprocess
 import sys
 import threading
@@ -40,8 +50,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(ROOT, "vault_snapshot_agent.py")
 
 __all__ = ["free_port", "free_ports", "tail", "child_env", "spawn", "ServerError",
-           "ServerProcess", "wait_for", "read", "start_agent", "stop", "AGENT",
-           "FakeClock", "FakeSignals"]
+           "ServerProcess", "LoopbackServer", "LoopbackHandler", "wait_for", "read",
+           "start_agent", "reaped", "stop", "AGENT", "FakeClock", "FakeSignals"]
 
 
 # ------------------------------------------------------------ ports and logs
@@ -261,6 +271,146 @@ class ServerProcess(object):
         return False
 
 
+# ------------------------------------------- in-process loopback HTTP servers
+
+
+class _ThreadingHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class LoopbackHandler(http.server.BaseHTTPRequestHandler):
+    """Hands every request to the ``LoopbackServer`` that owns the server
+    (``owner.answer(handler)``) and sends what it returns."""
+
+    protocol_version = "HTTP/1.1"
+    sys_version = ""
+
+    def setup(self):
+        self.timeout = self.server.owner.handler_timeout
+        http.server.BaseHTTPRequestHandler.setup(self)
+
+    def version_string(self):
+        return "%s %s" % (self.server.owner.server_version, self.sys_version)
+
+    def read_body(self, keep=None):
+        """The request body (``Content-Length`` bytes, read 1 MiB at a
+        time).  With ``keep``, only its first ``keep`` bytes are kept: the
+        rest is read and dropped, so a large upload never sits in memory."""
+        remaining = int(self.headers.get("Content-Length") or 0)
+        body = b""
+        while remaining > 0:
+            data = self.rfile.read(min(remaining, 1 << 20))
+            if not data:
+                break
+            if keep is None:
+                body += data
+            elif len(body) < keep:
+                body += data[:keep - len(body)]
+            remaining -= len(data)
+        return body
+
+    def _handle(self):
+        owner = self.server.owner
+        status, headers, payload = owner.answer(self)
+        if isinstance(payload, (dict, list)):
+            payload = json.dumps(payload).encode("utf-8")
+            headers = dict(headers or {})
+            headers.setdefault("Content-Type", "application/json")
+        elif isinstance(payload, str):
+            payload = payload.encode("utf-8")
+        payload = payload or b""
+        if owner.close_connections:
+            self.close_connection = True
+        self.send_response(status)
+        for key, value in sorted((headers or {}).items()):
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(payload)))
+        if owner.close_connections:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+    def handle(self):
+        try:
+            http.server.BaseHTTPRequestHandler.handle(self)
+        except (BrokenPipeError, ConnectionResetError):
+            pass            # the client gave up (or was killed) mid-request
+
+    def log_message(self, *args):
+        pass
+
+
+class LoopbackServer(object):
+    """An HTTP server in this process, on 127.0.0.1:<free port>, served from
+    a daemon thread: ``start()`` (returns self; again: no-op), ``stop()``
+    (idempotent), a context manager, ``url`` and ``port``.
+
+    Subclasses implement ``answer(handler)`` -> ``(status, headers dict,
+    payload)``: the handler is a ``LoopbackHandler`` (``command``, ``path``,
+    ``headers``, ``read_body()``); the payload is bytes, str, or a dict/list
+    sent as JSON (``Content-Type: application/json`` unless the headers name
+    one).  Class settings: ``server_version`` (the Server header),
+    ``handler_timeout`` (socket timeout of a connection, None: none),
+    ``close_connections`` (one request per connection, ``Connection:
+    close``), ``tls`` (``(certfile, keyfile)``: HTTPS)."""
+
+    server_version = "loopback-test-server"
+    handler_timeout = None
+    close_connections = False
+    tls = None
+
+    def __init__(self):
+        self._server = None
+        self._thread = None
+        self.port = None
+
+    @property
+    def url(self):
+        """``http://127.0.0.1:PORT`` (https with ``tls``; no trailing slash)."""
+        return "%s://127.0.0.1:%d" % ("https" if self.tls else "http", self.port)
+
+    def start(self):
+        if self._server is not None:
+            return self
+        server = _ThreadingHTTPServer(("127.0.0.1", 0), LoopbackHandler)
+        server.owner = self
+        if self.tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(self.tls[0], self.tls[1])
+            server.socket = context.wrap_socket(server.socket, server_side=True)
+        self._server = server
+        self.port = server.server_address[1]
+        self._thread = threading.Thread(target=server.serve_forever,
+                                        name=type(self).__name__, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        """Shut the server down (idempotent)."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    def answer(self, handler):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
 # ------------------------------------------------------- the agent daemon
 
 
@@ -292,6 +442,18 @@ def start_agent(config, logfile, python=sys.executable, *extra, env=None):
                                 stdout=handle, stderr=subprocess.STDOUT, env=env)
     finally:
         handle.close()
+
+
+@contextlib.contextmanager
+def reaped(proc):
+    """``with reaped(start_agent(...)) as proc:``: on the way out, however
+    the block ends, ``proc`` is killed if it still runs, and waited for."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def stop(proc, sig=signal.SIGTERM, timeout=10):
@@ -354,25 +516,6 @@ class FakeClock(object):
     sleep = advance
 
 
-class _AbortHook(object):
-    """``FakeSignals.aborting``: ``hook`` runs if a stop is requested inside
-    the block (at once if one already was)."""
-
-    def __init__(self, signals, hook):
-        self.signals, self.hook = signals, hook
-
-    def __enter__(self):
-        self.signals._abort_hooks.append(self.hook)
-        if self.signals.stop_requested:
-            self.hook()
-        return self
-
-    def __exit__(self, *exc):
-        if self.hook in self.signals._abort_hooks:
-            self.signals._abort_hooks.remove(self.hook)
-        return False
-
-
 class FakeSignals(object):
     """The agent's signals (``stop_requested``, ``reload_requested``,
     ``stop_signal``, ``check()``, ``wait()``, ``aborting()``) without OS
@@ -420,7 +563,8 @@ class FakeSignals(object):
             self.request_stop()
 
     def aborting(self, hook):
-        return _AbortHook(self, hook)
+        import vault_snapshot_agent as vsa
+        return vsa._AbortHook(self, hook)       # it needs only _abort_hooks, stop_requested
 
 
 # ---------------------------------------------------- one in-process cycle

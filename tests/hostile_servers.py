@@ -21,15 +21,17 @@ Stdlib only; works on Python 3.6+.
   never makes progress.
 
 (The Vault side of a cycle without a cluster is fake_endpoints.FakeVault.
-These servers have their own small base rather than fake_endpoints.Endpoint
-because they must not keep request bodies -- a measurement sends thousands
-of 1 MiB chunks -- and need per-kind counts, a delay and a limit.)
+These servers share harness.LoopbackServer with it, but not its request
+log: they must not keep request bodies -- a measurement sends thousands of
+1 MiB chunks, read and dropped past the first 64 KiB -- and need per-kind
+counts, a delay and a limit.)
 
-Each server binds 127.0.0.1 on a free port, serves from a daemon thread and
-counts the requests it saw by kind (``count("list")``, ``count("chunk")``
-...).  ``limit`` ends an attack after that many requests of its main kind
-(``list`` or ``chunk``) with a non-retryable ``403``, so a test run against
-an agent that would never stop on its own fails instead of hanging; None:
+Each server binds 127.0.0.1 on a free port, serves from a daemon thread
+(one request per connection) and counts the requests it saw by kind
+(``count("list")``, ``count("chunk")`` ...).  ``limit`` ends an attack after
+that many requests of its main kind (``list`` or ``chunk``) with a
+non-retryable ``403``, so a test run against an agent that would never stop
+on its own fails instead of hanging; None:
 the attack goes on for ever (for measurements, with a kill timer).
 
     with S3ListServer("repeat", limit=300) as s3:
@@ -41,14 +43,12 @@ the attack goes on for ever (for measurements, with a kill timer).
 import base64
 import collections
 import datetime
-import http.server
-import json
 import threading
 import time
 from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape as xml_escape
 
-from cred_servers import _ThreadingServer
+from harness import LoopbackServer
 
 __all__ = ["HostileServer", "S3ListServer", "AzureListServer", "GcsListServer",
            "GcsStuckSession", "snapshot_names", "BUCKET"]
@@ -69,109 +69,38 @@ def snapshot_names(start, count):
     return names
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "hostile-test-server"
-    sys_version = ""
-
-    def _handle(self):
-        owner = self.server.owner
-        length = int(self.headers.get("Content-Length") or 0)
-        remaining = length
-        body = b""
-        while remaining > 0:            # chunk bodies are read, counted, dropped
-            data = self.rfile.read(min(remaining, 1024 * 1024))
-            if not data:
-                break
-            if len(body) < 64 * 1024:
-                body += data[:64 * 1024 - len(body)]
-            remaining -= len(data)
-        parts = urlsplit(self.path)
-        query = dict((k, v[-1]) for k, v in parse_qs(parts.query, keep_blank_values=True).items())
-        kind, status, headers, payload = owner.respond(self.command, parts.path, query,
-                                                      self.headers, body)
-        owner._record(kind, self.command, self.path)
-        delay = owner.delay if kind == owner.main_kind else 0.0
-        if delay:
-            time.sleep(delay)
-        if isinstance(payload, (dict, list)):
-            payload = json.dumps(payload).encode("utf-8")
-        elif isinstance(payload, str):
-            payload = payload.encode("utf-8")
-        payload = payload or b""
-        self.close_connection = True
-        self.send_response(status)
-        for key, value in sorted((headers or {}).items()):
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
-
-    do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
-
-    def handle(self):
-        try:
-            http.server.BaseHTTPRequestHandler.handle(self)
-        except (BrokenPipeError, ConnectionResetError):
-            pass            # the client gave up (or was killed) mid-request
-
-    def log_message(self, *args):
-        pass
-
-
-class HostileServer(object):
-    """Lifecycle, counting and the ``limit`` of every server here; subclasses
-    implement ``respond(method, path, query, headers, body)`` returning
-    ``(kind, status, headers, payload)``."""
+class HostileServer(LoopbackServer):
+    """Counting and the ``limit`` of every server here (lifecycle from
+    harness.LoopbackServer); subclasses implement ``respond(method, path,
+    query, headers, body)`` returning ``(kind, status, headers, payload)``.
+    A request body is read and dropped past its first 64 KiB."""
 
     main_kind = "list"
+    server_version = "hostile-test-server"
+    close_connections = True
+    BODY_KEPT = 64 * 1024
 
     def __init__(self, limit=None, delay=0.0):
+        LoopbackServer.__init__(self)
         self.limit = limit
         self.delay = delay
         self.counts = collections.Counter()
         self.recent = collections.deque(maxlen=50)     # (kind, method, path), newest last
         self._lock = threading.Lock()
-        self._server = None
-        self._thread = None
-        self.port = None
 
-    @property
-    def endpoint(self):
-        """``http://127.0.0.1:PORT`` (no trailing slash)."""
-        return "http://127.0.0.1:%d" % self.port
+    endpoint = LoopbackServer.url          # ``http://127.0.0.1:PORT`` (no trailing slash)
 
-    def start(self):
-        if self._server is not None:
-            return self
-        server = _ThreadingServer(("127.0.0.1", 0), _Handler)
-        server.owner = self
-        self._server = server
-        self.port = server.server_address[1]
-        self._thread = threading.Thread(target=server.serve_forever, name=type(self).__name__)
-        self._thread.daemon = True
-        self._thread.start()
-        return self
-
-    def stop(self):
-        """Shut the server down (idempotent)."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(5)
-            self._thread = None
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-        return False
+    def answer(self, handler):
+        body = handler.read_body(keep=self.BODY_KEPT)     # chunk bodies: counted, dropped
+        parts = urlsplit(handler.path)
+        query = dict((k, v[-1]) for k, v in parse_qs(parts.query, keep_blank_values=True).items())
+        kind, status, headers, payload = self.respond(handler.command, parts.path, query,
+                                                      handler.headers, body)
+        self._record(kind, handler.command, handler.path)
+        delay = self.delay if kind == self.main_kind else 0.0
+        if delay:
+            time.sleep(delay)
+        return status, headers, payload
 
     def _record(self, kind, method, path):
         with self._lock:

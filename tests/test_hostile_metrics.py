@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness import free_ports, read, start_agent, stop, wait_for
+from harness import free_ports, read, reaped, start_agent, stop, wait_for
 
 SCRAPE_TIMEOUT = 5.0      # a scrape that takes longer than this is blocked
 STOP_TIMEOUT = 15.0       # systemd waits 30 s before SIGKILL
@@ -46,16 +46,11 @@ def daemon(tmp_path):
         "local_storage": {"path": str(tmp_path / "snaps")},
         "metrics_address": "127.0.0.1:%d" % metrics_port}))
     logfile = tmp_path / "agent.log"
-    proc = start_agent(str(config), logfile)
-    try:
+    with reaped(start_agent(str(config), logfile)) as proc:
         wait_for(lambda: proc.poll() is not None or _serving(metrics_port), 20,
                  "the metrics server")
         assert proc.poll() is None, read(logfile)
         yield proc, metrics_port, logfile
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def idle_client(port, data=b"GET /metr"):

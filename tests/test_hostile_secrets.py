@@ -289,16 +289,16 @@ def _token_requests(server):
     return [r for r in server.requests if r.path.split("?")[0].endswith("/token")]
 
 
-def test_tls_skip_verify_does_not_cover_the_google_token_endpoint(tmp_path, https_cloud,
-                                                                 tls_files, capsys):
-    config = _google_config(tmp_path, https_cloud, tls_files)
+def assert_refused_before_a_token(config, server, secret, capsys):
+    """``list`` fails on the token endpoint's certificate, before any token
+    request, and ``secret`` is not in the log."""
     code, log = agent("-c", config, "list")
     capsys.readouterr()
     assert code == 1, log
     errors = error_lines(log)
     assert errors and "certificate" in errors[0].lower(), log
-    assert _token_requests(https_cloud) == []
-    assert GOOGLE_TOKEN not in log
+    assert _token_requests(server) == []
+    assert secret not in log
 
 
 def assert_known_key(config, capsys):
@@ -308,37 +308,36 @@ def assert_known_key(config, capsys):
     assert "unknown config key" not in log, log          # auth_tls_skip_verify is known
 
 
-def test_auth_tls_skip_verify_turns_it_off_for_the_google_token_endpoint(tmp_path, https_cloud,
-                                                                         tls_files, capsys):
-    config = _google_config(tmp_path, https_cloud, tls_files, auth_tls_skip_verify=True)
+def assert_lists_with_the_token(config, server, prefix, token, capsys):
+    """The config checks clean, and ``list`` asks for one token and lists
+    (paths starting with ``prefix``) with it."""
     assert_known_key(config, capsys)
     code, log = agent("-c", config, "list")
     capsys.readouterr()
     assert code == 0, log
-    assert len(_token_requests(https_cloud)) == 1
-    listings = [r for r in https_cloud.requests if r.path.startswith("/storage/v1/b/")]
-    assert listings and listings[0].headers.get("authorization") == "Bearer " + GOOGLE_TOKEN
+    assert len(_token_requests(server)) == 1
+    listings = [r for r in server.requests if r.path.startswith(prefix)]
+    assert listings and listings[0].headers.get("authorization") == "Bearer " + token
     assert "unknown config key" not in log
+
+
+def test_tls_skip_verify_does_not_cover_the_google_token_endpoint(tmp_path, https_cloud,
+                                                                 tls_files, capsys):
+    config = _google_config(tmp_path, https_cloud, tls_files)
+    assert_refused_before_a_token(config, https_cloud, GOOGLE_TOKEN, capsys)
+
+
+def test_auth_tls_skip_verify_turns_it_off_for_the_google_token_endpoint(tmp_path, https_cloud,
+                                                                         tls_files, capsys):
+    config = _google_config(tmp_path, https_cloud, tls_files, auth_tls_skip_verify=True)
+    assert_lists_with_the_token(config, https_cloud, "/storage/v1/b/", GOOGLE_TOKEN, capsys)
 
 
 def test_tls_skip_verify_does_not_cover_the_entra_authority(tmp_path, https_cloud, capsys):
     config = _azure_config(tmp_path, https_cloud)
-    code, log = agent("-c", config, "list")
-    capsys.readouterr()
-    assert code == 1, log
-    errors = error_lines(log)
-    assert errors and "certificate" in errors[0].lower(), log
-    assert _token_requests(https_cloud) == []
-    assert "HostileClientSecret0123" not in log
+    assert_refused_before_a_token(config, https_cloud, "HostileClientSecret0123", capsys)
 
 
 def test_auth_tls_skip_verify_turns_it_off_for_the_entra_authority(tmp_path, https_cloud, capsys):
     config = _azure_config(tmp_path, https_cloud, auth_tls_skip_verify=True)
-    assert_known_key(config, capsys)
-    code, log = agent("-c", config, "list")
-    capsys.readouterr()
-    assert code == 0, log
-    assert len(_token_requests(https_cloud)) == 1
-    listings = [r for r in https_cloud.requests if r.path.startswith("/devstoreaccount1/")]
-    assert listings and listings[0].headers.get("authorization") == "Bearer " + AZURE_TOKEN
-    assert "unknown config key" not in log
+    assert_lists_with_the_token(config, https_cloud, "/devstoreaccount1/", AZURE_TOKEN, capsys)

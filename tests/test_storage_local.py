@@ -1,6 +1,7 @@
 """Sections 13 and 17: local storage and retention."""
 
 import datetime
+import logging
 import os
 import stat
 
@@ -177,34 +178,46 @@ def test_running_hash_equals_a_full_pass_whatever_the_upload_rereads(tmp_path):
         assert running.digest(path, size, lambda: None) == want, what
 
 
-def test_retention_line_names_what_each_rule_kept_and_removed(tmp_path, caplog):
-    now = datetime.datetime(2026, 11, 27, 12, 0, tzinfo=vsa.UTC)
-    names = [vsa.snapshot_name(now - datetime.timedelta(hours=h)) for h in (0, 1, 30, 50, 60)]
+def _retention_run(tmp_path, hours, retain, retain_days):
+    """apply_retention at BASE, keeping the newest, on a local store holding
+    snapshots ``hours`` old under Policy(retain, retain_days, 1h): (their
+    names in the order of ``hours``, the store, what it deleted, the
+    "Retention on" lines it logged).  The lines are caught on the agent's
+    own logger: an in-process main() earlier in the session turns off its
+    propagation to the root logger, where caplog listens."""
+    names = [vsa.snapshot_name(BASE - datetime.timedelta(hours=h)) for h in hours]
     runtime = vsa.Runtime({}, vsa.Clock(), FakeSignals())
-    store = vsa.LocalStorage(str(tmp_path / "snaps"), vsa.Policy(3, 1, 3600.0), runtime)
+    store = vsa.LocalStorage(str(tmp_path / "snaps"), vsa.Policy(retain, retain_days, 3600.0),
+                             runtime)
     os.makedirs(store.path)
     for name in names:
         open(os.path.join(store.path, name), "wb").close()
-    with caplog.at_level("INFO", logger="vault_snapshot_agent"):
-        deleted = vsa.apply_retention(store, keep=names[0], now=now)
+    messages = []
+    catch = logging.Handler(logging.INFO)
+    catch.emit = lambda record: messages.append(record.getMessage())
+    level = vsa.LOG.level
+    vsa.LOG.addHandler(catch)
+    vsa.LOG.setLevel(logging.INFO)
+    try:
+        deleted = vsa.apply_retention(store, keep=names[0], now=BASE)
+    finally:
+        vsa.LOG.removeHandler(catch)
+        vsa.LOG.setLevel(level)
+    return names, store, deleted, [m for m in messages if m.startswith("Retention on")]
+
+
+def test_retention_line_names_what_each_rule_kept_and_removed(tmp_path):
+    names, store, deleted, lines = _retention_run(tmp_path, (0, 1, 30, 50, 60), 3, 1)
     # 30h old: within the newest 3 but older than a day; 50h and 60h: beyond the newest 3.
     assert deleted == names[2:]
     assert sorted(os.listdir(store.path)) == sorted(names[:2])
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Retention on")]
     assert len(lines) == 1
     assert "kept 2; deleted 3 (2 by retain=3, 1 by retain_days=1)" in lines[0]
 
 
-def test_retention_line_with_only_retain_days_counts_what_is_kept(tmp_path, caplog):
+def test_retention_line_with_only_retain_days_counts_what_is_kept(tmp_path):
     # The old line said "kept 0" (the retain setting) when only retain_days was set.
-    now = datetime.datetime(2026, 11, 27, 12, 0, tzinfo=vsa.UTC)
-    names = [vsa.snapshot_name(now - datetime.timedelta(hours=h)) for h in (0, 1, 2, 49)]
-    runtime = vsa.Runtime({}, vsa.Clock(), FakeSignals())
-    store = vsa.LocalStorage(str(tmp_path / "snaps"), vsa.Policy(0, 2, 3600.0), runtime)
-    os.makedirs(store.path)
-    for name in names:
-        open(os.path.join(store.path, name), "wb").close()
-    with caplog.at_level("INFO", logger="vault_snapshot_agent"):
-        assert vsa.apply_retention(store, keep=names[0], now=now) == [names[3]]
-    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Retention on")][0]
+    names, store, deleted, lines = _retention_run(tmp_path, (0, 1, 2, 49), 0, 2)
+    assert deleted == [names[3]]
+    line = lines[0]
     assert "kept 3; deleted 1 (1 by retain_days=2)" in line
