@@ -3114,7 +3114,7 @@ def _s3_error(resp, data, action):
         hint = "the bucket is in region %s: set s3_region to it" % (region or "another region")
     if code == "AccessDenied":
         hint = "the credentials are not allowed to %s" % action
-    if code == "InvalidRequest" and "Object Lock" in (message or ""):
+    if code == "InvalidRequest" and re.search(r"Object ?Lock", message or ""):
         hint = ("s3_object_lock_mode needs a bucket created with Object Lock enabled; "
                 "create one or remove s3_object_lock_mode")
     text = "S3 %s: HTTP %d %s%s%s" % (action, resp.status, code or resp.reason or "",
@@ -3319,6 +3319,8 @@ class S3Storage(Storage):
         if self.lock:
             until = self.clock.now() + datetime.timedelta(days=self.lock[1])
             headers["x-amz-object-lock-mode"] = self.lock[0]
+            # S3 wants Content-MD5 or this on locked writes; the SHA-256 checksum goes along
+            headers["x-amz-sdk-checksum-algorithm"] = "SHA256"
             headers["x-amz-object-lock-retain-until-date"] = until.astimezone(UTC).strftime(
                 "%Y-%m-%dT%H:%M:%SZ")
         return headers
