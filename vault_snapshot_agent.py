@@ -60,6 +60,7 @@ import errno
 import hashlib
 import hmac
 import http.client
+import ipaddress
 import json
 import logging
 import math
@@ -655,17 +656,152 @@ def _exc_text(exc):
 
 
 class _HTTPSConnection(http.client.HTTPSConnection):
-    """HTTPSConnection with a settable SNI / verified hostname."""
+    """HTTPSConnection with a settable SNI / verified hostname, and through a
+    proxy a CONNECT tunnel: TLS then runs inside it to the origin, whose name
+    (never the proxy's) the certificate and SNI are checked against."""
 
-    def __init__(self, host, port, timeout, context, server_name):
-        http.client.HTTPSConnection.__init__(self, host, port, timeout=timeout, context=context)
+    def __init__(self, host, port, timeout, context, server_name, proxy=None):
+        if proxy is None:
+            http.client.HTTPSConnection.__init__(self, host, port, timeout=timeout, context=context)
+        else:
+            http.client.HTTPSConnection.__init__(self, proxy.host, proxy.port, timeout=timeout,
+                                                 context=context)
+            self.set_tunnel(host, port, {"Proxy-Authorization": proxy.auth.reveal()}
+                            if proxy.auth else None)
         self._tls_context = context
         self._server_name = server_name
+        self._origin = host
 
     def connect(self):
-        http.client.HTTPConnection.connect(self)
+        http.client.HTTPConnection.connect(self)     # with a proxy: also the CONNECT
         self.sock = self._tls_context.wrap_socket(
-            self.sock, server_hostname=self._server_name or self.host)
+            self.sock, server_hostname=self._server_name or self._origin)
+
+
+Proxy = collections.namedtuple("Proxy", "host port auth display")
+# An HTTP forward proxy: ``auth`` is the Proxy-Authorization value (a Secret)
+# or None; ``display`` its URL for logs, with the password as ***.
+
+METADATA_HOSTS = ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "metadata.google.internal")
+
+
+def parse_proxy_url(text, where):
+    """A Proxy from ``http://[user:password@]host[:port]`` (a bare host:port
+    means http://); ConfigError naming ``where`` otherwise, never showing a
+    password."""
+    if "://" not in text:
+        text = "http://" + text
+    try:
+        parts = urllib.parse.urlsplit(text)
+        port = parts.port or 80
+    except ValueError:
+        raise ConfigError("%s: not a proxy URL (http://[user:password@]host:port)" % where) from None
+    if parts.scheme == "https":
+        raise ConfigError("%s: https:// proxies are not supported; use http:// (TLS to the "
+                          "destination still runs end to end through the tunnel)" % where)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ConfigError("%s: not a proxy URL (http://[user:password@]host:port)" % where)
+    auth, user = None, ""
+    if parts.username is not None:
+        user = urllib.parse.unquote(parts.username)
+        password = urllib.parse.unquote(parts.password or "")
+        auth = Secret("Basic " + base64.b64encode(("%s:%s" % (user, password)).encode("utf-8"))
+                      .decode("ascii"))
+    host = parts.hostname
+    netloc = "[%s]" % host if ":" in host else host
+    display = "http://%s%s:%d" % (user + ":***@" if auth else "", netloc, port)
+    return Proxy(host, port, auth, display)
+
+
+def no_proxy_match(host, port, no_proxy):
+    """Whether NO_PROXY text exempts ``host``:``port``, as Go's httpproxy
+    reads it: ``*``; a name (itself and its subdomains); ``.name`` or
+    ``*.name`` (subdomains only); an IP; a CIDR; each with an optional port."""
+    host = host.lower().strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    for entry in (e.strip().lower() for e in (no_proxy or "").split(",")):
+        if not entry:
+            continue
+        if entry == "*":
+            return True
+        name, want_port = entry, None
+        match = re.match(r"\A(\[[^]]+\]|[^:]+):([0-9]+)\Z", entry)
+        if match:                       # host:port or [v6]:port
+            name, want_port = match.group(1), int(match.group(2))
+        name = name.strip("[]")
+        if want_port is not None and want_port != port:
+            continue
+        if "/" in name:
+            try:
+                if address is not None and address in ipaddress.ip_network(name, strict=False):
+                    return True
+            except ValueError:
+                pass
+            continue
+        try:
+            literal = ipaddress.ip_address(name)
+        except ValueError:
+            literal = None
+        if literal is not None:
+            if address == literal:
+                return True
+            continue
+        if name.startswith("*."):
+            name = name[1:]
+        if host.endswith(name if name.startswith(".") else "." + name) or host == name:
+            return True
+    return False
+
+
+class ProxyPolicy(object):
+    """Which proxy a request goes through. ``setting``: None (the
+    environment, with Go's http.ProxyFromEnvironment rules), "direct", or a
+    proxy URL used for every request (loopback included). The link-local
+    metadata endpoints are always reached directly, and from the environment
+    neither localhost nor loopback addresses are ever proxied."""
+
+    def __init__(self, setting=None, env=None, where="proxy"):
+        env = {} if env is None else env
+        self.explicit = self.direct = False
+        self.proxies = {}
+        if setting == "direct":
+            self.direct = True
+        elif setting:
+            self.explicit = True
+            self.proxies = {"http": parse_proxy_url(setting, where), "https": None}
+            self.proxies["https"] = self.proxies["http"]
+        else:
+            for scheme in ("http", "https"):
+                var = next((v for v in (scheme.upper() + "_PROXY", scheme + "_proxy")
+                            if env.get(v, "").strip()), None)
+                if var:
+                    self.proxies[scheme] = parse_proxy_url(env[var].strip(), var)
+            self.no_proxy = next((env[v] for v in ("NO_PROXY", "no_proxy") if env.get(v)), "")
+
+    def for_url(self, url):
+        """The Proxy for ``url``, or None to connect directly."""
+        parts = urllib.parse.urlsplit(url)
+        host = (parts.hostname or "").lower()
+        proxy = self.proxies.get(parts.scheme)
+        if proxy is None or host in METADATA_HOSTS:
+            return None
+        if self.explicit:
+            return proxy
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        if host == "localhost" or host.endswith(".localhost") or _is_loopback(host) \
+                or no_proxy_match(host, port, self.no_proxy):
+            return None
+        return proxy
+
+
+def _is_loopback(host):
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 class Response(object):
@@ -739,24 +875,28 @@ class Response(object):
 
 
 class Http(object):
-    """Minimal HTTP/1.1 client on http.client: no automatic redirects, no
-    proxies, TLS as configured, socket timeouts per operation (so a stream
-    only fails when it goes idle, never because it is long)."""
+    """Minimal HTTP/1.1 client on http.client: no automatic redirects, TLS as
+    configured, forward proxies as ``proxy`` (a ProxyPolicy) says, socket
+    timeouts per operation (so a stream only fails when it goes idle, never
+    because it is long)."""
 
-    def __init__(self, tls=None, timeout=30.0, user_agent=None):
+    def __init__(self, tls=None, timeout=30.0, user_agent=None, proxy=None):
         self.tls = tls or TlsOptions(None, None, None, None, None, False)
         self.timeout = timeout
         self.user_agent = user_agent or "%s/%s" % (PROG, __version__)
+        self.proxy = proxy or ProxyPolicy("direct")
         self._context = None
 
-    def _connection(self, parts, timeout):
+    def _connection(self, parts, timeout, proxy):
         host = parts.hostname
         if parts.scheme == "https":
             if self._context is None:
                 self._context = make_ssl_context(self.tls)
             return _HTTPSConnection(host, parts.port or 443, timeout, self._context,
-                                    self.tls.server_name)
+                                    self.tls.server_name, proxy)
         if parts.scheme == "http":
+            if proxy is not None:
+                return http.client.HTTPConnection(proxy.host, proxy.port, timeout=timeout)
             return http.client.HTTPConnection(host, parts.port or 80, timeout=timeout)
         raise TransportError("unsupported URL scheme in %s" % redact_url(parts.geturl()))
 
@@ -774,7 +914,13 @@ class Http(object):
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
+        proxy = self.proxy.for_url(url)
+        via = " via proxy %s" % proxy.display if proxy else ""
         all_headers = {"User-Agent": self.user_agent}
+        if proxy is not None and parts.scheme == "http":
+            target = "http://%s%s" % (parts.netloc.rpartition("@")[2], target)   # absolute form
+            if proxy.auth:
+                all_headers["Proxy-Authorization"] = proxy.auth.reveal()
         all_headers.update(headers or {})
         if body is not None and "Content-Type" not in all_headers:
             all_headers["Content-Type"] = "application/octet-stream"
@@ -784,7 +930,7 @@ class Http(object):
             if has_control("%s%s" % (name, value)):
                 raise TransportError("%s %s: header %s holds a control character (CR, LF...); "
                                      "not sent" % (method, redact_url(url), printable(name, 60)))
-        conn = self._connection(parts, timeout or self.timeout)
+        conn = self._connection(parts, timeout or self.timeout, proxy)
         try:
             conn.connect()
             sock = conn.sock
@@ -792,17 +938,24 @@ class Http(object):
             raw = conn.getresponse()
         except ssl.SSLError as exc:     # before ValueError: a certificate error is both
             conn.close()
-            raise TransportError("%s %s: TLS error: %s" % (method, redact_url(url), _exc_text(exc)),
-                                 retryable=False) from exc
+            raise TransportError("%s %s%s: TLS error: %s" % (method, redact_url(url), via,
+                                                              _exc_text(exc)), retryable=False) from exc
         except ValueError:          # http.client's header checks; its text may hold a value
             conn.close()
             raise TransportError("%s %s: http.client refused the request headers"
                                  % (method, redact_url(url))) from None
         except (socket.timeout, OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise TransportError("%s %s: %s" % (method, redact_url(url),
-                                                _exc_text(exc) or type(exc).__name__),
-                                 retryable=True) from exc
+            text = _exc_text(exc) or type(exc).__name__
+            refused = proxy is not None and re.search(r"Tunnel connection failed: 40[137]", text)
+            raise TransportError("%s %s%s: %s%s" % (
+                method, redact_url(url), via, text,
+                " (the proxy refused the tunnel: check its user and password)" if refused else ""),
+                retryable=not refused) from exc
+        if proxy is not None and raw.status == 407:
+            conn.close()
+            raise TransportError("%s %s%s: the proxy refused the credentials (407 %s)" % (
+                method, redact_url(url), via, raw.reason), status=407)
         return Response(method, url, conn, raw, sock)
 
 
@@ -853,6 +1006,8 @@ class Key(object):
             return "***"
         if self.kind == "duration":
             return format_duration(value)
+        if self.kind == "proxy" and value != "direct":
+            return parse_proxy_url(value, self.name).display      # never the password
         return value
 
     def documented_default(self):
@@ -1031,6 +1186,14 @@ class Section(object):
             raise self.error(key, "must be a size like \"500MB\" or \"20GiB\", or a byte count, "
                                   "got %s" % (repr(value) if isinstance(value, str) else _json_type(value))) from None
 
+    def proxy(self, key, env=()):
+        """A proxy URL (checked now, see parse_proxy_url) or "direct"."""
+        value = self.string(key, None, env)
+        if value is not None and value != "direct":
+            parse_proxy_url(value, self.sources.get(key, "")[4:] if self.sources.get(key, "")
+                            .startswith("env ") else self.name(key))
+        return value
+
     def any(self, key, default=None):
         """The raw JSON value (its block checks it)."""
         value, _ = self._value(key)
@@ -1079,6 +1242,7 @@ _READERS = {
     "duration": lambda s, n, k, d: s.duration(n, d, k.options.get("minimum", 0.0)),
     "url": lambda s, n, k, d: s.url(n, d, k.env),
     "size": lambda s, n, k, d: s.size(n, d),
+    "proxy": lambda s, n, k, d: s.proxy(n, k.env),
     "any": lambda s, n, k, d: s.any(n, d),
 }
 
@@ -1190,6 +1354,9 @@ TOP_KEYS = (
         doc="a Vault/Bao Agent sink file, re-read whenever a new token is needed"),
     Key("namespace", "name", env=_env_names("NAMESPACE"),
         doc="sent on the login call only (snapshots are a root-namespace operation)"),
+    Key("proxy", "proxy", env=_env_names("PROXY_ADDR") + _env_names("HTTP_PROXY"),
+        doc="HTTP proxy for Vault (`http://[user:password@]host:port`) or `\"direct\"`; unset: "
+            "`HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` as Go reads them, never for a loopback `addr`"),
     Key("ca_cert", "file", env=_env_names("CACERT"), doc="CA bundle for Vault's certificate"),
     Key("ca_path", "dir", env=_env_names("CAPATH"), doc="directory of CA certificates"),
     Key("client_cert", "file", env=_env_names("CLIENT_CERT"), doc="TLS client certificate"),
@@ -1218,6 +1385,10 @@ def tls_keys(ca_env=(), token_endpoint=None):
     ``token_endpoint`` (where the block sends client secrets or signed
     assertions) a separate key to skip verification there too."""
     keys = (
+        Key("proxy", "proxy",
+            doc="HTTP proxy for every request of this storage and its token endpoints "
+                "(`http://[user:password@]host:port`) or `\"direct\"`; unset: `HTTPS_PROXY`/"
+                "`HTTP_PROXY`/`NO_PROXY` as Go reads them"),
         Key("ca_cert", "file", env=ca_env, doc="CA bundle for the endpoint"),
         Key("tls_skip_verify", "bool", False, doc="turn certificate verification off for the endpoint"),
     )
@@ -1226,6 +1397,12 @@ def tls_keys(ca_env=(), token_endpoint=None):
             "also skip certificate checks on %s; `tls_skip_verify` alone leaves the endpoint that "
             "receives credentials verified" % token_endpoint)),)
     return keys
+
+
+def storage_proxy(section, values, runtime):
+    """The ProxyPolicy of a storage block: its ``proxy`` key, else the
+    environment's proxy variables."""
+    return ProxyPolicy(values["proxy"], runtime.env, section.name("proxy"))
 
 
 def storage_tls(values, endpoint):
@@ -1331,6 +1508,7 @@ def config_from_dict(raw, path="<config>", env=None):
     values["k8s_auth_path"] = values["k8s_auth_path"].strip("/")
     values["vault_auth_method"] = _auth_method(top, values)
     cfg = Config(path, values)
+    cfg.proxy_policy = ProxyPolicy(cfg.proxy, top.env, "proxy")
     _check_outputs(top, cfg)
     cfg.tls = TlsOptions(cfg.ca_cert, cfg.ca_path, cfg.client_cert, cfg.client_key,
                          cfg.tls_server_name, cfg.tls_skip_verify)
@@ -2010,7 +2188,7 @@ class VaultClient(object):
 
     def __init__(self, cfg, http=None, clock=None):
         self.cfg = cfg
-        self.http = http or Http(cfg.tls, cfg.timeout)
+        self.http = http or Http(cfg.tls, cfg.timeout, proxy=cfg.proxy_policy)
         self.clock = clock or Clock()
         self._token = None          # Secret
         self._renew_at = None       # monotonic seconds; None: never
@@ -3260,14 +3438,16 @@ class S3Storage(Storage):
         static = (AwsCredentials(key_id, secret, values["session_token"], None, "aws_storage keys")
                   if key_id else None)
         tls = storage_tls(values, endpoint)
-        chain = AwsCredentialChain(static, env, region, profile, Http(None, 5.0), runtime.clock,
+        proxy = storage_proxy(section, values, runtime)
+        chain = AwsCredentialChain(static, env, region, profile, Http(None, 5.0, proxy=proxy),
+                                   runtime.clock,
                                    imds_endpoint=values["imds_endpoint"],
                                    container_endpoint=values["container_endpoint"],
                                    sts_endpoint=values["sts_endpoint"])
         values["imds_endpoint"], values["container_endpoint"], values["sts_endpoint"] = (
             chain.imds_endpoint, chain.container_endpoint, chain.sts_endpoint)     # effective
         return cls(bucket, values["s3_key_prefix"].strip("/"), region, endpoint, path_style, chain,
-                   Http(tls, cfg.timeout), policy, runtime, values, sse=sse,
+                   Http(tls, cfg.timeout, proxy=proxy), policy, runtime, values, sse=sse,
                    kms_key_id=values["s3_kms_key_id"], storage_class=values["s3_storage_class"],
                    static_name=values["s3_static_snapshot_name"],
                    part_size=values["part_size_mb"] * 1024 * 1024,
@@ -3641,16 +3821,19 @@ class AzureStorage(Storage):
         values["endpoint"], values["account_name"] = endpoint, account
         values["auth_mode"] = mode = _azure_auth_mode(section, values, key, sas)
         tls = storage_tls(values, endpoint)
+        proxy = storage_proxy(section, values, runtime)
         token = None
         if mode in ("managed_identity", "workload_identity", "client_secret"):
-            auth_http = Http(tls._replace(skip_verify=values["auth_tls_skip_verify"]), 30.0)
+            auth_http = Http(tls._replace(skip_verify=values["auth_tls_skip_verify"]), 30.0,
+                             proxy=proxy)
             token = BearerToken(_azure_token_fetcher(
                 mode, auth_http, values["imds_endpoint"].rstrip("/"),
                 values["authority_host"].rstrip("/"), values["tenant_id"], values["client_id"],
                 values["client_secret"], values["federated_token_file"]),
                 runtime.clock, "Azure %s" % mode.replace("_", " "))
         return cls(endpoint.rstrip("/"), account, container, values["prefix"].strip("/"), mode,
-                   Http(tls, cfg.timeout), policy, runtime, values, key=key, sas=sas, token=token,
+                   Http(tls, cfg.timeout, proxy=proxy), policy, runtime, values, key=key, sas=sas,
+                   token=token,
                    access_tier=values["access_tier"], block_size=values["block_size_mb"] * 1024 * 1024,
                    concurrency=values["concurrency"], page_size=values["list_page_size"])
 
@@ -3884,11 +4067,13 @@ class GoogleStorage(Storage):
                                  "STORAGE_EMULATOR_HOST")
         values["endpoint"] = endpoint = values["endpoint"] or emulator or "https://storage.googleapis.com"
         tls = storage_tls(values, endpoint)
+        proxy = storage_proxy(section, values, runtime)
         if values["anonymous"] is None:
             values["anonymous"] = bool(emulator) and not env.get("GOOGLE_APPLICATION_CREDENTIALS")
         token = None
         if values["credentials_file"] or not values["anonymous"]:
-            auth_http = Http(tls._replace(skip_verify=values["auth_tls_skip_verify"]), 30.0)
+            auth_http = Http(tls._replace(skip_verify=values["auth_tls_skip_verify"]), 30.0,
+                             proxy=proxy)
             try:
                 fetch, what = google_token_source(values["credentials_file"], env, auth_http,
                                                   runtime.clock, values["metadata_host"])
@@ -3896,7 +4081,7 @@ class GoogleStorage(Storage):
                 raise section.error("credentials_file", str(exc)) from exc
             token = BearerToken(fetch, runtime.clock, what)
         return cls(bucket, values["prefix"].strip("/"), endpoint.rstrip("/"), token,
-                   Http(tls, cfg.timeout), policy, runtime, values,
+                   Http(tls, cfg.timeout, proxy=proxy), policy, runtime, values,
                    storage_class=values["storage_class"],
                    chunk_size=values["chunk_size_mb"] * 1024 * 1024,
                    page_size=values["list_page_size"])
