@@ -1825,7 +1825,7 @@ class AwsCredentialChain(object):
     """
 
     def __init__(self, static, env, region, profile, http, clock, imds_endpoint=None,
-                 container_endpoint=None, sts_endpoint=None):
+                 container_endpoint=None, sts_endpoint=None, role=None):
         self.static = static
         self.env = env
         self.region = region
@@ -1837,6 +1837,7 @@ class AwsCredentialChain(object):
         self.container_endpoint = (container_endpoint or DEFAULT_CONTAINER_ENDPOINT).rstrip("/")
         self.sts_endpoint = (sts_endpoint or env.get("AWS_ENDPOINT_URL_STS") or env.get("AWS_ENDPOINT_URL")
                              or "https://sts.%s.amazonaws.com" % region).rstrip("/")
+        self.role = role                    # an AwsRole to assume with what the chain finds
         self._cached = None
         self._lock = threading.Lock()      # upload workers share it: one refresh per expiry
 
@@ -1853,12 +1854,44 @@ class AwsCredentialChain(object):
                        self._container, self._instance_metadata):
             creds = source()
             if creds is not None:
+                if self.role is not None:
+                    creds = self._assume(creds, self.role)
                 if cached is None or cached.source != creds.source:
                     LOG.info("AWS credentials from %s", creds.source)
                 self._cached = creds
                 return creds
         raise StorageError("no AWS credentials found (tried aws_storage keys, environment, "
                            "web identity, shared files, container and EC2 instance metadata)")
+
+    def _assume(self, base, role):
+        """Temporary credentials of ``role`` (an AwsRole) from STS AssumeRole,
+        signed with ``base``: the cross-account backup bucket's usual way."""
+        fields = [("Action", "AssumeRole"), ("Version", "2011-06-15"), ("RoleArn", role.arn),
+                  ("RoleSessionName", role.session_name), ("DurationSeconds", str(int(role.duration)))]
+        if role.external_id:
+            fields.append(("ExternalId", role.external_id))
+        body = urllib.parse.urlencode(fields).encode("ascii")
+        url = self.sts_endpoint + "/"
+        headers = sigv4_headers(
+            "POST", urllib.parse.urlsplit(url).netloc, "/", "",
+            {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/xml"},
+            hashlib.sha256(body).hexdigest(), base.access_key, base.secret_key.reveal(),
+            base.token.reveal() if base.token else None, self.region, "sts", self.clock.now())
+        headers.pop("host", None)
+        try:
+            resp = self.http.request("POST", url, headers, body)
+        except TransportError as exc:
+            raise StorageError("STS AssumeRole of %s: %s" % (role.arn, exc), exc.retryable) from exc
+        with resp:
+            data = resp.body()
+            if resp.status != 200:
+                raise StorageError("STS AssumeRole of %s (with %s) refused: HTTP %d %s" % (
+                    role.arn, base.source, resp.status, _aws_error_line(data)),
+                    retryable_status(resp.status))
+        root = parse_xml(data, "STS AssumeRole")
+        return self._from_fields(xml_text(root, "AccessKeyId"), xml_text(root, "SecretAccessKey"),
+                                 xml_text(root, "SessionToken"), xml_text(root, "Expiration"),
+                                 "role %s (assumed with %s)" % (role.arn, base.source))
 
     def _static(self):
         if self.static is not None:
@@ -1897,22 +1930,95 @@ class AwsCredentialChain(object):
                                  "web identity (%s)" % role)
 
     def _shared_files(self):
+        """The profile of the shared config and credentials files, as the AWS
+        CLI reads it (None when the default profile has nothing)."""
+        found = self._profile(self.profile or "default", [])
+        if found is None and self.profile:
+            raise StorageError("AWS profile %r has no credentials in %s or %s"
+                               % (self.profile, *self._shared_paths()))
+        return found
+
+    def _shared_paths(self):
         home = os.path.expanduser("~")
-        cred_file = self.env.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(home, ".aws", "credentials")
-        conf_file = self.env.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config")
-        profile = self.profile or "default"
-        for path, section in ((cred_file, profile),
-                              (conf_file, profile if profile == "default" else "profile " + profile)):
-            values = read_ini_section(path, section)
+        return (self.env.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(home, ".aws", "credentials"),
+                self.env.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config"))
+
+    def _profile(self, name, seen):
+        """Credentials of profile ``name``: its role (from a source profile,
+        a chain of them, or a credential source), its static keys, or its
+        credential_process; ``seen`` are the profiles that led here."""
+        if name in seen or len(seen) > 5:
+            raise StorageError("AWS profiles loop: %s" % " -> ".join(seen + [name]))
+        cred_file, conf_file = self._shared_paths()
+        conf = read_ini_section(conf_file, name if name == "default" else "profile " + name)
+        if any(key.startswith("sso_") for key in conf):
+            raise StorageError("AWS profile %r uses AWS SSO (sso_* keys), which is not supported: "
+                               "use credential_process or a role" % name)
+        if conf.get("role_arn"):
+            return self._assume(self._role_source(name, conf, seen), AwsRole(
+                conf["role_arn"], conf.get("external_id"),
+                conf.get("role_session_name") or default_session_name(),
+                _profile_duration(name, conf)))
+        for path, values in ((cred_file, read_ini_section(cred_file, name)), (conf_file, conf)):
             if values.get("aws_access_key_id") and values.get("aws_secret_access_key"):
                 token = values.get("aws_session_token")
-                return AwsCredentials(values["aws_access_key_id"],
-                                      Secret(values["aws_secret_access_key"]),
-                                      Secret(token) if token else None, None,
-                                      "shared file %s [%s]" % (path, section))
-        if self.profile:
-            raise StorageError("AWS profile %r has no aws_access_key_id/aws_secret_access_key in %s or %s"
-                               % (self.profile, cred_file, conf_file))
+                return AwsCredentials(values["aws_access_key_id"].strip(),
+                                      Secret(values["aws_secret_access_key"].strip()),
+                                      Secret(token.strip()) if token else None, None,
+                                      "shared file %s [%s]" % (path, name))
+            if path == cred_file and conf.get("credential_process"):
+                return self._process(conf["credential_process"], name)
+        return None
+
+    def _role_source(self, name, conf, seen):
+        """The credentials a profile's role is assumed with."""
+        if conf.get("source_profile"):
+            base = self._profile(conf["source_profile"], seen + [name])
+            if base is None:
+                raise StorageError("AWS profile %r: its source_profile %r has no credentials"
+                                   % (name, conf["source_profile"]))
+            return base
+        sources = {"Environment": self._environment, "Ec2InstanceMetadata": self._instance_metadata,
+                   "EcsContainer": self._container}
+        source = sources.get(conf.get("credential_source", ""))
+        if source is None:
+            raise StorageError("AWS profile %r: role_arn needs source_profile or credential_source "
+                               "(%s)" % (name, ", ".join(sorted(sources))))
+        base = source()
+        if base is None:
+            raise StorageError("AWS profile %r: credential_source %s has no credentials"
+                               % (name, conf["credential_source"]))
+        return base
+
+    def _process(self, command, profile):
+        """Credentials from a profile's credential_process (run without a
+        shell). Its stderr goes into errors; its stdout, which holds the
+        secret, never does."""
+        import shlex
+        import subprocess
+        what = "credential_process of AWS profile %r" % profile
+        try:
+            argv = shlex.split(command)
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    env=dict(self.env))
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise StorageError("%s: no answer within 60s" % what) from None
+        except (OSError, ValueError) as exc:
+            raise StorageError("%s: cannot run it: %s" % (what, getattr(exc, "strerror", None) or exc)) from exc
+        if proc.returncode != 0:
+            raise StorageError("%s exited %d: %s" % (what, proc.returncode, one_line(
+                err.decode("utf-8", "replace"), 300) or "(no stderr)"))
+        try:
+            data = json.loads(out.decode("utf-8"))
+        except (ValueError, RecursionError):
+            raise StorageError("%s: its output is not JSON" % what) from None
+        if not isinstance(data, dict) or data.get("Version") != 1:
+            raise StorageError("%s: its output is not JSON with \"Version\": 1" % what)
+        return self._from_fields(data.get("AccessKeyId"), data.get("SecretAccessKey"),
+                                 data.get("SessionToken"), data.get("Expiration"), what)
 
     def _container(self):
         full = self.env.get("AWS_CONTAINER_CREDENTIALS_FULL_URI")
@@ -1986,6 +2092,25 @@ def _json_object(resp, what):
     if not isinstance(data, dict):
         raise StorageError("%s: answer is not a JSON object" % what)
     return data
+
+
+AwsRole = collections.namedtuple("AwsRole", "arn external_id session_name duration")
+# A role to assume: ARN, optional external id, session name, seconds.
+
+
+def default_session_name():
+    """vault-snapshot-agent-<host>, in the characters STS allows, at most 64."""
+    return ("vault-snapshot-agent-" + re.sub(r"[^\w+=,.@-]", "-", socket.gethostname()))[:64]
+
+
+def _profile_duration(name, conf):
+    try:
+        seconds = int(conf.get("duration_seconds") or 3600)
+    except ValueError:
+        raise StorageError("AWS profile %r: duration_seconds is not a whole number" % name) from None
+    if not 900 <= seconds <= 43200:
+        raise StorageError("AWS profile %r: duration_seconds must be 900 to 43200" % name)
+    return seconds
 
 
 def read_ini_section(path, section):
@@ -3378,7 +3503,16 @@ class S3Storage(Storage):
         Key("secret_access_key", "secret", doc="goes with `access_key_id`"),
         Key("session_token", "secret", doc="for temporary static credentials"),
         Key("profile", "name", env=("AWS_PROFILE",),
-            doc="profile in `~/.aws/credentials` / `~/.aws/config`"),
+            doc="profile in `~/.aws/credentials` / `~/.aws/config` (static keys, `role_arn` with "
+                "`source_profile` or `credential_source`, `credential_process`)"),
+        Key("role_arn", "name",
+            doc="assume this role (STS AssumeRole) with the credentials found: e.g. a backup "
+                "account's bucket; refreshed before it expires"),
+        Key("external_id", "name", doc="the role's external id, if its trust policy wants one"),
+        Key("role_session_name", "name", default_doc="`vault-snapshot-agent-<host>`",
+            doc="session name, seen in CloudTrail"),
+        Key("role_duration", "duration", "1h", minimum=900.0, doc="assumed credentials' lifetime "
+            "(15m to 12h, within the role's maximum)"),
         Key("part_size_mb", "int", 16, minimum=5, maximum=5120,
             doc="multipart part size (grown automatically so any file fits in 10,000 parts); "
                 "files up to it go in one PUT"),
@@ -3439,8 +3573,15 @@ class S3Storage(Storage):
                   if key_id else None)
         tls = storage_tls(values, endpoint)
         proxy = storage_proxy(section, values, runtime)
+        role = None
+        if values["role_arn"]:
+            if values["role_duration"] > 43200:
+                raise section.error("role_duration", "must be at most 12h")
+            values["role_session_name"] = values["role_session_name"] or default_session_name()
+            role = AwsRole(values["role_arn"], values["external_id"], values["role_session_name"],
+                           values["role_duration"])
         chain = AwsCredentialChain(static, env, region, profile, Http(None, 5.0, proxy=proxy),
-                                   runtime.clock,
+                                   runtime.clock, role=role,
                                    imds_endpoint=values["imds_endpoint"],
                                    container_endpoint=values["container_endpoint"],
                                    sts_endpoint=values["sts_endpoint"])
