@@ -33,19 +33,20 @@ Sections (``grep -n '^# [0-9]*\\. '`` lists them):
     6. Config schema
     7. Config
     8. Request signing
-    9. Cloud credentials
-    10. Vault client
-    11. Snapshot stream and verification
-    12. Storage backends
-    13. Local storage
-    14. S3 storage
-    15. Azure Blob storage
-    16. Google Cloud Storage
-    17. Retention
-    18. Status, metrics and systemd
-    19. Agent
-    20. Restore tooling
-    21. Command line
+    9. AWS credentials
+    10. Azure and Google credentials
+    11. Vault client
+    12. Snapshot stream and verification
+    13. Storage backends
+    14. Local storage
+    15. S3 storage
+    16. Azure Blob storage
+    17. Google Cloud Storage
+    18. Retention
+    19. Status, metrics and systemd
+    20. Agent
+    21. Restore tooling
+    22. Command line
 """
 
 from __future__ import print_function
@@ -1790,7 +1791,7 @@ def service_account_jwt(key, client_email, key_id, token_uri, scope, now):
 
 
 # =============================================================================
-# 9. Cloud credentials
+# 9. AWS credentials
 # =============================================================================
 
 
@@ -2138,6 +2139,11 @@ def _aws_error_line(data):
     return "%s: %s" % (code, message) if code else one_line(data[:200].decode("utf-8", "replace"))
 
 
+# =============================================================================
+# 10. Azure and Google credentials
+# =============================================================================
+
+
 class BearerToken(object):
     """An OAuth access token cache: ``fetch()`` returns (token, seconds valid);
     a new token is fetched five minutes before the old one expires."""
@@ -2299,7 +2305,7 @@ def read_credentials_file(path):
 
 
 # =============================================================================
-# 10. Vault client
+# 11. Vault client
 # =============================================================================
 
 
@@ -2552,7 +2558,7 @@ def vault_error(resp):
 
 
 # =============================================================================
-# 11. Snapshot stream and verification
+# 12. Snapshot stream and verification
 # =============================================================================
 
 
@@ -2910,7 +2916,7 @@ def _unlink_quietly(path):
 
 
 # =============================================================================
-# 12. Storage backends
+# 13. Storage backends
 # =============================================================================
 
 
@@ -3223,7 +3229,7 @@ def build_storages(cfg, runtime):
 
 
 # =============================================================================
-# 13. Local storage
+# 14. Local storage
 # =============================================================================
 
 
@@ -3378,7 +3384,7 @@ class LocalStorage(Storage):
 
 
 # =============================================================================
-# 14. S3 storage
+# 15. S3 storage
 # =============================================================================
 
 
@@ -3786,7 +3792,7 @@ def _is_ip_or_localhost(host):
 
 
 # =============================================================================
-# 15. Azure Blob storage
+# 16. Azure Blob storage
 # =============================================================================
 
 
@@ -4115,7 +4121,7 @@ def _azure_error(resp, data, action):
 
 
 # =============================================================================
-# 16. Google Cloud Storage
+# 17. Google Cloud Storage
 # =============================================================================
 
 
@@ -4421,7 +4427,7 @@ def _confirmed(range_header):
 
 
 # =============================================================================
-# 17. Retention
+# 18. Retention
 # =============================================================================
 
 
@@ -4504,7 +4510,7 @@ def apply_retention(storage, keep, now=None):
 
 
 # =============================================================================
-# 18. Status, metrics and systemd
+# 19. Status, metrics and systemd
 # =============================================================================
 
 
@@ -4793,7 +4799,7 @@ class Progress(object):
 
 
 # =============================================================================
-# 19. Agent
+# 20. Agent
 # =============================================================================
 
 
@@ -5154,7 +5160,7 @@ def _signal_name(signum):
 
 
 # =============================================================================
-# 20. Restore tooling
+# 21. Restore tooling
 # =============================================================================
 
 
@@ -5285,7 +5291,7 @@ def cmd_restore(cfg, storages, target, force, out, env=None):
 
 
 # =============================================================================
-# 21. Command line
+# 22. Command line
 # =============================================================================
 
 

@@ -1,4 +1,4 @@
-"""Section 9 and the pure parts of section 14: the AWS credential chain
+"""Sections 9 and 10 and the pure parts of section 15: the AWS credential chain
 (against loopback servers speaking IMDSv2 and the container protocol), its
 refresh before expiry, S3 addressing and part sizing."""
 

@@ -1,4 +1,4 @@
-"""Sections 18 and 19: the schedule that survives restarts, per-storage
+"""Sections 19 and 20: the schedule that survives restarts, per-storage
 frequencies, the status file, Prometheus metrics and systemd notifications,
 against the real cluster."""
 

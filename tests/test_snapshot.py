@@ -1,4 +1,4 @@
-"""Section 11: streaming verification of snapshot archives."""
+"""Section 12: streaming verification of snapshot archives."""
 
 import gzip
 import hashlib
