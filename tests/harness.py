@@ -25,6 +25,8 @@ For the tests that run the agent as a daemon: ``wait_for``, ``read``,
 ``start_agent``, ``reaped`` and ``stop``; in process: ``run_main``,
 ``run_once``.
 For documents built from a base: ``overridden``.
+Pieces test modules share: ``clear_cloud_env`` (for their autouse
+fixtures), ``captured_log``, ``go_snapshot_name`` and ``unique``.
 For unit tests of the agent's time-driven parts: ``FakeClock`` (wall and
 monotonic time that move only when told) and ``FakeSignals`` (stop/reload
 flags whose ``wait`` advances a FakeClock instead of sleeping).
@@ -617,3 +619,51 @@ def verify_download(data, tmp_path):
     with open(path, "wb") as handle:
         handle.write(data)
     return vsa.verify_file(path)
+
+
+# ------------------------------------------- shared pieces of test modules
+
+CLOUD_ENV_PREFIXES = ("AWS_", "AZURE_")
+
+
+def clear_cloud_env(monkeypatch, tmp_path, prefixes=CLOUD_ENV_PREFIXES):
+    """For an autouse fixture: no variable starting with one of ``prefixes``,
+    no GCS credentials or emulator hosts, and the AWS and gcloud files
+    pointed at names under ``tmp_path`` that do not exist (EC2 metadata off)."""
+    for name in list(os.environ):
+        if name.startswith(tuple(prefixes)):
+            monkeypatch.delenv(name)
+    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "GCE_METADATA_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
+
+
+@contextlib.contextmanager
+def captured_log():
+    """``with captured_log() as stream:``: the agent's log at debug level,
+    as text, in ``stream`` (a StringIO) while the block runs."""
+    import io
+    import logging
+    import vault_snapshot_agent as vsa
+    stream = io.StringIO()
+    handler = vsa._configure_logging(logging.DEBUG, "text", stream)
+    try:
+        yield stream
+    finally:
+        vsa.LOG.removeHandler(handler)
+
+
+def go_snapshot_name(when):
+    """The Go agent's name for the aware datetime ``when`` (nanoseconds
+    since the epoch)."""
+    import vault_snapshot_agent as vsa
+    nanoseconds = (when - vsa.EPOCH) // datetime.timedelta(microseconds=1) * 1000
+    return "raft_snapshot-%d.snap" % nanoseconds
+
+
+def unique(prefix):
+    """``prefix`` and 8 random hex digits: a key prefix of its own."""
+    return "%s-%s" % (prefix, os.urandom(4).hex())

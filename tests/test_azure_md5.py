@@ -17,22 +17,13 @@ import pytest
 import vault_snapshot_agent as vsa
 from archives import write_archive
 from harness import FakeSignals
-
-CONTAINER = "snapshots"
-
-
-@pytest.fixture(autouse=True)
-def no_azure_env(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("AZURE_"):
-            monkeypatch.delenv(name)
+from test_azure import CONTAINER, key_block
+from test_azure import no_azure_env  # noqa: F401  (the autouse fixture, shared)
 
 
 def azure_storage(azurite, tmp_path, prefix):
     config = {"addr": "http://127.0.0.1:1", "role_id": "r", "secret_id": "s",
-              "azure_storage": {"account_name": azurite.account, "account_key": azurite.key,
-                                "container_name": CONTAINER, "endpoint": azurite.endpoint,
-                                "prefix": prefix, "block_size_mb": 1}}
+              "azure_storage": key_block(azurite, prefix=prefix, block_size_mb=1)}
     path = tmp_path / "c.json"
     path.write_text(json.dumps(config))
     _, storages = vsa.load_all(str(path), vsa.Runtime.create(env={}, signals=FakeSignals()))

@@ -14,11 +14,8 @@ would hang an unfixed agent ends on the server's ``limit`` or a subprocess
 timeout, which are safety nets, never what a test asserts.
 """
 
-import contextlib
 import datetime
-import io
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -28,8 +25,9 @@ import pytest
 
 import vault_snapshot_agent as vsa
 from archives import build_archive, write_archive
-from harness import (AGENT, FakeSignals, child_env, error_lines, read, reaped, run_main,
-                     snapshots, start_agent, stop, wait_for)
+from harness import (AGENT, CLOUD_ENV_PREFIXES, FakeSignals, captured_log, child_env,
+                     clear_cloud_env, error_lines, read, reaped, run_main, snapshots,
+                     start_agent, stop, wait_for)
 from fake_endpoints import FakeVault
 from hostile_servers import (AzureListServer, GcsListServer, GcsStuckSession, S3ListServer,
                              snapshot_names)
@@ -51,28 +49,10 @@ LISTINGS = {"s3": S3ListServer, "azure": AzureListServer, "gcs": GcsListServer}
 def no_cloud_env(monkeypatch, tmp_path):
     """No credentials, emulator hosts or Vault settings from the environment
     (in-process runs and, through child_env(), subprocesses)."""
-    for name in list(os.environ):
-        if name.startswith(("AWS_", "AZURE_", "VAULT_", "BAO_")):
-            monkeypatch.delenv(name)
-    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "GCE_METADATA_HOST"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
+    clear_cloud_env(monkeypatch, tmp_path, CLOUD_ENV_PREFIXES + ("VAULT_", "BAO_"))
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def captured_log():
-    stream = io.StringIO()
-    handler = vsa._configure_logging(logging.DEBUG, "text", stream)
-    try:
-        yield stream
-    finally:
-        vsa.LOG.removeHandler(handler)
 
 
 def name_at(when):

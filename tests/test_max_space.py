@@ -13,11 +13,8 @@ config, the WARNING when the new snapshot alone is over the cap, and the
 exact retention line when retain, retain_days and max_space all delete.
 """
 
-import contextlib
 import datetime
-import io
 import json
-import logging
 import os
 import re
 
@@ -25,7 +22,10 @@ import pytest
 
 import vault_snapshot_agent as vsa
 from archives import write_archive
-from harness import FakeSignals, error_lines, run_main, run_once, success_location
+from harness import (FakeSignals, captured_log, clear_cloud_env, error_lines, go_snapshot_name,
+                     run_main, run_once, success_location, unique)
+from test_azure import key_block
+from test_s3 import s3_block
 
 UTC = vsa.UTC
 OLD_SIZE = 512 * 1024                   # each pre-made snapshot
@@ -35,15 +35,7 @@ BASE = datetime.datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)      # "old" snapshot
 
 @pytest.fixture(autouse=True)
 def no_cloud_env(monkeypatch, tmp_path):
-    for name in list(os.environ):
-        if name.startswith(("AWS_", "AZURE_")):
-            monkeypatch.delenv(name)
-    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "GCE_METADATA_HOST"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "no-gcloud"))
+    clear_cloud_env(monkeypatch, tmp_path)
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -56,17 +48,12 @@ def own(hours):
 
 def go(hours):
     """The Go agent's name (nanoseconds since the epoch) for BASE plus ``hours``."""
-    when = BASE + datetime.timedelta(hours=hours)
-    return "raft_snapshot-%d.snap" % ((when - vsa.EPOCH) // datetime.timedelta(microseconds=1) * 1000)
+    return go_snapshot_name(BASE + datetime.timedelta(hours=hours))
 
 
 def old_snapshots():
     """OLD_COUNT names, oldest first, in both name styles."""
     return [go(0), own(1), go(2), own(3), own(4)]
-
-
-def unique(prefix):
-    return "%s-%s" % (prefix, os.urandom(4).hex())
 
 
 def snapshot_size(bao_cluster):
@@ -108,6 +95,38 @@ def blob_of(size, seed):
     return (seed.encode() * (size // len(seed) + 1))[:size]
 
 
+def run_capped(tmp_path, bao_cluster, approle, config_for):
+    """One ``--once`` run with the storage config ``config_for(cap)`` returns
+    (run_once's keyword arguments), ``cap`` from cap_for() on a snapshot
+    measured now: (exit code, log)."""
+    cap = cap_for(snapshot_size(bao_cluster))
+    return run_once(tmp_path, bao_cluster.leader().addr, approle, **config_for(cap))
+
+
+def plant_old(put, prefix, foreign):
+    """With ``put(key, data)``: the old snapshots under ``prefix/``, then the
+    ``foreign`` keys (three old snapshots' size each).  The old names, oldest
+    first."""
+    names = old_snapshots()
+    for name in names:
+        put("%s/%s" % (prefix, name), blob_of(OLD_SIZE, name))
+    for key in foreign:
+        put(key, b"f" * (3 * OLD_SIZE))
+    return names
+
+
+def assert_cloud_outcome(code, log, marker, names, prefix, foreign, listed, where):
+    """After a run over what plant_old() put: it succeeded, ``listed()`` (the
+    keys under ``prefix/``, sorted) is the new snapshot, the old ones
+    cap_for() keeps and the foreign keys, and the one retention line on
+    ``where`` names the deleted ones."""
+    assert code == 0, log
+    new = success_location(log, marker)
+    kept, deleted = expected_after(names)
+    assert listed() == sorted(["%s/%s" % (prefix, n) for n in kept] + [new] + foreign)
+    assert_max_space_line(log, deleted, where)
+
+
 # -- end to end, one storage at a time --------------------------------------------------
 
 
@@ -120,10 +139,8 @@ def test_local_storage(bao_cluster, approle, tmp_path):
     foreign = {"notes.txt": 10 * OLD_SIZE, "raft_snapshot-latest.snap": 3 * OLD_SIZE}
     for name, size in foreign.items():
         (directory / name).write_bytes(b"f" * size)
-    cap = cap_for(snapshot_size(bao_cluster))
-    code, log = run_once(tmp_path, bao_cluster.leader().addr, approle,
-                         max_space="%dkB" % (cap // 1000),
-                         local_storage={"path": str(directory)})
+    code, log = run_capped(tmp_path, bao_cluster, approle, lambda cap: {
+        "max_space": "%dkB" % (cap // 1000), "local_storage": {"path": str(directory)}})
     assert code == 0, log
     new = os.path.basename(success_location(log, "Successfully created local snapshot to"))
     kept, deleted = expected_after(names)
@@ -133,66 +150,37 @@ def test_local_storage(bao_cluster, approle, tmp_path):
 
 def test_s3(moto, bao_cluster, approle, tmp_path):
     bucket, prefix = "snapshots", unique("maxspace")
-    names = old_snapshots()
-    for name in names:
-        moto.put(bucket, "%s/%s" % (prefix, name), blob_of(OLD_SIZE, name))
     foreign = ["%s/notes.txt" % prefix, "%s/sub/%s" % (prefix, go(-1))]
-    for key in foreign:
-        moto.put(bucket, key, b"f" * (3 * OLD_SIZE))
-    cap = cap_for(snapshot_size(bao_cluster))
-    aws = {"access_key_id": moto.access_key_id, "secret_access_key": moto.secret_access_key,
-           "s3_endpoint": moto.endpoint, "s3_region": "us-east-1", "s3_bucket": bucket,
-           "s3_key_prefix": prefix, "max_space": "%dKiB" % (cap // 1024)}
-    code, log = run_once(tmp_path, bao_cluster.leader().addr, approle, aws_storage=aws)
-    assert code == 0, log
-    new = success_location(log, "Successfully created aws snapshot to s3://%s/" % bucket)
-    kept, deleted = expected_after(names)
-    assert moto.list_keys(bucket, prefix + "/") == sorted(
-        ["%s/%s" % (prefix, n) for n in kept] + [new] + foreign)
-    assert_max_space_line(log, deleted, "s3://%s/%s/" % (bucket, prefix))
+    names = plant_old(lambda key, data: moto.put(bucket, key, data), prefix, foreign)
+    code, log = run_capped(tmp_path, bao_cluster, approle, lambda cap: {"aws_storage": s3_block(
+        moto, s3_bucket=bucket, s3_key_prefix=prefix, max_space="%dKiB" % (cap // 1024))})
+    assert_cloud_outcome(code, log, "Successfully created aws snapshot to s3://%s/" % bucket,
+                         names, prefix, foreign, lambda: moto.list_keys(bucket, prefix + "/"),
+                         "s3://%s/%s/" % (bucket, prefix))
 
 
 def test_azure(azurite, bao_cluster, approle, tmp_path):
     container, prefix = "snapshots", unique("maxspace")
-    names = old_snapshots()
-    for name in names:
-        azurite.put_blob(container, "%s/%s" % (prefix, name), blob_of(OLD_SIZE, name))
     foreign = ["%s/readme.txt" % prefix, "%s/sub/%s" % (prefix, own(-1))]
-    for blob in foreign:
-        azurite.put_blob(container, blob, b"f" * (3 * OLD_SIZE))
-    cap = cap_for(snapshot_size(bao_cluster))
-    block = {"account_name": azurite.account, "account_key": azurite.key,
-             "container_name": container, "endpoint": azurite.endpoint, "prefix": prefix,
-             "max_space": cap}                                   # a JSON byte count
-    code, log = run_once(tmp_path, bao_cluster.leader().addr, approle, azure_storage=block)
-    assert code == 0, log
-    new = success_location(log, "Successfully created azure snapshot to %s/%s/"
-                           % (azurite.endpoint, container))
-    kept, deleted = expected_after(names)
-    assert sorted(azurite.blob_names(container, prefix + "/")) == sorted(
-        ["%s/%s" % (prefix, n) for n in kept] + [new] + foreign)
-    assert_max_space_line(log, deleted, "azure:")
+    names = plant_old(lambda blob, data: azurite.put_blob(container, blob, data), prefix, foreign)
+    code, log = run_capped(tmp_path, bao_cluster, approle, lambda cap: {"azure_storage": key_block(
+        azurite, container_name=container, prefix=prefix, max_space=cap)})   # a JSON byte count
+    assert_cloud_outcome(code, log, "Successfully created azure snapshot to %s/%s/"
+                         % (azurite.endpoint, container), names, prefix, foreign,
+                         lambda: sorted(azurite.blob_names(container, prefix + "/")), "azure:")
 
 
 def test_gcs(gcs, bao_cluster, approle, tmp_path):
     bucket, prefix = "snapshots", unique("maxspace")
-    names = old_snapshots()
-    for name in names:
-        gcs.put_object(bucket, "%s/%s" % (prefix, name), blob_of(OLD_SIZE, name))
     foreign = ["%s/notes.txt" % prefix, "%s/sub/%s" % (prefix, own(-1))]
-    for obj in foreign:
-        gcs.put_object(bucket, obj, b"f" * (3 * OLD_SIZE))
-    cap = cap_for(snapshot_size(bao_cluster))
-    code, log = run_once(tmp_path, bao_cluster.leader().addr, approle,
-                         max_space="%.3fMB" % (cap / 1e6),           # inherited by the block
-                         google_storage={"bucket": bucket, "endpoint": gcs.endpoint,
-                                         "anonymous": True, "prefix": prefix})
-    assert code == 0, log
-    new = success_location(log, "Successfully created google snapshot to gs://%s/" % bucket)
-    kept, deleted = expected_after(names)
-    assert gcs.list_objects(bucket, prefix + "/") == sorted(
-        ["%s/%s" % (prefix, n) for n in kept] + [new] + foreign)
-    assert_max_space_line(log, deleted, "gs://%s/%s/" % (bucket, prefix))
+    names = plant_old(lambda obj, data: gcs.put_object(bucket, obj, data), prefix, foreign)
+    code, log = run_capped(tmp_path, bao_cluster, approle, lambda cap: {
+        "max_space": "%.3fMB" % (cap / 1e6),                           # inherited by the block
+        "google_storage": {"bucket": bucket, "endpoint": gcs.endpoint, "anonymous": True,
+                           "prefix": prefix}})
+    assert_cloud_outcome(code, log, "Successfully created google snapshot to gs://%s/" % bucket,
+                         names, prefix, foreign, lambda: gcs.list_objects(bucket, prefix + "/"),
+                         "gs://%s/%s/" % (bucket, prefix))
 
 
 # -- config: the size syntax (no server) ------------------------------------------------
@@ -236,16 +224,6 @@ def test_sizes_refused(tmp_path, value, where):
 # -- retention on a local store (no server) ---------------------------------------------
 
 NOW = datetime.datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
-
-
-@contextlib.contextmanager
-def captured_log():
-    stream = io.StringIO()
-    handler = vsa._configure_logging(logging.DEBUG, "text", stream)
-    try:
-        yield stream
-    finally:
-        vsa.LOG.removeHandler(handler)
 
 
 def at(hours_ago):

@@ -33,23 +33,15 @@ import pytest
 import vault_snapshot_agent as vsa
 from archives import write_archive
 from faultproxy import FaultProxy
-from harness import FakeSignals, error_lines, run_main, run_once, success_location
+from harness import FakeSignals, error_lines, run_main, run_once, success_location, unique
+from test_s3 import no_aws_env  # noqa: F401  (the autouse fixture, shared)
+from test_s3 import s3_block as plain_s3_block
 
 LOCKED = "snapshots-locked"          # the agent user's policy covers snapshots*
 UNLOCKED = "snapshots-nolock"
 DAYS = 2
 SLACK = datetime.timedelta(minutes=5)
 RFC3339_UTC = re.compile(r"\A\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z\Z")
-
-
-@pytest.fixture(autouse=True)
-def no_aws_env(monkeypatch, tmp_path):
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
 @pytest.fixture
@@ -69,16 +61,13 @@ def buckets(moto):
     return moto
 
 
-def unique(prefix):
-    return "%s-%s" % (prefix, os.urandom(4).hex())
-
-
 def s3_block(moto, **extra):
-    block = {"access_key_id": moto.access_key_id, "secret_access_key": moto.secret_access_key,
-             "s3_endpoint": moto.endpoint, "s3_region": "us-east-1", "s3_bucket": LOCKED,
-             "s3_object_lock_mode": "governance", "s3_object_lock_days": DAYS}
-    block.update(extra)
-    return {k: v for k, v in block.items() if v is not None}
+    """test_s3's block on the LOCKED bucket, governance for DAYS days;
+    ``extra`` overrides (None drops a key)."""
+    locked = {"s3_bucket": LOCKED, "s3_object_lock_mode": "governance",
+              "s3_object_lock_days": DAYS}
+    locked.update(extra)
+    return plain_s3_block(moto, **locked)
 
 
 def stored_key(log, bucket=LOCKED):

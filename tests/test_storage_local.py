@@ -1,4 +1,4 @@
-"""Sections 13 and 17: local storage and retention."""
+"""Sections 14 and 18: local storage and retention."""
 
 import datetime
 import logging
@@ -9,7 +9,7 @@ import pytest
 
 import vault_snapshot_agent as vsa
 from archives import write_archive
-from harness import FakeSignals
+from harness import FakeSignals, go_snapshot_name
 
 UTC = vsa.UTC
 BASE = datetime.datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
@@ -24,8 +24,7 @@ def own(minutes):
 
 
 def go(minutes):
-    when = BASE + datetime.timedelta(minutes=minutes)
-    return "raft_snapshot-%d.snap" % ((when - vsa.EPOCH) // datetime.timedelta(microseconds=1) * 1000)
+    return go_snapshot_name(BASE + datetime.timedelta(minutes=minutes))
 
 
 def test_plan_retention_keeps_the_newest_across_both_name_styles():
