@@ -1826,7 +1826,7 @@ class AwsCredentialChain(object):
     """
 
     def __init__(self, static, env, region, profile, http, clock, imds_endpoint=None,
-                 container_endpoint=None, sts_endpoint=None, role=None):
+                 container_endpoint=None, sts_endpoint=None, role=None, profile_given=False):
         self.static = static
         self.env = env
         self.region = region
@@ -1839,6 +1839,9 @@ class AwsCredentialChain(object):
         self.sts_endpoint = (sts_endpoint or env.get("AWS_ENDPOINT_URL_STS") or env.get("AWS_ENDPOINT_URL")
                              or "https://sts.%s.amazonaws.com" % region).rstrip("/")
         self.role = role                    # an AwsRole to assume with what the chain finds
+        # A profile named in the config outranks the environment's keys, as in
+        # botocore (else credential_source = Environment could never apply).
+        self.profile_given = profile_given
         self._cached = None
         self._lock = threading.Lock()      # upload workers share it: one refresh per expiry
 
@@ -1853,6 +1856,8 @@ class AwsCredentialChain(object):
             return cached
         for source in (self._static, self._environment, self._web_identity, self._shared_files,
                        self._container, self._instance_metadata):
+            if source == self._environment and self.profile_given:
+                continue
             creds = source()
             if creds is not None:
                 if self.role is not None:
@@ -3588,6 +3593,7 @@ class S3Storage(Storage):
                            values["role_duration"])
         chain = AwsCredentialChain(static, env, region, profile, Http(None, 5.0, proxy=proxy),
                                    runtime.clock, role=role,
+                                   profile_given=section.sources.get("profile") == "config",
                                    imds_endpoint=values["imds_endpoint"],
                                    container_endpoint=values["container_endpoint"],
                                    sts_endpoint=values["sts_endpoint"])

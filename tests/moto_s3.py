@@ -56,7 +56,7 @@ import urllib.request as _urlreq
 
 from harness import ServerProcess, child_env
 
-__all__ = ["MotoServer", "MotoServerError", "find_moto_server", "ACCOUNT_ID",
+__all__ = ["MotoServer", "MotoServerError", "find_moto_server", "ACCOUNT_ID", "policy_document",
            "REGION", "OTHER_REGION", "ROOT_ACCESS_KEY", "ROOT_SECRET_KEY"]
 
 ACCOUNT_ID = "123456789012"          # moto's default account
@@ -103,6 +103,9 @@ def find_moto_server(path=None):
 
 def _policy(*statements):
     return json.dumps({"Version": "2012-10-17", "Statement": list(statements)})
+
+
+policy_document = _policy          # public name: a policy JSON from statements
 
 
 def agent_policy_document(kms_key_arn="*"):
@@ -313,6 +316,74 @@ class MotoServer(ServerProcess):
         finally:
             if was_on:
                 self.enable_auth()
+        exp = creds["Expiration"]
+        if isinstance(exp, datetime.datetime) and exp.tzinfo is None:
+            exp = exp.replace(tzinfo=datetime.timezone.utc)
+        return (creds["AccessKeyId"], creds["SecretAccessKey"], creds["SessionToken"], exp)
+
+    # ------------------------------------------------- more IAM principals
+    #
+    # For the AssumeRole tests (tests/test_aws_roles.py).  These work with
+    # auth on or off: the IAM calls are signed with the admin user's keys.
+    #
+    # What moto 5.x checks once auth is on (moto/iam/access_control.py):
+    # the caller's signature; for sts:AssumeRole on an *existing* role both
+    # the caller's identity policies (Action and Resource) and the role's
+    # trust policy (Principal ``{"AWS": ...}`` compared as a string with the
+    # caller's ARN -- ``arn:aws:iam::<acct>:user/<name>`` for a user,
+    # ``arn:aws:sts::<acct>:assumed-role/<role>/<session>`` for a role
+    # session, so a trust policy naming ``...:role/<role>`` or the account
+    # root does NOT match a session the way it does on AWS; a Condition on
+    # ``sts:ExternalId`` refuses a wrong id but lets a missing one pass); an
+    # AssumeRole on a role that does not exist is decided by the caller's
+    # identity policy alone (moto then hands out credentials for the phantom
+    # role, and S3 answers them with a 500).  Temporary credentials never
+    # expire in moto (the Expiration is only reported), DurationSeconds is
+    # not checked against the role's MaxSessionDuration, and request times
+    # (X-Amz-Date skew) are not checked.
+
+    def iam_admin(self):
+        """An IAM client signed with the admin user's keys."""
+        return self.service_client("iam", self.admin_access_key_id, self.admin_secret_access_key)
+
+    def user_arn(self, name):
+        return "arn:aws:iam::%s:user/%s" % (ACCOUNT_ID, name)
+
+    def role_arn_of(self, name):
+        return "arn:aws:iam::%s:role/%s" % (ACCOUNT_ID, name)
+
+    @staticmethod
+    def session_arn(role_name, session_name):
+        """The ARN moto gives a role session (what its trust check compares)."""
+        return "arn:aws:sts::%s:assumed-role/%s/%s" % (ACCOUNT_ID, role_name, session_name)
+
+    def create_user(self, name, inline_policies=None):
+        """A new IAM user with ``inline_policies`` ({name: JSON document})
+        and one access key: (access key id, secret access key)."""
+        return self._make_user(self.iam_admin(), name, inline_policies or {})
+
+    def create_role(self, name, trust_document, inline_policies=None):
+        """A new IAM role with that trust policy and inline policies; its ARN."""
+        iam = self.iam_admin()
+        arn = iam.create_role(RoleName=name, AssumeRolePolicyDocument=trust_document)["Role"]["Arn"]
+        for pname, doc in sorted((inline_policies or {}).items()):
+            iam.put_role_policy(RoleName=name, PolicyName=pname, PolicyDocument=doc)
+        return arn
+
+    def update_trust(self, role_name, trust_document):
+        self.iam_admin().update_assume_role_policy(RoleName=role_name,
+                                                   PolicyDocument=trust_document)
+
+    def assume_role(self, access_key, secret, role_arn, session_name="snapshot-test",
+                    token=None, external_id=None, duration=3600):
+        """sts:AssumeRole signed with the given credentials (auth stays as it
+        is): (access key id, secret, session token, aware expiration)."""
+        sts = self.service_client("sts", access_key, secret, token)
+        kwargs = {"RoleArn": role_arn, "RoleSessionName": session_name,
+                  "DurationSeconds": duration}
+        if external_id is not None:
+            kwargs["ExternalId"] = external_id
+        creds = sts.assume_role(**kwargs)["Credentials"]
         exp = creds["Expiration"]
         if isinstance(exp, datetime.datetime) and exp.tzinfo is None:
             exp = exp.replace(tzinfo=datetime.timezone.utc)
