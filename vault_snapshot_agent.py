@@ -935,8 +935,7 @@ class Http(object):
         try:
             conn.connect()
             sock = conn.sock
-            conn.request(method, target, body=body, headers=all_headers)
-            raw = conn.getresponse()
+            raw = _send(conn, method, target, body, all_headers)
         except ssl.SSLError as exc:     # before ValueError: a certificate error is both
             conn.close()
             raise TransportError("%s %s%s: TLS error: %s" % (method, redact_url(url), via,
@@ -953,11 +952,28 @@ class Http(object):
                 method, redact_url(url), via, text,
                 " (the proxy refused the tunnel: check its user and password)" if refused else ""),
                 retryable=not refused) from exc
-        if proxy is not None and raw.status == 407:
-            conn.close()
-            raise TransportError("%s %s%s: the proxy refused the credentials (407 %s)" % (
-                method, redact_url(url), via, raw.reason), status=407)
+        if proxy is not None and (raw.status == 407 or raw.status == 401 and (
+                raw.getheader("WWW-Authenticate") or "").lower().startswith("basic")):
+            conn.close()            # a proxy's 407, or the 401 some proxies send for a bad password
+            raise TransportError("%s %s%s: the proxy refused the credentials (%d %s)" % (
+                method, redact_url(url), via, raw.status, raw.reason), status=raw.status)
         return Response(method, url, conn, raw, sock)
+
+
+def _send(conn, method, target, body, headers):
+    """Send the request and return the raw answer. A server (or proxy) that
+    answers early and closes while the body is still going out (a refusal
+    before a large upload) has its answer read rather than lost to a
+    connection reset."""
+    try:
+        conn.request(method, target, body=body, headers=headers)
+    except (BrokenPipeError, ConnectionResetError):
+        try:
+            return conn.getresponse()
+        except (OSError, http.client.HTTPException):
+            pass
+        raise
+    return conn.getresponse()
 
 
 def retryable_status(status):

@@ -25,6 +25,7 @@ import vault_snapshot_agent as _vsa  # noqa: E402
 import moto_s3 as _moto  # noqa: E402
 import gcs_emulators as _gcs  # noqa: E402
 import azurite as _azurite  # noqa: E402
+import tinyproxy as _tinyproxy  # noqa: E402
 
 
 # ---------------------------------------------------------------- markers
@@ -37,7 +38,8 @@ except ImportError:
     # (an oracle module) out of those runs rather than reporting skips.
     collect_ignore = ["test_contrib.py"]
 
-SERVER_FIXTURES = ("bao_cluster", "moto", "gcs", "gcs_paging", "azurite", "azurite_oauth")
+SERVER_FIXTURES = ("bao_cluster", "moto", "gcs", "gcs_paging", "azurite", "azurite_oauth",
+                   "proxy", "open_proxy")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -189,6 +191,50 @@ def azurite_oauth(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+# ------------------------------------------------- forward proxies
+
+
+PROXY_USER = "vsa-proxy"
+
+
+def _proxy_server(tmp_path_factory, name, **kwargs):
+    try:
+        _tinyproxy.find_tinyproxy()
+    except _tinyproxy.TinyproxyError as exc:
+        pytest.fail("cannot run the proxy tests: %s (tests/run.sh installs it)" % exc)
+    return _tinyproxy.Tinyproxy(str(tmp_path_factory.mktemp(name)), **kwargs).start()
+
+
+@pytest.fixture(scope="session")
+def proxy(tmp_path_factory):
+    """tinyproxy with BasicAuth (tinyproxy.Tinyproxy): ``url`` holds the
+    credentials, ``display`` is how the agent must show it, ``mark()`` and
+    ``requests(mark)`` give the request lines it logged since."""
+    password = "pw-" + os.urandom(12).hex()        # tinyproxy: [A-Za-z0-9._-] only
+    server = _proxy_server(tmp_path_factory, "proxy", user=PROXY_USER, password=password)
+    KNOWN_SECRETS.add(password)
+    KNOWN_SECRETS.add(_b64("%s:%s" % (PROXY_USER, password)))   # the Proxy-Authorization value
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def open_proxy(tmp_path_factory):
+    """tinyproxy without authentication."""
+    server = _proxy_server(tmp_path_factory, "open-proxy")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _b64(text):
+    import base64
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
 
 # ----------------------------------------------- no secret in any log line

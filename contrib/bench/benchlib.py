@@ -322,11 +322,11 @@ import vault_snapshot_agent as vsa
 spec = json.loads(os.environ.pop("BENCH_SPEC"))
 cls = getattr(vsa, spec["class"])
 cfg = vsa.config_from_dict(spec["config"])
-storage = [s for s in vsa.build_storages(cfg) if isinstance(s, cls)][0]
+storage = [s for s in vsa.build_storages(cfg, vsa.Runtime.create()) if isinstance(s, cls)][0]
 t1 = time.perf_counter()
 info = vsa.verify_file(spec["path"]) if spec["verify"] else vsa.SnapshotInfo(*spec["info"])
 t2 = time.perf_counter()
-url = storage.upload(info, spec["name"], vsa.Signals())
+url = storage.upload(info, spec["name"])
 t3 = time.perf_counter()
 out = {"setup": t1 - t0, "verify": t2 - t1, "upload": t3 - t2, "url": url}
 for field in spec["report"]:
