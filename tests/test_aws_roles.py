@@ -52,7 +52,7 @@ import pytest
 
 import vault_snapshot_agent as vsa
 from archives import write_archive
-from harness import FakeClock, LoopbackServer, error_lines, run_once
+from harness import FakeClock, LoopbackServer, clear_cloud_env, error_lines, run_once
 
 UTC = datetime.timezone.utc
 BUCKET = "snapshots"
@@ -74,13 +74,8 @@ ROLE_SESSION_DEFAULT = "vault-snapshot-agent-" + socket.gethostname()
 
 @pytest.fixture(autouse=True)
 def no_aws_env(monkeypatch, tmp_path):
-    """No AWS variable of ours leaks into the in-process runs."""
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    """No AWS (or other cloud) variable of ours leaks into the in-process runs."""
+    clear_cloud_env(monkeypatch, tmp_path)
 
 
 def known_secrets(*values):

@@ -6,7 +6,8 @@
 * child processes: run_child() is the one measuring loop (os.wait4 for wall
   time, CPU and ru_maxrss, optionally /proc VmHWM polling); Runner uses it in
   this process, Spawner in a small helper forked early, Uploads on top of a
-  Spawner; proc_cpu() and proc_status() read /proc;
+  Spawner; proc_cpu() and proc_status() read /proc; start_with_tmpdir()
+  starts a server (moto) with its temporary files in the work directory;
 * the valid snapshot archive generator: write_big_archive(),
   prepare_archive(), verify_archive();
 * numbers and tables: rotated(), interleave(), wall_stats(), percentile(),
@@ -310,6 +311,21 @@ class Uploads(object):
         if child_key:
             r[child_key] = last_json_line(log)
         return r
+
+
+def start_with_tmpdir(server, tmpdir):
+    """server.start() with $TMPDIR set to tmpdir meanwhile, so the server
+    process spools its temporary files there (moto_server writes big
+    objects to temporary files); this process's $TMPDIR is restored."""
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = tmpdir
+    try:
+        server.start()
+    finally:
+        if saved is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved
 
 
 # Run as `python -c AGENT_UPLOAD_CHILD REPO` with $BENCH_SPEC (agent_upload_spec):

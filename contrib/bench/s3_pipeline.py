@@ -76,20 +76,6 @@ def find_aws(explicit):
     return benchlib.find_executable((explicit, "/tmp/awscli-venv/bin/aws"), benchlib.AWS_MISSING)
 
 
-def start_moto(moto, spool):
-    """moto_server spools big objects to temporary files: keep them in the
-    work directory (TMPDIR of the server process only)."""
-    saved = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = spool
-    try:
-        moto.start()
-    finally:
-        if saved is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = saved
-
-
 class Jobs(object):
     """Runs the two jobs through the Spawner and checks what they left in S3."""
 
@@ -181,7 +167,7 @@ def bench(args, workdir, spawner):
         os.makedirs(os.path.join(workdir, sub))
     with benchlib.stopping(spawner.close, moto.stop, cluster.stop):
         t0 = time.time()
-        start_moto(moto, os.path.join(workdir, "moto-tmp"))
+        benchlib.start_with_tmpdir(moto, os.path.join(workdir, "moto-tmp"))
         moto.setup()
         moto.enable_auth()
         print("moto %s up (auth on)" % moto.endpoint, flush=True)

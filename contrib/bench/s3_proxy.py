@@ -68,15 +68,7 @@ def start_moto(workdir):
     moto_tmp = os.path.join(workdir, "moto-tmp")
     os.makedirs(moto_tmp)
     moto = MotoServer(os.path.join(workdir, "moto"))
-    saved_tmp = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = moto_tmp
-    try:
-        moto.start()
-    finally:
-        if saved_tmp is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = saved_tmp
+    benchlib.start_with_tmpdir(moto, moto_tmp)
     moto.setup()
     moto.enable_auth()
     return moto

@@ -96,15 +96,7 @@ def bench(args, workdir, spawner):
     moto = MotoServer(os.path.join(workdir, "moto"))
     with benchlib.stopping(spawner.close, moto.stop):   # spawner.close kills a running child
         t0 = time.time()
-        saved_tmp = os.environ.get("TMPDIR")
-        os.environ["TMPDIR"] = moto_tmp
-        try:
-            moto.start()
-        finally:
-            if saved_tmp is None:
-                os.environ.pop("TMPDIR", None)
-            else:
-                os.environ["TMPDIR"] = saved_tmp
+        benchlib.start_with_tmpdir(moto, moto_tmp)
         moto.setup()
         moto.enable_auth()
         print("moto %s up and set up in %.1fs (auth on)" % (moto.endpoint, time.time() - t0),
