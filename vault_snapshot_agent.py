@@ -367,6 +367,14 @@ def size_text(num):
     return format_size(num).replace(".0 ", "").replace(" ", "")
 
 
+def refuse_control(value, where):
+    """ConfigError naming ``where`` when ``value`` holds a control character;
+    the value itself is never shown (it may be a credential)."""
+    if has_control(value):
+        raise ConfigError("%s: contains a control character (CR, LF, NUL...); value not shown"
+                          % where)
+
+
 def parse_listed_size(value):
     """An object size from a listing (XML text, JSON string or number); 0
     when it is missing or not a plain whole number."""
@@ -402,9 +410,7 @@ def read_secret_file(path, what):
         raise ConfigError("%s %s: cannot read: %s" % (what, path, exc.strerror or exc)) from exc
     if not value:
         raise ConfigError("%s %s: file is empty" % (what, path))
-    if has_control(value):
-        raise ConfigError("%s %s: holds a control character inside the secret; value not shown"
-                          % (what, path))
+    refuse_control(value, "%s %s" % (what, path))
     return Secret(value)
 
 
@@ -772,8 +778,8 @@ class ProxyPolicy(object):
             self.direct = True
         elif setting:
             self.explicit = True
-            self.proxies = {"http": parse_proxy_url(setting, where), "https": None}
-            self.proxies["https"] = self.proxies["http"]
+            proxy = parse_proxy_url(setting, where)
+            self.proxies = {"http": proxy, "https": proxy}
         else:
             for scheme in ("http", "https"):
                 var = next((v for v in (scheme.upper() + "_PROXY", scheme + "_proxy")
@@ -1104,9 +1110,7 @@ class Section(object):
         if not isinstance(value, str):
             raise self.error(key, "must be a string, got %s" % _json_type(value))
         where = source or self.name(key)
-        if has_control(value):
-            raise ConfigError("%s: contains a control character (CR, LF, NUL...); value not shown"
-                              % where)
+        refuse_control(value, where)
         if not spaces and value != "".join(value.split()):
             raise ConfigError("%s: must not contain whitespace, got %r" % (where, value))
         if choices and value not in choices:
@@ -1118,9 +1122,7 @@ class Section(object):
         value, source = self._value(key, env)
         if isinstance(value, str):
             value = value.strip()
-            if has_control(value):
-                raise ConfigError("%s: contains a control character (CR, LF, NUL...); value not shown"
-                                  % (source or self.name(key)))
+            refuse_control(value, source or self.name(key))
         if value is None or value == "":
             return None
         if not isinstance(value, str):
@@ -2975,7 +2977,7 @@ class Storage(object):
         self.settings = settings or Settings()
 
     @classmethod
-    def read_block(cls, section, cfg):
+    def read_settings(cls, section, cfg):
         """The block's values (every key of ``keys``) and its Policy; the
         policy keys default to the global ones."""
         values = read_block(section, cls.keys, {
@@ -3272,7 +3274,7 @@ class LocalStorage(Storage):
 
     @classmethod
     def from_config(cls, section, cfg, runtime):
-        values, policy = cls.read_block(section, cfg)
+        values, policy = cls.read_settings(section, cfg)
         path = values["path"]
         if not path:
             raise section.error("path", "required (the directory snapshots are written to)")
@@ -3575,7 +3577,7 @@ class S3Storage(Storage):
 
     @classmethod
     def from_config(cls, section, cfg, runtime):
-        values, policy = cls.read_block(section, cfg)
+        values, policy = cls.read_settings(section, cfg)
         bucket = values["s3_bucket"]
         if not bucket:
             raise section.error("s3_bucket", "required")
@@ -3964,7 +3966,7 @@ class AzureStorage(Storage):
 
     @classmethod
     def from_config(cls, section, cfg, runtime):
-        values, policy = cls.read_block(section, cfg)
+        values, policy = cls.read_settings(section, cfg)
         conn = {}
         if values["connection_string"]:
             try:
@@ -4224,7 +4226,7 @@ class GoogleStorage(Storage):
 
     @classmethod
     def from_config(cls, section, cfg, runtime):
-        values, policy = cls.read_block(section, cfg)
+        values, policy = cls.read_settings(section, cfg)
         bucket, env = values["bucket"], runtime.env
         if not bucket:
             raise section.error("bucket", "required")
@@ -5295,9 +5297,8 @@ def cmd_restore(cfg, storages, target, force, out, env=None):
     try:
         vault = VaultClient(cfg)
         token = next((env[v].strip() for v in _env_names("TOKEN") if env.get(v, "").strip()), None)
-        if token and has_control(token):
-            raise ConfigError("VAULT_TOKEN/BAO_TOKEN: contains a control character; value not shown")
         if token:
+            refuse_control(token, "VAULT_TOKEN/BAO_TOKEN")
             vault.use_token(Secret(token))
         else:
             vault.ensure_token()
