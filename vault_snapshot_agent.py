@@ -54,14 +54,10 @@ from __future__ import print_function
 import argparse
 import base64
 import collections
-import concurrent.futures
-import configparser
 import datetime
 import errno
 import hashlib
 import hmac
-import http.client
-import ipaddress
 import json
 import logging
 import math
@@ -71,16 +67,15 @@ import re
 import select
 import signal
 import socket
-import ssl
 import stat
 import sys
 import threading
 import time
 import urllib.parse
 import zlib
-from email.utils import formatdate
-from xml.etree import ElementTree
-from xml.sax.saxutils import escape as xml_escape
+# Imported where they are used, so that `--version` and a standby's check do
+# not pay for them: concurrent.futures, configparser, http.client (and with it
+# ssl), ipaddress, xml.etree.ElementTree.
 
 __version__ = "0.1.0"
 
@@ -125,6 +120,8 @@ FUTURE_SKEW = 300.0
 TEMP_NAME_RE = re.compile(r"\A\.raft_snapshot-(?P<host>[A-Za-z0-9_.-]*)-(?P<pid>[0-9]{1,10})-[0-9a-f]+\.tmp\Z")
 
 CHUNK_SIZE = 1024 * 1024             # stream and copy granularity
+PASS_BUFFERS = 4                     # CHUNK_SIZE buffers between reading and verifying a snapshot
+WRITEBACK_WINDOW = 8 * 1024 * 1024   # a snapshot's written bytes handed to writeback at a time
 MAX_JSON_BYTES = 4 * 1024 * 1024     # an API answer larger than this is refused
 MAX_SMALL_MEMBER = 1024 * 1024       # meta.json / SHA256SUMS size cap
 MAX_PAX_HEADER = 64 * 1024           # a PAX extended header larger than this is refused
@@ -461,10 +458,35 @@ def xml_text(root, name, default=None):
     return found[0].text or "" if found else default
 
 def parse_xml(data, what):
+    from xml.etree import ElementTree
     try:
         return ElementTree.fromstring(data)
     except ElementTree.ParseError as exc:
         raise StorageError("%s: answer is not valid XML (%s)" % (what, exc)) from exc
+
+
+def parse_error_xml(data):
+    """The root of an error answer's XML body, or None when it is not XML."""
+    from xml.etree import ElementTree
+    try:
+        return ElementTree.fromstring(data)
+    except ElementTree.ParseError:
+        return None
+
+
+def xml_escape(text):
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(moment):
+    """An aware datetime as an RFC 7231 date: 'Wed, 02 Dec 2026 08:02:10 GMT'."""
+    t = moment.astimezone(UTC)
+    return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (
+        _WEEKDAYS[t.weekday()], t.day, _MONTHS[t.month - 1], t.year, t.hour, t.minute, t.second)
 
 
 # =============================================================================
@@ -635,6 +657,7 @@ TlsOptions = collections.namedtuple(
 
 def make_ssl_context(tls):
     """An SSLContext for ``tls``; certificate errors become ConfigErrors."""
+    import ssl
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if tls.skip_verify:
         context.check_hostname = False
@@ -660,29 +683,6 @@ def make_ssl_context(tls):
 
 def _exc_text(exc):
     return one_line(getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc)
-
-
-class _HTTPSConnection(http.client.HTTPSConnection):
-    """HTTPSConnection with a settable SNI / verified hostname, and through a
-    proxy a CONNECT tunnel: TLS then runs inside it to the origin, whose name
-    (never the proxy's) the certificate and SNI are checked against."""
-
-    def __init__(self, host, port, timeout, context, server_name, proxy=None):
-        if proxy is None:
-            http.client.HTTPSConnection.__init__(self, host, port, timeout=timeout, context=context)
-        else:
-            http.client.HTTPSConnection.__init__(self, proxy.host, proxy.port, timeout=timeout,
-                                                 context=context)
-            self.set_tunnel(host, port, {"Proxy-Authorization": proxy.auth.reveal()}
-                            if proxy.auth else None)
-        self._tls_context = context
-        self._server_name = server_name
-        self._origin = host
-
-    def connect(self):
-        http.client.HTTPConnection.connect(self)     # with a proxy: also the CONNECT
-        self.sock = self._tls_context.wrap_socket(
-            self.sock, server_hostname=self._server_name or self._origin)
 
 
 Proxy = collections.namedtuple("Proxy", "host port auth display")
@@ -724,6 +724,7 @@ def no_proxy_match(host, port, no_proxy):
     """Whether NO_PROXY text exempts ``host``:``port``, as Go's httpproxy
     reads it: ``*``; a name (itself and its subdomains); ``.name`` or
     ``*.name`` (subdomains only); an IP; a CIDR; each with an optional port."""
+    import ipaddress
     host = host.lower().strip("[]")
     try:
         address = ipaddress.ip_address(host)
@@ -805,6 +806,7 @@ class ProxyPolicy(object):
 
 
 def _is_loopback(host):
+    import ipaddress
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
@@ -828,8 +830,20 @@ class Response(object):
         return self.headers.get(name, default)
 
     def read(self, size=CHUNK_SIZE):
+        import http.client
         try:
             return self._raw.read(size)
+        except (socket.timeout, OSError, http.client.HTTPException) as exc:
+            raise TransportError("%s %s: reading the answer failed: %s"
+                                 % (self.method, redact_url(self.url), _exc_text(exc) or type(exc).__name__),
+                                 retryable=True) from exc
+
+    def readinto(self, buffer):
+        """Fill ``buffer`` from the body (chunked or not) without allocating;
+        returns the count, 0 at the end."""
+        import http.client
+        try:
+            return self._raw.readinto(buffer)
         except (socket.timeout, OSError, http.client.HTTPException) as exc:
             raise TransportError("%s %s: reading the answer failed: %s"
                                  % (self.method, redact_url(self.url), _exc_text(exc) or type(exc).__name__),
@@ -895,17 +909,36 @@ class Http(object):
         self._context = None
 
     def _connection(self, parts, timeout, proxy):
+        """An unopened http.client connection for ``parts``: to the proxy
+        when there is one (for https with a CONNECT tunnel to the origin)."""
+        import http.client
         host = parts.hostname
         if parts.scheme == "https":
             if self._context is None:
                 self._context = make_ssl_context(self.tls)
-            return _HTTPSConnection(host, parts.port or 443, timeout, self._context,
-                                    self.tls.server_name, proxy)
+            if proxy is None:
+                return http.client.HTTPSConnection(host, parts.port or 443, timeout=timeout,
+                                                   context=self._context)
+            conn = http.client.HTTPSConnection(proxy.host, proxy.port, timeout=timeout,
+                                               context=self._context)
+            conn.set_tunnel(host, parts.port or 443,
+                            {"Proxy-Authorization": proxy.auth.reveal()} if proxy.auth else None)
+            return conn
         if parts.scheme == "http":
             if proxy is not None:
                 return http.client.HTTPConnection(proxy.host, proxy.port, timeout=timeout)
             return http.client.HTTPConnection(host, parts.port or 80, timeout=timeout)
         raise TransportError("unsupported URL scheme in %s" % redact_url(parts.geturl()))
+
+    def _open(self, conn, parts):
+        """Connect (through a proxy: also the CONNECT); for https then TLS,
+        checked against the origin's name or ``server_name``, never the
+        proxy's."""
+        import http.client
+        http.client.HTTPConnection.connect(conn)
+        if parts.scheme == "https":
+            conn.sock = self._context.wrap_socket(
+                conn.sock, server_hostname=self.tls.server_name or parts.hostname)
 
     def request(self, method, url, headers=None, body=None, timeout=None):
         """Send one request and return the Response (any status).
@@ -937,9 +970,11 @@ class Http(object):
             if has_control("%s%s" % (name, value)):
                 raise TransportError("%s %s: header %s holds a control character (CR, LF...); "
                                      "not sent" % (method, redact_url(url), printable(name, 60)))
+        import http.client
+        import ssl
         conn = self._connection(parts, timeout or self.timeout, proxy)
         try:
-            conn.connect()
+            self._open(conn, parts)
             sock = conn.sock
             raw = _send(conn, method, target, body, all_headers)
         except ssl.SSLError as exc:     # before ValueError: a certificate error is both
@@ -971,6 +1006,7 @@ def _send(conn, method, target, body, headers):
     answers early and closes while the body is still going out (a refusal
     before a large upload) has its answer read rather than lost to a
     connection reset."""
+    import http.client
     try:
         conn.request(method, target, body=body, headers=headers)
     except (BrokenPipeError, ConnectionResetError):
@@ -2139,6 +2175,7 @@ def _profile_duration(name, conf):
 
 def read_ini_section(path, section):
     """Keys of one section of an AWS-style INI file; {} when absent or unreadable."""
+    import configparser
     parser = configparser.RawConfigParser()
     try:
         with open(path, "r") as handle:
@@ -2154,9 +2191,8 @@ def read_ini_section(path, section):
 
 def _aws_error_line(data):
     """'Code: Message' from an AWS XML error body, or a cut of the body."""
-    try:
-        root = ElementTree.fromstring(data)
-    except ElementTree.ParseError:
+    root = parse_error_xml(data)
+    if root is None:
         return one_line(data[:200].decode("utf-8", "replace"))
     code, message = xml_text(root, "Code"), xml_text(root, "Message")
     return "%s: %s" % (code, message) if code else one_line(data[:200].decode("utf-8", "replace"))
@@ -2643,7 +2679,7 @@ class ArchiveVerifier(object):
         self.compressed += len(data)
         if self._inflate.eof:
             # Past the gzip end: check each new chunk once (linear, nothing kept).
-            if data.strip(b"\0"):
+            if bytes(data).strip(b"\0"):
                 raise SnapshotError("snapshot has unexpected data after the end of the gzip stream")
             return
         try:
@@ -2860,34 +2896,85 @@ def _parse_pax(data):
 
 class _Pass(object):
     """One pass over a snapshot's bytes: read, write, take the archive's
-    SHA-256 and feed the verifier, chunk by chunk, so nothing is read twice
-    and memory stays bounded. (A second thread for the verifier was measured
-    here: for a 1 GB snapshot it took 5.5 s and 5.1 s of CPU against 5.05 s
-    and 4.2 s in one thread, and 5 MB more memory, so it stays one thread.)"""
+    SHA-256 and verify, so nothing is read twice and memory stays bounded.
+
+    Two threads share the work through a ring of PASS_BUFFERS reusable
+    buffers: this one reads into a free buffer, writes it and hashes it; a
+    verifier thread inflates it, hashes state.bin and walks the tar. zlib,
+    hashlib and the file calls release the GIL, so on two cores the two
+    halves overlap with each other and with the network (figures in
+    contrib/bench/README.md). A failure on either side stops both, and the
+    first error is the one raised."""
 
     def __init__(self, signals):
         self.signals = signals
         self.verifier = ArchiveVerifier()
         self.digest = hashlib.sha256()
         self.size = 0
+        self._error = None
+        self._stop = False
 
-    def run(self, read, write, progress=None):
-        """Pump ``read()`` chunks to ``write`` until EOF; returns (index, term,
-        state size) once the archive verified."""
-        while True:
-            self.signals.check()
-            chunk = read()
-            if not chunk:
-                break
-            self.signals.check()
-            write(chunk)
-            self.digest.update(chunk)
-            self.verifier.feed(chunk)
-            self.size += len(chunk)
-            if progress is not None:
-                progress.add(len(chunk))
+    def run(self, readinto, write, progress=None):
+        """Pump ``readinto(buffer)`` to ``write`` until it returns 0; returns
+        (index, term, state size) once the archive verified."""
+        import queue
+        free, full = queue.Queue(), queue.Queue()
+        for _ in range(PASS_BUFFERS):
+            free.put(bytearray(CHUNK_SIZE))
+        worker = threading.Thread(target=self._verify, args=(full, free), name="verify")
+        worker.daemon = True
+        worker.start()
+        try:
+            while True:
+                buf = self._next_free(free)
+                count = readinto(buf)
+                if not count:
+                    break
+                self.signals.check()
+                view = memoryview(buf)[:count]
+                write(view)
+                self.digest.update(view)
+                self.size += count
+                full.put((buf, count))
+                if progress is not None:
+                    progress.add(count)
+        except BaseException:
+            self._stop = True
+            raise
+        finally:
+            full.put(None)
+            worker.join()
+        if self._error is not None:
+            raise self._error
         self.signals.check()
         return self.verifier.finish()
+
+    def _next_free(self, free):
+        """A free buffer; raises the verifier's error, or Stopped, instead
+        of waiting for ever."""
+        import queue
+        while True:
+            self.signals.check()
+            if self._error is not None:
+                raise self._error
+            try:
+                return free.get(timeout=0.5)
+            except queue.Empty:
+                continue
+
+    def _verify(self, full, free):
+        while True:
+            item = full.get()
+            if item is None:
+                return
+            buf, count = item
+            if self._error is None and not self._stop:
+                try:
+                    with memoryview(buf) as view:
+                        self.verifier.feed(view[:count])
+                except BaseException as exc:      # handed to the reading thread
+                    self._error = exc
+            free.put(buf)
 
 
 class _NoStop(object):
@@ -2906,9 +2993,8 @@ def stream_snapshot(resp, directory, signals, progress=None):
         raise SnapshotError("cannot create a temporary file in %s: %s" % (directory, exc.strerror)) from exc
     one_pass = _Pass(signals)
     try:
-        with os.fdopen(fd, "wb") as out, signals.aborting(resp.abort):
-            index, term, state_size = one_pass.run(lambda: resp.read(CHUNK_SIZE), out.write, progress)
-            out.flush()
+        with os.fdopen(fd, "wb", buffering=0) as out, signals.aborting(resp.abort):
+            index, term, state_size = one_pass.run(resp.readinto, _writer(out), progress)
             os.fsync(out.fileno())
     except (IOError, OSError) as exc:     # the disk: full, file too large, I/O error
         _unlink_quietly(path)
@@ -2920,12 +3006,31 @@ def stream_snapshot(resp, directory, signals, progress=None):
     return SnapshotInfo(path, one_pass.size, one_pass.digest.hexdigest(), index, term, state_size)
 
 
+def _writer(out):
+    """``write(view)`` for an unbuffered file: writes it all, and every
+    WRITEBACK_WINDOW bytes asks the kernel to start writing back (and then
+    drop) the window before, so the final fsync has little left to do and a
+    large snapshot does not push Vault's own data out of the page cache."""
+    state = {"written": 0, "flushed": 0}
+    advise = getattr(os, "posix_fadvise", None)
+
+    def write(view):
+        done = 0
+        while done < len(view):
+            done += out.write(view[done:])
+        state["written"] += done
+        if advise is not None and state["written"] - state["flushed"] >= 2 * WRITEBACK_WINDOW:
+            advise(out.fileno(), state["flushed"], WRITEBACK_WINDOW, os.POSIX_FADV_DONTNEED)
+            state["flushed"] += WRITEBACK_WINDOW
+    return write
+
+
 def verify_file(path):
     """Verify a snapshot file on disk; returns SnapshotInfo (path as given)."""
     one_pass = _Pass(_NoStop())
     try:
-        with open(path, "rb") as handle:
-            index, term, state_size = one_pass.run(lambda: handle.read(CHUNK_SIZE), lambda chunk: None)
+        with open(path, "rb", buffering=0) as handle:
+            index, term, state_size = one_pass.run(handle.readinto, lambda view: None)
     except (IOError, OSError) as exc:
         raise SnapshotError("%s: cannot read: %s" % (path, exc.strerror or exc)) from exc
     return SnapshotInfo(path, one_pass.size, one_pass.digest.hexdigest(), index, term, state_size)
@@ -3201,6 +3306,7 @@ def run_parts(parts, worker, concurrency, signals):
     ``check()`` raise at their next chunk; then the error is raised, so the
     caller can abort the upload as a whole.
     """
+    import concurrent.futures
     failed = []
 
     def check():
@@ -3432,13 +3538,12 @@ S3_HINTS = {
 def _s3_error(resp, data, action):
     """StorageError (retryable where S3 says so) from an S3 error answer."""
     code = message = region = None
-    if data.strip():
-        try:
-            root = ElementTree.fromstring(data)
-            code, message = xml_text(root, "Code"), xml_text(root, "Message")
-            region = xml_text(root, "Region") or xml_text(root, "BucketRegion")
-        except ElementTree.ParseError:
-            message = one_line(data[:200].decode("utf-8", "replace"))
+    root = parse_error_xml(data) if data.strip() else None
+    if root is not None:
+        code, message = xml_text(root, "Code"), xml_text(root, "Message")
+        region = xml_text(root, "Region") or xml_text(root, "BucketRegion")
+    elif data.strip():
+        message = one_line(data[:200].decode("utf-8", "replace"))
     region = resp.header("x-amz-bucket-region") or region
     hint = S3_HINTS.get(code or "", "")
     if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException") \
@@ -4025,7 +4130,7 @@ class AzureStorage(Storage):
 
         def build():
             all_headers = {"x-ms-version": AZURE_VERSION,
-                           "x-ms-date": formatdate(self.clock.now().timestamp(), usegmt=True)}
+                           "x-ms-date": http_date(self.clock.now())}
             all_headers.update(headers or {})
             if body is not None and not any(k.lower() == "content-type" for k in all_headers):
                 all_headers["Content-Type"] = "application/octet-stream"   # signed, not added later
@@ -4126,14 +4231,13 @@ class AzureStorage(Storage):
 def _azure_error(resp, data, action):
     code = resp.header("x-ms-error-code")
     message = None
-    if data.strip():
-        try:
-            root = ElementTree.fromstring(data)
-            code = xml_text(root, "Code") or code
-            message = (xml_text(root, "Message") or "").splitlines()[0:1]
-            message = message[0] if message else None
-        except ElementTree.ParseError:
-            message = one_line(data[:200].decode("utf-8", "replace"))
+    root = parse_error_xml(data) if data.strip() else None
+    if root is not None:
+        code = xml_text(root, "Code") or code
+        message = (xml_text(root, "Message") or "").splitlines()[0:1]
+        message = message[0] if message else None
+    elif data.strip():
+        message = one_line(data[:200].decode("utf-8", "replace"))
     hint = AZURE_HINTS.get(code or "", "")
     if code == "AuthenticationFailed" and message and "expired" in message.lower():
         hint = "the SAS or token has expired"
@@ -5057,6 +5161,7 @@ class Agent(object):
         self.signals.check()
         if len(storages) == 1:
             return [(storages[0], _store_one(storages[0], info, name))]
+        import concurrent.futures
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(storages)) as pool:
             futures = [pool.submit(_store_one, s, info, name)
                        for s in storages]

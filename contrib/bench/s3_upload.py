@@ -5,19 +5,29 @@
 Builds (or reuses, --file) a valid snapshot archive of about --mb MB
 (gzip tar of meta.json, state.bin, SHA256SUMS, SHA256SUMS.sealed, laid out
 like tests/archives.py but streamed to disk, with incompressible state),
-starts a throw-away moto_server on loopback (tests/moto_s3.py) with request
-signature and IAM checking ON, then uploads the file --runs times with each
-tool, interleaved (the order rotates per round):
+checks it once with vsa.verify_file (untimed: that gives the SnapshotInfo
+the upload needs), starts a throw-away moto_server on loopback
+(tests/moto_s3.py) with request signature and IAM checking ON, then uploads
+the file --runs times with each tool, interleaved (the order rotates per
+round):
 
-  agent       python -c '... vsa.verify_file(F); S3Storage.upload(...)'
-              (the agent's own code: streaming archive verification, then
-               SigV4 multipart upload, --part-size MiB parts, --concurrency
-               threads, x-amz-checksum-sha256 per part)
+  agent       python -c '... S3Storage.upload(SnapshotInfo(...))'
+              (the agent's own code, a pure upload as in an agent cycle,
+               which verifies while it streams from Vault, not before the
+               upload: SigV4 multipart upload, --part-size MiB parts,
+               --concurrency threads, x-amz-checksum-sha256 per part; both
+               default to the agent's own defaults, read from S3Storage.keys)
+              With --verify the child runs vsa.verify_file first (timed
+              apart; not part of a real cycle).
+              --part-size and --concurrency take comma-separated lists:
+              every combination is a tool of its own, agent-<P>x<C>
+              (P MiB parts, C threads), all interleaved with the AWS CLI.
   aws-cli     aws s3 cp F s3://snapshots/bench/ref.snap --endpoint-url MOTO
               (AWS CLI v1 defaults: 8 MiB parts, 10 threads)
-  aws-cli-c4  the same with s3.max_concurrent_requests = 4 in AWS_CONFIG_FILE
-              (the agent's default concurrency; parts stay 8 MiB unless
-               --aws-match-part-size)
+  aws-cli-c4  the same with s3.max_concurrent_requests = --concurrency in
+              AWS_CONFIG_FILE (the agent's concurrency; parts stay 8 MiB
+              unless --aws-match-part-size); only with a single agent
+              setting, and not with --no-aws-c
 
 After every upload the object's size is checked with HeadObject and the
 object deleted, so every run starts from the same moto state.
@@ -25,7 +35,8 @@ object deleted, so every run starts from the same moto state.
 For each run: wall time of the child process, its CPU time and peak RSS
 (ru_maxrss from os.wait4), and the CPU time moto_server burnt meanwhile
 (/proc/PID/stat), which shows whether the client or moto is the bottleneck.
-The agent child also reports how long verify_file and upload took.
+The agent child also reports its start-up (import + config) and upload
+time (and verify_file's with --verify).
 Children are started by a small helper process forked before anything big
 is imported: on Linux a child's ru_maxrss can never be below the RSS of the
 process that forked it, and this one holds botocore for the moto set-up.
@@ -37,6 +48,8 @@ Usage (from the repo root; moto in this interpreter's venv, AWS CLI in its
 own: python3 -m venv /tmp/awscli-venv && /tmp/awscli-venv/bin/pip install awscli):
 
     /tmp/tv/bin/python contrib/bench/s3_upload.py --mb 500 --runs 3
+    /tmp/tv/bin/python contrib/bench/s3_upload.py --mb 500 --runs 3 \
+        --part-size 16,32 --concurrency 4,8      # four agent settings
 
 moto is always stopped (also on Ctrl-C / SIGTERM) and the work directory
 removed; --keep keeps the work dir (logs) and caches the generated archive
@@ -44,6 +57,7 @@ in $TMPDIR for the next --keep run; --file PATH uses (or creates and keeps)
 an archive at PATH.
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -56,15 +70,53 @@ from benchlib import MB
 
 sys.path.insert(0, benchlib.TESTS)
 
-TOOLS = ("agent", "aws-cli", "aws-cli-c4")
+AWS_TOOLS = ("aws-cli", "aws-cli-c4")
 BUCKET = "snapshots"
-KEYS = {"agent": "bench/agent.snap", "aws-cli": "bench/ref.snap", "aws-cli-c4": "bench/ref.snap"}
 SCRUB = ("AWS_", "VAULT_", "BAO_", "BENCH_SPEC")
 
 
+def agent_tools(args):
+    """{tool name: (part size MiB, concurrency)} for the agent settings."""
+    pairs = [(p, c) for p in args.part_size for c in args.concurrency]
+    if len(pairs) == 1:
+        return {"agent": pairs[0]}
+    return dict(("agent-%dx%d" % pair, pair) for pair in pairs)
+
+
+def tool_list(args):
+    agents = sorted(agent_tools(args).items(), key=lambda item: item[1])
+    single = len(agents) == 1
+    return tuple(t for t, _ in agents) + tuple(
+        t for t in AWS_TOOLS if t == "aws-cli" or (single and not args.no_aws_c))
+
+
+def object_key(tool):
+    return "bench/%s.snap" % ("ref" if tool.startswith("aws") else "agent")
+
+
+def agent_defaults():
+    """(part_size_mb, concurrency): the agent's defaults from S3Storage.keys."""
+    if benchlib.REPO not in sys.path:
+        sys.path.insert(0, benchlib.REPO)
+    import vault_snapshot_agent as vsa
+    defaults = dict((k.name, k.default) for k in vsa.S3Storage.keys)
+    return defaults["part_size_mb"], defaults["concurrency"]
+
+
 def find_aws(explicit):
-    return benchlib.find_executable((explicit, "/tmp/awscli-venv/bin/aws", shutil.which("aws")),
-                                    benchlib.AWS_MISSING)
+    aws = benchlib.find_executable((explicit, "/tmp/awscli-venv/bin/aws", shutil.which("aws")),
+                                   benchlib.AWS_MISSING)
+    if os.path.basename(os.path.dirname(aws)) == "shims":
+        # a pyenv shim: a shell script that runs `pyenv exec` first, which
+        # would add its own start-up to every AWS CLI run
+        try:
+            real = subprocess.check_output(["pyenv", "which", "aws"], stderr=subprocess.DEVNULL,
+                                           universal_newlines=True).strip()
+        except (OSError, subprocess.CalledProcessError):
+            real = ""
+        if real and os.access(real, os.X_OK):
+            return real
+    return aws
 
 
 def write_aws_files(workdir, args):
@@ -72,9 +124,9 @@ def write_aws_files(workdir, args):
     cfg_default = os.path.join(workdir, "aws-default.cfg")
     cfg_c4 = os.path.join(workdir, "aws-c4.cfg")
     creds_file = os.path.join(workdir, "aws-credentials")
-    c4 = ["[default]", "s3 =", "    max_concurrent_requests = %d" % args.concurrency]
+    c4 = ["[default]", "s3 =", "    max_concurrent_requests = %d" % args.concurrency[0]]
     if args.aws_match_part_size:
-        c4.append("    multipart_chunksize = %dMB" % args.part_size)
+        c4.append("    multipart_chunksize = %dMB" % args.part_size[0])
     for name, lines in ((cfg_default, ["[default]"]), (cfg_c4, c4), (creds_file, [])):
         with open(name, "w") as fh:
             fh.write("\n".join(lines) + "\n")
@@ -90,6 +142,9 @@ def bench(args, workdir, spawner):
     python = args.python or sys.executable
     path = benchlib.prepare_archive(args, workdir)
     size = os.path.getsize(path)
+    info = benchlib.verify_archive(path)
+    tools = tool_list(args)
+    settings = agent_tools(args)
 
     moto_tmp = os.path.join(workdir, "moto-tmp")   # moto spools big objects to temp files
     os.makedirs(moto_tmp)
@@ -108,13 +163,14 @@ def bench(args, workdir, spawner):
                                         AWS_DEFAULT_REGION=moto.region, AWS_REGION=moto.region,
                                         AWS_EC2_METADATA_DISABLED="true",
                                         AWS_SHARED_CREDENTIALS_FILE=creds_file)
-        agent_spec = benchlib.agent_upload_spec(
+        specs = dict((tool, benchlib.agent_upload_spec(
             path, "S3Storage", "aws_storage",
             {"access_key_id": moto.access_key_id, "secret_access_key": moto.secret_access_key,
              "s3_endpoint": moto.endpoint, "s3_region": moto.region, "s3_bucket": BUCKET,
-             "s3_key_prefix": "bench", "part_size_mb": args.part_size,
-             "concurrency": args.concurrency},
-            verify=True, report=("size", "state_size"))
+             "s3_key_prefix": "bench", "part_size_mb": p, "concurrency": c},
+            verify=args.verify, info=info, report=("size", "state_size"),
+            from_source=not args.pyc))
+            for tool, (p, c) in settings.items())
         versions = {
             "python": benchlib.python_version(python),
             "aws": subprocess.check_output([aws, "--version"], stderr=subprocess.STDOUT,
@@ -122,40 +178,47 @@ def bench(args, workdir, spawner):
             "moto": subprocess.check_output([sys.executable, "-c", "import moto; "
                                              "print(moto.__version__)"],
                                             universal_newlines=True).strip(),
+            "agent_sha256": benchlib.agent_sha12(),
         }
         uploads = benchlib.Uploads(spawner, workdir, args.timeout, moto.pid, "moto_cpu")
 
         def take(tool):
-            if tool == "agent":
+            key = object_key(tool)
+            if tool in specs:
                 r = uploads.run(tool, benchlib.agent_upload_argv(python),
-                                benchlib.scrubbed_env(SCRUB, BENCH_SPEC=json.dumps(agent_spec)),
+                                benchlib.scrubbed_env(SCRUB, BENCH_SPEC=json.dumps(specs[tool])),
                                 child_key="agent")
             else:
-                argv = [aws, "s3", "cp", path, "s3://%s/%s" % (BUCKET, KEYS[tool]),
+                argv = [aws, "s3", "cp", path, "s3://%s/%s" % (BUCKET, key),
                         "--endpoint-url", moto.endpoint, "--no-progress"]
                 env = dict(aws_env, AWS_CONFIG_FILE=cfg_c4 if tool == "aws-cli-c4"
                            else cfg_default)
                 r = uploads.run(tool, argv, env, child_key=None)
-            head = moto.head(BUCKET, KEYS[tool])
+            head = moto.head(BUCKET, key)
             if head["ContentLength"] != size:
                 raise RuntimeError("%s: s3://%s/%s is %d bytes, file is %d" % (
-                    tool, BUCKET, KEYS[tool], head["ContentLength"], size))
+                    tool, BUCKET, key, head["ContentLength"], size))
             r["etag"] = head.get("ETag", "")
-            moto.admin.delete_object(Bucket=BUCKET, Key=KEYS[tool])
+            moto.admin.delete_object(Bucket=BUCKET, Key=key)
             return r
 
         def report(i, tool, r):
             tail = ""
             if "agent" in r:
-                tail = "  (verify %.2fs, upload %.2fs)" % (r["agent"]["verify"],
-                                                           r["agent"]["upload"])
-            benchlib.upload_progress(i, tool, 10, r, size, "moto", "moto_cpu", tail)
+                tail = "  (%supload %.2fs)" % (
+                    "verify %.2fs, " % r["agent"]["verify"] if args.verify else "",
+                    r["agent"]["upload"])
+            benchlib.upload_progress(i, tool, max(map(len, tools)), r, size, "moto", "moto_cpu",
+                                     tail)
 
-        results = benchlib.interleave(TOOLS, args.runs, take, report)
+        results = benchlib.interleave(tools, args.runs, take, report)
         return dict(benchlib.stamp(), **{
             "versions": versions, "python_path": python, "aws_path": aws,
-            "file_bytes": size, "runs": args.runs, "part_size_mib": args.part_size,
-            "concurrency": args.concurrency, "aws_match_part_size": args.aws_match_part_size,
+            "file_bytes": size, "runs": args.runs, "tools": list(tools),
+            "settings": dict((t, list(pc)) for t, pc in settings.items()),
+            "defaults": list(args.defaults), "verify": args.verify, "pyc": args.pyc,
+            "part_size_mib": args.part_size[0], "concurrency": args.concurrency[0],
+            "aws_match_part_size": args.aws_match_part_size,
             "moto_peak_rss": benchlib.proc_status(moto.pid, "VmHWM"),
             "setup_seconds": round(time.time() - t0, 1),
             "results": results,
@@ -171,31 +234,53 @@ def table(data):
     rows = summarize(data)
     size = data["file_bytes"]
     c = data["concurrency"]
+    defaults = tuple(data["defaults"])
     labels = {
-        "agent": "agent: verify_file + S3Storage.upload (%d MiB parts, %d threads)"
-                 % (data["part_size_mib"], c),
         "aws-cli": "`aws s3 cp` (defaults: 8 MiB parts, 10 threads)",
         "aws-cli-c4": "`aws s3 cp`, max_concurrent_requests = %d%s" % (
             c, ", %d MiB parts" % data["part_size_mib"] if data["aws_match_part_size"]
             else " (8 MiB parts)"),
     }
-    parts = benchlib.agent_parts(rows, "S3Storage", True)
+    for tool, (p, n) in data["settings"].items():
+        labels[tool] = "agent: %sS3Storage.upload (%d MiB parts, %d threads%s)" % (
+            "verify_file + " if data["verify"] else "", p, n,
+            "; the defaults" if (p, n) == defaults else "")
+    parts = []
+    if "agent" in rows:
+        parts = benchlib.agent_parts(rows, "S3Storage", data["verify"])
     footer = ("%d runs each, interleaved; %.1f MB archive; moto %s with auth on "
-              "(peak RSS %.0f MB); Python %s; %s; %s; %s." % (
+              "(peak RSS %.0f MB); agent on Python %s, sha256 `%s`; %s; %s; %s." % (
                   data["runs"], size / MB, data["versions"]["moto"],
                   data["moto_peak_rss"] / MB, data["versions"]["python"],
+                  data["versions"]["agent_sha256"],
                   data["versions"]["aws"].split(" Linux")[0], data["machine"], data["date"]))
-    return benchlib.upload_table(rows, TOOLS, labels, size, ("aws-cli", "aws cli"), "moto",
+    return benchlib.upload_table(rows, data["tools"], labels, size, ("aws-cli", "aws cli"), "moto",
                                  "moto_cpu", parts, footer)
 
 
+def int_list(text):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a comma-separated list of integers: %r" % text)
+    return sorted(set(values))
+
+
 def add_options(parser):
-    parser.add_argument("--part-size", type=int, default=16, metavar="MIB",
-                        help="agent part_size_mb (16)")
-    parser.add_argument("--concurrency", type=int, default=4,
-                        help="agent concurrency, and the AWS CLI's in aws-cli-c4 (4)")
+    parser.add_argument("--part-size", type=int_list, metavar="MIB[,MIB...]",
+                        help="agent part_size_mb (default: the agent's default)")
+    parser.add_argument("--concurrency", type=int_list, metavar="N[,N...]",
+                        help="agent concurrency (default: the agent's default), and the AWS "
+                             "CLI's in aws-cli-c4")
     parser.add_argument("--aws-match-part-size", action="store_true",
                         help="aws-cli-c4 also uses --part-size (multipart_chunksize)")
+    parser.add_argument("--no-aws-c", action="store_true",
+                        help="leave out aws-cli-c4 (always left out with several agent settings)")
+    parser.add_argument("--verify", action="store_true",
+                        help="the agent child runs verify_file before the upload (timed apart)")
+    parser.add_argument("--pyc", action="store_true",
+                        help="the agent child imports the agent (a valid __pycache__ .pyc is "
+                             "used) instead of compiling it from source as a script run does")
 
 
 def add_client_options(parser):
@@ -205,9 +290,12 @@ def add_client_options(parser):
 def main(argv=None):
     parser = benchlib.upload_parser(__doc__, add_options, add_client_options)
     args = benchlib.parse_upload_args(parser, argv)
-    if args.part_size < 5 or args.concurrency < 1:
+    if min(args.part_size or [5]) < 5 or min(args.concurrency or [1]) < 1:
         parser.error("--part-size >= 5 and --concurrency >= 1")
     spawner = benchlib.Spawner()   # before anything big gets imported or allocated
+    args.defaults = agent_defaults()      # imports the agent: after the fork
+    args.part_size = args.part_size or [args.defaults[0]]
+    args.concurrency = args.concurrency or [args.defaults[1]]
     return benchlib.run_bench(args, "s3-upload-bench.", lambda wd: bench(args, wd, spawner),
                               table, "moto", summarize=lambda d: d.update(summary=summarize(d)),
                               spawner=spawner, keep=args.keep)
