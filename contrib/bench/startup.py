@@ -13,6 +13,11 @@ of each of:
            "Not running on leader node, skipping." and exits 0
   bao      bao version                        (the Go CLI, for scale)
 
+and the two agent cases again as the systemd unit runs the agent:
+`PYTHONPATH=DIR python3 -m vault_snapshot_agent ...`, the module installed in
+its own directory with its bytecode compiled once (benchlib.install_agent),
+so it is not compiled on every start as a script is.
+
 for the interpreter running this script (or --python) and for every
 --also-python (for instance Python 3.6, the oldest the agent supports).
 Wall time is spawn-to-exit (median, p10-p90); ratios are against the floor
@@ -52,11 +57,12 @@ COMPILE = ("import sys, time\n"
            "print(time.perf_counter() - t)\n")
 
 
-def timed(argv, expect=None):
+def timed(argv, expect=None, env=None):
     """Wall seconds of one child; checks the exit code (and output)."""
     t0 = time.perf_counter()
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, env=benchlib.scrubbed_env(SCRUB), close_fds=True)
+                          stderr=subprocess.STDOUT, env=benchlib.scrubbed_env(SCRUB, **(env or {})),
+                          close_fds=True)
     elapsed = time.perf_counter() - t0
     out = proc.stdout.decode("utf-8", "replace")
     if proc.returncode != 0 or (expect and expect not in out):
@@ -69,7 +75,7 @@ def bench(args, workdir):
     bao = benchlib.real_bao(find_bao(args.bao))
     pythons = [args.python or sys.executable] + list(args.also_python or [])
     versions = [benchlib.python_version(p, isolated=True) for p in pythons]
-    cases = []  # (key, label, argv, expected output, floor key)
+    cases = []  # (key, label, argv, expected output, floor key, extra env)
     with benchlib.stopping() as closers:
         cfg_path = None
         if not args.no_cluster:
@@ -87,24 +93,30 @@ def bench(args, workdir):
         for python, ver in zip(pythons, versions):
             floor = "floor %s" % ver
             ver = ".".join(ver.split(".")[:2])    # labels: python3.11
+            installed, env = benchlib.install_agent(python, workdir)
             cases.append((floor, "`python%s -I -c pass` (floor)" % ver,
-                          [python, "-I", "-c", "pass"], None, floor))
+                          [python, "-I", "-c", "pass"], None, floor, {}))
             cases.append(("version " + floor[6:], "`python%s -I agent --version`" % ver,
-                          [python, "-I", AGENT, "--version"], "snapshot-agent", floor))
+                          [python, "-I", AGENT, "--version"], "snapshot-agent", floor, {}))
+            cases.append(("version-m " + floor[6:], "`python%s -m agent --version` (installed)" % ver,
+                          installed + ["--version"], "snapshot-agent", floor, env))
             if cfg_path:
                 cases.append(("standby " + floor[6:], "`python%s -I agent --once`, standby" % ver,
                               [python, "-I", AGENT, "-c", cfg_path, "--once"], SKIP_LINE,
-                              floor))
+                              floor, {}))
+                cases.append(("standby-m " + floor[6:],
+                              "`python%s -m agent --once`, standby (installed)" % ver,
+                              installed + ["-c", cfg_path, "--once"], SKIP_LINE, floor, env))
         cases.append(("bao", "`bao version`", [bao, "version"], "OpenBao",
-                      "floor %s" % versions[0]))
+                      "floor %s" % versions[0], {}))
 
         for _ in range(args.warmup):          # page cache, lazy bits of the dynamic loader
             for case in cases:
-                timed(case[2], case[3])
+                timed(case[2], case[3], case[5])
         times = dict((case[0], []) for case in cases)
         for i in range(args.runs):
-            for key, _, argv, expect, _ in benchlib.rotated(cases, i):
-                times[key].append(timed(argv, expect))
+            for key, _, argv, expect, _, env in benchlib.rotated(cases, i):
+                times[key].append(timed(argv, expect, env))
         compile_s = {}
         for python, ver in zip(pythons, versions):
             compile_s[ver] = statistics.median(
@@ -118,7 +130,8 @@ def bench(args, workdir):
                                                    universal_newlines=True).strip(),
             "runs": args.runs,
             "cases": [{"key": c[0], "label": c[1], "argv": c[2][1:] if c[0] != "bao" else
-                       ["version"], "floor": c[4], "seconds": times[c[0]]} for c in cases],
+                       ["version"], "env": c[5], "floor": c[4], "seconds": times[c[0]]}
+                      for c in cases],
             "compile_seconds": compile_s,
         })
 
