@@ -149,6 +149,11 @@ def cut_snapshot_stream(monkeypatch, proxy, plan):
 # =============================================================================
 
 
+def verify_threads():
+    """The snapshot pass's verifier threads still alive (section 12)."""
+    return [t for t in threading.enumerate() if t.name == "verify" and t.is_alive()]
+
+
 def _random_cuts(bao_cluster, approle, tmp_path, monkeypatch, trials, seed):
     snapdir = tmp_path / "snaps"
     with proxy_to(bao_cluster.leader().addr) as proxy:
@@ -176,6 +181,7 @@ def _random_cuts(bao_cluster, approle, tmp_path, monkeypatch, trials, seed):
             assert "Traceback" not in log, what
             assert snapshots(snapdir) == [], "%s: something was stored: %s" % (what, snapshots(snapdir))
             assert temp_files(snapdir) == [], "%s: temp files left: %s" % (what, temp_files(snapdir))
+            assert verify_threads() == [], what
             # the next cycle, without the fault, stores a verified snapshot
             code, log = run_main("-c", config, "--once")
             assert code == 0, "%s: the clean cycle after it failed\n%s" % (what, log)
@@ -939,6 +945,7 @@ def test_endless_snapshot_stream_keeps_memory_bounded(tmp_path, mode):
     assert peak < 20 * MB, "%s: %.0f MB of memory for a stream (%d MB sent) - not bounded" % (
         mode, peak / MB, sent // MB)
     assert os.listdir(str(stage)) == [], "partial file left: %s" % os.listdir(str(stage))
+    assert verify_threads() == [], "the verifier thread outlived the failure"
     if mode == "random":
         assert sent < 32 * MB, "a stream that is not gzip was read on for %d MB" % (sent // MB)
     elif mode == "state":     # a long (legitimate-looking) snapshot is never cut short

@@ -375,8 +375,10 @@ def agent_upload_spec(path, cls, section, storage, verify, info=None, report=("s
                        section: storage}}
 
 
-def agent_upload_argv(python):
-    return [python, "-c", AGENT_UPLOAD_CHILD, REPO]
+def agent_upload_argv(python, agent_dir=REPO):
+    """argv of AGENT_UPLOAD_CHILD; agent_dir holds vault_snapshot_agent.py
+    (and, for an installed agent, its compiled bytecode: install_agent)."""
+    return [python, "-c", AGENT_UPLOAD_CHILD, agent_dir]
 
 
 # ------------------------------------------------------------ the archive

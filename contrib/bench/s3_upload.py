@@ -171,6 +171,9 @@ def bench(args, workdir, spawner):
             verify=args.verify, info=info, report=("size", "state_size"),
             from_source=not args.pyc))
             for tool, (p, c) in settings.items())
+        agent_dir = benchlib.REPO
+        if args.pyc:    # the installed form: a copy with its bytecode compiled once
+            agent_dir = benchlib.install_agent(python, workdir)[1]["PYTHONPATH"]
         versions = {
             "python": benchlib.python_version(python),
             "aws": subprocess.check_output([aws, "--version"], stderr=subprocess.STDOUT,
@@ -185,7 +188,7 @@ def bench(args, workdir, spawner):
         def take(tool):
             key = object_key(tool)
             if tool in specs:
-                r = uploads.run(tool, benchlib.agent_upload_argv(python),
+                r = uploads.run(tool, benchlib.agent_upload_argv(python, agent_dir),
                                 benchlib.scrubbed_env(SCRUB, BENCH_SPEC=json.dumps(specs[tool])),
                                 child_key="agent")
             else:
@@ -279,8 +282,9 @@ def add_options(parser):
     parser.add_argument("--verify", action="store_true",
                         help="the agent child runs verify_file before the upload (timed apart)")
     parser.add_argument("--pyc", action="store_true",
-                        help="the agent child imports the agent (a valid __pycache__ .pyc is "
-                             "used) instead of compiling it from source as a script run does")
+                        help="the agent child imports the agent from a copy with compiled "
+                             "bytecode (the installed form, as the systemd unit runs it) "
+                             "instead of compiling it from source as a script run does")
 
 
 def add_client_options(parser):
