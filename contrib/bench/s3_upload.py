@@ -245,7 +245,8 @@ def table(data):
             else " (8 MiB parts)"),
     }
     for tool, (p, n) in data["settings"].items():
-        labels[tool] = "agent: %sS3Storage.upload (%d MiB parts, %d threads%s)" % (
+        labels[tool] = "agent%s: %sS3Storage.upload (%d MiB parts, %d threads%s)" % (
+            " (installed, .pyc)" if data.get("pyc") else "",
             "verify_file + " if data["verify"] else "", p, n,
             "; the defaults" if (p, n) == defaults else "")
     parts = []
