@@ -612,7 +612,11 @@ def install_agent(python, workdir):
         os.makedirs(lib)
         shutil.copy(AGENT, lib)
     subprocess.check_call([python, "-m", "compileall", "-q", lib])
-    return [python, "-m", "vault_snapshot_agent"], {"PYTHONPATH": lib}
+    # From "/", as systemd starts services: `-m` puts the working directory
+    # first on sys.path, and from the repository root it would import the
+    # uncompiled vault_snapshot_agent.py there instead (one `sh` exec, ~1 ms).
+    return (["/bin/sh", "-c", 'cd / && exec "$0" -m vault_snapshot_agent "$@"', python],
+            {"PYTHONPATH": lib})
 
 
 def agent_sha12():
