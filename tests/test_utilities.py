@@ -79,3 +79,22 @@ def test_parse_bool(text, value):
 def test_parse_bool_refuses_junk():
     with pytest.raises(ValueError):
         vsa.parse_bool("maybe")
+
+
+@pytest.mark.parametrize("stamp", [0, 951782400, 1764663730.75, 4102444799])
+def test_http_date_matches_the_standard_library(stamp):
+    """Section 3: the Azure x-ms-date the agent writes itself is the RFC 7231
+    date email.utils writes (that module is no longer imported at start)."""
+    from email.utils import formatdate
+    moment = datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc)
+    assert vsa.http_date(moment) == formatdate(int(stamp), usegmt=True)
+    east = moment.astimezone(datetime.timezone(datetime.timedelta(hours=5, minutes=30)))
+    assert vsa.http_date(east) == vsa.http_date(moment)
+
+
+@pytest.mark.parametrize("text", ["plain", "a&b<c>d", "&amp;", "<Key>x</Key>", "\"quoted\" 'it'"])
+def test_xml_escape_matches_the_standard_library(text):
+    """Section 3: S3 keys and ETags in request bodies are escaped as
+    xml.sax.saxutils.escape does."""
+    from xml.sax.saxutils import escape
+    assert vsa.xml_escape(text) == escape(text)
