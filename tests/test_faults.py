@@ -922,8 +922,9 @@ class EndlessServer(object):
         self.server.server_close()
 
 
+@pytest.mark.parametrize("threaded", [False, True], ids=["one thread", "two threads"])
 @pytest.mark.parametrize("mode", ["random", "state", "pax", "bomb"])
-def test_endless_snapshot_stream_keeps_memory_bounded(tmp_path, mode):
+def test_endless_snapshot_stream_keeps_memory_bounded(tmp_path, mode, threaded):
     limit = 200 * MB
     stage = tmp_path / "stage"
     stage.mkdir()
@@ -934,7 +935,7 @@ def test_endless_snapshot_stream_keeps_memory_bounded(tmp_path, mode):
             resp = http.request("GET", server.url + vsa.SNAPSHOT_PATH)
             try:
                 with pytest.raises(vsa.SnapshotError) as failure:
-                    vsa.stream_snapshot(resp, str(stage), vsa.Signals())
+                    vsa.stream_snapshot(resp, str(stage), vsa.Signals(), threaded=threaded)
             finally:
                 resp.close()
             peak = tracemalloc.get_traced_memory()[1]

@@ -5,6 +5,7 @@ import hashlib
 import io
 import os
 import tarfile
+import threading
 
 import pytest
 
@@ -115,3 +116,53 @@ def test_verify_file_reports_size_and_sha256(tmp_path):
 def test_verify_file_unreadable_is_a_snapshot_error(tmp_path):
     with pytest.raises(vsa.SnapshotError, match="cannot read"):
         vsa.verify_file(str(tmp_path / "nope.snap"))
+
+
+def _variants():
+    good = build_archive(state=os.urandom(3 * 1024 * 1024 + 123), index=77)
+    flipped = bytearray(good)
+    flipped[len(flipped) // 2] ^= 0x40
+    return {"good": good, "flipped byte": bytes(flipped), "truncated": good[:len(good) // 2],
+            "not gzip": os.urandom(2 * 1024 * 1024), "trailing garbage": good + b"junk"}
+
+
+@pytest.mark.parametrize("label", sorted(_variants()))
+def test_one_thread_and_two_give_the_same_verdict(tmp_path, label):
+    """Section 12: the pass runs the verifier in a second thread where
+    cores are free and inline otherwise; both give the same answer, the
+    same archive SHA-256, and no thread outlives the pass."""
+    data = _variants()[label]
+    path = tmp_path / "x.snap"
+    path.write_bytes(data)
+    outcomes = []
+    for threaded in (False, True):
+        try:
+            info = vsa.verify_file(str(path), threaded=threaded)
+            outcomes.append((info.index, info.size, info.sha256))
+        except vsa.SnapshotError as exc:
+            outcomes.append(str(exc))
+    assert outcomes[0] == outcomes[1]
+    if label == "good":
+        assert outcomes[0] == (77, len(data), hashlib.sha256(data).hexdigest())
+    else:
+        assert isinstance(outcomes[0], str)
+    assert [t for t in threading.enumerate() if t.name == "verify"] == []
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_a_refused_stream_is_not_read_on(threaded):
+    """Section 12: once the verifier refuses the archive, reading stops
+    within the buffers already in flight, in either mode."""
+    reads = []
+
+    def endless(buf):
+        reads.append(len(buf))
+        if len(reads) > 50:
+            raise AssertionError("still reading after the archive was refused")
+        buf[:] = b"\x1f\x8b\x08\x00" + os.urandom(len(buf) - 4) if len(reads) == 1 else \
+            os.urandom(len(buf))
+        return len(buf)
+
+    with pytest.raises(vsa.SnapshotError):
+        vsa._Pass(vsa.Signals(), threaded).run(endless, lambda view: None)
+    assert len(reads) <= vsa.PASS_BUFFERS + 2
