@@ -195,9 +195,11 @@ def test_per_storage_frequencies_over_a_simulated_day(bao_cluster, approle, tmp_
                           local_storage={"path": str(tmp_path / "hourly"), "frequency": "1h",
                                          "retain_days": 1})
     raw = json.loads(read(config))
-    # Wall time that only moves when the agent waits, for one day.
+    # Wall time that only moves when the agent waits, for one day less a
+    # second: the stop then always comes before the cycle due at 24:00, however
+    # the jittered leader polls between cycles happen to end.
     clock = FakeClock(datetime.datetime(2026, 11, 27, 0, 0, 0, tzinfo=vsa.UTC))
-    signals = FakeSignals(clock, until=clock.monotonic() + 86400)
+    signals = FakeSignals(clock, until=clock.monotonic() + 86400 - 1)
 
     def loader(runtime):
         cfg, storages = vsa.load_all(config, runtime)
