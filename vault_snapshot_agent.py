@@ -831,20 +831,19 @@ class Response(object):
         return self.headers.get(name, default)
 
     def read(self, size=CHUNK_SIZE):
-        import http.client
-        try:
-            return self._raw.read(size)
-        except (socket.timeout, OSError, http.client.HTTPException) as exc:
-            raise TransportError("%s %s: reading the answer failed: %s"
-                                 % (self.method, redact_url(self.url), _exc_text(exc) or type(exc).__name__),
-                                 retryable=True) from exc
+        return self._reading(self._raw.read, size)
 
     def readinto(self, buffer):
         """Fill ``buffer`` from the body (chunked or not) without allocating;
         returns the count, 0 at the end."""
+        return self._reading(self._raw.readinto, buffer)
+
+    def _reading(self, method, argument):
+        """``method(argument)`` on the raw answer; a failure is a retryable
+        TransportError naming the request."""
         import http.client
         try:
-            return self._raw.readinto(buffer)
+            return method(argument)
         except (socket.timeout, OSError, http.client.HTTPException) as exc:
             raise TransportError("%s %s: reading the answer failed: %s"
                                  % (self.method, redact_url(self.url), _exc_text(exc) or type(exc).__name__),

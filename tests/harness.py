@@ -482,6 +482,22 @@ def _seconds(value):
     return value
 
 
+def parse_unit(path):
+    """[(section, key, value)] of a unit file (keys may repeat)."""
+    items, section = [], None
+    with open(path) as handle:
+        for line in handle:
+            line = line.strip()
+            if not line or line.startswith(("#", ";")):
+                continue
+            if line.startswith("["):
+                section = line.strip("[]")
+                continue
+            key, _, value = line.partition("=")
+            items.append((section, key.strip(), value.strip()))
+    return items
+
+
 class FakeClock(object):
     """The agent's clock (``now()``: an aware UTC datetime; ``monotonic()``:
     seconds) with time standing still until ``advance()`` moves both.

@@ -26,6 +26,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 import vault_snapshot_agent as vsa  # noqa: E402
+from harness import parse_unit  # noqa: E402
 
 pytestmark = pytest.mark.oracle
 
@@ -402,22 +403,6 @@ def test_credentials_config_is_valid(tmp_path):
 
 
 # ---------------------------------------------------------------- systemd
-
-
-def parse_unit(path):
-    """[(section, key, value)] of a unit file (keys may repeat)."""
-    items, section = [], None
-    with open(path) as handle:
-        for line in handle:
-            line = line.strip()
-            if not line or line.startswith(("#", ";")):
-                continue
-            if line.startswith("["):
-                section = line.strip("[]")
-                continue
-            key, _, value = line.partition("=")
-            items.append((section, key.strip(), value.strip()))
-    return items
 
 
 def test_credentials_unit_keeps_the_hardening_and_loads_the_secret():

@@ -10,27 +10,13 @@ import sys
 
 import pytest
 
+from harness import parse_unit
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 AGENT = os.path.join(REPO, "vault_snapshot_agent.py")
 UNITS = [os.path.join(REPO, "contrib", "vault-snapshot-agent.service"),
          os.path.join(REPO, "contrib", "deploy", "vault-snapshot-agent-credentials.service")]
-
-
-def parse_unit(path):
-    """[(section, key, value)] of a unit file (keys may repeat)."""
-    items, section = [], None
-    with open(path) as handle:
-        for line in handle:
-            line = line.strip()
-            if not line or line.startswith(("#", ";")):
-                continue
-            if line.startswith("["):
-                section = line.strip("[]")
-                continue
-            key, _, value = line.partition("=")
-            items.append((section, key.strip(), value.strip()))
-    return items
 
 
 @pytest.mark.parametrize("path", UNITS, ids=os.path.basename)
