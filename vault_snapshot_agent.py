@@ -190,6 +190,12 @@ class StorageError(AgentError):
         self.retryable = retryable
 
 
+class NameClash(StorageError):
+    """The storage already holds an object of the name being written (another
+    agent wrote it in the same millisecond): nothing was overwritten; the
+    agent stores under the next free name."""
+
+
 class Stopped(AgentError):
     """A stop was requested (SIGTERM/SIGINT) while work was in progress."""
 
