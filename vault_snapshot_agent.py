@@ -131,6 +131,7 @@ MAX_LIST_PAGES = 10000               # pages of one storage listing (10 million 
 MAX_REDIRECTS = 3
 MAX_RETAIN = 1000000                 # snapshots kept per storage
 MAX_RETAIN_DAYS = 36500              # a century: beyond, the date arithmetic overflows
+RETENTION_FLOOR = 2                  # age and size rules never leave fewer snapshots than this
 
 TOKEN_RENEW_FRACTION = 2.0 / 3.0     # renew after 2/3 of the TTL has passed
 TOKEN_MIN_REMAINING = 10.0           # seconds (at most 10% of the TTL) of safety margin
@@ -180,6 +181,11 @@ class NotLeader(AgentError):
 
 class SnapshotError(AgentError):
     """The snapshot archive is empty, truncated or does not verify."""
+
+
+class StagingError(SnapshotError):
+    """The local disk could not take the download (full, read-only, no such
+    directory): another staging directory may."""
 
 
 class StorageError(AgentError):
@@ -3026,7 +3032,7 @@ def stream_snapshot(resp, directory, signals, progress=None, threaded=None):
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
-        raise SnapshotError("cannot create a temporary file in %s: %s" % (directory, exc.strerror)) from exc
+        raise StagingError("cannot create a temporary file in %s: %s" % (directory, exc.strerror)) from exc
     one_pass = _Pass(signals, usable_cpus() >= 3 if threaded is None else threaded)
     try:
         with os.fdopen(fd, "wb", buffering=0) as out, signals.aborting(resp.abort):
@@ -3034,7 +3040,7 @@ def stream_snapshot(resp, directory, signals, progress=None, threaded=None):
             os.fsync(out.fileno())
     except (IOError, OSError) as exc:     # the disk: full, file too large, I/O error
         _unlink_quietly(path)
-        raise SnapshotError("cannot write the snapshot to %s (in %s, after %s): %s" % (
+        raise StagingError("cannot write the snapshot to %s (in %s, after %s): %s" % (
             os.path.basename(path), directory, format_size(one_pass.size), exc.strerror or exc)) from exc
     except BaseException:
         _unlink_quietly(path)
@@ -3193,6 +3199,10 @@ class Storage(object):
 
     def describe(self):
         raise NotImplementedError
+
+    def retention_off(self):
+        """Why this storage applies no retention (a text), else None."""
+        return None
 
     # Object stores keep snapshots under an optional "folder" prefix.
     prefix = ""
@@ -3773,7 +3783,16 @@ class S3Storage(Storage):
         return "s3://%s/%s" % (self.bucket, self.list_prefix())
 
     def key_for(self, name):
+        """The key a new snapshot ``name`` is uploaded to. Only uploads use
+        it: reads and deletes use the listed name's own key (full_name), so
+        a static name can never turn a delete of an old snapshot into a
+        delete of the object just written."""
         return self.full_name(self.static_name + SNAPSHOT_SUFFIX if self.static_name else name)
+
+    def retention_off(self):
+        if self.static_name:
+            return "s3_static_snapshot_name replaces one object each time"
+        return None
 
     # -- requests --------------------------------------------------------------
 
@@ -3800,7 +3819,7 @@ class S3Storage(Storage):
         return self.send(action, build, ok, _s3_error, sink)
 
     def download(self, name, sink):
-        key = self.key_for(name)
+        key = self.full_name(name)
         self._request("GET", "GetObject on %s" % key, key, sink=sink)
 
     def _object_headers(self):
@@ -3917,7 +3936,7 @@ class S3Storage(Storage):
         return _unique_refs(self, self.pages(page, what, "continuation token"))
 
     def delete(self, names):
-        keys = [self.key_for(name) for name in names]
+        keys = [self.full_name(name) for name in names]      # the listed keys, never key_for()
         for start in range(0, len(keys), S3_DELETE_BATCH):
             batch = keys[start:start + S3_DELETE_BATCH]
             payload = ("<Delete><Quiet>true</Quiet>%s</Delete>" % "".join(
@@ -4598,38 +4617,70 @@ def _confirmed(range_header):
 # =============================================================================
 
 
-def retention_plan(snapshots, retain, keep=None, max_age=None, now=None, max_space=0):
+def retention_plan(snapshots, retain, keep=None, max_age=None, now=None, max_space=0,
+                   floor=RETENTION_FLOOR):
     """{name to delete: the rule that deletes it}, newest first: beyond the
     newest ``retain`` snapshots ("retain"), older than ``max_age`` (a
     timedelta) at ``now`` ("retain_days"), or beyond the newest that add up
     to at most ``max_space`` bytes ("max_space"). A snapshot goes when any
     rule says so; a rule at 0 (or None) keeps everything.
 
-    Ordered by the UTC time inside each name (ties by name); ``keep`` (the
-    snapshot just written) is never deleted and counts first against
-    ``max_space``, so no rule can empty a storage.
+    Ordered by the UTC time inside each name (ties by name), newest first.
+    Invariants: ``keep`` (the snapshot just written) and every snapshot newer
+    than it (another agent's, during a failover) are never deleted and count
+    first against ``max_space``; the age and size rules never leave fewer
+    than ``floor`` snapshots (the newest), so no rule but an explicit
+    ``retain`` can thin a storage below that, and none can empty it.
     """
     ordered = sorted(snapshots, key=lambda ref: (ref.when, ref.name), reverse=True)
+    keep_when = next((ref.when for ref in ordered if ref.name == keep), None)
     doomed = collections.OrderedDict()
-    kept_size = sum(ref.size for ref in ordered if ref.name == keep)
+    kept_size, kept = 0, 0
     full = False            # max_space reached: everything older goes
     for position, ref in enumerate(ordered):
-        if ref.name == keep:
-            continue
-        if retain > 0 and position >= retain:
-            doomed[ref.name] = "retain"
+        rule = None
+        if ref.name == keep or keep_when is not None and ref.when > keep_when:
+            pass
+        elif retain > 0 and position >= retain:
+            rule = "retain"
+        elif kept < floor:
+            pass
         elif max_age is not None and now - ref.when > max_age:
-            doomed[ref.name] = "retain_days"
+            rule = "retain_days"
         elif max_space and (full or kept_size + ref.size > max_space):
-            doomed[ref.name], full = "max_space", True
+            rule, full = "max_space", True
+        if rule:
+            doomed[ref.name] = rule
         else:
-            kept_size += ref.size
+            kept_size, kept = kept_size + ref.size, kept + 1
     return doomed
 
 
-def plan_retention(snapshots, retain, keep=None, max_age=None, now=None, max_space=0):
+def plan_retention(snapshots, retain, keep=None, max_age=None, now=None, max_space=0,
+                   floor=RETENTION_FLOOR):
     """The names retention_plan() deletes."""
-    return list(retention_plan(snapshots, retain, keep, max_age, now, max_space))
+    return list(retention_plan(snapshots, retain, keep, max_age, now, max_space, floor))
+
+
+def age_reference(refs, keep, now, frequency):
+    """The time the age rule counts from: ``now``, unless the snapshot just
+    written (``keep``) is dated wildly later than the newest one before it
+    (more than two frequencies and a day): then this host's clock may have
+    jumped ahead, and counting from it would delete the whole history as
+    "old". Age then counts from that previous snapshot. A real outage that
+    long only delays the age rule by one cycle."""
+    before = [ref for ref in refs if ref.name != keep]
+    if keep is None or not before:
+        return now
+    previous = max(before, key=lambda ref: (ref.when, ref.name))
+    gap = (now - previous.when).total_seconds()
+    if gap <= max(2.0 * (frequency or 0), 86400.0):
+        return now
+    LOG.warning("The newest snapshot before %s is %s, %s older: if this host's clock jumped "
+                "ahead, age rules would delete the history, so retain_days counts from %s this "
+                "time", keep, printable(previous.name, 80), format_duration(gap),
+                printable(previous.name, 80))
+    return previous.when
 
 
 def without_future(refs, now, where):
@@ -4649,17 +4700,23 @@ def without_future(refs, now, where):
 
 def apply_retention(storage, keep, now=None):
     """List, plan and delete on one storage; returns the deleted names. Logs
-    one line: what is kept, and what each rule deleted."""
+    one line: what is kept, and what each rule deleted. Only names the
+    listing returned and the plan chose are ever deleted, each by its exact
+    listed name; a failed listing raises before anything is deleted."""
     now = now or Clock().now()
     rules = [("retain", storage.retain, str(storage.retain)),
              ("retain_days", storage.retain_days, str(storage.retain_days)),
              ("max_space", storage.max_space, size_text(storage.max_space))]
     rules = [(rule, text) for rule, limit, text in rules if limit]
-    if not rules:
+    if not rules or storage.retention_off():
         return []
     refs = without_future(storage.list(), now, storage.describe())
     max_age = datetime.timedelta(days=storage.retain_days) if storage.retain_days else None
-    plan = retention_plan(refs, storage.retain, keep, max_age, now, storage.max_space)
+    reference = age_reference(refs, keep, now, storage.frequency) if max_age else now
+    plan = retention_plan(refs, storage.retain, keep, max_age, reference, storage.max_space)
+    listed = set(ref.name for ref in refs)
+    if any(name == keep or name not in listed for name in plan):    # never: a bug guard
+        raise StorageError("retention planned to delete a name it did not list; nothing deleted")
     own = [ref for ref in refs if ref.name == keep]
     if storage.max_space and own and own[0].size > storage.max_space:
         LOG.warning("Snapshot %s (%s) alone exceeds max_space=%s on %s; it is kept", keep,
@@ -4731,7 +4788,14 @@ class Status(object):
         return self.storages.setdefault(storage.describe(), {
             "type": storage.kind, "last_success": None, "last_snapshot": None,
             "last_error": None, "last_error_time": None, "successes": 0, "failures": 0,
-            "failures_in_a_row": 0})
+            "failures_in_a_row": 0, "retention_error": None, "retention_failures": 0})
+
+    def record_retention(self, storage, error):
+        """A retention's outcome on ``storage``: None (it worked) or its error."""
+        entry = self.storage(storage)
+        entry["retention_error"] = error
+        if error is not None:
+            entry["retention_failures"] += 1
 
     def record(self, result, started, ended, duration, storages):
         self.last_start, self.last_end, self.last_duration = started, ended, duration
@@ -4761,6 +4825,9 @@ class Status(object):
                 entry["last_error_time"] = iso(ended)
                 entry["failures"] += 1
                 entry["failures_in_a_row"] += 1
+        retained = dict((s.describe(), e) for s, _, e in getattr(result, "retention", ()))
+        for storage, _ in result.stored:
+            self.record_retention(storage, retained.get(storage.describe()))
 
     def as_json(self):
         return collections.OrderedDict((
@@ -4807,8 +4874,11 @@ class Status(object):
                 for k, v in per])
         metric("vault_snapshot_storage_successes_total", "counter", "Snapshots stored.",
                [((("storage", k), ("type", v["type"])), v["successes"]) for k, v in per])
-        metric("vault_snapshot_storage_failures_total", "counter", "Failed stores or retentions.",
+        metric("vault_snapshot_storage_failures_total", "counter", "Failed stores (retention failures are counted apart).",
                [((("storage", k), ("type", v["type"])), v["failures"]) for k, v in per])
+        metric("vault_snapshot_retention_failures_total", "counter",
+               "Retentions that failed (listing or deleting); the snapshot itself was stored.",
+               [((("storage", k), ("type", v["type"])), v["retention_failures"]) for k, v in per])
         metric("vault_snapshot_storage_consecutive_failures", "gauge",
                "Failed stores in a row (0 after a success).",
                [((("storage", k), ("type", v["type"])), v["failures_in_a_row"]) for k, v in per])
@@ -4970,9 +5040,12 @@ class Progress(object):
 # =============================================================================
 
 
-CycleResult = collections.namedtuple("CycleResult", "outcome snapshot stored errors failures")
+CycleResult = collections.namedtuple("CycleResult", "outcome snapshot stored errors failures retention")
+CycleResult.__new__.__defaults__ = ((),)
 # outcome: "stored" (everywhere), "partial", "failed", "skipped" (not leader), "stopped";
-# stored: [(storage, name)]; failures: [(storage, error text)].
+# stored: [(storage, name)]; failures: [(storage, error text)] of uploads (retried by
+# taking a new snapshot); retention: [(storage, kept name, error text)] of retentions
+# that failed after a good upload (retried as retention, never by a new snapshot).
 
 
 class Agent(object):
@@ -4987,7 +5060,14 @@ class Agent(object):
     whose cycle failed (Vault unreachable, sealed, a bad snapshot, its own
     upload) is due again after ``retry_interval``, doubling with each failure
     in a row, never later than its regular time: a blip costs a minute, not a
-    day of backups.
+    day of backups. A retention that failed after a good upload is retried on
+    its own, the same way, without taking another snapshot.
+
+    Due times are kept on the monotonic clock (as Go timers and systemd's
+    monotonic timers are): a wall clock stepped back or forward neither
+    delays nor hastens a snapshot. The wall clock only names snapshots and
+    places ``align`` boundaries. Becoming the leader plans again from the
+    storages but never shortens a retry back-off.
 
     ``loader()`` returns a fresh (Config, storages) pair; it is called again on
     SIGHUP, and a failure keeps the running config. Time and waiting come from
@@ -5004,9 +5084,13 @@ class Agent(object):
         self.notifier = notifier
         self.rand = rand
         self.status = Status(self.clock)
-        self.due = {}          # storage.describe() -> aware datetime
-        self.last_start = {}   # storage.describe() -> aware datetime
-        self.failed_runs = {}  # storage.describe() -> failed cycles in a row
+        self.due = {}          # storage.describe() -> monotonic time it is due
+        self.last_start = {}   # storage.describe() -> (aware datetime, monotonic) of its last cycle
+        self.failed_runs = {}  # storage.describe() -> failed uploads in a row
+        self.retry_at = {}     # storage.describe() -> monotonic time before which no retry starts
+        self.held = set()      # storages whose back-off outlasts a new leadership (see plan)
+        self.leading = False   # the running cycle saw is_self: true
+        self.retention_retry = {}  # storage.describe() -> [monotonic due, kept name, failures]
         self.next_poll = None  # monotonic time of the next leader poll; None: no polling
         self.cfg, self.storages = loader(self.runtime)
         self.vault = vault_factory(self.cfg, clock=self.clock)
@@ -5050,52 +5134,143 @@ class Agent(object):
             due += datetime.timedelta(seconds=self.rand() * self.cfg.jitter)
         return due
 
+    def _mono(self, when):
+        """The monotonic time at which the wall clock will read ``when``, as
+        the two clocks stand now."""
+        return self.clock.monotonic() + (when - self.clock.now()).total_seconds()
+
+    def _wall(self, mono):
+        """The wall-clock time of monotonic time ``mono``, for logs and status."""
+        return self.clock.now() + datetime.timedelta(seconds=mono - self.clock.monotonic())
+
+    def due_at(self, storage):
+        """When ``storage`` is next due, as an aware wall-clock datetime."""
+        return self._wall(self.due[storage.describe()])
+
+    def _regular(self, started, frequency):
+        """The regular next due time (monotonic) after a cycle begun at
+        ``started`` (wall, monotonic)."""
+        wall, mono = started
+        return mono + (self.next_time(wall, frequency) - wall).total_seconds()
+
     def plan(self, reloaded=False):
-        """Set each storage's due time from its newest snapshot (or now)."""
-        now = self.clock.now()
+        """Set each storage's due time from its newest snapshot (or now).
+        A storage whose cycle failed after this node knew it led (its upload,
+        the snapshot stream, the login) stays in its back-off: planning again
+        for a new leadership never makes it due earlier, so a flapping leader
+        does not storm a failing storage. A failure before that (Vault sealed
+        or unreachable at boot) ends with the node leading: due now."""
+        now, mono = self.clock.now(), self.clock.monotonic()
         for storage in self.storages:
-            key = storage.describe()
+            key, frequency = storage.describe(), self._frequency(storage)
             if reloaded and key in self.last_start:
-                self.due[key] = min(self.due.get(key, now),
-                                    self.next_time(self.last_start[key], self._frequency(storage)))
+                self.due[key] = min(self.due.get(key, mono), self._regular(self.last_start[key], frequency))
                 continue
-            try:
-                refs = without_future(storage.list(), now, key)
-                newest = max([ref.when for ref in refs] or [None], key=lambda w: w or EPOCH)
-            except AgentError as exc:
-                LOG.warning("Cannot list %s to plan the schedule (%s); snapshotting now",
-                            key, _error_text(exc))
-                newest = None
-            due = self.next_time(newest, self._frequency(storage)) if newest else now
-            self.due[key] = due if due > now else now
-            if newest and due > now:
-                LOG.info("Newest snapshot in %s is from %s: next one due %s", key, iso(newest), iso(due))
+            due, newest = mono, self._newest(storage, now)
+            if newest is not None:
+                due = max(mono, self._mono(self.next_time(newest, frequency)))
+                if due > mono:
+                    LOG.info("Newest snapshot in %s is from %s: next one due %s", key, iso(newest),
+                             iso(self._wall(due)))
+            if self.failed_runs.get(key) and key in self.held:
+                due = max(due, self.retry_at.get(key, mono))
+            self.due[key] = due
+
+    def _newest(self, storage, now):
+        """The time of the newest snapshot in ``storage`` (None: none, or the
+        listing failed, which is logged)."""
+        key = storage.describe()
+        try:
+            refs = without_future(storage.list(), now, key)
+        except AgentError as exc:
+            LOG.warning("Cannot list %s to plan the schedule (%s); snapshotting now",
+                        key, _error_text(exc))
+            return None
+        return max([ref.when for ref in refs]) if refs else None
+
+    def _backoff(self, runs, frequency):
+        """Seconds before retry number ``runs`` (1, 2...): retry_interval,
+        doubling, at most ``frequency``."""
+        return min(self.cfg.retry_interval * 2 ** min(runs - 1, 20), frequency)
 
     def schedule_after(self, result, storages, started):
         """Set the next due time of the ``storages`` a cycle begun at
-        ``started`` served: the regular time, or, for those it failed, a
-        retry counted from the cycle's end (a long failing upload still
-        leaves a pause before the next attempt)."""
-        ended = self.clock.now()
+        ``started`` (wall, monotonic) served: the regular time, or, for those
+        whose upload failed, a retry counted from the cycle's end (a long
+        failing upload still leaves a pause before the next attempt). A
+        standby's skipped cycle keeps any back-off for when it leads again."""
+        ended = self.clock.monotonic()
         if result.outcome == "failed" and result.snapshot is None:
             failed = set(s.describe() for s in storages)      # before any upload: all of them
         else:
             failed = set(s.describe() for s, _ in result.failures)
         retries = []
         for storage in storages:
-            key = storage.describe()
+            key, frequency = storage.describe(), self._frequency(storage)
             self.last_start[key] = started
-            regular = self.next_time(started, self._frequency(storage))
+            regular = self._regular(started, frequency)
+            if result.outcome == "skipped":
+                self.due[key] = regular
+                continue
             if key not in failed or not self.cfg.retry_interval:
                 self.failed_runs.pop(key, None)
+                self.retry_at.pop(key, None)
                 self.due[key] = regular
                 continue
             runs = self.failed_runs[key] = self.failed_runs.get(key, 0) + 1
-            delay = self.cfg.retry_interval * 2 ** min(runs - 1, 20)
-            self.due[key] = min(regular, ended + datetime.timedelta(seconds=delay))
-            retries.append("%s at %s (%d failed in a row)" % (key, iso(self.due[key]), runs))
+            self.retry_at[key] = ended + self._backoff(runs, frequency)
+            (self.held.add if self.leading else self.held.discard)(key)
+            self.due[key] = min(regular, self.retry_at[key])
+            retries.append("%s at %s (%d failed in a row)" % (key, iso(self._wall(self.due[key])), runs))
         if retries:
             LOG.warning("Retrying %s", "; ".join(retries))
+        self._schedule_retention(result)
+
+    def _schedule_retention(self, result):
+        """Note the retentions that failed (retried on their own) and those
+        that ran again after an upload (done)."""
+        for storage, _ in result.stored:
+            self.retention_retry.pop(storage.describe(), None)
+        for storage, kept, _ in result.retention:
+            self._retention_failed(storage, kept)
+
+    def _retention_failed(self, storage, kept):
+        key = storage.describe()
+        entry = self.retention_retry.setdefault(key, [0.0, kept, 0])
+        entry[1], entry[2] = kept, entry[2] + 1
+        if not self.cfg.retry_interval:
+            self.retention_retry.pop(key)         # the next cycle's retention tries again
+            return
+        entry[0] = self.clock.monotonic() + self._backoff(entry[2], self._frequency(storage))
+        LOG.warning("Retrying the retention of %s at %s (%d failed in a row; no new snapshot "
+                    "is taken for it)", key, iso(self._wall(entry[0])), entry[2])
+
+    def retry_retentions(self):
+        """Run the retentions whose retry is due, on the leader only; False
+        when none was due."""
+        mono = self.clock.monotonic()
+        due = [s for s in self.storages
+               if s.describe() in self.retention_retry and self.retention_retry[s.describe()][0] <= mono]
+        if not due:
+            return False
+        try:
+            leader = self.vault.is_leader()
+        except AgentError as exc:
+            leader = None
+            LOG.warning("Retention retry: cannot ask sys/leader (%s)", _error_text(exc))
+        for storage in due:
+            kept = self.retention_retry[storage.describe()][1]
+            if leader is False:
+                self.retention_retry.pop(storage.describe())   # the new leader's agent does it
+                continue
+            error = _retain(storage, kept) if leader else "sys/leader did not answer"
+            self.status.record_retention(storage, error)
+            if error is None:
+                self.retention_retry.pop(storage.describe())
+            else:
+                self._retention_failed(storage, kept)
+        self.report()
+        return True
 
     # -- leader poll -----------------------------------------------------------
 
@@ -5128,8 +5303,9 @@ class Agent(object):
             self.report()
 
     def _wait_for(self, due):
-        """Sleep until ``due`` or the next leader poll, whichever is first."""
-        seconds = (due - self.clock.now()).total_seconds()
+        """Sleep until ``due`` (monotonic) or the next leader poll, whichever
+        is first."""
+        seconds = due - self.clock.monotonic()
         if self.next_poll is not None:
             seconds = min(seconds, self.next_poll - self.clock.monotonic())
         self.signals.wait(max(0.0, seconds))
@@ -5141,7 +5317,7 @@ class Agent(object):
         """The daemon loop; returns when a stop is requested."""
         self.plan()
         self._schedule_poll()
-        if self.next_poll is not None and min(self.due.values()) > self.clock.now():
+        if self.next_poll is not None and min(self.due.values()) > self.clock.monotonic():
             self.poll_leader(planned=True)    # no cycle now: is_leader known from start-up anyway
         if self.notifier:
             self.notifier.notify("READY=1", "STATUS=" + self.status.summary())
@@ -5157,19 +5333,23 @@ class Agent(object):
                 if self.notifier:
                     self.notifier.notify("READY=1", "STATUS=" + self.status.summary())
                 continue
-            now = self.clock.now()
-            next_due = min(self.due[s.describe()] for s in self.storages)
-            self.status.next_start = next_due
-            if now < next_due:
-                self._wait_for(next_due)
+            if self.retry_retentions():
                 continue
-            due = [s for s in self.storages if self.due[s.describe()] <= now]
+            started = (self.clock.now(), self.clock.monotonic())
+            next_due = min(self.due[s.describe()] for s in self.storages)
+            self.status.next_start = self._wall(next_due)
+            if started[1] < next_due:
+                self._wait_for(min([next_due] + [self.retention_retry[s.describe()][0]
+                                                 for s in self.storages
+                                                 if s.describe() in self.retention_retry]))
+                continue
+            due = [s for s in self.storages if self.due[s.describe()] <= started[1]]
             result = self.run_cycle(due)
             if result.outcome == "stopped":
                 break
-            self.schedule_after(result, due, now)
+            self.schedule_after(result, due, started)
             self._schedule_poll()         # the cycle just checked leadership
-            self.status.next_start = min(self.due[s.describe()] for s in self.storages)
+            self.status.next_start = self._wall(min(self.due[s.describe()] for s in self.storages))
             self.report()
         if self.notifier:
             self.notifier.notify("STOPPING=1")
@@ -5193,6 +5373,37 @@ class Agent(object):
             self.notifier.notify("STATUS=" + self.status.summary())
 
     # -- one cycle ---------------------------------------------------------------
+
+    def _staging_dirs(self, storages):
+        """Where to stage the download, best first: ``temp_dir``, else each
+        storage's own directory (a local storage: then storing it there is a
+        hard link) and the system temp dir. A directory this process cannot
+        write, or whose free space is below the last snapshot's size, goes
+        last: a full local disk must not stop the other storages."""
+        if self.cfg.temp_dir:
+            return [self.cfg.temp_dir]
+        candidates = []
+        for directory in [s.staging_dir() for s in storages] + [_default_temp_dir()]:
+            if directory and directory not in candidates:
+                candidates.append(directory)
+        need = (self.status.last_snapshot or {}).get("size") or 0
+        return sorted(candidates, key=lambda d: not _can_stage(d, need))
+
+    def _download(self, vault, directories):
+        """Stream and verify the snapshot into the first directory that can
+        take it; a disk error there moves on to the next one (a new request)."""
+        for position, directory in enumerate(directories):
+            resp = vault.open_snapshot()
+            try:
+                return stream_snapshot(resp, directory, self.signals,
+                                       Progress("Downloading snapshot", None, self.clock))
+            except StagingError as exc:
+                if position == len(directories) - 1:
+                    raise
+                LOG.warning("%s; staging in %s instead", exc, directories[position + 1])
+            finally:
+                resp.close()
+        raise SnapshotError("no staging directory")     # pragma: no cover (the loop returns or raises)
 
     def _store_everywhere(self, storages, info, name):
         """Store in every storage at once (one slow store does not hold up the
@@ -5250,23 +5461,20 @@ class Agent(object):
 
     def _cycle(self, storages):
         vault = self.vault
+        self.leading = False
         if not vault.is_leader():
             raise NotLeader("sys/leader: is_self is false")
+        self.leading = True
         vault.ensure_token()
-        for storage in storages:
-            storage.prepare()
+        storages, unprepared = _prepared(storages)
+        if not storages:
+            return CycleResult("failed", None, [], ["%s: %s" % (s.describe(), e) for s, e in unprepared],
+                               unprepared)
         if not vault.is_leader():      # re-checked right before the snapshot
             raise NotLeader("leadership moved during login")
-        directory = self.cfg.temp_dir or next(
-            (s.staging_dir() for s in storages if s.staging_dir()), None) or _default_temp_dir()
         name = snapshot_name(self.clock.now())
         started = self.clock.monotonic()
-        resp = vault.open_snapshot()
-        try:
-            info = stream_snapshot(resp, directory, self.signals,
-                                   Progress("Downloading snapshot", None, self.clock))
-        finally:
-            resp.close()
+        info = self._download(vault, self._staging_dirs(storages))
         elapsed = max(self.clock.monotonic() - started, 1e-6)
         LOG.info("Snapshot verified: %s, Raft index %s term %s, sha256 %s, downloaded in %s (%s/s)",
                  format_size(info.size), info.index, info.term, info.sha256[:16],
@@ -5275,20 +5483,24 @@ class Agent(object):
             results = self._store_everywhere(storages, info, name)
         finally:
             _unlink_quietly(info.path)
-        stored = [(s, name) for s, (ok, _) in results if ok]
-        failures = [(s, error) for s, (_, error) in results if error is not None]
-        errors = ["%s: %s" % (s.describe(), e) for s, e in failures]
+        stored = [(s, named) for s, (named, _, _) in results if named]
+        failures = unprepared + [(s, error) for s, (_, error, _) in results if error is not None]
+        retention = [(s, named, error) for s, (named, _, error) in results if error is not None]
+        errors = ["%s: %s" % (s.describe(), e) for s, e in failures] + [
+            "%s: retention: %s" % (s.describe(), e) for s, _, e in retention]
         outcome = "stored" if not failures else ("partial" if stored else "failed")
-        return CycleResult(outcome, info, stored, errors, failures)
+        return CycleResult(outcome, info, stored, errors, failures, retention)
 
 
 def _store_one(storage, info, name):
-    """Upload to one storage, then apply its retention. Returns (stored?,
-    error text or None); raises Stopped. Any other failure stays in this
-    storage: one storage failing never stops the others."""
+    """Upload to one storage, then apply its retention. Returns (stored name
+    or None, upload error or None, retention error or None); raises Stopped.
+    Any other failure stays in this storage: one storage failing never
+    stops the others. A name another agent took in the same millisecond
+    (NameClash) is never overwritten: the next free millisecond is used."""
     progress = Progress("Uploading to %s" % storage.describe(), info.size, storage.clock)
     try:
-        location = storage.upload(info, name, progress)
+        location, name = _upload_named(storage, info, name, progress)
     except Stopped:
         raise
     except Exception as exc:
@@ -5297,14 +5509,63 @@ def _store_one(storage, info, name):
         if not isinstance(exc, AgentError):
             LOG.debug("Traceback", exc_info=True)
         LOG.error("Storing snapshot in %s failed: %s", storage.describe(), _error_text(exc))
-        return False, _error_text(exc)
+        return None, _error_text(exc), None
     LOG.info("Successfully created %s snapshot to %s", storage.kind, location)
+    return name, None, _retain(storage, name)
+
+
+def _upload_named(storage, info, name, progress, attempts=3):
+    """storage.upload() under ``name``, or under the next free millisecond
+    when the storage says the name is taken; returns (location, name)."""
+    for attempt in range(attempts):
+        try:
+            return storage.upload(info, name, progress), name
+        except NameClash as exc:
+            if attempt == attempts - 1:
+                raise
+            taken, name = name, snapshot_name(parse_snapshot_name(name) + datetime.timedelta(milliseconds=1))
+            LOG.warning("%s (another agent wrote %s at the same moment); storing as %s",
+                        exc, taken, name)
+    raise StorageError("no free snapshot name")      # pragma: no cover (the loop returns or raises)
+
+
+def _retain(storage, keep):
+    """apply_retention, its failure as a text (logged) instead of raised."""
     try:
-        apply_retention(storage, keep=name, now=storage.clock.now())
+        apply_retention(storage, keep=keep, now=storage.clock.now())
+    except Stopped:
+        raise
     except AgentError as exc:
         LOG.error("Retention on %s failed: %s", storage.describe(), _error_text(exc))
-        return True, "retention: %s" % _error_text(exc)
-    return True, None
+        return _error_text(exc)
+    return None
+
+
+def _prepared(storages):
+    """(storages whose prepare() worked, [(storage, error)] for the others):
+    one storage's directory or credentials failing never stops the rest."""
+    ready, failed = [], []
+    for storage in storages:
+        try:
+            storage.prepare()
+            ready.append(storage)
+        except Stopped:
+            raise
+        except AgentError as exc:
+            LOG.error("Preparing %s failed: %s", storage.describe(), _error_text(exc))
+            failed.append((storage, _error_text(exc)))
+    return ready, failed
+
+
+def _can_stage(directory, need):
+    """Whether ``directory`` is writable here with ``need`` bytes free."""
+    try:
+        if not os.access(directory, os.W_OK | os.X_OK):
+            return False
+        fs = os.statvfs(directory)
+    except (OSError, AttributeError):
+        return os.path.isdir(directory)
+    return fs.f_bavail * fs.f_frsize >= need
 
 
 def _default_temp_dir():
@@ -5619,7 +5880,8 @@ def _run_agent(args, cfg, storages, runtime):
         if args.once:
             result = agent.run_cycle()
             agent.report()
-            return EXIT_OK if result.outcome in ("stored", "skipped", "stopped") else EXIT_FAILED
+            ok = result.outcome in ("stored", "skipped", "stopped") and not result.retention
+            return EXIT_OK if ok else EXIT_FAILED
         agent.run_forever()
         return EXIT_OK
     except ConfigError as exc:

@@ -143,7 +143,7 @@ def test_the_schedule_ignores_far_future_names_and_warns(tmp_path):
     with captured_log() as stream:
         agent.plan()
     # Due one frequency after the newest REAL snapshot: in 30 minutes, not in 2099.
-    assert agent.due[agent.storages[0].describe()] == now + 30 * MINUTE
+    assert agent.due_at(agent.storages[0]) == now + 30 * MINUTE
     log = stream.getvalue()
     for name in PLANTED:
         assert future_warnings(log, name), "no 'in the future' warning for %s:\n%s" % (name, log)
@@ -160,7 +160,7 @@ def test_five_minutes_of_clock_skew_are_tolerated_more_is_the_future(tmp_path):
     with captured_log() as stream:
         agent.plan()
     # 2 minutes ahead (another host's clock) is a snapshot; 10 minutes ahead is not.
-    assert agent.due[agent.storages[0].describe()] == now + 2 * MINUTE + HOUR
+    assert agent.due_at(agent.storages[0]) == now + 2 * MINUTE + HOUR
     log = stream.getvalue()
     assert future_warnings(log, future), log
     assert not future_warnings(log, skewed), log
