@@ -1216,8 +1216,9 @@ class Section(object):
             raise self.error(key, "must be true or false, got %s" % _json_type(value))
         return value
 
-    def duration(self, key, default, minimum=0.0, maximum=10 * 365 * 86400.0):
-        """Seconds from a Go duration string; ``default`` is a string or seconds."""
+    def duration(self, key, default, minimum=0.0, maximum=10 * 365 * 86400.0, zero_off=False):
+        """Seconds from a Go duration string; ``default`` is a string or seconds.
+        With ``zero_off``, 0 (off) is allowed below ``minimum``."""
         value, _ = self._value(key)
         if value is None:
             if not isinstance(default, str):
@@ -1231,8 +1232,9 @@ class Section(object):
         except ValueError:
             raise self.error(key, "invalid duration %r (use Go syntax: 30s, 15m, 1h30m, 500ms)"
                              % value) from None
-        if seconds < minimum:
-            raise self.error(key, "must be at least %s, got %r" % (format_duration(minimum), value))
+        if seconds < minimum and not (zero_off and seconds == 0):
+            raise self.error(key, "must be at least %s%s, got %r" % (
+                format_duration(minimum), " (or 0s: off)" if zero_off else "", value))
         if not seconds <= maximum:
             raise self.error(key, "must be at most %s, got %r" % (format_duration(maximum), value))
         return seconds
@@ -1306,7 +1308,8 @@ _READERS = {
     "int": lambda s, n, k, d: s.integer(n, d, k.options.get("minimum", 0),
                                         k.options.get("maximum", 1000000)),
     "bool": lambda s, n, k, d: s.boolean(n, d, k.env),
-    "duration": lambda s, n, k, d: s.duration(n, d, k.options.get("minimum", 0.0)),
+    "duration": lambda s, n, k, d: s.duration(n, d, k.options.get("minimum", 0.0),
+                                              zero_off=k.options.get("zero_off", False)),
     "url": lambda s, n, k, d: s.url(n, d, k.env),
     "size": lambda s, n, k, d: s.size(n, d),
     "proxy": lambda s, n, k, d: s.proxy(n, k.env),
@@ -1378,14 +1381,14 @@ TOP_KEYS = (
             "(`\"500MB\"`, `\"20GiB\"`, bytes); the one just written is always kept; `0`: no cap"),
     Key("jitter", "duration", "0s",
         doc="add a random delay up to this to every scheduled time, so a fleet spreads out"),
-    Key("retry_interval", "duration", DEFAULT_RETRY_INTERVAL,
+    Key("retry_interval", "duration", DEFAULT_RETRY_INTERVAL, minimum=1.0, zero_off=True,
         doc="after a failed cycle, try the failed storages again this much later, doubling each "
-            "time, never later than their regular time; `0s`: wait for the regular time (the Go "
-            "agent's behaviour)"),
-    Key("leader_poll", "duration", DEFAULT_LEADER_POLL,
+            "time, never later than their regular time; minimum `1s`; `0s`: wait for the regular "
+            "time (the Go agent's behaviour)"),
+    Key("leader_poll", "duration", DEFAULT_LEADER_POLL, minimum=1.0, zero_off=True,
         doc="between cycles, ask the unauthenticated `sys/leader` this often (plus up to 10% jitter) "
             "whether this node became the leader, so a new leader takes the due snapshot within "
-            "about this time of a failover; `0s`: only each cycle checks"),
+            "about this time of a failover; minimum `1s`; `0s`: only each cycle checks"),
     Key("align", "bool", False,
         doc="round scheduled times up to whole multiples of the frequency (UTC): `1h` runs at :00"),
     Key("timeout", "duration", DEFAULT_API_TIMEOUT, minimum=1.0,
@@ -1519,9 +1522,12 @@ def load_config(path, env=None):
     except (IOError, OSError) as exc:
         raise ConfigError("config file %s: cannot read: %s" % (path, exc.strerror or exc)) from exc
     try:
-        raw = json.loads(data.decode("utf-8"))
+        raw = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
     except UnicodeDecodeError:
         raise ConfigError("config file %s: not UTF-8 text" % path) from None
+    except _DuplicateKey as exc:
+        raise ConfigError("config file %s: key %r appears twice in one object; keep one (which "
+                          "one was meant is not guessed)" % (path, printable(exc.args[0], 80))) from None
     except ValueError as exc:
         raise ConfigError("config file %s: invalid JSON: %s" % (path, exc)) from exc
     except RecursionError:
@@ -1540,6 +1546,21 @@ def load_config(path, env=None):
             except OSError:
                 pass
     return cfg
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    """A JSON object as a dict, refusing a key given twice (Python keeps the
+    last silently; Go's encoding/json v2 refuses it too)."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
 
 
 SECRET_KEY_NAMES = ("secret_id", "token", "secret_access_key", "session_token", "account_key",
@@ -1622,7 +1643,7 @@ def _check_outputs(top, cfg):
     """metrics_address parses to a bind address; output files have a directory."""
     if cfg.metrics_address is not None:
         host, _, port = cfg.metrics_address.rpartition(":")
-        if not port.isdigit() or not 0 < int(port) < 65536:
+        if not re.match(r"\A[0-9]{1,5}\Z", port) or not 0 < int(port) < 65536:
             raise top.error("metrics_address", "must be host:port, e.g. 127.0.0.1:9469, got %r"
                             % cfg.metrics_address)
         cfg.metrics_bind = (host.strip("[]") or "127.0.0.1", int(port))
@@ -5099,8 +5120,10 @@ class Agent(object):
     def reload(self):
         try:
             cfg, storages = self.loader(self.runtime)
-        except ConfigError as exc:
-            LOG.error("Config reload failed, keeping the running config: %s", exc)
+        except Exception as exc:       # whatever the new file does, the running config stays
+            LOG.error("Config reload failed, keeping the running config: %s", exc
+                      if isinstance(exc, ConfigError) else "%s: %s" % (type(exc).__name__, exc))
+            LOG.debug("Traceback", exc_info=True)
             return False
         for warning in cfg.warnings:
             LOG.warning("%s", warning)
@@ -5618,9 +5641,10 @@ def pick_storages(storages, wanted):
 
 def fetch_snapshot(storages, name, directory, output=None, now=None):
     """Download ``name`` (or the newest, for 'latest', ignoring names dated
-    in the future) from the first storage that has it, verify it, and move it
-    to ``output`` (or ``directory/name``). Returns (SnapshotInfo, storage).
-    Nothing unverified is left behind."""
+    in the future), verify it, and move it to ``output`` (or
+    ``directory/name``). Returns (SnapshotInfo, storage). A copy that is
+    damaged or gone is named in a WARNING and the next storage listing the
+    same name is tried. Nothing unverified is left behind."""
     found, errors = list_snapshots(storages)
     for line in errors:
         LOG.error("Listing failed: %s", line)
@@ -5628,17 +5652,31 @@ def fetch_snapshot(storages, name, directory, output=None, now=None):
         usable = set(id(r) for r in without_future([r for _, r in found], now or Clock().now(),
                                                    "the storages"))
         found = [(s, r) for s, r in found if id(r) in usable]
-    candidates = [(s, r) for s, r in found if name == "latest" or r.name == name]
+        name = found[0][1].name if found else name
+    candidates = [(s, r) for s, r in found if r.name == name]
     if not candidates:
         raise StorageError("snapshot %s not found in %s" % (
             name, ", ".join(s.describe() for s in storages)))
-    storage, ref = candidates[0]
-    final = output or os.path.join(directory, ref.name)
+    failed = []
+    for storage, ref in candidates:
+        try:
+            return _fetch_copy(storage, ref, output or os.path.join(directory, ref.name)), storage
+        except (StorageError, SnapshotError) as exc:
+            failed.append("%s: %s" % (storage.describe(), _error_text(exc)))
+            LOG.warning("The copy of %s in %s is damaged or missing: %s%s", ref.name,
+                        storage.describe(), _error_text(exc),
+                        "; trying the next storage" if len(failed) < len(candidates) else "")
+    raise StorageError("no intact copy of %s: %s" % (name, "; ".join(failed)))
+
+
+def _fetch_copy(storage, ref, final):
+    """Download ``ref`` from ``storage`` next to ``final``, verify it and
+    rename it there; returns SnapshotInfo. Raises with nothing left behind."""
     temp = os.path.join(os.path.dirname(os.path.abspath(final)), temp_name())
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
-        raise StorageError("cannot create a file next to %s: %s" % (final, exc.strerror)) from exc
+        raise AgentError("cannot create a file next to %s: %s" % (final, exc.strerror)) from exc
     try:
         with os.fdopen(fd, "wb") as sink:
             storage.download(ref.name, sink)
@@ -5648,11 +5686,11 @@ def fetch_snapshot(storages, name, directory, output=None, now=None):
         os.rename(temp, final)
     except OSError as exc:          # the local disk: full, a directory in the way...
         _unlink_quietly(temp)
-        raise StorageError("cannot write %s: %s" % (final, exc.strerror or exc)) from exc
+        raise AgentError("cannot write %s: %s" % (final, exc.strerror or exc)) from exc
     except BaseException:
         _unlink_quietly(temp)
         raise
-    return info._replace(path=final), storage
+    return info._replace(path=final)
 
 
 def cmd_list(storages, out):
@@ -5697,9 +5735,11 @@ def cmd_restore(cfg, storages, target, force, out, env=None):
             temp_dir = tempfile.mkdtemp(prefix="vault-snapshot-restore-")
         except OSError as exc:
             raise SnapshotError("cannot create a temporary directory: %s" % exc.strerror) from exc
-        info, storage = fetch_snapshot(storages, target, temp_dir)
-        LOG.info("Downloaded and verified %s from %s", os.path.basename(info.path), storage.describe())
     try:
+        if temp_dir:
+            info, storage = fetch_snapshot(storages, target, temp_dir)
+            LOG.info("Downloaded and verified %s from %s", os.path.basename(info.path),
+                     storage.describe())
         vault = VaultClient(cfg)
         token = next((env[v].strip() for v in _env_names("TOKEN") if env.get(v, "").strip()), None)
         if token:
@@ -5710,8 +5750,8 @@ def cmd_restore(cfg, storages, target, force, out, env=None):
         vault.restore(info.path, info.size, force)
     finally:
         if temp_dir:
-            _unlink_quietly(info.path)
-            os.rmdir(temp_dir)
+            import shutil
+            shutil.rmtree(temp_dir, ignore_errors=True)
     out.write("Restored %s (Raft index %s term %s) into %s%s\n" % (
         info.path if not temp_dir else os.path.basename(info.path), info.index, info.term, cfg.addr,
         " (forced)" if force else ""))
@@ -5787,9 +5827,19 @@ def _parser():
 
 
 def load_all(path, runtime):
-    """Config and storages from ``path``; ConfigError on any problem."""
-    cfg = load_config(path, runtime.env)
-    return cfg, build_storages(cfg, runtime)
+    """Config and storages from ``path``; ConfigError on any problem. Any
+    other exception while reading a file the user wrote (a value no check
+    foresaw) is a ConfigError too: at start that is exit 2 with one line, on
+    SIGHUP the running config stays."""
+    try:
+        cfg = load_config(path, runtime.env)
+        return cfg, build_storages(cfg, runtime)
+    except (ConfigError, Stopped):
+        raise
+    except Exception as exc:
+        LOG.debug("Traceback", exc_info=True)
+        raise ConfigError("config file %s: cannot be used (%s: %s)" % (
+            path, type(exc).__name__, printable(one_line(exc), 200))) from None
 
 
 def main(argv=None, stream=None):
