@@ -162,6 +162,19 @@ CASES = [
     ("file-deeply-nested", b"[" * 100000 + b"]" * 100000, "config file"),
     ("file-deeply-nested-value", b'{"addr": ' + b"[" * 100000 + b"]" * 100000 + b"}",
      "config file"),
+    # A key given twice: Python's json keeps the last silently (retain 100, then 1).
+    ("file-duplicate-key", b'{"addr": "http://127.0.0.1:8200", "role_id": "r", "secret_id": "s", '
+     b'"retain": 100, "local_storage": {"path": "/tmp"}, "retain": 1}', "retain"),
+    ("file-duplicate-block", b'{"addr": "http://127.0.0.1:8200", "role_id": "r", "secret_id": "s", '
+     b'"local_storage": {"path": "/tmp/a"}, "local_storage": {"path": "/tmp/b"}}', "local_storage"),
+    ("file-duplicate-nested-key", b'{"addr": "http://127.0.0.1:8200", "role_id": "r", '
+     b'"secret_id": "s", "local_storage": {"path": "/tmp/a", "path": "/tmp/b"}}', "path"),
+    # Values no check foresaw: each once escaped as a traceback (or killed a reload).
+    ("file-lone-surrogate-path", b'{"addr": "http://127.0.0.1:8200", "role_id": "r", '
+     b'"secret_id": "s", "local_storage": {"path": "/tmp/\\ud800x"}}', "config file"),
+    ("file-unknown-key-nested-deep", b'{"addr": "http://127.0.0.1:8200", "role_id": "r", '
+     b'"secret_id": "s", "local_storage": {"path": "/tmp"}, "x": ' + b'{"a": ' * 1200 + b'1'
+     + b'}' * 1200 + b'}', "config file"),
     # -- addr ------------------------------------------------------------------------
     ("addr-number", cfg(addr=8200), "addr"),
     ("addr-list", cfg(addr=["http://127.0.0.1:8200"]), "addr"),
@@ -196,6 +209,9 @@ CASES = [
     ("retry-interval-word", cfg(retry_interval="soon"), "retry_interval"),
     ("retry-interval-number", cfg(retry_interval=60), "retry_interval"),
     ("retry-interval-negative", cfg(retry_interval="-1m"), "retry_interval"),
+    ("retry-interval-1ms", cfg(retry_interval="1ms"), "retry_interval"),
+    ("leader-poll-1ms", cfg(leader_poll="1ms"), "leader_poll"),
+    ("metrics-address-superscript-port", cfg(metrics_address="127.0.0.1:\u00b2"), "metrics_address"),
     ("temp-dir-missing", cfg(temp_dir="@MISSING@"), "temp_dir"),
     ("temp-dir-is-file", cfg(temp_dir="@FILE@"), "temp_dir"),
     ("temp-dir-number", cfg(temp_dir=5), "temp_dir"),
