@@ -504,8 +504,9 @@ class FakeClock(object):
 
     ``FakeClock(at, monotonic)`` starts at the aware datetime ``at`` (default:
     the real time now, in UTC) with ``monotonic()`` reading ``monotonic``
-    (default 0.0).  Wall time is always ``at`` plus the monotonic seconds
-    elapsed since then, so the two never drift apart.
+    (default 0.0).  Wall time is ``at`` plus the monotonic seconds elapsed
+    since then, so the two move together, unless ``step_wall()`` steps the
+    wall clock alone (as NTP or an operator does).
     """
 
     def __init__(self, at=None, monotonic=0.0):
@@ -530,6 +531,13 @@ class FakeClock(object):
             raise ValueError("a FakeClock does not go backwards (%r)" % (seconds,))
         self._mono += seconds
         return self._mono
+
+    def step_wall(self, seconds):
+        """Step the wall clock alone by ``seconds`` (a number or a timedelta;
+        negative: back), as an NTP correction does; ``monotonic()`` does not
+        move.  Returns the new ``now()``."""
+        self._epoch += datetime.timedelta(seconds=_seconds(seconds))
+        return self.now()
 
     sleep = advance
 
