@@ -22,18 +22,17 @@ import datetime
 import io
 import json
 import os
-import re
-import urllib.parse
+
+import pytest
 
 import vault_snapshot_agent as vsa
-from fake_endpoints import Endpoint
+from fake_s3 import BUCKET, FakeS3
 from harness import FakeSignals, captured_log
 
 UTC = vsa.UTC
 DAY = datetime.timedelta(days=1)
 HOUR = datetime.timedelta(hours=1)
 NOW = datetime.datetime(2026, 6, 1, 12, 0, 0, tzinfo=UTC)
-BUCKET = "snapshots"
 PREFIX = "raft_snapshots"
 
 
@@ -144,6 +143,22 @@ def test_a_forward_clock_jump_does_not_delete_the_history_as_old(tmp_path):
     assert on_disk(store) == sorted(history + [wild, name(corrected)]), log
 
 
+@pytest.mark.xfail(strict=True, reason="age_reference() compares the new snapshot only with the "
+                   "one before it: once a wild-dated snapshot exists, the next cycle with the "
+                   "clock still ahead counts from it and deletes the real history")
+def test_a_clock_that_stays_ahead_for_a_second_cycle_does_not_delete_the_history(tmp_path):
+    history = [name(NOW - d * DAY) for d in range(30)]
+    store = local_store(tmp_path / "snaps", retain_days=30)
+    plant(store.path, history)
+    jumped = NOW + 400 * DAY + HOUR
+    for cycle in range(2):                                    # hourly, the clock still ahead
+        when = jumped + cycle * HOUR
+        plant(store.path, [name(when)])
+        deleted, log = retain(store, name(when), when)
+        assert deleted == [], (cycle, log)
+    assert len(on_disk(store)) == 32
+
+
 # -- the floor ------------------------------------------------------------------
 
 
@@ -174,74 +189,10 @@ def test_age_and_size_rules_leave_two_snapshots_an_explicit_retain_may_leave_one
 # -- s3_static_snapshot_name ---------------------------------------------------
 
 
-class FakeS3(Endpoint):
-    """A path-style S3 bucket in memory (``objects``: key -> bytes): PUT,
-    GET of an object, ListObjectsV2, DeleteObjects. Every request is
-    recorded in ``requests`` (fake_endpoints.Endpoint)."""
-
-    def __init__(self, objects=None, put_status=200):
-        Endpoint.__init__(self)
-        self.objects = dict(objects or {})
-        self.put_status = put_status
-
-    def respond(self, request):
-        parts = urllib.parse.urlsplit(request.path)
-        query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-        bucket, _, key = urllib.parse.unquote(parts.path).lstrip("/").partition("/")
-        if bucket != BUCKET:
-            return 404, {}, b"<Error><Code>NoSuchBucket</Code></Error>"
-        if request.method == "PUT" and key:
-            if self.put_status != 200:
-                return self.put_status, {"Content-Type": "application/xml"}, (
-                    "<Error><Code>AccessDenied</Code><Message>fake S3 refuses PUT</Message></Error>")
-            with self.lock:
-                self.objects[key] = request.body
-            return 200, {"ETag": '"e"'}, b""
-        if request.method == "GET" and not key and query.get("list-type") == "2":
-            return self._list(query.get("prefix", ""))
-        if request.method == "GET" and key:
-            if key not in self.objects:
-                return 404, {}, b"<Error><Code>NoSuchKey</Code></Error>"
-            return 200, {"Content-Type": "application/octet-stream"}, self.objects[key]
-        if request.method == "POST" and "delete" in query:
-            return self._delete(request.body.decode("utf-8"))
-        return 400, {}, b"<Error><Code>NotImplemented</Code></Error>"
-
-    def _list(self, prefix):
-        with self.lock:
-            keys = sorted(k for k in self.objects if k.startswith(prefix))
-            items = "".join("<Contents><Key>%s</Key><Size>%d</Size></Contents>"
-                            % (k, len(self.objects[k])) for k in keys)
-        return 200, {"Content-Type": "application/xml"}, (
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>"
-            "<ListBucketResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Name>%s</Name>"
-            "<Prefix>%s</Prefix><KeyCount>%d</KeyCount><IsTruncated>false</IsTruncated>%s"
-            "</ListBucketResult>" % (BUCKET, prefix, len(keys), items))
-
-    def _delete(self, body):
-        keys = re.findall(r"<Key>([^<]*)</Key>", body)
-        with self.lock:
-            for key in keys:
-                self.objects.pop(key, None)
-        return 200, {"Content-Type": "application/xml"}, (
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><DeleteResult></DeleteResult>")
-
-    def deletes(self):
-        with self.lock:
-            return [r for r in self.requests if r.method == "POST" and "delete" in r.path]
-
-    def paths(self, method):
-        with self.lock:
-            return [urllib.parse.unquote(r.path.split("?", 1)[0]) for r in self.requests
-                    if r.method == method]
-
-
 def s3_storage(tmp_path, s3, **block):
     """The aws_storage block's storage, built by load_all() as the agent does."""
     config = {"addr": "http://127.0.0.1:1", "role_id": "r", "secret_id": "s",
-              "aws_storage": dict({"access_key_id": "AKIDFAKES3TEST", "secret_access_key": "fake",
-                                   "s3_endpoint": s3.url, "s3_region": "us-east-1",
-                                   "s3_bucket": BUCKET, "s3_key_prefix": PREFIX}, **block)}
+              "aws_storage": s3.storage_block(s3_key_prefix=PREFIX, **block)}
     path = tmp_path / "c.json"
     path.write_text(json.dumps(config))
     runtime = vsa.Runtime({}, vsa.Clock(), FakeSignals())
