@@ -5036,7 +5036,7 @@ def _metrics_listener(bind):
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-        sock.listen(METRICS_MAX_CLIENTS)
+        sock.listen(128)                # waiting costs no thread; the cap applies on accept
     except OSError:
         sock.close()
         raise
@@ -5078,39 +5078,43 @@ class MetricsServer(object):
         return "%s:%d" % ("[%s]" % host if ":" in host else host, port)
 
     def rebind(self, bind):
-        """Serve on ``bind`` from now on; None when it does, else the error line
-        (and the old address serves on). The same port on another host is
-        freed first, then taken back if the new bind fails."""
+        """Serve on ``bind`` from now on: None when it does, else the error line
+        (the old address serves on). When the new address needs our own port
+        (another host name for it), the old listener is closed first and
+        taken back if the new bind fails."""
         old = self.where()
         try:
             listener = _metrics_listener(bind)
         except OSError as exc:
-            if exc.errno != errno.EADDRINUSE or bind[1] != self.address[1]:
-                return _listen_error(bind, exc) + "; still serving on " + old
-            listener = self._swap_same_port(bind, exc)
-            if listener is None:
-                return _listen_error(bind, exc) + "; still serving on " + old
+            if exc.errno == errno.EADDRINUSE and bind[1] == self.address[1]:
+                return self._swap_same_port(bind, old)
+            return _listen_error(bind, exc) + "; still serving on " + old
+        self._switch(listener, bind, old)
+        return None
+
+    def _switch(self, listener, bind, old):
         self.loop.stop()
         self._start(listener)
         self.requested = bind
         LOG.info("Serving Prometheus metrics on http://%s/metrics (was %s)", self.where(), old)
-        return None
 
-    def _swap_same_port(self, bind, first_error):
-        """Stop the loop to free our port and bind ``bind``; on failure, bind
-        the old address again. The new listener, or None."""
+    def _swap_same_port(self, bind, old):
         previous = self.address
         self.loop.stop()
-        for address in (bind, previous):
+        try:
+            listener = _metrics_listener(bind)
+        except OSError as exc:
+            error = _listen_error(bind, exc)
             try:
-                listener = _metrics_listener(address)
+                self._start(_metrics_listener(previous))
             except OSError:
-                continue
-            if address == previous:
-                self._start(listener)
-                return None
-            return listener
-        raise ConfigError(_listen_error(previous, first_error) + "; metrics are off")
+                return error + "; the old address is lost too: no metrics until a reload"
+            return error + "; still serving on " + old
+        self._switch(listener, bind, old)
+        return None
+
+    def serving(self):
+        return self.loop.thread.is_alive()
 
     def close(self):
         self.loop.stop()
@@ -5119,21 +5123,22 @@ class MetricsServer(object):
 def follow_metrics_address(server, cfg, status):
     """After a reload: the metrics server for ``cfg.metrics_address`` (None
     when unset), made by rebinding, starting or closing ``server``. A bind
-    that fails is logged and keeps the old server."""
+    that fails is logged, and the old address serves on."""
     bind = getattr(cfg, "metrics_bind", None) if cfg.metrics_address else None
     if server is not None and bind is None:
         server.close()
         LOG.info("Metrics server stopped: metrics_address removed")
         return None
-    try:
-        if server is None:
+    if server is None:
+        try:
             return MetricsServer(bind, status) if bind else None
-        if bind != server.requested:
-            error = server.rebind(bind)
-            if error:
-                LOG.error("%s", error)
-    except ConfigError as exc:
-        LOG.error("%s", exc)
+        except ConfigError as exc:
+            LOG.error("%s", exc)
+            return None
+    if bind != server.requested or not server.serving():
+        error = server.rebind(bind)
+        if error:
+            LOG.error("%s", error)
     return server
 
 
