@@ -4922,65 +4922,315 @@ def _parse_iso(text):
     return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) if text else None
 
 
-METRICS_CLIENT_TIMEOUT = 10.0       # seconds a scraper may stay silent before it is dropped
+METRICS_HEADER_TIMEOUT = 5.0   # seconds a client has, in all, to send its request line and headers
+METRICS_MAX_CLIENTS = 16       # connections served at once; beyond, the oldest is closed
+METRICS_MAX_LINE = 8192        # bytes of request line (414 beyond)
+METRICS_MAX_HEAD = 16384       # bytes of request line and headers (431 beyond)
+
+_HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                 414: "URI Too Long", 431: "Request Header Fields Too Large",
+                 500: "Internal Server Error"}
+
+
+def _http_answer(code, body, content_type="text/plain; charset=utf-8", head_only=False, extra=()):
+    """A whole HTTP/1.1 response, ``Connection: close``."""
+    lines = ["HTTP/1.1 %d %s" % (code, _HTTP_REASONS[code]), "Content-Type: " + content_type,
+             "Content-Length: %d" % len(body), "Connection: close"] + list(extra)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
+
+
+def metrics_answer(head, render):
+    """The bytes answering a request whose line and headers are ``head``:
+    ``GET`` (or ``HEAD``) of ``/metrics`` or ``/`` gets ``render()``."""
+    parts = head.split(b"\n", 1)[0].split()
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
+        return _http_answer(400, b"Bad request\n")
+    method, target = parts[0], parts[1]
+    if method not in (b"GET", b"HEAD"):
+        return _http_answer(405, b"Only GET\n", extra=("Allow: GET, HEAD",))
+    if target.split(b"?")[0] not in (b"/metrics", b"/"):
+        return _http_answer(404, b"Not found: the metrics are at /metrics\n")
+    try:
+        body = render().encode("utf-8")
+    except Exception as exc:           # a bug: the scraper sees 500, the journal one line
+        LOG.error("Metrics: rendering failed with %s: %s", type(exc).__name__, exc)
+        return _http_answer(500, b"Internal error\n")
+    return _http_answer(200, body, "text/plain; version=0.0.4; charset=utf-8",
+                        head_only=method == b"HEAD")
+
+
+def _line_too_long(received):
+    newline = received.find(b"\n")
+    return newline > METRICS_MAX_LINE or (newline < 0 and len(received) > METRICS_MAX_LINE)
+
+
+class _MetricsClient(object):
+    """One connection: ``head`` while its request comes in, ``answer`` while
+    the reply goes out, ``drain`` while its last bytes are read and dropped
+    before the close (so a close does not reset the reply away)."""
+
+    def __init__(self, sock, deadline):
+        self.sock, self.deadline = sock, deadline
+        self.state, self.received, self.pending = "head", b"", b""
+
+    def take(self, data, render):
+        """Add received bytes; the answer once it is known (else None)."""
+        self.received += data
+        if _line_too_long(self.received):
+            return _http_answer(414, b"Request line too long\n")
+        ends = [i for i in (self.received.find(b"\r\n\r\n"), self.received.find(b"\n\n"))
+                if 0 <= i <= METRICS_MAX_HEAD]
+        if ends:
+            return metrics_answer(self.received[:min(ends)], render)
+        if len(self.received) > METRICS_MAX_HEAD:
+            return _http_answer(431, b"Request headers too long\n")
+        return None
+
+
+class _MetricsLoop(object):
+    """The metrics server's one thread: a selector over the listener, a wake-up
+    socket and at most ``max_clients`` connections. Every connection has a
+    deadline (``timeout`` seconds, in all, for its request line and headers,
+    as long again to take the reply); a new connection beyond the cap closes
+    the oldest, so trickling clients cost neither threads nor scrapes."""
+
+    def __init__(self, listener, render, clock, timeout, max_clients):
+        import selectors
+        self.events = selectors
+        self.listener, self.render, self.clock = listener, render, clock
+        self.timeout, self.max_clients = timeout, max_clients
+        self.clients = collections.OrderedDict()      # socket -> _MetricsClient, oldest first
+        self.stopping = False
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        for sock in (listener, self.wake_r):
+            sock.setblocking(False)
+            self.selector.register(sock, selectors.EVENT_READ)
+        self.thread = threading.Thread(target=self.run, name="metrics")
+        self.thread.daemon = True
+        self.thread.start()
+
+    def run(self):
+        try:
+            while not self.stopping:
+                accept = False
+                for key, _ in self.selector.select(self._wait()):
+                    if key.fileobj is self.listener:
+                        accept = True
+                    elif key.fileobj is self.wake_r:
+                        self._woken()
+                    elif key.fileobj in self.clients:   # not dropped earlier in this turn
+                        self._serve(key.data)
+                self._expire()
+                if accept:              # after the reads, so a new client's request is served
+                    self._accept()
+        except Exception as exc:        # a bug: one line, and the agent runs on without metrics
+            LOG.error("Metrics server stopped by %s: %s", type(exc).__name__, exc)
+        finally:
+            self._close_all()
+
+    def stop(self, wait=2.0):
+        self.stopping = True
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
+            pass
+        self.thread.join(wait)
+
+    def _woken(self):
+        try:
+            self.wake_r.recv(64)
+        except OSError:
+            pass
+
+    def _wait(self):
+        if not self.clients:
+            return None
+        soonest = min(client.deadline for client in self.clients.values())
+        return max(0.0, soonest - self.clock.monotonic())
+
+    def _accept(self):
+        for _ in range(self.max_clients):       # a batch, then the reads come first again
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:              # e.g. out of descriptors
+                LOG.debug("Metrics: accept failed: %s", exc)
+                return
+            if len(self.clients) >= self.max_clients:
+                self._drop(next(iter(self.clients)))
+            sock.setblocking(False)
+            client = _MetricsClient(sock, self.clock.monotonic() + self.timeout)
+            self.clients[sock] = client
+            self.selector.register(sock, self.events.EVENT_READ, client)
+
+    def _serve(self, client):
+        if client.state == "answer":
+            self._send(client)
+            return
+        try:
+            data = client.sock.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = None
+        if not data:                            # hung up (or reset): nothing more to say
+            self._drop(client.sock)
+        elif client.state == "head":
+            answer = client.take(data, self.render)
+            if answer is not None:
+                client.state, client.pending = "answer", answer
+                client.deadline = self.clock.monotonic() + self.timeout
+                self.selector.modify(client.sock, self.events.EVENT_WRITE, client)
+                self._send(client)
+
+    def _send(self, client):
+        try:
+            client.pending = client.pending[client.sock.send(client.pending):]
+            if not client.pending:              # all out: read what is left until the close
+                client.state = "drain"
+                client.sock.shutdown(socket.SHUT_WR)
+                self.selector.modify(client.sock, self.events.EVENT_READ, client)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:                         # the client went away
+            self._drop(client.sock)
+
+    def _expire(self):
+        now = self.clock.monotonic()
+        for sock, client in list(self.clients.items()):
+            if client.deadline <= now:
+                self._drop(sock)
+
+    def _drop(self, sock):
+        self.clients.pop(sock, None)
+        try:
+            self.selector.unregister(sock)
+        except (KeyError, ValueError):
+            pass
+        sock.close()
+
+    def _close_all(self):
+        for sock in list(self.clients):
+            self._drop(sock)
+        self.selector.close()
+        for sock in (self.listener, self.wake_r, self.wake_w):
+            sock.close()
+
+
+def _metrics_listener(bind):
+    """A socket listening on ``bind`` (host, port), IPv4 or IPv6; OSError if not."""
+    family, _, _, _, address = socket.getaddrinfo(bind[0], bind[1], 0, socket.SOCK_STREAM, 0,
+                                                  socket.AI_PASSIVE)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)                # waiting costs no thread; the cap applies on accept
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _listen_error(bind, exc):
+    return "metrics_address: cannot listen on %s:%d: %s" % (bind[0], bind[1], exc.strerror or exc)
 
 
 class MetricsServer(object):
-    """Serves ``GET /metrics`` from a Status on (host, port), in a thread.
+    """Serves ``GET /metrics`` from a Status on (host, port), in one thread.
 
-    Each client gets its own daemon thread and a socket timeout, so a client
-    that connects and goes quiet holds up neither other scrapes nor a stop;
-    request lines over 8 KiB get 414, headers are capped by http.server (100)."""
+    Slow clients are bounded three ways: ``max_clients`` connections at once
+    (a new one closes the oldest, never a new thread), ``header_timeout``
+    seconds in all for a request line and headers (Go's ReadHeaderTimeout, not
+    per read, so a byte every few seconds does not hold a connection), and
+    8 KiB of request line (414) / 16 KiB of headers (431). A stop or a
+    rebind wakes the thread at once."""
 
-    def __init__(self, bind, status):
-        import http.server
-        import socketserver
-
-        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
-            daemon_threads = True
-            block_on_close = False       # 3.7+: close() must not wait for a client
-
-            def handle_error(self, request, client_address):
-                # A scraper that hangs up or times out: no traceback in the journal.
-                LOG.debug("Metrics client %s: %s", client_address[0], sys.exc_info()[1])
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            timeout = METRICS_CLIENT_TIMEOUT
-
-            def parse_request(self):
-                if len(self.raw_requestline) > 8192:     # a scrape is one short line
-                    self.requestline, self.request_version = "", "HTTP/0.9"
-                    self.send_error(414)
-                    return False
-                return http.server.BaseHTTPRequestHandler.parse_request(self)
-
-            def do_GET(self):
-                if self.path.split("?")[0] not in ("/metrics", "/"):
-                    self.send_error(404)
-                    return
-                body = status.metrics().encode("utf-8")
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
+    def __init__(self, bind, status, clock=None, header_timeout=METRICS_HEADER_TIMEOUT,
+                 max_clients=METRICS_MAX_CLIENTS):
+        self.status, self.clock, self.requested = status, clock or Clock(), bind
+        self.header_timeout, self.max_clients = header_timeout, max_clients
         try:
-            self.server = Server(bind, Handler)
-        except (OSError, socket.error) as exc:
-            raise ConfigError("metrics_address: cannot listen on %s:%d: %s"
-                              % (bind[0], bind[1], exc.strerror or exc)) from exc
-        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics")
-        self.thread.daemon = True
-        self.thread.start()
-        LOG.info("Serving Prometheus metrics on http://%s:%d/metrics", bind[0], self.server.server_port)
+            listener = _metrics_listener(bind)
+        except OSError as exc:
+            raise ConfigError(_listen_error(bind, exc)) from exc
+        self._start(listener)
+        LOG.info("Serving Prometheus metrics on http://%s/metrics", self.where())
+
+    def _start(self, listener):
+        self.address = listener.getsockname()[:2]
+        self.loop = _MetricsLoop(listener, self.status.metrics, self.clock, self.header_timeout,
+                                 self.max_clients)
+
+    def where(self):
+        host, port = self.address
+        return "%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    def rebind(self, bind):
+        """Serve on ``bind`` from now on: None when it does, else the error line
+        (the old address serves on). When the new address needs our own port
+        (another host name for it), the old listener is closed first and
+        taken back if the new bind fails."""
+        old = self.where()
+        try:
+            listener = _metrics_listener(bind)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE and bind[1] == self.address[1]:
+                return self._swap_same_port(bind, old)
+            return _listen_error(bind, exc) + "; still serving on " + old
+        self._switch(listener, bind, old)
+        return None
+
+    def _switch(self, listener, bind, old):
+        self.loop.stop()
+        self._start(listener)
+        self.requested = bind
+        LOG.info("Serving Prometheus metrics on http://%s/metrics (was %s)", self.where(), old)
+
+    def _swap_same_port(self, bind, old):
+        previous = self.address
+        self.loop.stop()
+        try:
+            listener = _metrics_listener(bind)
+        except OSError as exc:
+            error = _listen_error(bind, exc)
+            try:
+                self._start(_metrics_listener(previous))
+            except OSError:
+                return error + "; the old address is lost too: no metrics until a reload"
+            return error + "; still serving on " + old
+        self._switch(listener, bind, old)
+        return None
+
+    def serving(self):
+        return self.loop.thread.is_alive()
 
     def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+        self.loop.stop()
+
+
+def follow_metrics_address(server, cfg, status):
+    """After a reload: the metrics server for ``cfg.metrics_address`` (None
+    when unset), made by rebinding, starting or closing ``server``. A bind
+    that fails is logged, and the old address serves on."""
+    bind = getattr(cfg, "metrics_bind", None) if cfg.metrics_address else None
+    if server is not None and bind is None:
+        server.close()
+        LOG.info("Metrics server stopped: metrics_address removed")
+        return None
+    if server is None:
+        try:
+            return MetricsServer(bind, status) if bind else None
+        except ConfigError as exc:
+            LOG.error("%s", exc)
+            return None
+    if bind != server.requested or not server.serving():
+        error = server.rebind(bind)
+        if error:
+            LOG.error("%s", error)
+    return server
 
 
 class SystemdNotifier(object):
@@ -5913,20 +6163,23 @@ def _run_agent(args, cfg, storages, runtime):
     cfg.warnings = []
     loaded = [(cfg, storages)]
 
+    metrics = [None]        # the MetricsServer; a reload rebinds it
+
     def loader(runtime):
         if loaded:
             return loaded.pop()
-        return load_all(args.config, runtime)
+        fresh = load_all(args.config, runtime)
+        metrics[0] = follow_metrics_address(metrics[0], fresh[0], agent.status)
+        return fresh
 
     runtime.signals.install()
     notifier = SystemdNotifier(runtime.env, runtime.signals, runtime.clock)
-    server = None
     try:
         agent = Agent(loader, clock=runtime.clock, signals=runtime.signals, notifier=notifier,
                       env=runtime.env)
         LOG.info("%s %s starting: %s", PROG, __version__, agent.summary())
         if cfg.metrics_address:
-            server = MetricsServer(cfg.metrics_bind, agent.status)
+            metrics[0] = MetricsServer(cfg.metrics_bind, agent.status)
         if args.once:
             result = agent.run_cycle()
             agent.report()
@@ -5938,8 +6191,8 @@ def _run_agent(args, cfg, storages, runtime):
         LOG.error("Config error: %s", exc)
         return EXIT_USAGE
     finally:
-        if server is not None:
-            server.close()
+        if metrics[0] is not None:
+            metrics[0].close()
         notifier.close()
 
 

@@ -482,6 +482,25 @@ def _seconds(value):
     return value
 
 
+def parse_dockerfile(path):
+    """[(INSTRUCTION, arguments)] of a Dockerfile, continuation lines joined."""
+    out, pending = [], ""
+    with open(path) as handle:
+        for line in handle:
+            stripped = line.strip()
+            if not pending and (not stripped or stripped.startswith("#")):
+                continue
+            if stripped.endswith("\\"):
+                pending += stripped[:-1] + " "
+                continue
+            full = pending + stripped
+            pending = ""
+            instruction, _, args = full.partition(" ")
+            out.append((instruction.upper(), args.strip()))
+    assert not pending, "%s ends in a continuation line" % path
+    return out
+
+
 def parse_unit(path):
     """[(section, key, value)] of a unit file (keys may repeat)."""
     items, section = [], None

@@ -26,7 +26,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 import vault_snapshot_agent as vsa  # noqa: E402
-from harness import parse_unit  # noqa: E402
+from harness import parse_dockerfile, parse_unit  # noqa: E402
 
 pytestmark = pytest.mark.oracle
 
@@ -46,7 +46,8 @@ PLAIN_UNIT = os.path.join(CONTRIB, "vault-snapshot-agent.service")
 CREDS_UNIT = os.path.join(DEPLOY, "vault-snapshot-agent-credentials.service")
 CREDS_CONFIG = os.path.join(DEPLOY, "snapshot-credentials.json")
 
-ENTRYPOINT = ["python3", "-u", "/app/vault_snapshot_agent.py"]
+# tini as PID 1 reaps what an AWS credential_process leaves behind.
+ENTRYPOINT = ["/usr/bin/tini", "-s", "--", "python3", "-u", "/app/vault_snapshot_agent.py"]
 IMAGE_CMD = ["--config", "/etc/vault.d/snapshot.json"]
 
 METRICS = ("vault_snapshot_last_success_timestamp_seconds",
@@ -204,6 +205,16 @@ def test_container_security_and_volumes(entry):
         assert re.match(r"^(?=.*[a-z])[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$", port["name"]), port
     # /tmp is writable (staging for cloud-only configs, read-only root fs).
     assert any(m["mountPath"] == "/tmp" for m in container.get("volumeMounts") or [])
+
+
+@pytest.mark.parametrize("entry", agent_containers(),
+                         ids=lambda e: "%s:%s" % (_rel(e[0]), e[3].get("name")))
+def test_container_keeps_the_image_entrypoint_and_its_init(entry):
+    # A `command` replaces the ENTRYPOINT, and with it tini: the agent would be
+    # PID 1 and never reap what a credential_process leaves behind.
+    container = entry[3]
+    assert "command" not in container, "set args, not command: command drops tini"
+    assert "shareProcessNamespace" not in entry[2]
 
 
 def _config_sources():
@@ -441,22 +452,7 @@ def test_systemd_unit_verifies(path, tmp_path):
 
 
 def dockerfile_instructions():
-    """[(INSTRUCTION, arguments)] with continuation lines joined."""
-    out, pending = [], ""
-    with open(DOCKERFILE) as handle:
-        for line in handle:
-            stripped = line.strip()
-            if not pending and (not stripped or stripped.startswith("#")):
-                continue
-            if stripped.endswith("\\"):
-                pending += stripped[:-1] + " "
-                continue
-            full = pending + stripped
-            pending = ""
-            instruction, _, args = full.partition(" ")
-            out.append((instruction.upper(), args.strip()))
-    assert not pending
-    return out
+    return parse_dockerfile(DOCKERFILE)
 
 
 def test_dockerfile_essentials():
@@ -472,7 +468,10 @@ def test_dockerfile_essentials():
     assert uid.isdigit() and int(uid) != 0, "USER must be a numeric non-root uid"
     assert names.index("USER") > max(i for i, n in enumerate(names) if n == "RUN")
     for name, args in instructions:
-        assert not re.search(r"\bpip3?\b|python3? -m pip|apt-get install", args), (name, args)
+        assert not re.search(r"\bpip3?\b|python3? -m pip", args), (name, args)
+        # apt: tini (the init) and nothing else.
+        for packages in re.findall(r"apt-get install((?: -\S+| [a-z0-9.+-]+)*)", args):
+            assert [p for p in packages.split() if not p.startswith("-")] == ["tini"], args
     assert "HEALTHCHECK" not in names
     with open(DOCKERFILE) as handle:
         assert "--once" in handle.read(), "the missing HEALTHCHECK is explained"
