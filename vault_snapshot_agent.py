@@ -1862,6 +1862,17 @@ AwsCredentials = collections.namedtuple(
 DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
 DEFAULT_CONTAINER_ENDPOINT = "http://169.254.170.2"
 CREDENTIAL_REFRESH_MARGIN = datetime.timedelta(minutes=5)
+# Short-lived credentials (less than the margin left: IMDS hands them out for
+# minutes before it rotates) are used, and asked for again half-way to their
+# expiry but not sooner than this before it, so no request runs the source.
+CREDENTIAL_MIN_REUSE = datetime.timedelta(seconds=10)
+# A source that answered with expired or absurd credentials is not asked
+# again for this long: the error stands (upload workers, the abort, ...).
+CREDENTIAL_ERROR_HOLD = 30.0
+CREDENTIAL_OLDEST = datetime.datetime(2000, 1, 1, tzinfo=UTC)    # an Expiration before: absurd
+CREDENTIAL_PROCESS_TIMEOUT = 60.0
+CREDENTIAL_PROCESS_MAX_STDOUT = 1024 * 1024
+CREDENTIAL_PROCESS_STDERR_KEPT = 4096
 
 
 def _parse_time(text):
@@ -1873,6 +1884,93 @@ def _parse_time(text):
     return datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
 
 
+class CredentialHelper(object):
+    """A credential_process run contained: its own process group (session),
+    killed as a whole on timeout, on a stop request or when it prints more
+    than CREDENTIAL_PROCESS_MAX_STDOUT; stdout and stderr are read here with
+    a cap, so neither a grandchild holding a pipe nor endless output can
+    keep the agent waiting or fill its memory. A helper that starts its own
+    session (setsid) leaves the group: it is not waited for, only not killed.
+    """
+
+    POLL = 0.1          # seconds between looks at the deadline and the stop flag
+    REAP = 2.0          # seconds to wait for the group leader after SIGKILL
+
+    def __init__(self, argv, env, signals, timeout, what):
+        self.argv, self.env, self.signals = argv, env, signals
+        self.timeout, self.what = timeout, what
+        self.proc = None
+
+    def run(self):
+        """(exit status, stdout bytes, first stderr bytes); raises
+        StorageError (timeout, too much output, cannot start) or Stopped."""
+        import subprocess
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, env=self.env, start_new_session=True)
+        except (OSError, ValueError) as exc:
+            raise StorageError("%s: cannot run it: %s" % (
+                self.what, getattr(exc, "strerror", None) or exc)) from exc
+        deadline = time.monotonic() + self.timeout     # real time: the helper runs in it
+        try:
+            out, err = self._read(deadline)
+            return self._wait(deadline), out, err
+        except BaseException:
+            self._kill()
+            raise
+        finally:
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+
+    def _tick(self, deadline):
+        if self.signals is not None and self.signals.stop_requested:
+            raise Stopped("stop requested")
+        if time.monotonic() >= deadline:
+            raise StorageError("%s: no answer within %gs; stopped it" % (self.what, self.timeout))
+
+    def _read(self, deadline):
+        out, err = bytearray(), bytearray()
+        streams = {self.proc.stdout.fileno(): out, self.proc.stderr.fileno(): err}
+        while streams:
+            self._tick(deadline)
+            ready, _, _ = select.select(list(streams), [], [], self.POLL)
+            for fd in ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    del streams[fd]
+                elif streams[fd] is err:
+                    err += chunk[:max(0, CREDENTIAL_PROCESS_STDERR_KEPT - len(err))]
+                else:
+                    out += chunk
+                    if len(out) > CREDENTIAL_PROCESS_MAX_STDOUT:
+                        raise StorageError("%s: printed more than %d bytes; stopped it" % (
+                            self.what, CREDENTIAL_PROCESS_MAX_STDOUT))
+        return bytes(out), bytes(err)
+
+    def _wait(self, deadline):
+        import subprocess
+        while True:
+            self._tick(deadline)
+            try:
+                return self.proc.wait(timeout=self.POLL)
+            except subprocess.TimeoutExpired:
+                continue
+
+    def _kill(self):
+        """SIGKILL the helper's whole process group; wait a bounded time."""
+        import subprocess
+        if self.proc.returncode is not None:
+            return          # reaped: its pid (the group id) may belong to another now
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=self.REAP)
+        except subprocess.TimeoutExpired:
+            LOG.warning("%s: still not gone %gs after SIGKILL", self.what, self.REAP)
+
+
 class AwsCredentialChain(object):
     """The AWS SDKs' default credential chain, in their order:
 
@@ -1882,11 +1980,15 @@ class AwsCredentialChain(object):
     EKS Pod Identity) → EC2 instance metadata (IMDSv2). The first source that
     is configured is used; if it fails, that is the error (no silent fall
     through to another identity). Temporary credentials are refreshed five
-    minutes before they expire.
+    minutes before they expire. Credentials that are already expired when a
+    source hands them out, or whose Expiration is not a plausible time, are
+    an error naming the source (held for CREDENTIAL_ERROR_HOLD seconds, so
+    the source is not run again for every request); they never sign.
     """
 
     def __init__(self, static, env, region, profile, http, clock, imds_endpoint=None,
-                 container_endpoint=None, sts_endpoint=None, role=None, profile_given=False):
+                 container_endpoint=None, sts_endpoint=None, role=None, profile_given=False,
+                 signals=None, process_timeout=CREDENTIAL_PROCESS_TIMEOUT):
         self.static = static
         self.env = env
         self.region = region
@@ -1902,7 +2004,11 @@ class AwsCredentialChain(object):
         # A profile named in the config outranks the environment's keys, as in
         # botocore (else credential_source = Environment could never apply).
         self.profile_given = profile_given
+        self.signals = signals              # a stop ends a credential_process at once
+        self.process_timeout = process_timeout
         self._cached = None
+        self._refresh_at = None             # when the cached credentials are asked for again
+        self._held = None                   # (error text, until monotonic) of a bad source
         self._lock = threading.Lock()      # upload workers share it: one refresh per expiry
 
     def get(self):
@@ -1910,10 +2016,11 @@ class AwsCredentialChain(object):
             return self._get()
 
     def _get(self):
-        cached = self._cached
-        if cached is not None and (cached.expires is None or
-                                   self.clock.now() < cached.expires - CREDENTIAL_REFRESH_MARGIN):
+        cached, now = self._cached, self.clock.now()
+        if cached is not None and (cached.expires is None or now < self._refresh_at):
             return cached
+        if self._held is not None and self.clock.monotonic() < self._held[1]:
+            raise StorageError(self._held[0])
         for source in (self._static, self._environment, self._web_identity, self._shared_files,
                        self._container, self._instance_metadata):
             if source == self._environment and self.profile_given:
@@ -1924,7 +2031,7 @@ class AwsCredentialChain(object):
                     creds = self._assume(creds, self.role)
                 if cached is None or cached.source != creds.source:
                     LOG.info("AWS credentials from %s", creds.source)
-                self._cached = creds
+                self._cached, self._refresh_at = creds, _refresh_time(creds.expires, now)
                 return creds
         raise StorageError("no AWS credentials found (tried aws_storage keys, environment, "
                            "web identity, shared files, container and EC2 instance metadata)")
@@ -2058,24 +2165,20 @@ class AwsCredentialChain(object):
 
     def _process(self, command, profile):
         """Credentials from a profile's credential_process (run without a
-        shell). Its stderr goes into errors; its stdout, which holds the
-        secret, never does."""
+        shell, contained: CredentialHelper). Its stderr (one line, cut) goes
+        into errors; its stdout, which holds the secret, never does."""
         import shlex
-        import subprocess
         what = "credential_process of AWS profile %r" % profile
         try:
             argv = shlex.split(command)
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    env=dict(self.env))
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise StorageError("%s: no answer within 60s" % what) from None
-        except (OSError, ValueError) as exc:
-            raise StorageError("%s: cannot run it: %s" % (what, getattr(exc, "strerror", None) or exc)) from exc
-        if proc.returncode != 0:
-            raise StorageError("%s exited %d: %s" % (what, proc.returncode, one_line(
+        except ValueError as exc:
+            raise StorageError("%s: cannot parse it: %s" % (what, exc)) from exc
+        if not argv:
+            raise StorageError("%s is empty" % what)
+        code, out, err = CredentialHelper(argv, dict(self.env), self.signals,
+                                          self.process_timeout, what).run()
+        if code != 0:
+            raise StorageError("%s exited %d: %s" % (what, code, one_line(
                 err.decode("utf-8", "replace"), 300) or "(no stderr)"))
         try:
             data = json.loads(out.decode("utf-8"))
@@ -2137,17 +2240,48 @@ class AwsCredentialChain(object):
                                  data.get("Token"), data.get("Expiration"),
                                  "EC2 instance metadata (%s)" % role[0])
 
-    @staticmethod
-    def _from_fields(key, secret, token, expiration, source):
+    def _from_fields(self, key, secret, token, expiration, source):
         if not key or not secret:
             raise StorageError("%s: answer has no AccessKeyId/SecretAccessKey" % source)
         expires = None
         if expiration:
-            try:
-                expires = _parse_time(expiration)
-            except ValueError:
-                raise StorageError("%s: unreadable Expiration" % source) from None
+            expires = self._expiry(expiration, source)
         return AwsCredentials(key, Secret(secret), Secret(token) if token else None, expires, source)
+
+    def _expiry(self, expiration, source):
+        """The aware time of a source's Expiration; an expired or absurd
+        one is an error that stands for CREDENTIAL_ERROR_HOLD seconds."""
+        problem, expires = None, None
+        try:
+            expires = _parse_time(expiration) if isinstance(expiration, str) else None
+        except (ValueError, OverflowError):
+            pass
+        now = self.clock.now()
+        if expires is None or expires < CREDENTIAL_OLDEST:
+            problem = "%s: unreadable Expiration %s (want an ISO 8601 UTC time)" % (
+                source, printable(str(expiration), 40) if isinstance(expiration, str)
+                else "of type " + type(expiration).__name__)
+        elif expires <= now:
+            problem = ("%s: credentials were refreshed, but the refreshed credentials are still "
+                       "expired (Expiration %s, %s ago); not used" % (
+                           source, expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                           format_duration((now - expires).total_seconds())))
+        if problem is None:
+            return expires
+        self._held = (problem, self.clock.monotonic() + CREDENTIAL_ERROR_HOLD)
+        raise StorageError(problem)
+
+
+def _refresh_time(expires, now):
+    """When credentials expiring at ``expires`` are asked for again:
+    CREDENTIAL_REFRESH_MARGIN before, or for short-lived ones half-way there
+    (but at least CREDENTIAL_MIN_REUSE, and never after they expire)."""
+    if expires is None:
+        return None
+    if expires - CREDENTIAL_REFRESH_MARGIN > now:
+        return expires - CREDENTIAL_REFRESH_MARGIN
+    left = expires - now
+    return now + min(left, max(left / 2, CREDENTIAL_MIN_REUSE))
 
 
 def _json_object(resp, what):
@@ -3754,7 +3888,7 @@ class S3Storage(Storage):
             role = AwsRole(values["role_arn"], values["external_id"], values["role_session_name"],
                            values["role_duration"])
         chain = AwsCredentialChain(static, env, region, profile, Http(None, 5.0, proxy=proxy),
-                                   runtime.clock, role=role,
+                                   runtime.clock, role=role, signals=runtime.signals,
                                    profile_given=section.sources.get("profile") == "config",
                                    imds_endpoint=values["imds_endpoint"],
                                    container_endpoint=values["container_endpoint"],
