@@ -2244,7 +2244,7 @@ class AwsCredentialChain(object):
         if not key or not secret:
             raise StorageError("%s: answer has no AccessKeyId/SecretAccessKey" % source)
         expires = None
-        if expiration:
+        if expiration is not None and expiration != "":       # none: they do not expire
             expires = self._expiry(expiration, source)
         return AwsCredentials(key, Secret(secret), Secret(token) if token else None, expires, source)
 
