@@ -3733,6 +3733,64 @@ def _s3_error(resp, data, action):
     return StorageError(text, retryable_status(resp.status) or code in S3_RETRYABLE_CODES)
 
 
+def _s3_code(data):
+    root = parse_error_xml(data) if data.strip() else None
+    return xml_text(root, "Code") if root is not None else None
+
+
+def _s3_code_in(error, code):
+    """Whether a StorageError from _s3_error carries S3 error ``code``."""
+    return re.search(r"HTTP \d+ %s\b" % re.escape(code), str(error)) is not None
+
+
+def _s3_write_error(resp, data, action):
+    """_s3_error for a write with If-None-Match: * : 412 means the name is
+    taken (NameClash); 409 ConditionalRequestConflict (another conditional
+    write of that name in progress) is worth another try."""
+    code = _s3_code(data)
+    if resp.status == 412 or code == "PreconditionFailed":
+        return NameClash("S3 %s: the name is taken (HTTP 412 PreconditionFailed: another writer "
+                         "stored it first); nothing was overwritten" % action)
+    error = _s3_error(resp, data, action)
+    if resp.status == 409 and code == "ConditionalRequestConflict":
+        error.retryable = True
+    return error
+
+
+S3Expected = collections.namedtuple("S3Expected", "size etag checksum")
+# What an object we wrote must look like: its size, its ETag as S3 computes it
+# (the body's MD5, or "<MD5 of the parts' MD5s>-N"; None if unknown) and its
+# x-amz-checksum-sha256 (base64, "-N" for a multipart's composite; or None).
+
+
+def _s3_md5_hidden(resp, sse):
+    """Whether the ETag of an answer cannot be an MD5 of the body: SSE-KMS
+    (asked for, or the bucket's default) and SSE-C objects."""
+    answered = resp.header("x-amz-server-side-encryption") or ""
+    return (sse in ("aws:kms", "aws:kms:dsse") or answered.startswith("aws:kms")
+            or bool(resp.header("x-amz-server-side-encryption-customer-algorithm")))
+
+
+def _s3_etag(resp):
+    return (resp.header("ETag") or "").strip().strip('"')
+
+
+def _s3_multipart_expected(size, done):
+    """S3Expected of a multipart object from its parts' (number, ETag,
+    base64 SHA-256 or None), as S3 composes them."""
+    etags = [etag.strip().strip('"') for _, etag, _ in done]
+    etag = None
+    if all(re.match(r"\A[0-9a-fA-F]{32}\Z", e) for e in etags):
+        joined = b"".join(bytes.fromhex(e) for e in etags)
+        etag = "%s-%d" % (new_hash("md5", joined).hexdigest(), len(done))
+    checksum = None
+    if done and all(c for _, _, c in done):
+        joined = b"".join(base64.b64decode(c) for _, _, c in done)
+        checksum = "%s-%d" % (base64.b64encode(hashlib.sha256(joined).digest()).decode("ascii"),
+                              len(done))
+    return S3Expected(size, etag, checksum)
+
+
 def _s3_lock(section, values):
     """(MODE, days) of Object Lock for new objects, or None; both keys or neither."""
     mode, days = values["s3_object_lock_mode"], values["s3_object_lock_days"]
@@ -3918,7 +3976,7 @@ class S3Storage(Storage):
         return path + "/" + (uri_encode(key, safe="-_.~/") if key else "")
 
     def _request(self, method, action, key=None, query=(), headers=None, body=None,
-                 payload_hash=EMPTY_SHA256, ok=(200,), sink=None):
+                 payload_hash=EMPTY_SHA256, ok=(200,), sink=None, error_from=_s3_error):
         """One SigV4-signed request with retries; returns (Response, body bytes)."""
         path = self._path(key)
         query_text = canonical_query(query)
@@ -3931,7 +3989,7 @@ class S3Storage(Storage):
                                    creds.token.reveal() if creds.token else None,
                                    self.region, "s3", self.clock.now())
             return method, url, signed, body() if callable(body) else body
-        return self.send(action, build, ok, _s3_error, sink)
+        return self.send(action, build, ok, error_from, sink)
 
     def download(self, name, sink):
         key = self.key_for(name)
@@ -3967,14 +4025,86 @@ class S3Storage(Storage):
     def _put(self, snapshot, key, progress):
         sha256 = snapshot.sha256 or _FileSlice(snapshot.path, 0, snapshot.size,
                                                self.signals.check).digest("sha256").hexdigest()
+        md5 = _RunningHash("md5")          # of the bytes sent, for the ETag the store answers
         headers = self._object_headers()
         headers["Content-Length"] = str(snapshot.size)
-        if self.checksum:
-            headers["x-amz-checksum-sha256"] = base64.b64encode(bytes.fromhex(sha256)).decode("ascii")
-        self._request("PUT", "PutObject on %s" % key, key, headers=headers,
-                      body=lambda: _FileSlice(snapshot.path, 0, snapshot.size, self.signals.check,
-                                              progress),
-                      payload_hash=sha256)
+        checksum = base64.b64encode(bytes.fromhex(sha256)).decode("ascii") if self.checksum else None
+        if checksum:
+            headers["x-amz-checksum-sha256"] = checksum
+
+        def expected():
+            return S3Expected(snapshot.size, md5.digest(snapshot.path, snapshot.size,
+                                                        self.signals.check).hex(), checksum)
+        resp, _ = self._write("PUT", "PutObject on %s" % key, key, expected, headers=headers,
+                              body=lambda: _FileSlice(snapshot.path, 0, snapshot.size,
+                                                      self.signals.check, progress, tap=md5),
+                              payload_hash=sha256)
+        if resp is not None:
+            self._check_put_answer(resp, key, expected())
+
+    def _write(self, method, action, key, expected, **kwargs):
+        """A write that never replaces an object: If-None-Match: * (unless
+        s3_static_snapshot_name, a name meant to be replaced), 412 is
+        NameClash. When an answer was lost (a 500 or a broken connection
+        after the store acted) and the retry finds the name taken or the
+        upload gone, the object there may be this one: HEAD it and compare
+        it with ``expected()``; if it is ours, that is success (returns
+        (None, b"")), else NameClash or the error."""
+        if not self.static_name:
+            kwargs["headers"]["If-None-Match"] = "*"
+        body, tries = kwargs.pop("body"), []
+
+        def counted():
+            tries.append(1)
+            return body() if callable(body) else body
+        try:
+            return self._request(method, action, key, body=counted, error_from=_s3_write_error,
+                                 **kwargs)
+        except StorageError as exc:
+            lost = isinstance(exc, NameClash) or _s3_code_in(exc, "NoSuchUpload")
+            if len(tries) < 2 or not lost:
+                raise
+            if self._holds(key, expected()):
+                LOG.info("S3 %s: the answer was lost, but s3://%s/%s holds the object sent",
+                         action, self.bucket, key)
+                return None, b""
+            if isinstance(exc, NameClash):
+                raise
+            raise StorageError("S3 %s: the upload is gone after a lost answer, and s3://%s/%s "
+                               "does not hold the object sent" % (action, self.bucket, key)) from exc
+
+    def _holds(self, key, expected):
+        """Whether the object at ``key`` is the one sent (S3Expected): same
+        size, and the same checksum (when the store shows one) or ETag
+        (when it is an MD5 of the content)."""
+        headers = {"x-amz-checksum-mode": "ENABLED"} if expected.checksum else {}
+        resp, _ = self._request("HEAD", "HeadObject on %s" % key, key, headers=headers, ok=(200, 404))
+        if resp.status != 200 or parse_listed_size(resp.header("Content-Length")) != expected.size:
+            return False
+        shown = resp.header("x-amz-checksum-sha256")
+        if shown and expected.checksum:
+            return shown == expected.checksum
+        return (expected.etag is not None and not _s3_md5_hidden(resp, self.sse)
+                and _s3_etag(resp).lower() == expected.etag.lower())
+
+    def _check_put_answer(self, resp, key, expected):
+        """The store's answer to a PutObject must match what was sent: its
+        echoed checksum, else its ETag (the body's MD5, unless encrypted
+        with SSE-KMS or SSE-C)."""
+        echoed = resp.header("x-amz-checksum-sha256")
+        if expected.checksum and echoed:
+            if echoed != expected.checksum:
+                raise StorageError("S3 PutObject on %s: the store answered x-amz-checksum-sha256 %s "
+                                   "for a body whose SHA-256 is %s: stored object not trusted"
+                                   % (key, printable(echoed, 80), expected.checksum))
+            return
+        if _s3_md5_hidden(resp, self.sse):
+            return
+        etag = _s3_etag(resp)
+        if etag.lower() != expected.etag:
+            raise StorageError("S3 PutObject on %s: the store answered ETag %s for a body whose MD5 "
+                               "is %s: stored object not trusted"
+                               % (key, printable(etag, 80) or "(none)", expected.etag))
 
     def _multipart(self, snapshot, key, progress):
         part_size = s3_part_size(snapshot.size, self.part_size)
@@ -4003,24 +4133,38 @@ class S3Storage(Storage):
                  for i, off in enumerate(range(0, snapshot.size, part_size))]
         try:
             done = run_parts(parts, put_part, self.concurrency, self.signals)
-            body = ["<CompleteMultipartUpload xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">"]
-            for number, etag, checksum in done:
-                body.append("<Part><PartNumber>%d</PartNumber><ETag>%s</ETag>%s</Part>" % (
-                    number, xml_escape(etag),
-                    "<ChecksumSHA256>%s</ChecksumSHA256>" % checksum if checksum else ""))
-            body.append("</CompleteMultipartUpload>")
-            payload = "".join(body).encode("utf-8")
-            _, data = self._request("POST", "CompleteMultipartUpload on %s" % key, key,
-                                    query=[("uploadId", upload_id)],
-                                    headers={"Content-Type": "application/xml",
-                                             "Content-Length": str(len(payload))},
-                                    body=payload, payload_hash=hashlib.sha256(payload).hexdigest())
-            root = parse_xml(data, "CompleteMultipartUpload")
-            if root.tag == "Error" or root.tag.endswith("}Error"):
-                raise StorageError("S3 CompleteMultipartUpload on %s: %s" % (key, _aws_error_line(data)))
+            self._complete(key, upload_id, done, _s3_multipart_expected(snapshot.size, done))
         except BaseException:
             self._abort(key, upload_id)
             raise
+
+    def _complete(self, key, upload_id, done, expected):
+        """CompleteMultipartUpload (conditional: _write); the answer's ETag
+        must be a multipart one of len(done) parts."""
+        body = ["<CompleteMultipartUpload xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">"]
+        for number, etag, checksum in done:
+            body.append("<Part><PartNumber>%d</PartNumber><ETag>%s</ETag>%s</Part>" % (
+                number, xml_escape(etag),
+                "<ChecksumSHA256>%s</ChecksumSHA256>" % checksum if checksum else ""))
+        body.append("</CompleteMultipartUpload>")
+        payload = "".join(body).encode("utf-8")
+        action = "CompleteMultipartUpload on %s" % key
+        resp, data = self._write("POST", action, key, lambda: expected,
+                                 query=[("uploadId", upload_id)],
+                                 headers={"Content-Type": "application/xml",
+                                          "Content-Length": str(len(payload))},
+                                 body=payload, payload_hash=hashlib.sha256(payload).hexdigest())
+        if resp is None:
+            return
+        root = parse_xml(data, "CompleteMultipartUpload")
+        if root.tag == "Error" or root.tag.endswith("}Error"):
+            raise StorageError("S3 %s: %s" % (action, _aws_error_line(data)))
+        etag = (xml_text(root, "ETag") or "").strip().strip('"')
+        count = re.match(r"\A[^\s-]+-(\d+)\Z", etag)
+        if count is None or int(count.group(1)) != len(done):
+            raise StorageError("S3 %s: the store answered ETag %s for an object of %d parts: stored "
+                               "object not trusted" % (action, printable(etag, 80) or "(none)",
+                                                       len(done)))
 
     def _abort(self, key, upload_id):
         try:

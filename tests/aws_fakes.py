@@ -172,7 +172,7 @@ class FakeS3(LoopbackServer):
             return _error(500, "InternalError")
         return 200, XML, ("<CompleteMultipartUploadResult><Key>%s</Key><ETag>&quot;%s&quot;</ETag>"
                           "</CompleteMultipartUploadResult>" % (
-                              key, self.multipart_etag or self.etags[key]))
+                              key, self.etags[key] if self.multipart_etag is None else self.multipart_etag))
 
 
 class StsServer(LoopbackServer):
