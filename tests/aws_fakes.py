@@ -26,19 +26,27 @@ lying server would.  Stdlib only; works on Python 3.6+.
   ``(method, path with query, headers dict)``; ``objects`` maps a key to its
   bytes.
 
+* ``S3Front`` -- a forwarding proxy in front of a real S3 (moto) whose
+  ``intercept(method, path)`` may answer a request itself, before or after
+  forwarding it: returns None (forward), ``("answer", status, code)`` (do
+  not forward) or ``("after", status, code)`` (forward, then answer that
+  instead of the store's answer).  The Host header is kept, so SigV4
+  signatures still verify.
+
 * ``StsServer`` -- STS AssumeRole and AssumeRoleWithWebIdentity answering
   with ``expiration`` (any text) as the credentials' Expiration.
 """
 
 import base64
 import hashlib
+import http.client
 import re
 import threading
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from harness import LoopbackServer
 
-__all__ = ["FakeS3", "StsServer", "BUCKET"]
+__all__ = ["FakeS3", "S3Front", "StsServer", "BUCKET"]
 
 BUCKET = "snapshots"
 XML = {"Content-Type": "application/xml"}
@@ -173,6 +181,41 @@ class FakeS3(LoopbackServer):
         return 200, XML, ("<CompleteMultipartUploadResult><Key>%s</Key><ETag>&quot;%s&quot;</ETag>"
                           "</CompleteMultipartUploadResult>" % (
                               key, self.etags[key] if self.multipart_etag is None else self.multipart_etag))
+
+
+class S3Front(LoopbackServer):
+    """Forward to ``target`` (``http://127.0.0.1:PORT``) unless ``intercept``
+    says otherwise (see the module docstring)."""
+
+    server_version = "s3-front"
+
+    def __init__(self, target, intercept):
+        LoopbackServer.__init__(self)
+        self.target = urlsplit(target)
+        self.intercept = intercept
+        self.seen = []
+
+    def answer(self, handler):
+        body = handler.read_body()
+        self.seen.append((handler.command, handler.path))
+        plan = self.intercept(handler.command, handler.path)
+        if plan is not None and plan[0] == "answer":
+            return _error(plan[1], plan[2])
+        conn = http.client.HTTPConnection(self.target.hostname, self.target.port, timeout=30)
+        try:
+            conn.request(handler.command, handler.path, body or None, dict(handler.headers.items()))
+            resp = conn.getresponse()
+            data = resp.read()
+            headers = dict((k, v) for k, v in resp.getheaders()
+                           if k.lower() not in ("content-length", "connection", "transfer-encoding",
+                                                "server", "date"))
+        finally:
+            conn.close()
+        if plan is not None:
+            return _error(plan[1], plan[2])
+        if handler.command == "HEAD":        # the handler sends len(payload) as Content-Length
+            data = bytes(int(resp.getheader("Content-Length") or 0))
+        return resp.status, headers, data
 
 
 class StsServer(LoopbackServer):
