@@ -3832,7 +3832,10 @@ class S3Storage(Storage):
     Single PUT up to ``part_size``, multipart above it (parts streamed from
     the file, uploaded ``concurrency`` at a time, aborted on failure or stop).
     Every request is signed over the payload's SHA-256, so the store checks
-    integrity; retention lists with ListObjectsV2 pages and deletes in batches
+    integrity; what it answers (checksum echo, else the ETag) is checked
+    against what was sent. Writes carry If-None-Match: * (except the static
+    name), so a name another agent took is NameClash, never overwritten.
+    Retention lists with ListObjectsV2 pages and deletes in batches
     with DeleteObjects (single DELETEs where a store lacks it).
     """
 
