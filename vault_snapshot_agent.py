@@ -1889,6 +1889,17 @@ AwsCredentials = collections.namedtuple(
 DEFAULT_IMDS_ENDPOINT = "http://169.254.169.254"
 DEFAULT_CONTAINER_ENDPOINT = "http://169.254.170.2"
 CREDENTIAL_REFRESH_MARGIN = datetime.timedelta(minutes=5)
+# Short-lived credentials (less than the margin left: IMDS hands them out for
+# minutes before it rotates) are used, and asked for again half-way to their
+# expiry but not sooner than this before it, so no request runs the source.
+CREDENTIAL_MIN_REUSE = datetime.timedelta(seconds=10)
+# A source that answered with expired or absurd credentials is not asked
+# again for this long: the error stands (upload workers, the abort, ...).
+CREDENTIAL_ERROR_HOLD = 30.0
+CREDENTIAL_OLDEST = datetime.datetime(2000, 1, 1, tzinfo=UTC)    # an Expiration before: absurd
+CREDENTIAL_PROCESS_TIMEOUT = 60.0
+CREDENTIAL_PROCESS_MAX_STDOUT = 1024 * 1024
+CREDENTIAL_PROCESS_STDERR_KEPT = 4096
 
 
 def _parse_time(text):
@@ -1900,6 +1911,93 @@ def _parse_time(text):
     return datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
 
 
+class CredentialHelper(object):
+    """A credential_process run contained: its own process group (session),
+    killed as a whole on timeout, on a stop request or when it prints more
+    than CREDENTIAL_PROCESS_MAX_STDOUT; stdout and stderr are read here with
+    a cap, so neither a grandchild holding a pipe nor endless output can
+    keep the agent waiting or fill its memory. A helper that starts its own
+    session (setsid) leaves the group: it is not waited for, only not killed.
+    """
+
+    POLL = 0.1          # seconds between looks at the deadline and the stop flag
+    REAP = 2.0          # seconds to wait for the group leader after SIGKILL
+
+    def __init__(self, argv, env, signals, timeout, what):
+        self.argv, self.env, self.signals = argv, env, signals
+        self.timeout, self.what = timeout, what
+        self.proc = None
+
+    def run(self):
+        """(exit status, stdout bytes, first stderr bytes); raises
+        StorageError (timeout, too much output, cannot start) or Stopped."""
+        import subprocess
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.PIPE, env=self.env, start_new_session=True)
+        except (OSError, ValueError) as exc:
+            raise StorageError("%s: cannot run it: %s" % (
+                self.what, getattr(exc, "strerror", None) or exc)) from exc
+        deadline = time.monotonic() + self.timeout     # real time: the helper runs in it
+        try:
+            out, err = self._read(deadline)
+            return self._wait(deadline), out, err
+        except BaseException:
+            self._kill()
+            raise
+        finally:
+            self.proc.stdout.close()
+            self.proc.stderr.close()
+
+    def _tick(self, deadline):
+        if self.signals is not None and self.signals.stop_requested:
+            raise Stopped("stop requested")
+        if time.monotonic() >= deadline:
+            raise StorageError("%s: no answer within %gs; stopped it" % (self.what, self.timeout))
+
+    def _read(self, deadline):
+        out, err = bytearray(), bytearray()
+        streams = {self.proc.stdout.fileno(): out, self.proc.stderr.fileno(): err}
+        while streams:
+            self._tick(deadline)
+            ready, _, _ = select.select(list(streams), [], [], self.POLL)
+            for fd in ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    del streams[fd]
+                elif streams[fd] is err:
+                    err += chunk[:max(0, CREDENTIAL_PROCESS_STDERR_KEPT - len(err))]
+                else:
+                    out += chunk
+                    if len(out) > CREDENTIAL_PROCESS_MAX_STDOUT:
+                        raise StorageError("%s: printed more than %d bytes; stopped it" % (
+                            self.what, CREDENTIAL_PROCESS_MAX_STDOUT))
+        return bytes(out), bytes(err)
+
+    def _wait(self, deadline):
+        import subprocess
+        while True:
+            self._tick(deadline)
+            try:
+                return self.proc.wait(timeout=self.POLL)
+            except subprocess.TimeoutExpired:
+                continue
+
+    def _kill(self):
+        """SIGKILL the helper's whole process group; wait a bounded time."""
+        import subprocess
+        if self.proc.returncode is not None:
+            return          # reaped: its pid (the group id) may belong to another now
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=self.REAP)
+        except subprocess.TimeoutExpired:
+            LOG.warning("%s: still not gone %gs after SIGKILL", self.what, self.REAP)
+
+
 class AwsCredentialChain(object):
     """The AWS SDKs' default credential chain, in their order:
 
@@ -1909,11 +2007,15 @@ class AwsCredentialChain(object):
     EKS Pod Identity) → EC2 instance metadata (IMDSv2). The first source that
     is configured is used; if it fails, that is the error (no silent fall
     through to another identity). Temporary credentials are refreshed five
-    minutes before they expire.
+    minutes before they expire. Credentials that are already expired when a
+    source hands them out, or whose Expiration is not a plausible time, are
+    an error naming the source (held for CREDENTIAL_ERROR_HOLD seconds, so
+    the source is not run again for every request); they never sign.
     """
 
     def __init__(self, static, env, region, profile, http, clock, imds_endpoint=None,
-                 container_endpoint=None, sts_endpoint=None, role=None, profile_given=False):
+                 container_endpoint=None, sts_endpoint=None, role=None, profile_given=False,
+                 signals=None, process_timeout=CREDENTIAL_PROCESS_TIMEOUT):
         self.static = static
         self.env = env
         self.region = region
@@ -1929,7 +2031,11 @@ class AwsCredentialChain(object):
         # A profile named in the config outranks the environment's keys, as in
         # botocore (else credential_source = Environment could never apply).
         self.profile_given = profile_given
+        self.signals = signals              # a stop ends a credential_process at once
+        self.process_timeout = process_timeout
         self._cached = None
+        self._refresh_at = None             # when the cached credentials are asked for again
+        self._held = None                   # (error text, until monotonic) of a bad source
         self._lock = threading.Lock()      # upload workers share it: one refresh per expiry
 
     def get(self):
@@ -1937,10 +2043,11 @@ class AwsCredentialChain(object):
             return self._get()
 
     def _get(self):
-        cached = self._cached
-        if cached is not None and (cached.expires is None or
-                                   self.clock.now() < cached.expires - CREDENTIAL_REFRESH_MARGIN):
+        cached, now = self._cached, self.clock.now()
+        if cached is not None and (cached.expires is None or now < self._refresh_at):
             return cached
+        if self._held is not None and self.clock.monotonic() < self._held[1]:
+            raise StorageError(self._held[0])
         for source in (self._static, self._environment, self._web_identity, self._shared_files,
                        self._container, self._instance_metadata):
             if source == self._environment and self.profile_given:
@@ -1951,7 +2058,7 @@ class AwsCredentialChain(object):
                     creds = self._assume(creds, self.role)
                 if cached is None or cached.source != creds.source:
                     LOG.info("AWS credentials from %s", creds.source)
-                self._cached = creds
+                self._cached, self._refresh_at = creds, _refresh_time(creds.expires, now)
                 return creds
         raise StorageError("no AWS credentials found (tried aws_storage keys, environment, "
                            "web identity, shared files, container and EC2 instance metadata)")
@@ -2085,24 +2192,20 @@ class AwsCredentialChain(object):
 
     def _process(self, command, profile):
         """Credentials from a profile's credential_process (run without a
-        shell). Its stderr goes into errors; its stdout, which holds the
-        secret, never does."""
+        shell, contained: CredentialHelper). Its stderr (one line, cut) goes
+        into errors; its stdout, which holds the secret, never does."""
         import shlex
-        import subprocess
         what = "credential_process of AWS profile %r" % profile
         try:
             argv = shlex.split(command)
-            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    env=dict(self.env))
-            out, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise StorageError("%s: no answer within 60s" % what) from None
-        except (OSError, ValueError) as exc:
-            raise StorageError("%s: cannot run it: %s" % (what, getattr(exc, "strerror", None) or exc)) from exc
-        if proc.returncode != 0:
-            raise StorageError("%s exited %d: %s" % (what, proc.returncode, one_line(
+        except ValueError as exc:
+            raise StorageError("%s: cannot parse it: %s" % (what, exc)) from exc
+        if not argv:
+            raise StorageError("%s is empty" % what)
+        code, out, err = CredentialHelper(argv, dict(self.env), self.signals,
+                                          self.process_timeout, what).run()
+        if code != 0:
+            raise StorageError("%s exited %d: %s" % (what, code, one_line(
                 err.decode("utf-8", "replace"), 300) or "(no stderr)"))
         try:
             data = json.loads(out.decode("utf-8"))
@@ -2164,17 +2267,48 @@ class AwsCredentialChain(object):
                                  data.get("Token"), data.get("Expiration"),
                                  "EC2 instance metadata (%s)" % role[0])
 
-    @staticmethod
-    def _from_fields(key, secret, token, expiration, source):
+    def _from_fields(self, key, secret, token, expiration, source):
         if not key or not secret:
             raise StorageError("%s: answer has no AccessKeyId/SecretAccessKey" % source)
         expires = None
-        if expiration:
-            try:
-                expires = _parse_time(expiration)
-            except ValueError:
-                raise StorageError("%s: unreadable Expiration" % source) from None
+        if expiration is not None and expiration != "":       # none: they do not expire
+            expires = self._expiry(expiration, source)
         return AwsCredentials(key, Secret(secret), Secret(token) if token else None, expires, source)
+
+    def _expiry(self, expiration, source):
+        """The aware time of a source's Expiration; an expired or absurd
+        one is an error that stands for CREDENTIAL_ERROR_HOLD seconds."""
+        problem, expires = None, None
+        try:
+            expires = _parse_time(expiration) if isinstance(expiration, str) else None
+        except (ValueError, OverflowError):
+            pass
+        now = self.clock.now()
+        if expires is None or expires < CREDENTIAL_OLDEST:
+            problem = "%s: unreadable Expiration %s (want an ISO 8601 UTC time)" % (
+                source, printable(str(expiration), 40) if isinstance(expiration, str)
+                else "of type " + type(expiration).__name__)
+        elif expires <= now:
+            problem = ("%s: credentials were refreshed, but the refreshed credentials are still "
+                       "expired (Expiration %s, %s ago); not used" % (
+                           source, expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                           format_duration((now - expires).total_seconds())))
+        if problem is None:
+            return expires
+        self._held = (problem, self.clock.monotonic() + CREDENTIAL_ERROR_HOLD)
+        raise StorageError(problem)
+
+
+def _refresh_time(expires, now):
+    """When credentials expiring at ``expires`` are asked for again:
+    CREDENTIAL_REFRESH_MARGIN before, or for short-lived ones half-way there
+    (but at least CREDENTIAL_MIN_REUSE, and never after they expire)."""
+    if expires is None:
+        return None
+    if expires - CREDENTIAL_REFRESH_MARGIN > now:
+        return expires - CREDENTIAL_REFRESH_MARGIN
+    left = expires - now
+    return now + min(left, max(left / 2, CREDENTIAL_MIN_REUSE))
 
 
 def _json_object(resp, what):
@@ -3630,6 +3764,64 @@ def _s3_error(resp, data, action):
     return StorageError(text, retryable_status(resp.status) or code in S3_RETRYABLE_CODES)
 
 
+def _s3_code(data):
+    root = parse_error_xml(data) if data.strip() else None
+    return xml_text(root, "Code") if root is not None else None
+
+
+def _s3_code_in(error, code):
+    """Whether a StorageError from _s3_error carries S3 error ``code``."""
+    return re.search(r"HTTP \d+ %s\b" % re.escape(code), str(error)) is not None
+
+
+def _s3_write_error(resp, data, action):
+    """_s3_error for a write with If-None-Match: * : 412 means the name is
+    taken (NameClash); 409 ConditionalRequestConflict (another conditional
+    write of that name in progress) is worth another try."""
+    code = _s3_code(data)
+    if resp.status == 412 or code == "PreconditionFailed":
+        return NameClash("S3 %s: the name is taken (HTTP 412 PreconditionFailed: another writer "
+                         "stored it first); nothing was overwritten" % action)
+    error = _s3_error(resp, data, action)
+    if resp.status == 409 and code == "ConditionalRequestConflict":
+        error.retryable = True
+    return error
+
+
+S3Expected = collections.namedtuple("S3Expected", "size etag checksum")
+# What an object we wrote must look like: its size, its ETag as S3 computes it
+# (the body's MD5, or "<MD5 of the parts' MD5s>-N"; None if unknown) and its
+# x-amz-checksum-sha256 (base64, "-N" for a multipart's composite; or None).
+
+
+def _s3_md5_hidden(resp, sse):
+    """Whether the ETag of an answer cannot be an MD5 of the body: SSE-KMS
+    (asked for, or the bucket's default) and SSE-C objects."""
+    answered = resp.header("x-amz-server-side-encryption") or ""
+    return (sse in ("aws:kms", "aws:kms:dsse") or answered.startswith("aws:kms")
+            or bool(resp.header("x-amz-server-side-encryption-customer-algorithm")))
+
+
+def _s3_etag(resp):
+    return (resp.header("ETag") or "").strip().strip('"')
+
+
+def _s3_multipart_expected(size, done):
+    """S3Expected of a multipart object from its parts' (number, ETag,
+    base64 SHA-256 or None), as S3 composes them."""
+    etags = [etag.strip().strip('"') for _, etag, _ in done]
+    etag = None
+    if all(re.match(r"\A[0-9a-fA-F]{32}\Z", e) for e in etags):
+        joined = b"".join(bytes.fromhex(e) for e in etags)
+        etag = "%s-%d" % (new_hash("md5", joined).hexdigest(), len(done))
+    checksum = None
+    if done and all(c for _, _, c in done):
+        joined = b"".join(base64.b64decode(c) for _, _, c in done)
+        checksum = "%s-%d" % (base64.b64encode(hashlib.sha256(joined).digest()).decode("ascii"),
+                              len(done))
+    return S3Expected(size, etag, checksum)
+
+
 def _s3_lock(section, values):
     """(MODE, days) of Object Lock for new objects, or None; both keys or neither."""
     mode, days = values["s3_object_lock_mode"], values["s3_object_lock_days"]
@@ -3671,7 +3863,10 @@ class S3Storage(Storage):
     Single PUT up to ``part_size``, multipart above it (parts streamed from
     the file, uploaded ``concurrency`` at a time, aborted on failure or stop).
     Every request is signed over the payload's SHA-256, so the store checks
-    integrity; retention lists with ListObjectsV2 pages and deletes in batches
+    integrity; what it answers (checksum echo, else the ETag) is checked
+    against what was sent. Writes carry If-None-Match: * (except the static
+    name), so a name another agent took is NameClash, never overwritten.
+    Retention lists with ListObjectsV2 pages and deletes in batches
     with DeleteObjects (single DELETEs where a store lacks it).
     """
 
@@ -3785,7 +3980,7 @@ class S3Storage(Storage):
             role = AwsRole(values["role_arn"], values["external_id"], values["role_session_name"],
                            values["role_duration"])
         chain = AwsCredentialChain(static, env, region, profile, Http(None, 5.0, proxy=proxy),
-                                   runtime.clock, role=role,
+                                   runtime.clock, role=role, signals=runtime.signals,
                                    profile_given=section.sources.get("profile") == "config",
                                    imds_endpoint=values["imds_endpoint"],
                                    container_endpoint=values["container_endpoint"],
@@ -3824,7 +4019,7 @@ class S3Storage(Storage):
         return path + "/" + (uri_encode(key, safe="-_.~/") if key else "")
 
     def _request(self, method, action, key=None, query=(), headers=None, body=None,
-                 payload_hash=EMPTY_SHA256, ok=(200,), sink=None):
+                 payload_hash=EMPTY_SHA256, ok=(200,), sink=None, error_from=_s3_error):
         """One SigV4-signed request with retries; returns (Response, body bytes)."""
         path = self._path(key)
         query_text = canonical_query(query)
@@ -3837,7 +4032,7 @@ class S3Storage(Storage):
                                    creds.token.reveal() if creds.token else None,
                                    self.region, "s3", self.clock.now())
             return method, url, signed, body() if callable(body) else body
-        return self.send(action, build, ok, _s3_error, sink)
+        return self.send(action, build, ok, error_from, sink)
 
     def download(self, name, sink):
         key = self.full_name(name)
@@ -3873,14 +4068,86 @@ class S3Storage(Storage):
     def _put(self, snapshot, key, progress):
         sha256 = snapshot.sha256 or _FileSlice(snapshot.path, 0, snapshot.size,
                                                self.signals.check).digest("sha256").hexdigest()
+        md5 = _RunningHash("md5")          # of the bytes sent, for the ETag the store answers
         headers = self._object_headers()
         headers["Content-Length"] = str(snapshot.size)
-        if self.checksum:
-            headers["x-amz-checksum-sha256"] = base64.b64encode(bytes.fromhex(sha256)).decode("ascii")
-        self._request("PUT", "PutObject on %s" % key, key, headers=headers,
-                      body=lambda: _FileSlice(snapshot.path, 0, snapshot.size, self.signals.check,
-                                              progress),
-                      payload_hash=sha256)
+        checksum = base64.b64encode(bytes.fromhex(sha256)).decode("ascii") if self.checksum else None
+        if checksum:
+            headers["x-amz-checksum-sha256"] = checksum
+
+        def expected():
+            return S3Expected(snapshot.size, md5.digest(snapshot.path, snapshot.size,
+                                                        self.signals.check).hex(), checksum)
+        resp, _ = self._write("PUT", "PutObject on %s" % key, key, expected, headers=headers,
+                              body=lambda: _FileSlice(snapshot.path, 0, snapshot.size,
+                                                      self.signals.check, progress, tap=md5),
+                              payload_hash=sha256)
+        if resp is not None:
+            self._check_put_answer(resp, key, expected())
+
+    def _write(self, method, action, key, expected, **kwargs):
+        """A write that never replaces an object: If-None-Match: * (unless
+        s3_static_snapshot_name, a name meant to be replaced), 412 is
+        NameClash. When an answer was lost (a 500 or a broken connection
+        after the store acted) and the retry finds the name taken or the
+        upload gone, the object there may be this one: HEAD it and compare
+        it with ``expected()``; if it is ours, that is success (returns
+        (None, b"")), else NameClash or the error."""
+        if not self.static_name:
+            kwargs["headers"]["If-None-Match"] = "*"
+        body, tries = kwargs.pop("body"), []
+
+        def counted():
+            tries.append(1)
+            return body() if callable(body) else body
+        try:
+            return self._request(method, action, key, body=counted, error_from=_s3_write_error,
+                                 **kwargs)
+        except StorageError as exc:
+            lost = isinstance(exc, NameClash) or _s3_code_in(exc, "NoSuchUpload")
+            if len(tries) < 2 or not lost:
+                raise
+            if self._holds(key, expected()):
+                LOG.info("S3 %s: the answer was lost, but s3://%s/%s holds the object sent",
+                         action, self.bucket, key)
+                return None, b""
+            if isinstance(exc, NameClash):
+                raise
+            raise StorageError("S3 %s: the upload is gone after a lost answer, and s3://%s/%s "
+                               "does not hold the object sent" % (action, self.bucket, key)) from exc
+
+    def _holds(self, key, expected):
+        """Whether the object at ``key`` is the one sent (S3Expected): same
+        size, and the same checksum (when the store shows one) or ETag
+        (when it is an MD5 of the content)."""
+        headers = {"x-amz-checksum-mode": "ENABLED"} if expected.checksum else {}
+        resp, _ = self._request("HEAD", "HeadObject on %s" % key, key, headers=headers, ok=(200, 404))
+        if resp.status != 200 or parse_listed_size(resp.header("Content-Length")) != expected.size:
+            return False
+        shown = resp.header("x-amz-checksum-sha256")
+        if shown and expected.checksum:       # a composite's "-N" is not shown by every store
+            return shown.partition("-")[0] == expected.checksum.partition("-")[0]
+        return (expected.etag is not None and not _s3_md5_hidden(resp, self.sse)
+                and _s3_etag(resp).lower() == expected.etag.lower())
+
+    def _check_put_answer(self, resp, key, expected):
+        """The store's answer to a PutObject must match what was sent: its
+        echoed checksum, else its ETag (the body's MD5, unless encrypted
+        with SSE-KMS or SSE-C)."""
+        echoed = resp.header("x-amz-checksum-sha256")
+        if expected.checksum and echoed:
+            if echoed != expected.checksum:
+                raise StorageError("S3 PutObject on %s: the store answered x-amz-checksum-sha256 %s "
+                                   "for a body whose SHA-256 is %s: stored object not trusted"
+                                   % (key, printable(echoed, 80), expected.checksum))
+            return
+        if _s3_md5_hidden(resp, self.sse):
+            return
+        etag = _s3_etag(resp)
+        if etag.lower() != expected.etag:
+            raise StorageError("S3 PutObject on %s: the store answered ETag %s for a body whose MD5 "
+                               "is %s: stored object not trusted"
+                               % (key, printable(etag, 80) or "(none)", expected.etag))
 
     def _multipart(self, snapshot, key, progress):
         part_size = s3_part_size(snapshot.size, self.part_size)
@@ -3909,24 +4176,38 @@ class S3Storage(Storage):
                  for i, off in enumerate(range(0, snapshot.size, part_size))]
         try:
             done = run_parts(parts, put_part, self.concurrency, self.signals)
-            body = ["<CompleteMultipartUpload xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">"]
-            for number, etag, checksum in done:
-                body.append("<Part><PartNumber>%d</PartNumber><ETag>%s</ETag>%s</Part>" % (
-                    number, xml_escape(etag),
-                    "<ChecksumSHA256>%s</ChecksumSHA256>" % checksum if checksum else ""))
-            body.append("</CompleteMultipartUpload>")
-            payload = "".join(body).encode("utf-8")
-            _, data = self._request("POST", "CompleteMultipartUpload on %s" % key, key,
-                                    query=[("uploadId", upload_id)],
-                                    headers={"Content-Type": "application/xml",
-                                             "Content-Length": str(len(payload))},
-                                    body=payload, payload_hash=hashlib.sha256(payload).hexdigest())
-            root = parse_xml(data, "CompleteMultipartUpload")
-            if root.tag == "Error" or root.tag.endswith("}Error"):
-                raise StorageError("S3 CompleteMultipartUpload on %s: %s" % (key, _aws_error_line(data)))
+            self._complete(key, upload_id, done, _s3_multipart_expected(snapshot.size, done))
         except BaseException:
             self._abort(key, upload_id)
             raise
+
+    def _complete(self, key, upload_id, done, expected):
+        """CompleteMultipartUpload (conditional: _write); the answer's ETag
+        must be a multipart one of len(done) parts."""
+        body = ["<CompleteMultipartUpload xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">"]
+        for number, etag, checksum in done:
+            body.append("<Part><PartNumber>%d</PartNumber><ETag>%s</ETag>%s</Part>" % (
+                number, xml_escape(etag),
+                "<ChecksumSHA256>%s</ChecksumSHA256>" % checksum if checksum else ""))
+        body.append("</CompleteMultipartUpload>")
+        payload = "".join(body).encode("utf-8")
+        action = "CompleteMultipartUpload on %s" % key
+        resp, data = self._write("POST", action, key, lambda: expected,
+                                 query=[("uploadId", upload_id)],
+                                 headers={"Content-Type": "application/xml",
+                                          "Content-Length": str(len(payload))},
+                                 body=payload, payload_hash=hashlib.sha256(payload).hexdigest())
+        if resp is None:
+            return
+        root = parse_xml(data, "CompleteMultipartUpload")
+        if root.tag == "Error" or root.tag.endswith("}Error"):
+            raise StorageError("S3 %s: %s" % (action, _aws_error_line(data)))
+        etag = (xml_text(root, "ETag") or "").strip().strip('"')
+        count = re.match(r"\A[^\s-]+-(\d+)\Z", etag)
+        if count is None or int(count.group(1)) != len(done):
+            raise StorageError("S3 %s: the store answered ETag %s for an object of %d parts: stored "
+                               "object not trusted" % (action, printable(etag, 80) or "(none)",
+                                                       len(done)))
 
     def _abort(self, key, upload_id):
         try:

@@ -651,15 +651,17 @@ def test_assumed_credentials_refresh_against_moto(moto, iam, tmp_path):
         def sts_calls():
             return [r for r in proxy.requests if r.startswith("POST ")]
 
-        storage.upload(info, SNAP)
+        # three names: a write never replaces an object (If-None-Match: *)
+        names = [SNAP.replace("000000.000Z", "00000%d.000Z" % i) for i in range(3)]
+        storage.upload(info, names[0])
         assert len(sts_calls()) == 1
         clock.advance(datetime.timedelta(minutes=30))
-        storage.upload(info, SNAP)
+        storage.upload(info, names[1])
         assert len(sts_calls()) == 1
         clock.advance(datetime.timedelta(minutes=26))
-        storage.upload(info, SNAP)
+        storage.upload(info, names[2])
         assert len(sts_calls()) == 2
-    assert moto.list_keys(BUCKET, "refresh/") == ["refresh/" + SNAP]
+    assert moto.list_keys(BUCKET, "refresh/") == ["refresh/" + name for name in names]
 
 
 def test_sts_goes_through_the_storage_proxy(moto, iam, tmp_path):

@@ -1,0 +1,150 @@
+"""Section 9: a credential_process is contained. It runs in its own process
+group, which is killed as a whole on its timeout or on a stop request; the
+agent reads its output itself with a cap, so neither a grandchild holding
+stdout nor endless output keeps it waiting or fills its memory."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import vault_snapshot_agent as vsa
+from harness import ROOT, FakeClock, FakeSignals
+
+PY = sys.executable
+
+
+def helper(tmp_path, body, name="helper"):
+    """An executable python script (this interpreter)."""
+    path = tmp_path / name
+    path.write_text("#!%s\nimport os, signal, sys, time\n%s" % (PY, body))
+    os.chmod(str(path), 0o755)
+    return str(path)
+
+
+def chain_for(tmp_path, command, timeout=30.0, signals=None):
+    config = tmp_path / "config"
+    config.write_text("[profile proc]\ncredential_process = %s\n" % command)
+    env = {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(config),
+           "AWS_EC2_METADATA_DISABLED": "true", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    return vsa.AwsCredentialChain(None, env, "us-east-1", "proc", vsa.Http(None, 5.0), FakeClock(),
+                                  profile_given=True, signals=signals, process_timeout=timeout)
+
+
+def gone(pid):
+    """True once ``pid`` is no more (a zombie of another parent counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open("/proc/%d/stat" % pid) as handle:
+            return handle.read().split(") ", 1)[1].startswith("Z")
+    except (IOError, OSError):
+        return True
+
+
+# A helper that ignores SIGTERM and forks a grandchild that keeps stdout open.
+STUBBORN = """
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if os.fork() == 0:
+    open(sys.argv[1], "w").write(str(os.getpid()))
+    time.sleep(60)
+    os._exit(0)
+time.sleep(60)
+"""
+
+
+def test_a_helper_that_hangs_with_a_grandchild_holding_stdout_is_killed_on_time(tmp_path):
+    pidfile = str(tmp_path / "grandchild.pid")
+    aws = chain_for(tmp_path, "%s %s" % (helper(tmp_path, STUBBORN), pidfile), timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(vsa.StorageError, match=r"no answer within 1s; stopped it") as caught:
+        aws.get()
+    elapsed = time.monotonic() - started
+    assert elapsed < 3.0, elapsed          # before: the 60 s limit, then a wait for the grandchild
+    assert "credential_process of AWS profile 'proc'" in str(caught.value)
+    grandchild = int(open(pidfile).read())
+    deadline = time.monotonic() + 2
+    while not gone(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert gone(grandchild), "the grandchild outlived the helper's timeout"
+
+
+def test_a_stop_request_ends_a_hanging_helper_at_once(tmp_path):
+    signals = FakeSignals()
+    pidfile = str(tmp_path / "grandchild.pid")
+    aws = chain_for(tmp_path, "%s %s" % (helper(tmp_path, STUBBORN), pidfile), timeout=30.0,
+                    signals=signals)
+    timer = threading.Timer(0.3, signals.request_stop)
+    timer.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(vsa.Stopped):
+            aws.get()
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 2.0
+
+
+FLOOD = """
+chunk = b"x" * (1 << 20)
+for _ in range(300):
+    sys.stdout.buffer.write(chunk)
+"""
+
+MEASURE = """
+import json, resource, sys, time
+sys.path[:0] = [ROOT, TESTS]
+import vault_snapshot_agent as vsa
+from harness import FakeClock
+env = json.loads(ENV)
+aws = vsa.AwsCredentialChain(None, env, "us-east-1", "proc", vsa.Http(None, 5.0), FakeClock(),
+                             profile_given=True)
+started = time.monotonic()
+try:
+    aws.get()
+    outcome = "no error"
+except Exception as exc:
+    outcome = type(exc).__name__ + ": " + str(exc)
+print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                  "seconds": time.monotonic() - started, "outcome": outcome}))
+"""
+
+
+def test_300_mb_of_output_is_one_error_without_the_memory(tmp_path):
+    config = tmp_path / "config"
+    config.write_text("[profile proc]\ncredential_process = %s\n" % helper(tmp_path, FLOOD))
+    env = {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(config),
+           "AWS_EC2_METADATA_DISABLED": "true", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    script = "ROOT, TESTS, ENV = %r, %r, %r\n" % (
+        ROOT, os.path.dirname(os.path.abspath(__file__)), json.dumps(env)) + MEASURE
+    out = subprocess.check_output([PY, "-c", script], timeout=60)
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["outcome"].startswith("StorageError: credential_process of AWS profile 'proc': "
+                                        "printed more than 1048576 bytes"), result
+    assert result["rss_mb"] < 100, result          # before: 882 MB
+    assert result["seconds"] < 5, result
+
+
+def test_a_flood_of_stderr_is_cut_to_one_line_and_stdout_never_shows(tmp_path):
+    body = ("sys.stdout.write('AKIASTDOUTLEAK secret-on-stdout')\nsys.stdout.flush()\n"
+            "sys.stderr.write('first line of trouble\\n' + 'e' * (8 << 20))\nsys.exit(3)\n")
+    aws = chain_for(tmp_path, helper(tmp_path, body))
+    with pytest.raises(vsa.StorageError) as caught:
+        aws.get()
+    text = str(caught.value)
+    assert "exited 3: first line of trouble" in text, text
+    assert "\n" not in text and len(text) < 400, text
+    assert "STDOUTLEAK" not in text and "secret-on-stdout" not in text
+
+
+def test_a_well_behaved_helper_still_answers(tmp_path):
+    doc = {"Version": 1, "AccessKeyId": "ASIAOK", "SecretAccessKey": "s", "SessionToken": "t"}
+    aws = chain_for(tmp_path, helper(tmp_path, "print(%r)\n" % json.dumps(doc)))
+    assert aws.get().access_key == "ASIAOK"
