@@ -4964,25 +4964,33 @@ def plan_retention(snapshots, retain, keep=None, max_age=None, now=None, max_spa
     return list(retention_plan(snapshots, retain, keep, max_age, now, max_space, floor))
 
 
-def age_reference(refs, keep, now, frequency):
-    """The time the age rule counts from: ``now``, unless the snapshot just
-    written (``keep``) is dated wildly later than the newest one before it
-    (more than two frequencies and a day): then this host's clock may have
-    jumped ahead, and counting from it would delete the whole history as
-    "old". Age then counts from that previous snapshot. A real outage that
-    long only delays the age rule by one cycle."""
-    before = [ref for ref in refs if ref.name != keep]
-    if keep is None or not before:
-        return now
-    previous = max(before, key=lambda ref: (ref.when, ref.name))
-    gap = (now - previous.when).total_seconds()
-    if gap <= max(2.0 * (frequency or 0), 86400.0):
-        return now
-    LOG.warning("The newest snapshot before %s is %s, %s older: if this host's clock jumped "
-                "ahead, age rules would delete the history, so retain_days counts from %s this "
-                "time", keep, printable(previous.name, 80), format_duration(gap),
-                printable(previous.name, 80))
-    return previous.when
+def age_view(refs, keep, now, frequency):
+    """``refs`` as the age rule sees them: every gap between neighbouring
+    snapshots (and between the newest and ``now``) longer than two
+    frequencies and a day counts as a day. Such a gap is a clock that jumped
+    ahead (one wrongly dated snapshot, or several while it stays wrong) or an
+    outage; counted in full it would make the age rule delete the whole
+    history before it as "old". So ``retain_days`` counts the time the agent
+    really kept snapshots: a history is thinned by age only once the
+    snapshots after a gap span ``retain_days`` themselves."""
+    limit = datetime.timedelta(seconds=max(2.0 * (frequency or 0), 86400.0))
+    ordered = sorted(refs, key=lambda ref: (ref.when, ref.name), reverse=True)
+    shift, later, gaps, view = datetime.timedelta(0), now, [], []
+    for ref in ordered:
+        if later - ref.when > limit:
+            shift += later - ref.when - limit
+            gaps.append((ref, later))
+        later = ref.when
+        view.append(ref._replace(when=ref.when + shift))
+    for ref, after in gaps[:1]:
+        LOG.log(logging.WARNING if any(r.name == keep for r in ordered if r.when == after)
+                else logging.INFO,
+                "A gap of %s between %s and %s (a clock that jumped ahead, or an outage): "
+                "retain_days counts each such gap as %s",
+                format_duration((after - ref.when).total_seconds()), printable(ref.name, 80),
+                next((printable(r.name, 80) for r in ordered if r.when == after), "now"),
+                format_duration(limit.total_seconds()))
+    return view
 
 
 def without_future(refs, now, where):
@@ -5014,8 +5022,8 @@ def apply_retention(storage, keep, now=None):
         return []
     refs = without_future(storage.list(), now, storage.describe())
     max_age = datetime.timedelta(days=storage.retain_days) if storage.retain_days else None
-    reference = age_reference(refs, keep, now, storage.frequency) if max_age else now
-    plan = retention_plan(refs, storage.retain, keep, max_age, reference, storage.max_space)
+    view = age_view(refs, keep, now, storage.frequency) if max_age else refs
+    plan = retention_plan(view, storage.retain, keep, max_age, now, storage.max_space)
     listed = set(ref.name for ref in refs)
     if any(name == keep or name not in listed for name in plan):    # never: a bug guard
         raise StorageError("retention planned to delete a name it did not list; nothing deleted")

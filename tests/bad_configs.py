@@ -15,6 +15,7 @@ Unknown keys are only warnings, so they are not part of this corpus.
 import base64
 import json
 import os
+import sys
 
 from harness import overridden
 
@@ -172,9 +173,13 @@ CASES = [
     # Values no check foresaw: each once escaped as a traceback (or killed a reload).
     ("file-lone-surrogate-path", b'{"addr": "http://127.0.0.1:8200", "role_id": "r", '
      b'"secret_id": "s", "local_storage": {"path": "/tmp/\\ud800x"}}', "config file"),
+] + ([
+    # Python's json refuses 1,200 levels before 3.12 (one clean line); 3.12+
+    # parses them, and the unknown key is then only a warning.
     ("file-unknown-key-nested-deep", b'{"addr": "http://127.0.0.1:8200", "role_id": "r", '
      b'"secret_id": "s", "local_storage": {"path": "/tmp"}, "x": ' + b'{"a": ' * 1200 + b'1'
      + b'}' * 1200 + b'}', "config file"),
+] if sys.version_info < (3, 12) else []) + [
     # -- addr ------------------------------------------------------------------------
     ("addr-number", cfg(addr=8200), "addr"),
     ("addr-list", cfg(addr=["http://127.0.0.1:8200"]), "addr"),

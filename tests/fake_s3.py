@@ -62,7 +62,8 @@ class FakeS3(Endpoint):
                 "<Error><Code>AccessDenied</Code><Message>fake S3 refuses PUT</Message></Error>")
         with self.lock:
             self.objects[key] = body
-        return 200, {"ETag": '"fake"'}, b""
+        import hashlib
+        return 200, {"ETag": '"%s"' % hashlib.md5(body).hexdigest()}, b""
 
     def _list(self, prefix):
         with self.lock:

@@ -216,7 +216,7 @@ def test_retention_line_names_what_each_rule_kept_and_removed(tmp_path):
 
 def test_retention_line_with_only_retain_days_counts_what_is_kept(tmp_path):
     # The old line said "kept 0" (the retain setting) when only retain_days was set.
-    names, store, deleted, lines = _retention_run(tmp_path, (0, 1, 2, 49), 0, 2)
-    assert deleted == [names[3]]
+    names, store, deleted, lines = _retention_run(tmp_path, (0, 12, 24, 36, 49), 0, 2)
+    assert deleted == [names[4]]
     line = lines[0]
-    assert "kept 3; deleted 1 (1 by retain_days=2)" in line
+    assert "kept 4; deleted 1 (1 by retain_days=2)" in line
