@@ -1189,9 +1189,9 @@ class Http(object):
         """
         parts, target, proxy, all_headers = self._prepare(method, url, headers, body)
         via = " via proxy %s" % proxy.display if proxy else ""
+        limit = self.deadline if timeout is None else max(self.deadline, timeout)
         timeout = timeout or self.timeout
-        watch = _Watch(self.watchdog, self.signals, max(self.deadline, timeout),
-                       "%s %s%s" % (method, redact_url(url), via))
+        watch = _Watch(self.watchdog, self.signals, limit, "%s %s%s" % (method, redact_url(url), via))
         streaming = body is not None and not isinstance(body, (bytes, bytearray, str))
         conn = None
         try:
@@ -1201,6 +1201,8 @@ class Http(object):
                 watch.pause()       # the body goes out under the idle timeout alone
             raw = _send(conn, method, target, body, all_headers, watch.start if streaming else None)
             watch.pause()
+            if watch.failure() is not None:     # cut short: http.client takes EOF as the headers' end
+                raise watch.failure()
         except BaseException as exc:
             if conn is not None:
                 conn.close()
