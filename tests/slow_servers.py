@@ -187,3 +187,24 @@ class RecordingProxy(_RawServer):
         elif self.mode in ("endless_headers", "trickle_headers"):
             conn.sendall(b"HTTP/1.1 200 Connection established\r\n")
             self._lines(conn, end, self.interval if self.mode == "trickle_headers" else 0)
+
+
+SLOW_DOWN = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code>"
+             "<Message>Please reduce your request rate.</Message></Error>")
+
+
+def throttled(server_class, throttle, retry_after):
+    """A subclass of a hostile_servers listing server whose first
+    ``throttle`` listing requests get ``503`` (S3's SlowDown) with
+    ``Retry-After: retry_after`` (counted as ``"throttled"``); the listing
+    after them is the class's own."""
+
+    class Throttled(server_class):
+        def respond(self, method, path, query, headers, body):
+            if self.is_list(method, path, query) and self.count("throttled") < throttle:
+                return ("throttled", 503, {"Retry-After": retry_after,
+                                           "Content-Type": "application/xml"}, SLOW_DOWN)
+            return server_class.respond(self, method, path, query, headers, body)
+
+    Throttled.__name__ = "Throttled" + server_class.__name__
+    return Throttled
