@@ -87,7 +87,7 @@ def test_pod_identity_token_never_reaches_a_proxy(pod_identity_resolves_to_loopb
             env["HTTP_PROXY"] = proxy.url
             policy = vsa.ProxyPolicy(None, env)
         chain = vsa.AwsCredentialChain(None, env, "us-east-1", None,
-                                       vsa.Http(None, 5.0, proxy=policy, deadline=5.0), FakeClock())
+                                       vsa.Http(None, 5.0, proxy=policy), FakeClock())
         credentials = chain.get()
     assert credentials.access_key == agent.access_key_id
     assert proxy.connections == 0 and proxy.received == []
