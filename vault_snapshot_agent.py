@@ -780,9 +780,12 @@ def no_proxy_match(host, port, no_proxy):
 class ProxyPolicy(object):
     """Which proxy a request goes through. ``setting``: None (the
     environment, with Go's http.ProxyFromEnvironment rules), "direct", or a
-    proxy URL used for every request (loopback included). The link-local
-    metadata endpoints are always reached directly, and from the environment
-    neither localhost nor loopback addresses are ever proxied."""
+    proxy URL used for every request (loopback included). Credential
+    endpoints on the node itself (is_node_local: every link-local address,
+    the AWS IPv6 metadata addresses, Google's metadata name) are always
+    reached directly, and from the environment neither localhost nor
+    loopback addresses are ever proxied; a proxy variable the agent cannot
+    use is ignored (env_proxy_warnings says so)."""
 
     def __init__(self, setting=None, env=None, where="proxy"):
         env = {} if env is None else env

@@ -10,7 +10,6 @@ an agent without the fix fails the time checks instead of hanging.
 """
 
 import json
-import os
 import signal
 import sys
 import threading
