@@ -98,6 +98,7 @@ DEFAULT_CONFIG_PATH = "/etc/vault.d/snapshot.json"
 DEFAULT_ADDR = "https://127.0.0.1:8200"
 DEFAULT_FREQUENCY = "1h"
 DEFAULT_API_TIMEOUT = "30s"          # per socket operation on API calls
+DEFAULT_REQUEST_TIMEOUT = "60s"      # total deadline of one request (the Vault Go client's default)
 DEFAULT_SNAPSHOT_TIMEOUT = "2m"      # idle (per read) timeout of the snapshot stream
 DEFAULT_RETRY_INTERVAL = "1m"        # first retry after a failed cycle; doubles, up to frequency
 DEFAULT_LEADER_POLL = "30s"          # sys/leader between cycles: a failover is noticed this fast
@@ -702,7 +703,12 @@ Proxy = collections.namedtuple("Proxy", "host port auth display")
 # An HTTP forward proxy: ``auth`` is the Proxy-Authorization value (a Secret)
 # or None; ``display`` its URL for logs, with the password as ***.
 
-METADATA_HOSTS = ("169.254.169.254", "169.254.170.2", "fd00:ec2::254", "metadata.google.internal")
+# Credential endpoints on the node itself: never through a proxy, from the
+# environment or an explicit ``proxy`` key (the proxy would see IMDS session
+# tokens and the pod identity token in cleartext). Besides these, every
+# link-local address (169.254.0.0/16, fe80::/10) in any spelling.
+METADATA_NAMES = ("metadata.google.internal", "metadata.google.internal.")
+METADATA_ADDRESSES = ("fd00:ec2::254", "fd00:ec2::23")     # AWS IMDS, EKS Pod Identity (IPv6)
 
 
 def parse_proxy_url(text, where):
@@ -780,9 +786,12 @@ def no_proxy_match(host, port, no_proxy):
 class ProxyPolicy(object):
     """Which proxy a request goes through. ``setting``: None (the
     environment, with Go's http.ProxyFromEnvironment rules), "direct", or a
-    proxy URL used for every request (loopback included). The link-local
-    metadata endpoints are always reached directly, and from the environment
-    neither localhost nor loopback addresses are ever proxied."""
+    proxy URL used for every request (loopback included). Credential
+    endpoints on the node itself (is_node_local: every link-local address,
+    the AWS IPv6 metadata addresses, Google's metadata name) are always
+    reached directly, and from the environment neither localhost nor
+    loopback addresses are ever proxied; a proxy variable the agent cannot
+    use is ignored (env_proxy_warnings says so)."""
 
     def __init__(self, setting=None, env=None, where="proxy"):
         env = {} if env is None else env
@@ -796,10 +805,9 @@ class ProxyPolicy(object):
             self.proxies = {"http": proxy, "https": proxy}
         else:
             for scheme in ("http", "https"):
-                var = next((v for v in (scheme.upper() + "_PROXY", scheme + "_proxy")
-                            if env.get(v, "").strip()), None)
-                if var:
-                    self.proxies[scheme] = parse_proxy_url(env[var].strip(), var)
+                proxy = _env_proxy(env, scheme)[1]
+                if proxy is not None:
+                    self.proxies[scheme] = proxy
             self.no_proxy = next((env[v] for v in ("NO_PROXY", "no_proxy") if env.get(v)), "")
 
     def for_url(self, url):
@@ -807,7 +815,7 @@ class ProxyPolicy(object):
         parts = urllib.parse.urlsplit(url)
         host = (parts.hostname or "").lower()
         proxy = self.proxies.get(parts.scheme)
-        if proxy is None or host in METADATA_HOSTS:
+        if proxy is None or is_node_local(host):
             return None
         if self.explicit:
             return proxy
@@ -818,18 +826,191 @@ class ProxyPolicy(object):
         return proxy
 
 
-def _is_loopback(host):
-    import ipaddress
+def _env_proxy(env, scheme):
+    """(variable, Proxy, problem) of ``scheme``'s proxy variable in ``env``:
+    (None, None, None) when unset; a value the agent cannot use (https://,
+    socks5://, malformed) gives no Proxy and the one-line reason, never the
+    password."""
+    var = next((v for v in (scheme.upper() + "_PROXY", scheme + "_proxy")
+                if env.get(v, "").strip()), None)
+    if var is None:
+        return None, None, None
     try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
+        return var, parse_proxy_url(env[var].strip(), var), None
+    except ConfigError as exc:
+        return var, None, str(exc)
+
+
+def env_proxy_warnings(env):
+    """One warning per proxy variable the agent cannot use: it goes direct
+    instead, as Go's http.ProxyFromEnvironment ignores what it cannot use
+    (an exit 2 would be a restart loop under systemd even when no request
+    needed the proxy). An explicit ``proxy`` key stays a ConfigError."""
+    warnings = []
+    for scheme in ("http", "https"):
+        problem = _env_proxy(env, scheme)[2]
+        if problem:
+            warnings.append("%s; ignored: %s requests go direct" % (problem, scheme))
+    return warnings
+
+
+def _is_loopback(host):
+    address = _host_address(host)
+    return address is not None and address.is_loopback
+
+
+def _host_address(host):
+    """The ipaddress object ``host`` names when connected to (any spelling
+    the resolver takes: ``[v6]``, a zone, ``0xa9fea9fe``, ``169.254.43518``),
+    or None for a name."""
+    import ipaddress
+    host = host.strip("[]").partition("%")[0]
+    try:
+        address = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        if not re.match(r"\A[0-9a-fA-FxX.]+\Z", host) or not re.match(r"\A[0-9]", host):
+            return None
+        try:
+            address = ipaddress.ip_address(socket.inet_aton(host))   # what getaddrinfo accepts
+        except (OSError, ValueError):
+            return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped if mapped is not None else address
+
+
+def is_node_local(host):
+    """Whether ``host`` is a credential endpoint of the node itself: a
+    link-local address, the AWS IPv6 metadata addresses or Google's
+    metadata name, compared as parsed addresses."""
+    import ipaddress
+    host = host.lower()
+    if host in METADATA_NAMES:
+        return True
+    address = _host_address(host)
+    return address is not None and (address.is_link_local or address in [
+        ipaddress.ip_address(text) for text in METADATA_ADDRESSES])
+
+
+MAX_HEADER_LINES = 100                  # a proxy's answer to CONNECT (http.client's own limit)
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class Watchdog(object):
+    """Shuts down the socket of every request that runs past its deadline.
+
+    One daemon thread per Watchdog (an Http makes its own, started with its
+    first request) sleeps until the earliest deadline, whatever the number
+    of requests in flight. A read blocked on a server that trickles one byte
+    a second never times out on its own; the shutdown ends it at once."""
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
+        self._cond = threading.Condition(threading.Lock())
+        self._watches = set()
+        self._thread = None
+
+    def arm(self, watch):
+        with self._cond:
+            self._watches.add(watch)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="http-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def disarm(self, watch):
+        """Forget ``watch``; once this returns, it is never fired."""
+        with self._cond:
+            self._watches.discard(watch)
+
+    def _run(self):
+        with self._cond:
+            while True:
+                now = self.clock()
+                for watch in [w for w in self._watches if w.due <= now]:
+                    self._watches.discard(watch)
+                    watch.expire()
+                due = min((w.due for w in self._watches), default=None)
+                self._cond.wait(None if due is None else max(0.0, due - now))
+
+
+def _shutdown(sock):
+    """Cut ``sock`` in both directions, so a read or write blocked on it in
+    another thread returns at once (socket.socket's own method: an
+    SSLSocket's would also drop its TLS state under the reading thread)."""
+    if sock is not None:
+        try:
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        except (OSError, ValueError):
+            pass
+
+
+class _Watch(object):
+    """One request's guard: the Watchdog shuts its socket down at the
+    deadline (``expired``), the Signals' abort hook at a stop (``stopped``).
+    A stop requested before the request started does not abort it (a
+    cleanup after a stop, such as aborting a multipart upload, still runs
+    under its deadline); a second signal does."""
+
+    def __init__(self, watchdog, signals, seconds, what):
+        self.watchdog, self.seconds, self.what = watchdog, seconds, what
+        self.sock = self.due = None
+        self.expired = self.stopped = False
+        self._live = False
+        self._hook = signals.aborting(self.abort) if signals is not None else None
+        if self._hook is not None:
+            self._hook.__enter__()
+        self._live = True
+
+    def attach(self, sock):
+        self.sock = sock
+        if self.stopped or self.expired:
+            _shutdown(sock)
+
+    def start(self):
+        """Arm: ``seconds`` from now."""
+        self.due = self.watchdog.clock() + self.seconds
+        self.watchdog.arm(self)
+
+    def resume(self):
+        """Arm again until the same deadline (a small body read after the headers)."""
+        if self.due is not None:
+            self.watchdog.arm(self)
+
+    def pause(self):
+        self.watchdog.disarm(self)
+
+    def expire(self):
+        self.expired = True
+        _shutdown(self.sock)
+
+    def abort(self):
+        if self._live:
+            self.stopped = True
+            _shutdown(self.sock)
+
+    def failure(self):
+        """What a failed read or write really means, or None: Stopped, or
+        the deadline's TransportError."""
+        if self.stopped:
+            return Stopped("stop requested")
+        if self.expired:
+            return TransportError("%s: no complete answer within %s (request_timeout)"
+                                  % (self.what, format_duration(self.seconds)), retryable=True)
+        return None
+
+    def release(self):
+        self.pause()
+        if self._hook is not None:
+            self._hook.__exit__(None, None, None)
+        self.sock = None
 
 
 class Response(object):
-    """An HTTP response whose body is read on demand (streams stay streams)."""
+    """An HTTP response whose body is read on demand (streams stay streams).
+    ``body()`` and ``json()`` read under the request's deadline; ``read``
+    and ``readinto`` (streams) only under the socket's idle timeout."""
 
-    def __init__(self, method, url, conn, raw, sock):
+    def __init__(self, method, url, conn, raw, sock, watch=None):
         self.method = method
         self.url = url
         self.status = raw.status
@@ -838,6 +1019,7 @@ class Response(object):
         self._conn = conn
         self._raw = raw
         self._sock = sock
+        self._watch = watch
 
     def header(self, name, default=None):
         return self.headers.get(name, default)
@@ -852,17 +1034,35 @@ class Response(object):
 
     def _reading(self, method, argument):
         """``method(argument)`` on the raw answer; a failure is a retryable
-        TransportError naming the request."""
+        TransportError naming the request (or Stopped, or the deadline's
+        error, when that is why the socket was cut)."""
         import http.client
         try:
             return method(argument)
-        except (socket.timeout, OSError, http.client.HTTPException) as exc:
+        except (socket.timeout, OSError, ValueError, http.client.HTTPException) as exc:
+            failure = self._watch.failure() if self._watch is not None else None
+            if failure is not None:
+                raise failure from exc
             raise TransportError("%s %s: reading the answer failed: %s"
                                  % (self.method, redact_url(self.url), _exc_text(exc) or type(exc).__name__),
                                  retryable=True) from exc
 
     def body(self, limit=MAX_JSON_BYTES):
-        """The whole body, refusing more than ``limit`` bytes."""
+        """The whole body, refusing more than ``limit`` bytes; within the
+        request's deadline."""
+        if self._watch is not None:
+            self._watch.resume()
+        try:
+            data = self._read_body(limit)
+        finally:
+            if self._watch is not None:
+                self._watch.pause()
+        failure = self._watch.failure() if self._watch is not None else None
+        if failure is not None:      # cut short: an answer without a length ends "cleanly"
+            raise failure
+        return data
+
+    def _read_body(self, limit):
         data = b""
         while True:
             chunk = self.read(min(CHUNK_SIZE, limit + 1 - len(data)))
@@ -888,12 +1088,11 @@ class Response(object):
 
     def abort(self):
         """Cut the connection now; a read blocked in another frame returns at once."""
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except (OSError, AttributeError):
-            pass
+        _shutdown(self._sock)
 
     def close(self):
+        if self._watch is not None:
+            self._watch.release()
         try:
             self._raw.close()
         finally:
@@ -909,55 +1108,62 @@ class Response(object):
 
 class Http(object):
     """Minimal HTTP/1.1 client on http.client: no automatic redirects, TLS as
-    configured, forward proxies as ``proxy`` (a ProxyPolicy) says, socket
-    timeouts per operation (so a stream only fails when it goes idle, never
-    because it is long)."""
+    configured, forward proxies as ``proxy`` (a ProxyPolicy) says.
 
-    def __init__(self, tls=None, timeout=30.0, user_agent=None, proxy=None):
+    Two limits: ``timeout`` per socket operation (so a stream only fails
+    when it goes idle, never because it is long) and ``deadline``, the total
+    time of connecting, the proxy's CONNECT, TLS, the answer's headers and
+    a body read with ``body()``/``json()``. A request body that is a file or
+    an iterable (snapshot data) is sent under the idle timeout alone; the
+    deadline starts again for its answer's headers. A request given a
+    longer ``timeout`` than the deadline (the snapshot stream: Vault builds
+    the snapshot before its first byte) waits that long for its headers.
+    With ``signals``, a stop cuts every request in progress at once
+    (Stopped)."""
+
+    def __init__(self, tls=None, timeout=30.0, user_agent=None, proxy=None, deadline=60.0,
+                 signals=None, watchdog=None):
         self.tls = tls or TlsOptions(None, None, None, None, None, False)
         self.timeout = timeout
         self.user_agent = user_agent or "%s/%s" % (PROG, __version__)
         self.proxy = proxy or ProxyPolicy("direct")
+        self.deadline = deadline
+        self.signals = signals
+        self.watchdog = watchdog or Watchdog()
         self._context = None
 
-    def _connection(self, parts, timeout, proxy):
-        """An unopened http.client connection for ``parts``: to the proxy
-        when there is one (for https with a CONNECT tunnel to the origin)."""
+    def _open(self, parts, proxy, timeout, watch):
+        """An http.client connection on a socket this opened (through a
+        proxy: with its CONNECT for https), TLS checked against the
+        origin's name or ``server_name``, never the proxy's."""
         import http.client
-        host = parts.hostname
-        if parts.scheme == "https":
-            if self._context is None:
-                self._context = make_ssl_context(self.tls)
-            if proxy is None:
-                return http.client.HTTPSConnection(host, parts.port or 443, timeout=timeout,
-                                                   context=self._context)
-            conn = http.client.HTTPSConnection(proxy.host, proxy.port, timeout=timeout,
-                                               context=self._context)
-            conn.set_tunnel(host, parts.port or 443,
-                            {"Proxy-Authorization": proxy.auth.reveal()} if proxy.auth else None)
-            return conn
-        if parts.scheme == "http":
-            if proxy is not None:
-                return http.client.HTTPConnection(proxy.host, proxy.port, timeout=timeout)
-            return http.client.HTTPConnection(host, parts.port or 80, timeout=timeout)
-        raise TransportError("unsupported URL scheme in %s" % redact_url(parts.geturl()))
+        https = parts.scheme == "https"
+        if parts.scheme not in ("http", "https"):
+            raise TransportError("unsupported URL scheme in %s" % redact_url(parts.geturl()))
+        host, port = parts.hostname, parts.port or (443 if https else 80)
+        if https and self._context is None:
+            self._context = make_ssl_context(self.tls)
+        sock = _connect(proxy.host if proxy else host, proxy.port if proxy else port, timeout, watch)
+        try:
+            if https:
+                if proxy is not None:
+                    _tunnel(sock, host, port, proxy)
+                sock = self._context.wrap_socket(sock, server_hostname=self.tls.server_name or host,
+                                                  do_handshake_on_connect=False)
+                watch.attach(sock)
+                sock.do_handshake()
+                conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self._context)
+            else:
+                conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        except BaseException:
+            sock.close()
+            raise
+        conn.sock = sock
+        return conn
 
-    def _open(self, conn, parts):
-        """Connect (through a proxy: also the CONNECT); for https then TLS,
-        checked against the origin's name or ``server_name``, never the
-        proxy's."""
-        import http.client
-        http.client.HTTPConnection.connect(conn)
-        if parts.scheme == "https":
-            conn.sock = self._context.wrap_socket(
-                conn.sock, server_hostname=self.tls.server_name or parts.hostname)
-
-    def request(self, method, url, headers=None, body=None, timeout=None):
-        """Send one request and return the Response (any status).
-
-        Connection-level failures raise a retryable TransportError naming the
-        host and operation (never a header value).
-        """
+    def _prepare(self, method, url, headers, body):
+        """(parts, request target, Proxy or None, headers) of a request;
+        TransportError for a bad URL or a header with a control character."""
         try:
             parts = urllib.parse.urlsplit(url)
             parts.port
@@ -967,7 +1173,6 @@ class Http(object):
         if parts.query:
             target += "?" + parts.query
         proxy = self.proxy.for_url(url)
-        via = " via proxy %s" % proxy.display if proxy else ""
         all_headers = {"User-Agent": self.user_agent}
         if proxy is not None and parts.scheme == "http":
             target = "http://%s%s" % (parts.netloc.rpartition("@")[2], target)   # absolute form
@@ -982,51 +1187,156 @@ class Http(object):
             if has_control("%s%s" % (name, value)):
                 raise TransportError("%s %s: header %s holds a control character (CR, LF...); "
                                      "not sent" % (method, redact_url(url), printable(name, 60)))
-        import http.client
-        import ssl
-        conn = self._connection(parts, timeout or self.timeout, proxy)
+        return parts, target, proxy, all_headers
+
+    def request(self, method, url, headers=None, body=None, timeout=None):
+        """Send one request and return the Response (any status).
+
+        Connection-level failures raise a retryable TransportError naming the
+        host and operation (never a header value); the deadline's is one too;
+        a stop raises Stopped.
+        """
+        parts, target, proxy, all_headers = self._prepare(method, url, headers, body)
+        via = " via proxy %s" % proxy.display if proxy else ""
+        limit = self.deadline if timeout is None else max(self.deadline, timeout)
+        timeout = timeout or self.timeout
+        watch = _Watch(self.watchdog, self.signals, limit, "%s %s%s" % (method, redact_url(url), via))
+        streaming = body is not None and not isinstance(body, (bytes, bytearray, str))
+        conn = None
         try:
-            self._open(conn, parts)
-            sock = conn.sock
-            raw = _send(conn, method, target, body, all_headers)
-        except ssl.SSLError as exc:     # before ValueError: a certificate error is both
-            conn.close()
-            raise TransportError("%s %s%s: TLS error: %s" % (method, redact_url(url), via,
-                                                              _exc_text(exc)), retryable=False) from exc
-        except ValueError:          # http.client's header checks; its text may hold a value
-            conn.close()
-            raise TransportError("%s %s: http.client refused the request headers"
-                                 % (method, redact_url(url))) from None
-        except (socket.timeout, OSError, http.client.HTTPException) as exc:
-            conn.close()
-            text = _exc_text(exc) or type(exc).__name__
-            refused = proxy is not None and re.search(r"Tunnel connection failed: 40[137]", text)
-            raise TransportError("%s %s%s: %s%s" % (
-                method, redact_url(url), via, text,
-                " (the proxy refused the tunnel: check its user and password)" if refused else ""),
-                retryable=not refused) from exc
+            watch.start()
+            conn = self._open(parts, proxy, timeout, watch)
+            if streaming:
+                watch.pause()       # the body goes out under the idle timeout alone
+            raw = _send(conn, method, target, body, all_headers, watch.start if streaming else None)
+            watch.pause()
+            if watch.failure() is not None:     # cut short: http.client takes EOF as the headers' end
+                raise watch.failure()
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            watch.release()
+            error = _request_error(exc, watch, method, url, via, proxy)
+            if error is exc:
+                raise
+            raise error from exc
         if proxy is not None and (raw.status == 407 or raw.status == 401 and (
                 raw.getheader("WWW-Authenticate") or "").lower().startswith("basic")):
             conn.close()            # a proxy's 407, or the 401 some proxies send for a bad password
+            watch.release()
             raise TransportError("%s %s%s: the proxy refused the credentials (%d %s)" % (
                 method, redact_url(url), via, raw.status, raw.reason), status=raw.status)
-        return Response(method, url, conn, raw, sock)
+        return Response(method, url, conn, raw, conn.sock, watch)
 
 
-def _send(conn, method, target, body, headers):
-    """Send the request and return the raw answer. A server (or proxy) that
-    answers early and closes while the body is still going out (a refusal
-    before a large upload) has its answer read rather than lost to a
-    connection reset."""
+def _request_error(exc, watch, method, url, via, proxy):
+    """The error a failed request raises for ``exc``: Stopped or the
+    deadline's error when that is why it failed, else a TransportError
+    naming the request; anything not from the network as it is."""
+    import http.client
+    import ssl
+    failure = watch.failure()
+    if failure is not None and isinstance(exc, (OSError, ValueError, http.client.HTTPException)):
+        return failure
+    if isinstance(exc, ssl.SSLError):      # before ValueError: a certificate error is both
+        return TransportError("%s %s%s: TLS error: %s" % (method, redact_url(url), via, _exc_text(exc)),
+                              retryable=False)
+    if isinstance(exc, ValueError):         # http.client's header checks; its text may hold a value
+        return TransportError("%s %s: http.client refused the request headers" % (method, redact_url(url)))
+    if isinstance(exc, (OSError, http.client.HTTPException)):
+        text = _exc_text(exc) or type(exc).__name__
+        refused = proxy is not None and re.search(r"Tunnel connection failed: 40[137]", text)
+        return TransportError("%s %s%s: %s%s" % (
+            method, redact_url(url), via, text,
+            " (the proxy refused the tunnel: check its user and password)" if refused else ""),
+            retryable=not refused)
+    return exc
+
+
+def _connect(host, port, timeout, watch):
+    """A TCP socket connected to ``host``:``port`` (each address in turn,
+    as socket.create_connection), attached to ``watch`` before it connects,
+    so a deadline or a stop ends even a connect that hangs."""
+    error = OSError("no address for %s" % host)
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            watch.attach(sock)
+            sock.connect(address)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+            if watch.failure() is not None:
+                break
+    raise error
+
+
+def _tunnel(sock, host, port, proxy):
+    """The CONNECT exchange on ``sock`` (open to ``proxy``): at most
+    MAX_HEADER_LINES header lines and MAX_HEADER_BYTES in all, read byte by
+    byte so nothing of the tunnel is consumed. (http.client's own reads
+    header lines without a count before 3.12: a proxy streaming them
+    without end held the agent for ever.)"""
+    authority = "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
+    lines = ["CONNECT %s HTTP/1.1" % authority, "Host: %s" % authority]
+    if proxy.auth:
+        lines.append("Proxy-Authorization: %s" % proxy.auth.reveal())
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
+    reader = sock.makefile("rb", buffering=0)
+    try:
+        status = _tunnel_status(reader.readline(MAX_HEADER_BYTES + 1))
+        total = 0
+        for _ in range(MAX_HEADER_LINES + 1):
+            line = reader.readline(MAX_HEADER_BYTES + 1)
+            total += len(line)
+            if total > MAX_HEADER_BYTES:
+                raise OSError("the proxy's answer to CONNECT has more than %s of headers"
+                              % format_size(MAX_HEADER_BYTES))
+            if line in (b"\r\n", b"\n"):
+                break
+            if not line:
+                raise OSError("the proxy closed the connection during CONNECT")
+        else:
+            raise OSError("the proxy's answer to CONNECT has more than %d header lines" % MAX_HEADER_LINES)
+    finally:
+        reader.close()
+    if status[0] != 200:
+        raise OSError("Tunnel connection failed: %d %s" % status)
+
+
+def _tunnel_status(line):
+    """(code, reason) of the status line of a proxy's answer to CONNECT."""
+    if not line:
+        raise OSError("the proxy closed the connection during CONNECT")
+    match = re.match(br"\AHTTP/1\.[01] ([0-9]{3})(?: ([^\r\n]*))?\r?\n\Z", line)
+    if not match:
+        raise OSError("the proxy's answer to CONNECT is not HTTP: %s"
+                      % printable(line[:60].decode("latin-1"), 60))
+    return int(match.group(1)), printable((match.group(2) or b"").decode("latin-1"), 60)
+
+
+def _send(conn, method, target, body, headers, sent=None):
+    """Send the request and return the raw answer; ``sent()``, if given,
+    runs between the last byte of the body and reading the answer. A server
+    (or proxy) that answers early and closes while the body is still going
+    out (a refusal before a large upload) has its answer read rather than
+    lost to a connection reset."""
     import http.client
     try:
         conn.request(method, target, body=body, headers=headers)
     except (BrokenPipeError, ConnectionResetError):
+        if sent is not None:
+            sent()
         try:
             return conn.getresponse()
         except (OSError, http.client.HTTPException):
             pass
         raise
+    if sent is not None:
+        sent()
     return conn.getresponse()
 
 
@@ -1037,8 +1347,31 @@ def retryable_status(status):
 
 
 def backoff_delays(attempts, base=1.0, cap=30.0, rand=random.random):
-    """Full-jitter exponential backoff: the waits between ``attempts`` tries."""
-    return [rand() * min(cap, base * (2 ** i)) for i in range(attempts - 1)]
+    """Equal-jitter exponential backoff: the waits between ``attempts``
+    tries, each half its step fixed plus a random half (full jitter could
+    wait next to nothing, retrying a throttled store at once)."""
+    return [step / 2 + rand() * step / 2 for step in
+            (min(cap, base * (2 ** i)) for i in range(attempts - 1))]
+
+
+MAX_RETRY_AFTER = 60.0      # a longer Retry-After waits this long (the next cycle retries anyway)
+
+
+def retry_after(value, now):
+    """Seconds a ``Retry-After`` value asks to wait (delta seconds or an
+    HTTP date, against the aware datetime ``now``), at most MAX_RETRY_AFTER;
+    None when absent or not understood."""
+    import email.utils
+    value = (value or "").strip()
+    if re.match(r"\A[0-9]{1,10}\Z", value):
+        return min(float(value), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return min(max(0.0, (when - now).total_seconds()), MAX_RETRY_AFTER)
 
 
 # =============================================================================
@@ -1393,6 +1726,10 @@ TOP_KEYS = (
         doc="round scheduled times up to whole multiples of the frequency (UTC): `1h` runs at :00"),
     Key("timeout", "duration", DEFAULT_API_TIMEOUT, minimum=1.0,
         doc="per socket operation on API calls (login, leader, renew)"),
+    Key("request_timeout", "duration", DEFAULT_REQUEST_TIMEOUT, minimum=1.0,
+        doc="total deadline of each API, storage, token-endpoint and proxy request (connect, proxy "
+            "CONNECT, TLS, the answer's headers and any small body); snapshot downloads and uploads "
+            "instead fail when idle for `snapshot_timeout`/`timeout`"),
     Key("snapshot_timeout", "duration", DEFAULT_SNAPSHOT_TIMEOUT, minimum=1.0,
         doc="idle timeout of the snapshot stream: only a stream that stops sending for this long "
             "fails; a long snapshot never does"),
@@ -1597,6 +1934,7 @@ def config_from_dict(raw, path="<config>", env=None):
     values["vault_auth_method"] = _auth_method(top, values)
     cfg = Config(path, values)
     cfg.proxy_policy = ProxyPolicy(cfg.proxy, top.env, "proxy")
+    cfg.warnings.extend(env_proxy_warnings(top.env))
     _check_outputs(top, cfg)
     cfg.tls = TlsOptions(cfg.ca_cert, cfg.ca_path, cfg.client_cert, cfg.client_key,
                          cfg.tls_server_name, cfg.tls_skip_verify)
@@ -2543,9 +2881,10 @@ class VaultClient(object):
     token never follows a redirect to another host.
     """
 
-    def __init__(self, cfg, http=None, clock=None):
+    def __init__(self, cfg, http=None, clock=None, signals=None):
         self.cfg = cfg
-        self.http = http or Http(cfg.tls, cfg.timeout, proxy=cfg.proxy_policy)
+        self.http = http or Http(cfg.tls, cfg.timeout, proxy=cfg.proxy_policy,
+                                 deadline=cfg.request_timeout, signals=signals)
         self.clock = clock or Clock()
         self._token = None          # Secret
         self._renew_at = None       # monotonic seconds; None: never
@@ -3287,7 +3626,8 @@ class Storage(object):
         self.signals.wait(seconds, wake_on_reload=False)
         self.signals.check()
 
-    # Retry policy of send(): attempts and the first backoff (full jitter, doubling, 20 s cap).
+    # Retry policy of send(): attempts and the first backoff (equal jitter, doubling, 20 s
+    # cap; a longer Retry-After of the answer wins, up to MAX_RETRY_AFTER).
     attempts = 5
     backoff_base = 0.5
     service = "storage"
@@ -3309,9 +3649,11 @@ class Storage(object):
         delays = backoff_delays(self.attempts, self.backoff_base, 20.0)
         for attempt in range(self.attempts):
             method, url, headers, body = build()
+            wanted = None        # the server's Retry-After, seconds
             try:
                 resp = self.http.request(method, url, headers, body)
                 with resp:
+                    wanted = retry_after(resp.header("Retry-After"), self.clock.now())
                     if sink is not None and resp.status in ok:
                         sink.seek(0)
                         sink.truncate()
@@ -3325,9 +3667,10 @@ class Storage(object):
                 error = StorageError("%s %s: %s" % (self.service, action, exc), exc.retryable)
             if not error.retryable or attempt == self.attempts - 1:
                 raise error
+            delay = max(delays[attempt], wanted or 0.0)
             LOG.warning("%s, %s %.1fs (retry %d/%d)", error, "asking the session how much it has after"
-                        if resync else "retrying in", delays[attempt], attempt + 1, self.attempts - 1)
-            self.backoff(delays[attempt])
+                        if resync else "retrying in", delay, attempt + 1, self.attempts - 1)
+            self.backoff(delay)
             done = resync() if resync is not None else None
             if done is not None:
                 return done
@@ -3979,7 +4322,8 @@ class S3Storage(Storage):
             values["role_session_name"] = values["role_session_name"] or default_session_name()
             role = AwsRole(values["role_arn"], values["external_id"], values["role_session_name"],
                            values["role_duration"])
-        chain = AwsCredentialChain(static, env, region, profile, Http(None, 5.0, proxy=proxy),
+        chain = AwsCredentialChain(static, env, region, profile, Http(
+            None, 5.0, proxy=proxy, deadline=cfg.request_timeout, signals=runtime.signals),
                                    runtime.clock, role=role, signals=runtime.signals,
                                    profile_given=section.sources.get("profile") == "config",
                                    imds_endpoint=values["imds_endpoint"],
@@ -3988,7 +4332,8 @@ class S3Storage(Storage):
         values["imds_endpoint"], values["container_endpoint"], values["sts_endpoint"] = (
             chain.imds_endpoint, chain.container_endpoint, chain.sts_endpoint)     # effective
         return cls(bucket, values["s3_key_prefix"].strip("/"), region, endpoint, path_style, chain,
-                   Http(tls, cfg.timeout, proxy=proxy), policy, runtime, values, sse=sse,
+                   Http(tls, cfg.timeout, proxy=proxy, deadline=cfg.request_timeout,
+                        signals=runtime.signals), policy, runtime, values, sse=sse,
                    kms_key_id=values["s3_kms_key_id"], storage_class=values["s3_storage_class"],
                    static_name=values["s3_static_snapshot_name"],
                    part_size=values["part_size_mb"] * 1024 * 1024,
@@ -4461,14 +4806,15 @@ class AzureStorage(Storage):
         token = None
         if mode in ("managed_identity", "workload_identity", "client_secret"):
             auth_http = Http(tls._replace(skip_verify=values["auth_tls_skip_verify"]), 30.0,
-                             proxy=proxy)
+                             proxy=proxy, deadline=cfg.request_timeout, signals=runtime.signals)
             token = BearerToken(_azure_token_fetcher(
                 mode, auth_http, values["imds_endpoint"].rstrip("/"),
                 values["authority_host"].rstrip("/"), values["tenant_id"], values["client_id"],
                 values["client_secret"], values["federated_token_file"]),
                 runtime.clock, "Azure %s" % mode.replace("_", " "))
         return cls(endpoint.rstrip("/"), account, container, values["prefix"].strip("/"), mode,
-                   Http(tls, cfg.timeout, proxy=proxy), policy, runtime, values, key=key, sas=sas,
+                   Http(tls, cfg.timeout, proxy=proxy, deadline=cfg.request_timeout,
+                        signals=runtime.signals), policy, runtime, values, key=key, sas=sas,
                    token=token,
                    access_tier=values["access_tier"], block_size=values["block_size_mb"] * 1024 * 1024,
                    concurrency=values["concurrency"], page_size=values["list_page_size"])
@@ -4708,7 +5054,7 @@ class GoogleStorage(Storage):
         token = None
         if values["credentials_file"] or not values["anonymous"]:
             auth_http = Http(tls._replace(skip_verify=values["auth_tls_skip_verify"]), 30.0,
-                             proxy=proxy)
+                             proxy=proxy, deadline=cfg.request_timeout, signals=runtime.signals)
             try:
                 fetch, what = google_token_source(values["credentials_file"], env, auth_http,
                                                   runtime.clock, values["metadata_host"])
@@ -4716,7 +5062,8 @@ class GoogleStorage(Storage):
                 raise section.error("credentials_file", str(exc)) from exc
             token = BearerToken(fetch, runtime.clock, what)
         return cls(bucket, values["prefix"].strip("/"), endpoint.rstrip("/"), token,
-                   Http(tls, cfg.timeout, proxy=proxy), policy, runtime, values,
+                   Http(tls, cfg.timeout, proxy=proxy, deadline=cfg.request_timeout,
+                        signals=runtime.signals), policy, runtime, values,
                    storage_class=values["storage_class"],
                    chunk_size=values["chunk_size_mb"] * 1024 * 1024,
                    page_size=values["list_page_size"])
@@ -5653,7 +6000,7 @@ class Agent(object):
         self.retention_retry = {}  # storage.describe() -> [monotonic due, kept name, failures]
         self.next_poll = None  # monotonic time of the next leader poll; None: no polling
         self.cfg, self.storages = loader(self.runtime)
-        self.vault = vault_factory(self.cfg, clock=self.clock)
+        self.vault = vault_factory(self.cfg, clock=self.clock, signals=self.signals)
         self.status.frequency = self.cfg.frequency
 
     def reload(self):
@@ -5667,7 +6014,7 @@ class Agent(object):
         for warning in cfg.warnings:
             LOG.warning("%s", warning)
         self.cfg, self.storages = cfg, storages
-        self.vault = self.vault_factory(cfg, clock=self.clock)
+        self.vault = self.vault_factory(cfg, clock=self.clock, signals=self.signals)
         self.status.frequency = cfg.frequency
         self.plan(reloaded=True)
         LOG.info("Config reloaded from %s: %s", cfg.path, self.summary())
@@ -6257,7 +6604,7 @@ def cmd_verify(path, out):
     return EXIT_OK
 
 
-def cmd_restore(cfg, storages, target, force, out, env=None):
+def cmd_restore(cfg, storages, target, force, out, env=None, signals=None):
     """POST a verified snapshot to the cluster. Uses VAULT_TOKEN/BAO_TOKEN when
     set (restoring needs an operator's token), else the configured login."""
     env = os.environ if env is None else env
@@ -6279,7 +6626,7 @@ def cmd_restore(cfg, storages, target, force, out, env=None):
             info, storage = fetch_snapshot(storages, target, temp_dir)
             LOG.info("Downloaded and verified %s from %s", os.path.basename(info.path),
                      storage.describe())
-        vault = VaultClient(cfg)
+        vault = VaultClient(cfg, signals=signals)
         token = next((env[v].strip() for v in _env_names("TOKEN") if env.get(v, "").strip()), None)
         if token:
             refuse_control(token, "VAULT_TOKEN/BAO_TOKEN")
@@ -6492,7 +6839,8 @@ def _run_command(args, cfg, storages, runtime, out):
             return cmd_list(storages, out)
         if args.command == "download":
             return cmd_download(storages, args.name, args.output, out, runtime.clock.now())
-        return cmd_restore(cfg, storages, args.target, args.force, out, runtime.env)
+        return cmd_restore(cfg, storages, args.target, args.force, out, runtime.env,
+                           runtime.signals)
     except Stopped:
         LOG.warning("Stopped; nothing partial was kept")
         return EXIT_OK

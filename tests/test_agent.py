@@ -20,7 +20,7 @@ def fake_clock():
 class StandbyVault(object):
     calls = []
 
-    def __init__(self, cfg, clock=None):
+    def __init__(self, cfg, clock=None, signals=None):     # as VaultClient
         self.cfg, self.clock = cfg, clock
 
     def is_leader(self):

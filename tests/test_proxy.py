@@ -154,8 +154,8 @@ FROM_ENV_CASES = [
     ({}, "http://[fd00:ec2::254]/latest/meta-data/", None),
     ({}, "http://metadata.google.internal/computeMetadata/v1/instance", None),
     ({}, "http://Metadata.Google.Internal/computeMetadata/v1/instance", None),
-    # ...but only those: other link-local addresses go like any other (as in Go)
-    ({}, "http://169.254.1.1/", PLAIN),
+    # ...and every other link-local address (node-local by definition)
+    ({}, "http://169.254.1.1/", None),
     # NO_PROXY through for_url (the default port counts)
     ({"NO_PROXY": "*"}, "https://s3.amazonaws.com/b", None),
     ({"NO_PROXY": "amazonaws.com"}, "https://s3.amazonaws.com/b", None),
@@ -218,10 +218,16 @@ def test_no_environment_means_direct():
     ("HTTP_PROXY", "http://proxy.corp:notaport"),
     ("HTTP_PROXY", "http://:3128"),
 ])
-def test_malformed_environment_proxy_names_the_variable(name, value):
-    with pytest.raises(vsa.ConfigError) as info:
-        vsa.ProxyPolicy(None, {name: value}).for_url("https://s3.amazonaws.com/b")
-    assert name in str(info.value)
+def test_unusable_environment_proxy_is_one_warning_naming_the_variable_and_goes_direct(name, value):
+    # An exit 2 at start would be a restart loop under systemd even when no
+    # request needs the proxy: Go ignores what it cannot use, so does the agent.
+    env = {name: value.replace("://", "://user:hunter2@", 1)}
+    policy = vsa.ProxyPolicy(None, env)
+    for url in ("https://s3.amazonaws.com/b", "http://minio.internal:9000/b"):
+        assert policy.for_url(url) is None
+    warnings = vsa.env_proxy_warnings(env)
+    assert len(warnings) == 1 and name in warnings[0] and "go direct" in warnings[0]
+    assert "hunter2" not in warnings[0] and "\n" not in warnings[0]
 
 
 EXPLICIT = "http://corp.proxy:3128"

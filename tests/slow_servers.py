@@ -1,0 +1,210 @@
+"""Raw loopback TCP servers that answer slowly, or without end, for the
+tests of the transport's deadline, stop handling and CONNECT parsing
+(test_transport_deadlines.py, test_transport_proxies.py).  Stdlib only;
+works on Python 3.6+.
+
+* ``TrickleServer(mode)``: reads each request's head, then
+
+  - ``"headers"``: ``HTTP/1.1 200 OK`` and one header byte every
+    ``interval`` seconds, never ending the headers;
+  - ``"body"``: complete headers (``Content-Length: 100000``), then one body
+    byte every ``interval`` seconds;
+  - ``"stream"``: complete headers (``Content-Length: length``), then the
+    body one byte every ``interval`` seconds to its end: a stream that
+    is slow but never idle;
+  - ``"silent"``: nothing at all (a TLS handshake waits for ever);
+  - ``"endless_headers"``: ``HTTP/1.1 200 OK`` and header lines as fast as
+    the client takes them, never ending;
+  - ``"slow_answer"``: reads the request body (``Content-Length``), then
+    answers ``200`` with an empty body: its answer time is the upload's.
+
+  Every connection ends after ``limit`` seconds at most (a safety net: an
+  agent without a deadline fails the test's time check instead of hanging).
+* ``RecordingProxy(mode)``: an HTTP forward proxy that forwards nothing:
+  it records the first bytes of every connection (``received``) and
+  answers ``"refuse"``: ``502``; ``"endless_headers"``: a CONNECT with
+  ``200`` then header lines without end; ``"trickle_headers"``: the same,
+  one line every ``interval`` seconds.
+
+Both bind 127.0.0.1 on a free port, serve each connection from a daemon
+thread, and count connections (``connections``)::
+
+    with TrickleServer("headers") as server:
+        http.request("GET", server.url + "/v1/sys/leader")
+"""
+
+import socket
+import threading
+import time
+
+__all__ = ["TrickleServer", "RecordingProxy"]
+
+
+class _RawServer(object):
+    """Listening socket, accept thread, per-connection daemon threads."""
+
+    def __init__(self, mode, interval=0.05, limit=8.0):
+        self.mode, self.interval, self.limit = mode, interval, limit
+        self.connections = 0
+        self.received = []             # first bytes of each connection
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._listener = None
+        self.port = None
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def start(self):
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(16)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def stop(self):
+        self._stopped.set()
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+    def _accept(self):
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        end = time.monotonic() + self.limit
+        try:
+            conn.settimeout(self.limit)
+            head = _read_head(conn)
+            with self._lock:
+                self.received.append(head)
+            self.answer(conn, head, end)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def _drip(self, conn, data, end):
+        """Send ``data`` one byte per ``interval`` until it is sent, the
+        time is up or the server stops; True when all of it went."""
+        for index in range(len(data)):
+            if self._stopped.is_set() or time.monotonic() > end:
+                return False
+            conn.sendall(data[index:index + 1])
+            time.sleep(self.interval)
+        return True
+
+    def _lines(self, conn, end, pause):
+        """Header lines without end (``pause`` seconds apart)."""
+        number = 0
+        while not self._stopped.is_set() and time.monotonic() < end:
+            number += 1
+            conn.sendall(b"X-Endless-%d: yes\r\n" % number)
+            if pause:
+                time.sleep(pause)
+
+    def answer(self, conn, head, end):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+def _read_head(conn):
+    """The request head (up to the blank line; at most 64 KiB)."""
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < 65536:
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+class TrickleServer(_RawServer):
+    """See the module docstring."""
+
+    def __init__(self, mode, interval=0.05, limit=8.0, length=40):
+        _RawServer.__init__(self, mode, interval, limit)
+        self.length = length
+
+    def answer(self, conn, head, end):
+        mode = self.mode
+        if mode == "headers":
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            self._drip(conn, b"X-Slow: " + b"a" * 100000, end)
+        elif mode in ("body", "stream"):
+            length = 100000 if mode == "body" else self.length
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % length)
+            self._drip(conn, b" " * length, end)
+        elif mode == "endless_headers":
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            self._lines(conn, end, 0)
+        elif mode == "slow_answer":
+            self._read_body(conn, head)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        elif mode == "silent":
+            self._stopped.wait(max(0.0, end - time.monotonic()))
+
+    @staticmethod
+    def _read_body(conn, head):
+        header, _, rest = head.partition(b"\r\n\r\n")
+        length = 0
+        for line in header.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        length -= len(rest)
+        while length > 0:
+            chunk = conn.recv(min(length, 65536))
+            if not chunk:
+                return
+            length -= len(chunk)
+
+
+class RecordingProxy(_RawServer):
+    """See the module docstring."""
+
+    def answer(self, conn, head, end):
+        if self.mode == "refuse":
+            conn.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        elif self.mode in ("endless_headers", "trickle_headers"):
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n")
+            self._lines(conn, end, self.interval if self.mode == "trickle_headers" else 0)
+
+
+SLOW_DOWN = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code>"
+             "<Message>Please reduce your request rate.</Message></Error>")
+
+
+def throttled(server_class, throttle, retry_after):
+    """A subclass of a hostile_servers listing server whose first
+    ``throttle`` listing requests get ``503`` (S3's SlowDown) with
+    ``Retry-After: retry_after`` (counted as ``"throttled"``); the listing
+    after them is the class's own."""
+
+    class Throttled(server_class):
+        def respond(self, method, path, query, headers, body):
+            if self.is_list(method, path, query) and self.count("throttled") < throttle:
+                return ("throttled", 503, {"Retry-After": retry_after,
+                                           "Content-Type": "application/xml"}, SLOW_DOWN)
+            return server_class.respond(self, method, path, query, headers, body)
+
+    Throttled.__name__ = "Throttled" + server_class.__name__
+    return Throttled
