@@ -3982,10 +3982,12 @@ class LocalStorage(Storage):
         self._ensure_dir()
         final = os.path.join(self.path, name)
         if os.path.lexists(final):
-            raise StorageError("%s already exists; not overwriting" % final)
+            raise NameClash("%s already exists; not overwriting" % final)
         try:
-            os.link(path, final)        # same filesystem: atomic, zero-copy
-        except OSError:
+            os.link(path, final)        # same filesystem: atomic, zero-copy, never replaces
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                raise NameClash("%s already exists; not overwriting" % final) from exc
             self._copy(path, final)
         else:
             try:
@@ -4008,9 +4010,11 @@ class LocalStorage(Storage):
                     out.write(chunk)
                 out.flush()
                 os.fsync(out.fileno())
-            os.rename(temp, final)
+            _place(temp, final)
         except (IOError, OSError) as exc:
             _unlink_quietly(temp)
+            if exc.errno == errno.EEXIST:
+                raise NameClash("%s already exists; not overwriting" % final) from exc
             raise StorageError("cannot write %s: %s" % (final, exc.strerror or exc)) from exc
         except BaseException:
             _unlink_quietly(temp)
@@ -4057,6 +4061,22 @@ class LocalStorage(Storage):
                                        % (os.path.join(self.path, name), exc.strerror)) from exc
         if names:
             fsync_dir(self.path)
+
+
+def _place(temp, final):
+    """Give ``temp`` the name ``final`` without replacing a file another
+    agent put there meanwhile (a hard link fails with EEXIST; rename would
+    replace it). Filesystems without hard links get the rename."""
+    try:
+        os.link(temp, final)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
+            raise
+        if os.path.lexists(final):
+            raise OSError(errno.EEXIST, "File exists") from exc
+        os.rename(temp, final)
+        return
+    _unlink_quietly(temp)
 
 
 # =============================================================================

@@ -220,3 +220,33 @@ def test_retention_line_with_only_retain_days_counts_what_is_kept(tmp_path):
     assert deleted == [names[4]]
     line = lines[0]
     assert "kept 4; deleted 1 (1 by retain_days=2)" in line
+
+
+@pytest.mark.parametrize("link", [True, False], ids=["hard-link", "copy"])
+def test_a_name_another_agent_wrote_is_never_replaced(tmp_path, monkeypatch, link):
+    # Two agents on one directory, the same millisecond: the second write is
+    # a NameClash (the agent then moves to the next millisecond), and the
+    # first agent's file keeps its bytes, on the link path and the copy path.
+    store = make_store(tmp_path)
+    first, second = tmp_path / "first", tmp_path / "second"
+    data = write_archive(str(first))
+    write_archive(str(second), state=b"other" * 100)
+    store.upload(staged(first), own(3))
+    if not link:
+        monkeypatch.setattr(vsa.os, "link", lambda a, b: (_ for _ in ()).throw(OSError(18, "x")))
+    with pytest.raises(vsa.NameClash):
+        store.upload(staged(second), own(3))
+    assert open(os.path.join(store.path, own(3)), "rb").read() == data
+    assert sorted(os.listdir(store.path)) == [own(3)]
+
+
+def test_the_copy_never_replaces_a_file_that_appears_meanwhile(tmp_path):
+    # The race the existence check cannot close: another agent's file lands
+    # between the check and the final rename; rename would replace it.
+    final = tmp_path / "snap"
+    temp = tmp_path / "temp"
+    final.write_bytes(b"theirs")
+    temp.write_bytes(b"ours")
+    with pytest.raises(OSError):
+        vsa._place(str(temp), str(final))
+    assert final.read_bytes() == b"theirs"
