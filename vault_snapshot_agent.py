@@ -4875,19 +4875,35 @@ class AzureStorage(Storage):
     # -- upload ------------------------------------------------------------------
 
     def upload(self, snapshot, name, progress=None):
+        """Put Blob, or blocks and Put Block List, each with ``If-None-Match:
+        *``: a blob of the name that exists already (another agent's, the
+        same millisecond) is never replaced (NameClash), unless it is the
+        very blob sent, whose answer was lost (same size and MD5)."""
         blob = self.full_name(name)
-        headers = {"Content-Type": "application/octet-stream"}
+        headers = {"Content-Type": "application/octet-stream", "If-None-Match": "*"}
         if self.access_tier:
             headers["x-ms-access-tier"] = self.access_tier
         if snapshot.size <= self.block_size:
             md5 = _FileSlice(snapshot.path, 0, snapshot.size, self.signals.check).digest("md5")
             piece = _FileSlice(snapshot.path, 0, snapshot.size, self.signals.check, progress)
+            md5 = base64.b64encode(md5.digest()).decode("ascii")
             headers.update({"x-ms-blob-type": "BlockBlob", "Content-Length": str(snapshot.size),
-                            "Content-MD5": base64.b64encode(md5.digest()).decode("ascii")})
-            self._request("PUT", "Put Blob %s" % blob, blob, headers=headers, body=lambda: piece)
+                            "Content-MD5": md5})
+            self._conditional(blob, snapshot.size, md5, lambda: self._request(
+                "PUT", "Put Blob %s" % blob, blob, headers=headers, body=lambda: piece))
         else:
             self._put_blocks(snapshot, blob, headers, progress)
         return "%s/%s/%s" % (self.endpoint, self.container, uri_encode(blob, safe="-_.~/"))
+
+    def _conditional(self, blob, size, md5, write):
+        """``write()``; its NameClash stands unless ``blob`` is the very blob
+        sent (size and MD5, base64), created by an attempt whose answer was lost."""
+        try:
+            write()
+        except NameClash:
+            resp, _ = self._request("HEAD", "Get Blob Properties %s" % blob, blob, ok=(200,))
+            if resp.header("Content-Length") != str(size) or resp.header("Content-MD5") != md5:
+                raise
 
     def _put_blocks(self, snapshot, blob, headers, progress):
         size = max(self.block_size, -(-snapshot.size // AZURE_MAX_BLOCKS))
@@ -4919,8 +4935,10 @@ class AzureStorage(Storage):
                         "Content-MD5": base64.b64encode(new_hash("md5", payload).digest()).decode("ascii")}
         if self.access_tier:
             list_headers["x-ms-access-tier"] = self.access_tier
-        self._request("PUT", "Put Block List %s" % blob, blob, query=[("comp", "blocklist")],
-                      headers=list_headers, body=payload)
+        list_headers["If-None-Match"] = "*"
+        self._conditional(blob, snapshot.size, list_headers["x-ms-blob-content-md5"], lambda: self._request(
+            "PUT", "Put Block List %s" % blob, blob, query=[("comp", "blocklist")],
+            headers=list_headers, body=payload))
 
     # -- list and delete ---------------------------------------------------------
 
@@ -4964,6 +4982,8 @@ def _azure_error(resp, data, action):
         message = message[0] if message else None
     elif data.strip():
         message = one_line(data[:200].decode("utf-8", "replace"))
+    if code in ("BlobAlreadyExists", "ConditionNotMet"):     # our If-None-Match: *
+        return NameClash("Azure %s: the blob exists already (%s); not replaced" % (action, code))
     hint = AZURE_HINTS.get(code or "", "")
     if code == "AuthenticationFailed" and message and "expired" in message.lower():
         hint = "the SAS or token has expired"
@@ -5006,6 +5026,8 @@ def _gcs_error(resp, data, action):
     text = "GCS %s: HTTP %d %s%s%s" % (action, resp.status, reason or resp.reason or "",
                                        (": " + one_line(message)) if message else "",
                                        (" (%s)" % hint) if hint else "")
+    if resp.status == 412:          # our ifGenerationMatch=0: the name is taken
+        return NameClash(text + "; the object exists already, not replaced")
     return StorageError(text, retryable_status(resp.status))
 
 
@@ -5116,18 +5138,14 @@ class GoogleStorage(Storage):
         obj = self.full_name(name)
         md5 = _RunningHash("md5")       # to compare with GCS's md5Hash, without a pass of its own
         base = "%s/upload/storage/v1/b/%s/o" % (self.endpoint, uri_encode(self.bucket))
-        if snapshot.size <= self.chunk_size:
-            url = base + "?" + canonical_query([("uploadType", "media"), ("name", obj)])
-            headers = {"Content-Type": "application/octet-stream",
-                       "Content-Length": str(snapshot.size)}
-            _, data = self._request("POST", "upload of %s" % obj, url, headers,
-                                    lambda: _FileSlice(snapshot.path, 0, snapshot.size, self.signals.check,
-                                                       progress, md5))
-            result = self._object_json(data, obj)
-            if self.storage_class:
-                self._set_storage_class(obj)
-        else:
-            result = self._resumable(snapshot, obj, base, progress, md5)
+        try:
+            result = self._create(snapshot, obj, base, progress, md5)
+        except NameClash:
+            result = self._metadata(obj)
+            if result.get("md5Hash") != base64.b64encode(md5.digest(
+                    snapshot.path, snapshot.size, self.signals.check)).decode("ascii") \
+                    or str(result.get("size")) != str(snapshot.size):
+                raise
         reported = result.get("md5Hash")
         ours = md5.digest(snapshot.path, snapshot.size, self.signals.check)
         if reported and base64.b64decode(reported) != ours:
@@ -5135,6 +5153,30 @@ class GoogleStorage(Storage):
             raise StorageError("GCS upload of %s: stored MD5 %s differs from the file's %s; object deleted"
                                % (obj, reported, base64.b64encode(ours).decode("ascii")))
         return "gs://%s/%s" % (self.bucket, obj)
+
+    def _create(self, snapshot, obj, base, progress, md5):
+        """Create ``obj`` only if no object of that name exists
+        (``ifGenerationMatch=0``: another agent's is never replaced; 412 is a
+        NameClash); returns the object's metadata."""
+        if snapshot.size > self.chunk_size:
+            return self._resumable(snapshot, obj, base, progress, md5)
+        url = base + "?" + canonical_query([("uploadType", "media"), ("name", obj),
+                                            ("ifGenerationMatch", "0")])
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(snapshot.size)}
+        _, data = self._request("POST", "upload of %s" % obj, url, headers,
+                                lambda: _FileSlice(snapshot.path, 0, snapshot.size, self.signals.check,
+                                                   progress, md5))
+        result = self._object_json(data, obj)
+        if self.storage_class:
+            self._set_storage_class(obj)
+        return result
+
+    def _metadata(self, obj):
+        """An object's metadata (size, md5Hash...) as a dict."""
+        url = "%s/storage/v1/b/%s/o/%s" % (self.endpoint, uri_encode(self.bucket),
+                                           uri_encode(obj, safe=""))
+        _, data = self._request("GET", "metadata of %s" % obj, url)
+        return self._object_json(data, obj)
 
     def _object_json(self, data, obj):
         try:
@@ -5156,7 +5198,8 @@ class GoogleStorage(Storage):
         if self.storage_class:
             metadata["storageClass"] = self.storage_class
         payload = json.dumps(metadata).encode("utf-8")
-        url = base + "?" + canonical_query([("uploadType", "resumable"), ("name", obj)])
+        url = base + "?" + canonical_query([("uploadType", "resumable"), ("name", obj),
+                                            ("ifGenerationMatch", "0")])
         resp, _ = self._request("POST", "start of resumable upload of %s" % obj, url, {
             "Content-Type": "application/json; charset=UTF-8",
             "X-Upload-Content-Type": "application/octet-stream",
