@@ -6235,7 +6235,10 @@ class Agent(object):
             if leader is False:
                 self.retention_retry.pop(storage.describe())   # the new leader's agent does it
                 continue
-            error = _retain(storage, kept) if leader else "sys/leader did not answer"
+            try:
+                error = _retain(storage, kept) if leader else "sys/leader did not answer"
+            except Stopped:
+                return True         # the loop sees the stop
             self.status.record_retention(storage, error)
             if error is None:
                 self.retention_retry.pop(storage.describe())
