@@ -339,3 +339,38 @@ def test_a_helper_that_answers_and_leaves_a_setsid_daemon_is_not_waited_for(tmp_
     assert not isinstance(creds, Exception), "%s after %.1fs" % (creds, elapsed)
     assert creds.access_key == "AKIDDAEMON"
     assert elapsed < 2.0, elapsed
+
+
+def test_a_secret_id_file_replaced_by_a_fifo_does_not_hang_the_login_past_a_stop(tmp_path):
+    # secret_id_file is checked to be a file at load, then re-read at each
+    # login with a blocking open(): replaced by a FIFO (nobody writing), the
+    # cycle hangs in open() and a stop request never ends it.
+    import threading
+    import time
+    secret = tmp_path / "secret_id"
+    secret.write_text("s")
+    os.chmod(str(secret), 0o600)
+    clock = fake_clock()
+    signals = FakeSignals(clock)
+    with FakeVault(role_id="r", secret_id="s") as vault:
+        doc = {"addr": vault.url, "role_id": "r", "secret_id_file": str(secret),
+               "local_storage": {"path": str(tmp_path / "snaps")}}
+        path = tmp_path / "c.json"
+        path.write_text(json.dumps(doc))
+        agent = vsa.Agent(lambda runtime: vsa.load_all(str(path), runtime), clock, signals,
+                          env={})
+        os.unlink(str(secret))
+        os.mkfifo(str(secret), 0o600)
+        results = []
+        worker = threading.Thread(target=lambda: results.append(agent.run_cycle()))
+        worker.daemon = True
+        worker.start()
+        time.sleep(0.5)
+        signals.request_stop()
+        worker.join(3.0)
+        hung = worker.is_alive()
+        if hung:                         # let the blocked open() return, then end it
+            fd = os.open(str(secret), os.O_WRONLY | os.O_NONBLOCK)
+            os.close(fd)
+            worker.join(5.0)
+    assert not hung, "run_cycle still blocked in open() of the FIFO 3 s after the stop"
