@@ -101,6 +101,7 @@ DEFAULT_API_TIMEOUT = "30s"          # per socket operation on API calls
 DEFAULT_REQUEST_TIMEOUT = "60s"      # total deadline of one request (the Vault Go client's default)
 DEFAULT_SNAPSHOT_TIMEOUT = "2m"      # idle (per read) timeout of the snapshot stream
 DEFAULT_RETRY_INTERVAL = "1m"        # first retry after a failed cycle; doubles, up to frequency
+STOP_GRACE = 1.0                     # seconds a clean-up request may take after a stop
 DEFAULT_LEADER_POLL = "30s"          # sys/leader between cycles: a failover is noticed this fast
 DEFAULT_K8S_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
@@ -412,10 +413,24 @@ def parse_bool(text):
     raise ValueError("not a boolean: %r" % text)
 
 
+def open_regular(path, mode="rb"):
+    """``open(path, mode)`` for reading, refusing anything but a regular
+    file without blocking: a FIFO put in place of a config or secret file
+    would otherwise hang the open (and PEP 475 restarts it after SIGTERM)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device or directory)", path)
+        return os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def read_secret_file(path, what):
     """The stripped first content of a small secret file, as a Secret."""
     try:
-        with open(path, "r") as handle:
+        with open_regular(path, "r") as handle:
             value = handle.read(65536).strip()
     except (IOError, OSError) as exc:
         raise ConfigError("%s %s: cannot read: %s" % (what, path, exc.strerror or exc)) from exc
@@ -898,9 +913,9 @@ MAX_HEADER_BYTES = 64 * 1024
 class Watchdog(object):
     """Shuts down the socket of every request that runs past its deadline.
 
-    One daemon thread per Watchdog (an Http makes its own, started with its
-    first request) sleeps until the earliest deadline, whatever the number
-    of requests in flight. A read blocked on a server that trickles one byte
+    One daemon thread per Watchdog (an Http makes its own), running while
+    requests are in flight, sleeps until the earliest deadline, whatever
+    their number. A read blocked on a server that trickles one byte
     a second never times out on its own; the shutdown ends it at once."""
 
     def __init__(self, clock=time.monotonic):
@@ -921,6 +936,8 @@ class Watchdog(object):
         """Forget ``watch``; once this returns, it is never fired."""
         with self._cond:
             self._watches.discard(watch)
+            if not self._watches:
+                self._cond.notify()         # the thread ends now, not at the old deadline
 
     def _run(self):
         with self._cond:
@@ -930,7 +947,10 @@ class Watchdog(object):
                     self._watches.discard(watch)
                     watch.expire()
                 due = min((w.due for w in self._watches), default=None)
-                self._cond.wait(None if due is None else max(0.0, due - now))
+                if due is None:         # idle: end (the next arm() starts another), so an
+                    self._thread = None     # Http dropped by a reload leaves no thread behind
+                    return
+                self._cond.wait(max(0.0, due - now))
 
 
 def _shutdown(sock):
@@ -948,10 +968,13 @@ class _Watch(object):
     """One request's guard: the Watchdog shuts its socket down at the
     deadline (``expired``), the Signals' abort hook at a stop (``stopped``).
     A stop requested before the request started does not abort it (a
-    cleanup after a stop, such as aborting a multipart upload, still runs
-    under its deadline); a second signal does."""
+    cleanup after a stop, such as aborting a multipart upload, still runs),
+    but it gets STOP_GRACE seconds at most, not the whole deadline; a second
+    signal cuts it at once."""
 
     def __init__(self, watchdog, signals, seconds, what):
+        if signals is not None and signals.stop_requested:
+            seconds = min(seconds, STOP_GRACE)
         self.watchdog, self.seconds, self.what = watchdog, seconds, what
         self.sock = self.due = None
         self.expired = self.stopped = False
@@ -1853,7 +1876,7 @@ def load_config(path, env=None):
     """
     env = os.environ if env is None else env
     try:
-        with open(path, "rb") as handle:
+        with open_regular(path, "rb") as handle:
             data = handle.read(16 * 1024 * 1024)
             mode = os.fstat(handle.fileno()).st_mode
     except (IOError, OSError) as exc:
@@ -2241,12 +2264,20 @@ CREDENTIAL_PROCESS_STDERR_KEPT = 4096
 
 
 def _parse_time(text):
-    """An ISO 8601 UTC time as AWS writes it ('2026-11-27T21:00:00Z', with or
-    without fractions); fromisoformat cannot read 'Z' before 3.11."""
-    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.\d+)?(Z|[+-]00:?00)?$", text.strip())
+    """An ISO 8601 time as AWS and its tools write it ('2026-11-27T21:00:00Z',
+    with or without fractions, 'z', or an offset such as '+02:00' or '-0500'),
+    as an aware UTC datetime; fromisoformat cannot read 'Z' before 3.11."""
+    match = re.match(r"\A([0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.[0-9]+)?"
+                     r"([Zz]|[+-][0-9]{2}:?[0-9]{2})?\Z", text.strip())
     if not match:
-        raise ValueError("not an ISO 8601 UTC time: %r" % text)
-    return datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+        raise ValueError("not an ISO 8601 time: %r" % text)
+    when = datetime.datetime.strptime(match.group(1), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    zone = match.group(2) or "Z"
+    if zone not in "Zz":
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        when -= sign * datetime.timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+    return when
 
 
 class CredentialHelper(object):
@@ -2260,6 +2291,7 @@ class CredentialHelper(object):
 
     POLL = 0.1          # seconds between looks at the deadline and the stop flag
     REAP = 2.0          # seconds to wait for the group leader after SIGKILL
+    DRAIN = 0.5         # seconds to read what is left once the helper itself exited
 
     def __init__(self, argv, env, signals, timeout, what):
         self.argv, self.env, self.signals = argv, env, signals
@@ -2296,8 +2328,13 @@ class CredentialHelper(object):
     def _read(self, deadline):
         out, err = bytearray(), bytearray()
         streams = {self.proc.stdout.fileno(): out, self.proc.stderr.fileno(): err}
+        drained = None      # once the helper exited: until when its pipes are still read
         while streams:
             self._tick(deadline)
+            if drained is None and self.proc.poll() is not None:
+                drained = time.monotonic() + self.DRAIN
+            elif drained is not None and time.monotonic() >= drained:
+                break       # a daemon it left (setsid) holds the pipes: not waited for
             ready, _, _ = select.select(list(streams), [], [], self.POLL)
             for fd in ready:
                 chunk = os.read(fd, 65536)
@@ -2623,7 +2660,7 @@ class AwsCredentialChain(object):
             pass
         now = self.clock.now()
         if expires is None or expires < CREDENTIAL_OLDEST:
-            problem = "%s: unreadable Expiration %s (want an ISO 8601 UTC time)" % (
+            problem = "%s: unreadable Expiration %s (want an ISO 8601 time)" % (
                 source, printable(str(expiration), 40) if isinstance(expiration, str)
                 else "of type " + type(expiration).__name__)
         elif expires <= now:
@@ -2683,7 +2720,7 @@ def read_ini_section(path, section):
     import configparser
     parser = configparser.RawConfigParser()
     try:
-        with open(path, "r") as handle:
+        with open_regular(path, "r") as handle:
             parser.read_file(handle)
     except (IOError, OSError):
         return {}
@@ -2710,7 +2747,9 @@ def _aws_error_line(data):
 
 class BearerToken(object):
     """An OAuth access token cache: ``fetch()`` returns (token, seconds valid);
-    a new token is fetched five minutes before the old one expires."""
+    a new token is fetched five minutes before the old one expires, or half
+    way through a shorter life (a token valid for 4 minutes is not fetched
+    again for every request); one that arrives expired is an error."""
 
     def __init__(self, fetch, clock, what):
         self.fetch, self.clock, self.what = fetch, clock, what
@@ -2724,8 +2763,13 @@ class BearerToken(object):
                 token, seconds = self.fetch()
                 if not token:
                     raise StorageError("%s: answer has no access token" % self.what)
+                seconds = float(seconds)
+                if not seconds > 0:
+                    raise StorageError("%s: answered a token that is already expired "
+                                       "(expires_in %r)" % (self.what, seconds))
                 self._token = Secret(token)
-                self._expires = self.clock.monotonic() + max(0.0, float(seconds) - 300.0)
+                self._expires = self.clock.monotonic() + (
+                    seconds - 300.0 if seconds > 600.0 else seconds / 2.0)
                 LOG.info("Obtained an access token from %s, valid %s", self.what,
                          format_duration(float(seconds)))
             return self._token
@@ -2857,7 +2901,7 @@ def google_token_source(credentials_file, env, http, clock, metadata_host):
 
 def read_credentials_file(path):
     try:
-        with open(path, "r") as handle:
+        with open_regular(path, "r") as handle:
             info = json.load(handle)
     except (IOError, OSError) as exc:
         raise ConfigError("credentials file %s: cannot read: %s" % (path, exc.strerror or exc)) from exc
@@ -5140,8 +5184,11 @@ class GoogleStorage(Storage):
         base = "%s/upload/storage/v1/b/%s/o" % (self.endpoint, uri_encode(self.bucket))
         try:
             result = self._create(snapshot, obj, base, progress, md5)
-        except NameClash:
-            result = self._metadata(obj)
+        except NameClash as clash:
+            try:
+                result = self._metadata(obj)
+            except StorageError:
+                raise clash from None
             if result.get("md5Hash") != base64.b64encode(md5.digest(
                     snapshot.path, snapshot.size, self.signals.check)).decode("ascii") \
                     or str(result.get("size")) != str(snapshot.size):
@@ -5517,12 +5564,14 @@ class Status(object):
         if error is not None:
             entry["retention_failures"] += 1
 
-    def record(self, result, started, ended, duration, storages):
+    def record(self, result, started, ended, duration, storages, leading=False):
+        """A cycle's result; ``leading``: sys/leader said is_self (a skip
+        after that, a redirected snapshot, leaves is_leader as it said)."""
         self.last_start, self.last_end, self.last_duration = started, ended, duration
         self.last_outcome = result.outcome
         self.cycles[result.outcome] += 1
         if result.outcome == "skipped":
-            self.is_leader = False
+            self.is_leader = leading
         elif result.snapshot is not None:      # only the leader gets this far
             self.is_leader = True
         self.last_error = "; ".join(result.errors) or None
@@ -6059,6 +6108,7 @@ class Agent(object):
         self.failed_runs = {}  # storage.describe() -> failed uploads in a row
         self.retry_at = {}     # storage.describe() -> monotonic time before which no retry starts
         self.held = set()      # storages whose back-off outlasts a new leadership (see plan)
+        self.stored_at = {}    # storage.describe() -> (wall, monotonic) start of its last stored cycle
         self.leading = False   # the running cycle saw is_self: true
         self.retention_retry = {}  # storage.describe() -> [monotonic due, kept name, failures]
         self.next_poll = None  # monotonic time of the next leader poll; None: no polling
@@ -6097,11 +6147,16 @@ class Agent(object):
         return storage.frequency or self.cfg.frequency
 
     def next_time(self, after, frequency):
-        """The due time one ``frequency`` after ``after``, aligned and jittered."""
+        """The due time one ``frequency`` after ``after``, jittered; with
+        ``align``, the first whole multiple of the frequency (UTC) more than
+        half a frequency after ``after``: a cycle that began a little late
+        (a wake-up, jitter) is followed by the next boundary, not the one
+        after it, and one that began just before a boundary does not run
+        again at it."""
         due = after + datetime.timedelta(seconds=frequency)
         if self.cfg.align:
-            seconds = (due - EPOCH).total_seconds()
-            due = EPOCH + datetime.timedelta(seconds=math.ceil(seconds / frequency) * frequency)
+            seconds = (after - EPOCH).total_seconds() + frequency / 2.0
+            due = EPOCH + datetime.timedelta(seconds=(math.floor(seconds / frequency) + 1) * frequency)
         if self.cfg.jitter:
             due += datetime.timedelta(seconds=self.rand() * self.cfg.jitter)
         return due
@@ -6126,7 +6181,9 @@ class Agent(object):
         return mono + (self.next_time(wall, frequency) - wall).total_seconds()
 
     def plan(self, reloaded=False):
-        """Set each storage's due time from its newest snapshot (or now).
+        """Set each storage's due time from its newest snapshot (or now),
+        never before the regular time after this agent's own last store
+        (a static name is not listed; a listing may fail).
         A storage whose cycle failed after this node knew it led (its upload,
         the snapshot stream, the login) stays in its back-off: planning again
         for a new leadership never makes it due earlier, so a flapping leader
@@ -6144,6 +6201,8 @@ class Agent(object):
                 if due > mono:
                     LOG.info("Newest snapshot in %s is from %s: next one due %s", key, iso(newest),
                              iso(self._wall(due)))
+            if key in self.stored_at:     # what this agent stored itself (unlisted: a static name)
+                due = max(due, self._regular(self.stored_at[key], frequency))
             if self.failed_runs.get(key) and key in self.held:
                 due = max(due, self.retry_at.get(key, mono))
             self.due[key] = due
@@ -6154,6 +6213,8 @@ class Agent(object):
         key = storage.describe()
         try:
             refs = without_future(storage.list(), now, key)
+        except Stopped:
+            return None             # the loop sees the stop
         except AgentError as exc:
             LOG.warning("Cannot list %s to plan the schedule (%s); snapshotting now",
                         key, _error_text(exc))
@@ -6181,9 +6242,13 @@ class Agent(object):
             key, frequency = storage.describe(), self._frequency(storage)
             self.last_start[key] = started
             regular = self._regular(started, frequency)
-            if result.outcome == "skipped":
+            if result.outcome == "skipped" and not self.leading:
                 self.due[key] = regular
                 continue
+            if result.outcome == "skipped":
+                failed.add(key)           # sys/leader said is_self, the snapshot said otherwise
+            elif key not in failed:
+                self.stored_at[key] = started
             if key not in failed or not self.cfg.retry_interval:
                 self.failed_runs.pop(key, None)
                 self.retry_at.pop(key, None)
@@ -6410,7 +6475,8 @@ class Agent(object):
                      result.outcome, result.stored[0][1] if result.stored else "-",
                      format_size(info.size), info.index, info.term, len(result.stored),
                      len(storages), format_duration(elapsed))
-        self.status.record(result, started, self.clock.now(), elapsed, storages)
+        self.status.record(result, started, self.clock.now(), elapsed, storages,
+                           leading=self.leading)
         return result
 
     def _guarded_cycle(self, storages):
@@ -6574,6 +6640,8 @@ def list_snapshots(storages):
     for storage in storages:
         try:
             found.extend((storage, ref) for ref in storage.list())
+        except Stopped:
+            raise
         except AgentError as exc:
             errors.append("%s: %s" % (storage.describe(), _error_text(exc)))
     found.sort(key=lambda item: (item[1].when, item[1].name), reverse=True)
