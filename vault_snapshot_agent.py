@@ -734,7 +734,9 @@ def parse_proxy_url(text, where):
         text = "http://" + text
     try:
         parts = urllib.parse.urlsplit(text)
-        port = parts.port or 80
+        port = 80 if parts.port is None else parts.port
+        if not 0 < port < 65536:
+            raise ValueError("port %d" % port)
     except ValueError:
         raise ConfigError("%s: not a proxy URL (http://[user:password@]host:port)" % where) from None
     if parts.scheme == "https":
@@ -928,8 +930,14 @@ class Watchdog(object):
         with self._cond:
             self._watches.add(watch)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="http-deadlines", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="http-deadlines", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError as exc:     # out of threads (a pids limit): no deadline
+                    self._watches.discard(watch)
+                    raise TransportError("cannot start the request deadline thread: %s" % exc,
+                                         retryable=True) from exc
+                self._thread = thread
             self._cond.notify()
 
     def disarm(self, watch):
@@ -1243,9 +1251,12 @@ class Http(object):
             if error is exc:
                 raise
             raise error from exc
-        if proxy is not None and (raw.status == 407 or raw.status == 401 and (
+        # A proxy's 407, or the 401 some proxies send for a bad password; only
+        # plain http goes through the proxy itself (inside a CONNECT tunnel the
+        # answer is the origin's, and the tunnel's own refusals came earlier).
+        if proxy is not None and parts.scheme == "http" and (raw.status == 407 or raw.status == 401 and (
                 raw.getheader("WWW-Authenticate") or "").lower().startswith("basic")):
-            conn.close()            # a proxy's 407, or the 401 some proxies send for a bad password
+            conn.close()
             watch.release()
             raise TransportError("%s %s%s: the proxy refused the credentials (%d %s)" % (
                 method, redact_url(url), via, raw.status, raw.reason), status=raw.status)
@@ -4944,8 +4955,11 @@ class AzureStorage(Storage):
         sent (size and MD5, base64), created by an attempt whose answer was lost."""
         try:
             write()
-        except NameClash:
-            resp, _ = self._request("HEAD", "Get Blob Properties %s" % blob, blob, ok=(200,))
+        except NameClash as clash:
+            try:
+                resp, _ = self._request("HEAD", "Get Blob Properties %s" % blob, blob, ok=(200,))
+            except StorageError:       # cannot read it (a write-only SAS, gone): the clash stands
+                raise clash from None
             if resp.header("Content-Length") != str(size) or resp.header("Content-MD5") != md5:
                 raise
 
@@ -5749,6 +5763,7 @@ class _MetricsLoop(object):
         self.timeout, self.max_clients = timeout, max_clients
         self.clients = collections.OrderedDict()      # socket -> _MetricsClient, oldest first
         self.stopping = False
+        self.pause, self.paused_until = 0.0, None    # accept() back-off (see _pause_accepts)
         self.selector = selectors.DefaultSelector()
         self.wake_r, self.wake_w = socket.socketpair()
         for sock in (listener, self.wake_r):
@@ -5772,6 +5787,7 @@ class _MetricsLoop(object):
                 self._expire()
                 if accept:              # after the reads, so a new client's request is served
                     self._accept()
+                self._resume_accepts()
         except Exception as exc:        # a bug: one line, and the agent runs on without metrics
             LOG.error("Metrics server stopped by %s: %s", type(exc).__name__, exc)
         finally:
@@ -5792,10 +5808,25 @@ class _MetricsLoop(object):
             pass
 
     def _wait(self):
-        if not self.clients:
+        times = [client.deadline for client in self.clients.values()]
+        if self.paused_until is not None:
+            times.append(self.paused_until)
+        if not times:
             return None
-        soonest = min(client.deadline for client in self.clients.values())
-        return max(0.0, soonest - self.clock.monotonic())
+        return max(0.0, min(times) - self.clock.monotonic())
+
+    def _pause_accepts(self):
+        """accept() failed (out of descriptors): stop watching the listener
+        for a while (5 ms, doubling up to 1 s, as Go's http.Server), or the
+        pending connection would keep the loop spinning on a whole core."""
+        self.pause = min(max(self.pause * 2, 0.005), 1.0)
+        self.paused_until = self.clock.monotonic() + self.pause
+        self.selector.unregister(self.listener)
+
+    def _resume_accepts(self):
+        if self.paused_until is not None and self.clock.monotonic() >= self.paused_until:
+            self.paused_until = None
+            self.selector.register(self.listener, self.events.EVENT_READ)
 
     def _accept(self):
         for _ in range(self.max_clients):       # a batch, then the reads come first again
@@ -5805,7 +5836,9 @@ class _MetricsLoop(object):
                 return
             except OSError as exc:              # e.g. out of descriptors
                 LOG.debug("Metrics: accept failed: %s", exc)
+                self._pause_accepts()
                 return
+            self.pause = 0.0
             if len(self.clients) >= self.max_clients:
                 self._drop(next(iter(self.clients)))
             sock.setblocking(False)
@@ -6292,6 +6325,8 @@ class Agent(object):
             return False
         try:
             leader = self.vault.is_leader()
+        except Stopped:
+            return True             # the loop sees the stop
         except AgentError as exc:
             leader = None
             LOG.warning("Retention retry: cannot ask sys/leader (%s)", _error_text(exc))
@@ -6431,15 +6466,18 @@ class Agent(object):
 
     def _download(self, vault, directories):
         """Stream and verify the snapshot into the first directory that can
-        take it; a disk error there moves on to the next one (a new request)."""
+        take it; a disk error there moves on to the next one (a new request).
+        When none can, the error names each directory and what it said."""
+        failed = []
         for position, directory in enumerate(directories):
             resp = vault.open_snapshot()
             try:
                 return stream_snapshot(resp, directory, self.signals,
                                        Progress("Downloading snapshot", None, self.clock))
             except StagingError as exc:
+                failed.append(str(exc))
                 if position == len(directories) - 1:
-                    raise
+                    raise StagingError("; ".join(failed)) from exc
                 LOG.warning("%s; staging in %s instead", exc, directories[position + 1])
             finally:
                 resp.close()
@@ -6853,13 +6891,25 @@ def load_all(path, runtime):
     SIGHUP the running config stays."""
     try:
         cfg = load_config(path, runtime.env)
-        return cfg, build_storages(cfg, runtime)
+        storages = build_storages(cfg, runtime)
+        _check_align(cfg, storages)
+        return cfg, storages
     except (ConfigError, Stopped):
         raise
     except Exception as exc:
         LOG.debug("Traceback", exc_info=True)
         raise ConfigError("config file %s: cannot be used (%s: %s)" % (
             path, type(exc).__name__, printable(one_line(exc), 200))) from None
+
+
+def _check_align(cfg, storages):
+    """With ``align``, the jitter must stay in the first half of each period:
+    the next boundary is found half a period after a cycle's start, so a
+    later start would skip a whole period."""
+    shortest = min(s.frequency or cfg.frequency for s in storages)
+    if cfg.align and cfg.jitter >= shortest / 2.0:
+        raise ConfigError("jitter: with align, must be less than half the shortest frequency "
+                          "(%s), got %s" % (format_duration(shortest / 2.0), format_duration(cfg.jitter)))
 
 
 def main(argv=None, stream=None):

@@ -105,21 +105,26 @@ def clock_text(t):
 # =============================================================================
 
 
-def test_align_with_a_jitter_over_half_the_frequency_keeps_every_period(tmp_path):
-    # align: true, frequency 1h, jitter 45m (accepted at load, documented as
-    # "a random delay up to this added to every scheduled time"); each draw
-    # is 0.9, so every cycle starts 40.5 min after its boundary. next_time()
-    # adds half a frequency to that start and rounds up: 40.5 + 30 > 60, so
-    # the boundary after it is skipped. With uniform draws, every draw over
-    # 30/45 skips a period (a third of them).
+def test_align_with_a_jitter_over_half_the_frequency_is_refused(tmp_path):
+    # align: true, frequency 1h, jitter 45m once ran: a cycle 40.5 min after
+    # its boundary was followed by the boundary after next (7 snapshots in
+    # 12 h, 2 h apart). Such a jitter cannot stay inside its period: refused.
+    clock = fake_clock()
+    with ScriptedVault(clock) as vault:
+        with pytest.raises(vsa.ConfigError) as caught:
+            run_agent(tmp_path, vault, clock, FakeSignals(clock, until=START + 12 * HOUR),
+                      rand=lambda: 0.9, align=True, jitter="45m")
+    assert "jitter" in str(caught.value) and "30m" in str(caught.value), caught.value
+
+
+def test_align_with_a_jitter_under_half_the_frequency_keeps_every_period(tmp_path):
+    # The largest accepted jitter, every draw near its top: one per hour.
     clock = fake_clock()
     with ScriptedVault(clock) as vault:
         _, log = run_agent(tmp_path, vault, clock, FakeSignals(clock, until=START + 12 * HOUR),
-                           rand=lambda: 0.9, align=True, jitter="45m")
+                           rand=lambda: 0.99, align=True, jitter="29m")
         taken = vault.snapshot_times()
     assert "Traceback" not in log and " ERROR " not in log, log
-    # Observed: 7 snapshots in 12 h, 2 h apart:
-    # 00:16:40 01:40:30 03:40:30 05:40:30 07:40:30 09:40:30 11:40:30.
     assert len(taken) >= 11, [clock_text(t) for t in taken]
 
 
