@@ -951,13 +951,15 @@ class Watchdog(object):
         with self._cond:
             while True:
                 now = self.clock()
-                for watch in [w for w in self._watches if w.due <= now]:
+                for watch in [w for w in self._watches if w.deadline() <= now]:
                     self._watches.discard(watch)
                     watch.expire()
-                due = min((w.due for w in self._watches), default=None)
+                due = min((w.deadline() for w in self._watches), default=None)
                 if due is None:         # idle: end (the next arm() starts another), so an
                     self._thread = None     # Http dropped by a reload leaves no thread behind
                     return
+                if any(w.cleanup for w in self._watches):
+                    due = min(due, now + 0.25)      # a stop may shorten it without a notify
                 self._cond.wait(max(0.0, due - now))
 
 
@@ -980,10 +982,11 @@ class _Watch(object):
     but it gets STOP_GRACE seconds at most, not the whole deadline; a second
     signal cuts it at once."""
 
-    def __init__(self, watchdog, signals, seconds, what):
+    def __init__(self, watchdog, signals, seconds, what, cleanup=False):
         if signals is not None and signals.stop_requested:
             seconds = min(seconds, STOP_GRACE)
-        self.watchdog, self.seconds, self.what = watchdog, seconds, what
+        self.watchdog, self.seconds, self.what, self.cleanup = watchdog, seconds, what, cleanup
+        self.stop_due = None        # a cleanup request's deadline once a stop came
         self.sock = self.due = None
         self.expired = self.stopped = False
         self._live = False
@@ -1015,9 +1018,16 @@ class _Watch(object):
         _shutdown(self.sock)
 
     def abort(self):
-        if self._live:
+        """The stop hook (it runs in the signal handler: no locks here)."""
+        if self._live and self.cleanup:
+            if self.stop_due is None:
+                self.stop_due = self.watchdog.clock() + STOP_GRACE    # the watchdog polls it
+        elif self._live:
             self.stopped = True
             _shutdown(self.sock)
+
+    def deadline(self):
+        return self.due if self.stop_due is None else min(self.due, self.stop_due)
 
     def failure(self):
         """What a failed read or write really means, or None: Stopped, or
@@ -1220,18 +1230,20 @@ class Http(object):
                                      "not sent" % (method, redact_url(url), printable(name, 60)))
         return parts, target, proxy, all_headers
 
-    def request(self, method, url, headers=None, body=None, timeout=None):
+    def request(self, method, url, headers=None, body=None, timeout=None, cleanup=False):
         """Send one request and return the Response (any status).
 
         Connection-level failures raise a retryable TransportError naming the
         host and operation (never a header value); the deadline's is one too;
-        a stop raises Stopped.
+        a stop raises Stopped. A ``cleanup`` request (aborting an upload) is
+        not cut by a stop: it gets STOP_GRACE seconds from the stop instead.
         """
         parts, target, proxy, all_headers = self._prepare(method, url, headers, body)
         via = " via proxy %s" % proxy.display if proxy else ""
         limit = self.deadline if timeout is None else max(self.deadline, timeout)
         timeout = timeout or self.timeout
-        watch = _Watch(self.watchdog, self.signals, limit, "%s %s%s" % (method, redact_url(url), via))
+        watch = _Watch(self.watchdog, self.signals, limit, "%s %s%s" % (method, redact_url(url), via),
+                       cleanup)
         streaming = body is not None and not isinstance(body, (bytes, bytearray, str))
         conn = None
         try:
@@ -3687,7 +3699,7 @@ class Storage(object):
     backoff_base = 0.5
     service = "storage"
 
-    def send(self, action, build, ok, error_from, sink=None, resync=None):
+    def send(self, action, build, ok, error_from, sink=None, resync=None, cleanup=False):
         """One storage request with retries; returns (Response, body bytes).
 
         ``build()`` returns (method, url, headers, body) afresh for each
@@ -3706,7 +3718,7 @@ class Storage(object):
             method, url, headers, body = build()
             wanted = None        # the server's Retry-After, seconds
             try:
-                resp = self.http.request(method, url, headers, body)
+                resp = self.http.request(method, url, headers, body, cleanup=cleanup)
                 with resp:
                     wanted = retry_after(resp.header("Retry-After"), self.clock.now())
                     if sink is not None and resp.status in ok:
@@ -4439,7 +4451,7 @@ class S3Storage(Storage):
         return path + "/" + (uri_encode(key, safe="-_.~/") if key else "")
 
     def _request(self, method, action, key=None, query=(), headers=None, body=None,
-                 payload_hash=EMPTY_SHA256, ok=(200,), sink=None, error_from=_s3_error):
+                 payload_hash=EMPTY_SHA256, ok=(200,), sink=None, error_from=_s3_error, cleanup=False):
         """One SigV4-signed request with retries; returns (Response, body bytes)."""
         path = self._path(key)
         query_text = canonical_query(query)
@@ -4452,7 +4464,7 @@ class S3Storage(Storage):
                                    creds.token.reveal() if creds.token else None,
                                    self.region, "s3", self.clock.now())
             return method, url, signed, body() if callable(body) else body
-        return self.send(action, build, ok, error_from, sink)
+        return self.send(action, build, ok, error_from, sink, cleanup=cleanup)
 
     def download(self, name, sink):
         key = self.full_name(name)
@@ -4632,7 +4644,7 @@ class S3Storage(Storage):
     def _abort(self, key, upload_id):
         try:
             self._request("DELETE", "AbortMultipartUpload on %s" % key, key,
-                          query=[("uploadId", upload_id)], ok=(200, 204, 404))
+                          query=[("uploadId", upload_id)], ok=(200, 204, 404), cleanup=True)
             LOG.info("Aborted multipart upload of s3://%s/%s", self.bucket, key)
         except (StorageError, TransportError) as exc:
             LOG.error("Could not abort multipart upload of s3://%s/%s (%s); a bucket lifecycle rule "
@@ -5331,7 +5343,8 @@ class GoogleStorage(Storage):
 
     def _cancel(self, session, obj):
         try:
-            resp = self.http.request("DELETE", session, self._headers(session, {"Content-Length": "0"}))
+            resp = self.http.request("DELETE", session, self._headers(session, {"Content-Length": "0"}),
+                                     cleanup=True)
             resp.close()
             LOG.info("Cancelled resumable upload of gs://%s/%s", self.bucket, obj)
         except TransportError as exc:
