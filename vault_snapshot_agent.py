@@ -126,6 +126,7 @@ UPLOAD_CHUNK = 1024 * 1024           # read size of uploads (one reused buffer p
 INFLATE_STEP = 64 * 1024             # archive bytes inflated (and at most produced) per zlib call
 PASS_BUFFERS = 4                     # CHUNK_SIZE buffers between reading and verifying a snapshot
 MAX_JSON_BYTES = 4 * 1024 * 1024     # an API answer larger than this is refused
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a config file larger than this is refused
 MAX_SMALL_MEMBER = 1024 * 1024       # meta.json / SHA256SUMS size cap
 MAX_PAX_HEADER = 64 * 1024           # a PAX extended header larger than this is refused
 MAX_TAR_HEADERS = 64                 # 4 members, their PAX headers and a few spare
@@ -1900,10 +1901,13 @@ def load_config(path, env=None):
     env = os.environ if env is None else env
     try:
         with open_regular(path, "rb") as handle:
-            data = handle.read(16 * 1024 * 1024)
+            data = handle.read(MAX_CONFIG_BYTES + 1)
             mode = os.fstat(handle.fileno()).st_mode
     except (IOError, OSError) as exc:
         raise ConfigError("config file %s: cannot read: %s" % (path, exc.strerror or exc)) from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError("config file %s: larger than %s; not a config file?" % (
+            path, format_size(MAX_CONFIG_BYTES)))
     try:
         raw = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
     except UnicodeDecodeError:

@@ -163,6 +163,9 @@ CASES = [
     ("file-deeply-nested", b"[" * 100000 + b"]" * 100000, "config file"),
     ("file-deeply-nested-value", b'{"addr": ' + b"[" * 100000 + b"]" * 100000 + b"}",
      "config file"),
+    # Past 16 MiB the file was cut and reported as "invalid JSON: Unterminated string".
+    ("file-larger-than-16-mib", b'{"addr": "http://127.0.0.1:8200", "x": "' + b"a" * (16 * 1024 * 1024)
+     + b'"}', "larger than"),
     # A key given twice: Python's json keeps the last silently (retain 100, then 1).
     ("file-duplicate-key", b'{"addr": "http://127.0.0.1:8200", "role_id": "r", "secret_id": "s", '
      b'"retain": 100, "local_storage": {"path": "/tmp"}, "retain": 1}', "retain"),
