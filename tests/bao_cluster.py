@@ -42,7 +42,7 @@ import time
 import urllib.error as _urlerr
 import urllib.request as _urlreq
 
-from harness import child_env, free_ports, spawn, tail
+from harness import child_env, free_ports, pid_alive, spawn, tail
 
 __all__ = [
     "BaoCluster",
@@ -113,21 +113,6 @@ def _hcl_str(value):
     return json.dumps(str(value))
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    # a zombie still answers kill(0); treat it as dead
-    try:
-        with open("/proc/%d/stat" % pid) as fh:
-            if fh.read().split(")")[-1].split()[0] == "Z":
-                return False
-    except (IOError, OSError, IndexError):
-        pass
-    return True
-
-
 class _NoRedirect(_urlreq.HTTPRedirectHandler):
     """Hand 3xx responses back to the caller instead of following them."""
 
@@ -171,7 +156,7 @@ class BaoNode(object):
         if self.proc is not None:
             return self.proc.poll() is None
         if self._pid is not None:
-            return _pid_alive(self._pid)
+            return pid_alive(self._pid)
         return False
 
     def log_tail(self, lines=25):
@@ -717,7 +702,7 @@ class BaoCluster(object):
             except subprocess.TimeoutExpired:
                 return False
         deadline = time.time() + timeout
-        while node.pid is not None and _pid_alive(node.pid):
+        while node.pid is not None and pid_alive(node.pid):
             if time.time() > deadline:
                 return False
             time.sleep(0.05)
@@ -803,7 +788,7 @@ def _looks_like_our_node(pid, config):
         with open("/proc/%d/cmdline" % pid, "rb") as fh:
             argv = fh.read().split(b"\0")
     except (IOError, OSError):
-        return _pid_alive(pid)  # no /proc: trust the state file
+        return pid_alive(pid)  # no /proc: trust the state file
     return any(a.endswith(config.encode()) for a in argv)
 
 
@@ -818,7 +803,7 @@ def _cmd_down(args):
     killed = []
     for n in info.get("nodes", []):
         pid = n.get("pid")
-        if not pid or not _pid_alive(pid):
+        if not pid or not pid_alive(pid):
             continue
         if not _looks_like_our_node(pid, n.get("config", "")):
             print("pid %s is not %s any more; left alone" % (pid, n.get("name")), file=sys.stderr)
@@ -829,7 +814,7 @@ def _cmd_down(args):
         except OSError:
             pass
     deadline = time.time() + 10
-    while any(_pid_alive(p) for p in killed) and time.time() < deadline:
+    while any(pid_alive(p) for p in killed) and time.time() < deadline:
         time.sleep(0.05)
     os.rename(state, state + ".down")
     print("OpenBao cluster down: killed %s" % (",".join(map(str, killed)) or "nothing"))

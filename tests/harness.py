@@ -8,6 +8,7 @@ For the server modules (moto_s3, gcs_emulators, azurite, bao_cluster):
 * ``tail(path, lines)``: the end of a log file, for error messages;
 * ``child_env(drop=..., drop_prefixes=..., **extra)``: ``os.environ`` minus
   some names, plus some;
+* ``pid_alive(pid)``: whether a process runs (a zombie does not);
 * ``spawn(argv, log_path, ...)``: a command in its own session (process
   group = its PID) with stdout and stderr appended to a log file;
 * ``ServerProcess``: one such process with a readiness check, a port chosen
@@ -51,7 +52,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(ROOT, "vault_snapshot_agent.py")
 
-__all__ = ["free_port", "free_ports", "tail", "child_env", "spawn", "ServerError",
+__all__ = ["free_port", "free_ports", "tail", "child_env", "pid_alive", "spawn", "ServerError",
            "ServerProcess", "LoopbackServer", "LoopbackHandler", "wait_for", "read",
            "start_agent", "reaped", "stop", "AGENT", "FakeClock", "FakeSignals"]
 
@@ -129,6 +130,22 @@ def spawn(argv, log_path, cwd=None, env=None, banner=None):
                                 start_new_session=True, close_fds=True)
     finally:
         log.close()
+
+
+def pid_alive(pid):
+    """True while process ``pid`` runs; a zombie (it answers kill(0)) is dead."""
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    # a zombie still answers kill(0); treat it as dead
+    try:
+        with open("/proc/%d/stat" % pid) as fh:
+            if fh.read().split(")")[-1].split()[0] == "Z":
+                return False
+    except (IOError, OSError, IndexError):
+        pass
+    return True
 
 
 def _signal_group(proc, sig):
@@ -685,14 +702,14 @@ def clear_cloud_env(monkeypatch, tmp_path, prefixes=CLOUD_ENV_PREFIXES):
 
 
 @contextlib.contextmanager
-def captured_log():
-    """``with captured_log() as stream:``: the agent's log at debug level,
-    as text, in ``stream`` (a StringIO) while the block runs."""
+def captured_log(level=None):
+    """``with captured_log() as stream:``: the agent's log at debug level
+    (or ``level``), as text, in ``stream`` (a StringIO) while the block runs."""
     import io
     import logging
     import vault_snapshot_agent as vsa
     stream = io.StringIO()
-    handler = vsa._configure_logging(logging.DEBUG, "text", stream)
+    handler = vsa._configure_logging(logging.DEBUG if level is None else level, "text", stream)
     try:
         yield stream
     finally:

@@ -25,8 +25,11 @@ works on Python 3.6+.
   answers ``"refuse"``: ``502``; ``"endless_headers"``: a CONNECT with
   ``200`` then header lines without end; ``"trickle_headers"``: the same,
   one line every ``interval`` seconds.
+* ``TunnelProxy(target)``: a CONNECT proxy that answers ``200`` and splices
+  the connection to ``target`` (host, port), in both directions, until
+  either side ends (or ``limit`` seconds idle).
 
-Both bind 127.0.0.1 on a free port, serve each connection from a daemon
+All bind 127.0.0.1 on a free port, serve each connection from a daemon
 thread, and count connections (``connections``)::
 
     with TrickleServer("headers") as server:
@@ -37,7 +40,7 @@ import socket
 import threading
 import time
 
-__all__ = ["TrickleServer", "RecordingProxy"]
+__all__ = ["TrickleServer", "RecordingProxy", "TunnelProxy"]
 
 
 class _RawServer(object):
@@ -187,6 +190,43 @@ class RecordingProxy(_RawServer):
         elif self.mode in ("endless_headers", "trickle_headers"):
             conn.sendall(b"HTTP/1.1 200 Connection established\r\n")
             self._lines(conn, end, self.interval if self.mode == "trickle_headers" else 0)
+
+
+class TunnelProxy(_RawServer):
+    """See the module docstring."""
+
+    def __init__(self, target, limit=8.0):
+        _RawServer.__init__(self, "tunnel", limit=limit)
+        self.target = target
+
+    def answer(self, conn, head, end):
+        upstream = socket.create_connection(self.target, timeout=self.limit)
+        try:
+            conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            back = threading.Thread(target=_pump, args=(upstream, conn), daemon=True)
+            back.start()
+            _pump(conn, upstream)
+            back.join(max(0.0, end - time.monotonic()))
+        finally:
+            upstream.close()
+
+
+def _pump(source, sink):
+    """Copy ``source`` to ``sink`` until ``source`` ends; then end ``sink``'s
+    writing half."""
+    try:
+        while True:
+            data = source.recv(65536)
+            if not data:
+                break
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        try:
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
 
 SLOW_DOWN = ("<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code>"

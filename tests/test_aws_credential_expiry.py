@@ -1,7 +1,9 @@
 """Section 9: credentials that a source hands out already expired, or with
 an Expiration that is no time at all, are one clear error naming the
 source; they never sign a request, and the source is not run again for
-every request. Short-lived credentials are used without a run per request."""
+every request. Short-lived credentials are used without a run per request.
+An Expiration in any ISO 8601 spelling (an offset, a lowercase ``z``) is
+read as that instant."""
 
 import datetime
 import os
@@ -111,6 +113,28 @@ def test_absurd_process_expiration_is_one_error_naming_the_source(tmp_path, expi
         assert "credential_process of AWS profile 'proc': unreadable Expiration" in text, text
         assert shown in text, text
     assert runs(counter) == 1
+
+
+@pytest.mark.parametrize("spelling", ["+02:00", "-05:00", "lowercase z"])
+def test_credential_process_expiration_with_an_offset_or_lowercase_z_is_read_as_that_instant(
+        tmp_path, spelling):
+    # credential_process prints ISO 8601 (botocore reads any offset with
+    # dateutil): Python's own isoformat() of an aware local time writes
+    # "+02:00"; RFC 3339 allows a lowercase "z". Valid credentials valid for
+    # another hour were refused as "unreadable Expiration", so the storage
+    # failed every cycle.
+    clock = FakeClock(datetime.datetime(2026, 1, 1, 0, 16, 40, tzinfo=UTC))
+    expires = clock.now() + datetime.timedelta(hours=1)
+    if spelling == "lowercase z":
+        text = expires.strftime("%Y-%m-%dT%H:%M:%Sz")
+    else:
+        sign = 1 if spelling[0] == "+" else -1
+        offset = datetime.timezone(sign * datetime.timedelta(hours=int(spelling[1:3])))
+        text = expires.astimezone(offset).isoformat()
+    env, _ = process_profile(tmp_path, text)
+    creds = process_chain(env, clock).get()     # raised StorageError: unreadable Expiration
+    assert creds.access_key == "ASIAPROC"
+    assert creds.expires == expires, (text, creds.expires)
 
 
 @pytest.mark.parametrize("expiration", [YEAR_ONE, "past"])

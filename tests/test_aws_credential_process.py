@@ -1,7 +1,8 @@
 """Section 9: a credential_process is contained. It runs in its own process
 group, which is killed as a whole on its timeout or on a stop request; the
 agent reads its output itself with a cap, so neither a grandchild holding
-stdout nor endless output keeps it waiting or fills its memory."""
+stdout nor endless output keeps it waiting or fills its memory. A helper
+that answers and leaves a daemon in its own session is not waited for."""
 
 import json
 import os
@@ -14,7 +15,7 @@ import time
 import pytest
 
 import vault_snapshot_agent as vsa
-from harness import ROOT, FakeClock, FakeSignals
+from harness import ROOT, FakeClock, FakeSignals, pid_alive
 
 PY = sys.executable
 
@@ -34,19 +35,6 @@ def chain_for(tmp_path, command, timeout=30.0, signals=None):
            "AWS_EC2_METADATA_DISABLED": "true", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     return vsa.AwsCredentialChain(None, env, "us-east-1", "proc", vsa.Http(None, 5.0), FakeClock(),
                                   profile_given=True, signals=signals, process_timeout=timeout)
-
-
-def gone(pid):
-    """True once ``pid`` is no more (a zombie of another parent counts as alive)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open("/proc/%d/stat" % pid) as handle:
-            return handle.read().split(") ", 1)[1].startswith("Z")
-    except (IOError, OSError):
-        return True
 
 
 # A helper that ignores SIGTERM and forks a grandchild that keeps stdout open.
@@ -71,9 +59,9 @@ def test_a_helper_that_hangs_with_a_grandchild_holding_stdout_is_killed_on_time(
     assert "credential_process of AWS profile 'proc'" in str(caught.value)
     grandchild = int(open(pidfile).read())
     deadline = time.monotonic() + 2
-    while not gone(grandchild) and time.monotonic() < deadline:
+    while pid_alive(grandchild) and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert gone(grandchild), "the grandchild outlived the helper's timeout"
+    assert not pid_alive(grandchild), "the grandchild outlived the helper's timeout"
 
 
 def test_a_stop_request_ends_a_hanging_helper_at_once(tmp_path):
@@ -148,3 +136,47 @@ def test_a_well_behaved_helper_still_answers(tmp_path):
     doc = {"Version": 1, "AccessKeyId": "ASIAOK", "SecretAccessKey": "s", "SessionToken": "t"}
     aws = chain_for(tmp_path, helper(tmp_path, "print(%r)\n" % json.dumps(doc)))
     assert aws.get().access_key == "ASIAOK"
+
+
+# A helper that answers at once and exits 0, leaving a daemon in its own
+# session (a credential cache, an SSO refresher) that inherited stdout.
+DAEMONIZING = """
+import json
+print(json.dumps({"Version": 1, "AccessKeyId": "AKIDDAEMON", "SecretAccessKey": "daemon-secret"}))
+sys.stdout.flush()
+if os.fork() == 0:
+    os.setsid()
+    open(sys.argv[1], "w").write(str(os.getpid()))
+    time.sleep(20)
+    os._exit(0)
+os._exit(0)
+"""
+
+
+def test_a_helper_that_answers_and_leaves_a_setsid_daemon_is_not_waited_for(tmp_path):
+    # CredentialHelper's docstring: a helper that starts its own session
+    # "is not waited for, only not killed". But the answer was read until
+    # EOF on stdout and stderr, which the daemon holds: the agent waited out
+    # the whole process_timeout (60 s by default) and then failed, although
+    # the helper printed good credentials and exited 0 at once.
+    pidfile = tmp_path / "daemon.pid"
+    aws = chain_for(tmp_path, "%s %s" % (helper(tmp_path, DAEMONIZING), pidfile), timeout=4.0)
+    began = time.monotonic()
+    try:
+        creds = aws.get()
+        elapsed = time.monotonic() - began
+    except vsa.StorageError as exc:
+        elapsed, creds = time.monotonic() - began, exc
+    finally:
+        for _ in range(50):
+            if pidfile.exists() and pidfile.read_text():
+                break
+            time.sleep(0.05)
+        if pidfile.exists() and pidfile.read_text():
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)     # the daemon we started
+            except OSError:
+                pass
+    assert not isinstance(creds, Exception), "%s after %.1fs" % (creds, elapsed)
+    assert creds.access_key == "AKIDDAEMON"
+    assert elapsed < 2.0, elapsed

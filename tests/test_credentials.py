@@ -1,14 +1,17 @@
 """Sections 9 and 10 and the pure parts of section 15: the AWS credential chain
 (against loopback servers speaking IMDSv2 and the container protocol), its
-refresh before expiry, S3 addressing and part sizing."""
+refresh before expiry, S3 addressing and part sizing; bearer tokens (Azure,
+Google) fetched once by racing workers, and a short-lived one reused."""
 
 import datetime
 
 import pytest
 
 import vault_snapshot_agent as vsa
+from agent_sim import fake_clock, write_config
 from cred_servers import ContainerCredentialsServer, ImdsServer
-from harness import FakeClock
+from fake_endpoints import Endpoint
+from harness import FakeClock, FakeSignals
 
 UTC = vsa.UTC
 
@@ -179,3 +182,28 @@ def test_bearer_token_is_fetched_once_when_upload_workers_race():
     results = _race(token.get)
     assert len(fetches) == 1
     assert set(r.reveal() for r in results) == {"access-token"}
+
+
+def test_a_token_valid_for_four_minutes_is_not_fetched_for_every_request(tmp_path):
+    # A metadata server (GCE, GKE workload identity, Azure IMDS) hands out a
+    # cached token near its end: expires_in 240. BearerToken subtracted a
+    # 5-minute margin, so the token was expired on arrival and every storage
+    # request (each listing page, each resumable chunk) fetched another
+    # (the class fixed for AWS with CREDENTIAL_MIN_REUSE).
+    tokens = Endpoint(lambda request: (200, {}, {"access_token": "ya29.short-lived",
+                                                 "expires_in": 240, "token_type": "Bearer"}))
+    listing = Endpoint(lambda request: (200, {}, {"kind": "storage#objects"}))
+    with tokens, listing:
+        config = write_config(tmp_path, {
+            "addr": "http://127.0.0.1:9", "token": "t",
+            "google_storage": {"bucket": "snapshots", "endpoint": listing.url, "anonymous": False,
+                               "metadata_host": "127.0.0.1:%d" % tokens.port}})
+        clock = fake_clock()
+        runtime = vsa.Runtime({"CLOUDSDK_CONFIG": str(tmp_path / "no-gcloud")}, clock,
+                              FakeSignals(clock))
+        _, storages = vsa.load_all(config, runtime)
+        for _ in range(10):
+            storages[0].list()             # ten requests within the same second
+        fetched = len(tokens.requests)
+    # Before the fix: 10 token requests for 10 storage requests.
+    assert fetched <= 2, fetched

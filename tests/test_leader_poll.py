@@ -18,7 +18,6 @@ local disk), and the leader killed.
 """
 
 import datetime
-import io
 import json
 import os
 import re
@@ -27,20 +26,13 @@ import time
 import pytest
 
 import vault_snapshot_agent as vsa
-from archives import write_archive
-from fake_endpoints import FakeVault
-from harness import (FakeClock, FakeSignals, child_env, overridden, read, snapshots, start_agent,
-                     stop, wait_for)
+from agent_sim import LEADER, LOGIN, RENEW, SNAPSHOT, START, ScriptedVault, fake_clock, gaps, \
+    plant, run_daemon
+from harness import FakeSignals, child_env, read, snapshots, start_agent, stop, wait_for
 
-START = 1000.0              # the fake clock's monotonic() when the agent starts
 POLL = 30.0                 # the default leader_poll
 SLACK = 31 * 1.1            # a poll interval, its 10% jitter and a second to spare
 HOUR = datetime.timedelta(hours=1)
-LEADER = "/v1/sys/leader"
-LOGIN = "/v1/auth/approle/login"
-RENEW = "/v1/auth/token/renew-self"
-LOOKUP = "/v1/auth/token/lookup-self"
-SNAPSHOT = "/v1/sys/storage/raft/snapshot"
 BECAME_LEADER = "This node is now the leader"
 SKIPPED = "Not running on leader node, skipping."
 
@@ -48,21 +40,6 @@ SKIPPED = "Not running on leader node, skipping."
 # =============================================================================
 # helpers
 # =============================================================================
-
-
-def fake_clock():
-    """2026-01-01T00:16:40Z, monotonic() START."""
-    return FakeClock(datetime.datetime(2026, 1, 1, 0, 16, 40, tzinfo=vsa.UTC), START)
-
-
-def plant(directory, when):
-    """A valid snapshot named as taken at ``when`` in ``directory``; its name."""
-    directory = str(directory)
-    if not os.path.isdir(directory):
-        os.makedirs(directory, 0o700)
-    name = vsa.snapshot_name(when)
-    write_archive(os.path.join(directory, name), state=b"p" * 4096)
-    return name
 
 
 def status_is_leader(path):
@@ -83,39 +60,6 @@ def metric_is_leader(path):
         return None
     found = re.search(r"^vault_snapshot_is_leader(?:\{\})? (\S+)$", text, re.M)
     return float(found.group(1)) if found else None
-
-
-class ScriptedVault(FakeVault):
-    """FakeVault whose ``sys/leader`` says ``is_self`` when ``leader(t)`` is
-    true, ``t`` being the fake clock's seconds since START; every request is
-    noted in ``timeline`` as (t, method, path). Logins need role_id ``r``
-    and secret_id ``s``."""
-
-    def __init__(self, clock, leader):
-        FakeVault.__init__(self, role_id="r", secret_id="s")
-        self.clock, self.leader = clock, leader
-        self.timeline = []
-
-    sealed = staticmethod(lambda t: False)
-
-    def respond(self, request):
-        # The agent is blocked on this request: reading its clock is safe.
-        t = self.clock.monotonic() - START
-        path = request.path.split("?", 1)[0]
-        with self.lock:
-            self.timeline.append((t, request.method, path))
-        if self.sealed(t):
-            return 503, {}, {"errors": ["Vault is sealed"]}
-        if path == LEADER:
-            is_self = bool(self.leader(t))
-            return 200, {}, {"ha_enabled": True, "is_self": is_self,
-                             "leader_address": self.url if is_self else "http://127.0.0.1:9",
-                             "leader_cluster_address": ""}
-        return FakeVault.respond(self, request)
-
-    def times(self, path, method=None):
-        with self.lock:
-            return [t for t, m, p in self.timeline if p == path and method in (None, m)]
 
 
 class WatchingSignals(FakeSignals):
@@ -139,30 +83,15 @@ class WatchingSignals(FakeSignals):
 
 def run_agent(tmp_path, vault, clock, seconds, **config):
     """Run the daemon loop for ``seconds`` of fake time against ``vault``
-    with local storage in ``tmp_path/snaps``, a status file and a metrics
-    textfile; returns (agent, signals, log text)."""
-    doc = {"addr": vault.url, "role_id": "r", "secret_id": "s", "frequency": "1h",
-           "leader_poll": "30s", "local_storage": {"path": str(tmp_path / "snaps")},
-           "status_file": str(tmp_path / "status.json"),
-           "metrics_textfile": str(tmp_path / "metrics.prom")}
-    overridden(doc, config)
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(doc))
+    with local storage in ``tmp_path/snaps``, leader_poll 30s, a status
+    file and a metrics textfile; returns (agent, signals, log text)."""
     signals = WatchingSignals(clock, START + seconds, tmp_path)
-    stream = io.StringIO()
-    handler = vsa._configure_logging(20, "text", stream)
-    try:
-        agent = vsa.Agent(lambda runtime: vsa.load_all(str(path), runtime), clock, signals,
-                          env={})
-        signals.agent = agent
-        agent.run_forever()
-    finally:
-        vsa.LOG.removeHandler(handler)
-    return agent, signals, stream.getvalue()
-
-
-def gaps(times):
-    return [round(b - a, 3) for a, b in zip(times, times[1:])]
+    config.setdefault("leader_poll", "30s")
+    config.setdefault("status_file", str(tmp_path / "status.json"))
+    config.setdefault("metrics_textfile", str(tmp_path / "metrics.prom"))
+    agent, log = run_daemon(tmp_path, vault, clock, signals,
+                            on_agent=lambda agent: setattr(signals, "agent", agent), **config)
+    return agent, signals, log
 
 
 # =============================================================================

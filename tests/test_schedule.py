@@ -10,38 +10,43 @@ the metrics:
 * a flapping leader (``is_self`` flips every minute) in front of a storage
   whose upload always fails does not snapshot at every flip: the back-off
   outlasts a new leadership;
+* nor does it in front of a healthy storage whose listing cannot show the
+  last snapshot (a static S3 name, a failing listing), nor when the
+  snapshot is redirected to another node while ``sys/leader`` says
+  ``is_self``: a new leadership plans from the agent's own last store;
+* ``align`` keeps every period, whether a cycle wakes a moment late or is
+  jittered; a jitter of half the frequency or more is refused;
 * a retention that fails after a good upload is retried on its own, with
-  no new snapshot, and is shown in the status file and the metrics;
+  no new snapshot, and is shown in the status file and the metrics; a stop
+  during that retry is a stop, not one more failed retention;
 * a local_storage that cannot be used does not stop the other storage:
   the cycle is "partial";
 * a name another agent took in the same millisecond (NameClash) is never
   overwritten: the snapshot is stored under the next millisecond.
 
-The real Agent and VaultClient, driven by a FakeClock (hours in
-milliseconds) whose wall clock a test can step alone (FakeClock.step_wall).
+The real Agent and VaultClient (agent_sim.py), driven by a FakeClock (hours
+in milliseconds) whose wall clock a test can step alone
+(FakeClock.step_wall).
 """
 
 import datetime
-import io
 import json
 import os
 import re
 import tempfile
+import time
 
 import pytest
 
 import vault_snapshot_agent as vsa
-from archives import write_archive
+from agent_sim import (NOW, START, ScriptedVault, fake_clock, gaps, one_cycle, plant,
+                       run_daemon)
 from fake_endpoints import FakeVault
 from fake_s3 import FakeS3
-from harness import (FakeClock, FakeSignals, clear_cloud_env, error_lines, overridden, read,
-                     run_main, snapshots)
+from harness import FakeSignals, clear_cloud_env, error_lines, read, run_main, snapshots
 
-START = 1000.0              # the fake clock's monotonic() when the agent starts
 HOUR = 3600.0
 DAY = 24 * HOUR
-LEADER = "/v1/sys/leader"
-SNAPSHOT = "/v1/sys/storage/raft/snapshot"
 
 
 @pytest.fixture(autouse=True)
@@ -52,50 +57,6 @@ def no_cloud_env(monkeypatch, tmp_path):
 # =============================================================================
 # helpers
 # =============================================================================
-
-
-def fake_clock():
-    """2026-01-01T00:16:40Z, monotonic() START."""
-    return FakeClock(datetime.datetime(2026, 1, 1, 0, 16, 40, tzinfo=vsa.UTC), START)
-
-
-def plant(directory, when):
-    """A valid snapshot named as taken at ``when`` in ``directory``; its name."""
-    directory = str(directory)
-    if not os.path.isdir(directory):
-        os.makedirs(directory, 0o700)
-    name = vsa.snapshot_name(when)
-    write_archive(os.path.join(directory, name), state=b"p" * 4096)
-    return name
-
-
-class ScriptedVault(FakeVault):
-    """FakeVault whose ``sys/leader`` says ``is_self`` when ``leader(t)`` is
-    true, ``t`` being the fake clock's seconds since START; every request is
-    noted in ``timeline`` as (t, method, path). Logins need role_id ``r``
-    and secret_id ``s``."""
-
-    def __init__(self, clock, leader=lambda t: True):
-        FakeVault.__init__(self, role_id="r", secret_id="s")
-        self.clock, self.leader = clock, leader
-        self.timeline = []
-
-    def respond(self, request):
-        # The agent is blocked on this request: reading its clock is safe.
-        t = self.clock.monotonic() - START
-        path = request.path.split("?", 1)[0]
-        with self.lock:
-            self.timeline.append((t, request.method, path))
-        if path == LEADER:
-            is_self = bool(self.leader(t))
-            return 200, {}, {"ha_enabled": True, "is_self": is_self,
-                             "leader_address": self.url if is_self else "http://127.0.0.1:9",
-                             "leader_cluster_address": ""}
-        return FakeVault.respond(self, request)
-
-    def snapshot_times(self):
-        with self.lock:
-            return [t for t, m, p in self.timeline if p == SNAPSHOT and m == "GET"]
 
 
 class SteppingSignals(FakeSignals):
@@ -117,50 +78,35 @@ class SteppingSignals(FakeSignals):
         FakeSignals.wait(self, max(0.0, target - self.clock.monotonic()), wake_on_reload)
 
 
+class LateSignals(FakeSignals):
+    """FakeSignals whose every wait ends ``late`` seconds after it was due,
+    as a real select() does (the kernel wakes a sleeper after its timeout,
+    never before; here 2 ms)."""
+
+    late = 0.002
+
+    def wait(self, seconds, wake_on_reload=True):
+        FakeSignals.wait(self, seconds + self.late, wake_on_reload)
+
+
 def run_agent(tmp_path, vault, clock, seconds, steps=(), **config):
     """Run the daemon loop for ``seconds`` of fake time against ``vault``
     with local storage in ``tmp_path/snaps`` (unless ``config`` says
     otherwise; a value None removes a key), a status file and a metrics
     textfile; returns (agent, log text)."""
-    doc = {"addr": vault.url, "role_id": "r", "secret_id": "s", "frequency": "1h",
-           "leader_poll": "0s", "local_storage": {"path": str(tmp_path / "snaps")},
-           "status_file": str(tmp_path / "status.json"),
-           "metrics_textfile": str(tmp_path / "metrics.prom")}
-    overridden(doc, config)
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(doc))
-    signals = SteppingSignals(clock, START + seconds, steps)
-    stream = io.StringIO()
-    handler = vsa._configure_logging(20, "text", stream)
-    try:
-        agent = vsa.Agent(lambda runtime: vsa.load_all(str(path), runtime), clock, signals,
-                          env={})
-        agent.run_forever()
-    finally:
-        vsa.LOG.removeHandler(handler)
-    return agent, stream.getvalue()
+    config.setdefault("status_file", str(tmp_path / "status.json"))
+    config.setdefault("metrics_textfile", str(tmp_path / "metrics.prom"))
+    return run_daemon(tmp_path, vault, clock, SteppingSignals(clock, START + seconds, steps),
+                      **config)
 
 
-def one_cycle(tmp_path, vault, clock):
-    """One cycle of an Agent (no schedule) against ``vault`` with local
-    storage in ``tmp_path/snaps``: (CycleResult, log text)."""
-    doc = {"addr": vault.url, "role_id": "r", "secret_id": "s",
-           "local_storage": {"path": str(tmp_path / "snaps")}}
-    path = tmp_path / "c.json"
-    path.write_text(json.dumps(doc))
-    stream = io.StringIO()
-    handler = vsa._configure_logging(20, "text", stream)
-    try:
-        agent = vsa.Agent(lambda runtime: vsa.load_all(str(path), runtime), clock,
-                          FakeSignals(clock), env={})
-        result = agent.run_cycle()
-    finally:
-        vsa.LOG.removeHandler(handler)
-    return result, stream.getvalue()
+def flapping(t):
+    """is_self flips every minute (as in the flapping-leader attack of issue 18)."""
+    return int(t // 60) % 2 == 0
 
 
-def gaps(times):
-    return [round(b - a, 3) for a, b in zip(times, times[1:])]
+def clock_text(t):
+    return (NOW + datetime.timedelta(seconds=t)).strftime("%H:%M:%S")
 
 
 def unwritable(tmp_path):
@@ -208,7 +154,7 @@ def test_a_400_day_jump_ahead_and_its_correction_leave_no_gap(tmp_path):
 def test_a_flapping_leader_does_not_storm_a_failing_storage(tmp_path):
     clock = fake_clock()
     with FakeS3(put_status=403) as s3, \
-            ScriptedVault(clock, lambda t: int(t // 60) % 2 == 0) as vault:
+            ScriptedVault(clock, flapping) as vault:
         _, log = run_agent(tmp_path, vault, clock, 6 * HOUR, leader_poll="30s",
                            retry_interval="1m", local_storage=None,
                            temp_dir=str(tmp_path), aws_storage=s3.storage_block())
@@ -221,6 +167,104 @@ def test_a_flapping_leader_does_not_storm_a_failing_storage(tmp_path):
     # about a dozen snapshots in 6 hours, not one at every other flip (~180).
     assert 6 <= len(taken) <= 14, (len(taken), taken)
     assert len(puts) >= len(taken)
+
+
+# =============================================================================
+# a new leadership never makes a healthy storage due now
+# =============================================================================
+
+
+class ListFailingS3(FakeS3):
+    """A bucket whose ListObjectsV2 always answers 500 (writes work)."""
+
+    def respond(self, request):
+        if request.method == "GET" and "list-type=2" in request.path:
+            return 500, {}, b"<Error><Code>InternalError</Code><Message>listing down</Message></Error>"
+        return FakeS3.respond(self, request)
+
+
+@pytest.mark.parametrize("shape", ["static_name", "listing_fails"])
+def test_a_flapping_leader_does_not_snapshot_a_healthy_storage_at_every_flip(tmp_path, shape):
+    # frequency 24h; is_self flips every minute for 6 h; every upload works.
+    # A static S3 name is never listed as a snapshot, and a failing listing
+    # shows none, so each new leadership planned "no snapshot yet: due now".
+    clock = fake_clock()
+    server = FakeS3() if shape == "static_name" else ListFailingS3()
+    extra = {"s3_static_snapshot_name": "vault.snap"} if shape == "static_name" else {}
+    with server as s3, ScriptedVault(clock, flapping) as vault:
+        _, log = run_daemon(tmp_path, vault, clock, FakeSignals(clock, until=START + 6 * HOUR),
+                            frequency="24h", leader_poll="30s", retry_interval="1m",
+                            local_storage=None, temp_dir=str(tmp_path),
+                            aws_storage=s3.storage_block(**extra))
+        taken = vault.snapshot_times()
+        puts = s3.paths("PUT")
+    assert "Traceback" not in log, log
+    # Before the fix: 180 snapshots pulled and 180 PUTs in 6 h (one per flip).
+    assert len(taken) <= 2, (len(taken), len(puts), taken[:5])
+
+
+def test_a_snapshot_redirected_while_sys_leader_says_is_self_does_not_cycle_at_every_poll(tmp_path):
+    # sys/leader says is_self but the snapshot GET is redirected to another
+    # node (addr behind a load balancer, a leadership in flux): the cycle is
+    # "skipped", the status says standby, the next poll says leader again
+    # and plan() made the storage due now: a full cycle every poll.
+    clock = fake_clock()
+    with ScriptedVault(clock, redirect=True) as vault:
+        _, log = run_daemon(tmp_path, vault, clock, FakeSignals(clock, until=START + 6 * HOUR),
+                            frequency="1h", leader_poll="30s")
+        taken = vault.snapshot_times()
+    assert "Traceback" not in log, log
+    # Before the fix: 686 snapshot requests (and 686 "skipping" lines) in 6 h.
+    assert len(taken) <= 14, (len(taken), log.count("skipping"))
+
+
+# =============================================================================
+# align keeps every period
+# =============================================================================
+
+
+@pytest.mark.parametrize("shape", ["late_wakeup", "jitter"])
+def test_align_keeps_every_period(tmp_path, shape):
+    # align: true, frequency 1h, 12 h. A cycle that starts any time after
+    # its boundary (a real wake-up is never early; jitter delays it on
+    # purpose) was followed by one a frequency later rounded *up*: two
+    # boundaries on.
+    clock = fake_clock()
+    config = {"align": True}
+    signals_class = LateSignals if shape == "late_wakeup" else FakeSignals
+    if shape == "jitter":
+        config["jitter"] = "10m"
+    with ScriptedVault(clock) as vault:
+        _, log = run_daemon(tmp_path, vault, clock, signals_class(clock, until=START + 12 * HOUR),
+                            rand=lambda: 0.5, **config)
+        taken = vault.snapshot_times()
+    assert "Traceback" not in log and " ERROR " not in log, log
+    hours = [round(t / HOUR, 3) for t in taken]
+    # Before the fix: 7 snapshots, 2 h apart ([0.0, 1.722, 3.722, ...]).
+    assert len(taken) >= 11, hours
+
+
+def test_align_with_a_jitter_over_half_the_frequency_is_refused(tmp_path):
+    # align: true, frequency 1h, jitter 45m once ran: a cycle 40.5 min after
+    # its boundary was followed by the boundary after next (7 snapshots in
+    # 12 h, 2 h apart). Such a jitter cannot stay inside its period: refused.
+    clock = fake_clock()
+    with ScriptedVault(clock) as vault:
+        with pytest.raises(vsa.ConfigError) as caught:
+            run_daemon(tmp_path, vault, clock, FakeSignals(clock, until=START + 12 * HOUR),
+                       rand=lambda: 0.9, align=True, jitter="45m")
+    assert "jitter" in str(caught.value) and "30m" in str(caught.value), caught.value
+
+
+def test_align_with_a_jitter_under_half_the_frequency_keeps_every_period(tmp_path):
+    # The largest accepted jitter, every draw near its top: one per hour.
+    clock = fake_clock()
+    with ScriptedVault(clock) as vault:
+        _, log = run_daemon(tmp_path, vault, clock, FakeSignals(clock, until=START + 12 * HOUR),
+                            rand=lambda: 0.99, align=True, jitter="29m")
+        taken = vault.snapshot_times()
+    assert "Traceback" not in log and " ERROR " not in log, log
+    assert len(taken) >= 11, [clock_text(t) for t in taken]
 
 
 # =============================================================================
@@ -255,6 +299,46 @@ def test_a_failed_retention_is_retried_without_a_new_snapshot(tmp_path, monkeypa
     failures = re.search(r"^vault_snapshot_retention_failures_total\{[^}]*\} (\S+)$",
                          read(tmp_path / "metrics.prom"), re.M)
     assert failures and float(failures.group(1)) == len(attempts), read(tmp_path / "metrics.prom")
+
+
+def test_a_stop_during_the_retention_retry_leader_check_is_not_a_failed_retention(
+        tmp_path, monkeypatch):
+    # retain: 2 over 3 planted snapshots; deletes fail (a read-only mount):
+    # the cycle's retention fails once and is retried a minute later. SIGTERM
+    # arrives while that retry asks sys/leader: is_leader() raised Stopped
+    # (an AgentError), which retry_retentions() took for "sys/leader did not
+    # answer": a second retention failure was counted, shown in the status
+    # file and the metric, and a retry 2 minutes on was announced.
+    clock = fake_clock()
+    snaps = tmp_path / "snaps"
+    for days in (2, 3, 4):
+        plant(snaps, NOW - datetime.timedelta(days=days))
+
+    def delete(storage, names):
+        raise vsa.StorageError("cannot delete %s: Read-only file system" % names[0])
+    monkeypatch.setattr(vsa.LocalStorage, "delete", delete)
+    signals = FakeSignals(clock, until=START + 3 * HOUR)
+
+    def on_leader(t):
+        if t > 30:          # the retention retry's check, a minute after the cycle
+            signals.request_stop()
+            time.sleep(1.0)     # the stop cuts this request at once
+    with ScriptedVault(clock, on_leader=on_leader) as vault:
+        _, log = run_daemon(tmp_path, vault, clock, signals, frequency="24h", retry_interval="1m",
+                            local_storage={"path": str(snaps), "retain": 2},
+                            status_file=str(tmp_path / "status.json"),
+                            metrics_textfile=str(tmp_path / "metrics.prom"))
+    assert "Traceback" not in log, log
+    assert "Stopping on SIGTERM" in log, log
+    failures = re.search(r"^vault_snapshot_retention_failures_total\{[^}]*\} (\S+)$",
+                         read(tmp_path / "metrics.prom"), re.M)
+    status = json.loads(read(tmp_path / "status.json"))["storages"]["local:%s" % snaps]
+    # Before the fix: 2 failures; retention_error "sys/leader did not answer";
+    # the log said "Retention retry: cannot ask sys/leader (stop requested)"
+    # and "Retrying the retention of ... (2 failed in a row ...)".
+    assert failures and float(failures.group(1)) == 1, (failures and failures.group(0), status)
+    assert "Read-only file system" in (status["retention_error"] or ""), status
+    assert log.count("Retrying the retention") == 1, log
 
 
 # =============================================================================

@@ -1,6 +1,12 @@
 """Section 5 (HTTP transport): every request has a total deadline, a stop
 cuts any request in progress, and headers are bounded on every answer.
 
+A deadline thread that could not start is started by the next request.  A
+SIGTERM during a retention retry, while ``list``, ``download`` or
+``restore`` lists, or during a multipart upload whose abort hangs, exits 0
+within seconds: the clean-up requests after a stop get a short grace, not
+the whole deadline.
+
 A server that trickles one byte a second stays under any per-read socket
 timeout for ever; the deadline (``request_timeout``) ends it.  Snapshot
 data (a streamed answer, a file uploaded as the request body) is only held
@@ -9,8 +15,11 @@ to the idle timeout.  The servers are raw loopback sockets
 an agent without the fix fails the time checks instead of hanging.
 """
 
+import datetime
 import json
+import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -18,7 +27,12 @@ import time
 import pytest
 
 import vault_snapshot_agent as vsa
-from harness import AGENT, FakeSignals, child_env, error_lines, run_main
+from agent_sim import write_config
+from archives import build_archive
+from fake_endpoints import Endpoint, FakeVault
+from fake_s3 import FakeS3
+from harness import (AGENT, FakeSignals, child_env, error_lines, read, reaped, run_main,
+                     start_agent, stop, wait_for)
 from slow_servers import RecordingProxy, TrickleServer
 
 DEADLINE = 1.0
@@ -35,6 +49,13 @@ def timed(call):
     with pytest.raises(Exception) as info:
         call()
     return info.value, time.monotonic() - start
+
+
+def agent_env():
+    """The environment of an agent run as a subprocess: no cloud or Vault
+    variables of this machine, no EC2 metadata."""
+    return child_env(drop_prefixes=("AWS_", "AZURE_", "VAULT_", "BAO_", "GOOGLE_"),
+                     AWS_EC2_METADATA_DISABLED="true")
 
 
 # -- the deadline --------------------------------------------------------------
@@ -121,6 +142,41 @@ def test_a_trickling_leader_check_fails_the_cycle_at_the_deadline(tmp_path):
     assert took < 3.0, log
 
 
+def test_a_deadline_thread_that_failed_to_start_is_started_by_the_next_request(monkeypatch):
+    """Watchdog.arm() set ``_thread`` before ``start()``: when the start
+    failed once (RuntimeError: can't start new thread; a container at its
+    pids limit, RLIMIT_NPROC), ``_thread`` stayed a thread that never ran,
+    no later arm() started one, and no deadline ever fired again for the
+    life of that Http. Before the fix: the next request against a server
+    trickling its headers ran 6.0 s (the server's own limit) under a 1 s
+    deadline."""
+    real_start = threading.Thread.start
+    failed = []
+
+    def start(self):
+        if self.name == "http-deadlines" and not failed:
+            failed.append(self)
+            raise RuntimeError("can't start new thread")
+        return real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    http = vsa.Http(timeout=10.0, deadline=1.0)
+    with TrickleServer("headers", limit=4.0) as server:
+        with pytest.raises(Exception):
+            http.request("GET", server.url + "/first").close()
+        assert failed, "the deadline thread was never asked to start"
+        began = time.monotonic()
+        try:
+            http.request("GET", server.url + "/second").close()
+            outcome = "an answer (headers cut by the server's own close)"
+        except vsa.TransportError as exc:
+            outcome = str(exc)
+        took = time.monotonic() - began
+    assert took < 2.5, ("the second request ran %.1fs under a 1s deadline (no deadline thread), "
+                        "ending with %s" % (took, outcome))
+    assert "request_timeout" in outcome
+
+
 # -- a stop --------------------------------------------------------------------
 
 
@@ -179,7 +235,6 @@ def test_sigterm_during_a_trickling_leader_check_exits_0_at_once(tmp_path):
         path.write_text(json.dumps({"addr": server.url, "token": "t",
                                     "local_storage": {"path": str(tmp_path / "snaps")}}))
         path.chmod(0o600)
-        import subprocess
         proc = subprocess.Popen([sys.executable, "-I", AGENT, "-c", str(path)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 env=child_env(drop_prefixes=("VAULT_", "BAO_")))
@@ -200,6 +255,150 @@ def test_sigterm_during_a_trickling_leader_check_exits_0_at_once(tmp_path):
     assert code == 0, log
     assert took < 1.5, log
     assert "Traceback" not in log
+
+
+class RetentionHangS3(FakeS3):
+    """DeleteObjects refused (AccessDenied); once a delete was refused,
+    every listing hangs (up to 8 s), so a retention retry is stuck in it."""
+
+    def __init__(self, objects):
+        FakeS3.__init__(self, objects)
+        self.hanging = threading.Event()
+        self.release = threading.Event()
+
+    def respond(self, request):
+        if request.method == "POST" and "delete" in request.path:
+            return 403, {}, b"<Error><Code>AccessDenied</Code><Message>no delete</Message></Error>"
+        if request.method == "GET" and "list-type=2" in request.path and self.deletes():
+            self.hanging.set()
+            self.release.wait(8)
+        return FakeS3.respond(self, request)
+
+
+def test_sigterm_during_a_retention_retry_exits_0_without_a_traceback(tmp_path):
+    # A SIGTERM during a retention retry escaped the daemon loop as a
+    # traceback (issue 18's review).
+    now = datetime.datetime.now(vsa.UTC)
+    old = dict(("p/" + vsa.snapshot_name(now - datetime.timedelta(days=d)), b"x" * 10)
+               for d in (2, 3, 4))
+    with RetentionHangS3(old) as s3, FakeVault(role_id="r", secret_id="s") as vault:
+        config = write_config(tmp_path, {
+            "addr": vault.url, "role_id": "r", "secret_id": "s", "frequency": "1h",
+            "retry_interval": "1s", "leader_poll": "0s",
+            "aws_storage": s3.storage_block(s3_key_prefix="p", retain=1)})
+        try:
+            with reaped(start_agent(config, tmp_path / "agent.log", sys.executable,
+                                    env=agent_env())) as proc:
+                wait_for(s3.hanging.is_set, 15, "the retention retry's listing")
+                began = time.monotonic()
+                code = stop(proc, timeout=4)
+                took = time.monotonic() - began
+        finally:
+            s3.release.set()
+    log = read(tmp_path / "agent.log")
+    # Before the fix: exit 1 within 0.1 s, "Traceback ... Stopped: stop requested".
+    assert "Traceback" not in log, log[-2500:]
+    assert code == 0 and took < 2.0, (code, took, log[-1500:])
+
+
+class HangingList(FakeS3):
+    """Every listing hangs (up to 8 s) until released."""
+
+    def __init__(self):
+        FakeS3.__init__(self)
+        self.hanging = threading.Event()
+        self.release = threading.Event()
+
+    def respond(self, request):
+        if request.method == "GET" and "list-type=2" in request.path:
+            self.hanging.set()
+            self.release.wait(8)
+        return FakeS3.respond(self, request)
+
+
+@pytest.mark.parametrize("command", [["list"], ["download", "latest"],
+                                     ["restore", "--yes", "latest"]])
+def test_sigterm_while_a_command_lists_exits_0_and_reports_no_failure(tmp_path, command):
+    # Stopped is an AgentError: list_snapshots() took it for a failed
+    # listing of this storage and went on with the next one.
+    with HangingList() as s3:
+        config = write_config(tmp_path, {
+            "addr": "http://127.0.0.1:9", "token": "t",
+            "aws_storage": s3.storage_block(s3_key_prefix="p")})
+        try:
+            with open(str(tmp_path / "cmd.log"), "wb") as log_file:
+                proc = subprocess.Popen([sys.executable, "-I", AGENT, "-c", config] + command,
+                                        stdout=log_file, stderr=subprocess.STDOUT,
+                                        env=agent_env(), cwd=str(tmp_path))
+            with reaped(proc):
+                wait_for(s3.hanging.is_set, 15, "the listing")
+                code = stop(proc, timeout=4)
+        finally:
+            s3.release.set()
+    log = read(tmp_path / "cmd.log")
+    # Before the fix: exit 1; "ERROR Listing failed: s3://snapshots/p/: stop
+    # requested" (and for download/restore "snapshot latest not found").
+    assert code == 0, (code, log)
+    assert " ERROR " not in log, log
+
+
+class StuckMultipartS3(Endpoint):
+    """CreateMultipartUpload works; every UploadPart and the
+    AbortMultipartUpload then get no answer (up to 10 s each)."""
+
+    def __init__(self):
+        Endpoint.__init__(self)
+        self.parts = threading.Event()
+        self.aborts = threading.Event()
+        self.release = threading.Event()
+
+    def respond(self, request):
+        if request.method == "POST" and request.path.endswith("?uploads="):
+            return 200, {"Content-Type": "application/xml"}, (
+                "<InitiateMultipartUploadResult><Bucket>snapshots</Bucket><Key>k</Key>"
+                "<UploadId>stuck-upload</UploadId></InitiateMultipartUploadResult>")
+        if request.method == "PUT" and "uploadId=" in request.path:
+            self.parts.set()
+        elif request.method == "DELETE" and "uploadId=" in request.path:
+            self.aborts.set()
+        else:
+            return 200, {"Content-Type": "application/xml"}, (
+                "<ListBucketResult><IsTruncated>false</IsTruncated></ListBucketResult>")
+        self.release.wait(10)
+        return 500, {}, b"<Error><Code>InternalError</Code></Error>"
+
+
+def test_sigterm_during_a_multipart_upload_whose_abort_hangs_exits_within_seconds(tmp_path):
+    # A stop cuts the parts in flight; the AbortMultipartUpload that
+    # follows started after the stop, so nothing cut it: it ran to the
+    # request deadline (request_timeout, 60 s by default; here 30 s), past
+    # Kubernetes' 30 s grace period and Docker's 10 s.
+    archive = build_archive(state=os.urandom(6 * 1024 * 1024))
+    with StuckMultipartS3() as s3, FakeVault(role_id="r", secret_id="s", archive=archive) as vault:
+        block = {"access_key_id": "AKIDFAKES3TEST", "secret_access_key": "fake-s3-test-secret",
+                 "s3_endpoint": s3.url, "s3_region": "us-east-1", "s3_bucket": "snapshots",
+                 "part_size_mb": 5}
+        config = write_config(tmp_path, {
+            "addr": vault.url, "role_id": "r", "secret_id": "s", "frequency": "1h",
+            "leader_poll": "0s", "request_timeout": "30s", "temp_dir": str(tmp_path),
+            "aws_storage": block})
+        try:
+            with reaped(start_agent(config, tmp_path / "agent.log", sys.executable,
+                                    env=agent_env())) as proc:
+                wait_for(s3.parts.is_set, 15, "an UploadPart")
+                proc.send_signal(15)
+                wait_for(s3.aborts.is_set, 5, "the AbortMultipartUpload")
+                began = time.monotonic()
+                try:                # one SIGTERM only: a second one does cut the abort
+                    code = proc.wait(3)
+                except subprocess.TimeoutExpired:
+                    code = "still running"
+                took = time.monotonic() - began
+        finally:
+            s3.release.set()
+    # Before the fix: still running 3 s after the abort began (killed by the
+    # test); it exited only at the 30 s deadline.
+    assert code == 0 and took < 2.0, (code, took, read(tmp_path / "agent.log")[-1500:])
 
 
 # -- bounded headers -----------------------------------------------------------

@@ -1,6 +1,8 @@
 """Section 5 (HTTP transport): credential endpoints on the node itself are
 never reached through a proxy, and proxy variables the agent cannot use
-are a warning, not an exit.
+are a warning, not an exit. A proxy on port 0 is refused, never taken for
+port 80; a 401 from the origin inside a CONNECT tunnel is the origin's
+answer, not the proxy refusing its credentials.
 
 Which proxy a URL takes is checked as a table for the link-local and AWS
 metadata addresses in every spelling (no test contacts 169.254.x); end to
@@ -16,8 +18,9 @@ import pytest
 
 import vault_snapshot_agent as vsa
 from cred_servers import ContainerCredentialsServer
+from fake_endpoints import Endpoint, self_signed_cert
 from harness import FakeClock, run_main
-from slow_servers import RecordingProxy
+from slow_servers import RecordingProxy, TunnelProxy
 
 ENV_PROXY = {"HTTP_PROXY": "http://env.proxy:3128", "HTTPS_PROXY": "http://env.proxy:3128"}
 EXPLICIT = "http://corp.proxy:3128"
@@ -107,3 +110,44 @@ def test_an_unusable_environment_proxy_is_a_warning_not_an_exit(tmp_path, monkey
     assert any("HTTPS_PROXY" in line and "go direct" in line for line in warnings), log
     assert any("http_proxy" in line and "go direct" in line for line in warnings), log
     assert "hunter2" not in log + capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["setting", "environment"])
+def test_a_proxy_url_with_port_0_is_not_taken_for_port_80(where):
+    """parse_proxy_url wrote ``parts.port or 80``: an explicit ``:0`` (a
+    templating slip) silently became port 80 of the proxy host, a different
+    service; Go dials :0 and fails. Expected: refused (an explicit key: one
+    ConfigError line; the environment: a warning)."""
+    url = "http://127.0.0.1:0"
+    if where == "setting":
+        with pytest.raises(vsa.ConfigError):
+            vsa.ProxyPolicy(url)
+    else:
+        env = {"HTTPS_PROXY": url}
+        proxy = vsa.ProxyPolicy(None, env).for_url("https://vault.example:8200/")
+        assert proxy is None or proxy.port != 80, "port 0 became %s" % (proxy,)
+        assert vsa.env_proxy_warnings(env), "no warning for a proxy on port 0"
+
+
+def test_a_basic_auth_401_from_the_origin_inside_a_tunnel_is_the_origins_answer(tmp_path):
+    """Http.request took any 401 with ``WWW-Authenticate: Basic`` for the
+    proxy refusing its credentials, even for https, where the proxy has
+    already answered the CONNECT with 200 and the 401 came through TLS from
+    the origin (a Vault behind nginx ``auth_basic``): the error blamed the
+    proxy and the caller never saw the origin's answer."""
+    cert, key = self_signed_cert(tmp_path)
+    origin = Endpoint(lambda request: (401, {"WWW-Authenticate": 'Basic realm="vault"'},
+                                       {"errors": ["origin wants a password"]}), tls=(cert, key))
+    with origin:
+        port = int(origin.url.rsplit(":", 1)[1])
+        with TunnelProxy(("127.0.0.1", port)) as proxy:
+            http = vsa.Http(vsa.TlsOptions(cert, None, None, None, None, False), timeout=5.0,
+                            deadline=5.0,
+                            proxy=vsa.ProxyPolicy("http://user:pw@127.0.0.1:%d" % proxy.port))
+            try:
+                with http.request("GET", "https://127.0.0.1:%d/v1/sys/leader" % port) as resp:
+                    status, body = resp.status, resp.json()
+            except vsa.TransportError as exc:
+                pytest.fail("the origin's 401 was reported as: %s" % exc)
+    assert proxy.received and proxy.received[0].startswith(b"CONNECT ")
+    assert status == 401 and body["errors"] == ["origin wants a password"]
