@@ -362,7 +362,8 @@ def test_a_reload_moves_metrics_to_the_new_address(daemon, tmp_path):
     proc.send_signal(vsa.signal.SIGHUP)
     wait_for(lambda: _serving(new), 10, "metrics on the new port")
     assert refused(old)
-    assert "(was 127.0.0.1:%d)" % old in read(logfile)
+    # The new listener answers a moment before the line saying so is written.
+    wait_for(lambda: "(was 127.0.0.1:%d)" % old in read(logfile), 10, "the move logged")
     assert stop(proc) == 0
 
 
