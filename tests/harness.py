@@ -403,7 +403,7 @@ class LoopbackServer(object):
             server.socket = context.wrap_socket(server.socket, server_side=True)
         self._server = server
         self.port = server.server_address[1]
-        self._thread = threading.Thread(target=server.serve_forever,
+        self._thread = threading.Thread(target=server.serve_forever, args=(0.05,),
                                         name=type(self).__name__, daemon=True)
         self._thread.start()
         return self

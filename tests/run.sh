@@ -4,7 +4,8 @@
 #      GCS emulators, plus Azurite (npm) under .venv/azurite, and with apt-get promtool
 #      (prometheus) and tinyproxy;
 #   2. vermin: the agent must not use anything newer than Python 3.6;
-#   3. the unit tests under every pyenv Python 3.6-3.13 found (3.6 is required);
+#   3. the unit tests under every pyenv Python 3.6-3.13 found (3.6 is required), two
+#      interpreters at a time (UNIT_JOBS);
 #   4. the whole suite (unit + end to end on a real OpenBao cluster) in .venv,
 #      which also runs `--once` under each of those interpreters.
 # Extra arguments go to the final pytest run (e.g. -m "not slow", -k retention).
@@ -39,13 +40,15 @@ bao version
 echo "== vermin (minimum Python must be 3.6)"
 vermin -q -t=3.6- --eval-annotations --violations vault_snapshot_agent.py
 
-echo "== unit tests under every pyenv Python"
+echo "== unit tests under every pyenv Python (${UNIT_JOBS:-2} at a time)"
+# Each interpreter's unit run waits on loopback servers more than it computes,
+# so two run at once (UNIT_JOBS); each has its own venv, log and pycache tag.
 found36=no
-summary=""
+versions=""
 for py in $(ls -d "$PYENV_ROOT"/versions/3.*/bin/python3 2>/dev/null | sort -V); do
   ver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
   case "$ver" in 3.6|3.7|3.8|3.9|3.10|3.11|3.12|3.13) ;; *) continue ;; esac
-  case "$summary" in *"python$ver:"*) continue ;; esac
+  case " $versions " in *" $ver "*) continue ;; esac
   [ "$ver" = 3.6 ] && found36=yes
   venv=".venv-$ver"
   if [ ! -x "$venv/bin/pytest" ]; then
@@ -57,14 +60,40 @@ for py in $(ls -d "$PYENV_ROOT"/versions/3.*/bin/python3 2>/dev/null | sort -V);
       "$venv/bin/pip" install -q pytest
     fi
   fi
-  out=$("$venv/bin/python" -m pytest -q -m "not e2e and not oracle" -p no:cacheprovider tests 2>&1) || {
-    echo "$out" | tail -n 40; echo "unit tests FAILED under Python $ver"; exit 1; }
-  line=$(echo "$out" | tail -n 1)
-  echo "python$ver: $line"
-  summary="$summary python$ver: $line;"
+  versions="$versions $ver"
 done
 if [ "$found36" != yes ]; then
   echo "Python 3.6 not found under $PYENV_ROOT/versions: the agent's floor cannot be tested" >&2
+  exit 1
+fi
+logs=$(mktemp -d)
+unit_run() {      # unit_run VERSION: its log and exit code into $logs
+  local rc=0
+  ".venv-$1/bin/python" -m pytest -q -m "not e2e and not oracle" -p no:cacheprovider tests \
+    > "$logs/$1.log" 2>&1 || rc=$?
+  echo "$rc" > "$logs/$1.rc"
+}
+running=0
+for ver in $versions; do
+  unit_run "$ver" &
+  running=$((running + 1))
+  if [ "$running" -ge "${UNIT_JOBS:-2}" ]; then
+    wait -n || true
+    running=$((running - 1))
+  fi
+done
+wait
+failed=""
+for ver in $versions; do
+  echo "python$ver: $(tail -n 1 "$logs/$ver.log")"
+  if [ "$(cat "$logs/$ver.rc" 2>/dev/null || echo 1)" != 0 ]; then
+    tail -n 40 "$logs/$ver.log"
+    failed="$failed $ver"
+  fi
+done
+rm -rf "$logs"
+if [ -n "$failed" ]; then
+  echo "unit tests FAILED under Python$failed"
   exit 1
 fi
 

@@ -108,6 +108,25 @@ def test_clients_trickling_a_byte_at_a_time_are_closed_at_the_header_deadline(se
         close_all(socks)
 
 
+def test_an_idle_client_is_dropped_at_the_header_deadline(serve):
+    # Half a request line, then silence: dropped at the deadline (5 s in the
+    # daemon; 0.3 s here), with a plain close.
+    server = serve(header_timeout=0.3)
+    slow = connect(server.address[1])
+    try:
+        slow.sendall(b"GET /metr")
+        slow.settimeout(5)
+        started = time.monotonic()
+        try:
+            data = slow.recv(4096)
+        except ConnectionResetError:
+            data = b""
+        assert data == b"" or data.split()[1:2] == [b"408"], data[:200]
+        assert time.monotonic() - started < 2.0
+    finally:
+        slow.close()
+
+
 def test_beyond_the_cap_the_oldest_client_is_closed_and_a_scrape_still_answers(serve):
     server = serve(header_timeout=60, max_clients=4)
     base = threading.active_count()
