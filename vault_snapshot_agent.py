@@ -119,7 +119,8 @@ GO_NAME_RE = re.compile(r"\Araft_snapshot-([0-9]{1,20})\.snap\Z")
 FUTURE_SKEW = 300.0
 # Staging and partial files: hidden, tagged with host and pid so a later run
 # can tell its own crash leftovers from another live process's work.
-TEMP_NAME_RE = re.compile(r"\A\.raft_snapshot-(?P<host>[A-Za-z0-9_.-]*)-(?P<pid>[0-9]{1,10})-[0-9a-f]+\.tmp\Z")
+TEMP_NAME_RE = re.compile(
+    r"\A\.raft_snapshot-(?P<host>[A-Za-z0-9_.-]*)-(?P<pid>[0-9]{1,10})-[0-9a-f]+\.tmp\Z")
 
 CHUNK_SIZE = 1024 * 1024             # stream and copy granularity
 UPLOAD_CHUNK = 1024 * 1024           # read size of uploads (one reused buffer per part in flight)
@@ -369,7 +370,8 @@ def parse_size(value):
         if value < 0:
             raise ValueError("negative size")
         return value
-    match = re.match(r"\A\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*\Z", value if isinstance(value, str) else "")
+    match = re.match(r"\A\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*\Z",
+                     value if isinstance(value, str) else "")
     if not match or match.group(2).lower() not in _SIZE_UNITS:
         raise ValueError("not a size")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
@@ -1208,7 +1210,7 @@ class Http(object):
         TransportError for a bad URL or a header with a control character."""
         try:
             parts = urllib.parse.urlsplit(url)
-            parts.port
+            _ = parts.port          # a bad port raises here
         except ValueError as exc:
             raise TransportError("%s %s: invalid URL (%s)" % (method, redact_url(url), exc)) from exc
         target = parts.path or "/"
@@ -1632,8 +1634,9 @@ class Section(object):
         try:
             return parse_size(value)
         except (ValueError, OverflowError):
+            got = repr(value) if isinstance(value, str) else _json_type(value)
             raise self.error(key, "must be a size like \"500MB\" or \"20GiB\", or a byte count, "
-                                  "got %s" % (repr(value) if isinstance(value, str) else _json_type(value))) from None
+                                  "got %s" % got) from None
 
     def proxy(self, key, env=()):
         """A proxy URL (checked now, see parse_proxy_url) or "direct"."""
@@ -1669,7 +1672,7 @@ def check_url(value, where):
         value = "https://" + value
     try:
         parts = urllib.parse.urlsplit(value)
-        parts.port
+        _ = parts.port              # a bad port raises here
     except ValueError as exc:
         raise ConfigError("%s: invalid URL %s: %s" % (where, redact_url(value), exc)) from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -4683,7 +4686,8 @@ class S3Storage(Storage):
                 _, data = self._request(
                     "POST", "DeleteObjects", query=[("delete", "")],
                     headers={"Content-Type": "application/xml", "Content-Length": str(len(payload)),
-                             "Content-MD5": base64.b64encode(new_hash("md5", payload).digest()).decode("ascii")},
+                             "Content-MD5": base64.b64encode(
+                                 new_hash("md5", payload).digest()).decode("ascii")},
                     body=payload, payload_hash=hashlib.sha256(payload).hexdigest())
             except StorageError as exc:
                 if "NotImplemented" not in str(exc) and "HTTP 501" not in str(exc):
@@ -5674,7 +5678,8 @@ class Status(object):
                 for k, v in per])
         metric("vault_snapshot_storage_successes_total", "counter", "Snapshots stored.",
                [((("storage", k), ("type", v["type"])), v["successes"]) for k, v in per])
-        metric("vault_snapshot_storage_failures_total", "counter", "Failed stores (retention failures are counted apart).",
+        metric("vault_snapshot_storage_failures_total", "counter",
+               "Failed stores (retention failures are counted apart).",
                [((("storage", k), ("type", v["type"])), v["failures"]) for k, v in per])
         metric("vault_snapshot_retention_failures_total", "counter",
                "Retentions that failed (listing or deleting); the snapshot itself was stored.",

@@ -464,7 +464,7 @@ class BaoCluster(object):
         except _urlerr.HTTPError as exc:
             try:
                 payload = exc.read()
-            except Exception:  # noqa: BLE001 - connection dropped mid-body
+            except Exception:
                 payload = b""
             return exc.code, dict(exc.headers.items()) if exc.headers else {}, payload
         except (_urlerr.URLError, socket.error, socket.timeout, _httpclient.HTTPException) as exc:
@@ -727,7 +727,7 @@ class BaoCluster(object):
             try:
                 if predicate():
                     return
-            except Exception:  # noqa: BLE001 - keep polling through blips
+            except Exception:
                 pass
             dead = [n for n in watch if not n.running]
             if dead:

@@ -652,7 +652,7 @@ class GoogleTokenServer(_GoogleServer):
             form = urllib.parse.parse_qs(record.body.decode("utf-8"), keep_blank_values=True,
                                          strict_parsing=bool(record.body))
         except (UnicodeDecodeError, ValueError) as exc:
-            raise _JwtError("invalid_request", "cannot parse the form: %s" % exc)
+            raise _JwtError("invalid_request", "cannot parse the form: %s" % exc) from None
         for name, values in form.items():
             if len(values) != 1:
                 raise _JwtError("invalid_request", "parameter %s given %d times"
@@ -695,7 +695,7 @@ class GoogleTokenServer(_GoogleServer):
             claims = json.loads(_b64url_decode(parts[1], self.strict).decode("utf-8"))
             signature = _b64url_decode(parts[2], self.strict)
         except (ValueError, TypeError, binascii.Error, UnicodeDecodeError) as exc:
-            raise _JwtError("invalid_grant", "Invalid JWT: cannot decode (%s)" % exc)
+            raise _JwtError("invalid_grant", "Invalid JWT: cannot decode (%s)" % exc) from None
         grant["header"], grant["claims"] = header, claims
         if not isinstance(header, dict) or not isinstance(claims, dict):
             raise _JwtError("invalid_grant", "Invalid JWT: header and claims must be objects")

@@ -486,7 +486,7 @@ def stop(proc, sig=signal.SIGTERM, timeout=10):
         proc.kill()
         proc.wait()
         raise AssertionError("agent pid %d did not exit within %ss of %s"
-                             % (proc.pid, timeout, signal.Signals(sig).name))
+                             % (proc.pid, timeout, signal.Signals(sig).name)) from None
 
 
 # ------------------------------------------------ fake time and signals

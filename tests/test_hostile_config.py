@@ -109,7 +109,7 @@ def check_config(path, capsys):
     stream = io.StringIO()
     try:
         code = vsa.main(["-c", path, "--check-config"], stream=stream)
-    except BaseException as exc:  # noqa: B902 - nothing may escape main()
+    except BaseException as exc:  # nothing may escape main()
         raise AssertionError("main() raised %s (a traceback for the user)"
                              % type(exc).__name__) from None
     return code, stream.getvalue() + capsys.readouterr().out

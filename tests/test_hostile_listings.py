@@ -126,7 +126,7 @@ def run_cli(config, *args, timeout=60):
         proc.kill()
         out, err = proc.communicate()
         raise AssertionError("%s did not exit within %ss; its log ends:\n%s"
-                             % (" ".join(args), timeout, err[-3000:]))
+                             % (" ".join(args), timeout, err[-3000:])) from None
     return proc.returncode, out, err
 
 

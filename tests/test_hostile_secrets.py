@@ -48,7 +48,7 @@ def agent(*argv):
     printing its text (it may hold the very secret under test)."""
     try:
         return run_main(*argv)
-    except Exception as exc:    # noqa: B902
+    except Exception as exc:
         raise AssertionError("main(%s) raised %s: a traceback for the user"
                              % (" ".join(argv[2:3]), type(exc).__name__)) from None
 

@@ -27,8 +27,9 @@ def test_unit_runs_the_installed_module_from_cached_bytecode(path, tmp_path):
     CacheDirectory= and the next start reads it back instead of compiling."""
     items = [(k, v) for s, k, v in parse_unit(path) if s == "Service"]
     lib, cache = str(tmp_path / "lib"), str(tmp_path / "cache")
-    moved = lambda text: text.replace("/usr/local/lib/vault-snapshot-agent", lib).replace(
-        "/var/cache/vault-snapshot-agent", cache)
+    def moved(text):
+        return text.replace("/usr/local/lib/vault-snapshot-agent", lib).replace(
+            "/var/cache/vault-snapshot-agent", cache)
     env = dict((k, v) for k, v in os.environ.items() if not k.startswith("PYTHON"))
     for key, value in items:
         if key == "Environment":

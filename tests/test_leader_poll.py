@@ -279,8 +279,9 @@ def test_a_new_leader_takes_the_overdue_snapshot_within_a_minute_of_a_failover(
         wait_for(lambda: "Cycle stored" in read(leader["log"]), 60,
                  "the leader's agent to store the overdue snapshot")
         for agent in standbys:
-            wait_for(lambda: SKIPPED in read(agent["log"]), 60, "a standby's agent to skip")
-            wait_for(lambda: status_is_leader(agent["status"]) is False, 10,
+            wait_for(lambda agent=agent: SKIPPED in read(agent["log"]), 60,
+                     "a standby's agent to skip")
+            wait_for(lambda agent=agent: status_is_leader(agent["status"]) is False, 10,
                      "a standby's status file to say is_leader false")
             assert metric_is_leader(agent["metrics"]) == 0.0, read(agent["metrics"])
             assert snapshots(agent["snaps"]) == [agent["planted"]], read(agent["log"])

@@ -21,7 +21,6 @@ import re
 import pytest
 
 import vault_snapshot_agent as vsa
-from archives import write_archive
 from harness import (FakeSignals, captured_log, clear_cloud_env, error_lines, go_snapshot_name,
                      run_main, run_once, success_location, unique)
 from test_azure import key_block
@@ -76,7 +75,7 @@ def expected_after(names):
 
 
 def retention_line(log):
-    lines = [l for l in log.splitlines() if "Retention on " in l]
+    lines = [ln for ln in log.splitlines() if "Retention on " in ln]
     assert len(lines) == 1, log
     return lines[0]
 
@@ -263,7 +262,7 @@ def test_new_snapshot_alone_over_the_cap_is_kept_with_a_warning(tmp_path):
     # The size rule never leaves fewer than RETENTION_FLOOR (2) snapshots.
     assert deleted == [go(-1000)]
     assert sorted(os.listdir(store.path)) == sorted([at(0), at(1)])
-    warnings = [l for l in log.splitlines() if " WARNING " in l and "alone exceeds max_space" in l]
+    warnings = [ln for ln in log.splitlines() if " WARNING " in ln and "alone exceeds max_space" in ln]
     assert len(warnings) == 1, log
     assert "kept 2; deleted 1 (1 by max_space=" in retention_line(log)
 

@@ -23,7 +23,6 @@ The config checks at the bottom need no server (they also run on 3.6).
 import base64
 import datetime
 import hashlib
-import io
 import json
 import os
 import re
@@ -114,7 +113,7 @@ def test_two_cycles_keep_both_locked_versions(buckets, bao_cluster, approle, tmp
         heads = list(proxy.request_heads)
     assert keys[0] != keys[1]
     # The second cycle's retention line: one deleted by retain.
-    line = [l for l in log.splitlines() if "Retention on s3://%s/%s/" % (LOCKED, prefix) in l]
+    line = [ln for ln in log.splitlines() if "Retention on s3://%s/%s/" % (LOCKED, prefix) in ln]
     assert len(line) == 1, log
     assert "kept 1; deleted 1 (1 by retain=1)" in line[0], line[0]
     # Deleted by key only: no version id, no bypass header on any request.
@@ -249,7 +248,7 @@ def test_bucket_without_object_lock_is_one_line_and_local_still_stores(buckets, 
     code, log = run_once(tmp_path, bao_cluster.leader().addr, approle, aws_storage=aws,
                          local_storage={"path": str(tmp_path / "local")})
     assert code == 1, log
-    lock_errors = [l for l in error_lines(log) if "Object Lock" in l]
+    lock_errors = [ln for ln in error_lines(log) if "Object Lock" in ln]
     assert len(lock_errors) == 1, log
     # S3's own answer (moto: "Bucket is missing ObjectLockConfiguration"), not
     # a complaint about missing checksum headers.

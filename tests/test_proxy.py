@@ -526,13 +526,13 @@ def test_s3_through_the_authenticated_proxy(proxy, moto, bao_cluster, approle, k
     origin = "http://127.0.0.1:%d/" % moto.port
     assert lines and all(" " + origin in line for line in lines), lines
     path = "%s%s/%s" % (origin, BUCKET, key)
-    assert [l for l in lines if l.startswith("POST " + path + "?uploads")], lines
-    parts = [l for l in lines if l.startswith("PUT " + path + "?") and "partNumber=" in l]
+    assert [ln for ln in lines if ln.startswith("POST " + path + "?uploads")], lines
+    parts = [ln for ln in lines if ln.startswith("PUT " + path + "?") and "partNumber=" in ln]
     assert len(parts) >= 2, lines
-    assert [l for l in lines if l.startswith("POST " + path + "?uploadId=")], lines
-    assert [l for l in lines if l.startswith("GET %s%s" % (origin, BUCKET))], lines  # listing
+    assert [ln for ln in lines if ln.startswith("POST " + path + "?uploadId=")], lines
+    assert [ln for ln in lines if ln.startswith("GET %s%s" % (origin, BUCKET))], lines  # listing
     vault_port = port_of(bao_cluster.leader().addr)
-    assert not [l for l in lines if ":%d/" % vault_port in l]
+    assert not [ln for ln in lines if ":%d/" % vault_port in ln]
     assert_password_absent(log, proxy, moto.secret_access_key)
     assert proxy.password not in capsys.readouterr().out
 
@@ -565,7 +565,7 @@ def test_refused_proxy_credentials_are_one_error_line(proxy, moto, bao_cluster, 
     assert shown in lines[0]
     assert re.search(r"\b407\b" if case == "no credentials" else r"\b40[17]\b", lines[0]), log
     assert "Successfully created local snapshot" in log
-    assert not [l for l in log.splitlines() if "retry" in l.lower() and proxy.address in l], log
+    assert not [ln for ln in log.splitlines() if "retry" in ln.lower() and proxy.address in ln], log
     lines = proxy.requests(mark)
     assert lines and len(lines) == len(set(lines)), lines      # no request was tried twice
     assert wrong not in log
@@ -639,8 +639,8 @@ def test_environment_proxy_applies_to_a_host_name_unless_no_proxy_names_it(
     assert code == 0, log
     assert moto.list_keys(BUCKET, prefix + "/") == [s3_key(log)]
     lines = proxy.requests(mark)
-    assert [l for l in lines if l.startswith("PUT %s/%s/%s/" % (origin, BUCKET, prefix))], lines
-    assert all(" %s/" % origin in l for l in lines), lines       # Vault (loopback) direct
+    assert [ln for ln in lines if ln.startswith("PUT %s/%s/%s/" % (origin, BUCKET, prefix))], lines
+    assert all(" %s/" % origin in ln for ln in lines), lines       # Vault (loopback) direct
     assert_password_absent(log, proxy)
 
     clean_env.setenv("NO_PROXY", "example.com,%s:%d" % (alias.upper(), moto.port))
@@ -695,7 +695,7 @@ def test_tls_inside_the_tunnel_is_checked_against_the_origin(proxy, azurite_oaut
     assert code == 1, log
     assert "CONNECT %s:%d" % (alias, server.port) in proxy.requests(mark)
     assert re.search(r"certificate|hostname|IP address mismatch", log, re.I), log
-    assert not [l for l in log.splitlines() if "Successfully created azure" in l]
+    assert not [ln for ln in log.splitlines() if "Successfully created azure" in ln]
 
     code, log = run_cycle(tmp_path, bao_cluster, approle, local=False,
                           azure_storage=azure_block(server, unique("untrusted"), ca_cert=None,
@@ -743,8 +743,8 @@ def test_vault_through_a_proxy(request, bao_cluster, approle, tmp_path, clean_en
     assert len(os.listdir(str(tmp_path / "local"))) == 1
     vault = bao_cluster.leader().addr
     lines = server.requests(mark)
-    assert lines and all(" %s/v1/" % vault in l for l in lines), lines
-    assert [l for l in lines if l.startswith("POST %s/v1/auth/%s/login" % (vault, approle.mount))]
-    assert [l for l in lines if l.startswith("GET %s/v1/sys/storage/raft/snapshot" % vault)], lines
+    assert lines and all(" %s/v1/" % vault in ln for ln in lines), lines
+    assert [ln for ln in lines if ln.startswith("POST %s/v1/auth/%s/login" % (vault, approle.mount))]
+    assert [ln for ln in lines if ln.startswith("GET %s/v1/sys/storage/raft/snapshot" % vault)], lines
     if server.password:
         assert_password_absent(log, server)

@@ -99,10 +99,10 @@ def test_sighup_with_broken_configs_keeps_the_daemon_and_its_config(tmp_path):
             code = stop(proc)
     log = read(logfile)
     assert code == 0, log
-    errors = [l for l in log.splitlines() if " ERROR " in l]
-    assert len(errors) == refused and all(FAILED in l for l in errors), log
+    errors = [ln for ln in log.splitlines() if " ERROR " in ln]
+    assert len(errors) == refused and all(FAILED in ln for ln in errors), log
     assert "Traceback" not in log
-    starting = [l for l in log.splitlines() if " starting: " in l][0].split(" starting: ")[1]
+    starting = [ln for ln in log.splitlines() if " starting: " in ln][0].split(" starting: ")[1]
     assert outcomes(log)[-1].endswith(": " + starting), log     # the good file: the same config
 
 

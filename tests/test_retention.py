@@ -23,7 +23,6 @@ import io
 import json
 import os
 
-import pytest
 
 import vault_snapshot_agent as vsa
 from fake_s3 import BUCKET, FakeS3

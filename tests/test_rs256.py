@@ -83,7 +83,8 @@ def test_jwt_header_and_claims_are_those_google_documents():
     jwt = vsa.service_account_jwt(key, "agent@proj.iam.gserviceaccount.com", "kid123",
                                   "https://oauth2.googleapis.com/token", vsa.GCS_SCOPE, 1764276759.5)
     head, claims, sig = jwt.split(".")
-    pad = lambda s: base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+    def pad(s):
+        return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
     assert json.loads(pad(head)) == {"alg": "RS256", "typ": "JWT", "kid": "kid123"}
     assert json.loads(pad(claims)) == {
         "iss": "agent@proj.iam.gserviceaccount.com", "scope": vsa.GCS_SCOPE,

@@ -75,7 +75,7 @@ def test_multipart_upload_with_sse_kms(moto, bao_cluster, approle, kv_data, tmp_
                    s3_kms_key_id=moto.kms_key_id, s3_key_prefix="mp")
     code, log = run_agent(tmp_path, bao_cluster, approle, aws, local=False)
     assert code == 0, log
-    line = [l for l in log.splitlines() if "Successfully created aws snapshot to s3://snapshots-kms/" in l]
+    line = [ln for ln in log.splitlines() if "Successfully created aws snapshot to s3://snapshots-kms/" in ln]
     key = line[0].split("s3://snapshots-kms/", 1)[1].strip()
     head = moto.head("snapshots-kms", key)
     assert head["ContentLength"] > 5 * 1024 * 1024
@@ -193,7 +193,7 @@ def test_daemon_retries_only_the_failed_storage_until_a_reload_fixes_it(moto, ba
     assert log.count("Successfully created local snapshot") == 1, log
     assert len(os.listdir(str(tmp_path / "local"))) == 1
     assert "Retrying s3://%s/%s/ at " % (BUCKET, prefix) in log
-    assert "local:" not in "".join(l for l in log.splitlines() if "Retrying" in l)
+    assert "local:" not in "".join(ln for ln in log.splitlines() if "Retrying" in ln)
     keys = moto.list_keys(BUCKET, prefix + "/")
     assert keys == [stored_key(log)]
     verify_object(moto, keys[0], tmp_path)
@@ -211,8 +211,8 @@ def test_denied_user_gets_a_one_line_access_denied(moto, bao_cluster, approle, t
                    secret_access_key=moto.denied_secret_access_key)
     code, log = run_agent(tmp_path, bao_cluster, approle, aws, local=False)
     assert code == 1
-    errors = [l for l in log.splitlines() if " ERROR " in l]
-    assert any("AccessDenied" in l and "not allowed to PutObject" in l for l in errors), log
+    errors = [ln for ln in log.splitlines() if " ERROR " in ln]
+    assert any("AccessDenied" in ln and "not allowed to PutObject" in ln for ln in errors), log
     assert_no_aws_secrets(log, moto.denied_secret_access_key)
 
 

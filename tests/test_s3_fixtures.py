@@ -48,7 +48,8 @@ def test_moto_rejects_bad_credentials(moto):
 
 def test_moto_enforces_iam_policy(moto):
     denied = moto.client(moto.denied_access_key_id, moto.denied_secret_access_key)
-    assert _error(lambda: denied.put_object(Bucket="snapshots", Key="fx/d", Body=b"x")) == ("AccessDenied", 403)
+    assert _error(lambda: denied.put_object(Bucket="snapshots", Key="fx/d", Body=b"x")) == (
+        "AccessDenied", 403)
     agent = moto.agent_client()
     # agent user: only snapshots* buckets
     assert _error(lambda: agent.create_bucket(Bucket="elsewhere"))[0] == "AccessDenied"

@@ -82,7 +82,7 @@ def test_signatures_equal_botocore_on_random_requests(monkeypatch):
         ours = vsa.sigv4_headers(method, host, path, vsa.canonical_query(query), headers,
                                  payload_hash, ACCESS, SECRET, token, region, "s3", when)
         monkeypatch.setattr(botocore_auth, "get_current_datetime",
-                            lambda remove_tzinfo=True: when.replace(tzinfo=None))
+                            lambda remove_tzinfo=True, when=when: when.replace(tzinfo=None))
         request = AWSRequest(method=method, url="http://%s%s" % (host, path), data=body,
                              headers=dict(headers), params=list(query))
         botocore_auth.S3SigV4Auth(Credentials(ACCESS, SECRET, token), "s3", region).add_auth(request)

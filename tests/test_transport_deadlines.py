@@ -162,7 +162,7 @@ def test_a_deadline_thread_that_failed_to_start_is_started_by_the_next_request(m
     monkeypatch.setattr(threading.Thread, "start", start)
     http = vsa.Http(timeout=10.0, deadline=1.0)
     with TrickleServer("headers", limit=4.0) as server:
-        with pytest.raises(Exception):
+        with pytest.raises((vsa.TransportError, RuntimeError)):
             http.request("GET", server.url + "/first").close()
         assert failed, "the deadline thread was never asked to start"
         began = time.monotonic()
@@ -426,7 +426,8 @@ def test_a_proxy_trickling_connect_headers_fails_at_the_deadline():
         error, took = timed(lambda: client.request("GET", "https://vault.example:8200/v1/sys/leader"))
     assert "no complete answer within 1s (request_timeout)" in str(error)
     assert took < DEADLINE + 1.0
-    assert proxy.received[0].startswith(b"CONNECT vault.example:8200 HTTP/1.1\r\nHost: vault.example:8200\r\n")
+    assert proxy.received[0].startswith(
+        b"CONNECT vault.example:8200 HTTP/1.1\r\nHost: vault.example:8200\r\n")
 
 
 def test_a_proxy_refusing_connect_is_one_line_naming_its_status():

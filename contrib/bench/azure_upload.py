@@ -103,7 +103,7 @@ def node_module_version(moddir):
     except (OSError, ValueError, KeyError):
         raise SystemExit("@azure/storage-blob not found under %s: mkdir -p %s && cd %s && "
                          "npm init -y && npm install @azure/storage-blob (or --node-modules DIR)"
-                         % (moddir, moddir, moddir))
+                         % (moddir, moddir, moddir)) from None
 
 
 # ----------------------------------------------------------------- bench

@@ -50,7 +50,7 @@ from benchlib import AGENT, MB, MIB
 
 sys.path.insert(0, benchlib.TESTS)
 
-from bao_cluster import BaoCluster, find_bao  # noqa: E402
+from bao_cluster import BaoCluster, find_bao
 
 TOOLS = ("curl", "agent", "agent-m", "bao")
 SCRUB = ("VAULT_", "BAO_")
@@ -229,7 +229,7 @@ def mib_list(text):
     try:
         sizes = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError("not a number or comma-separated numbers: %r" % text)
+        raise argparse.ArgumentTypeError("not a number or comma-separated numbers: %r" % text) from None
     if not sizes or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] <= 0:
         raise argparse.ArgumentTypeError("sizes must be positive and increasing: %r" % text)
     return sizes

@@ -41,7 +41,7 @@ import benchlib
 
 sys.path.insert(0, benchlib.REPO)
 
-import vault_snapshot_agent as vsa  # noqa: E402
+import vault_snapshot_agent as vsa
 
 EMAIL = "snapshots@bench-project.iam.gserviceaccount.com"
 KEY_ID = "0123456789abcdef0123456789abcdef01234567"
@@ -126,11 +126,11 @@ def table(data):
         "|---|---|---|---|---|---|",
     ]
     for res in data["results"]:
-        a, c, j, l = (row_stats(res[k]) for k in ("agent", "crypto", "jwt", "load"))
+        a, c, j, ld = (row_stats(res[k]) for k in ("agent", "crypto", "jwt", "load"))
         lines.append("| RSA %d | %s (%s-%s) | %s (%s-%s) | %.1fx | %s | %s |" % (
             res["bits"], ms(a["median"]), ms(a["p10"]), ms(a["p90"]), ms(c["median"]),
             ms(c["p10"]), ms(c["p90"]), a["median"] / c["median"], ms(j["median"]),
-            ms(l["median"])))
+            ms(ld["median"])))
     v = data["versions"]
     lines.append("")
     lines.append("Medians of %d interleaved calls per key, one process; %d-byte JWT signing "
@@ -156,7 +156,7 @@ def main(argv=None):
         import cryptography
         from cryptography.hazmat.backends.openssl import backend
     except ImportError:
-        raise SystemExit("needs the cryptography package (e.g. /tmp/tv/bin/python)")
+        raise SystemExit("needs the cryptography package (e.g. /tmp/tv/bin/python)") from None
     data = benchlib.stamp()
     data.update({
         "versions": {"python": platform.python_version(), "cryptography": cryptography.__version__,

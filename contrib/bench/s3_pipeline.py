@@ -60,9 +60,9 @@ from benchlib import AGENT, MB, MIB
 
 sys.path.insert(0, benchlib.TESTS)
 
-from bao_cluster import BaoCluster, find_bao  # noqa: E402
-from local_snapshot import mib_list, settle  # noqa: E402  (same cluster handling)
-from moto_s3 import MotoServer  # noqa: E402  (stdlib at import; botocore when used)
+from bao_cluster import BaoCluster, find_bao
+from local_snapshot import mib_list, settle
+from moto_s3 import MotoServer
 
 JOBS = ("agent", "bao+aws")
 BUCKET = "snapshots"

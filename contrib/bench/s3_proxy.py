@@ -89,7 +89,7 @@ def bench(args, workdir, spawner):
     try:
         tinyproxy_bin = find_tinyproxy(args.tinyproxy)
     except TinyproxyError as exc:
-        raise SystemExit(str(exc))
+        raise SystemExit(str(exc)) from None
     python = args.python or sys.executable
     path = benchlib.prepare_archive(args, workdir)
     size = os.path.getsize(path)

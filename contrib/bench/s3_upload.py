@@ -266,7 +266,7 @@ def int_list(text):
     try:
         values = [int(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError("not a comma-separated list of integers: %r" % text)
+        raise argparse.ArgumentTypeError("not a comma-separated list of integers: %r" % text) from None
     return sorted(set(values))
 
 

@@ -46,7 +46,7 @@ from benchlib import AGENT
 
 sys.path.insert(0, benchlib.TESTS)
 
-from bao_cluster import BaoCluster, find_bao  # noqa: E402
+from bao_cluster import BaoCluster, find_bao
 
 SCRUB = ("VAULT_", "BAO_")
 SKIP_LINE = "Not running on leader node, skipping."
