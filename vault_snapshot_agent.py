@@ -49,8 +49,6 @@ Sections (``grep -n '^# [0-9]*\\. '`` lists them):
     22. Command line
 """
 
-from __future__ import print_function
-
 import argparse
 import base64
 import collections
@@ -215,7 +213,7 @@ class Stopped(AgentError):
 # =============================================================================
 
 
-class Secret(object):
+class Secret:
     """A credential. Formats as '***' everywhere; ``reveal()`` is the only way in."""
 
     __slots__ = ("_value",)
@@ -435,7 +433,7 @@ def read_secret_file(path, what):
     try:
         with open_regular(path, "r") as handle:
             value = handle.read(65536).strip()
-    except (IOError, OSError) as exc:
+    except OSError as exc:
         raise ConfigError("%s %s: cannot read: %s" % (what, path, exc.strerror or exc)) from exc
     if not value:
         raise ConfigError("%s %s: file is empty" % (what, path))
@@ -526,7 +524,7 @@ def http_date(moment):
 # =============================================================================
 
 
-class Clock(object):
+class Clock:
     """Wall and monotonic time. Tests pass a fake with the same two methods."""
 
     def now(self):
@@ -536,7 +534,7 @@ class Clock(object):
         return time.monotonic()
 
 
-class Signals(object):
+class Signals:
     """SIGTERM/SIGINT/SIGHUP as flags, plus a self-pipe so waits end at once.
 
     A handler that only sets a flag does not cut ``time.sleep`` short (PEP 475
@@ -643,7 +641,7 @@ class Signals(object):
         return _AbortHook(self, hook)
 
 
-class _AbortHook(object):
+class _AbortHook:
     def __init__(self, signals, hook):
         self.signals, self.hook = signals, hook
 
@@ -803,7 +801,7 @@ def no_proxy_match(host, port, no_proxy):
     return False
 
 
-class ProxyPolicy(object):
+class ProxyPolicy:
     """Which proxy a request goes through. ``setting``: None (the
     environment, with Go's http.ProxyFromEnvironment rules), "direct", or a
     proxy URL used for every request (loopback included). Credential
@@ -915,7 +913,7 @@ MAX_HEADER_LINES = 100                  # a proxy's answer to CONNECT (http.clie
 MAX_HEADER_BYTES = 64 * 1024
 
 
-class Watchdog(object):
+class Watchdog:
     """Shuts down the socket of every request that runs past its deadline.
 
     One daemon thread per Watchdog (an Http makes its own), running while
@@ -977,7 +975,7 @@ def _shutdown(sock):
             pass
 
 
-class _Watch(object):
+class _Watch:
     """One request's guard: the Watchdog shuts its socket down at the
     deadline (``expired``), the Signals' abort hook at a stop (``stopped``).
     A stop requested before the request started does not abort it (a
@@ -1049,7 +1047,7 @@ class _Watch(object):
         self.sock = None
 
 
-class Response(object):
+class Response:
     """An HTTP response whose body is read on demand (streams stay streams).
     ``body()`` and ``json()`` read under the request's deadline; ``read``
     and ``readinto`` (streams) only under the socket's idle timeout."""
@@ -1150,7 +1148,7 @@ class Response(object):
         return False
 
 
-class Http(object):
+class Http:
     """Minimal HTTP/1.1 client on http.client: no automatic redirects, TLS as
     configured, forward proxies as ``proxy`` (a ProxyPolicy) says.
 
@@ -1428,7 +1426,7 @@ def retry_after(value, now):
 # =============================================================================
 
 
-class Key(object):
+class Key:
     """One config key, declared once: how it is read and checked (``kind``
     and ``options``), its default, the environment variables that stand in
     for it (in order), the old names it also answers to, and a one-line doc.
@@ -1476,7 +1474,7 @@ class Key(object):
         return ", ".join(parts) or "–"
 
 
-class Section(object):
+class Section:
     """Typed, strict reads from one JSON object of the config file.
 
     Every getter names the key in its error (``local_storage.path: ...``) and
@@ -1872,7 +1870,7 @@ def storage_tls(values, endpoint):
     return tls
 
 
-class Config(object):
+class Config:
     """The effective configuration, after defaults and environment.
 
     Built by ``load_config``: every key of TOP_KEYS is an attribute (None
@@ -1906,7 +1904,7 @@ def load_config(path, env=None):
         with open_regular(path, "rb") as handle:
             data = handle.read(MAX_CONFIG_BYTES + 1)
             mode = os.fstat(handle.fileno()).st_mode
-    except (IOError, OSError) as exc:
+    except OSError as exc:
         raise ConfigError("config file %s: cannot read: %s" % (path, exc.strerror or exc)) from exc
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError("config file %s: larger than %s; not a config file?" % (
@@ -2310,7 +2308,7 @@ def _parse_time(text):
     return when
 
 
-class CredentialHelper(object):
+class CredentialHelper:
     """A credential_process run contained: its own process group (session),
     killed as a whole on timeout, on a stop request or when it prints more
     than CREDENTIAL_PROCESS_MAX_STDOUT; stdout and stderr are read here with
@@ -2403,7 +2401,7 @@ class CredentialHelper(object):
             LOG.warning("%s: still not gone %gs after SIGKILL", self.what, self.REAP)
 
 
-class AwsCredentialChain(object):
+class AwsCredentialChain:
     """The AWS SDKs' default credential chain, in their order:
 
     config keys → AWS_ACCESS_KEY_ID/… → web identity (AWS_ROLE_ARN +
@@ -2752,7 +2750,7 @@ def read_ini_section(path, section):
     try:
         with open_regular(path, "r") as handle:
             parser.read_file(handle)
-    except (IOError, OSError):
+    except OSError:
         return {}
     except configparser.Error as exc:
         raise StorageError("%s: cannot parse: %s" % (path, one_line(exc))) from exc
@@ -2775,7 +2773,7 @@ def _aws_error_line(data):
 # =============================================================================
 
 
-class BearerToken(object):
+class BearerToken:
     """An OAuth access token cache: ``fetch()`` returns (token, seconds valid);
     a new token is fetched five minutes before the old one expires, or half
     way through a shorter life (a token valid for 4 minutes is not fetched
@@ -2933,7 +2931,7 @@ def read_credentials_file(path):
     try:
         with open_regular(path, "r") as handle:
             info = json.load(handle)
-    except (IOError, OSError) as exc:
+    except OSError as exc:
         raise ConfigError("credentials file %s: cannot read: %s" % (path, exc.strerror or exc)) from exc
     except ValueError:
         raise ConfigError("credentials file %s: not valid JSON" % path) from None
@@ -2947,7 +2945,7 @@ def read_credentials_file(path):
 # =============================================================================
 
 
-class VaultClient(object):
+class VaultClient:
     """Login, token lifecycle, leader check and the snapshot request.
 
     Every request carries ``X-Vault-Request: true``; the namespace header goes
@@ -3029,9 +3027,6 @@ class VaultClient(object):
                 except (VaultError, TransportError) as exc:
                     LOG.warning("Token renewal failed (%s); logging in again", exc)
             self.login()
-
-    def invalidate(self):
-        self._token = None
 
     def login(self):
         method = self.cfg.vault_auth_method
@@ -3210,7 +3205,7 @@ SUMMED_MEMBERS = ("meta.json", "state.bin")         # listed in SHA256SUMS
 _SUMS_LINE_RE = re.compile(r"\A([0-9a-fA-F]{64}) [ *](\S+)\Z")
 
 
-class _Member(object):
+class _Member:
     """One tar member as it streams past: hashed, and kept only when small
     (what is kept is capped by the bytes really kept, not the declared size)."""
 
@@ -3229,7 +3224,7 @@ class _Member(object):
             self.data.extend(data)
 
 
-class ArchiveVerifier(object):
+class ArchiveVerifier:
     """Push-style check of a Raft snapshot archive, fed as bytes arrive.
 
     As strict as the official restore: a gzip stream (zlib checks its CRC and
@@ -3485,7 +3480,7 @@ def _parse_pax(data):
     return name, size
 
 
-class _Pass(object):
+class _Pass:
     """One pass over a snapshot's bytes: read, write, take the archive's
     SHA-256 and verify, so nothing is read twice and memory stays bounded.
 
@@ -3578,7 +3573,7 @@ class _Pass(object):
             free.put(buf)
 
 
-class _NoStop(object):
+class _NoStop:
     def check(self):
         pass
 
@@ -3606,7 +3601,7 @@ def stream_snapshot(resp, directory, signals, progress=None, threaded=None):
         with os.fdopen(fd, "wb", buffering=0) as out, signals.aborting(resp.abort):
             index, term, state_size = one_pass.run(resp.readinto, _writer(out), progress)
             os.fsync(out.fileno())
-    except (IOError, OSError) as exc:     # the disk: full, file too large, I/O error
+    except OSError as exc:     # the disk: full, file too large, I/O error
         _unlink_quietly(path)
         raise StagingError("cannot write the snapshot to %s (in %s, after %s): %s" % (
             os.path.basename(path), directory, format_size(one_pass.size), exc.strerror or exc)) from exc
@@ -3634,7 +3629,7 @@ def verify_file(path, threaded=None):
     try:
         with open(path, "rb", buffering=0) as handle:
             index, term, state_size = one_pass.run(handle.readinto, lambda view: None)
-    except (IOError, OSError) as exc:
+    except OSError as exc:
         raise SnapshotError("%s: cannot read: %s" % (path, exc.strerror or exc)) from exc
     return SnapshotInfo(path, one_pass.size, one_pass.digest.hexdigest(), index, term, state_size)
 
@@ -3660,7 +3655,7 @@ Policy.__new__.__defaults__ = (0,)
 # that fit in ``max_space`` bytes; 0: no limit).
 
 
-class Storage(object):
+class Storage:
     """One place snapshots are kept. A subclass answers to one config key,
     declares its keys, and gets everything it uses through its constructor:
     its Policy, the Runtime (environment, clock, signals) and the settings
@@ -3850,7 +3845,7 @@ def copy_stream(read, write, signals, size=CHUNK_SIZE):
         total += len(chunk)
 
 
-class _FileSlice(object):
+class _FileSlice:
     """Iterate ``length`` bytes of ``path`` from ``offset`` in chunks, checking
     for a stop between chunks (http.client sends an iterable chunk by chunk).
     ``tap(position, chunk)``, if given, sees every chunk read.
@@ -3894,7 +3889,7 @@ class _FileSlice(object):
         return digest
 
 
-class _RunningHash(object):
+class _RunningHash:
     """Hash a file from the chunks an upload reads anyway, in file order: a
     chunk read again (a retry, a resumed session) is skipped where already
     hashed, and so is one read out of order (parts in parallel).
@@ -4085,7 +4080,7 @@ class LocalStorage(Storage):
                 out.flush()
                 os.fsync(out.fileno())
             _place(temp, final)
-        except (IOError, OSError) as exc:
+        except OSError as exc:
             _unlink_quietly(temp)
             if exc.errno == errno.EEXIST:
                 raise NameClash("%s already exists; not overwriting" % final) from exc
@@ -4098,7 +4093,7 @@ class LocalStorage(Storage):
         try:
             with open(os.path.join(self.path, name), "rb") as src:
                 copy_stream(src.read, sink.write, self.signals)
-        except (IOError, OSError) as exc:
+        except OSError as exc:
             raise StorageError("cannot read %s: %s" % (os.path.join(self.path, name),
                                                         exc.strerror or exc)) from exc
 
@@ -5556,7 +5551,7 @@ def write_atomic(path, text, mode):
             handle.flush()
             os.fsync(handle.fileno())
         os.rename(temp, path)
-    except (IOError, OSError):
+    except OSError:
         _unlink_quietly(temp)
         raise
 
@@ -5569,7 +5564,7 @@ def _timestamp(when):
     return (when - EPOCH).total_seconds() if when else 0
 
 
-class Status(object):
+class Status:
     """What the agent tells operators, modelled on Vault Enterprise's
     ``sys/storage/raft/snapshot-auto/status``: the JSON status file, the
     Prometheus metrics and systemd's STATUS line come from here."""
@@ -5748,7 +5743,7 @@ def _line_too_long(received):
     return newline > METRICS_MAX_LINE or (newline < 0 and len(received) > METRICS_MAX_LINE)
 
 
-class _MetricsClient(object):
+class _MetricsClient:
     """One connection: ``head`` while its request comes in, ``answer`` while
     the reply goes out, ``drain`` while its last bytes are read and dropped
     before the close (so a close does not reset the reply away)."""
@@ -5771,7 +5766,7 @@ class _MetricsClient(object):
         return None
 
 
-class _MetricsLoop(object):
+class _MetricsLoop:
     """The metrics server's one thread: a selector over the listener, a wake-up
     socket and at most ``max_clients`` connections. Every connection has a
     deadline (``timeout`` seconds, in all, for its request line and headers,
@@ -5941,7 +5936,7 @@ def _listen_error(bind, exc):
     return "metrics_address: cannot listen on %s:%d: %s" % (bind[0], bind[1], exc.strerror or exc)
 
 
-class MetricsServer(object):
+class MetricsServer:
     """Serves ``GET /metrics`` from a Status on (host, port), in one thread.
 
     Slow clients are bounded three ways: ``max_clients`` connections at once
@@ -6036,7 +6031,7 @@ def follow_metrics_address(server, cfg, status):
     return server
 
 
-class SystemdNotifier(object):
+class SystemdNotifier:
     """sd_notify(3) over $NOTIFY_SOCKET with the standard library; silent when
     not started by systemd. With WatchdogSec= set, a thread sends WATCHDOG=1
     every half period while the main loop shows signs of life."""
@@ -6084,7 +6079,7 @@ class SystemdNotifier(object):
             self.sock.close()
 
 
-class Progress(object):
+class Progress:
     """Logs a long transfer every ``interval`` seconds: bytes, rate, ETA."""
 
     def __init__(self, what, total, clock, interval=30.0):
@@ -6122,7 +6117,7 @@ CycleResult.__new__.__defaults__ = ((),)
 # that failed after a good upload (retried as retention, never by a new snapshot).
 
 
-class Agent(object):
+class Agent:
     """Runs snapshot cycles on a schedule, stores them, reports on them.
 
     Each storage has its own ``frequency``; its next snapshot is due one
@@ -6464,7 +6459,7 @@ class Agent(object):
             if path:
                 try:
                     write_atomic(path, render(), mode)
-                except (IOError, OSError) as exc:
+                except OSError as exc:
                     LOG.error("Cannot write %s: %s", path, exc.strerror or exc)
         if self.notifier:
             self.notifier.notify("STATUS=" + self.status.summary())

@@ -92,8 +92,6 @@ reading its dist/ sources):
     versions it does not know get 400 unless ``--skipApiVersionCheck``.
 """
 
-from __future__ import print_function
-
 import base64
 import collections
 import datetime
@@ -351,7 +349,7 @@ def _text(elem, tag, default=None):
     return child.text if child is not None and child.text is not None else default
 
 
-class AzureResponse(object):
+class AzureResponse:
     """status, reason, headers (dict, lower-case names), body (bytes)."""
 
     def __init__(self, status, reason, headers, body):

@@ -23,8 +23,6 @@ Command line (quick-start demo)::
     python tests/bao_cluster.py down --dir DIR   # kill the PIDs in DIR/cluster.json
 """
 
-from __future__ import print_function
-
 import argparse
 import http.client as _httpclient
 import atexit
@@ -128,7 +126,7 @@ _OPENER = _urlreq.build_opener(_NoRedirect())
 # --------------------------------------------------------------------------
 
 
-class BaoNode(object):
+class BaoNode:
     """One server of the cluster."""
 
     def __init__(self, index, name, workdir, api_port, cluster_port):
@@ -176,7 +174,7 @@ class BaoNode(object):
 # --------------------------------------------------------------------------
 
 
-class BaoCluster(object):
+class BaoCluster:
     """A ``nodes``-server OpenBao Raft cluster with static-seal auto-unseal.
 
     ``workdir`` must not already hold a cluster's data.  Two settings differ
@@ -787,7 +785,7 @@ def _looks_like_our_node(pid, config):
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as fh:
             argv = fh.read().split(b"\0")
-    except (IOError, OSError):
+    except OSError:
         return pid_alive(pid)  # no /proc: trust the state file
     return any(a.endswith(config.encode()) for a in argv)
 

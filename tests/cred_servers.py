@@ -138,8 +138,6 @@ v2-oauth2-client-creds-grant-flow):
     Azure/azure-workload-identity#616).
 """
 
-from __future__ import print_function
-
 import atexit
 import base64
 import binascii
@@ -178,7 +176,7 @@ def _utcnow():
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None, microsecond=0)
 
 
-class RecordedRequest(object):
+class RecordedRequest:
     """One request as the server saw it."""
 
     def __init__(self, method, path, headers, body, status=None):

@@ -25,7 +25,7 @@ from harness import LoopbackServer
 __all__ = ["Request", "Endpoint", "FakeVault", "self_signed_cert"]
 
 
-class Request(object):
+class Request:
     """One recorded request: method, path (with query), headers (lower-case
     names; the last value wins), body bytes."""
 

@@ -29,8 +29,6 @@ bodies.  ``FaultProxy(..., http=False)`` is a plain byte pipe (no recording,
 no ``fail_requests``).
 """
 
-from __future__ import print_function
-
 import socket
 import struct
 import threading
@@ -50,7 +48,7 @@ _REASONS = {
 }
 
 
-class RequestHead(object):
+class RequestHead:
     """One request head seen by the proxy.
 
     ``method``, ``path`` (the raw request target), ``version``, ``line`` (the
@@ -92,7 +90,7 @@ class RequestHead(object):
         return "<RequestHead %s %s>" % (self.line, self.action)
 
 
-class _Rule(object):
+class _Rule:
     def __init__(self, predicate, status, body, headers, times, content_type):
         self.predicate = predicate
         self.status = status
@@ -103,7 +101,7 @@ class _Rule(object):
         self.hits = 0
 
 
-class FaultProxy(object):
+class FaultProxy:
     """Forward 127.0.0.1:<port> to ``target_host:target_port`` with faults."""
 
     def __init__(self, target_host, target_port, listen_host="127.0.0.1", http=True,

@@ -75,8 +75,6 @@ asks for the status; chunks other than the last must be multiples of
 256 KiB (neither emulator enforces that).
 """
 
-from __future__ import print_function
-
 import base64
 import hashlib
 import importlib.util
@@ -127,7 +125,7 @@ class GcsEmulatorError(RuntimeError):
     """The emulator did not start, or a helper request failed."""
 
 
-class HttpResult(object):
+class HttpResult:
     """One answer: ``status``, ``headers`` (dict, lower-case names), ``body``."""
 
     def __init__(self, status, headers, body):

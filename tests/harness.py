@@ -99,7 +99,7 @@ def tail(path, lines=30):
             handle.seek(0, os.SEEK_END)
             handle.seek(max(0, handle.tell() - 16384))
             data = handle.read().decode("utf-8", "replace")
-    except (IOError, OSError) as exc:
+    except OSError as exc:
         return "<cannot read %s: %s>" % (path, exc)
     return "\n".join(data.splitlines()[-lines:])
 
@@ -164,7 +164,7 @@ class ServerError(RuntimeError):
     """A server process did not come up."""
 
 
-class ServerProcess(object):
+class ServerProcess:
     """One server process on 127.0.0.1, started with ``spawn``.
 
     ``start()`` launches ``command()`` and polls ``ready()`` (errors from the
@@ -363,7 +363,7 @@ class LoopbackHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class LoopbackServer(object):
+class LoopbackServer:
     """An HTTP server in this process, on 127.0.0.1:<free port>, served from
     a daemon thread: ``start()`` (returns self; again: no-op), ``stop()``
     (idempotent), a context manager, ``url`` and ``port``.
@@ -534,7 +534,7 @@ def parse_unit(path):
     return items
 
 
-class FakeClock(object):
+class FakeClock:
     """The agent's clock (``now()``: an aware UTC datetime; ``monotonic()``:
     seconds) with time standing still until ``advance()`` moves both.
 
@@ -578,7 +578,7 @@ class FakeClock(object):
     sleep = advance
 
 
-class FakeSignals(object):
+class FakeSignals:
     """The agent's signals (``stop_requested``, ``reload_requested``,
     ``stop_signal``, ``check()``, ``wait()``, ``aborting()``) without OS
     signals or a pipe.

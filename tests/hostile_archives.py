@@ -128,7 +128,7 @@ def hostile_archive(before=(), after=(), replace=None, drop=(), trailer=b"", **k
 # ----------------------------------------------------- streamed archives
 
 
-class StreamingArchive(object):
+class StreamingArchive:
     """A gzip'd tar written to ``path`` as it is produced (gzip level 1,
     chunk by chunk), for archives too large to hold."""
 

@@ -48,8 +48,6 @@ search tools; the Kubernetes API reference for TokenReview v1):
     intersection of requested and returned audiences.
 """
 
-from __future__ import print_function
-
 import base64
 import json
 import os
@@ -66,7 +64,7 @@ DEFAULT_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
 PROJECTED_ISSUER = DEFAULT_AUDIENCE
 
 
-class ServiceAccount(object):
+class ServiceAccount:
     """What the API server knows about one token."""
 
     def __init__(self, name, namespace, uid=None, audiences=(DEFAULT_AUDIENCE,)):

@@ -44,8 +44,6 @@ at once, ``inf`` turns it off.  With it on, an unknown access key gives
 and a missing permission ``AccessDenied`` (403).
 """
 
-from __future__ import print_function
-
 import datetime
 import json
 import os

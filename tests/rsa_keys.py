@@ -23,8 +23,6 @@ application-default login``): ``type`` ("authorized_user"), ``client_id``,
 ``client_secret``, ``refresh_token`` (and optionally ``quota_project_id``).
 """
 
-from __future__ import print_function
-
 import base64
 import binascii
 import collections

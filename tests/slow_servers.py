@@ -43,7 +43,7 @@ import time
 __all__ = ["TrickleServer", "RecordingProxy", "TunnelProxy"]
 
 
-class _RawServer(object):
+class _RawServer:
     """Listening socket, accept thread, per-connection daemon threads."""
 
     def __init__(self, mode, interval=0.05, limit=8.0):

@@ -17,7 +17,7 @@ def fake_clock():
     return FakeClock(datetime.datetime(2026, 1, 1, 0, 16, 40, tzinfo=vsa.UTC), 1000.0)
 
 
-class StandbyVault(object):
+class StandbyVault:
     calls = []
 
     def __init__(self, cfg, clock=None, signals=None):     # as VaultClient
@@ -178,7 +178,7 @@ def test_progress_logs_bytes_rate_and_eta_every_interval():
     assert "Downloading snapshot: 5.0 GB so far" in lines[3]
 
 
-class ScriptedHttp(object):
+class ScriptedHttp:
     """Answers Vault's login and renew-self from a script of TTLs; records paths."""
 
     def __init__(self, renew_ttls):
@@ -192,7 +192,7 @@ class ScriptedHttp(object):
         answer = {"auth": {"client_token": "s.%d" % len(self.paths), "lease_duration": ttl,
                            "renewable": True}}
 
-        class Answer(object):
+        class Answer:
             status = 200
 
             def __enter__(self):

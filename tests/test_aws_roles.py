@@ -178,7 +178,7 @@ def count_lines(path):
     try:
         with open(path) as handle:
             return len(handle.read().splitlines())
-    except (IOError, OSError):
+    except OSError:
         return 0
 
 

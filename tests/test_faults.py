@@ -207,7 +207,7 @@ def test_stream_cut_at_random_offsets_100_trials(bao_cluster, approle, kv_data, 
 # =============================================================================
 
 
-class Backend(object):
+class Backend:
     """One storage emulator seen through a FaultProxy, with the few
     operations the tests need (names under the test's prefix, get, put)."""
 
@@ -855,7 +855,7 @@ def _tar_header(name, size, kind=b"0"):
     return bytes(header)
 
 
-class EndlessServer(object):
+class EndlessServer:
     """An HTTP server on loopback that answers every request with 200 and a
     body that goes on for ``limit`` bytes (on the wire), then closes.
 

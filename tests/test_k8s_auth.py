@@ -215,7 +215,7 @@ def test_refused_k8s_login_fails_once_with_one_error_line(bao_cluster, k8s, tmp_
 
 # -- 3. the token file is re-read at each login ----------------------------------------
 
-class ProjectedTokenDir(object):
+class ProjectedTokenDir:
     """A service-account token volume as kubelet writes it: ``token`` ->
     ``..data/token``, ``..data`` -> a timestamped directory; a rotation
     writes a new directory and swaps ``..data`` atomically."""

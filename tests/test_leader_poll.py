@@ -56,7 +56,7 @@ def metric_is_leader(path):
     if there is no file or no such sample)."""
     try:
         text = read(path)
-    except (IOError, OSError):
+    except OSError:
         return None
     found = re.search(r"^vault_snapshot_is_leader(?:\{\})? (\S+)$", text, re.M)
     return float(found.group(1)) if found else None

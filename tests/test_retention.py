@@ -69,7 +69,7 @@ def retain(store, keep, now):
     return deleted, stream.getvalue()
 
 
-class FrozenListing(object):
+class FrozenListing:
     """A storage as seen by an agent that listed it at one moment: list()
     returns that listing, everything else is the real storage's."""
 

@@ -41,8 +41,6 @@ self-tests in tests/test_proxy.py):
     (one request per client connection).
 """
 
-from __future__ import print_function
-
 import os
 import re
 import shutil
@@ -189,7 +187,7 @@ class Tinyproxy(ServerProcess):
             with open(self.log_file, "rb") as handle:
                 handle.seek(since)
                 return handle.read().decode("utf-8", "replace")
-        except (IOError, OSError):
+        except OSError:
             return ""
 
     def mark(self):

@@ -170,7 +170,7 @@ def last_json_line(log_path):
     return json.loads(lines[-1])
 
 
-class Runner(object):
+class Runner:
     """Runs one child at a time from this process: wall time, CPU, peak RSS.
 
     Peak RSS: wait4's ru_maxrss cannot go below this process's own peak (see
@@ -211,7 +211,7 @@ class Runner(object):
                 pass
 
 
-class Spawner(object):
+class Spawner:
     """A helper process, forked while the caller is still small, that runs
     the measured children one at a time (run_child) so their ru_maxrss is
     not inflated by the caller's later imports and allocations.  Requests
@@ -284,11 +284,11 @@ class Spawner(object):
         for fh in (self._req, self._ans):
             try:
                 fh.close()
-            except (OSError, IOError):
+            except OSError:
                 pass
 
 
-class Uploads(object):
+class Uploads:
     """Upload clients run through a Spawner, one log per run (runNNN-TOOL.log
     in workdir), with the CPU the storage server burnt meanwhile stored
     under server_key and the child's last JSON line under child_key."""
@@ -383,7 +383,7 @@ def agent_upload_argv(python, agent_dir=REPO):
 
 # ------------------------------------------------------------ the archive
 
-class _RandomState(object):
+class _RandomState:
     """File-like source of `size` incompressible bytes (os.urandom, 1 MiB at
     a time) that hashes what it hands out."""
 

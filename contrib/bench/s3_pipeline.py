@@ -76,7 +76,7 @@ def find_aws(explicit):
     return benchlib.find_executable((explicit, "/tmp/awscli-venv/bin/aws"), benchlib.AWS_MISSING)
 
 
-class Jobs(object):
+class Jobs:
     """Runs the two jobs through the Spawner and checks what they left in S3."""
 
     def __init__(self, spawner, workdir, timeout, moto, cluster, leader, argv, envs):
