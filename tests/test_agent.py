@@ -1,4 +1,4 @@
-"""Section 20: the daemon loop's schedule and reload, driven by a fake clock.
+"""Section "Agent": the daemon loop's schedule and reload, driven by a fake clock.
 
 The Vault side is a stand-in that only answers "not the leader" and counts
 calls: these tests are about when cycles happen, not about Vault (the end to

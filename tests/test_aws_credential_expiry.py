@@ -1,4 +1,4 @@
-"""Section 9: credentials that a source hands out already expired, or with
+"""Section "AWS credentials": credentials that a source hands out already expired, or with
 an Expiration that is no time at all, are one clear error naming the
 source; they never sign a request, and the source is not run again for
 every request. Short-lived credentials are used without a run per request.

@@ -1,4 +1,4 @@
-"""Section 9: a credential_process is contained. It runs in its own process
+"""Section "AWS credentials": a credential_process is contained. It runs in its own process
 group, which is killed as a whole on its timeout or on a stop request; the
 agent reads its output itself with a cap, so neither a grandchild holding
 stdout nor endless output keeps it waiting or fills its memory. A helper

@@ -1,4 +1,4 @@
-"""Section 16: Azure Blob storage end to end: real snapshots from the OpenBao
+"""Section "Azure Blob storage": Azure Blob storage end to end: real snapshots from the OpenBao
 cluster into Microsoft's Azurite, which checks Shared Key and SAS
 signatures; bearer tokens from loopback IMDS and Entra token servers against
 Azurite over HTTPS with OAuth on."""

@@ -1,15 +1,13 @@
-"""Sections 14, 16 and 17: two agents that write the same snapshot name (the
-same millisecond, ``align: true``) never replace each other's snapshot in a
-local directory, on Azure or on GCS either: the second write is a NameClash
-(the agent then moves to the next millisecond) and the first object keeps
-its bytes. Local storage in a temporary directory, with the other agent's
-file landing before, or while, the upload links or copies; Azure against
-Azurite, and against a loopback Blob endpoint whose Get Blob Properties
-fails; GCS against a loopback server that answers ``ifGenerationMatch=0`` as
-GCS documents it (both emulators here ignore the precondition; the real
-gcp-storage-emulator still has to take the requests that carry it). A retry
-of the very object whose answer was lost is not a clash (same size and MD5).
-(S3: test_s3_name_clash.py.)"""
+"""Sections "Local storage", "Azure Blob storage" and "Google Cloud Storage": two agents that
+write the same snapshot name (the same millisecond, ``align: true``) never replace each other's
+snapshot in a local directory, on Azure or on GCS either: the second write is a NameClash (the
+agent then moves to the next millisecond) and the first object keeps its bytes. Local storage
+in a temporary directory, with the other agent's file landing before, or while, the upload
+links or copies; Azure against Azurite, and against a loopback Blob endpoint whose Get Blob
+Properties fails; GCS against a loopback server that answers ``ifGenerationMatch=0`` as GCS
+documents it (both emulators here ignore the precondition; the real gcp-storage-emulator still
+has to take the requests that carry it). A retry of the very object whose answer was lost is
+not a clash (same size and MD5). (S3: test_s3_name_clash.py.)"""
 
 import base64
 import datetime

@@ -1,4 +1,4 @@
-"""Sections 6 and 7: config loading, validation, environment precedence, and the
+"""Sections "Config schema" and "Config": config loading, validation, environment precedence, and the
 one-line errors a user sees (exit 2, no traceback)."""
 
 import io

@@ -1,4 +1,4 @@
-"""Sections 6 and 7, the config schema: one key table per block drives parsing,
+"""Sections "Config schema" and "Config", the config schema: one key table per block drives parsing,
 --check-config, --config-reference and the README's tables."""
 
 import io

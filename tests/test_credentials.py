@@ -1,6 +1,6 @@
-"""Sections 9 and 10 and the pure parts of section 15: the AWS credential chain
-(against loopback servers speaking IMDSv2 and the container protocol), its
-refresh before expiry, S3 addressing and part sizing; bearer tokens (Azure,
+"""Sections "AWS credentials" and "Azure and Google credentials" and the pure parts of section "S3
+storage": the AWS credential chain (against loopback servers speaking IMDSv2 and the container
+protocol), its refresh before expiry, S3 addressing and part sizing; bearer tokens (Azure,
 Google) fetched once by racing workers, and a short-lived one reused."""
 
 import datetime

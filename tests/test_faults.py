@@ -150,7 +150,7 @@ def cut_snapshot_stream(monkeypatch, proxy, plan):
 
 
 def verify_threads():
-    """The snapshot pass's verifier threads still alive (section 12)."""
+    """The snapshot pass's verifier threads still alive (section "Snapshot stream and verification")."""
     return [t for t in threading.enumerate() if t.name == "verify" and t.is_alive()]
 
 

@@ -1,4 +1,4 @@
-"""Section 17: Google Cloud Storage end to end: real snapshots from the
+"""Section "Google Cloud Storage": Google Cloud Storage end to end: real snapshots from the
 OpenBao cluster into GCS emulators (gcp-storage-emulator for uploads and
 resumable sessions, fake-gcs-server for paginated listings), with the token
 sources tested against loopback servers that verify the JWT signature."""

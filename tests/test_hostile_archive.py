@@ -1,4 +1,4 @@
-"""Section 12: verification of hostile snapshot archives (issue 14, part 1).
+"""Section "Snapshot stream and verification": verification of hostile snapshot archives (issue 14, part 1).
 
 A snapshot stream (or a stored object fetched back for a restore) comes from
 a server we do not control. Whatever it holds, `verify FILE` answers with

@@ -21,7 +21,8 @@ UNITS = [os.path.join(REPO, "contrib", "vault-snapshot-agent.service"),
 
 @pytest.mark.parametrize("path", UNITS, ids=os.path.basename)
 def test_unit_runs_the_installed_module_from_cached_bytecode(path, tmp_path):
-    """Sections 19, 22: installed as the unit's header says and started with
+    """Sections "Status, metrics and systemd" and "Command line": installed as
+    the unit's header says and started with
     the unit's Environment= and ExecStart= (paths moved under tmp_path), the
     agent runs; on Python >= 3.8 it writes its bytecode into the unit's
     CacheDirectory= and the next start reads it back instead of compiling."""
@@ -86,7 +87,7 @@ def run_probe(*args):
 
 
 def test_version_imports_nothing_it_does_not_need():
-    """Sections 1, 22: `--version` loads none of the heavy modules (they are
+    """Sections "Constants" and "Command line": `--version` loads none of the heavy modules (they are
     imported where used), so it starts in little more than the interpreter's
     own time (contrib/bench/startup.py)."""
     out, err = run_probe("--version")
@@ -95,7 +96,7 @@ def test_version_imports_nothing_it_does_not_need():
 
 
 def test_check_config_of_a_local_http_setup_imports_no_tls_or_xml(tmp_path):
-    """Section 7: checking a config that needs neither TLS nor a cloud store
+    """Section "Config": checking a config that needs neither TLS nor a cloud store
     loads neither ssl nor an XML parser."""
     config = tmp_path / "snapshot.json"
     config.write_text(json.dumps({"addr": "http://127.0.0.1:1", "token": "t",

@@ -1,4 +1,4 @@
-"""Section 19: the metrics HTTP server against many slow clients, its request
+"""Section "Status, metrics and systemd": the metrics HTTP server against many slow clients, its request
 limits, running out of descriptors, and moving it to another address on a
 reload.
 

@@ -1,4 +1,4 @@
-"""Sections 19 and 20: the schedule that survives restarts, per-storage
+"""Sections "Status, metrics and systemd" and "Agent": the schedule that survives restarts, per-storage
 frequencies, the status file, Prometheus metrics and systemd notifications,
 against the real cluster."""
 

@@ -1,4 +1,4 @@
-"""Section 5 (HTTP transport): forward proxies.
+"""Section "HTTP transport and retry": forward proxies.
 
 The pure part (every Python): the NO_PROXY rules (``vsa.no_proxy_match``),
 which proxy a URL takes (``vsa.ProxyPolicy(setting, env).for_url``: Go's

@@ -1,4 +1,4 @@
-"""Section 21: list, download, verify and restore, end to end on the real
+"""Section "Restore tooling": list, download, verify and restore, end to end on the real
 cluster: snapshot, change data, restore, and the old data is back."""
 
 import io

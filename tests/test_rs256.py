@@ -1,4 +1,4 @@
-"""Section 8: RS256 with the standard library. A fixed key and its signature
+"""Section "Request signing": RS256 with the standard library. A fixed key and its signature
 (made with `cryptography`) pin the implementation on every Python; the
 oracle tests compare with `cryptography` on fresh keys of every size."""
 

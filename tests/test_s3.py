@@ -1,4 +1,4 @@
-"""Section 15: S3 storage end to end. The real agent takes real snapshots
+"""Section "S3 storage": S3 storage end to end. The real agent takes real snapshots
 from the OpenBao cluster and stores them in moto's S3 server with signature
 checking ON (a wrong signature fails the test); objects are downloaded and
 verified, buckets are listed to prove retention and cleanup."""

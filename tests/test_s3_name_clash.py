@@ -1,4 +1,4 @@
-"""Section 15 against moto (signatures checked): two agents that pick the
+"""Section "S3 storage" against moto (signatures checked): two agents that pick the
 same object name in the same millisecond. The second write is refused
 (If-None-Match: *) and raises NameClash, the first object stays intact;
 the static name is still replaced on every run. An answer to

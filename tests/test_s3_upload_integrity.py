@@ -1,4 +1,4 @@
-"""Section 15, the upload path against a lying or racing loopback S3
+"""Section "S3 storage", the upload path against a lying or racing loopback S3
 (aws_fakes.FakeS3): writes are conditional (If-None-Match: *), so a name
 another agent took is NameClash and never overwritten; an answer lost after
 the store acted is settled by comparing the stored object with what was

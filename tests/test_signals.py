@@ -1,4 +1,4 @@
-"""Section 4: signal flags, the self-pipe wait, and abort hooks."""
+"""Section "Clock and signals": signal flags, the self-pipe wait, and abort hooks."""
 
 import os
 import signal

@@ -1,4 +1,4 @@
-"""Section 8: SigV4, pinned by AWS's published example and checked against
+"""Section "Request signing": SigV4, pinned by AWS's published example and checked against
 botocore's signer (the oracle) on many random requests."""
 
 import datetime

@@ -1,4 +1,4 @@
-"""Section 12: streaming verification of snapshot archives."""
+"""Section "Snapshot stream and verification": streaming verification of snapshot archives."""
 
 import gzip
 import hashlib
@@ -128,7 +128,7 @@ def _variants():
 
 @pytest.mark.parametrize("label", sorted(_variants()))
 def test_one_thread_and_two_give_the_same_verdict(tmp_path, label):
-    """Section 12: the pass runs the verifier in a second thread where
+    """Section "Snapshot stream and verification": the pass runs the verifier in a second thread where
     cores are free and inline otherwise; both give the same answer, the
     same archive SHA-256, and no thread outlives the pass."""
     data = _variants()[label]
@@ -151,7 +151,7 @@ def test_one_thread_and_two_give_the_same_verdict(tmp_path, label):
 
 @pytest.mark.parametrize("threaded", [False, True])
 def test_a_refused_stream_is_not_read_on(threaded):
-    """Section 12: once the verifier refuses the archive, reading stops
+    """Section "Snapshot stream and verification": once the verifier refuses the archive, reading stops
     within the buffers already in flight, in either mode."""
     reads = []
 

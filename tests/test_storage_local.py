@@ -1,4 +1,4 @@
-"""Sections 14 and 18: local storage and retention."""
+"""Sections "Local storage" and "Retention": local storage and retention."""
 
 import datetime
 import logging

@@ -1,4 +1,4 @@
-"""Section 13 (storage backends) with section 5's back-off: the shared
+"""Section "Storage backends" with section "HTTP transport and retry"'s back-off: the shared
 retry of ``Storage.send`` honours a throttling store's ``Retry-After``
 (delta seconds or an HTTP date, capped, garbage ignored) on every storage,
 and no back-off is ever near zero.

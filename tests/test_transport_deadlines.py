@@ -1,4 +1,4 @@
-"""Section 5 (HTTP transport): every request has a total deadline, a stop
+"""Section "HTTP transport and retry": every request has a total deadline, a stop
 cuts any request in progress, and headers are bounded on every answer.
 
 A deadline thread that could not start is started by the next request.  A

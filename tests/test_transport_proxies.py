@@ -1,4 +1,4 @@
-"""Section 5 (HTTP transport): credential endpoints on the node itself are
+"""Section "HTTP transport and retry": credential endpoints on the node itself are
 never reached through a proxy, and proxy variables the agent cannot use
 are a warning, not an exit. A proxy on port 0 is refused, never taken for
 port 80; a 401 from the origin inside a CONNECT tunnel is the origin's

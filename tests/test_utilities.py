@@ -1,4 +1,4 @@
-"""Section 3: pure helpers (durations, names, redaction, secrets)."""
+"""Section "Utilities": pure helpers (durations, names, redaction, secrets)."""
 
 import datetime
 
@@ -83,7 +83,7 @@ def test_parse_bool_refuses_junk():
 
 @pytest.mark.parametrize("stamp", [0, 951782400, 1764663730.75, 4102444799])
 def test_http_date_matches_the_standard_library(stamp):
-    """Section 3: the Azure x-ms-date the agent writes itself is the RFC 7231
+    """Section "Utilities": the Azure x-ms-date the agent writes itself is the RFC 7231
     date email.utils writes (that module is no longer imported at start)."""
     from email.utils import formatdate
     moment = datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc)
@@ -94,7 +94,7 @@ def test_http_date_matches_the_standard_library(stamp):
 
 @pytest.mark.parametrize("text", ["plain", "a&b<c>d", "&amp;", "<Key>x</Key>", "\"quoted\" 'it'"])
 def test_xml_escape_matches_the_standard_library(text):
-    """Section 3: S3 keys and ETags in request bodies are escaped as
+    """Section "Utilities": S3 keys and ETags in request bodies are escaped as
     xml.sax.saxutils.escape does."""
     from xml.sax.saxutils import escape
     assert vsa.xml_escape(text) == escape(text)
