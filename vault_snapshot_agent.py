@@ -23,6 +23,19 @@ Usage::
 Exit codes: 0 success, requested stop, or not the leader; 1 a ``--once``
 cycle failed; 2 usage or config error.
 
+The data path of one cycle (on the leader only; every request under a
+deadline, every wait on the monotonic clock, a stop cuts any of it)::
+
+    sys/leader --is_self--> login/renew --token--> GET sys/storage/raft/snapshot
+        |                                                 | chunked gzip tar
+     standby: skip                                        v
+                  staging file (0600) <--write-- one pass: inflate, tar members,
+                        |  verified before use    SHA256SUMS, sealed file, sizes
+                        v
+      +-- local (hard link) -- S3 (PUT/multipart) -- Azure (blocks) -- GCS --+
+      |   each storage on its own: conditional write, retries, own errors     |
+      +---------> retention per storage: list, plan, delete listed keys <-----+
+
 Sections (``grep -n '^# [0-9]*\\. '`` lists them):
 
     1. Constants
@@ -80,7 +93,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AgentError", "ConfigError", "TransportError", "VaultError", "SnapshotError",
     "StorageError", "Stopped", "Config", "load_config", "VaultClient",
-    "ArchiveVerifier", "verify_file", "LocalStorage", "plan_retention", "Agent",
+    "ArchiveVerifier", "verify_file", "LocalStorage", "retention_plan", "Agent",
     "main",
 ]
 
@@ -426,6 +439,14 @@ def open_regular(path, mode="rb"):
     except BaseException:
         os.close(fd)
         raise
+
+
+def expand_home(path, env):
+    """``path`` with a leading ``~`` replaced by HOME from ``env`` (the
+    injected environment), falling back to the password database."""
+    if path == "~" or path.startswith("~/"):
+        return (env.get("HOME") or os.path.expanduser("~")) + path[1:]
+    return os.path.expanduser(path)
 
 
 def read_secret_file(path, what):
@@ -1561,7 +1582,7 @@ class Section:
         value = self.string(key, default, env)
         if value is None:
             return None
-        value = os.path.expanduser(value)
+        value = expand_home(value, self.env)
         if must_exist == "file" and not os.path.isfile(value):
             raise self.error(key, "file %s does not exist" % value)
         if must_exist == "dir" and not os.path.isdir(value):
@@ -2542,7 +2563,7 @@ class AwsCredentialChain:
         return found
 
     def _shared_paths(self):
-        home = os.path.expanduser("~")
+        home = expand_home("~", self.env)
         return (self.env.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(home, ".aws", "credentials"),
                 self.env.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config"))
 
@@ -2876,7 +2897,7 @@ def google_token_source(credentials_file, env, http, clock, metadata_host):
     then the metadata server. The fetch returns (access token, seconds)."""
     path = credentials_file or env.get("GOOGLE_APPLICATION_CREDENTIALS")
     if not path:
-        gcloud = env.get("CLOUDSDK_CONFIG") or os.path.join(os.path.expanduser("~"), ".config", "gcloud")
+        gcloud = env.get("CLOUDSDK_CONFIG") or os.path.join(expand_home("~", env), ".config", "gcloud")
         candidate = os.path.join(gcloud, "application_default_credentials.json")
         path = candidate if os.path.isfile(candidate) else None
     if path is None:
@@ -4386,7 +4407,7 @@ class S3Storage(Storage):
         if not re.match(r"\A[A-Za-z0-9][A-Za-z0-9._-]{1,254}\Z", bucket):
             raise section.error("s3_bucket", "%r is not a valid bucket name" % bucket)
         profile, env = values["profile"], runtime.env
-        conf_file = env.get("AWS_CONFIG_FILE") or os.path.expanduser("~/.aws/config")
+        conf_file = env.get("AWS_CONFIG_FILE") or expand_home("~/.aws/config", env)
         values["s3_region"] = region = (values["s3_region"] or read_ini_section(
             conf_file, "profile " + profile if profile and profile != "default" else "default"
         ).get("region") or "us-east-1")
@@ -5443,12 +5464,6 @@ def retention_plan(snapshots, retain, keep=None, max_age=None, now=None, max_spa
         else:
             kept_size, kept = kept_size + ref.size, kept + 1
     return doomed
-
-
-def plan_retention(snapshots, retain, keep=None, max_age=None, now=None, max_space=0,
-                   floor=RETENTION_FLOOR):
-    """The names retention_plan() deletes."""
-    return list(retention_plan(snapshots, retain, keep, max_age, now, max_space, floor))
 
 
 def age_view(refs, keep, now, frequency):
@@ -6929,8 +6944,10 @@ def _check_align(cfg, storages):
                           "(%s), got %s" % (format_duration(shortest / 2.0), format_duration(cfg.jitter)))
 
 
-def main(argv=None, stream=None):
-    """Run the program; returns the exit code."""
+def main(argv=None, stream=None, env=None):
+    """Run the program; returns the exit code. ``stream`` takes the log
+    (default stderr), ``env`` stands for the environment (default
+    os.environ), so tests drive the command line without touching either."""
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:          # --help, --version, usage errors
@@ -6938,12 +6955,12 @@ def main(argv=None, stream=None):
     handler = _configure_logging(getattr(logging, args.log_level.upper()), args.log_format,
                                  stream or sys.stderr)
     try:
-        return _run(args)
+        return _run(args, env=env)
     finally:
         LOG.removeHandler(handler)
 
 
-def _run(args, out=None):
+def _run(args, out=None, env=None):
     out = out or sys.stdout
     if args.config_reference:
         out.write(config_reference())
@@ -6958,7 +6975,7 @@ def _run(args, out=None):
         LOG.error("restore replaces ALL data in the cluster at the configured addr with the "
                   "snapshot; add --yes to do it")
         return EXIT_USAGE
-    runtime = Runtime.create()
+    runtime = Runtime.create(env=env)
     try:
         try:
             cfg, storages = load_all(args.config, runtime)

@@ -365,10 +365,10 @@ def test_300_trickling_clients_cost_no_threads_and_scrapes_and_stops_stay_prompt
         started = time.monotonic()
         status, body = scrape(port)
         assert status == 200 and "vault_snapshot_" in body
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 3.0     # 0.01 s alone; 2 busy cores in CI
         started = time.monotonic()
         assert stop(proc, timeout=10) == 0
-        assert time.monotonic() - started < 1.5
+        assert time.monotonic() - started < 3.0
     finally:
         close_all(socks)
     assert "Traceback" not in read(logfile)

@@ -27,17 +27,22 @@ def go(minutes):
     return go_snapshot_name(BASE + datetime.timedelta(minutes=minutes))
 
 
-def test_plan_retention_keeps_the_newest_across_both_name_styles():
+def plan(*args, **kwargs):
+    """The names retention_plan() deletes, newest first."""
+    return list(vsa.retention_plan(*args, **kwargs))
+
+
+def test_retention_plan_keeps_the_newest_across_both_name_styles():
     refs = [ref(own(m)) for m in (10, 30, 50)] + [ref(go(m)) for m in (0, 20, 40)]
-    doomed = vsa.plan_retention(refs, 4, keep=own(50))
+    doomed = plan(refs, 4, keep=own(50))
     assert sorted(doomed) == sorted([go(0), own(10)])
 
 
-def test_plan_retention_zero_keeps_all_and_never_deletes_keep():
+def test_retention_plan_zero_keeps_all_and_never_deletes_keep():
     refs = [ref(own(m)) for m in range(5)]
-    assert vsa.plan_retention(refs, 0) == []
+    assert plan(refs, 0) == []
     # The snapshot just written is kept even if the clock went backwards.
-    assert own(0) not in vsa.plan_retention(refs, 1, keep=own(0))
+    assert own(0) not in plan(refs, 1, keep=own(0))
 
 
 def staged(path):
@@ -140,10 +145,10 @@ def test_age_based_retention_next_to_the_count():
     refs = [ref(own(m)) for m in (0, 60 * 24, 60 * 24 * 3, 60 * 24 * 9)]
     now = BASE + datetime.timedelta(days=10)
     age = datetime.timedelta(days=7)
-    assert vsa.plan_retention(refs, 0, max_age=age, now=now) == [own(60 * 24), own(0)]
-    assert vsa.plan_retention(refs, 1, max_age=age, now=now) == [own(60 * 24 * 3), own(60 * 24), own(0)]
+    assert plan(refs, 0, max_age=age, now=now) == [own(60 * 24), own(0)]
+    assert plan(refs, 1, max_age=age, now=now) == [own(60 * 24 * 3), own(60 * 24), own(0)]
     # The snapshot just written survives even when everything is too old.
-    assert own(60 * 24 * 9) not in vsa.plan_retention(refs, 0, keep=own(60 * 24 * 9),
+    assert own(60 * 24 * 9) not in plan(refs, 0, keep=own(60 * 24 * 9),
                                                        max_age=datetime.timedelta(0), now=now)
 
 
