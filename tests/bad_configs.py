@@ -1,4 +1,4 @@
-"""A corpus of broken config files for tests/test_faults.py.
+"""A corpus of broken config files for tests/test_config_corpus.py.
 
 Every case must make ``vault_snapshot_agent.py -c FILE --check-config`` exit
 2 with exactly one ERROR line that names the offending key (``KEY`` below,

@@ -26,6 +26,8 @@ import moto_s3 as _moto  # noqa: E402
 import gcs_emulators as _gcs  # noqa: E402
 import azurite as _azurite  # noqa: E402
 import tinyproxy as _tinyproxy  # noqa: E402
+import harness as _harness  # noqa: E402
+import bad_configs as _bad_configs  # noqa: E402
 
 
 # ---------------------------------------------------------------- markers
@@ -93,6 +95,25 @@ def approle(bao_cluster):
     )
     KNOWN_SECRETS.add(secret_id)
     return types.SimpleNamespace(role_id=role_id, secret_id=secret_id, mount=mount, role=role)
+
+
+# --------------------------------------- the environment, the config corpus
+
+
+@pytest.fixture
+def isolated_env(monkeypatch, tmp_path):
+    """No credentials or endpoints from the environment leak into a test (or
+    into the agents it starts as subprocesses)."""
+    _harness.clear_cloud_env(monkeypatch, tmp_path,
+                             ("VAULT_", "BAO_", "AWS_", "AZURE_", "GOOGLE_", "GCE_"))
+    for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def corpus_files(tmp_path):
+    """The files the bad-config corpus points at (bad_configs.make_files)."""
+    return _bad_configs.make_files(str(tmp_path))
 
 
 # ------------------------------------------------------------ S3 (moto)

@@ -34,13 +34,25 @@ thread, and count connections (``connections``)::
 
     with TrickleServer("headers") as server:
         http.request("GET", server.url + "/v1/sys/leader")
+
+``EndlessServer(mode, limit)`` (a socketserver; it counts the bytes it
+``sent``) answers every request with ``200`` and a body without end
+(``limit`` bytes on the wire, then it closes), for the tests of the snapshot
+stream's bounded memory (test_snapshot.py): bytes that are not gzip, a tar
+whose ``state.bin`` (or PAX header) never ends, or a gzip bomb.
 """
 
+import os
 import socket
+import socketserver
+import tarfile
 import threading
 import time
+import zlib
 
-__all__ = ["TrickleServer", "RecordingProxy", "TunnelProxy"]
+__all__ = ["TrickleServer", "RecordingProxy", "TunnelProxy", "EndlessServer"]
+
+MB = 1024 * 1024
 
 
 class _RawServer:
@@ -248,3 +260,82 @@ def throttled(server_class, throttle, retry_after):
 
     Throttled.__name__ = "Throttled" + server_class.__name__
     return Throttled
+
+
+def _tar_header(name, size, kind=b"0"):
+    info = tarfile.TarInfo(name)
+    info.size = 0
+    info.type = kind
+    header = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
+    field = b"\x80" + size.to_bytes(11, "big")          # GNU base-256: any size
+    header[124:136] = field
+    header[148:156] = b" " * 8
+    header[148:156] = ("%06o\0 " % sum(header)).encode("ascii")
+    return bytes(header)
+
+
+class EndlessServer:
+    """An HTTP server on loopback that answers every request with 200 and a
+    body that goes on for ``limit`` bytes (on the wire), then closes.
+
+    ``mode``: "random" (bytes that are not gzip), "state" (a valid gzip stream
+    of a tar whose state.bin never ends), "pax" (the same, but the endless
+    member is a PAX extended header), "bomb" (state.bin of zeros at gzip level
+    9: ``limit`` is then the *inflated* size)."""
+
+    def __init__(self, mode, limit):
+        self.mode, self.limit, self.sent = mode, limit, 0
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                sock = self.request
+                sock.settimeout(30)
+                try:
+                    sock.recv(65536)
+                    sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/gzip\r\n"
+                                 b"Connection: close\r\n\r\n")
+                    for chunk in outer._chunks():
+                        sock.sendall(chunk)
+                        outer.sent += len(chunk)
+                except OSError:
+                    pass
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever)
+        self.thread.daemon = True
+
+    def _chunks(self):
+        block = os.urandom(MB)
+        if self.mode == "random":
+            while self.sent < self.limit:
+                yield block
+            return
+        if self.mode == "bomb":
+            deflate = zlib.compressobj(9, zlib.DEFLATED, 31)
+            zeros = bytes(4 * MB)
+            yield deflate.compress(_tar_header("state.bin", 2 ** 60))
+            inflated = 0
+            while inflated < self.limit:
+                data = deflate.compress(zeros)
+                inflated += len(zeros)
+                if data:
+                    yield data
+            yield deflate.flush(zlib.Z_SYNC_FLUSH)
+            return
+        deflate = zlib.compressobj(0, zlib.DEFLATED, 31)
+        header = _tar_header("state.bin", 2 ** 60) if self.mode == "state" else \
+            _tar_header("././@PaxHeader", 2 ** 60, tarfile.XHDTYPE)
+        yield deflate.compress(header)
+        while self.sent < self.limit:
+            yield deflate.compress(block)
+
+    def __enter__(self):
+        self.thread.start()
+        self.url = "http://127.0.0.1:%d" % self.server.server_address[1]
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,9 +1,18 @@
 """Sections "AWS credentials" and "Azure and Google credentials" and the pure parts of section "S3
 storage": the AWS credential chain (against loopback servers speaking IMDSv2 and the container
 protocol), its refresh before expiry, S3 addressing and part sizing; bearer tokens (Azure,
-Google) fetched once by racing workers, and a short-lived one reused."""
+Google) fetched once by racing workers, and a short-lived one reused.
 
+End to end: no credential (AppRole, Vault token, AWS, Azure key and SAS,
+GCS tokens, JWT assertions, private keys) appears in any output of the real
+agent, right or wrong, in text or JSON, in process or as a daemon."""
+
+import base64
 import datetime
+import json
+import os
+import re
+import sys
 
 import pytest
 
@@ -11,7 +20,9 @@ import vault_snapshot_agent as vsa
 from agent_sim import fake_clock, write_config
 from cred_servers import ContainerCredentialsServer, ImdsServer
 from fake_endpoints import Endpoint
-from harness import FakeClock, FakeSignals
+from faults_support import BUCKET, CONTAINER
+from faults_support import write_config as write_agent_config
+from harness import FakeClock, FakeSignals, read, run_main, start_agent, stop, wait_for
 
 UTC = vsa.UTC
 
@@ -207,3 +218,113 @@ def test_a_token_valid_for_four_minutes_is_not_fetched_for_every_request(tmp_pat
         fetched = len(tokens.requests)
     # Before the fix: 10 token requests for 10 storage requests.
     assert fetched <= 2, fetched
+
+
+# =============================================================================
+# end to end: no secret in any output
+# =============================================================================
+
+
+TOKEN_RE = re.compile(r"\b(?:hvs|hvb|hvr|s|b|sb|r)\.[A-Za-z0-9_-]{20,}")
+
+
+@pytest.mark.usefixtures("isolated_env")
+def test_no_credential_appears_in_any_output(bao_cluster, approle, moto, azurite, gcs, tmp_path,
+                                             capsys):
+    from azurite import service_sas
+    from cred_servers import GoogleTokenServer
+    from rsa_keys import make_rsa_key, service_account_json, write_json
+
+    leader = bao_cluster.leader()
+    private, public, _ = make_rsa_key(2048, "pkcs8")
+    sas = service_sas(azurite.account, azurite.key, CONTAINER, permissions="racwdl")
+    expired = service_sas(azurite.account, azurite.key, CONTAINER, start=-7200, expiry=-3600)
+    token = bao_cluster.login_approle(approle.role_id, approle.secret_id, approle.mount)
+    wrong_aws = moto.wrong_secret_access_key
+    wrong_azure = base64.b64encode(os.urandom(64)).decode("ascii")
+    wrong_secret_id = "6f1c2d3e-0000-4000-8000-0123456789ab"
+    (tmp_path / "sid").write_text(approle.secret_id + "\n")
+    (tmp_path / "tok").write_text(token)
+
+    with GoogleTokenServer(public) as tokens:
+        key_file = tmp_path / "sa.json"
+        write_json(str(key_file), service_account_json(private, tokens.token_url))
+        s3 = {"access_key_id": moto.access_key_id, "secret_access_key": moto.secret_access_key,
+              "s3_endpoint": moto.endpoint, "s3_region": "us-east-1", "s3_bucket": BUCKET,
+              "s3_key_prefix": "secrets"}
+        azure = {"account_name": azurite.account, "account_key": azurite.key,
+                 "container_name": CONTAINER, "endpoint": azurite.endpoint, "prefix": "secrets"}
+        google = {"bucket": BUCKET, "endpoint": gcs.endpoint, "credentials_file": str(key_file),
+                  "prefix": "secrets"}
+        cases = {
+            "approle-all-storages": dict(aws_storage=s3, azure_storage=azure, google_storage=google),
+            "secret-id-file": dict(secret_id=None, secret_id_file=str(tmp_path / "sid")),
+            "token-file": dict(role_id=None, secret_id=None, token_file=str(tmp_path / "tok")),
+            "token-inline": dict(role_id=None, secret_id=None, token=token),
+            "wrong-secret-id": dict(secret_id=wrong_secret_id),
+            "s3-wrong-secret": dict(aws_storage=dict(s3, secret_access_key=wrong_aws)),
+            "azure-sas": dict(azure_storage=dict(azure, account_key=None, sas_token="?" + sas)),
+            "azure-expired-sas": dict(azure_storage=dict(azure, account_key=None, sas_token=expired)),
+            "azure-wrong-key": dict(azure_storage=dict(azure, account_key=wrong_azure)),
+            "azure-connection-string": dict(azure_storage={
+                "container_name": CONTAINER, "prefix": "secrets",
+                "connection_string": azurite.connection_string}),
+        }
+        outputs = []
+        for name, extra in sorted(cases.items()):
+            for key in ("aws_storage", "azure_storage", "google_storage"):
+                if key in extra:
+                    extra[key] = {k: v for k, v in extra[key].items() if v is not None}
+            config = write_agent_config(tmp_path / ("%s.json" % name), leader.addr, approle,
+                                  tmp_path / "local", **extra)
+            for argv in (["--once", "--log-level", "debug"],
+                         ["--once", "--log-level", "debug", "--log-format", "json"],
+                         ["--check-config", "--log-level", "debug"],
+                         ["--log-level", "debug", "list"]):
+                code, log = run_main("-c", config, *argv)
+                captured = capsys.readouterr()
+                outputs.append(("%s %s -> %s" % (name, " ".join(argv), code),
+                                log + captured.out + captured.err))
+        # and one daemon, as systemd would run it
+        config = write_agent_config(tmp_path / "daemon.json", leader.addr, approle, tmp_path / "local",
+                              frequency="1s", aws_storage=s3, azure_storage=azure,
+                              google_storage=google)
+        logfile = tmp_path / "daemon.log"
+        proc = start_agent(config, logfile, sys.executable, "--log-level", "debug")
+        try:
+            wait_for(lambda: read(logfile).count("Cycle stored") >= 2, 60, "two daemon cycles")
+        finally:
+            stop(proc)
+        outputs.append(("daemon", read(logfile)))
+        issued = list(tokens.issued)
+        assertions = [g.get("assertion") for g in tokens.grants if g.get("assertion")]
+
+    first = dict((label.split(" ")[0], text) for label, text in reversed(outputs))
+    assert "Cycle stored" in first["approle-all-storages"], first["approle-all-storages"]
+    assert all(" -> 2" not in label for label, _ in outputs), [ln for ln, _ in outputs]
+    assert issued, "the GCS service-account flow was not exercised"
+    secrets = {"secret_id": approle.secret_id, "wrong secret_id": wrong_secret_id,
+               "vault token": token, "aws secret": moto.secret_access_key,
+               "wrong aws secret": wrong_aws, "azure key": azurite.key,
+               "wrong azure key": wrong_azure, "sas": sas, "expired sas": expired,
+               "sas signature": sas.split("sig=")[1].split("&")[0],
+               "expired sas signature": expired.split("sig=")[1].split("&")[0]}
+    for i, value in enumerate(issued):
+        secrets["gcs access token %d" % i] = value
+    for i, value in enumerate(assertions):
+        secrets["gcs jwt assertion %d" % i] = value
+        secrets["gcs jwt signature %d" % i] = value.rsplit(".", 1)[1]
+    pem_lines = [line for line in private.splitlines() if line and "-----" not in line]
+    for i, line in enumerate(pem_lines):
+        secrets["private key line %d" % i] = line
+    for label, text in outputs:
+        for what, value in secrets.items():
+            assert value not in text, "%s appears in the output of %s" % (what, label)
+            quoted = json.dumps(value)[1:-1]
+            assert quoted not in text, "%s (JSON-escaped) appears in the output of %s" % (what, label)
+        match = TOKEN_RE.search(text)
+        assert match is None, "token-like %r in the output of %s" % (match.group(0), label)
+        assert "sig=" not in text and "PRIVATE KEY" not in text, label
+        for pattern in (r"Signature=[0-9a-f]{16}", r"SharedKey [^\s:]+:[A-Za-z0-9+/=]{16}",
+                        r"Bearer [A-Za-z0-9._~+/=-]{16}", r"X-Amz-Security-Token"):
+            assert not re.search(pattern, text), "%s in the output of %s" % (pattern, label)

@@ -99,11 +99,6 @@ def clean_env(monkeypatch):
             monkeypatch.delenv(name)
 
 
-@pytest.fixture
-def corpus_files(tmp_path):
-    return bad_configs.make_files(str(tmp_path))
-
-
 def check_config(path, capsys):
     """(exit code, log + stdout) of ``--check-config``; a raise fails the test."""
     stream = io.StringIO()

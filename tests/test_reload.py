@@ -4,7 +4,7 @@ then reloads and SIGTERM still exits 0.
 
 The same files at start are exit 2 with one ERROR line: bad_configs.py
 cases metrics-address-superscript-port, file-lone-surrogate-path and
-file-unknown-key-nested-deep (test_faults.py runs them).
+file-unknown-key-nested-deep (test_config_corpus.py runs them).
 
 Files read again while the daemon runs: a config (or ``secret_id_file``)
 replaced by a FIFO neither hangs the reload (or the login) nor outlives a

@@ -1,16 +1,27 @@
-"""Section "Snapshot stream and verification": streaming verification of snapshot archives."""
+"""Section "Snapshot stream and verification": streaming verification of snapshot archives.
+
+End to end (the real agent, the real cluster, tests/faultproxy.py in
+between): the stream cut at random offsets (seeded, ``FAULTS_SEED``) and
+answers that are not snapshots are one ERROR line each, store nothing and
+leave no temp file; the next clean cycle stores. An endless stream from a
+loopback server keeps memory bounded."""
 
 import gzip
 import hashlib
 import io
 import os
+import random
 import tarfile
 import threading
+import tracemalloc
 
 import pytest
 
 import vault_snapshot_agent as vsa
 from archives import build_archive
+from faults_support import MB, SEED, proxy_to, temp_files, verify_all, write_config
+from harness import error_lines, run_main, snapshots
+from slow_servers import EndlessServer
 
 
 def verify_bytes(data, step=None):
@@ -166,3 +177,152 @@ def test_a_refused_stream_is_not_read_on(threaded):
     with pytest.raises(vsa.SnapshotError):
         vsa._Pass(vsa.Signals(), threaded).run(endless, lambda view: None)
     assert len(reads) <= vsa.PASS_BUFFERS + 2
+
+
+# =============================================================================
+# end to end: the Vault stream cut at random offsets, and hostile answers to
+# the snapshot request (through tests/faultproxy.py); endless streams
+# =============================================================================
+
+
+def verify_threads():
+    """The snapshot pass's verifier threads still alive (section "Snapshot stream and verification")."""
+    return [t for t in threading.enumerate() if t.name == "verify" and t.is_alive()]
+
+
+def cut_snapshot_stream(monkeypatch, proxy, plan):
+    """Arm ``proxy.cut_after(*plan["cut"], times=1)`` right before the agent
+    opens the snapshot stream, so login and leader checks are never cut."""
+    real = vsa.Http.request
+
+    def request(self, method, url, *args, **kwargs):
+        if plan.get("cut") is not None and url.endswith(vsa.SNAPSHOT_PATH):
+            nbytes, rst = plan["cut"]
+            proxy.cut_after(nbytes, rst=rst, times=1)
+        return real(self, method, url, *args, **kwargs)
+    monkeypatch.setattr(vsa.Http, "request", request)
+
+
+def _random_cuts(bao_cluster, approle, tmp_path, monkeypatch, trials, seed):
+    snapdir = tmp_path / "snaps"
+    with proxy_to(bao_cluster.leader().addr) as proxy:
+        config = write_config(tmp_path / "c.json", proxy.addr, approle, snapdir)
+        code, log = run_main("-c", config, "--once")          # learn the size
+        assert code == 0, log
+        size = os.path.getsize(str(snapdir / snapshots(snapdir)[0]))
+        assert size > 4 * MB, "kv_data should make a multi-MB snapshot, got %d bytes" % size
+        for name in snapshots(snapdir):
+            os.unlink(str(snapdir / name))
+        plan = {}
+        cut_snapshot_stream(monkeypatch, proxy, plan)
+        rng = random.Random(seed)
+        for trial in range(trials):
+            cut, rst = rng.randrange(0, size), rng.random() < 0.3
+            what = "trial %d/%d (seed %d): cut after %d of %d bytes%s" % (
+                trial + 1, trials, seed, cut, size, " with RST" if rst else "")
+            plan["cut"] = (cut, rst)
+            code, log = run_main("-c", config, "--once")
+            plan["cut"] = None
+            proxy.pass_through()
+            assert code == 1, "%s: exit %s\n%s" % (what, code, log)
+            errors = error_lines(log)
+            assert len(errors) == 1, "%s: expected one ERROR line\n%s" % (what, log)
+            assert "Traceback" not in log, what
+            assert snapshots(snapdir) == [], "%s: something was stored: %s" % (what, snapshots(snapdir))
+            assert temp_files(snapdir) == [], "%s: temp files left: %s" % (what, temp_files(snapdir))
+            assert verify_threads() == [], what
+            # the next cycle, without the fault, stores a verified snapshot
+            code, log = run_main("-c", config, "--once")
+            assert code == 0, "%s: the clean cycle after it failed\n%s" % (what, log)
+            infos = verify_all(snapdir)
+            assert len(infos) == 1 and temp_files(snapdir) == [], what
+            os.unlink(infos[0].path)
+    return size
+
+
+@pytest.mark.usefixtures("isolated_env")
+def test_stream_cut_at_random_offsets_10_trials(bao_cluster, approle, kv_data, tmp_path,
+                                                monkeypatch):
+    _random_cuts(bao_cluster, approle, tmp_path, monkeypatch, 10, SEED)
+
+
+@pytest.mark.usefixtures("isolated_env")
+@pytest.mark.slow
+def test_stream_cut_at_random_offsets_100_trials(bao_cluster, approle, kv_data, tmp_path,
+                                                 monkeypatch):
+    _random_cuts(bao_cluster, approle, tmp_path, monkeypatch, 100, SEED + 1)
+
+def _gzip_tar(members):
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return gzip.compress(raw.getvalue())
+
+
+HOSTILE_BODIES = [
+    ("html-page", b"<!DOCTYPE html><html><body><h1>Welcome to nginx!</h1></body></html>",
+     "text/html", "gzip"),
+    ("empty-body", b"", "application/octet-stream", "empty"),
+    ("json-error", b'{"errors":["permission denied"]}', "application/json", "gzip"),
+    ("gzip-of-text", gzip.compress(b"hello world\n" * 100), "application/gzip", "tar header"),
+    ("tar-without-members", _gzip_tar([]), "application/gzip", "lacks"),
+    ("gzip-with-trailing-junk", build_archive() + b"JUNK", "application/gzip", "after the end"),
+    ("wrong-sha256sums", build_archive(sums="%s  meta.json\n%s  state.bin\n" % ("0" * 64, "0" * 64)),
+     "application/gzip", "does not match"),
+    ("empty-sealed-sums", build_archive(sealed=b""), "application/gzip", "SHA256SUMS.sealed"),
+    ("meta-size-lies", build_archive(meta_size=1), "application/gzip", "meta.json says"),
+    ("huge-meta-member", _gzip_tar([("meta.json", b"{" + b" " * (2 * MB) + b"}")]),
+     "application/gzip", "implausibly large"),
+]
+
+
+@pytest.mark.usefixtures("isolated_env")
+@pytest.mark.parametrize("case_id,body,ctype,problem", HOSTILE_BODIES,
+                         ids=[b[0] for b in HOSTILE_BODIES])
+def test_hostile_200_answer_to_the_snapshot_request_is_rejected(bao_cluster, approle, tmp_path,
+                                                                case_id, body, ctype, problem):
+    snapdir = tmp_path / "snaps"
+    with proxy_to(bao_cluster.leader().addr) as proxy:
+        proxy.fail_requests(lambda m, p: p.startswith(vsa.SNAPSHOT_PATH), status=200, body=body,
+                            content_type=ctype)
+        config = write_config(tmp_path / "c.json", proxy.addr, approle, snapdir)
+        code, log = run_main("-c", config, "--once")
+    assert code == 1, "%s: exit %s\n%s" % (case_id, code, log)
+    errors = error_lines(log)
+    assert len(errors) == 1 and problem in errors[0], "%s:\n%s" % (case_id, log)
+    assert "Traceback" not in log
+    assert snapshots(snapdir) == [] and temp_files(snapdir) == []
+
+@pytest.mark.usefixtures("isolated_env")
+@pytest.mark.parametrize("threaded", [False, True], ids=["one thread", "two threads"])
+@pytest.mark.parametrize("mode", ["random", "state", "pax", "bomb"])
+def test_endless_snapshot_stream_keeps_memory_bounded(tmp_path, mode, threaded):
+    limit = 200 * MB
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    with EndlessServer(mode, limit) as server:
+        http = vsa.Http(timeout=30)
+        tracemalloc.start()
+        try:
+            resp = http.request("GET", server.url + vsa.SNAPSHOT_PATH)
+            try:
+                with pytest.raises(vsa.SnapshotError) as failure:
+                    vsa.stream_snapshot(resp, str(stage), vsa.Signals(), threaded=threaded)
+            finally:
+                resp.close()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        sent = server.sent
+    print("%s: %d MB sent, tracemalloc peak %.1f MB, %s" % (mode, sent // MB, peak / MB, failure.value))
+    assert peak < 20 * MB, "%s: %.0f MB of memory for a stream (%d MB sent) - not bounded" % (
+        mode, peak / MB, sent // MB)
+    assert os.listdir(str(stage)) == [], "partial file left: %s" % os.listdir(str(stage))
+    assert verify_threads() == [], "the verifier thread outlived the failure"
+    if mode == "random":
+        assert sent < 32 * MB, "a stream that is not gzip was read on for %d MB" % (sent // MB)
+    elif mode == "state":     # a long (legitimate-looking) snapshot is never cut short
+        assert sent >= limit, "only %d MB flowed" % (sent // MB)

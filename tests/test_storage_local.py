@@ -1,15 +1,24 @@
-"""Sections "Local storage" and "Retention": local storage and retention."""
+"""Sections "Local storage" and "Retention": local storage and retention.
+
+End to end: a full local disk (a file size limit, a small tmpfs to stage on
+or to copy onto) is one ERROR line naming the disk, and keeps every older
+snapshot."""
 
 import datetime
 import logging
 import os
+import resource
+import signal
 import stat
+import subprocess
+import sys
 
 import pytest
 
 import vault_snapshot_agent as vsa
 from archives import write_archive
-from harness import FakeSignals, go_snapshot_name
+from faults_support import GO_NAMES, MB, write_config
+from harness import AGENT, FakeSignals, error_lines, go_snapshot_name, run_main
 
 UTC = vsa.UTC
 BASE = datetime.datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)
@@ -255,3 +264,73 @@ def test_the_copy_never_replaces_a_file_that_appears_meanwhile(tmp_path):
     with pytest.raises(OSError):
         vsa._place(str(temp), str(final))
     assert final.read_bytes() == b"theirs"
+
+
+# =============================================================================
+# end to end: a full local disk
+# =============================================================================
+
+
+def _tmpfs(path, size="1m"):
+    os.makedirs(path)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=%s,mode=0700" % size, "tmpfs", path],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here: %s" % result.stdout.decode().strip())
+
+
+def _limit_file_size():
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 * MB, 1 * MB))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+@pytest.mark.usefixtures("isolated_env")
+@pytest.mark.parametrize("how", ["rlimit-fsize", "tmpfs-staging", "tmpfs-copy"])
+def test_full_local_disk_is_one_clear_error_and_keeps_older_snapshots(bao_cluster, approle,
+                                                                       kv_data, tmp_path, how):
+    snapdir = str(tmp_path / "tiny")
+    mounted = how.startswith("tmpfs")
+    if mounted:
+        _tmpfs(snapdir)
+    else:
+        os.makedirs(snapdir)
+    try:
+        old = {name: ("old snapshot %d" % i).encode() for i, name in enumerate(
+            GO_NAMES + ["raft_snapshot-20200101T000000.000Z.snap"])}
+        for name, data in old.items():
+            with open(os.path.join(snapdir, name), "wb") as handle:
+                handle.write(data)
+        extra = {"local_storage": {"path": snapdir, "retain": 1}}
+        staging = tmp_path / "staging"
+        if how == "tmpfs-copy":          # staged on a big disk, copied onto the full one
+            staging.mkdir()
+            extra["temp_dir"] = str(staging)
+        config = write_config(tmp_path / "c.json", bao_cluster.leader().addr, approle, **extra)
+        if how == "rlimit-fsize":
+            proc = subprocess.run([sys.executable, "-I", AGENT, "-c", config, "--once"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  preexec_fn=_limit_file_size, timeout=120)
+            code, log = proc.returncode, proc.stdout.decode("utf-8", "replace")
+        else:
+            code, log = run_main("-c", config, "--once")
+        listing = sorted(os.listdir(snapdir))
+        contents = dict((name, open(os.path.join(snapdir, name), "rb").read())
+                        for name in listing if not name.startswith("."))
+    finally:
+        if mounted:
+            subprocess.run(["umount", snapdir])
+    assert code == 1, "%s: exit %s\n%s" % (how, code, log)
+    assert "Traceback" not in log
+    errors = error_lines(log)
+    assert len(errors) == 1, "%s: expected one ERROR line\n%s" % (how, log)
+    reason = "File too large" if how == "rlimit-fsize" else "No space left on device"
+    assert reason in errors[0], errors[0]
+    assert listing == sorted(old), "%s: partial or missing files: %s" % (how, listing)
+    assert contents == old, "an older snapshot changed"
+    if how == "tmpfs-copy":
+        assert os.listdir(str(staging)) == []
+    # an operator must be able to tell which disk is full
+    assert snapdir in errors[0] or (how == "tmpfs-copy" and str(staging) in errors[0]), (
+        "the error does not say where the write failed: %r" % errors[0])

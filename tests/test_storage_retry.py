@@ -6,15 +6,25 @@ and no back-off is ever near zero.
 The stores are loopback listing servers (hostile_servers.py) that answer
 their first requests with ``503`` + ``Retry-After``; waits go to a
 FakeSignals on a FakeClock, so nothing really sleeps.
+
+End to end: the real agent stores a real snapshot in each storage emulator
+(S3, Azure, GCS) through tests/faultproxy.py; a storm of 5xx answers, a
+reset or a slow store is retried to success, and a store that always fails
+is one ERROR line that keeps the local snapshot and every older object.
 """
 
 import email.utils
 import json
+import os
+import re
+import time
 
 import pytest
 
 import vault_snapshot_agent as vsa
-from harness import FakeClock, FakeSignals, captured_log
+from faults_support import (GO_NAMES, MB, Backend, proxy_to, temp_files, verify_all,
+                            verify_bytes, write_config)
+from harness import FakeClock, FakeSignals, captured_log, error_lines, run_main
 from hostile_servers import AzureListServer, GcsListServer, S3ListServer
 from slow_servers import throttled
 
@@ -89,3 +99,98 @@ def test_no_back_off_is_near_zero():
     assert vsa.backoff_delays(5, 0.5, 20.0, rand=lambda: 0.0) == [0.25, 0.5, 1.0, 2.0]
     assert vsa.backoff_delays(5, 0.5, 20.0, rand=lambda: 1.0) == [0.5, 1.0, 2.0, 4.0]
     assert vsa.backoff_delays(8, 1.0, 20.0, rand=lambda: 0.0)[-1] == 10.0      # half the cap
+
+
+# =============================================================================
+# end to end: storage faults (5xx storms, resets, slow answers, permanent
+# failure) through tests/faultproxy.py in front of each storage emulator
+# =============================================================================
+
+
+BACKEND_FIXTURES = {"s3": "moto", "azure": "azurite", "gcs": "gcs"}
+
+
+@pytest.fixture
+def make_backend(request, tmp_path):
+    def make(kind):
+        server = request.getfixturevalue(BACKEND_FIXTURES[kind])
+        prefix = "faults-%s-%s" % (re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[-40:].strip("-"),
+                                   os.urandom(3).hex())
+        return Backend(kind, server, prefix)
+    return make
+
+
+def _storage_cycle(tmp_path, bao_cluster, approle, backend, proxy, **block_extra):
+    key, block = backend.block(proxy, **block_extra)
+    snapdir = tmp_path / "local"
+    config = write_config(tmp_path / "c.json", bao_cluster.leader().addr, approle, snapdir,
+                          **{key: block})
+    code, log = run_main("-c", config, "--once", "--log-level", "debug")
+    return code, log, snapdir
+
+
+@pytest.mark.usefixtures("isolated_env")
+@pytest.mark.parametrize("kind", sorted(BACKEND_FIXTURES))
+@pytest.mark.parametrize("fault", ["5xx-storm", "reset", "slow"])
+def test_storage_transient_fault_is_retried_to_success(bao_cluster, approle, kv_data, tmp_path,
+                                                       make_backend, kind, fault):
+    backend = make_backend(kind)
+    old = ["%s/%s" % (backend.prefix, n) for n in GO_NAMES]
+    backend.put_many(old, b"old")
+    with proxy_to(backend.url) as proxy:
+        rule = None
+        if fault == "5xx-storm":
+            body, ctype = backend.error(503)
+            rule = proxy.fail_requests(backend.data_puts(), status=503, body=body,
+                                       content_type=ctype, times=2)
+        elif fault == "reset":
+            proxy.reset(times=1)
+        else:
+            proxy.delay(0.2)
+        started = time.monotonic()
+        code, log, snapdir = _storage_cycle(tmp_path, bao_cluster, approle, backend, proxy)
+        elapsed = time.monotonic() - started
+        if rule is not None:
+            assert rule.hits == 2, log
+    assert code == 0, "%s %s: exit %s\n%s" % (kind, fault, code, log)
+    assert "Traceback" not in log and error_lines(log) == [], log
+    if fault != "slow":
+        assert re.search(r"retry|asking the session", log), log
+    else:
+        assert elapsed > 0.4, elapsed
+    local = verify_all(snapdir)
+    assert len(local) == 1 and temp_files(snapdir) == []
+    new = sorted(set(backend.names()) - set(old))
+    assert len(new) == 1, (new, log)
+    info = verify_bytes(backend.get(new[0]), tmp_path, "%s object %s" % (kind, new[0]))
+    assert info.sha256 == local[0].sha256 and info.size > 4 * MB
+    assert sorted(set(backend.names()) & set(old)) == old, "an older object was deleted"
+    assert backend.uploads_in_progress() == []
+
+
+@pytest.mark.usefixtures("isolated_env")
+@pytest.mark.parametrize("kind", sorted(BACKEND_FIXTURES))
+def test_storage_permanent_failure_keeps_local_and_old_objects(bao_cluster, approle, kv_data,
+                                                               tmp_path, make_backend, kind):
+    backend = make_backend(kind)
+    old = ["%s/%s" % (backend.prefix, n) for n in GO_NAMES]
+    backend.put_many(old, b"old")
+    before = dict((name, backend.get(name)) for name in old)
+    with proxy_to(backend.url) as proxy:
+        body, ctype = backend.error(500)
+        rule = proxy.fail_requests(lambda m, p: m == "PUT", status=500, body=body,
+                                   content_type=ctype)
+        # retain 1 would delete the old objects if retention ran after a failed upload
+        code, log, snapdir = _storage_cycle(tmp_path, bao_cluster, approle, backend, proxy,
+                                            retain=1)
+        assert rule.hits >= 2, log
+    assert code == 1, "%s: exit %s\n%s" % (kind, code, log)
+    assert "Traceback" not in log
+    errors = error_lines(log)
+    assert len(errors) == 1 and "Storing snapshot in" in errors[0], log
+    assert "Successfully created local snapshot" in log
+    assert len(verify_all(snapdir)) == 1 and temp_files(snapdir) == []
+    assert backend.names() == sorted(old), "%s: half-written or deleted objects: %s" % (
+        kind, backend.names())
+    assert dict((name, backend.get(name)) for name in old) == before
+    assert backend.uploads_in_progress() == [], "S3 multipart upload left behind"
