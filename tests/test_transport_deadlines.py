@@ -194,7 +194,7 @@ def test_a_stop_ends_a_request_in_progress_at_once(mode):
                 resp.json()
         error, took = timed(call)
     assert isinstance(error, vsa.Stopped), error
-    assert took < 1.3
+    assert took < 2.0           # the stop at 0.3 s; the deadline is 30 s (busy CI cores: slack)
     assert signals._abort_hooks == []
 
 
@@ -217,7 +217,7 @@ def test_a_stop_ends_the_requests_of_every_worker_thread():
         for thread in threads:
             thread.join(5)
     assert [kind for kind, _ in results] == [vsa.Stopped] * 4
-    assert max(took for _, took in results) < 1.3
+    assert max(took for _, took in results) < 2.0      # the stop at 0.3 s; the deadline 30 s
 
 
 def test_a_request_started_after_the_stop_still_runs_under_its_deadline():
