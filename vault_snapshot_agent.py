@@ -2723,16 +2723,23 @@ class AwsCredentialChain:
         raise StorageError(problem)
 
 
+def refresh_in(left):
+    """Seconds until credentials (AWS keys, an OAuth token) with ``left``
+    seconds of life are fetched again: CREDENTIAL_REFRESH_MARGIN before they
+    expire, or for short-lived ones half-way there (but at least
+    CREDENTIAL_MIN_REUSE, and never after they expire), so no short-lived
+    credential is fetched again for every request."""
+    margin = CREDENTIAL_REFRESH_MARGIN.total_seconds()
+    if left > margin:
+        return left - margin
+    return min(left, max(left / 2.0, CREDENTIAL_MIN_REUSE.total_seconds()))
+
+
 def _refresh_time(expires, now):
-    """When credentials expiring at ``expires`` are asked for again:
-    CREDENTIAL_REFRESH_MARGIN before, or for short-lived ones half-way there
-    (but at least CREDENTIAL_MIN_REUSE, and never after they expire)."""
+    """When credentials expiring at ``expires`` are asked for again (refresh_in)."""
     if expires is None:
         return None
-    if expires - CREDENTIAL_REFRESH_MARGIN > now:
-        return expires - CREDENTIAL_REFRESH_MARGIN
-    left = expires - now
-    return now + min(left, max(left / 2, CREDENTIAL_MIN_REUSE))
+    return now + datetime.timedelta(seconds=refresh_in((expires - now).total_seconds()))
 
 
 def _json_object(resp, what):
@@ -2796,9 +2803,9 @@ def _aws_error_line(data):
 
 class BearerToken:
     """An OAuth access token cache: ``fetch()`` returns (token, seconds valid);
-    a new token is fetched five minutes before the old one expires, or half
-    way through a shorter life (a token valid for 4 minutes is not fetched
-    again for every request); one that arrives expired is an error."""
+    a new token is fetched when refresh_in() says, as AWS credentials are
+    (five minutes before it expires, half-way through a shorter life); one
+    that arrives expired is an error."""
 
     def __init__(self, fetch, clock, what):
         self.fetch, self.clock, self.what = fetch, clock, what
@@ -2817,8 +2824,7 @@ class BearerToken:
                     raise StorageError("%s: answered a token that is already expired "
                                        "(expires_in %r)" % (self.what, seconds))
                 self._token = Secret(token)
-                self._expires = self.clock.monotonic() + (
-                    seconds - 300.0 if seconds > 600.0 else seconds / 2.0)
+                self._expires = self.clock.monotonic() + refresh_in(seconds)
                 LOG.info("Obtained an access token from %s, valid %s", self.what,
                          format_duration(float(seconds)))
             return self._token
