@@ -3771,6 +3771,18 @@ class Storage:
             if done is not None:
                 return done
 
+    @staticmethod
+    def sent_copy(read):
+        """Settles a NameClash: ``read()`` looks at the object of the taken
+        name and returns something true (its metadata) when it is the very
+        object this agent sent, written by an attempt whose answer was lost;
+        else None. A store that cannot show it (no read right, or it is gone
+        again) gives None too: the clash stands, never a failed upload."""
+        try:
+            return read() or None
+        except StorageError:
+            return None
+
     @classmethod
     def from_config(cls, section, cfg, runtime):
         """The backend configured by ``section`` (its block); ConfigError
@@ -4568,7 +4580,7 @@ class S3Storage(Storage):
             lost = isinstance(exc, NameClash) or _s3_code_in(exc, "NoSuchUpload")
             if len(tries) < 2 or not lost:
                 raise
-            if self._holds(key, expected()):
+            if self.sent_copy(lambda: self._holds(key, expected())):
                 LOG.info("S3 %s: the answer was lost, but s3://%s/%s holds the object sent",
                          action, self.bucket, key)
                 return None, b""
@@ -4997,13 +5009,13 @@ class AzureStorage(Storage):
         sent (size and MD5, base64), created by an attempt whose answer was lost."""
         try:
             write()
-        except NameClash as clash:
-            try:
-                resp, _ = self._request("HEAD", "Get Blob Properties %s" % blob, blob, ok=(200,))
-            except StorageError:       # cannot read it (a write-only SAS, gone): the clash stands
-                raise clash from None
-            if resp.header("Content-Length") != str(size) or resp.header("Content-MD5") != md5:
+        except NameClash:
+            if not self.sent_copy(lambda: self._holds(blob, size, md5)):
                 raise
+
+    def _holds(self, blob, size, md5):
+        resp, _ = self._request("HEAD", "Get Blob Properties %s" % blob, blob, ok=(200,))
+        return resp.header("Content-Length") == str(size) and resp.header("Content-MD5") == md5
 
     def _put_blocks(self, snapshot, blob, headers, progress):
         size = max(self.block_size, -(-snapshot.size // AZURE_MAX_BLOCKS))
@@ -5240,14 +5252,9 @@ class GoogleStorage(Storage):
         base = "%s/upload/storage/v1/b/%s/o" % (self.endpoint, uri_encode(self.bucket))
         try:
             result = self._create(snapshot, obj, base, progress, md5)
-        except NameClash as clash:
-            try:
-                result = self._metadata(obj)
-            except StorageError:
-                raise clash from None
-            if result.get("md5Hash") != base64.b64encode(md5.digest(
-                    snapshot.path, snapshot.size, self.signals.check)).decode("ascii") \
-                    or str(result.get("size")) != str(snapshot.size):
+        except NameClash:
+            result = self.sent_copy(lambda: self._holds(obj, snapshot, md5))
+            if result is None:
                 raise
         reported = result.get("md5Hash")
         ours = md5.digest(snapshot.path, snapshot.size, self.signals.check)
@@ -5274,12 +5281,15 @@ class GoogleStorage(Storage):
             self._set_storage_class(obj)
         return result
 
-    def _metadata(self, obj):
-        """An object's metadata (size, md5Hash...) as a dict."""
+    def _holds(self, obj, snapshot, md5):
+        """``obj``'s metadata when it is the object sent (size and MD5), else None."""
         url = "%s/storage/v1/b/%s/o/%s" % (self.endpoint, uri_encode(self.bucket),
                                            uri_encode(obj, safe=""))
         _, data = self._request("GET", "metadata of %s" % obj, url)
-        return self._object_json(data, obj)
+        found = self._object_json(data, obj)
+        ours = base64.b64encode(md5.digest(snapshot.path, snapshot.size, self.signals.check))
+        same = found.get("md5Hash") == ours.decode("ascii") and str(found.get("size")) == str(snapshot.size)
+        return found if same else None
 
     def _object_json(self, data, obj):
         try:

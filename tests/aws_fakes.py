@@ -82,6 +82,7 @@ class FakeS3(LoopbackServer):
         self.multipart_etag = None
         self.complete_fault = self.put_fault = None
         self.conflicts = 0          # answer that many conditional writes with 409
+        self.head_refused = False   # HeadObject is 403 (credentials that may write, not read)
         self._lock = threading.Lock()
         self._next_upload = 0
 
@@ -111,6 +112,8 @@ class FakeS3(LoopbackServer):
             return 200, XML, ("<ListBucketResult><Name>%s</Name><IsTruncated>false</IsTruncated>"
                               "</ListBucketResult>" % BUCKET)
         if method == "HEAD":
+            if self.head_refused:
+                return 403, {}, b""
             if key not in self.objects:
                 return 404, {}, b""
             return 200, {"ETag": '"%s"' % self.etags[key]}, self.objects[key]

@@ -113,6 +113,19 @@ def test_a_lost_put_answer_and_another_writer_is_still_name_clash(tmp_path):
         assert s3.objects[KEY] == b"theirs"
 
 
+def test_a_lost_put_answer_stays_name_clash_when_head_is_refused(tmp_path):
+    # Credentials that may write but not read (no s3:GetObject): the HEAD
+    # that would settle the lost answer is refused. The clash stands (the
+    # agent then takes the next millisecond: a second copy, never a lost
+    # one); it was a failed upload.
+    with FakeS3() as s3:
+        s3.put_fault, s3.head_refused = "lost-answer", True
+        info, data = snapshot(tmp_path, SMALL)
+        with pytest.raises(vsa.NameClash):
+            storage(s3).upload(info, NAME)
+        assert s3.objects[KEY] == data and s3.count("HEAD") == 1
+
+
 # -- what the store answers must match what was sent ---------------------------------
 
 
