@@ -6363,12 +6363,17 @@ class Agent:
         LOG.warning("Retrying the retention of %s at %s (%d failed in a row; no new snapshot "
                     "is taken for it)", key, iso(self._wall(entry[0])), entry[2])
 
+    def _retention_retries(self):
+        """[(storage, [monotonic due, kept name, failures])] of the running
+        storages with a retention to retry (a storage a reload removed has none)."""
+        return [(s, self.retention_retry[s.describe()]) for s in self.storages
+                if s.describe() in self.retention_retry]
+
     def retry_retentions(self):
         """Run the retentions whose retry is due, on the leader only; False
         when none was due."""
         mono = self.clock.monotonic()
-        due = [s for s in self.storages
-               if s.describe() in self.retention_retry and self.retention_retry[s.describe()][0] <= mono]
+        due = [s for s, entry in self._retention_retries() if entry[0] <= mono]
         if not due:
             return False
         try:
@@ -6462,9 +6467,7 @@ class Agent:
             next_due = min(self.due[s.describe()] for s in self.storages)
             self.status.next_start = self._wall(next_due)
             if started[1] < next_due:
-                self._wait_for(min([next_due] + [self.retention_retry[s.describe()][0]
-                                                 for s in self.storages
-                                                 if s.describe() in self.retention_retry]))
+                self._wait_for(min([next_due] + [entry[0] for _, entry in self._retention_retries()]))
                 continue
             due = [s for s in self.storages if self.due[s.describe()] <= started[1]]
             result = self.run_cycle(due)
