@@ -65,6 +65,7 @@ Sections (``grep -n '^# [0-9]*\\. '`` lists them):
 import argparse
 import base64
 import collections
+import collections.abc
 import datetime
 import errno
 import hashlib
@@ -830,23 +831,28 @@ class ProxyPolicy:
     the AWS IPv6 metadata addresses, Google's metadata name) are always
     reached directly, and from the environment neither localhost nor
     loopback addresses are ever proxied; a proxy variable the agent cannot
-    use is ignored (env_proxy_warnings says so)."""
+    use is ignored, and ``warnings`` says so: it goes direct instead, as Go's
+    http.ProxyFromEnvironment ignores what it cannot use (an exit 2 would be
+    a restart loop under systemd even when no request needed the proxy). A
+    ``setting`` is a Proxy, or a URL string (ConfigError naming ``where``)."""
 
     def __init__(self, setting=None, env=None, where="proxy"):
         env = {} if env is None else env
         self.explicit = self.direct = False
-        self.proxies = {}
+        self.proxies, self.warnings = {}, []
         if setting == "direct":
             self.direct = True
         elif setting:
             self.explicit = True
-            proxy = parse_proxy_url(setting, where)
+            proxy = setting if isinstance(setting, Proxy) else parse_proxy_url(setting, where)
             self.proxies = {"http": proxy, "https": proxy}
         else:
             for scheme in ("http", "https"):
-                proxy = _env_proxy(env, scheme)[1]
+                proxy, problem = _env_proxy(env, scheme)
                 if proxy is not None:
                     self.proxies[scheme] = proxy
+                if problem:
+                    self.warnings.append("%s; ignored: %s requests go direct" % (problem, scheme))
             self.no_proxy = next((env[v] for v in ("NO_PROXY", "no_proxy") if env.get(v)), "")
 
     def for_url(self, url):
@@ -866,31 +872,17 @@ class ProxyPolicy:
 
 
 def _env_proxy(env, scheme):
-    """(variable, Proxy, problem) of ``scheme``'s proxy variable in ``env``:
-    (None, None, None) when unset; a value the agent cannot use (https://,
-    socks5://, malformed) gives no Proxy and the one-line reason, never the
-    password."""
+    """(Proxy, problem) of ``scheme``'s proxy variable in ``env``: (None,
+    None) when unset; a value the agent cannot use (https://, socks5://,
+    malformed) gives no Proxy and the one-line reason, never the password."""
     var = next((v for v in (scheme.upper() + "_PROXY", scheme + "_proxy")
                 if env.get(v, "").strip()), None)
     if var is None:
-        return None, None, None
+        return None, None
     try:
-        return var, parse_proxy_url(env[var].strip(), var), None
+        return parse_proxy_url(env[var].strip(), var), None
     except ConfigError as exc:
-        return var, None, str(exc)
-
-
-def env_proxy_warnings(env):
-    """One warning per proxy variable the agent cannot use: it goes direct
-    instead, as Go's http.ProxyFromEnvironment ignores what it cannot use
-    (an exit 2 would be a restart loop under systemd even when no request
-    needed the proxy). An explicit ``proxy`` key stays a ConfigError."""
-    warnings = []
-    for scheme in ("http", "https"):
-        problem = _env_proxy(env, scheme)[2]
-        if problem:
-            warnings.append("%s; ignored: %s requests go direct" % (problem, scheme))
-    return warnings
+        return None, str(exc)
 
 
 def _is_loopback(host):
@@ -1455,19 +1447,39 @@ class Key:
     (``--config-reference``) all come from these declarations.
 
     Kinds: ``str``; ``name`` (no white space: it ends up in a header or a
-    URL path); ``choice`` (``choices=``); ``secret`` (stripped, shown as
+    URL path); ``mount`` (a name without surrounding slashes); ``choice``
+    (``choices=``); ``secret`` (stripped, shown as
     ``***``); ``path``, ``file``, ``dir`` (the last two must exist); ``int``
     (``minimum=``, ``maximum=``); ``bool``; ``duration`` (``minimum=``);
     ``url``; ``any`` (a raw JSON value its block checks itself).
+
+    ``required``: the block is refused without it. ``pattern``: a regular
+    expression and what it describes (``(BUCKET_RE, "bucket name")``); a
+    value that does not match it is refused as "not a valid bucket name".
     """
 
-    __slots__ = ("name", "kind", "default", "env", "aliases", "doc", "default_doc", "options")
+    __slots__ = ("name", "kind", "default", "env", "aliases", "doc", "default_doc", "options",
+                 "required", "pattern")
 
     def __init__(self, name, kind, default=None, env=(), aliases=(), doc="", default_doc=None,
-                 **options):
+                 required=False, pattern=None, **options):
         self.name, self.kind, self.default = name, kind, default
         self.env, self.aliases, self.doc = tuple(env), tuple(aliases), doc
         self.default_doc, self.options = default_doc, options
+        self.required, self.pattern = required, pattern
+
+    def meaning(self):
+        """The meaning column of the README tables."""
+        return self.doc + (" (required)" if self.required else "")
+
+    def check(self, section, value):
+        """``value`` as read, refused when required and unset or when it
+        does not match the pattern."""
+        if value is None and self.required:
+            raise section.error(self.name, "required")
+        if value is not None and self.pattern and not re.match(self.pattern[0], value):
+            raise section.error(self.name, "%r is not a valid %s" % (value, self.pattern[1]))
+        return value
 
     def show(self, value):
         """``value`` as --check-config prints it: secrets masked, durations
@@ -1478,8 +1490,8 @@ class Key:
             return "***"
         if self.kind == "duration":
             return format_duration(value)
-        if self.kind == "proxy" and value != "direct":
-            return parse_proxy_url(value, self.name).display      # never the password
+        if isinstance(value, Proxy):
+            return value.display        # never the password
         return value
 
     def documented_default(self):
@@ -1546,7 +1558,7 @@ class Section:
         value = _READERS[key.kind](self, name, key, default)
         if name != key.name:
             self.sources[key.name] = self.sources.pop(name, "config") + " (as %s)" % name
-        return value
+        return key.check(self, value)
 
     def string(self, key, default=None, env=(), choices=None, spaces=True):
         """A string; ``spaces=False`` for values that end up in a header or a
@@ -1658,12 +1670,13 @@ class Section:
                                   "got %s" % got) from None
 
     def proxy(self, key, env=()):
-        """A proxy URL (checked now, see parse_proxy_url) or "direct"."""
-        value = self.string(key, None, env)
-        if value is not None and value != "direct":
-            parse_proxy_url(value, self.sources.get(key, "")[4:] if self.sources.get(key, "")
-                            .startswith("env ") else self.name(key))
-        return value
+        """A Proxy (see parse_proxy_url) or "direct"."""
+        value, source = self._value(key, env)
+        if value is None or value == "direct":
+            return value
+        if not isinstance(value, str):
+            raise self.error(key, "must be a string, got %s" % _json_type(value))
+        return parse_proxy_url(value, source or self.name(key))
 
     def any(self, key, default=None):
         """The raw JSON value (its block checks it)."""
@@ -1716,25 +1729,37 @@ _READERS = {
     "size": lambda s, n, k, d: s.size(n, d),
     "proxy": lambda s, n, k, d: s.proxy(n, k.env),
     "any": lambda s, n, k, d: s.any(n, d),
+    "mount": lambda s, n, k, d: s.string(n, d, k.env, spaces=False).strip("/"),
 }
 
 
-class Settings(collections.OrderedDict):
-    """A block's effective values, by key; ``sources`` says where each came
-    from ("config", "env VAR", "default")."""
+class Settings(collections.abc.Mapping):
+    """A block's effective values, by key, read-only; ``sources`` says where
+    each came from ("config", "env VAR", "default")."""
 
-    sources = None
+    def __init__(self, values=(), sources=None):
+        self._values = collections.OrderedDict(values)
+        self.sources = dict(sources or {})
+
+    def __getitem__(self, name):
+        return self._values[name]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
 
 
 def read_block(section, keys, inherited=None):
-    """Every key of ``keys`` read from ``section`` as Settings (defaults
-    filled in; ``inherited`` overrides the declared defaults, e.g. a
-    storage's ``retain`` defaults to the global one)."""
+    """Every key of ``keys`` read from ``section`` as an OrderedDict
+    (defaults filled in; ``inherited`` overrides the declared defaults, e.g.
+    a storage's ``retain`` defaults to the global one). The block completes
+    it, then freezes it as Settings."""
     inherited = inherited or {}
-    values = Settings()
+    values = collections.OrderedDict()
     for key in keys:
         values[key.name] = section.read(key, inherited.get(key.name, key.default))
-    values.sources = section.sources
     return values
 
 
@@ -1767,7 +1792,92 @@ def _env_names(name):
 # =============================================================================
 
 
-AUTH_METHODS = ("approle", "k8s", "kubernetes", "token")
+class AuthMethod(collections.namedtuple("AuthMethod", "name aliases doc keys check login token")):
+    """One way to log in to Vault, declared once in AUTH_METHODS: its
+    ``keys`` join the top-level table, ``check(top, values)`` refuses at
+    load what it cannot log in with (ConfigError naming the key), and at
+    each login either ``login(cfg)`` gives (mount, payload) for ``POST
+    auth/<mount>/login``, read afresh (a rotated secret file is picked up),
+    or ``token(cfg)`` gives a token to use as is (then a 403 cannot be cured
+    by logging in again)."""
+
+    __slots__ = ()
+
+
+def _check_approle(top, values):
+    if not values["role_id"]:
+        raise top.error("role_id", "required for AppRole login (or set vault_auth_method)")
+    _one_of(top, values, "secret_id", "secret_id_file", "required for AppRole login (or use "
+                                                          "secret_id_file)")
+
+
+def _approle_login(cfg):
+    secret_id = (read_secret_file(cfg.secret_id_file, "secret_id_file") if cfg.secret_id_file
+                 else cfg.secret_id)
+    return cfg.approle, {"role_id": cfg.role_id, "secret_id": secret_id.reveal()}
+
+
+def _check_k8s(top, values):
+    if not values["k8s_auth_role"]:
+        raise top.error("k8s_auth_role", "required for Kubernetes login")
+
+
+def _k8s_login(cfg):
+    jwt = read_secret_file(cfg.k8s_token_path, "k8s_token_path")
+    return cfg.k8s_auth_path, {"role": cfg.k8s_auth_role, "jwt": jwt.reveal()}
+
+
+def _check_token(top, values):
+    _one_of(top, values, "token", "token_file", "required for token auth (or token_file, or "
+                                                 "VAULT_TOKEN)")
+
+
+def _given_token(cfg):
+    return read_secret_file(cfg.token_file, "token_file") if cfg.token_file else cfg.token
+
+
+def _one_of(top, values, key, file_key, missing):
+    """Exactly one of a secret's key and its file key; the file readable now."""
+    if values[key] and values[file_key]:
+        raise top.error(file_key, "conflicts with %s: set only one" % key)
+    if not (values[key] or values[file_key]):
+        raise top.error(key, missing)
+    if values[file_key]:
+        read_secret_file(values[file_key], file_key)
+
+
+AUTH_METHODS = collections.OrderedDict((method.name, method) for method in (
+    AuthMethod("approle", (), "AppRole", (
+        Key("approle", "mount", "approle", doc="AppRole mount path"),
+        Key("role_id", "name", doc="AppRole role_id"),
+        Key("secret_id", "secret", doc="AppRole secret_id"),
+        Key("secret_id_file", "file",
+            doc="read the secret_id from this file at each login (instead of `secret_id`)"),
+    ), _check_approle, _approle_login, None),
+    AuthMethod("k8s", ("kubernetes",), "Kubernetes", (
+        Key("k8s_auth_role", "name", aliases=("vault_auth_role",),
+            doc="Kubernetes auth role (required for `k8s`); the Go agent's README calls it "
+                "`vault_auth_role`, which works too"),
+        Key("k8s_auth_path", "mount", "kubernetes", aliases=("vault_auth_path",),
+            doc="Kubernetes auth mount path (also as `vault_auth_path`)"),
+        Key("k8s_token_path", "path", DEFAULT_K8S_TOKEN_PATH,
+            doc="service-account JWT, re-read at each login"),
+    ), _check_k8s, _k8s_login, None),
+    AuthMethod("token", (), "a token", (
+        Key("token", "secret", env=_env_names("TOKEN"), doc="a token to use as is (token auth)"),
+        Key("token_file", "file",
+            doc="a Vault/Bao Agent sink file, re-read whenever a new token is needed"),
+    ), _check_token, None, _given_token),
+))
+
+AUTH_NAMES = collections.OrderedDict((name, method) for method in AUTH_METHODS.values()
+                                     for name in (method.name,) + method.aliases)
+
+
+def _auth_methods_doc():
+    return ", ".join("`%s`%s" % (m.name, " (alias %s)" % ", ".join("`%s`" % a for a in m.aliases)
+                                 if m.aliases else "") for m in AUTH_METHODS.values())
+
 
 TOP_KEYS = (
     Key("addr", "url", DEFAULT_ADDR, env=_env_names("ADDR"),
@@ -1810,24 +1920,9 @@ TOP_KEYS = (
         doc="write the metrics to a file (mode 0644) for node_exporter's textfile collector"),
     Key("metrics_address", "str",
         doc="serve Prometheus metrics at `http://HOST:PORT/metrics`, e.g. `127.0.0.1:9469`"),
-    Key("vault_auth_method", "choice", choices=AUTH_METHODS,
-        default_doc="`approle` (or `token` when only a token is given)",
-        doc="`approle`, `k8s` (alias `kubernetes`), `token`"),
-    Key("approle", "name", "approle", doc="AppRole mount path"),
-    Key("role_id", "name", doc="AppRole role_id"),
-    Key("secret_id", "secret", doc="AppRole secret_id"),
-    Key("secret_id_file", "file",
-        doc="read the secret_id from this file at each login (instead of `secret_id`)"),
-    Key("k8s_auth_role", "name", aliases=("vault_auth_role",),
-        doc="Kubernetes auth role (required for `k8s`); the Go agent's README calls it "
-            "`vault_auth_role`, which works too"),
-    Key("k8s_auth_path", "name", "kubernetes", aliases=("vault_auth_path",),
-        doc="Kubernetes auth mount path (also as `vault_auth_path`)"),
-    Key("k8s_token_path", "path", DEFAULT_K8S_TOKEN_PATH,
-        doc="service-account JWT, re-read at each login"),
-    Key("token", "secret", env=_env_names("TOKEN"), doc="a token to use as is (token auth)"),
-    Key("token_file", "file",
-        doc="a Vault/Bao Agent sink file, re-read whenever a new token is needed"),
+    Key("vault_auth_method", "choice", choices=tuple(AUTH_NAMES),
+        default_doc="`approle` (or `token` when only a token is given)", doc=_auth_methods_doc()),
+) + tuple(key for method in AUTH_METHODS.values() for key in method.keys) + (
     Key("namespace", "name", env=_env_names("NAMESPACE"),
         doc="sent on the login call only (snapshots are a root-namespace operation)"),
     Key("proxy", "proxy", env=_env_names("PROXY_ADDR") + _env_names("HTTP_PROXY"),
@@ -1875,10 +1970,10 @@ def tls_keys(ca_env=(), token_endpoint=None):
     return keys
 
 
-def storage_proxy(section, values, runtime):
+def storage_proxy(settings, runtime, block):
     """The ProxyPolicy of a storage block: its ``proxy`` key, else the
     environment's proxy variables."""
-    return ProxyPolicy(values["proxy"], runtime.env, section.name("proxy"))
+    return ProxyPolicy(settings["proxy"], runtime.env, block + ".proxy")
 
 
 def storage_tls(values, endpoint):
@@ -1891,26 +1986,54 @@ def storage_tls(values, endpoint):
     return tls
 
 
-class Config:
-    """The effective configuration, after defaults and environment.
+STORAGE_TYPES = collections.OrderedDict()
+# config key -> Storage class: each storage backend registers itself
+# (register_storage, in the section Storage backends); load_config reads the
+# blocks of those present in the file.
 
-    Built by ``load_config``: every key of TOP_KEYS is an attribute (None
-    when unset), ``sources`` says where each came from. The storage blocks
-    are read by ``build_storages``, with each backend's own keys, from
-    ``top`` (the top-level Section).
+
+class Config:
+    """The effective configuration, after defaults and environment;
+    read-only. Built by ``load_config``.
+
+    Every key of TOP_KEYS is an attribute (None when unset) and ``sources``
+    says where each came from. ``storages`` holds a (Storage class,
+    Settings) pair per configured block, in registry order; ``warnings``
+    what loading found (shown at start and on reload). ``tls``,
+    ``proxy_policy`` and ``metrics_bind`` are what the values mean for
+    Vault's client and the metrics server.
     """
 
-    def __init__(self, path, values):
-        self.path = path
-        self.values = values
-        self.sources = values.sources
-        self.warnings = []
-        for name, value in values.items():
-            setattr(self, name, value)
+    __slots__ = ("path", "values", "storages", "warnings", "tls", "proxy_policy", "metrics_bind")
+
+    def __init__(self, path, values, storages=(), warnings=(), tls=None, proxy_policy=None,
+                 metrics_bind=None):
+        given = (path, values, tuple(storages), tuple(warnings),
+                 tls or TlsOptions(None, None, None, None, None, False),
+                 proxy_policy or ProxyPolicy("direct"), metrics_bind)
+        for name, value in zip(self.__slots__, given):
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name):
+        values = object.__getattribute__(self, "values")
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("the configuration is read-only (%s)" % name)
+
+    @property
+    def sources(self):
+        return self.values.sources
 
     def describe(self):
-        """Every top-level setting as a JSON-able dict, secrets masked."""
-        return show_block(TOP_KEYS, self.values)
+        """Every setting as a JSON-able dict, secrets masked: the top-level
+        keys, then each storage block under its key."""
+        described = show_block(TOP_KEYS, self.values)
+        for cls, settings in self.storages:
+            described[cls.config_key] = show_block(cls.keys, settings)
+        return described
 
 
 def load_config(path, env=None):
@@ -1944,17 +2067,8 @@ def load_config(path, env=None):
     if not isinstance(raw, dict):
         raise ConfigError("config file %s: top level must be a JSON object, got %s"
                           % (path, _json_type(raw)))
-    cfg = config_from_dict(raw, path, env)
-    if _holds_secret(raw):
-        cfg.warnings.extend(secret_file_warnings(path, mode, "config file"))
-    for key in ("secret_id_file", "token_file"):
-        target = getattr(cfg, key)
-        if target:
-            try:
-                cfg.warnings.extend(secret_file_warnings(target, os.stat(target).st_mode, key))
-            except OSError:
-                pass
-    return cfg
+    return config_from_dict(raw, path, env, secret_file_warnings(path, mode, "config file")
+                            if _holds_secret(raw) else ())
 
 
 class _DuplicateKey(ValueError):
@@ -1972,16 +2086,19 @@ def _unique_keys(pairs):
     return obj
 
 
-SECRET_KEY_NAMES = ("secret_id", "token", "secret_access_key", "session_token", "account_key",
-                    "sas_token", "connection_string", "client_secret")
+def secret_key_names():
+    """The names of every key declared as a secret, in any block."""
+    blocks = [TOP_KEYS] + [cls.keys for cls in STORAGE_TYPES.values()]
+    return frozenset(key.name for keys in blocks for key in keys if key.kind == "secret")
 
 
-def _holds_secret(raw):
+def _holds_secret(raw, names=None):
     """Whether a config document sets a secret anywhere (any block)."""
+    names = secret_key_names() if names is None else names
     for name, value in raw.items():
-        if isinstance(value, dict) and _holds_secret(value):
+        if isinstance(value, dict) and _holds_secret(value, names):
             return True
-        if name in SECRET_KEY_NAMES and value not in (None, ""):
+        if name in names and value not in (None, ""):
             return True
     return False
 
@@ -1994,73 +2111,87 @@ def secret_file_warnings(path, mode, what):
     return []
 
 
-def config_from_dict(raw, path="<config>", env=None):
-    """The Config of a parsed config document (see load_config)."""
+def config_from_dict(raw, path="<config>", env=None, warnings=()):
+    """The Config of a parsed config document (see load_config), storage
+    blocks included; ``warnings`` are the caller's own (the file's mode)."""
     top = Section(raw, "", env)
+    warnings = list(warnings)
     given = top.string("addr", DEFAULT_ADDR, env=_env_names("ADDR"))
     if "://" not in given:          # a bare host is fine for storages, not for Vault
         raise top.error("addr", "must be an http:// or https:// URL, got %r" % given)
     values = read_block(top, TOP_KEYS)
-    values["approle"] = values["approle"].strip("/")
-    values["k8s_auth_path"] = values["k8s_auth_path"].strip("/")
     values["vault_auth_method"] = _auth_method(top, values)
-    cfg = Config(path, values)
-    cfg.proxy_policy = ProxyPolicy(cfg.proxy, top.env, "proxy")
-    cfg.warnings.extend(env_proxy_warnings(top.env))
-    _check_outputs(top, cfg)
-    cfg.tls = TlsOptions(cfg.ca_cert, cfg.ca_path, cfg.client_cert, cfg.client_key,
-                         cfg.tls_server_name, cfg.tls_skip_verify)
-    if cfg.client_key and not cfg.client_cert:
+    metrics_bind = _check_outputs(top, values)
+    tls = TlsOptions(values["ca_cert"], values["ca_path"], values["client_cert"],
+                     values["client_key"], values["tls_server_name"], values["tls_skip_verify"])
+    if tls.client_key and not tls.client_cert:
         raise top.error("client_key", "needs client_cert as well")
-    if cfg.addr.startswith("https://"):
-        make_ssl_context(cfg.tls)   # load certificates now: errors are config errors
-    cfg.top = top         # the storage blocks are read by build_storages
-    return cfg
+    if values["addr"].startswith("https://"):
+        make_ssl_context(tls)   # load certificates now: errors are config errors
+    proxy_policy = ProxyPolicy(values["proxy"], top.env, "proxy")
+    warnings += proxy_policy.warnings
+    for key in ("secret_id_file", "token_file"):
+        if values[key]:
+            try:
+                warnings += secret_file_warnings(values[key], os.stat(values[key]).st_mode, key)
+            except OSError:
+                pass
+    storages = _read_storages(top, values, warnings.append)
+    warnings += ["unknown config key %r ignored (typo?)" % k
+                 for section in [top] + [s for s, _, _ in storages] for k in section.unknown()]
+    return Config(path, Settings(values, top.sources), [(c, v) for _, c, v in storages], warnings,
+                  tls, proxy_policy, metrics_bind)
+
+
+def _read_storages(top, values, warn):
+    """(Section, Storage class, Settings) of each storage block present, in
+    registry order; with ``align``, the jitter must stay in the first half of
+    each period (the next boundary is found half a period after a cycle's
+    start, so a later start would skip a whole period)."""
+    blocks = []
+    for key, cls in STORAGE_TYPES.items():
+        section = top.section(key)
+        if section is not None:
+            blocks.append((section, cls, cls.read(section, values, warn)))
+    if not blocks:
+        raise ConfigError("no storage configured: add local_storage (or another *_storage block)")
+    shortest = min(settings["frequency"] for _, _, settings in blocks)
+    if values["align"] and values["jitter"] >= shortest / 2.0:
+        raise ConfigError("jitter: with align, must be less than half the shortest frequency "
+                          "(%s), got %s" % (format_duration(shortest / 2.0),
+                                            format_duration(values["jitter"])))
+    return blocks
 
 
 def _auth_method(top, values):
-    """The login method, with the credentials it needs checked."""
-    method = values["vault_auth_method"]
-    if method is None:
+    """The login method's name (an alias resolved), with the credentials it
+    needs checked."""
+    name = values["vault_auth_method"]
+    if name is None:
         # Drop-in default is AppRole; a token (file) alone selects token auth.
         has_token = values["token_file"] or (values["token"] and not (
             values["role_id"] or values["secret_id"] or values["secret_id_file"]))
-        method = "token" if has_token else "approle"
-    method = "k8s" if method == "kubernetes" else method
-    if method == "approle":
-        if not values["role_id"]:
-            raise top.error("role_id", "required for AppRole login (or set vault_auth_method)")
-        if values["secret_id"] and values["secret_id_file"]:
-            raise top.error("secret_id_file", "conflicts with secret_id: set only one")
-        if not (values["secret_id"] or values["secret_id_file"]):
-            raise top.error("secret_id", "required for AppRole login (or use secret_id_file)")
-        if values["secret_id_file"]:
-            read_secret_file(values["secret_id_file"], "secret_id_file")
-    elif method == "k8s":
-        if not values["k8s_auth_role"]:
-            raise top.error("k8s_auth_role", "required for Kubernetes login")
-    else:
-        if values["token"] and values["token_file"]:
-            raise top.error("token_file", "conflicts with token: set only one")
-        if not (values["token"] or values["token_file"]):
-            raise top.error("token", "required for token auth (or token_file, or VAULT_TOKEN)")
-        if values["token_file"]:
-            read_secret_file(values["token_file"], "token_file")
-    return method
+        name = "token" if has_token else "approle"
+    method = AUTH_NAMES[name]
+    method.check(top, values)
+    return method.name
 
 
-def _check_outputs(top, cfg):
-    """metrics_address parses to a bind address; output files have a directory."""
-    if cfg.metrics_address is not None:
-        host, _, port = cfg.metrics_address.rpartition(":")
+def _check_outputs(top, values):
+    """metrics_address parses (its (host, port) to bind is returned, None
+    when unset); output files have a directory."""
+    bind, address = None, values["metrics_address"]
+    if address is not None:
+        host, _, port = address.rpartition(":")
         if not re.match(r"\A[0-9]{1,5}\Z", port) or not 0 < int(port) < 65536:
             raise top.error("metrics_address", "must be host:port, e.g. 127.0.0.1:9469, got %r"
-                            % cfg.metrics_address)
-        cfg.metrics_bind = (host.strip("[]") or "127.0.0.1", int(port))
+                            % address)
+        bind = (host.strip("[]") or "127.0.0.1", int(port))
     for key in ("status_file", "metrics_textfile"):
-        target = getattr(cfg, key)
+        target = values[key]
         if target and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
             raise top.error(key, "directory %s does not exist" % os.path.dirname(os.path.abspath(target)))
+    return bind
 
 
 # =============================================================================
@@ -3056,23 +3187,17 @@ class VaultClient:
             self.login()
 
     def login(self):
-        method = self.cfg.vault_auth_method
-        if method == "token":
-            self._token = (read_secret_file(self.cfg.token_file, "token_file")
-                           if self.cfg.token_file else self.cfg.token)
+        """Log in with the configured method (AUTH_METHODS), or take up the
+        configured token."""
+        method = AUTH_METHODS[self.cfg.vault_auth_method]
+        if method.token is not None:
+            self._token = method.token(self.cfg)
             data = self._call("GET", "/v1/auth/token/lookup-self").get("data") or {}
             self._set_ttl(data.get("ttl"), data.get("renewable"))
             LOG.info("Using token auth, token TTL %s", self._ttl_text(data.get("ttl")))
             return
-        if method == "k8s":
-            mount = self.cfg.k8s_auth_path
-            jwt = read_secret_file(self.cfg.k8s_token_path, "k8s_token_path")
-            payload = {"role": self.cfg.k8s_auth_role, "jwt": jwt.reveal()}
-        else:
-            mount = self.cfg.approle
-            secret_id = (read_secret_file(self.cfg.secret_id_file, "secret_id_file")
-                         if self.cfg.secret_id_file else self.cfg.secret_id)
-            payload = {"role_id": self.cfg.role_id, "secret_id": secret_id.reveal()}
+        mount, payload = method.login(self.cfg)
+        method = method.name
         self._token = None
         try:
             answer = self._call("POST", "/v1/auth/%s/login" % mount, payload, token=False,
@@ -3185,7 +3310,8 @@ class VaultClient:
                         raise VaultError("snapshot request: too many redirects")
                     url = location
                     continue
-                if resp.status == 403 and not relogged and self.cfg.vault_auth_method != "token":
+                if resp.status == 403 and not relogged and \
+                        AUTH_METHODS[self.cfg.vault_auth_method].login is not None:
                     LOG.info("Vault answered 403 to the snapshot request; logging in again")
                     relogged = True
                     self.login()
@@ -3707,14 +3833,30 @@ class Storage:
         self.settings = settings or Settings()
 
     @classmethod
-    def read_settings(cls, section, cfg):
-        """The block's values (every key of ``keys``) and its Policy; the
-        policy keys default to the global ones."""
-        values = read_block(section, cls.keys, {
-            "retain": cfg.retain, "retain_days": cfg.retain_days, "frequency": cfg.frequency,
-            "max_space": cfg.max_space})
-        return values, Policy(values["retain"], values["retain_days"], values["frequency"],
-                              values["max_space"])
+    def read(cls, section, top, warn):
+        """The block's Settings: every key of ``keys`` read (the policy keys
+        default to the global ones in ``top``), then checked together and
+        completed by ``complete``. ConfigError naming the key otherwise."""
+        values = read_block(section, cls.keys, dict((name, top[name]) for name in Policy._fields))
+        cls.complete(section, values, warn)
+        return Settings(values, section.sources)
+
+    @classmethod
+    def complete(cls, section, values, warn):
+        """Check the block's values together and fill in what they imply
+        (a region, an endpoint, an auth mode), so that ``--check-config``
+        shows the effective values; ``warn`` takes a warning line."""
+
+    @classmethod
+    def from_settings(cls, settings, cfg, runtime):
+        """The backend for a block's Settings (see ``read``), with the
+        clients and credential sources it needs. ConfigError when a
+        credential file cannot be used."""
+        raise NotImplementedError
+
+    @staticmethod
+    def policy_of(settings):
+        return Policy(*(settings[name] for name in Policy._fields))
 
     def backoff(self, seconds):
         """Wait before a retry; raises Stopped as soon as a stop is requested."""
@@ -3782,12 +3924,6 @@ class Storage:
             return read() or None
         except StorageError:
             return None
-
-    @classmethod
-    def from_config(cls, section, cfg, runtime):
-        """The backend configured by ``section`` (its block); ConfigError
-        naming the key otherwise."""
-        raise NotImplementedError
 
     def prepare(self):
         """Called at the start of each cycle (e.g. to remove crash leftovers)."""
@@ -3987,29 +4123,17 @@ def run_parts(parts, worker, concurrency, signals):
     return [results[i] for i in range(len(parts))]
 
 
-STORAGE_TYPES = collections.OrderedDict()     # config key -> Storage class
-
-
 def register_storage(cls):
-    """Class decorator: make ``cls`` answer to its ``config_key``."""
+    """Class decorator: make ``cls`` answer to its ``config_key`` (see
+    STORAGE_TYPES)."""
     STORAGE_TYPES[cls.config_key] = cls
     return cls
 
 
 def build_storages(cfg, runtime):
-    """The storage backends of ``cfg``, in registry order; then the warnings
-    for keys nobody read. Raises ConfigError."""
-    storages, sections = [], [cfg.top]
-    for key, cls in STORAGE_TYPES.items():
-        section = cfg.top.section(key)
-        if section is not None:
-            storages.append(cls.from_config(section, cfg, runtime))
-            sections.append(section)
-    if not storages:
-        raise ConfigError("no storage configured: add local_storage (or another *_storage block)")
-    for section in sections:
-        cfg.warnings.extend("unknown config key %r ignored (typo?)" % k for k in section.unknown())
-    return storages
+    """The storage backends of ``cfg``'s blocks, in registry order. Raises
+    ConfigError."""
+    return [cls.from_settings(settings, cfg, runtime) for cls, settings in cfg.storages]
 
 
 # =============================================================================
@@ -4026,7 +4150,7 @@ class LocalStorage(Storage):
     config_key = "local_storage"
     kind = "local"
     aliases = ("local",)
-    keys = (Key("path", "path", doc="directory for snapshots (created 0700 if missing)"),
+    keys = (Key("path", "path", required=True, doc="directory for snapshots (created 0700 if missing)"),
             ) + STORAGE_POLICY_KEYS
 
     def __init__(self, path, policy, runtime, settings=None):
@@ -4034,11 +4158,8 @@ class LocalStorage(Storage):
         self.path = path
 
     @classmethod
-    def from_config(cls, section, cfg, runtime):
-        values, policy = cls.read_settings(section, cfg)
+    def complete(cls, section, values, warn):
         path = values["path"]
-        if not path:
-            raise section.error("path", "required (the directory snapshots are written to)")
         if os.path.exists(path) and not os.path.isdir(path):
             raise section.error("path", "%s exists and is not a directory" % path)
         try:
@@ -4046,12 +4167,15 @@ class LocalStorage(Storage):
         except OSError:
             mode = 0
         if mode & 0o022:
-            cfg.warnings.append("%s: %s is writable by %s (mode %04o): anyone there could plant or "
-                                "replace snapshot names; chmod 700 %s" % (
-                                    section.name("path"), path,
-                                    "group and others" if mode & 0o022 == 0o022 else
-                                    "others" if mode & 0o002 else "group", mode, path))
-        return cls(os.path.abspath(path), policy, runtime, values)
+            warn("%s: %s is writable by %s (mode %04o): anyone there could plant or replace "
+                 "snapshot names; chmod 700 %s" % (
+                     section.name("path"), path, "group and others" if mode & 0o022 == 0o022 else
+                     "others" if mode & 0o002 else "group", mode, path))
+        values["path"] = os.path.abspath(path)
+
+    @classmethod
+    def from_settings(cls, settings, cfg, runtime):
+        return cls(settings["path"], cls.policy_of(settings), runtime, settings)
 
     def describe(self):
         return "local:%s" % self.path
@@ -4294,7 +4418,7 @@ def _s3_multipart_expected(size, done):
 
 
 def _s3_lock(section, values):
-    """(MODE, days) of Object Lock for new objects, or None; both keys or neither."""
+    """Object Lock for new objects: both keys or neither, the mode in capitals."""
     mode, days = values["s3_object_lock_mode"], values["s3_object_lock_days"]
     if bool(mode) != bool(days):
         raise section.error("s3_object_lock_days" if mode else "s3_object_lock_mode",
@@ -4306,7 +4430,6 @@ def _s3_lock(section, values):
         raise section.error("s3_object_lock_mode", "must be GOVERNANCE or COMPLIANCE, got %r" % mode)
     if mode:
         values["s3_object_lock_mode"] = mode.upper()
-    return (mode.upper(), days) if mode else None
 
 
 def _s3_sse(section, values):
@@ -4346,7 +4469,8 @@ class S3Storage(Storage):
     aliases = ("aws", "s3")
     service = "S3"
     keys = (
-        Key("s3_bucket", "name", doc="bucket (required)"),
+        Key("s3_bucket", "name", required=True,
+            pattern=(r"\A[A-Za-z0-9][A-Za-z0-9._-]{1,254}\Z", "bucket name"), doc="bucket"),
         Key("s3_region", "name", env=("AWS_REGION", "AWS_DEFAULT_REGION"),
             default_doc="the profile's `region`, `us-east-1`", doc="signing region"),
         Key("s3_endpoint", "url", env=("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
@@ -4388,11 +4512,11 @@ class S3Storage(Storage):
                 "files up to it go in one PUT"),
         Key("concurrency", "int", 4, minimum=1, maximum=64, doc="parts uploaded at once"),
     ) + tls_keys(ca_env=("AWS_CA_BUNDLE",)) + (
-        Key("imds_endpoint", "str", env=("AWS_EC2_METADATA_SERVICE_ENDPOINT",),
-            default_doc="`http://169.254.169.254`", doc="EC2 instance metadata (tests use loopback)"),
-        Key("container_endpoint", "str", default_doc="`http://169.254.170.2`",
+        Key("imds_endpoint", "str", DEFAULT_IMDS_ENDPOINT, env=("AWS_EC2_METADATA_SERVICE_ENDPOINT",),
+            doc="EC2 instance metadata (tests use loopback)"),
+        Key("container_endpoint", "str", DEFAULT_CONTAINER_ENDPOINT,
             doc="container credentials for a relative URI"),
-        Key("sts_endpoint", "str", env=("AWS_ENDPOINT_URL_STS",),
+        Key("sts_endpoint", "str", env=("AWS_ENDPOINT_URL_STS", "AWS_ENDPOINT_URL"),
             default_doc="`https://sts.<region>.amazonaws.com`", doc="STS, for web identity"),
     ) + STORAGE_POLICY_KEYS
 
@@ -4417,56 +4541,58 @@ class S3Storage(Storage):
         self._base_path = parts.path.rstrip("/")
 
     @classmethod
-    def from_config(cls, section, cfg, runtime):
-        values, policy = cls.read_settings(section, cfg)
-        bucket = values["s3_bucket"]
-        if not bucket:
-            raise section.error("s3_bucket", "required")
-        if not re.match(r"\A[A-Za-z0-9][A-Za-z0-9._-]{1,254}\Z", bucket):
-            raise section.error("s3_bucket", "%r is not a valid bucket name" % bucket)
-        profile, env = values["profile"], runtime.env
+    def complete(cls, section, values, warn):
+        profile, env = values["profile"], section.env
         conf_file = env.get("AWS_CONFIG_FILE") or expand_home("~/.aws/config", env)
         values["s3_region"] = region = (values["s3_region"] or read_ini_section(
             conf_file, "profile " + profile if profile and profile != "default" else "default"
         ).get("region") or "us-east-1")
-        values["s3_endpoint"] = endpoint = (values["s3_endpoint"] or "https://s3.%s.amazonaws.com"
-                                            % region)
-        path_style = (values["s3_force_path_style"]
-                      or _is_ip_or_localhost(urllib.parse.urlsplit(endpoint).hostname)
-                      or ("." in bucket and endpoint.startswith("https")))
-        values["s3_server_side_encryption"] = sse = _s3_sse(section, values)
+        values["s3_endpoint"] = values["s3_endpoint"] or "https://s3.%s.amazonaws.com" % region
+        values["sts_endpoint"] = values["sts_endpoint"] or "https://sts.%s.amazonaws.com" % region
+        values["s3_server_side_encryption"] = _s3_sse(section, values)
         key_id, secret = values["access_key_id"], values["secret_access_key"]
         if bool(key_id) != bool(secret):
             raise section.error("secret_access_key" if key_id else "access_key_id",
                                 "access_key_id and secret_access_key go together")
-        static = (AwsCredentials(key_id, secret, values["session_token"], None, "aws_storage keys")
-                  if key_id else None)
-        tls = storage_tls(values, endpoint)
-        proxy = storage_proxy(section, values, runtime)
-        role = None
         if values["role_arn"]:
             if values["role_duration"] > 43200:
                 raise section.error("role_duration", "must be at most 12h")
             values["role_session_name"] = values["role_session_name"] or default_session_name()
-            role = AwsRole(values["role_arn"], values["external_id"], values["role_session_name"],
-                           values["role_duration"])
-        chain = AwsCredentialChain(static, env, region, profile, Http(
+        _s3_lock(section, values)
+        storage_tls(values, values["s3_endpoint"])
+
+    @classmethod
+    def from_settings(cls, settings, cfg, runtime):
+        bucket, region, endpoint = settings["s3_bucket"], settings["s3_region"], settings["s3_endpoint"]
+        path_style = (settings["s3_force_path_style"]
+                      or _is_ip_or_localhost(urllib.parse.urlsplit(endpoint).hostname)
+                      or ("." in bucket and endpoint.startswith("https")))
+        key_id = settings["access_key_id"]
+        static = (AwsCredentials(key_id, settings["secret_access_key"], settings["session_token"],
+                                 None, "aws_storage keys") if key_id else None)
+        role = None
+        if settings["role_arn"]:
+            role = AwsRole(settings["role_arn"], settings["external_id"],
+                           settings["role_session_name"], settings["role_duration"])
+        proxy = storage_proxy(settings, runtime, cls.config_key)
+        chain = AwsCredentialChain(static, runtime.env, region, settings["profile"], Http(
             None, 5.0, proxy=proxy, deadline=cfg.request_timeout, signals=runtime.signals),
                                    runtime.clock, role=role, signals=runtime.signals,
-                                   profile_given=section.sources.get("profile") == "config",
-                                   imds_endpoint=values["imds_endpoint"],
-                                   container_endpoint=values["container_endpoint"],
-                                   sts_endpoint=values["sts_endpoint"])
-        values["imds_endpoint"], values["container_endpoint"], values["sts_endpoint"] = (
-            chain.imds_endpoint, chain.container_endpoint, chain.sts_endpoint)     # effective
-        return cls(bucket, values["s3_key_prefix"].strip("/"), region, endpoint, path_style, chain,
-                   Http(tls, cfg.timeout, proxy=proxy, deadline=cfg.request_timeout,
-                        signals=runtime.signals), policy, runtime, values, sse=sse,
-                   kms_key_id=values["s3_kms_key_id"], storage_class=values["s3_storage_class"],
-                   static_name=values["s3_static_snapshot_name"],
-                   part_size=values["part_size_mb"] * 1024 * 1024,
-                   concurrency=values["concurrency"], checksum=values["s3_checksum"],
-                   lock=_s3_lock(section, values))
+                                   profile_given=settings.sources.get("profile") == "config",
+                                   imds_endpoint=settings["imds_endpoint"],
+                                   container_endpoint=settings["container_endpoint"],
+                                   sts_endpoint=settings["sts_endpoint"])
+        lock = settings["s3_object_lock_mode"]
+        return cls(bucket, settings["s3_key_prefix"].strip("/"), region, endpoint, path_style, chain,
+                   Http(storage_tls(settings, endpoint), cfg.timeout, proxy=proxy,
+                        deadline=cfg.request_timeout, signals=runtime.signals),
+                   cls.policy_of(settings), runtime, settings,
+                   sse=settings["s3_server_side_encryption"], kms_key_id=settings["s3_kms_key_id"],
+                   storage_class=settings["s3_storage_class"],
+                   static_name=settings["s3_static_snapshot_name"],
+                   part_size=settings["part_size_mb"] * 1024 * 1024,
+                   concurrency=settings["concurrency"], checksum=settings["s3_checksum"],
+                   lock=(lock, settings["s3_object_lock_days"]) if lock else None)
 
     def describe(self):
         return "s3://%s/%s" % (self.bucket, self.list_prefix())
@@ -4858,7 +4984,8 @@ class AzureStorage(Storage):
     service = "Azure"
     keys = (
         Key("account_name", "name", env=("AZURE_STORAGE_ACCOUNT",), doc="storage account"),
-        Key("container_name", "name", doc="container (required)"),
+        Key("container_name", "name", required=True, pattern=(
+            r"\A(?:[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])?|\$root)\Z", "container name"), doc="container"),
         Key("account_key", "secret", env=("AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCESS_KEY"),
             doc="Shared Key auth"),
         Key("sas_token", "secret", env=("AZURE_STORAGE_SAS_TOKEN",),
@@ -4904,49 +5031,50 @@ class AzureStorage(Storage):
         self.page_size = page_size
 
     @classmethod
-    def from_config(cls, section, cfg, runtime):
-        values, policy = cls.read_settings(section, cfg)
+    def complete(cls, section, values, warn):
         conn = {}
         if values["connection_string"]:
             try:
                 conn = parse_connection_string(values["connection_string"].reveal())
             except ValueError as exc:
                 raise section.error("connection_string", "cannot parse: %s" % exc) from exc
-        container = values["container_name"]
-        if not container:
-            raise section.error("container_name", "required")
-        if not re.match(r"\A[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])?\Z", container) and container != "$root":
-            raise section.error("container_name", "%r is not a valid container name" % container)
-        key = values["account_key"] or (Secret(conn["AccountKey"]) if conn.get("AccountKey") else None)
-        if key is not None:
+        if values["account_key"] is None and conn.get("AccountKey"):
+            values["account_key"] = Secret(conn["AccountKey"])
+        if values["account_key"] is not None:
             try:
-                base64.b64decode(key.reveal(), validate=True)
+                base64.b64decode(values["account_key"].reveal(), validate=True)
             except (ValueError, TypeError):
                 raise section.error("account_key", "is not base64 (copy the key as shown by Azure)") from None
         sas = values["sas_token"] or (Secret(conn["SharedAccessSignature"])
                                       if conn.get("SharedAccessSignature") else None)
-        if sas is not None:
-            sas = Secret(sas.reveal().lstrip("?"))
-        endpoint, account = _azure_endpoint(section, values, conn)
-        values["endpoint"], values["account_name"] = endpoint, account
-        values["auth_mode"] = mode = _azure_auth_mode(section, values, key, sas)
-        tls = storage_tls(values, endpoint)
-        proxy = storage_proxy(section, values, runtime)
+        values["sas_token"] = Secret(sas.reveal().lstrip("?")) if sas is not None else None
+        values["endpoint"], values["account_name"] = _azure_endpoint(section, values, conn)
+        values["auth_mode"] = _azure_auth_mode(section, values, values["account_key"],
+                                               values["sas_token"])
+        storage_tls(values, values["endpoint"])
+
+    @classmethod
+    def from_settings(cls, settings, cfg, runtime):
+        endpoint, mode = settings["endpoint"], settings["auth_mode"]
+        tls = storage_tls(settings, endpoint)
+        proxy = storage_proxy(settings, runtime, cls.config_key)
         token = None
         if mode in ("managed_identity", "workload_identity", "client_secret"):
-            auth_http = Http(tls._replace(skip_verify=values["auth_tls_skip_verify"]), 30.0,
+            auth_http = Http(tls._replace(skip_verify=settings["auth_tls_skip_verify"]), 30.0,
                              proxy=proxy, deadline=cfg.request_timeout, signals=runtime.signals)
             token = BearerToken(_azure_token_fetcher(
-                mode, auth_http, values["imds_endpoint"].rstrip("/"),
-                values["authority_host"].rstrip("/"), values["tenant_id"], values["client_id"],
-                values["client_secret"], values["federated_token_file"]),
+                mode, auth_http, settings["imds_endpoint"].rstrip("/"),
+                settings["authority_host"].rstrip("/"), settings["tenant_id"], settings["client_id"],
+                settings["client_secret"], settings["federated_token_file"]),
                 runtime.clock, "Azure %s" % mode.replace("_", " "))
-        return cls(endpoint.rstrip("/"), account, container, values["prefix"].strip("/"), mode,
+        return cls(endpoint.rstrip("/"), settings["account_name"], settings["container_name"],
+                   settings["prefix"].strip("/"), mode,
                    Http(tls, cfg.timeout, proxy=proxy, deadline=cfg.request_timeout,
-                        signals=runtime.signals), policy, runtime, values, key=key, sas=sas,
-                   token=token,
-                   access_tier=values["access_tier"], block_size=values["block_size_mb"] * 1024 * 1024,
-                   concurrency=values["concurrency"], page_size=values["list_page_size"])
+                        signals=runtime.signals), cls.policy_of(settings), runtime, settings,
+                   key=settings["account_key"], sas=settings["sas_token"], token=token,
+                   access_tier=settings["access_tier"],
+                   block_size=settings["block_size_mb"] * 1024 * 1024,
+                   concurrency=settings["concurrency"], page_size=settings["list_page_size"])
 
     def describe(self):
         return "azure:%s/%s/%s" % (self.endpoint, self.container, self.list_prefix())
@@ -5160,7 +5288,9 @@ class GoogleStorage(Storage):
     service = "GCS"
 
     keys = (
-        Key("bucket", "name", doc="bucket (required; the Go agent's key)"),
+        Key("bucket", "name", required=True,
+            pattern=(r"\A[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]\Z", "bucket name"),
+            doc="bucket (the Go agent's key)"),
         Key("prefix", "str", "", default_doc="`\"\"` (bucket root, as the Go agent)",
             doc="object name prefix"),
         Key("credentials_file", "file",
@@ -5189,38 +5319,38 @@ class GoogleStorage(Storage):
         self.page_size = page_size
 
     @classmethod
-    def from_config(cls, section, cfg, runtime):
-        values, policy = cls.read_settings(section, cfg)
-        bucket, env = values["bucket"], runtime.env
-        if not bucket:
-            raise section.error("bucket", "required")
-        if not re.match(r"\A[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]\Z", bucket):
-            raise section.error("bucket", "%r is not a valid bucket name" % bucket)
+    def complete(cls, section, values, warn):
+        env = section.env
         emulator = env.get("STORAGE_EMULATOR_HOST")
         if emulator:           # the emulator convention: a plain host:port
             emulator = check_url(emulator if "://" in emulator else "http://" + emulator,
                                  "STORAGE_EMULATOR_HOST")
-        values["endpoint"] = endpoint = values["endpoint"] or emulator or "https://storage.googleapis.com"
-        tls = storage_tls(values, endpoint)
-        proxy = storage_proxy(section, values, runtime)
+        values["endpoint"] = values["endpoint"] or emulator or "https://storage.googleapis.com"
         if values["anonymous"] is None:
             values["anonymous"] = bool(emulator) and not env.get("GOOGLE_APPLICATION_CREDENTIALS")
+        storage_tls(values, values["endpoint"])
+
+    @classmethod
+    def from_settings(cls, settings, cfg, runtime):
+        endpoint = settings["endpoint"]
+        tls = storage_tls(settings, endpoint)
+        proxy = storage_proxy(settings, runtime, cls.config_key)
         token = None
-        if values["credentials_file"] or not values["anonymous"]:
-            auth_http = Http(tls._replace(skip_verify=values["auth_tls_skip_verify"]), 30.0,
+        if settings["credentials_file"] or not settings["anonymous"]:
+            auth_http = Http(tls._replace(skip_verify=settings["auth_tls_skip_verify"]), 30.0,
                              proxy=proxy, deadline=cfg.request_timeout, signals=runtime.signals)
             try:
-                fetch, what = google_token_source(values["credentials_file"], env, auth_http,
-                                                  runtime.clock, values["metadata_host"])
+                fetch, what = google_token_source(settings["credentials_file"], runtime.env,
+                                                  auth_http, runtime.clock, settings["metadata_host"])
             except ConfigError as exc:
-                raise section.error("credentials_file", str(exc)) from exc
+                raise ConfigError("%s.credentials_file: %s" % (cls.config_key, exc)) from exc
             token = BearerToken(fetch, runtime.clock, what)
-        return cls(bucket, values["prefix"].strip("/"), endpoint.rstrip("/"), token,
+        return cls(settings["bucket"], settings["prefix"].strip("/"), endpoint.rstrip("/"), token,
                    Http(tls, cfg.timeout, proxy=proxy, deadline=cfg.request_timeout,
-                        signals=runtime.signals), policy, runtime, values,
-                   storage_class=values["storage_class"],
-                   chunk_size=values["chunk_size_mb"] * 1024 * 1024,
-                   page_size=values["list_page_size"])
+                        signals=runtime.signals), cls.policy_of(settings), runtime, settings,
+                   storage_class=settings["storage_class"],
+                   chunk_size=settings["chunk_size_mb"] * 1024 * 1024,
+                   page_size=settings["list_page_size"])
 
     def describe(self):
         return "gs://%s/%s" % (self.bucket, self.list_prefix())
@@ -5600,7 +5730,7 @@ class Status:
     ``sys/storage/raft/snapshot-auto/status``: the JSON status file, the
     Prometheus metrics and systemd's STATUS line come from here."""
 
-    def __init__(self, clock):
+    def __init__(self, clock, frequency=0.0):
         self.clock = clock
         self.started = clock.now()
         self.last_start = self.last_end = self.next_start = None
@@ -5610,7 +5740,20 @@ class Status:
         self.is_leader = None
         self.cycles = collections.Counter()
         self.storages = collections.OrderedDict()   # describe() -> dict
-        self.frequency = 0.0
+        self.frequency = frequency
+
+    def configured(self, frequency):
+        """A (re)loaded config's global frequency."""
+        self.frequency = frequency
+
+    def planned(self, next_start):
+        """The next cycle's start (an aware datetime), as the agent planned it."""
+        self.next_start = next_start
+
+    def leader_seen(self, leader):
+        """What sys/leader said (True/False); returns what it said before."""
+        was, self.is_leader = self.is_leader, leader
+        return was
 
     def storage(self, storage):
         return self.storages.setdefault(storage.describe(), {
@@ -6195,7 +6338,7 @@ class Agent:
         self.next_poll = None  # monotonic time of the next leader poll; None: no polling
         self.cfg, self.storages = loader(self.runtime)
         self.vault = vault_factory(self.cfg, clock=self.clock, signals=self.signals)
-        self.status.frequency = self.cfg.frequency
+        self.status.configured(self.cfg.frequency)
 
     def reload(self):
         try:
@@ -6209,7 +6352,7 @@ class Agent:
             LOG.warning("%s", warning)
         self.cfg, self.storages = cfg, storages
         self.vault = self.vault_factory(cfg, clock=self.clock, signals=self.signals)
-        self.status.frequency = cfg.frequency
+        self.status.configured(cfg.frequency)
         self.plan(reloaded=True)
         LOG.info("Config reloaded from %s: %s", cfg.path, self.summary())
         return True
@@ -6423,7 +6566,7 @@ class Agent:
         except AgentError as exc:
             LOG.debug("Leader poll failed: %s", exc)
             return
-        was, self.status.is_leader = self.status.is_leader, leader
+        was = self.status.leader_seen(leader)
         if leader and not was and not planned:
             LOG.info("This node is now the leader; planning from the storages")
             self.plan()
@@ -6465,7 +6608,7 @@ class Agent:
                 continue
             started = (self.clock.now(), self.clock.monotonic())
             next_due = min(self.due[s.describe()] for s in self.storages)
-            self.status.next_start = self._wall(next_due)
+            self.status.planned(self._wall(next_due))
             if started[1] < next_due:
                 self._wait_for(min([next_due] + [entry[0] for _, entry in self._retention_retries()]))
                 continue
@@ -6475,7 +6618,7 @@ class Agent:
                 break
             self.schedule_after(result, due, started)
             self._schedule_poll()         # the cycle just checked leadership
-            self.status.next_start = self._wall(min(self.due[s.describe()] for s in self.storages))
+            self.status.planned(self._wall(min(self.due[s.describe()] for s in self.storages)))
             self.report()
         if self.notifier:
             self.notifier.notify("STOPPING=1")
@@ -6737,6 +6880,11 @@ def list_snapshots(storages):
     return found, errors
 
 
+def _storage_help():
+    return "only this storage (%s, or the block's key)" % ", ".join(
+        "/".join(cls.aliases) for cls in STORAGE_TYPES.values())
+
+
 def pick_storages(storages, wanted):
     """The storages ``--storage`` names (a config key or a short name)."""
     if not wanted:
@@ -6922,7 +7070,7 @@ def _parser():
     download = commands.add_parser("download", help="download a snapshot and verify it")
     download.add_argument("name", help="a snapshot name, or 'latest'")
     download.add_argument("-o", "--output", metavar="FILE", help="where to write it (default ./NAME)")
-    download.add_argument("--storage", help="only this storage (local, aws, azure, google)")
+    download.add_argument("--storage", help=_storage_help())
     verify = commands.add_parser("verify", help="verify a snapshot file (no config needed)")
     verify.add_argument("file")
     restore = commands.add_parser("restore", help="restore a snapshot into the cluster at addr")
@@ -6931,7 +7079,7 @@ def _parser():
                          help="really replace all data in the cluster with the snapshot")
     restore.add_argument("--force", action="store_true",
                          help="use snapshot-force (a snapshot from another cluster)")
-    restore.add_argument("--storage", help="only this storage (local, aws, azure, google)")
+    restore.add_argument("--storage", help=_storage_help())
     return parser
 
 
@@ -6942,25 +7090,13 @@ def load_all(path, runtime):
     SIGHUP the running config stays."""
     try:
         cfg = load_config(path, runtime.env)
-        storages = build_storages(cfg, runtime)
-        _check_align(cfg, storages)
-        return cfg, storages
+        return cfg, build_storages(cfg, runtime)
     except (ConfigError, Stopped):
         raise
     except Exception as exc:
         LOG.debug("Traceback", exc_info=True)
         raise ConfigError("config file %s: cannot be used (%s: %s)" % (
             path, type(exc).__name__, printable(one_line(exc), 200))) from None
-
-
-def _check_align(cfg, storages):
-    """With ``align``, the jitter must stay in the first half of each period:
-    the next boundary is found half a period after a cycle's start, so a
-    later start would skip a whole period."""
-    shortest = min(s.frequency or cfg.frequency for s in storages)
-    if cfg.align and cfg.jitter >= shortest / 2.0:
-        raise ConfigError("jitter: with align, must be less than half the shortest frequency "
-                          "(%s), got %s" % (format_duration(shortest / 2.0), format_duration(cfg.jitter)))
 
 
 def main(argv=None, stream=None, env=None):
@@ -7010,21 +7146,18 @@ def _run(args, out=None, env=None):
         if cfg.tls_skip_verify:
             LOG.warning("TLS certificate verification towards Vault is OFF (tls_skip_verify)")
         if args.check_config:
-            return _check_config(cfg, storages, out)
+            return _check_config(cfg, out)
         return _run_agent(args, cfg, storages, runtime)
     finally:
         runtime.signals.close()
 
 
-def _check_config(cfg, storages, out):
+def _check_config(cfg, out):
     """Print the whole effective configuration (stdout, JSON) and where each
     value came from (the log: stderr)."""
-    described = cfg.describe()
-    sources = [("", cfg.sources)]
-    for storage in storages:
-        described[storage.config_key] = show_block(storage.keys, storage.settings)
-        sources.append((storage.config_key + ".", storage.settings.sources or {}))
-    out.write(json.dumps(described, indent=2) + "\n")
+    sources = [("", cfg.sources)] + [(cls.config_key + ".", settings.sources)
+                                     for cls, settings in cfg.storages]
+    out.write(json.dumps(cfg.describe(), indent=2) + "\n")
     from_env = ["%s%s (%s)" % (prefix, key, source[4:]) for prefix, block in sources
                 for key, source in sorted(block.items()) if source.startswith("env ")]
     LOG.info("Values from the environment: %s", ", ".join(from_env) or "none")
@@ -7033,7 +7166,6 @@ def _check_config(cfg, storages, out):
 
 def _run_agent(args, cfg, storages, runtime):
     """The daemon (or one cycle with --once) on an already loaded config."""
-    cfg.warnings = []
     loaded = [(cfg, storages)]
 
     metrics = [None]        # the MetricsServer; a reload rebinds it
@@ -7099,7 +7231,7 @@ def config_reference():
         lines += ["<!-- keys: %s -->" % title, "| key | default | meaning |", "|---|---|---|"]
         lines += ["| `%s`%s | %s | %s |" % (
             key.name, "".join(" (or `%s`)" % a for a in key.aliases), key.documented_default(),
-            key.doc.replace("|", "\\|")) for key in keys]
+            key.meaning().replace("|", "\\|")) for key in keys]
         lines += ["<!-- /keys -->", ""]
     return "\n".join(lines)
 

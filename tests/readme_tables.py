@@ -4,7 +4,9 @@
 
 The tables sit between ``<!-- keys: BLOCK -->`` and ``<!-- /keys -->``; the
 agent prints them with ``--config-reference`` and
-test_config_schema.test_readme_tables_are_the_key_tables keeps them equal.
+test_config_schema.test_readme_tables_are_the_key_tables keeps them equal. A
+block the README does not have yet (a new storage) gets a heading and its
+table after the last table, so nobody inserts markers by hand.
 """
 
 import os
@@ -23,8 +25,15 @@ def main():
     path = os.path.join(ROOT, "README.md")
     with open(path) as handle:
         text = handle.read()
+    present = set(m.group(1) for m in BLOCK_RE.finditer(text))
+    missing = "".join("\n### `%s`\n\n%s\n" % (title, block) for title, block in blocks.items()
+                      if title not in present)
+    text = BLOCK_RE.sub(lambda m: blocks[m.group(1)], text)
+    if missing:
+        end = text.rindex("<!-- /keys -->") + len("<!-- /keys -->\n")
+        text = text[:end] + missing + text[end:]
     with open(path, "w") as handle:
-        handle.write(BLOCK_RE.sub(lambda m: blocks[m.group(1)], text))
+        handle.write(text)
 
 
 if __name__ == "__main__":

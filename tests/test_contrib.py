@@ -360,7 +360,7 @@ def check_config(raw, tmp_path, label):
     cfg = vsa.config_from_dict(raw, "<%s>" % label, env={})
     storages = vsa.build_storages(cfg, vsa.Runtime.create(env={}))
     assert storages
-    assert cfg.warnings == [], "%s: %s" % (label, cfg.warnings)
+    assert list(cfg.warnings) == [], "%s: %s" % (label, cfg.warnings)
     return cfg, storages
 
 

@@ -225,7 +225,7 @@ def test_unusable_environment_proxy_is_one_warning_naming_the_variable_and_goes_
     policy = vsa.ProxyPolicy(None, env)
     for url in ("https://s3.amazonaws.com/b", "http://minio.internal:9000/b"):
         assert policy.for_url(url) is None
-    warnings = vsa.env_proxy_warnings(env)
+    warnings = policy.warnings
     assert len(warnings) == 1 and name in warnings[0] and "go direct" in warnings[0]
     assert "hunter2" not in warnings[0] and "\n" not in warnings[0]
 
