@@ -356,6 +356,7 @@ def check_config(raw, tmp_path, label):
         if raw.get(key):
             stand_in = tmp_path / ("%s-%s" % (label, key))
             stand_in.write_text("dummy-%s\n" % key)
+            stand_in.chmod(0o600)       # as the README's install steps make it
             raw[key] = str(stand_in)
     cfg = vsa.config_from_dict(raw, "<%s>" % label, env={})
     storages = vsa.build_storages(cfg, vsa.Runtime.create(env={}))
