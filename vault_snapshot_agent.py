@@ -2577,11 +2577,11 @@ class AwsCredentialChain:
         self.profile = profile
         self.http = http
         self.clock = clock
-        self.imds_endpoint = (imds_endpoint or env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT")
-                              or DEFAULT_IMDS_ENDPOINT).rstrip("/")
+        # The endpoints as the block's key table resolved them (environment
+        # fallbacks included); unset: AWS's own.
+        self.imds_endpoint = (imds_endpoint or DEFAULT_IMDS_ENDPOINT).rstrip("/")
         self.container_endpoint = (container_endpoint or DEFAULT_CONTAINER_ENDPOINT).rstrip("/")
-        self.sts_endpoint = (sts_endpoint or env.get("AWS_ENDPOINT_URL_STS") or env.get("AWS_ENDPOINT_URL")
-                             or "https://sts.%s.amazonaws.com" % region).rstrip("/")
+        self.sts_endpoint = (sts_endpoint or "https://sts.%s.amazonaws.com" % region).rstrip("/")
         self.role = role                    # an AwsRole to assume with what the chain finds
         # A profile named in the config outranks the environment's keys, as in
         # botocore (else credential_source = Environment could never apply).
@@ -3808,6 +3808,30 @@ Policy.__new__.__defaults__ = (0,)
 # that fit in ``max_space`` bytes; 0: no limit).
 
 
+def xml_error(data, code=None):
+    """(Code, first line of Message, parsed root or None) of an error answer
+    in the XML shape S3 and Azure share; another body gives its start as
+    the message; ``code`` is the one a header gave."""
+    message = None
+    root = parse_error_xml(data) if data.strip() else None
+    if root is not None:
+        code = xml_text(root, "Code") or code
+        message = ((xml_text(root, "Message") or "").splitlines() or [None])[0]
+    elif data.strip():
+        message = one_line(data[:200].decode("utf-8", "replace"))
+    return code, message, root
+
+
+def storage_error(service, action, resp, code, message, hint, retryable=False):
+    """The one line every storage error reads as: ``S3 PutObject on KEY:
+    HTTP 403 AccessDenied: what the service said (what to do)``; retryable
+    on the statuses every service means so, or when the caller says."""
+    text = "%s %s: HTTP %d %s%s%s" % (service, action, resp.status, code or resp.reason or "",
+                                      (": " + one_line(message)) if message else "",
+                                      (" (%s)" % hint) if hint else "")
+    return StorageError(text, retryable_status(resp.status) or retryable)
+
+
 class Storage:
     """One place snapshots are kept. A subclass answers to one config key,
     declares its keys, and gets everything it uses through its constructor:
@@ -4336,14 +4360,9 @@ S3_HINTS = {
 
 def _s3_error(resp, data, action):
     """StorageError (retryable where S3 says so) from an S3 error answer."""
-    code = message = region = None
-    root = parse_error_xml(data) if data.strip() else None
-    if root is not None:
-        code, message = xml_text(root, "Code"), xml_text(root, "Message")
-        region = xml_text(root, "Region") or xml_text(root, "BucketRegion")
-    elif data.strip():
-        message = one_line(data[:200].decode("utf-8", "replace"))
-    region = resp.header("x-amz-bucket-region") or region
+    code, message, root = xml_error(data)
+    region = resp.header("x-amz-bucket-region") or (
+        root is not None and (xml_text(root, "Region") or xml_text(root, "BucketRegion"))) or None
     hint = S3_HINTS.get(code or "", "")
     if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException") \
             or (resp.status == 301 and region):
@@ -4353,15 +4372,11 @@ def _s3_error(resp, data, action):
     if code == "InvalidRequest" and re.search(r"Object ?Lock", message or ""):
         hint = ("s3_object_lock_mode needs a bucket created with Object Lock enabled; "
                 "create one or remove s3_object_lock_mode")
-    text = "S3 %s: HTTP %d %s%s%s" % (action, resp.status, code or resp.reason or "",
-                                      (": " + one_line(message)) if message else "",
-                                      (" (%s)" % hint) if hint else "")
-    return StorageError(text, retryable_status(resp.status) or code in S3_RETRYABLE_CODES)
+    return storage_error("S3", action, resp, code, message, hint, code in S3_RETRYABLE_CODES)
 
 
 def _s3_code(data):
-    root = parse_error_xml(data) if data.strip() else None
-    return xml_text(root, "Code") if root is not None else None
+    return xml_error(data)[0]
 
 
 def _s3_code_in(error, code):
@@ -5213,25 +5228,14 @@ class AzureStorage(Storage):
 
 
 def _azure_error(resp, data, action):
-    code = resp.header("x-ms-error-code")
-    message = None
-    root = parse_error_xml(data) if data.strip() else None
-    if root is not None:
-        code = xml_text(root, "Code") or code
-        message = (xml_text(root, "Message") or "").splitlines()[0:1]
-        message = message[0] if message else None
-    elif data.strip():
-        message = one_line(data[:200].decode("utf-8", "replace"))
+    code, message, _ = xml_error(data, resp.header("x-ms-error-code"))
     if code in ("BlobAlreadyExists", "ConditionNotMet"):     # our If-None-Match: *
         return NameClash("Azure %s: the blob exists already (%s); not replaced" % (action, code))
     hint = AZURE_HINTS.get(code or "", "")
     if code == "AuthenticationFailed" and message and "expired" in message.lower():
         hint = "the SAS or token has expired"
-    text = "Azure %s: HTTP %d %s%s%s" % (action, resp.status, code or resp.reason or "",
-                                         (": " + one_line(message)) if message else "",
-                                         (" (%s)" % hint) if hint else "")
-    return StorageError(text, retryable_status(resp.status)
-                        or code in ("ServerBusy", "OperationTimedOut", "InternalError"))
+    return storage_error("Azure", action, resp, code, message, hint,
+                         code in ("ServerBusy", "OperationTimedOut", "InternalError"))
 
 
 # =============================================================================
@@ -5263,12 +5267,10 @@ def _gcs_error(resp, data, action):
     hint = GCS_HINTS.get(reason if isinstance(reason, str) else "", "")
     if resp.status == 401:
         hint = GCS_HINTS["authError"]
-    text = "GCS %s: HTTP %d %s%s%s" % (action, resp.status, reason or resp.reason or "",
-                                       (": " + one_line(message)) if message else "",
-                                       (" (%s)" % hint) if hint else "")
+    error = storage_error("GCS", action, resp, reason, message, hint)
     if resp.status == 412:          # our ifGenerationMatch=0: the name is taken
-        return NameClash(text + "; the object exists already, not replaced")
-    return StorageError(text, retryable_status(resp.status))
+        return NameClash("%s; the object exists already, not replaced" % error)
+    return error
 
 
 @register_storage
@@ -7099,10 +7101,11 @@ def load_all(path, runtime):
             path, type(exc).__name__, printable(one_line(exc), 200))) from None
 
 
-def main(argv=None, stream=None, env=None):
+def main(argv=None, stream=None, env=None, out=None):
     """Run the program; returns the exit code. ``stream`` takes the log
-    (default stderr), ``env`` stands for the environment (default
-    os.environ), so tests drive the command line without touching either."""
+    (default stderr), ``out`` what commands print (default stdout), ``env``
+    stands for the environment (default os.environ), so tests drive the
+    command line without touching any of them."""
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:          # --help, --version, usage errors
@@ -7110,7 +7113,7 @@ def main(argv=None, stream=None, env=None):
     handler = _configure_logging(getattr(logging, args.log_level.upper()), args.log_format,
                                  stream or sys.stderr)
     try:
-        return _run(args, env=env)
+        return _run(args, out, env)
     finally:
         LOG.removeHandler(handler)
 

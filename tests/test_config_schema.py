@@ -34,26 +34,12 @@ def test_readme_tables_are_the_key_tables(capsys):
 
 
 def run_check(tmp_path, config, env=None):
+    """``--check-config`` on ``config``: (exit code, stdout, log)."""
     path = tmp_path / "snapshot.json"
     path.write_text(json.dumps(config))
     os.chmod(str(path), 0o600)
-    stream = io.StringIO()
-    out = io.StringIO()
-    old = dict(os.environ)
-    try:
-        for name in list(os.environ):
-            if name.startswith(("VAULT_", "BAO_", "AWS_", "AZURE_", "GOOGLE_", "STORAGE_EMULATOR")):
-                del os.environ[name]
-        os.environ.update(env or {})
-        args = vsa._parser().parse_args(["-c", str(path), "--check-config"])
-        handler = vsa._configure_logging(20, "text", stream)
-        try:
-            code = vsa._run(args, out)
-        finally:
-            vsa.LOG.removeHandler(handler)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
+    stream, out = io.StringIO(), io.StringIO()
+    code = vsa.main(["-c", str(path), "--check-config"], stream=stream, env=dict(env or {}), out=out)
     return code, out.getvalue(), stream.getvalue()
 
 
@@ -159,3 +145,92 @@ def test_storages_are_not_configured_from_outside(tmp_path):
         assert store.signals is signals and store.env == {}
     finally:
         signals.close()
+
+
+def test_the_config_is_complete_and_read_only(tmp_path):
+    # load_config gives every block, read and checked; nothing is attached to
+    # it or set in it afterwards (a reload builds a new one).
+    path = tmp_path / "snapshot.json"
+    path.write_text(json.dumps(dict(ALL_FOUR, local_storage={"path": str(tmp_path / "s"),
+                                                             "typo_key": 1})))
+    os.chmod(str(path), 0o600)
+    cfg = vsa.load_config(str(path), env={"AWS_REGION": "eu-west-1"})
+    assert [cls.config_key for cls, _ in cfg.storages] == list(vsa.STORAGE_TYPES)
+    blocks = dict((cls.config_key, settings) for cls, settings in cfg.storages)
+    assert blocks["aws_storage"]["s3_region"] == "eu-west-1"             # effective values
+    assert blocks["aws_storage"]["sts_endpoint"] == "https://sts.eu-west-1.amazonaws.com"
+    assert blocks["local_storage"]["path"] == str(tmp_path / "s")
+    assert any("local_storage.typo_key" in w for w in cfg.warnings)
+    for attempt in (lambda: setattr(cfg, "frequency", 1.0), lambda: setattr(cfg, "top", None),
+                    lambda: setattr(cfg, "warnings", [])):
+        with pytest.raises(AttributeError):
+            attempt()
+    with pytest.raises(TypeError):
+        blocks["aws_storage"]["s3_region"] = "us-east-1"
+    assert not hasattr(cfg, "top")
+
+
+def test_required_and_pattern_come_from_the_key_table(tmp_path):
+    # One declaration gives the error and the README's "(required)".
+    for cls in vsa.STORAGE_TYPES.values():
+        for key in cls.keys:
+            if key.required:
+                assert key.meaning().endswith("(required)")
+                config = {"addr": "http://127.0.0.1:8200", "token": "t",
+                          cls.config_key: dict((k.name, v) for k, v in _valid_block(cls).items()
+                                               if k.name != key.name)}
+                code, _, log = run_check(tmp_path, config)
+                assert code == 2 and "%s.%s: required" % (cls.config_key, key.name) in log, log
+    code, _, log = run_check(tmp_path, {"addr": "http://127.0.0.1:8200", "token": "t",
+                                        "google_storage": {"bucket": "Bad_Bucket"}})
+    assert code == 2 and "google_storage.bucket: 'Bad_Bucket' is not a valid bucket name" in log
+
+
+def _valid_block(cls):
+    blocks = dict(ALL_FOUR, local_storage={"path": "/tmp"})
+    return dict((k, v) for k in cls.keys for name, v in blocks[cls.config_key].items()
+                if k.name == name)
+
+
+def test_secret_keys_auth_methods_and_storage_names_are_derived_from_the_tables(capsys):
+    assert vsa.secret_key_names() == frozenset([
+        "secret_id", "token", "secret_access_key", "session_token", "account_key", "sas_token",
+        "connection_string", "client_secret"])
+    method_key = [k for k in vsa.TOP_KEYS if k.name == "vault_auth_method"][0]
+    names = [n for m in vsa.AUTH_METHODS.values() for n in (m.name,) + m.aliases]
+    assert list(method_key.options["choices"]) == names
+    for name in names:
+        assert "`%s`" % name in method_key.doc
+    top = [k.name for k in vsa.TOP_KEYS]
+    for method in vsa.AUTH_METHODS.values():       # each method's keys are top-level keys
+        assert all(key.name in top for key in method.keys)
+        assert (method.login is None) != (method.token is None), method.name
+    assert vsa.main(["download", "--help"], stream=io.StringIO()) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    for cls in vsa.STORAGE_TYPES.values():
+        assert all(alias in help_text for alias in cls.aliases)
+
+
+def test_environment_fallbacks_are_only_the_declared_ones(tmp_path):
+    # AWS_ENDPOINT_URL stands in for sts_endpoint as the table says (and is
+    # shown as such); the credential chain reads no endpoint variable itself.
+    config = {"addr": "http://127.0.0.1:8200", "token": "t",
+              "aws_storage": {"s3_bucket": "snaps", "access_key_id": "AKIAEXAMPLE",
+                              "secret_access_key": "AWS-SECRET-VALUE"}}
+    code, out, log = run_check(tmp_path, config, env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})
+    assert code == 0, log
+    assert json.loads(out)["aws_storage"]["sts_endpoint"] == "http://127.0.0.1:9"
+    assert "aws_storage.sts_endpoint (AWS_ENDPOINT_URL)" in log
+    env = {"AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:9",
+           "AWS_ENDPOINT_URL_STS": "http://127.0.0.1:9", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    chain = vsa.AwsCredentialChain(None, env, "us-east-1", None, vsa.Http(None, 5.0), vsa.Clock())
+    assert chain.imds_endpoint == vsa.DEFAULT_IMDS_ENDPOINT
+    assert chain.sts_endpoint == "https://sts.us-east-1.amazonaws.com"
+
+
+def test_nothing_sets_the_state_of_config_or_status_from_outside():
+    # Config and Status change only through their constructors and methods.
+    with open(os.path.join(ROOT, "vault_snapshot_agent.py")) as handle:
+        source = handle.read()
+    assert not re.findall(r"\b(?:cfg|config|status)\.\w+ = ", source)
+    assert "setattr(self, name" not in source

@@ -23,12 +23,7 @@ def write_config(tmp_path, bao_cluster, approle, **extra):
 
 def run(*argv):
     stream, out = io.StringIO(), io.StringIO()
-    args = vsa._parser().parse_args(list(argv))
-    handler = vsa._configure_logging(20, "text", stream)
-    try:
-        code = vsa._run(args, out)
-    finally:
-        vsa.LOG.removeHandler(handler)
+    code = vsa.main(list(argv), stream=stream, out=out)
     return code, out.getvalue(), stream.getvalue()
 
 
