@@ -3030,9 +3030,10 @@ GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 
 def google_token_source(credentials_file, env, http, clock, metadata_host):
     """(fetch function, description) for Application Default Credentials:
-    the given file or GOOGLE_APPLICATION_CREDENTIALS, then gcloud's ADC file,
-    then the metadata server. The fetch returns (access token, seconds)."""
-    path = credentials_file or env.get("GOOGLE_APPLICATION_CREDENTIALS")
+    the given file (the key or GOOGLE_APPLICATION_CREDENTIALS), then
+    gcloud's ADC file, then the metadata server. The fetch returns (access
+    token, seconds)."""
+    path = credentials_file
     if not path:
         gcloud = env.get("CLOUDSDK_CONFIG") or os.path.join(expand_home("~", env), ".config", "gcloud")
         candidate = os.path.join(gcloud, "application_default_credentials.json")
@@ -5295,8 +5296,8 @@ class GoogleStorage(Storage):
             doc="bucket (the Go agent's key)"),
         Key("prefix", "str", "", default_doc="`\"\"` (bucket root, as the Go agent)",
             doc="object name prefix"),
-        Key("credentials_file", "file",
-            default_doc="`GOOGLE_APPLICATION_CREDENTIALS`, gcloud's ADC file, the metadata server",
+        Key("credentials_file", "file", env=("GOOGLE_APPLICATION_CREDENTIALS",),
+            default_doc="gcloud's ADC file, the metadata server",
             doc="`service_account` key (JWT signed RS256 here) or `authorized_user`"),
         Key("endpoint", "url", default_doc="`STORAGE_EMULATOR_HOST`, `https://storage.googleapis.com`",
             doc="the JSON API endpoint"),
@@ -5329,7 +5330,7 @@ class GoogleStorage(Storage):
                                  "STORAGE_EMULATOR_HOST")
         values["endpoint"] = values["endpoint"] or emulator or "https://storage.googleapis.com"
         if values["anonymous"] is None:
-            values["anonymous"] = bool(emulator) and not env.get("GOOGLE_APPLICATION_CREDENTIALS")
+            values["anonymous"] = bool(emulator) and not values["credentials_file"]
         storage_tls(values, values["endpoint"])
 
     @classmethod
