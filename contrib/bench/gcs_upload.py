@@ -45,7 +45,7 @@ Usage (from the repo root; gcp-storage-emulator in this interpreter's venv,
 google-cloud-storage in its own:
 python3 -m venv /tmp/gcs-ref-venv && /tmp/gcs-ref-venv/bin/pip install google-cloud-storage):
 
-    /tmp/tv/bin/python contrib/bench/gcs_upload.py --mb 500 --runs 3
+    .venv/bin/python contrib/bench/gcs_upload.py --mb 500 --runs 3
 
 The emulator is always stopped (also on Ctrl-C / SIGTERM) and the work
 directory removed; --keep keeps the work dir (logs) and caches the generated

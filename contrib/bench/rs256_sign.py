@@ -25,7 +25,7 @@ Key loading is timed too (median of --iterations loads).
 
 Usage (cryptography in this interpreter's venv):
 
-    /tmp/tv/bin/python contrib/bench/rs256_sign.py [--iterations 50] [--json out.json]
+    .venv/bin/python contrib/bench/rs256_sign.py [--iterations 50] [--json out.json]
 
 It takes a few seconds (4096-bit key generation is the slow part).
 """
@@ -156,7 +156,7 @@ def main(argv=None):
         import cryptography
         from cryptography.hazmat.backends.openssl import backend
     except ImportError:
-        raise SystemExit("needs the cryptography package (e.g. /tmp/tv/bin/python)") from None
+        raise SystemExit("needs the cryptography package (.venv has it, through moto)") from None
     data = benchlib.stamp()
     data.update({
         "versions": {"python": platform.python_version(), "cryptography": cryptography.__version__,

