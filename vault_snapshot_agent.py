@@ -43,23 +43,24 @@ Sections (``grep -n '^# [0-9]*\\. '`` lists them):
     3. Utilities
     4. Clock and signals
     5. HTTP transport and retry
-    6. Config schema
-    7. Config
-    8. Request signing
-    9. AWS credentials
-    10. Azure and Google credentials
-    11. Vault client
-    12. Snapshot stream and verification
-    13. Storage backends
-    14. Local storage
-    15. S3 storage
-    16. Azure Blob storage
-    17. Google Cloud Storage
-    18. Retention
-    19. Status, metrics and systemd
-    20. Agent
-    21. Restore tooling
-    22. Command line
+    6. Request signing
+    7. AWS credentials
+    8. Azure and Google credentials
+    9. Config schema
+    10. Vault login methods
+    11. Config
+    12. Vault client
+    13. Snapshot stream and verification
+    14. Storage backends
+    15. Local storage
+    16. S3 storage
+    17. Azure Blob storage
+    18. Google Cloud Storage
+    19. Retention
+    20. Status, metrics and systemd
+    21. Agent
+    22. Restore tooling
+    23. Command line
 """
 
 import argparse
@@ -1435,767 +1436,7 @@ def retry_after(value, now):
 
 
 # =============================================================================
-# 6. Config schema
-# =============================================================================
-
-
-class Key:
-    """One config key, declared once: how it is read and checked (``kind``
-    and ``options``), its default, the environment variables that stand in
-    for it (in order), the old names it also answers to, and a one-line doc.
-    Parsing, unknown-key warnings, ``--check-config`` and the README tables
-    (``--config-reference``) all come from these declarations.
-
-    Kinds: ``str``; ``name`` (no white space: it ends up in a header or a
-    URL path); ``mount`` (a name without surrounding slashes); ``choice``
-    (``choices=``); ``secret`` (stripped, shown as
-    ``***``); ``path``, ``file``, ``dir`` (the last two must exist); ``int``
-    (``minimum=``, ``maximum=``); ``bool``; ``duration`` (``minimum=``);
-    ``url``; ``any`` (a raw JSON value its block checks itself).
-
-    ``required``: the block is refused without it. ``pattern``: a regular
-    expression and what it describes (``(BUCKET_RE, "bucket name")``); a
-    value that does not match it is refused as "not a valid bucket name".
-    """
-
-    __slots__ = ("name", "kind", "default", "env", "aliases", "doc", "default_doc", "options",
-                 "required", "pattern")
-
-    def __init__(self, name, kind, default=None, env=(), aliases=(), doc="", default_doc=None,
-                 required=False, pattern=None, **options):
-        self.name, self.kind, self.default = name, kind, default
-        self.env, self.aliases, self.doc = tuple(env), tuple(aliases), doc
-        self.default_doc, self.options = default_doc, options
-        self.required, self.pattern = required, pattern
-
-    def meaning(self):
-        """The meaning column of the README tables."""
-        return self.doc + (" (required)" if self.required else "")
-
-    def check(self, section, value):
-        """``value`` as read, refused when required and unset or when it
-        does not match the pattern."""
-        if value is None and self.required:
-            raise section.error(self.name, "required")
-        if value is not None and self.pattern and not re.match(self.pattern[0], value):
-            raise section.error(self.name, "%r is not a valid %s" % (value, self.pattern[1]))
-        return value
-
-    def show(self, value):
-        """``value`` as --check-config prints it: secrets masked, durations
-        as text, unset as null."""
-        if value is None:
-            return None
-        if isinstance(value, Secret):
-            return "***"
-        if self.kind == "duration":
-            return format_duration(value)
-        if isinstance(value, Proxy):
-            return value.display        # never the password
-        return value
-
-    def documented_default(self):
-        """The default column of the README tables."""
-        parts = ["`%s`" % var for var in self.env]
-        if self.default_doc:
-            parts.append(self.default_doc)
-        elif self.default is not None:
-            shown = self.default
-            if isinstance(shown, bool):
-                shown = "true" if shown else "false"
-            parts.append("`%s`" % (shown if shown != "" else '""'))
-        return ", ".join(parts) or "–"
-
-
-class Section:
-    """Typed, strict reads from one JSON object of the config file.
-
-    Every getter names the key in its error (``local_storage.path: ...``) and
-    records what was read and where it came from, so ``unknown()`` can warn
-    about typos and ``sources`` says which value came from the file, which
-    from an environment variable and which is a default. JSON ``null`` and,
-    as the Go agent's files use them for "unset", empty strings count as
-    absent.
-    """
-
-    def __init__(self, raw, prefix="", env=None):
-        self.raw = raw
-        self.prefix = prefix
-        self.env = os.environ if env is None else env
-        self.seen = set()
-        self.sources = {}        # key -> "config", "env VAR" or "default"
-
-    def name(self, key):
-        return self.prefix + key
-
-    def error(self, key, problem):
-        return ConfigError("%s: %s" % (self.name(key), problem))
-
-    def _value(self, key, env=()):
-        self.seen.add(key)
-        value = self.raw.get(key)
-        if value is None or value == "":
-            for var in env:
-                # Surrounding white space from the environment is never meant
-                # (VAULT_TOKEN=$(cat file) keeps a newline): strip it.
-                if self.env.get(var, "").strip():
-                    self.sources[key] = "env " + var
-                    return self.env[var].strip(), var
-            self.sources[key] = "default"
-            return None, None
-        self.sources[key] = "config"
-        return value, None
-
-    def read(self, key, default=None):
-        """The value of ``key`` (a Key) in this block, ``default`` when unset."""
-        name = key.name
-        if self.raw.get(name) in (None, ""):
-            for alias in key.aliases:           # an old spelling, used when the new one is absent
-                if self.raw.get(alias) not in (None, ""):
-                    self.seen.add(name)
-                    name = alias
-                    break
-        value = _READERS[key.kind](self, name, key, default)
-        if name != key.name:
-            self.sources[key.name] = self.sources.pop(name, "config") + " (as %s)" % name
-        return key.check(self, value)
-
-    def string(self, key, default=None, env=(), choices=None, spaces=True):
-        """A string; ``spaces=False`` for values that end up in a header or a
-        URL path (a name, a mount, a storage class), where white space is
-        always a mistake. Control characters are refused everywhere, and the
-        error never shows the value (it may be a credential)."""
-        value, source = self._value(key, env)
-        if value is None:
-            return default
-        if not isinstance(value, str):
-            raise self.error(key, "must be a string, got %s" % _json_type(value))
-        where = source or self.name(key)
-        refuse_control(value, where)
-        if not spaces and value != "".join(value.split()):
-            raise ConfigError("%s: must not contain whitespace, got %r" % (where, value))
-        if choices and value not in choices:
-            raise self.error(key, "must be one of %s, got %r" % (", ".join(choices), value))
-        return value
-
-    def secret(self, key, env=()):
-        """A credential, stripped of surrounding white space (a pasted newline)."""
-        value, source = self._value(key, env)
-        if isinstance(value, str):
-            value = value.strip()
-            refuse_control(value, source or self.name(key))
-        if value is None or value == "":
-            return None
-        if not isinstance(value, str):
-            raise self.error(key, "must be a string, got %s" % _json_type(value))
-        return Secret(value)
-
-    def path(self, key, default=None, env=(), must_exist=None):
-        value = self.string(key, default, env)
-        if value is None:
-            return None
-        value = expand_home(value, self.env)
-        if must_exist == "file" and not os.path.isfile(value):
-            raise self.error(key, "file %s does not exist" % value)
-        if must_exist == "dir" and not os.path.isdir(value):
-            raise self.error(key, "directory %s does not exist" % value)
-        return value
-
-    def integer(self, key, default=None, minimum=0, maximum=1000000):
-        value, _ = self._value(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            else:
-                raise self.error(key, "must be a whole number, got %s" % _json_type(value))
-        if value < minimum:
-            raise self.error(key, "must be at least %d, got %d" % (minimum, value))
-        if value > maximum:
-            raise self.error(key, "must be at most %d, got %d" % (maximum, value))
-        return value
-
-    def boolean(self, key, default=False, env=()):
-        value, source = self._value(key, env)
-        if value is None:
-            return default
-        if source is not None:
-            try:
-                return parse_bool(value)
-            except ValueError:
-                raise ConfigError("%s: environment value %r is not a boolean" % (source, value)) from None
-        if not isinstance(value, bool):
-            raise self.error(key, "must be true or false, got %s" % _json_type(value))
-        return value
-
-    def duration(self, key, default, minimum=0.0, maximum=10 * 365 * 86400.0, zero_off=False):
-        """Seconds from a Go duration string; ``default`` is a string or seconds.
-        With ``zero_off``, 0 (off) is allowed below ``minimum``."""
-        value, _ = self._value(key)
-        if value is None:
-            if not isinstance(default, str):
-                return default
-            value = default
-        if not isinstance(value, str):
-            raise self.error(key, "must be a duration string like \"1h\" or \"30s\", got %s"
-                             % _json_type(value))
-        try:
-            seconds = parse_duration(value)
-        except ValueError:
-            raise self.error(key, "invalid duration %r (use Go syntax: 30s, 15m, 1h30m, 500ms)"
-                             % value) from None
-        if seconds < minimum and not (zero_off and seconds == 0):
-            raise self.error(key, "must be at least %s%s, got %r" % (
-                format_duration(minimum), " (or 0s: off)" if zero_off else "", value))
-        if not seconds <= maximum:
-            raise self.error(key, "must be at most %s, got %r" % (format_duration(maximum), value))
-        return seconds
-
-    def url(self, key, default=None, env=()):
-        """An http(s) URL (a bare host gets ``https://``), checked to parse."""
-        value = self.string(key, default, env)
-        return None if value is None else check_url(value, self.name(key))
-
-    def size(self, key, default=0):
-        """Bytes from a size ("500MB", "20GiB", a byte count); see parse_size."""
-        value, _ = self._value(key)
-        if value is None:
-            return default
-        try:
-            return parse_size(value)
-        except (ValueError, OverflowError):
-            got = repr(value) if isinstance(value, str) else _json_type(value)
-            raise self.error(key, "must be a size like \"500MB\" or \"20GiB\", or a byte count, "
-                                  "got %s" % got) from None
-
-    def proxy(self, key, env=()):
-        """A Proxy (see parse_proxy_url) or "direct"."""
-        value, source = self._value(key, env)
-        if value is None or value == "direct":
-            return value
-        if not isinstance(value, str):
-            raise self.error(key, "must be a string, got %s" % _json_type(value))
-        return parse_proxy_url(value, source or self.name(key))
-
-    def any(self, key, default=None):
-        """The raw JSON value (its block checks it)."""
-        value, _ = self._value(key)
-        return default if value is None else value
-
-    def section(self, key):
-        """A nested object as a Section, or None when absent."""
-        self.seen.add(key)
-        value = self.raw.get(key)
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            raise self.error(key, "must be an object, got %s" % _json_type(value))
-        return Section(value, self.name(key) + ".", self.env)
-
-    def unknown(self):
-        return sorted(self.name(k) for k in self.raw if k not in self.seen)
-
-
-def check_url(value, where):
-    """``value`` as an http(s) URL without a trailing slash (a bare host gets
-    ``https://``); ConfigError naming ``where`` otherwise."""
-    if "://" not in value:
-        value = "https://" + value
-    try:
-        parts = urllib.parse.urlsplit(value)
-        _ = parts.port              # a bad port raises here
-    except ValueError as exc:
-        raise ConfigError("%s: invalid URL %s: %s" % (where, redact_url(value), exc)) from exc
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError("%s: must be an http:// or https:// URL, got %s" % (where, redact_url(value)))
-    return value.rstrip("/")
-
-
-_READERS = {
-    "str": lambda s, n, k, d: s.string(n, d, k.env, choices=k.options.get("choices")),
-    "choice": lambda s, n, k, d: s.string(n, d, k.env, choices=k.options["choices"]),
-    "name": lambda s, n, k, d: s.string(n, d, k.env, spaces=False),
-    "secret": lambda s, n, k, d: s.secret(n, k.env),
-    "path": lambda s, n, k, d: s.path(n, d, k.env),
-    "file": lambda s, n, k, d: s.path(n, d, k.env, must_exist="file"),
-    "dir": lambda s, n, k, d: s.path(n, d, k.env, must_exist="dir"),
-    "int": lambda s, n, k, d: s.integer(n, d, k.options.get("minimum", 0),
-                                        k.options.get("maximum", 1000000)),
-    "bool": lambda s, n, k, d: s.boolean(n, d, k.env),
-    "duration": lambda s, n, k, d: s.duration(n, d, k.options.get("minimum", 0.0),
-                                              zero_off=k.options.get("zero_off", False)),
-    "url": lambda s, n, k, d: s.url(n, d, k.env),
-    "size": lambda s, n, k, d: s.size(n, d),
-    "proxy": lambda s, n, k, d: s.proxy(n, k.env),
-    "any": lambda s, n, k, d: s.any(n, d),
-    "mount": lambda s, n, k, d: s.string(n, d, k.env, spaces=False).strip("/"),
-}
-
-
-class Settings(collections.abc.Mapping):
-    """A block's effective values, by key, read-only; ``sources`` says where
-    each came from ("config", "env VAR", "default")."""
-
-    def __init__(self, values=(), sources=None):
-        self._values = collections.OrderedDict(values)
-        self.sources = dict(sources or {})
-
-    def __getitem__(self, name):
-        return self._values[name]
-
-    def __iter__(self):
-        return iter(self._values)
-
-    def __len__(self):
-        return len(self._values)
-
-
-def read_block(section, keys, inherited=None):
-    """Every key of ``keys`` read from ``section`` as an OrderedDict
-    (defaults filled in; ``inherited`` overrides the declared defaults, e.g.
-    a storage's ``retain`` defaults to the global one). The block completes
-    it, then freezes it as Settings."""
-    inherited = inherited or {}
-    values = collections.OrderedDict()
-    for key in keys:
-        values[key.name] = section.read(key, inherited.get(key.name, key.default))
-    return values
-
-
-def show_block(keys, values):
-    """A block's values as --check-config prints them: every key, in order."""
-    return collections.OrderedDict((key.name, key.show(values.get(key.name))) for key in keys)
-
-
-def _json_type(value):
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return "null"
-
-
-def _env_names(name):
-    """VAULT_X and BAO_X, in precedence order."""
-    return tuple(prefix + name for prefix in ENV_PREFIXES)
-
-
-# =============================================================================
-# 7. Config
-# =============================================================================
-
-
-class AuthMethod(collections.namedtuple("AuthMethod", "name aliases doc keys check login token")):
-    """One way to log in to Vault, declared once in AUTH_METHODS: its
-    ``keys`` join the top-level table, ``check(top, values)`` refuses at
-    load what it cannot log in with (ConfigError naming the key), and at
-    each login either ``login(cfg)`` gives (mount, payload) for ``POST
-    auth/<mount>/login``, read afresh (a rotated secret file is picked up),
-    or ``token(cfg)`` gives a token to use as is (then a 403 cannot be cured
-    by logging in again)."""
-
-    __slots__ = ()
-
-
-def _check_approle(top, values):
-    if not values["role_id"]:
-        raise top.error("role_id", "required for AppRole login (or set vault_auth_method)")
-    _one_of(top, values, "secret_id", "secret_id_file", "required for AppRole login (or use "
-                                                          "secret_id_file)")
-
-
-def _approle_login(cfg):
-    secret_id = (read_secret_file(cfg.secret_id_file, "secret_id_file") if cfg.secret_id_file
-                 else cfg.secret_id)
-    return cfg.approle, {"role_id": cfg.role_id, "secret_id": secret_id.reveal()}
-
-
-def _check_k8s(top, values):
-    if not values["k8s_auth_role"]:
-        raise top.error("k8s_auth_role", "required for Kubernetes login")
-
-
-def _k8s_login(cfg):
-    jwt = read_secret_file(cfg.k8s_token_path, "k8s_token_path")
-    return cfg.k8s_auth_path, {"role": cfg.k8s_auth_role, "jwt": jwt.reveal()}
-
-
-def _check_token(top, values):
-    _one_of(top, values, "token", "token_file", "required for token auth (or token_file, or "
-                                                 "VAULT_TOKEN)")
-
-
-def _given_token(cfg):
-    return read_secret_file(cfg.token_file, "token_file") if cfg.token_file else cfg.token
-
-
-def _one_of(top, values, key, file_key, missing):
-    """Exactly one of a secret's key and its file key; the file readable now."""
-    if values[key] and values[file_key]:
-        raise top.error(file_key, "conflicts with %s: set only one" % key)
-    if not (values[key] or values[file_key]):
-        raise top.error(key, missing)
-    if values[file_key]:
-        read_secret_file(values[file_key], file_key)
-
-
-AUTH_METHODS = collections.OrderedDict((method.name, method) for method in (
-    AuthMethod("approle", (), "AppRole", (
-        Key("approle", "mount", "approle", doc="AppRole mount path"),
-        Key("role_id", "name", doc="AppRole role_id"),
-        Key("secret_id", "secret", doc="AppRole secret_id"),
-        Key("secret_id_file", "file",
-            doc="read the secret_id from this file at each login (instead of `secret_id`)"),
-    ), _check_approle, _approle_login, None),
-    AuthMethod("k8s", ("kubernetes",), "Kubernetes", (
-        Key("k8s_auth_role", "name", aliases=("vault_auth_role",),
-            doc="Kubernetes auth role (required for `k8s`); the Go agent's README calls it "
-                "`vault_auth_role`, which works too"),
-        Key("k8s_auth_path", "mount", "kubernetes", aliases=("vault_auth_path",),
-            doc="Kubernetes auth mount path (also as `vault_auth_path`)"),
-        Key("k8s_token_path", "path", DEFAULT_K8S_TOKEN_PATH,
-            doc="service-account JWT, re-read at each login"),
-    ), _check_k8s, _k8s_login, None),
-    AuthMethod("token", (), "a token", (
-        Key("token", "secret", env=_env_names("TOKEN"), doc="a token to use as is (token auth)"),
-        Key("token_file", "file",
-            doc="a Vault/Bao Agent sink file, re-read whenever a new token is needed"),
-    ), _check_token, None, _given_token),
-))
-
-AUTH_NAMES = collections.OrderedDict((name, method) for method in AUTH_METHODS.values()
-                                     for name in (method.name,) + method.aliases)
-
-
-def _auth_methods_doc():
-    return ", ".join("`%s`%s" % (m.name, " (alias %s)" % ", ".join("`%s`" % a for a in m.aliases)
-                                 if m.aliases else "") for m in AUTH_METHODS.values())
-
-
-TOP_KEYS = (
-    Key("addr", "url", DEFAULT_ADDR, env=_env_names("ADDR"),
-        doc="this node's Vault API address (`http://` or `https://`)"),
-    Key("frequency", "duration", DEFAULT_FREQUENCY, minimum=1.0,
-        doc="Go duration between snapshots (`30s`, `15m`, `1h30m`); minimum `1s`; a bad value is an error"),
-    Key("retain", "int", 0, maximum=MAX_RETAIN,
-        doc="snapshots to keep per storage; `0` keeps all"),
-    Key("retain_days", "int", 0, maximum=MAX_RETAIN_DAYS,
-        doc="also delete snapshots older than this many days (never the one just written); `0`: off"),
-    Key("max_space", "size", 0,
-        doc="also delete the oldest snapshots while the storage's snapshots add up to more than this "
-            "(`\"500MB\"`, `\"20GiB\"`, bytes); the one just written is always kept; `0`: no cap"),
-    Key("jitter", "duration", "0s",
-        doc="add a random delay up to this to every scheduled time, so a fleet spreads out"),
-    Key("retry_interval", "duration", DEFAULT_RETRY_INTERVAL, minimum=1.0, zero_off=True,
-        doc="after a failed cycle, try the failed storages again this much later, doubling each "
-            "time, never later than their regular time; minimum `1s`; `0s`: wait for the regular "
-            "time (the Go agent's behaviour)"),
-    Key("leader_poll", "duration", DEFAULT_LEADER_POLL, minimum=1.0, zero_off=True,
-        doc="between cycles, ask the unauthenticated `sys/leader` this often (plus up to 10% jitter) "
-            "whether this node became the leader, so a new leader takes the due snapshot within "
-            "about this time of a failover; minimum `1s`; `0s`: only each cycle checks"),
-    Key("align", "bool", False,
-        doc="round scheduled times up to whole multiples of the frequency (UTC): `1h` runs at :00"),
-    Key("timeout", "duration", DEFAULT_API_TIMEOUT, minimum=1.0,
-        doc="per socket operation on API calls (login, leader, renew)"),
-    Key("request_timeout", "duration", DEFAULT_REQUEST_TIMEOUT, minimum=1.0,
-        doc="total deadline of each API, storage, token-endpoint and proxy request (connect, proxy "
-            "CONNECT, TLS, the answer's headers and any small body); snapshot downloads and uploads "
-            "instead fail when idle for `snapshot_timeout`/`timeout`"),
-    Key("snapshot_timeout", "duration", DEFAULT_SNAPSHOT_TIMEOUT, minimum=1.0,
-        doc="idle timeout of the snapshot stream: only a stream that stops sending for this long "
-            "fails; a long snapshot never does"),
-    Key("temp_dir", "dir", default_doc="the `local_storage` path, else the system temp dir",
-        doc="where the download is staged and verified"),
-    Key("status_file", "path", doc="JSON status written atomically (mode 0640) after each cycle "
-                                   "(see Operations)"),
-    Key("metrics_textfile", "path",
-        doc="write the metrics to a file (mode 0644) for node_exporter's textfile collector"),
-    Key("metrics_address", "str",
-        doc="serve Prometheus metrics at `http://HOST:PORT/metrics`, e.g. `127.0.0.1:9469`"),
-    Key("vault_auth_method", "choice", choices=tuple(AUTH_NAMES),
-        default_doc="`approle` (or `token` when only a token is given)", doc=_auth_methods_doc()),
-) + tuple(key for method in AUTH_METHODS.values() for key in method.keys) + (
-    Key("namespace", "name", env=_env_names("NAMESPACE"),
-        doc="sent on the login call only (snapshots are a root-namespace operation)"),
-    Key("proxy", "proxy", env=_env_names("PROXY_ADDR") + _env_names("HTTP_PROXY"),
-        doc="HTTP proxy for Vault (`http://[user:password@]host:port`) or `\"direct\"`; unset: "
-            "`HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` as Go reads them, never for a loopback `addr`"),
-    Key("ca_cert", "file", env=_env_names("CACERT"), doc="CA bundle for Vault's certificate"),
-    Key("ca_path", "dir", env=_env_names("CAPATH"), doc="directory of CA certificates"),
-    Key("client_cert", "file", env=_env_names("CLIENT_CERT"), doc="TLS client certificate"),
-    Key("client_key", "file", env=_env_names("CLIENT_KEY"), doc="its private key"),
-    Key("tls_server_name", "name", env=_env_names("TLS_SERVER_NAME"),
-        doc="name to send (SNI) and verify, e.g. when `addr` is 127.0.0.1"),
-    Key("tls_skip_verify", "bool", False, env=_env_names("SKIP_VERIFY"),
-        doc="turn certificate verification off (warned about at start)"),
-)
-
-# Keys every storage block has, declared once: each defaults to the global value.
-STORAGE_POLICY_KEYS = (
-    Key("retain", "int", maximum=MAX_RETAIN, default_doc="global `retain`",
-        doc="snapshots to keep in this storage; `0` keeps all"),
-    Key("retain_days", "int", maximum=MAX_RETAIN_DAYS, default_doc="global `retain_days`",
-        doc="also delete snapshots older than this many days here"),
-    Key("max_space", "size", default_doc="global `max_space`",
-        doc="size cap for the snapshots in this storage"),
-    Key("frequency", "duration", minimum=1.0, default_doc="global `frequency`",
-        doc="time between snapshots for this storage (e.g. local hourly, S3 daily)"),
-)
-
-
-def tls_keys(ca_env=(), token_endpoint=None):
-    """The TLS keys of a storage block that talks to a server; with
-    ``token_endpoint`` (where the block sends client secrets or signed
-    assertions) a separate key to skip verification there too."""
-    keys = (
-        Key("proxy", "proxy",
-            doc="HTTP proxy for every request of this storage and its token endpoints "
-                "(`http://[user:password@]host:port`) or `\"direct\"`; unset: `HTTPS_PROXY`/"
-                "`HTTP_PROXY`/`NO_PROXY` as Go reads them"),
-        Key("ca_cert", "file", env=ca_env, doc="CA bundle for the endpoint"),
-        Key("tls_skip_verify", "bool", False, doc="turn certificate verification off for the endpoint"),
-    )
-    if token_endpoint:
-        keys += (Key("auth_tls_skip_verify", "bool", False, doc=(
-            "also skip certificate checks on %s; `tls_skip_verify` alone leaves the endpoint that "
-            "receives credentials verified" % token_endpoint)),)
-    return keys
-
-
-def storage_proxy(settings, runtime, block):
-    """The ProxyPolicy of a storage block: its ``proxy`` key, else the
-    environment's proxy variables."""
-    return ProxyPolicy(settings["proxy"], runtime.env, block + ".proxy")
-
-
-def storage_tls(values, endpoint):
-    """TlsOptions of a storage block (``ca_cert``, ``tls_skip_verify``); the
-    CA file is loaded now when ``endpoint`` is https, so errors are config
-    errors."""
-    tls = TlsOptions(values["ca_cert"], None, None, None, None, values["tls_skip_verify"])
-    if endpoint.startswith("https"):
-        make_ssl_context(tls)
-    return tls
-
-
-STORAGE_TYPES = collections.OrderedDict()
-# config key -> Storage class: each storage backend registers itself
-# (register_storage, in the section Storage backends); load_config reads the
-# blocks of those present in the file.
-
-
-class Config:
-    """The effective configuration, after defaults and environment;
-    read-only. Built by ``load_config``.
-
-    Every key of TOP_KEYS is an attribute (None when unset) and ``sources``
-    says where each came from. ``storages`` holds a (Storage class,
-    Settings) pair per configured block, in registry order; ``warnings``
-    what loading found (shown at start and on reload). ``tls``,
-    ``proxy_policy`` and ``metrics_bind`` are what the values mean for
-    Vault's client and the metrics server.
-    """
-
-    __slots__ = ("path", "values", "storages", "warnings", "tls", "proxy_policy", "metrics_bind")
-
-    def __init__(self, path, values, storages=(), warnings=(), tls=None, proxy_policy=None,
-                 metrics_bind=None):
-        given = (path, values, tuple(storages), tuple(warnings),
-                 tls or TlsOptions(None, None, None, None, None, False),
-                 proxy_policy or ProxyPolicy("direct"), metrics_bind)
-        for name, value in zip(self.__slots__, given):
-            object.__setattr__(self, name, value)
-
-    def __getattr__(self, name):
-        values = object.__getattribute__(self, "values")
-        if name in values:
-            return values[name]
-        raise AttributeError(name)
-
-    def __setattr__(self, name, value):
-        raise AttributeError("the configuration is read-only (%s)" % name)
-
-    @property
-    def sources(self):
-        return self.values.sources
-
-    def describe(self):
-        """Every setting as a JSON-able dict, secrets masked: the top-level
-        keys, then each storage block under its key."""
-        described = show_block(TOP_KEYS, self.values)
-        for cls, settings in self.storages:
-            described[cls.config_key] = show_block(cls.keys, settings)
-        return described
-
-
-def load_config(path, env=None):
-    """Read, validate and complete the config file at ``path``.
-
-    Raises ConfigError with one line naming the key and the problem.
-    Precedence for each setting: config file, then VAULT_*, then BAO_*
-    environment variables, then the default.
-    """
-    env = os.environ if env is None else env
-    try:
-        with open_regular(path, "rb") as handle:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
-            mode = os.fstat(handle.fileno()).st_mode
-    except OSError as exc:
-        raise ConfigError("config file %s: cannot read: %s" % (path, exc.strerror or exc)) from exc
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError("config file %s: larger than %s; not a config file?" % (
-            path, format_size(MAX_CONFIG_BYTES)))
-    try:
-        raw = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except UnicodeDecodeError:
-        raise ConfigError("config file %s: not UTF-8 text" % path) from None
-    except _DuplicateKey as exc:
-        raise ConfigError("config file %s: key %r appears twice in one object; keep one (which "
-                          "one was meant is not guessed)" % (path, printable(exc.args[0], 80))) from None
-    except ValueError as exc:
-        raise ConfigError("config file %s: invalid JSON: %s" % (path, exc)) from exc
-    except RecursionError:
-        raise ConfigError("config file %s: JSON nested too deeply" % path) from None
-    if not isinstance(raw, dict):
-        raise ConfigError("config file %s: top level must be a JSON object, got %s"
-                          % (path, _json_type(raw)))
-    return config_from_dict(raw, path, env, secret_file_warnings(path, mode, "config file")
-                            if _holds_secret(raw) else ())
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _unique_keys(pairs):
-    """A JSON object as a dict, refusing a key given twice (Python keeps the
-    last silently; Go's encoding/json v2 refuses it too)."""
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise _DuplicateKey(key)
-        obj[key] = value
-    return obj
-
-
-def secret_key_names():
-    """The names of every key declared as a secret, in any block."""
-    blocks = [TOP_KEYS] + [cls.keys for cls in STORAGE_TYPES.values()]
-    return frozenset(key.name for keys in blocks for key in keys if key.kind == "secret")
-
-
-def _holds_secret(raw, names=None):
-    """Whether a config document sets a secret anywhere (any block)."""
-    names = secret_key_names() if names is None else names
-    for name, value in raw.items():
-        if isinstance(value, dict) and _holds_secret(value, names):
-            return True
-        if name in names and value not in (None, ""):
-            return True
-    return False
-
-
-def secret_file_warnings(path, mode, what):
-    """A warning when a file holding secrets can be read by group or others (as ssh does)."""
-    if stat.S_IMODE(mode) & 0o077:
-        return ["%s %s holds secrets and is readable by others (mode %04o); run: chmod 600 %s"
-                % (what, path, stat.S_IMODE(mode), path)]
-    return []
-
-
-def config_from_dict(raw, path="<config>", env=None, warnings=()):
-    """The Config of a parsed config document (see load_config), storage
-    blocks included; ``warnings`` are the caller's own (the file's mode)."""
-    top = Section(raw, "", env)
-    warnings = list(warnings)
-    given = top.string("addr", DEFAULT_ADDR, env=_env_names("ADDR"))
-    if "://" not in given:          # a bare host is fine for storages, not for Vault
-        raise top.error("addr", "must be an http:// or https:// URL, got %r" % given)
-    values = read_block(top, TOP_KEYS)
-    values["vault_auth_method"] = _auth_method(top, values)
-    metrics_bind = _check_outputs(top, values)
-    tls = TlsOptions(values["ca_cert"], values["ca_path"], values["client_cert"],
-                     values["client_key"], values["tls_server_name"], values["tls_skip_verify"])
-    if tls.client_key and not tls.client_cert:
-        raise top.error("client_key", "needs client_cert as well")
-    if values["addr"].startswith("https://"):
-        make_ssl_context(tls)   # load certificates now: errors are config errors
-    proxy_policy = ProxyPolicy(values["proxy"], top.env, "proxy")
-    warnings += proxy_policy.warnings
-    for key in ("secret_id_file", "token_file"):
-        if values[key]:
-            try:
-                warnings += secret_file_warnings(values[key], os.stat(values[key]).st_mode, key)
-            except OSError:
-                pass
-    storages = _read_storages(top, values, warnings.append)
-    warnings += ["unknown config key %r ignored (typo?)" % k
-                 for section in [top] + [s for s, _, _ in storages] for k in section.unknown()]
-    return Config(path, Settings(values, top.sources), [(c, v) for _, c, v in storages], warnings,
-                  tls, proxy_policy, metrics_bind)
-
-
-def _read_storages(top, values, warn):
-    """(Section, Storage class, Settings) of each storage block present, in
-    registry order; with ``align``, the jitter must stay in the first half of
-    each period (the next boundary is found half a period after a cycle's
-    start, so a later start would skip a whole period)."""
-    blocks = []
-    for key, cls in STORAGE_TYPES.items():
-        section = top.section(key)
-        if section is not None:
-            blocks.append((section, cls, cls.read(section, values, warn)))
-    if not blocks:
-        raise ConfigError("no storage configured: add local_storage (or another *_storage block)")
-    shortest = min(settings["frequency"] for _, _, settings in blocks)
-    if values["align"] and values["jitter"] >= shortest / 2.0:
-        raise ConfigError("jitter: with align, must be less than half the shortest frequency "
-                          "(%s), got %s" % (format_duration(shortest / 2.0),
-                                            format_duration(values["jitter"])))
-    return blocks
-
-
-def _auth_method(top, values):
-    """The login method's name (an alias resolved), with the credentials it
-    needs checked."""
-    name = values["vault_auth_method"]
-    if name is None:
-        # Drop-in default is AppRole; a token (file) alone selects token auth.
-        has_token = values["token_file"] or (values["token"] and not (
-            values["role_id"] or values["secret_id"] or values["secret_id_file"]))
-        name = "token" if has_token else "approle"
-    method = AUTH_NAMES[name]
-    method.check(top, values)
-    return method.name
-
-
-def _check_outputs(top, values):
-    """metrics_address parses (its (host, port) to bind is returned, None
-    when unset); output files have a directory."""
-    bind, address = None, values["metrics_address"]
-    if address is not None:
-        host, _, port = address.rpartition(":")
-        if not re.match(r"\A[0-9]{1,5}\Z", port) or not 0 < int(port) < 65536:
-            raise top.error("metrics_address", "must be host:port, e.g. 127.0.0.1:9469, got %r"
-                            % address)
-        bind = (host.strip("[]") or "127.0.0.1", int(port))
-    for key in ("status_file", "metrics_textfile"):
-        target = values[key]
-        if target and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
-            raise top.error(key, "directory %s does not exist" % os.path.dirname(os.path.abspath(target)))
-    return bind
-
-
-# =============================================================================
-# 8. Request signing
+# 6. Request signing
 # =============================================================================
 
 
@@ -2419,7 +1660,7 @@ def service_account_jwt(key, client_email, key_id, token_uri, scope, now):
 
 
 # =============================================================================
-# 9. AWS credentials
+# 7. AWS credentials
 # =============================================================================
 
 
@@ -2928,7 +2169,7 @@ def _aws_error_line(data):
 
 
 # =============================================================================
-# 10. Azure and Google credentials
+# 8. Azure and Google credentials
 # =============================================================================
 
 
@@ -3100,7 +2341,772 @@ def read_credentials_file(path):
 
 
 # =============================================================================
-# 11. Vault client
+# 9. Config schema
+# =============================================================================
+
+
+class Key:
+    """One config key, declared once: how it is read and checked (``kind``
+    and ``options``), its default, the environment variables that stand in
+    for it (in order), the old names it also answers to, and a one-line doc.
+    Parsing, unknown-key warnings, ``--check-config`` and the README tables
+    (``--config-reference``) all come from these declarations.
+
+    Kinds: ``str``; ``name`` (no white space: it ends up in a header or a
+    URL path); ``mount`` (a name without surrounding slashes); ``choice``
+    (``choices=``); ``secret`` (stripped, shown as
+    ``***``); ``path``, ``file``, ``dir`` (the last two must exist); ``int``
+    (``minimum=``, ``maximum=``); ``bool``; ``duration`` (``minimum=``);
+    ``url``; ``any`` (a raw JSON value its block checks itself).
+
+    ``required``: the block is refused without it. ``pattern``: a regular
+    expression and what it describes (``(BUCKET_RE, "bucket name")``); a
+    value that does not match it is refused as "not a valid bucket name".
+    """
+
+    __slots__ = ("name", "kind", "default", "env", "aliases", "doc", "default_doc", "options",
+                 "required", "pattern")
+
+    def __init__(self, name, kind, default=None, env=(), aliases=(), doc="", default_doc=None,
+                 required=False, pattern=None, **options):
+        self.name, self.kind, self.default = name, kind, default
+        self.env, self.aliases, self.doc = tuple(env), tuple(aliases), doc
+        self.default_doc, self.options = default_doc, options
+        self.required, self.pattern = required, pattern
+
+    def meaning(self):
+        """The meaning column of the README tables."""
+        return self.doc + (" (required)" if self.required else "")
+
+    def check(self, section, value):
+        """``value`` as read, refused when required and unset or when it
+        does not match the pattern."""
+        if value is None and self.required:
+            raise section.error(self.name, "required")
+        if value is not None and self.pattern and not re.match(self.pattern[0], value):
+            raise section.error(self.name, "%r is not a valid %s" % (value, self.pattern[1]))
+        return value
+
+    def show(self, value):
+        """``value`` as --check-config prints it: secrets masked, durations
+        as text, unset as null."""
+        if value is None:
+            return None
+        if isinstance(value, Secret):
+            return "***"
+        if self.kind == "duration":
+            return format_duration(value)
+        if isinstance(value, Proxy):
+            return value.display        # never the password
+        return value
+
+    def documented_default(self):
+        """The default column of the README tables."""
+        parts = ["`%s`" % var for var in self.env]
+        if self.default_doc:
+            parts.append(self.default_doc)
+        elif self.default is not None:
+            shown = self.default
+            if isinstance(shown, bool):
+                shown = "true" if shown else "false"
+            parts.append("`%s`" % (shown if shown != "" else '""'))
+        return ", ".join(parts) or "–"
+
+
+class Section:
+    """Typed, strict reads from one JSON object of the config file.
+
+    Every getter names the key in its error (``local_storage.path: ...``) and
+    records what was read and where it came from, so ``unknown()`` can warn
+    about typos and ``sources`` says which value came from the file, which
+    from an environment variable and which is a default. JSON ``null`` and,
+    as the Go agent's files use them for "unset", empty strings count as
+    absent.
+    """
+
+    def __init__(self, raw, prefix="", env=None):
+        self.raw = raw
+        self.prefix = prefix
+        self.env = os.environ if env is None else env
+        self.seen = set()
+        self.sources = {}        # key -> "config", "env VAR" or "default"
+
+    def name(self, key):
+        return self.prefix + key
+
+    def error(self, key, problem):
+        return ConfigError("%s: %s" % (self.name(key), problem))
+
+    def _value(self, key, env=()):
+        self.seen.add(key)
+        value = self.raw.get(key)
+        if value is None or value == "":
+            for var in env:
+                # Surrounding white space from the environment is never meant
+                # (VAULT_TOKEN=$(cat file) keeps a newline): strip it.
+                if self.env.get(var, "").strip():
+                    self.sources[key] = "env " + var
+                    return self.env[var].strip(), var
+            self.sources[key] = "default"
+            return None, None
+        self.sources[key] = "config"
+        return value, None
+
+    def read(self, key, default=None):
+        """The value of ``key`` (a Key) in this block, ``default`` when unset."""
+        name = key.name
+        if self.raw.get(name) in (None, ""):
+            for alias in key.aliases:           # an old spelling, used when the new one is absent
+                if self.raw.get(alias) not in (None, ""):
+                    self.seen.add(name)
+                    name = alias
+                    break
+        value = _READERS[key.kind](self, name, key, default)
+        if name != key.name:
+            self.sources[key.name] = self.sources.pop(name, "config") + " (as %s)" % name
+        return key.check(self, value)
+
+    def string(self, key, default=None, env=(), choices=None, spaces=True):
+        """A string; ``spaces=False`` for values that end up in a header or a
+        URL path (a name, a mount, a storage class), where white space is
+        always a mistake. Control characters are refused everywhere, and the
+        error never shows the value (it may be a credential)."""
+        value, source = self._value(key, env)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self.error(key, "must be a string, got %s" % _json_type(value))
+        where = source or self.name(key)
+        refuse_control(value, where)
+        if not spaces and value != "".join(value.split()):
+            raise ConfigError("%s: must not contain whitespace, got %r" % (where, value))
+        if choices and value not in choices:
+            raise self.error(key, "must be one of %s, got %r" % (", ".join(choices), value))
+        return value
+
+    def secret(self, key, env=()):
+        """A credential, stripped of surrounding white space (a pasted newline)."""
+        value, source = self._value(key, env)
+        if isinstance(value, str):
+            value = value.strip()
+            refuse_control(value, source or self.name(key))
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str):
+            raise self.error(key, "must be a string, got %s" % _json_type(value))
+        return Secret(value)
+
+    def path(self, key, default=None, env=(), must_exist=None):
+        value = self.string(key, default, env)
+        if value is None:
+            return None
+        value = expand_home(value, self.env)
+        if must_exist == "file" and not os.path.isfile(value):
+            raise self.error(key, "file %s does not exist" % value)
+        if must_exist == "dir" and not os.path.isdir(value):
+            raise self.error(key, "directory %s does not exist" % value)
+        return value
+
+    def integer(self, key, default=None, minimum=0, maximum=1000000):
+        value, _ = self._value(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise self.error(key, "must be a whole number, got %s" % _json_type(value))
+        if value < minimum:
+            raise self.error(key, "must be at least %d, got %d" % (minimum, value))
+        if value > maximum:
+            raise self.error(key, "must be at most %d, got %d" % (maximum, value))
+        return value
+
+    def boolean(self, key, default=False, env=()):
+        value, source = self._value(key, env)
+        if value is None:
+            return default
+        if source is not None:
+            try:
+                return parse_bool(value)
+            except ValueError:
+                raise ConfigError("%s: environment value %r is not a boolean" % (source, value)) from None
+        if not isinstance(value, bool):
+            raise self.error(key, "must be true or false, got %s" % _json_type(value))
+        return value
+
+    def duration(self, key, default, minimum=0.0, maximum=10 * 365 * 86400.0, zero_off=False):
+        """Seconds from a Go duration string; ``default`` is a string or seconds.
+        With ``zero_off``, 0 (off) is allowed below ``minimum``."""
+        value, _ = self._value(key)
+        if value is None:
+            if not isinstance(default, str):
+                return default
+            value = default
+        if not isinstance(value, str):
+            raise self.error(key, "must be a duration string like \"1h\" or \"30s\", got %s"
+                             % _json_type(value))
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            raise self.error(key, "invalid duration %r (use Go syntax: 30s, 15m, 1h30m, 500ms)"
+                             % value) from None
+        if seconds < minimum and not (zero_off and seconds == 0):
+            raise self.error(key, "must be at least %s%s, got %r" % (
+                format_duration(minimum), " (or 0s: off)" if zero_off else "", value))
+        if not seconds <= maximum:
+            raise self.error(key, "must be at most %s, got %r" % (format_duration(maximum), value))
+        return seconds
+
+    def url(self, key, default=None, env=()):
+        """An http(s) URL (a bare host gets ``https://``), checked to parse."""
+        value = self.string(key, default, env)
+        return None if value is None else check_url(value, self.name(key))
+
+    def size(self, key, default=0):
+        """Bytes from a size ("500MB", "20GiB", a byte count); see parse_size."""
+        value, _ = self._value(key)
+        if value is None:
+            return default
+        try:
+            return parse_size(value)
+        except (ValueError, OverflowError):
+            got = repr(value) if isinstance(value, str) else _json_type(value)
+            raise self.error(key, "must be a size like \"500MB\" or \"20GiB\", or a byte count, "
+                                  "got %s" % got) from None
+
+    def proxy(self, key, env=()):
+        """A Proxy (see parse_proxy_url) or "direct"."""
+        value, source = self._value(key, env)
+        if value is None or value == "direct":
+            return value
+        if not isinstance(value, str):
+            raise self.error(key, "must be a string, got %s" % _json_type(value))
+        return parse_proxy_url(value, source or self.name(key))
+
+    def any(self, key, default=None):
+        """The raw JSON value (its block checks it)."""
+        value, _ = self._value(key)
+        return default if value is None else value
+
+    def section(self, key):
+        """A nested object as a Section, or None when absent."""
+        self.seen.add(key)
+        value = self.raw.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise self.error(key, "must be an object, got %s" % _json_type(value))
+        return Section(value, self.name(key) + ".", self.env)
+
+    def unknown(self):
+        return sorted(self.name(k) for k in self.raw if k not in self.seen)
+
+
+def check_url(value, where):
+    """``value`` as an http(s) URL without a trailing slash (a bare host gets
+    ``https://``); ConfigError naming ``where`` otherwise."""
+    if "://" not in value:
+        value = "https://" + value
+    try:
+        parts = urllib.parse.urlsplit(value)
+        _ = parts.port              # a bad port raises here
+    except ValueError as exc:
+        raise ConfigError("%s: invalid URL %s: %s" % (where, redact_url(value), exc)) from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("%s: must be an http:// or https:// URL, got %s" % (where, redact_url(value)))
+    return value.rstrip("/")
+
+
+_READERS = {
+    "str": lambda s, n, k, d: s.string(n, d, k.env, choices=k.options.get("choices")),
+    "choice": lambda s, n, k, d: s.string(n, d, k.env, choices=k.options["choices"]),
+    "name": lambda s, n, k, d: s.string(n, d, k.env, spaces=False),
+    "secret": lambda s, n, k, d: s.secret(n, k.env),
+    "path": lambda s, n, k, d: s.path(n, d, k.env),
+    "file": lambda s, n, k, d: s.path(n, d, k.env, must_exist="file"),
+    "dir": lambda s, n, k, d: s.path(n, d, k.env, must_exist="dir"),
+    "int": lambda s, n, k, d: s.integer(n, d, k.options.get("minimum", 0),
+                                        k.options.get("maximum", 1000000)),
+    "bool": lambda s, n, k, d: s.boolean(n, d, k.env),
+    "duration": lambda s, n, k, d: s.duration(n, d, k.options.get("minimum", 0.0),
+                                              zero_off=k.options.get("zero_off", False)),
+    "url": lambda s, n, k, d: s.url(n, d, k.env),
+    "size": lambda s, n, k, d: s.size(n, d),
+    "proxy": lambda s, n, k, d: s.proxy(n, k.env),
+    "any": lambda s, n, k, d: s.any(n, d),
+    "mount": lambda s, n, k, d: s.string(n, d, k.env, spaces=False).strip("/"),
+}
+
+
+class Settings(collections.abc.Mapping):
+    """A block's effective values, by key, read-only; ``sources`` says where
+    each came from ("config", "env VAR", "default")."""
+
+    def __init__(self, values=(), sources=None):
+        self._values = collections.OrderedDict(values)
+        self.sources = dict(sources or {})
+
+    def __getitem__(self, name):
+        return self._values[name]
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
+
+
+def read_block(section, keys, inherited=None):
+    """Every key of ``keys`` read from ``section`` as an OrderedDict
+    (defaults filled in; ``inherited`` overrides the declared defaults, e.g.
+    a storage's ``retain`` defaults to the global one). The block completes
+    it, then freezes it as Settings."""
+    inherited = inherited or {}
+    values = collections.OrderedDict()
+    for key in keys:
+        values[key.name] = section.read(key, inherited.get(key.name, key.default))
+    return values
+
+
+def show_block(keys, values):
+    """A block's values as --check-config prints them: every key, in order."""
+    return collections.OrderedDict((key.name, key.show(values.get(key.name))) for key in keys)
+
+
+def _json_type(value):
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "null"
+
+
+def _env_names(name):
+    """VAULT_X and BAO_X, in precedence order."""
+    return tuple(prefix + name for prefix in ENV_PREFIXES)
+
+
+# =============================================================================
+# 10. Vault login methods
+# =============================================================================
+
+
+class AuthMethod(collections.namedtuple("AuthMethod", "name aliases doc keys check login token")):
+    """One way to log in to Vault, declared once in AUTH_METHODS: its
+    ``keys`` join the top-level table, ``check(top, values)`` refuses at
+    load what it cannot log in with (ConfigError naming the key), and at
+    each login either ``login(cfg)`` gives (mount, payload) for ``POST
+    auth/<mount>/login``, read afresh (a rotated secret file is picked up),
+    or ``token(cfg)`` gives a token to use as is (then a 403 cannot be cured
+    by logging in again)."""
+
+    __slots__ = ()
+
+
+def _check_approle(top, values):
+    if not values["role_id"]:
+        raise top.error("role_id", "required for AppRole login (or set vault_auth_method)")
+    _one_of(top, values, "secret_id", "secret_id_file", "required for AppRole login (or use "
+                                                          "secret_id_file)")
+
+
+def _approle_login(cfg):
+    secret_id = (read_secret_file(cfg.secret_id_file, "secret_id_file") if cfg.secret_id_file
+                 else cfg.secret_id)
+    return cfg.approle, {"role_id": cfg.role_id, "secret_id": secret_id.reveal()}
+
+
+def _check_k8s(top, values):
+    if not values["k8s_auth_role"]:
+        raise top.error("k8s_auth_role", "required for Kubernetes login")
+
+
+def _k8s_login(cfg):
+    jwt = read_secret_file(cfg.k8s_token_path, "k8s_token_path")
+    return cfg.k8s_auth_path, {"role": cfg.k8s_auth_role, "jwt": jwt.reveal()}
+
+
+def _check_token(top, values):
+    _one_of(top, values, "token", "token_file", "required for token auth (or token_file, or "
+                                                 "VAULT_TOKEN)")
+
+
+def _given_token(cfg):
+    return read_secret_file(cfg.token_file, "token_file") if cfg.token_file else cfg.token
+
+
+def _one_of(top, values, key, file_key, missing):
+    """Exactly one of a secret's key and its file key; the file readable now."""
+    if values[key] and values[file_key]:
+        raise top.error(file_key, "conflicts with %s: set only one" % key)
+    if not (values[key] or values[file_key]):
+        raise top.error(key, missing)
+    if values[file_key]:
+        read_secret_file(values[file_key], file_key)
+
+
+AUTH_METHODS = collections.OrderedDict((method.name, method) for method in (
+    AuthMethod("approle", (), "AppRole", (
+        Key("approle", "mount", "approle", doc="AppRole mount path"),
+        Key("role_id", "name", doc="AppRole role_id"),
+        Key("secret_id", "secret", doc="AppRole secret_id"),
+        Key("secret_id_file", "file",
+            doc="read the secret_id from this file at each login (instead of `secret_id`)"),
+    ), _check_approle, _approle_login, None),
+    AuthMethod("k8s", ("kubernetes",), "Kubernetes", (
+        Key("k8s_auth_role", "name", aliases=("vault_auth_role",),
+            doc="Kubernetes auth role (required for `k8s`); the Go agent's README calls it "
+                "`vault_auth_role`, which works too"),
+        Key("k8s_auth_path", "mount", "kubernetes", aliases=("vault_auth_path",),
+            doc="Kubernetes auth mount path (also as `vault_auth_path`)"),
+        Key("k8s_token_path", "path", DEFAULT_K8S_TOKEN_PATH,
+            doc="service-account JWT, re-read at each login"),
+    ), _check_k8s, _k8s_login, None),
+    AuthMethod("token", (), "a token", (
+        Key("token", "secret", env=_env_names("TOKEN"), doc="a token to use as is (token auth)"),
+        Key("token_file", "file",
+            doc="a Vault/Bao Agent sink file, re-read whenever a new token is needed"),
+    ), _check_token, None, _given_token),
+))
+
+AUTH_NAMES = collections.OrderedDict((name, method) for method in AUTH_METHODS.values()
+                                     for name in (method.name,) + method.aliases)
+
+
+def _auth_methods_doc():
+    return ", ".join("`%s`%s" % (m.name, " (alias %s)" % ", ".join("`%s`" % a for a in m.aliases)
+                                 if m.aliases else "") for m in AUTH_METHODS.values())
+
+
+# =============================================================================
+# 11. Config
+# =============================================================================
+
+
+TOP_KEYS = (
+    Key("addr", "url", DEFAULT_ADDR, env=_env_names("ADDR"),
+        doc="this node's Vault API address (`http://` or `https://`)"),
+    Key("frequency", "duration", DEFAULT_FREQUENCY, minimum=1.0,
+        doc="Go duration between snapshots (`30s`, `15m`, `1h30m`); minimum `1s`; a bad value is an error"),
+    Key("retain", "int", 0, maximum=MAX_RETAIN,
+        doc="snapshots to keep per storage; `0` keeps all"),
+    Key("retain_days", "int", 0, maximum=MAX_RETAIN_DAYS,
+        doc="also delete snapshots older than this many days (never the one just written); `0`: off"),
+    Key("max_space", "size", 0,
+        doc="also delete the oldest snapshots while the storage's snapshots add up to more than this "
+            "(`\"500MB\"`, `\"20GiB\"`, bytes); the one just written is always kept; `0`: no cap"),
+    Key("jitter", "duration", "0s",
+        doc="add a random delay up to this to every scheduled time, so a fleet spreads out"),
+    Key("retry_interval", "duration", DEFAULT_RETRY_INTERVAL, minimum=1.0, zero_off=True,
+        doc="after a failed cycle, try the failed storages again this much later, doubling each "
+            "time, never later than their regular time; minimum `1s`; `0s`: wait for the regular "
+            "time (the Go agent's behaviour)"),
+    Key("leader_poll", "duration", DEFAULT_LEADER_POLL, minimum=1.0, zero_off=True,
+        doc="between cycles, ask the unauthenticated `sys/leader` this often (plus up to 10% jitter) "
+            "whether this node became the leader, so a new leader takes the due snapshot within "
+            "about this time of a failover; minimum `1s`; `0s`: only each cycle checks"),
+    Key("align", "bool", False,
+        doc="round scheduled times up to whole multiples of the frequency (UTC): `1h` runs at :00"),
+    Key("timeout", "duration", DEFAULT_API_TIMEOUT, minimum=1.0,
+        doc="per socket operation on API calls (login, leader, renew)"),
+    Key("request_timeout", "duration", DEFAULT_REQUEST_TIMEOUT, minimum=1.0,
+        doc="total deadline of each API, storage, token-endpoint and proxy request (connect, proxy "
+            "CONNECT, TLS, the answer's headers and any small body); snapshot downloads and uploads "
+            "instead fail when idle for `snapshot_timeout`/`timeout`"),
+    Key("snapshot_timeout", "duration", DEFAULT_SNAPSHOT_TIMEOUT, minimum=1.0,
+        doc="idle timeout of the snapshot stream: only a stream that stops sending for this long "
+            "fails; a long snapshot never does"),
+    Key("temp_dir", "dir", default_doc="the `local_storage` path, else the system temp dir",
+        doc="where the download is staged and verified"),
+    Key("status_file", "path", doc="JSON status written atomically (mode 0640) after each cycle "
+                                   "(see Operations)"),
+    Key("metrics_textfile", "path",
+        doc="write the metrics to a file (mode 0644) for node_exporter's textfile collector"),
+    Key("metrics_address", "str",
+        doc="serve Prometheus metrics at `http://HOST:PORT/metrics`, e.g. `127.0.0.1:9469`"),
+    Key("vault_auth_method", "choice", choices=tuple(AUTH_NAMES),
+        default_doc="`approle` (or `token` when only a token is given)", doc=_auth_methods_doc()),
+) + tuple(key for method in AUTH_METHODS.values() for key in method.keys) + (
+    Key("namespace", "name", env=_env_names("NAMESPACE"),
+        doc="sent on the login call only (snapshots are a root-namespace operation)"),
+    Key("proxy", "proxy", env=_env_names("PROXY_ADDR") + _env_names("HTTP_PROXY"),
+        doc="HTTP proxy for Vault (`http://[user:password@]host:port`) or `\"direct\"`; unset: "
+            "`HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` as Go reads them, never for a loopback `addr`"),
+    Key("ca_cert", "file", env=_env_names("CACERT"), doc="CA bundle for Vault's certificate"),
+    Key("ca_path", "dir", env=_env_names("CAPATH"), doc="directory of CA certificates"),
+    Key("client_cert", "file", env=_env_names("CLIENT_CERT"), doc="TLS client certificate"),
+    Key("client_key", "file", env=_env_names("CLIENT_KEY"), doc="its private key"),
+    Key("tls_server_name", "name", env=_env_names("TLS_SERVER_NAME"),
+        doc="name to send (SNI) and verify, e.g. when `addr` is 127.0.0.1"),
+    Key("tls_skip_verify", "bool", False, env=_env_names("SKIP_VERIFY"),
+        doc="turn certificate verification off (warned about at start)"),
+)
+
+# Keys every storage block has, declared once: each defaults to the global value.
+STORAGE_POLICY_KEYS = (
+    Key("retain", "int", maximum=MAX_RETAIN, default_doc="global `retain`",
+        doc="snapshots to keep in this storage; `0` keeps all"),
+    Key("retain_days", "int", maximum=MAX_RETAIN_DAYS, default_doc="global `retain_days`",
+        doc="also delete snapshots older than this many days here"),
+    Key("max_space", "size", default_doc="global `max_space`",
+        doc="size cap for the snapshots in this storage"),
+    Key("frequency", "duration", minimum=1.0, default_doc="global `frequency`",
+        doc="time between snapshots for this storage (e.g. local hourly, S3 daily)"),
+)
+
+
+def tls_keys(ca_env=(), token_endpoint=None):
+    """The TLS keys of a storage block that talks to a server; with
+    ``token_endpoint`` (where the block sends client secrets or signed
+    assertions) a separate key to skip verification there too."""
+    keys = (
+        Key("proxy", "proxy",
+            doc="HTTP proxy for every request of this storage and its token endpoints "
+                "(`http://[user:password@]host:port`) or `\"direct\"`; unset: `HTTPS_PROXY`/"
+                "`HTTP_PROXY`/`NO_PROXY` as Go reads them"),
+        Key("ca_cert", "file", env=ca_env, doc="CA bundle for the endpoint"),
+        Key("tls_skip_verify", "bool", False, doc="turn certificate verification off for the endpoint"),
+    )
+    if token_endpoint:
+        keys += (Key("auth_tls_skip_verify", "bool", False, doc=(
+            "also skip certificate checks on %s; `tls_skip_verify` alone leaves the endpoint that "
+            "receives credentials verified" % token_endpoint)),)
+    return keys
+
+
+def storage_proxy(settings, runtime, block):
+    """The ProxyPolicy of a storage block: its ``proxy`` key, else the
+    environment's proxy variables."""
+    return ProxyPolicy(settings["proxy"], runtime.env, block + ".proxy")
+
+
+def storage_tls(values, endpoint):
+    """TlsOptions of a storage block (``ca_cert``, ``tls_skip_verify``); the
+    CA file is loaded now when ``endpoint`` is https, so errors are config
+    errors."""
+    tls = TlsOptions(values["ca_cert"], None, None, None, None, values["tls_skip_verify"])
+    if endpoint.startswith("https"):
+        make_ssl_context(tls)
+    return tls
+
+
+STORAGE_TYPES = collections.OrderedDict()
+# config key -> Storage class: each storage backend registers itself
+# (register_storage, in the section Storage backends); load_config reads the
+# blocks of those present in the file.
+
+
+class Config:
+    """The effective configuration, after defaults and environment;
+    read-only. Built by ``load_config``.
+
+    Every key of TOP_KEYS is an attribute (None when unset) and ``sources``
+    says where each came from. ``storages`` holds a (Storage class,
+    Settings) pair per configured block, in registry order; ``warnings``
+    what loading found (shown at start and on reload). ``tls``,
+    ``proxy_policy`` and ``metrics_bind`` are what the values mean for
+    Vault's client and the metrics server.
+    """
+
+    __slots__ = ("path", "values", "storages", "warnings", "tls", "proxy_policy", "metrics_bind")
+
+    def __init__(self, path, values, storages=(), warnings=(), tls=None, proxy_policy=None,
+                 metrics_bind=None):
+        given = (path, values, tuple(storages), tuple(warnings),
+                 tls or TlsOptions(None, None, None, None, None, False),
+                 proxy_policy or ProxyPolicy("direct"), metrics_bind)
+        for name, value in zip(self.__slots__, given):
+            object.__setattr__(self, name, value)
+
+    def __getattr__(self, name):
+        values = object.__getattribute__(self, "values")
+        if name in values:
+            return values[name]
+        raise AttributeError(name)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("the configuration is read-only (%s)" % name)
+
+    @property
+    def sources(self):
+        return self.values.sources
+
+    def describe(self):
+        """Every setting as a JSON-able dict, secrets masked: the top-level
+        keys, then each storage block under its key."""
+        described = show_block(TOP_KEYS, self.values)
+        for cls, settings in self.storages:
+            described[cls.config_key] = show_block(cls.keys, settings)
+        return described
+
+
+def load_config(path, env=None):
+    """Read, validate and complete the config file at ``path``.
+
+    Raises ConfigError with one line naming the key and the problem.
+    Precedence for each setting: config file, then VAULT_*, then BAO_*
+    environment variables, then the default.
+    """
+    env = os.environ if env is None else env
+    try:
+        with open_regular(path, "rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+            mode = os.fstat(handle.fileno()).st_mode
+    except OSError as exc:
+        raise ConfigError("config file %s: cannot read: %s" % (path, exc.strerror or exc)) from exc
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError("config file %s: larger than %s; not a config file?" % (
+            path, format_size(MAX_CONFIG_BYTES)))
+    try:
+        raw = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError:
+        raise ConfigError("config file %s: not UTF-8 text" % path) from None
+    except _DuplicateKey as exc:
+        raise ConfigError("config file %s: key %r appears twice in one object; keep one (which "
+                          "one was meant is not guessed)" % (path, printable(exc.args[0], 80))) from None
+    except ValueError as exc:
+        raise ConfigError("config file %s: invalid JSON: %s" % (path, exc)) from exc
+    except RecursionError:
+        raise ConfigError("config file %s: JSON nested too deeply" % path) from None
+    if not isinstance(raw, dict):
+        raise ConfigError("config file %s: top level must be a JSON object, got %s"
+                          % (path, _json_type(raw)))
+    return config_from_dict(raw, path, env, secret_file_warnings(path, mode, "config file")
+                            if _holds_secret(raw) else ())
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    """A JSON object as a dict, refusing a key given twice (Python keeps the
+    last silently; Go's encoding/json v2 refuses it too)."""
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(key)
+        obj[key] = value
+    return obj
+
+
+def secret_key_names():
+    """The names of every key declared as a secret, in any block."""
+    blocks = [TOP_KEYS] + [cls.keys for cls in STORAGE_TYPES.values()]
+    return frozenset(key.name for keys in blocks for key in keys if key.kind == "secret")
+
+
+def _holds_secret(raw, names=None):
+    """Whether a config document sets a secret anywhere (any block)."""
+    names = secret_key_names() if names is None else names
+    for name, value in raw.items():
+        if isinstance(value, dict) and _holds_secret(value, names):
+            return True
+        if name in names and value not in (None, ""):
+            return True
+    return False
+
+
+def secret_file_warnings(path, mode, what):
+    """A warning when a file holding secrets can be read by group or others (as ssh does)."""
+    if stat.S_IMODE(mode) & 0o077:
+        return ["%s %s holds secrets and is readable by others (mode %04o); run: chmod 600 %s"
+                % (what, path, stat.S_IMODE(mode), path)]
+    return []
+
+
+def config_from_dict(raw, path="<config>", env=None, warnings=()):
+    """The Config of a parsed config document (see load_config), storage
+    blocks included; ``warnings`` are the caller's own (the file's mode)."""
+    top = Section(raw, "", env)
+    warnings = list(warnings)
+    given = top.string("addr", DEFAULT_ADDR, env=_env_names("ADDR"))
+    if "://" not in given:          # a bare host is fine for storages, not for Vault
+        raise top.error("addr", "must be an http:// or https:// URL, got %r" % given)
+    values = read_block(top, TOP_KEYS)
+    values["vault_auth_method"] = _auth_method(top, values)
+    metrics_bind = _check_outputs(top, values)
+    tls = TlsOptions(values["ca_cert"], values["ca_path"], values["client_cert"],
+                     values["client_key"], values["tls_server_name"], values["tls_skip_verify"])
+    if tls.client_key and not tls.client_cert:
+        raise top.error("client_key", "needs client_cert as well")
+    if values["addr"].startswith("https://"):
+        make_ssl_context(tls)   # load certificates now: errors are config errors
+    proxy_policy = ProxyPolicy(values["proxy"], top.env, "proxy")
+    warnings += proxy_policy.warnings
+    for key in ("secret_id_file", "token_file"):
+        if values[key]:
+            try:
+                warnings += secret_file_warnings(values[key], os.stat(values[key]).st_mode, key)
+            except OSError:
+                pass
+    storages = _read_storages(top, values, warnings.append)
+    warnings += ["unknown config key %r ignored (typo?)" % k
+                 for section in [top] + [s for s, _, _ in storages] for k in section.unknown()]
+    return Config(path, Settings(values, top.sources), [(c, v) for _, c, v in storages], warnings,
+                  tls, proxy_policy, metrics_bind)
+
+
+def _read_storages(top, values, warn):
+    """(Section, Storage class, Settings) of each storage block present, in
+    registry order; with ``align``, the jitter must stay in the first half of
+    each period (the next boundary is found half a period after a cycle's
+    start, so a later start would skip a whole period)."""
+    blocks = []
+    for key, cls in STORAGE_TYPES.items():
+        section = top.section(key)
+        if section is not None:
+            blocks.append((section, cls, cls.read(section, values, warn)))
+    if not blocks:
+        raise ConfigError("no storage configured: add local_storage (or another *_storage block)")
+    shortest = min(settings["frequency"] for _, _, settings in blocks)
+    if values["align"] and values["jitter"] >= shortest / 2.0:
+        raise ConfigError("jitter: with align, must be less than half the shortest frequency "
+                          "(%s), got %s" % (format_duration(shortest / 2.0),
+                                            format_duration(values["jitter"])))
+    return blocks
+
+
+def _auth_method(top, values):
+    """The login method's name (an alias resolved), with the credentials it
+    needs checked."""
+    name = values["vault_auth_method"]
+    if name is None:
+        # Drop-in default is AppRole; a token (file) alone selects token auth.
+        has_token = values["token_file"] or (values["token"] and not (
+            values["role_id"] or values["secret_id"] or values["secret_id_file"]))
+        name = "token" if has_token else "approle"
+    method = AUTH_NAMES[name]
+    method.check(top, values)
+    return method.name
+
+
+def _check_outputs(top, values):
+    """metrics_address parses (its (host, port) to bind is returned, None
+    when unset); output files have a directory."""
+    bind, address = None, values["metrics_address"]
+    if address is not None:
+        host, _, port = address.rpartition(":")
+        if not re.match(r"\A[0-9]{1,5}\Z", port) or not 0 < int(port) < 65536:
+            raise top.error("metrics_address", "must be host:port, e.g. 127.0.0.1:9469, got %r"
+                            % address)
+        bind = (host.strip("[]") or "127.0.0.1", int(port))
+    for key in ("status_file", "metrics_textfile"):
+        target = values[key]
+        if target and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
+            raise top.error(key, "directory %s does not exist" % os.path.dirname(os.path.abspath(target)))
+    return bind
+
+
+# =============================================================================
+# 12. Vault client
 # =============================================================================
 
 
@@ -3346,7 +3352,7 @@ def vault_error(resp):
 
 
 # =============================================================================
-# 12. Snapshot stream and verification
+# 13. Snapshot stream and verification
 # =============================================================================
 
 
@@ -3796,7 +3802,7 @@ def _unlink_quietly(path):
 
 
 # =============================================================================
-# 13. Storage backends
+# 14. Storage backends
 # =============================================================================
 
 
@@ -4162,7 +4168,7 @@ def build_storages(cfg, runtime):
 
 
 # =============================================================================
-# 14. Local storage
+# 15. Local storage
 # =============================================================================
 
 
@@ -4337,7 +4343,7 @@ def _place(temp, final):
 
 
 # =============================================================================
-# 15. S3 storage
+# 16. S3 storage
 # =============================================================================
 
 
@@ -4897,7 +4903,7 @@ def _is_ip_or_localhost(host):
 
 
 # =============================================================================
-# 16. Azure Blob storage
+# 17. Azure Blob storage
 # =============================================================================
 
 
@@ -5240,7 +5246,7 @@ def _azure_error(resp, data, action):
 
 
 # =============================================================================
-# 17. Google Cloud Storage
+# 18. Google Cloud Storage
 # =============================================================================
 
 
@@ -5572,7 +5578,7 @@ def _confirmed(range_header):
 
 
 # =============================================================================
-# 18. Retention
+# 19. Retention
 # =============================================================================
 
 
@@ -5695,7 +5701,7 @@ def apply_retention(storage, keep, now=None):
 
 
 # =============================================================================
-# 19. Status, metrics and systemd
+# 20. Status, metrics and systemd
 # =============================================================================
 
 
@@ -6282,7 +6288,7 @@ class Progress:
 
 
 # =============================================================================
-# 20. Agent
+# 21. Agent
 # =============================================================================
 
 
@@ -6865,7 +6871,7 @@ def _signal_name(signum):
 
 
 # =============================================================================
-# 21. Restore tooling
+# 22. Restore tooling
 # =============================================================================
 
 
@@ -7019,7 +7025,7 @@ def cmd_restore(cfg, storages, target, force, out, env=None, signals=None):
 
 
 # =============================================================================
-# 22. Command line
+# 23. Command line
 # =============================================================================
 
 
