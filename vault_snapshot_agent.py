@@ -2379,8 +2379,12 @@ class Key:
         return self.doc + (" (required)" if self.required else "")
 
     def check(self, section, value):
-        """``value`` as read, refused when required and unset or when it
-        does not match the pattern."""
+        """``value`` as read, refused when required and unset, when it does
+        not match the pattern, or when an ``env_only`` key (a password) is
+        in the config file."""
+        if self.options.get("env_only") and section.sources.get(self.name) == "config":
+            raise section.error(self.name, "is read from the environment only (%s), never from "
+                                "the config file: use the file key instead" % ", ".join(self.env))
         if value is None and self.required:
             raise section.error(self.name, "required")
         if value is not None and self.pattern and not re.match(self.pattern[0], value):
@@ -2635,7 +2639,7 @@ _READERS = {
     "size": lambda s, n, k, d: s.size(n, d),
     "proxy": lambda s, n, k, d: s.proxy(n, k.env),
     "any": lambda s, n, k, d: s.any(n, d),
-    "mount": lambda s, n, k, d: s.string(n, d, k.env, spaces=False).strip("/"),
+    "mount": lambda s, n, k, d: (s.string(n, d, k.env, spaces=False) or "").strip("/") or None,
 }
 
 
@@ -2698,39 +2702,90 @@ def _env_names(name):
 # =============================================================================
 
 
-class AuthMethod(collections.namedtuple("AuthMethod", "name aliases doc keys check login token")):
-    """One way to log in to Vault, declared once in AUTH_METHODS: its
-    ``keys`` join the top-level table, ``check(top, values)`` refuses at
-    load what it cannot log in with (ConfigError naming the key), and at
-    each login either ``login(cfg)`` gives (mount, payload) for ``POST
-    auth/<mount>/login``, read afresh (a rotated secret file is picked up),
-    or ``token(cfg)`` gives a token to use as is (then a 403 cannot be cured
-    by logging in again)."""
+class AuthMethod(collections.namedtuple(
+        "AuthMethod", "name aliases doc path role keys check login token")):
+    """One way to log in to Vault, declared once in AUTH_METHODS.
+
+    ``path``: the mount it usually has (``vault_auth_path`` overrides it);
+    ``role``: whether ``vault_auth_role`` is "required", "optional" or
+    unused (None); ``keys``: its own keys, which join the top-level table;
+    ``check(top, values)`` refuses at load what it cannot log in with
+    (ConfigError naming the key). At each login either ``login(cfg,
+    runtime, cache)`` gives the Login to send, read afresh (a rotated file
+    is picked up; ``cache`` keeps what may be reused between logins, such
+    as a credential chain), or ``token(cfg)`` gives a token to use as is
+    (then a 403 cannot be cured by logging in again).
+    """
 
     __slots__ = ()
 
 
+Login = collections.namedtuple("Login", "mount payload user")
+# POST auth/<mount>/login[/<user>] with the JSON ``payload`` (it holds the
+# credential: never logged).
+
+
 def _check_approle(top, values):
+    values["vault_auth_path"] = values["vault_auth_path"] or values["approle"]  # the Go agent's key
     if not values["role_id"]:
         raise top.error("role_id", "required for AppRole login (or set vault_auth_method)")
     _one_of(top, values, "secret_id", "secret_id_file", "required for AppRole login (or use "
                                                           "secret_id_file)")
 
 
-def _approle_login(cfg):
+def _approle_login(cfg, runtime, cache):
     secret_id = (read_secret_file(cfg.secret_id_file, "secret_id_file") if cfg.secret_id_file
                  else cfg.secret_id)
-    return cfg.approle, {"role_id": cfg.role_id, "secret_id": secret_id.reveal()}
+    return Login(cfg.vault_auth_path, {"role_id": cfg.role_id, "secret_id": secret_id.reveal()}, None)
 
 
-def _check_k8s(top, values):
-    if not values["k8s_auth_role"]:
-        raise top.error("k8s_auth_role", "required for Kubernetes login")
-
-
-def _k8s_login(cfg):
+def _k8s_login(cfg, runtime, cache):
     jwt = read_secret_file(cfg.k8s_token_path, "k8s_token_path")
-    return cfg.k8s_auth_path, {"role": cfg.k8s_auth_role, "jwt": jwt.reveal()}
+    return Login(cfg.vault_auth_path, {"role": cfg.vault_auth_role, "jwt": jwt.reveal()}, None)
+
+
+def _check_jwt(top, values):
+    if not values["jwt_file"]:
+        raise top.error("jwt_file", "required for JWT login (the file holding the token)")
+
+
+def _jwt_login(cfg, runtime, cache):
+    jwt = read_secret_file(cfg.jwt_file, "jwt_file")
+    return Login(cfg.vault_auth_path, {"role": cfg.vault_auth_role, "jwt": jwt.reveal()}, None)
+
+
+def _check_cert(top, values):
+    if not (values["client_cert"] and values["client_key"]):
+        raise top.error("client_cert", "required for cert login, with client_key (the "
+                                       "certificate the agent presents)")
+    if not values["addr"].startswith("https://"):
+        raise top.error("addr", "cert login needs an https:// addr (the certificate is presented "
+                                "in the TLS handshake)")
+
+
+def _cert_login(cfg, runtime, cache):
+    payload = {"name": cfg.vault_auth_role} if cfg.vault_auth_role else {}
+    return Login(cfg.vault_auth_path, payload, None)
+
+
+def _check_password(top, values):
+    if not values["username"]:
+        raise top.error("username", "required for %s login" % values["vault_auth_method"])
+    if values["password_file"] and values["password"]:
+        raise top.error("password_file", "conflicts with the password in %s: set only one"
+                        % top.sources.get("password", "the environment")[4:])
+    if not (values["password_file"] or values["password"]):
+        raise top.error("password_file", "required for %s login (or VAULT_AUTH_PASSWORD in the "
+                                         "environment; never in the config file)"
+                        % values["vault_auth_method"])
+    if values["password_file"]:
+        read_secret_file(values["password_file"], "password_file")
+
+
+def _password_login(cfg, runtime, cache):
+    password = (read_secret_file(cfg.password_file, "password_file") if cfg.password_file
+                else cfg.password)
+    return Login(cfg.vault_auth_path, {"password": password.reveal()}, cfg.username)
 
 
 def _check_token(top, values):
@@ -2752,24 +2807,42 @@ def _one_of(top, values, key, file_key, missing):
         read_secret_file(values[file_key], file_key)
 
 
+def _no_check(top, values):
+    pass
+
+
+PASSWORD_KEYS = (
+    Key("username", "name", doc="`userpass`/`ldap` user name"),
+    Key("password_file", "file", doc="`userpass`/`ldap`: read the password from this file at each "
+                                     "login"),
+    Key("password", "secret", env=_env_names("AUTH_PASSWORD"), env_only=True,
+        doc="`userpass`/`ldap`: the password from the environment only (never from the config "
+            "file)"),
+)
+
 AUTH_METHODS = collections.OrderedDict((method.name, method) for method in (
-    AuthMethod("approle", (), "AppRole", (
-        Key("approle", "mount", "approle", doc="AppRole mount path"),
+    AuthMethod("approle", (), "AppRole", "approle", None, (
+        Key("approle", "mount", "approle", doc="AppRole mount path (the Go agent's key; "
+                                               "`vault_auth_path` also works)"),
         Key("role_id", "name", doc="AppRole role_id"),
         Key("secret_id", "secret", doc="AppRole secret_id"),
         Key("secret_id_file", "file",
             doc="read the secret_id from this file at each login (instead of `secret_id`)"),
     ), _check_approle, _approle_login, None),
-    AuthMethod("k8s", ("kubernetes",), "Kubernetes", (
-        Key("k8s_auth_role", "name", aliases=("vault_auth_role",),
-            doc="Kubernetes auth role (required for `k8s`); the Go agent's README calls it "
-                "`vault_auth_role`, which works too"),
-        Key("k8s_auth_path", "mount", "kubernetes", aliases=("vault_auth_path",),
-            doc="Kubernetes auth mount path (also as `vault_auth_path`)"),
+    AuthMethod("k8s", ("kubernetes",), "Kubernetes", "kubernetes", "required", (
         Key("k8s_token_path", "path", DEFAULT_K8S_TOKEN_PATH,
-            doc="service-account JWT, re-read at each login"),
-    ), _check_k8s, _k8s_login, None),
-    AuthMethod("token", (), "a token", (
+            doc="`k8s`: service-account JWT, re-read at each login"),
+    ), _no_check, _k8s_login, None),
+    AuthMethod("jwt", (), "JWT/OIDC", "jwt", "required", (
+        Key("jwt_file", "file", doc="`jwt`: the JWT (a projected service-account token, a CI "
+                                    "job's OIDC token, a JWT-SVID), re-read at each login"),
+    ), _check_jwt, _jwt_login, None),
+    AuthMethod("cert", (), "TLS certificate", "cert", "optional", (), _check_cert, _cert_login, None),
+    AuthMethod("userpass", (), "user name and password", "userpass", None, PASSWORD_KEYS,
+               _check_password, _password_login, None),
+    AuthMethod("ldap", (), "LDAP user name and password", "ldap", None, (), _check_password,
+               _password_login, None),
+    AuthMethod("token", (), "a token", None, None, (
         Key("token", "secret", env=_env_names("TOKEN"), doc="a token to use as is (token auth)"),
         Key("token_file", "file",
             doc="a Vault/Bao Agent sink file, re-read whenever a new token is needed"),
@@ -2783,6 +2856,39 @@ AUTH_NAMES = collections.OrderedDict((name, method) for method in AUTH_METHODS.v
 def _auth_methods_doc():
     return ", ".join("`%s`%s" % (m.name, " (alias %s)" % ", ".join("`%s`" % a for a in m.aliases)
                                  if m.aliases else "") for m in AUTH_METHODS.values())
+
+
+def _methods_with_role(need):
+    return ", ".join("`%s`" % m.name for m in AUTH_METHODS.values() if m.role == need)
+
+
+AUTH_KEYS = (
+    Key("vault_auth_method", "choice", choices=tuple(AUTH_NAMES),
+        default_doc="`approle` (or `token` when only a token is given)", doc=_auth_methods_doc()),
+    Key("vault_auth_role", "name", aliases=("k8s_auth_role",),
+        doc="the role to log in as: required for %s, optional for %s (also as `k8s_auth_role`)"
+            % (_methods_with_role("required"), _methods_with_role("optional"))),
+    Key("vault_auth_path", "mount", aliases=("k8s_auth_path",),
+        default_doc="the method's name (`kubernetes` for `k8s`; `approle`'s own key)",
+        doc="where the auth method is mounted (also as `k8s_auth_path`)"),
+) + tuple(key for method in AUTH_METHODS.values() for key in method.keys)
+
+
+def check_auth(top, values):
+    """The login method's name (an alias resolved), its mount filled in,
+    and the credentials it needs checked (ConfigError naming the key)."""
+    name = values["vault_auth_method"]
+    if name is None:
+        # Drop-in default is AppRole; a token (file) alone selects token auth.
+        has_token = values["token_file"] or (values["token"] and not (
+            values["role_id"] or values["secret_id"] or values["secret_id_file"]))
+        name = "token" if has_token else "approle"
+    method = AUTH_NAMES[name]
+    values["vault_auth_method"] = method.name
+    if method.role == "required" and not values["vault_auth_role"]:
+        raise top.error("vault_auth_role", "required for %s login" % method.name)
+    method.check(top, values)
+    values["vault_auth_path"] = values["vault_auth_path"] or method.path
 
 
 # =============================================================================
@@ -2831,9 +2937,7 @@ TOP_KEYS = (
         doc="write the metrics to a file (mode 0644) for node_exporter's textfile collector"),
     Key("metrics_address", "str",
         doc="serve Prometheus metrics at `http://HOST:PORT/metrics`, e.g. `127.0.0.1:9469`"),
-    Key("vault_auth_method", "choice", choices=tuple(AUTH_NAMES),
-        default_doc="`approle` (or `token` when only a token is given)", doc=_auth_methods_doc()),
-) + tuple(key for method in AUTH_METHODS.values() for key in method.keys) + (
+) + AUTH_KEYS + (
     Key("namespace", "name", env=_env_names("NAMESPACE"),
         doc="sent on the login call only (snapshots are a root-namespace operation)"),
     Key("proxy", "proxy", env=_env_names("PROXY_ADDR") + _env_names("HTTP_PROXY"),
@@ -3031,7 +3135,7 @@ def config_from_dict(raw, path="<config>", env=None, warnings=()):
     if "://" not in given:          # a bare host is fine for storages, not for Vault
         raise top.error("addr", "must be an http:// or https:// URL, got %r" % given)
     values = read_block(top, TOP_KEYS)
-    values["vault_auth_method"] = _auth_method(top, values)
+    check_auth(top, values)
     metrics_bind = _check_outputs(top, values)
     tls = TlsOptions(values["ca_cert"], values["ca_path"], values["client_cert"],
                      values["client_key"], values["tls_server_name"], values["tls_skip_verify"])
@@ -3074,20 +3178,6 @@ def _read_storages(top, values, warn):
     return blocks
 
 
-def _auth_method(top, values):
-    """The login method's name (an alias resolved), with the credentials it
-    needs checked."""
-    name = values["vault_auth_method"]
-    if name is None:
-        # Drop-in default is AppRole; a token (file) alone selects token auth.
-        has_token = values["token_file"] or (values["token"] and not (
-            values["role_id"] or values["secret_id"] or values["secret_id_file"]))
-        name = "token" if has_token else "approle"
-    method = AUTH_NAMES[name]
-    method.check(top, values)
-    return method.name
-
-
 def _check_outputs(top, values):
     """metrics_address parses (its (host, port) to bind is returned, None
     when unset); output files have a directory."""
@@ -3118,11 +3208,14 @@ class VaultClient:
     token never follows a redirect to another host.
     """
 
-    def __init__(self, cfg, http=None, clock=None, signals=None):
+    def __init__(self, cfg, http=None, clock=None, signals=None, env=None):
         self.cfg = cfg
         self.http = http or Http(cfg.tls, cfg.timeout, proxy=cfg.proxy_policy,
                                  deadline=cfg.request_timeout, signals=signals)
         self.clock = clock or Clock()
+        self.runtime = Runtime(os.environ if env is None else env, self.clock, signals)
+        self.method = AUTH_METHODS[cfg.vault_auth_method]
+        self._login_cache = {}      # what the method reuses between logins (see AuthMethod)
         self._token = None          # Secret
         self._renew_at = None       # monotonic seconds; None: never
         self._expire_at = None
@@ -3196,19 +3289,18 @@ class VaultClient:
     def login(self):
         """Log in with the configured method (AUTH_METHODS), or take up the
         configured token."""
-        method = AUTH_METHODS[self.cfg.vault_auth_method]
-        if method.token is not None:
-            self._token = method.token(self.cfg)
+        if self.method.token is not None:
+            self._token = self.method.token(self.cfg)
             data = self._call("GET", "/v1/auth/token/lookup-self").get("data") or {}
             self._set_ttl(data.get("ttl"), data.get("renewable"))
             LOG.info("Using token auth, token TTL %s", self._ttl_text(data.get("ttl")))
             return
-        mount, payload = method.login(self.cfg)
-        method = method.name
+        method = self.method.name
+        mount, payload, user = self.method.login(self.cfg, self.runtime, self._login_cache)
         self._token = None
+        path = "/v1/auth/%s/login" % mount + ("/" + uri_encode(user, safe="") if user else "")
         try:
-            answer = self._call("POST", "/v1/auth/%s/login" % mount, payload, token=False,
-                                namespace=True)
+            answer = self._call("POST", path, payload, token=False, namespace=True)
         except VaultError as exc:
             raise VaultError("%s login at auth/%s failed: %s" % (method, mount, exc), exc.status) from exc
         auth = answer.get("auth") if isinstance(answer, dict) else None
@@ -3317,8 +3409,7 @@ class VaultClient:
                         raise VaultError("snapshot request: too many redirects")
                     url = location
                     continue
-                if resp.status == 403 and not relogged and \
-                        AUTH_METHODS[self.cfg.vault_auth_method].login is not None:
+                if resp.status == 403 and not relogged and self.method.login is not None:
                     LOG.info("Vault answered 403 to the snapshot request; logging in again")
                     relogged = True
                     self.login()
@@ -6346,7 +6437,8 @@ class Agent:
         self.retention_retry = {}  # storage.describe() -> [monotonic due, kept name, failures]
         self.next_poll = None  # monotonic time of the next leader poll; None: no polling
         self.cfg, self.storages = loader(self.runtime)
-        self.vault = vault_factory(self.cfg, clock=self.clock, signals=self.signals)
+        self.vault = vault_factory(self.cfg, clock=self.clock, signals=self.signals,
+                                   env=self.runtime.env)
         self.status.configured(self.cfg.frequency)
 
     def reload(self):
@@ -6360,7 +6452,8 @@ class Agent:
         for warning in cfg.warnings:
             LOG.warning("%s", warning)
         self.cfg, self.storages = cfg, storages
-        self.vault = self.vault_factory(cfg, clock=self.clock, signals=self.signals)
+        self.vault = self.vault_factory(cfg, clock=self.clock, signals=self.signals,
+                                        env=self.runtime.env)
         self.status.configured(cfg.frequency)
         self.plan(reloaded=True)
         LOG.info("Config reloaded from %s: %s", cfg.path, self.summary())
@@ -7006,7 +7099,7 @@ def cmd_restore(cfg, storages, target, force, out, env=None, signals=None):
             info, storage = fetch_snapshot(storages, target, temp_dir)
             LOG.info("Downloaded and verified %s from %s", os.path.basename(info.path),
                      storage.describe())
-        vault = VaultClient(cfg, signals=signals)
+        vault = VaultClient(cfg, signals=signals, env=env)
         token = next((env[v].strip() for v in _env_names("TOKEN") if env.get(v, "").strip()), None)
         if token:
             refuse_control(token, "VAULT_TOKEN/BAO_TOKEN")

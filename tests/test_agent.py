@@ -20,7 +20,7 @@ def fake_clock():
 class StandbyVault:
     calls = []
 
-    def __init__(self, cfg, clock=None, signals=None):     # as VaultClient
+    def __init__(self, cfg, clock=None, signals=None, env=None):     # as VaultClient
         self.cfg, self.clock = cfg, clock
 
     def is_leader(self):

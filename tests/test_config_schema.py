@@ -89,12 +89,17 @@ def test_go_agent_kubernetes_spelling_is_accepted(tmp_path):
     code, out, log = run_check(tmp_path, config)
     assert code == 0, log
     shown = json.loads(out)
-    assert shown["k8s_auth_role"] == "snapshots" and shown["k8s_auth_path"] == "k8s-snap"
+    assert shown["vault_auth_role"] == "snapshots" and shown["vault_auth_path"] == "k8s-snap"
     assert "unknown config key" not in log
-    # the new spelling wins when both are given
-    config["k8s_auth_role"] = "new-role"
+    # the older k8s_* spelling works too; the Go agent's wins when both are given
+    del config["vault_auth_role"], config["vault_auth_path"]
+    config.update(k8s_auth_role="old-role", k8s_auth_path="/k8s-old/")
     code, out, log = run_check(tmp_path, config)
-    assert json.loads(out)["k8s_auth_role"] == "new-role"
+    shown = json.loads(out)
+    assert code == 0 and shown["vault_auth_role"] == "old-role" and shown["vault_auth_path"] == "k8s-old"
+    config["vault_auth_role"] = "new-role"
+    code, out, log = run_check(tmp_path, config)
+    assert json.loads(out)["vault_auth_role"] == "new-role"
 
 
 @pytest.mark.parametrize("mode,warned", [(0o600, False), (0o640, True), (0o644, True)])
@@ -195,7 +200,7 @@ def _valid_block(cls):
 def test_secret_keys_auth_methods_and_storage_names_are_derived_from_the_tables(capsys):
     assert vsa.secret_key_names() == frozenset([
         "secret_id", "token", "secret_access_key", "session_token", "account_key", "sas_token",
-        "connection_string", "client_secret"])
+        "connection_string", "client_secret", "password"])
     method_key = [k for k in vsa.TOP_KEYS if k.name == "vault_auth_method"][0]
     names = [n for m in vsa.AUTH_METHODS.values() for n in (m.name,) + m.aliases]
     assert list(method_key.options["choices"]) == names
