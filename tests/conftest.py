@@ -303,3 +303,7 @@ def pytest_sessionfinish(session, exitstatus):
         if reporter is not None:
             reporter.write_line("SECRET LEAKED INTO LOGS: %s" % ", ".join(leaks[:10]), red=True)
         session.exitstatus = 1
+
+
+# ------------- auth methods: TLS cluster, jwt, cert, userpass (auth_fixtures.py)
+pytest_plugins = ["auth_fixtures"]      # adds to KNOWN_SECRETS above
