@@ -3,7 +3,8 @@
 """Keep verified, rotated Raft snapshots of a HashiCorp Vault or OpenBao cluster.
 
 One file, Python standard library only, Python 3.6 to 3.13. Run it beside every
-Vault node; on each tick the agent logs in (AppRole, Kubernetes or a token),
+Vault node; on each tick the agent logs in (AppRole, Kubernetes, JWT, a TLS
+certificate, userpass/LDAP or a token: the table in "Vault login methods"),
 asks whether its own node is the Raft leader and only there streams
 ``GET /v1/sys/storage/raft/snapshot`` to disk with constant memory, verifies
 the archive while it arrives, stores it in every configured storage and

@@ -239,3 +239,17 @@ def test_nothing_sets_the_state_of_config_or_status_from_outside():
         source = handle.read()
     assert not re.findall(r"\b(?:cfg|config|status)\.\w+ = ", source)
     assert "setattr(self, name" not in source
+
+
+def test_every_login_method_has_a_readme_section():
+    # The table is the list: a method added there without its Vault-side
+    # commands in the README fails here.
+    with open(README) as handle:
+        text = handle.read()
+    start = text.index("### Vault / OpenBao side (AppRole)")
+    section = text[start:text.index("\n## ", start)]
+    for method in vsa.AUTH_METHODS.values():
+        if method.name != "approle":
+            assert "(`%s`" % method.name in section, method.name
+        if method.path:
+            assert "vault auth enable %s" % method.path in section, method.name
