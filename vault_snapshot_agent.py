@@ -153,6 +153,7 @@ RETENTION_FLOOR = 2                  # age and size rules never leave fewer snap
 
 TOKEN_RENEW_FRACTION = 2.0 / 3.0     # renew after 2/3 of the TTL has passed
 TOKEN_MIN_REMAINING = 10.0           # seconds (at most 10% of the TTL) of safety margin
+MAX_TOKEN_TTL = 10 * 365 * 86400.0   # a longer lease_duration is taken as this
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -453,12 +454,17 @@ def expand_home(path, env):
 
 
 def read_secret_file(path, what):
-    """The stripped first content of a small secret file, as a Secret."""
+    """The stripped content of a small secret file (at most 64 KiB), as a Secret."""
     try:
         with open_regular(path, "r") as handle:
-            value = handle.read(65536).strip()
+            value = handle.read(65537)
     except OSError as exc:
         raise ConfigError("%s %s: cannot read: %s" % (what, path, exc.strerror or exc)) from exc
+    except UnicodeDecodeError:
+        raise ConfigError("%s %s: not UTF-8 text" % (what, path)) from None
+    if len(value) > 65536:
+        raise ConfigError("%s %s: larger than 64 KiB; not a secret file?" % (what, path))
+    value = value.strip()
     if not value:
         raise ConfigError("%s %s: file is empty" % (what, path))
     refuse_control(value, "%s %s" % (what, path))
@@ -729,10 +735,24 @@ def make_ssl_context(tls):
             context.load_default_certs()
     if tls.client_cert:
         try:
-            context.load_cert_chain(tls.client_cert, tls.client_key)
+            # An encrypted key would make OpenSSL prompt on the terminal and
+            # wait there: ask nobody, refuse it.
+            context.load_cert_chain(tls.client_cert, tls.client_key, password=_no_passphrase)
+        except _EncryptedKey:
+            raise ConfigError("client_key: %s is encrypted (a passphrase is never asked for); "
+                              "decrypt it: openssl pkey -in KEY -out KEY.plain"
+                              % (tls.client_key or tls.client_cert)) from None
         except (ssl.SSLError, OSError) as exc:
             raise ConfigError("client_cert: cannot load %s: %s" % (tls.client_cert, _exc_text(exc))) from exc
     return context
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_passphrase():
+    raise _EncryptedKey()
 
 
 def _exc_text(exc):
@@ -2380,12 +2400,8 @@ class Key:
         return self.doc + (" (required)" if self.required else "")
 
     def check(self, section, value):
-        """``value`` as read, refused when required and unset, when it does
-        not match the pattern, or when an ``env_only`` key (a password) is
-        in the config file."""
-        if self.options.get("env_only") and section.sources.get(self.name) == "config":
-            raise section.error(self.name, "is read from the environment only (%s), never from "
-                                "the config file: use the file key instead" % ", ".join(self.env))
+        """``value`` as read, refused when required and unset or when it
+        does not match the pattern."""
         if value is None and self.required:
             raise section.error(self.name, "required")
         if value is not None and self.pattern and not re.match(self.pattern[0], value):
@@ -2460,6 +2476,14 @@ class Section:
     def read(self, key, default=None):
         """The value of ``key`` (a Key) in this block, ``default`` when unset."""
         name = key.name
+        if key.options.get("env_only") and self.raw.get(name) not in (None, ""):
+            raise self.error(name, "is read from the environment only (%s), never from the config "
+                             "file: use the file key instead" % ", ".join(key.env))
+        for alias in key.aliases:
+            if self.raw.get(alias) not in (None, "") and self.raw.get(name) not in (None, "") \
+                    and self.raw.get(alias) != self.raw.get(name):
+                raise self.error(alias, "conflicts with %s: both set, differently (one "
+                                 "setting, two spellings); keep one" % name)
         if self.raw.get(name) in (None, ""):
             for alias in key.aliases:           # an old spelling, used when the new one is absent
                 if self.raw.get(alias) not in (None, ""):
@@ -2507,7 +2531,8 @@ class Section:
             return None
         value = expand_home(value, self.env)
         if must_exist == "file" and not os.path.isfile(value):
-            raise self.error(key, "file %s does not exist" % value)
+            raise self.error(key, "%s is not a regular file" % value if os.path.exists(value)
+                             else "file %s does not exist" % value)
         if must_exist == "dir" and not os.path.isdir(value):
             raise self.error(key, "directory %s does not exist" % value)
         return value
@@ -2608,6 +2633,17 @@ class Section:
         return sorted(self.name(k) for k in self.raw if k not in self.seen)
 
 
+def _mount(section, key, value):
+    """A mount path: segments of letters, digits, ``_ . -`` (never ``.`` or
+    ``..``), surrounding slashes dropped; it becomes part of a URL path."""
+    value = (value or "").strip("/")
+    if value and not all(re.match(r"\A[A-Za-z0-9_.-]+\Z", part) and part not in (".", "..")
+                         for part in value.split("/")):
+        raise section.error(key, "must be a mount path like approle or team/approle (letters, "
+                                 "digits, _ . - and / between them), got %r" % value)
+    return value or None
+
+
 def check_url(value, where):
     """``value`` as an http(s) URL without a trailing slash (a bare host gets
     ``https://``); ConfigError naming ``where`` otherwise."""
@@ -2620,6 +2656,9 @@ def check_url(value, where):
         raise ConfigError("%s: invalid URL %s: %s" % (where, redact_url(value), exc)) from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError("%s: must be an http:// or https:// URL, got %s" % (where, redact_url(value)))
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError("%s: must not carry a user name or password (it would be shown in logs); "
+                          "use the credential keys" % where)
     return value.rstrip("/")
 
 
@@ -2640,7 +2679,7 @@ _READERS = {
     "size": lambda s, n, k, d: s.size(n, d),
     "proxy": lambda s, n, k, d: s.proxy(n, k.env),
     "any": lambda s, n, k, d: s.any(n, d),
-    "mount": lambda s, n, k, d: (s.string(n, d, k.env, spaces=False) or "").strip("/") or None,
+    "mount": lambda s, n, k, d: _mount(s, n, s.string(n, d, k.env, spaces=False)),
 }
 
 
@@ -2722,11 +2761,16 @@ class AuthMethod(collections.namedtuple(
 
 
 Login = collections.namedtuple("Login", "mount payload user")
-# POST auth/<mount>/login[/<user>] with the JSON ``payload`` (it holds the
-# credential: never logged).
+# POST auth/<mount>/login[/<user>] with the JSON ``payload``; its credentials
+# are Secrets, revealed only into the request body, and masked in any error
+# text that echoes them back.
 
 
 def _check_approle(top, values):
+    if values["vault_auth_path"] and top.sources.get("approle") == "config" and \
+            values["vault_auth_path"] != values["approle"]:
+        raise top.error("approle", "and vault_auth_path both name the AppRole mount, differently; "
+                                   "keep one")
     values["vault_auth_path"] = values["vault_auth_path"] or values["approle"]  # the Go agent's key
     if not values["role_id"]:
         raise top.error("role_id", "required for AppRole login (or set vault_auth_method)")
@@ -2737,22 +2781,23 @@ def _check_approle(top, values):
 def _approle_login(cfg, runtime, cache):
     secret_id = (read_secret_file(cfg.secret_id_file, "secret_id_file") if cfg.secret_id_file
                  else cfg.secret_id)
-    return Login(cfg.vault_auth_path, {"role_id": cfg.role_id, "secret_id": secret_id.reveal()}, None)
+    return Login(cfg.vault_auth_path, {"role_id": cfg.role_id, "secret_id": secret_id}, None)
 
 
 def _k8s_login(cfg, runtime, cache):
     jwt = read_secret_file(cfg.k8s_token_path, "k8s_token_path")
-    return Login(cfg.vault_auth_path, {"role": cfg.vault_auth_role, "jwt": jwt.reveal()}, None)
+    return Login(cfg.vault_auth_path, {"role": cfg.vault_auth_role, "jwt": jwt}, None)
 
 
 def _check_jwt(top, values):
     if not values["jwt_file"]:
         raise top.error("jwt_file", "required for JWT login (the file holding the token)")
+    read_secret_file(values["jwt_file"], "jwt_file")
 
 
 def _jwt_login(cfg, runtime, cache):
     jwt = read_secret_file(cfg.jwt_file, "jwt_file")
-    return Login(cfg.vault_auth_path, {"role": cfg.vault_auth_role, "jwt": jwt.reveal()}, None)
+    return Login(cfg.vault_auth_path, {"role": cfg.vault_auth_role, "jwt": jwt}, None)
 
 
 def _check_cert(top, values):
@@ -2772,6 +2817,8 @@ def _cert_login(cfg, runtime, cache):
 def _check_password(top, values):
     if not values["username"]:
         raise top.error("username", "required for %s login" % values["vault_auth_method"])
+    if values["username"] in (".", ".."):
+        raise top.error("username", "%r is not a user name" % values["username"])
     if values["password_file"] and values["password"]:
         raise top.error("password_file", "conflicts with the password in %s: set only one"
                         % top.sources.get("password", "the environment")[4:])
@@ -2786,7 +2833,7 @@ def _check_password(top, values):
 def _password_login(cfg, runtime, cache):
     password = (read_secret_file(cfg.password_file, "password_file") if cfg.password_file
                 else cfg.password)
-    return Login(cfg.vault_auth_path, {"password": password.reveal()}, cfg.username)
+    return Login(cfg.vault_auth_path, {"password": password}, cfg.username)
 
 
 def _check_token(top, values):
@@ -3146,7 +3193,7 @@ def config_from_dict(raw, path="<config>", env=None, warnings=()):
         make_ssl_context(tls)   # load certificates now: errors are config errors
     proxy_policy = ProxyPolicy(values["proxy"], top.env, "proxy")
     warnings += proxy_policy.warnings
-    for key in ("secret_id_file", "token_file"):
+    for key in ("secret_id_file", "token_file", "password_file"):
         if values[key]:
             try:
                 warnings += secret_file_warnings(values[key], os.stat(values[key]).st_mode, key)
@@ -3292,7 +3339,8 @@ class VaultClient:
         configured token."""
         if self.method.token is not None:
             self._token = self.method.token(self.cfg)
-            data = self._call("GET", "/v1/auth/token/lookup-self").get("data") or {}
+            data = _object(self._call("GET", "/v1/auth/token/lookup-self"), "token lookup-self")
+            data = _object(data.get("data") or {}, "token lookup-self data")
             self._set_ttl(data.get("ttl"), data.get("renewable"))
             LOG.info("Using token auth, token TTL %s", self._ttl_text(data.get("ttl")))
             return
@@ -3300,22 +3348,28 @@ class VaultClient:
         mount, payload, user = self.method.login(self.cfg, self.runtime, self._login_cache)
         self._token = None
         path = "/v1/auth/%s/login" % mount + ("/" + uri_encode(user, safe="") if user else "")
+        secrets = [v.reveal() for v in payload.values() if isinstance(v, Secret)]
+        body = dict((k, v.reveal() if isinstance(v, Secret) else v) for k, v in payload.items())
         try:
-            answer = self._call("POST", path, payload, token=False, namespace=True)
+            answer = self._call("POST", path, body, token=False, namespace=True)
         except VaultError as exc:
-            raise VaultError("%s login at auth/%s failed: %s" % (method, mount, exc), exc.status) from exc
+            raise VaultError("%s login at auth/%s failed: %s" % (method, mount, masked(exc, secrets)),
+                             exc.status) from None
+        except TransportError as exc:       # e.g. an answer that is not JSON, quoted
+            raise TransportError(masked(exc, secrets), exc.status, exc.retryable) from None
         auth = answer.get("auth") if isinstance(answer, dict) else None
-        if not isinstance(auth, dict) or not auth.get("client_token"):
+        token = auth.get("client_token") if isinstance(auth, dict) else None
+        if not isinstance(token, str) or not token.strip() or has_control(token):
             raise VaultError("%s login at auth/%s: answer has no auth.client_token" % (method, mount))
-        self._token = Secret(auth["client_token"])
+        self._token = Secret(token)
         self._granted = self._set_ttl(auth.get("lease_duration"), auth.get("renewable"))
         LOG.info("Logged in with %s at auth/%s, token TTL %s%s", method, mount,
                  self._ttl_text(auth.get("lease_duration")),
                  ", renewable" if self._renewable else "")
 
     def renew(self):
-        answer = self._call("POST", "/v1/auth/token/renew-self", {})
-        auth = answer.get("auth") or {}
+        answer = _object(self._call("POST", "/v1/auth/token/renew-self", {}), "token renew-self")
+        auth = _object(answer.get("auth") or {}, "token renew-self auth")
         ttl = auth.get("lease_duration")
         seconds = self._set_ttl(ttl, auth.get("renewable", self._renewable))
         capped = 0 < seconds < self._granted
@@ -3331,8 +3385,12 @@ class VaultClient:
         now = self.clock.monotonic()
         try:
             ttl = float(ttl or 0)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             ttl = 0.0
+        if not math.isfinite(ttl) or ttl < 0:
+            raise VaultError("Vault answered a lease_duration that is not a time: %s"
+                             % printable(ttl, 40))
+        ttl = min(ttl, MAX_TOKEN_TTL)
         self._renewable = bool(renewable)
         if ttl <= 0:
             self._renew_at = self._expire_at = None     # root-like token: never expires
@@ -3347,8 +3405,9 @@ class VaultClient:
     @staticmethod
     def _ttl_text(ttl):
         try:
-            return format_duration(float(ttl)) if ttl else "unlimited"
-        except (TypeError, ValueError):
+            seconds = float(ttl)
+            return format_duration(min(seconds, MAX_TOKEN_TTL)) if seconds else "unlimited"
+        except (TypeError, ValueError, OverflowError):
             return "unknown"
 
     def use_token(self, token):
@@ -3420,6 +3479,31 @@ class VaultClient:
                 resp.close()
 
 
+def _object(answer, what):
+    """``answer`` when it is a JSON object; VaultError otherwise."""
+    if not isinstance(answer, dict):
+        raise VaultError("%s: the answer is not a JSON object" % what)
+    return answer
+
+
+def masked(error, secrets):
+    """The text of ``error`` with every credential in ``secrets`` (sent in
+    the request) shown as ``***``; when a server echoed part of one (a body
+    cut at 200 characters), the whole text is withheld."""
+    text = str(error)
+    for secret in secrets:
+        if not secret:
+            continue
+        for form in (secret, json.dumps(secret)[1:-1]):
+            # a short one only as a word of its own ("s" must not eat every s)
+            pattern = re.escape(form) if len(form) >= 8 else r"(?<!\w)%s(?!\w)" % re.escape(form)
+            text = re.sub(pattern, "***", text)
+        pieces = (secret[i:i + 12] for i in range(max(1, len(secret) - 11)))
+        if any(piece in text for piece in pieces if len(piece) >= 8):
+            return "the answer quoted the credential sent; not shown (HTTP status above)"
+    return text
+
+
 def vault_error(resp):
     """A VaultError from a non-success Vault answer, with Vault's own messages."""
     try:
@@ -3436,7 +3520,7 @@ def vault_error(resp):
     path = urllib.parse.urlsplit(resp.url).path
     hint = {403: " (permission denied: check the token's policy)",
             503: " (sealed or unavailable)", 429: " (standby or rate limited)"}.get(resp.status, "")
-    if resp.status in (400, 403) and path.endswith("/login"):
+    if resp.status in (400, 403) and re.search(r"/login(/[^/]+)?\Z", path):
         hint = " (login refused: check the credentials and the role)"
     return VaultError("Vault answered HTTP %d to %s %s%s%s" % (
         resp.status, resp.method, path, hint, (": " + one_line(detail)) if detail else ""),
@@ -3915,9 +3999,10 @@ def xml_error(data, code=None):
     root = parse_error_xml(data) if data.strip() else None
     if root is not None:
         code = xml_text(root, "Code") or code
-        message = ((xml_text(root, "Message") or "").splitlines() or [None])[0]
-    elif data.strip():
-        message = one_line(data[:200].decode("utf-8", "replace"))
+        lines = [line for line in (xml_text(root, "Message") or "").splitlines() if line.strip()]
+        message = lines[0].strip() if lines else None
+    if message is None and data.strip() and (root is None or xml_text(root, "Code") is None):
+        message = one_line(data[:200].decode("utf-8", "replace"))     # an HTML page, a proxy's text
     return code, message, root
 
 
@@ -3925,8 +4010,9 @@ def storage_error(service, action, resp, code, message, hint, retryable=False):
     """The one line every storage error reads as: ``S3 PutObject on KEY:
     HTTP 403 AccessDenied: what the service said (what to do)``; retryable
     on the statuses every service means so, or when the caller says."""
-    text = "%s %s: HTTP %d %s%s%s" % (service, action, resp.status, code or resp.reason or "",
-                                      (": " + one_line(message)) if message else "",
+    text = "%s %s: HTTP %d %s%s%s" % (service, action, resp.status,
+                                      printable(one_line(code or resp.reason or ""), 100),
+                                      (": " + printable(one_line(message), 300)) if message else "",
                                       (" (%s)" % hint) if hint else "")
     return StorageError(text, retryable_status(resp.status) or retryable)
 

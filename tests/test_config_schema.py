@@ -91,15 +91,18 @@ def test_go_agent_kubernetes_spelling_is_accepted(tmp_path):
     shown = json.loads(out)
     assert shown["vault_auth_role"] == "snapshots" and shown["vault_auth_path"] == "k8s-snap"
     assert "unknown config key" not in log
-    # the older k8s_* spelling works too; the Go agent's wins when both are given
+    # the older k8s_* spelling works too; both given must agree
     del config["vault_auth_role"], config["vault_auth_path"]
     config.update(k8s_auth_role="old-role", k8s_auth_path="/k8s-old/")
     code, out, log = run_check(tmp_path, config)
     shown = json.loads(out)
     assert code == 0 and shown["vault_auth_role"] == "old-role" and shown["vault_auth_path"] == "k8s-old"
-    config["vault_auth_role"] = "new-role"
+    config["vault_auth_role"] = "old-role"                   # both, the same: fine
     code, out, log = run_check(tmp_path, config)
-    assert json.loads(out)["vault_auth_role"] == "new-role"
+    assert code == 0 and json.loads(out)["vault_auth_role"] == "old-role"
+    config["vault_auth_role"] = "new-role"                   # both, different: which one?
+    code, out, log = run_check(tmp_path, config)
+    assert code == 2 and "k8s_auth_role: conflicts with vault_auth_role" in log
 
 
 @pytest.mark.parametrize("mode,warned", [(0o600, False), (0o640, True), (0o644, True)])
