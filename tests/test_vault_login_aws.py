@@ -403,3 +403,4 @@ def test_a_role_bound_to_another_arn_is_refused_in_one_line(aws_login, moto, tmp
     assert code == 1 and len(errors) == 1, log
     assert 'IAM Principal "%s" does not belong to the role "snapshot-agent"' % USER_ARN in errors[0]
     assert check.callers == [USER_ARN]
+
