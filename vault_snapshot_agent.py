@@ -2859,6 +2859,89 @@ def _no_check(top, values):
     pass
 
 
+AWS_STS_GLOBAL = "https://sts.amazonaws.com"
+AWS_LOGIN_BODY = b"Action=GetCallerIdentity&Version=2011-06-15"
+AWS_SERVER_ID_HEADER = "X-Vault-AWS-IAM-Server-ID"
+
+
+def aws_sts_url(region):
+    """The STS origin a login request is signed for: the global endpoint
+    (signed for us-east-1) unless a region is named."""
+    if not region:
+        return AWS_STS_GLOBAL
+    return "https://sts.%s.amazonaws.com%s" % (region, ".cn" if region.startswith("cn-") else "")
+
+
+def go_header_name(name):
+    """A header name as Go's http.Header spells it (X-Amz-Date)."""
+    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
+
+
+def aws_login_request(creds, url, region, server_id, when):
+    """The iam_* fields of Vault's aws login (IAM type): sts:GetCallerIdentity
+    POSTed to ``url``, signed with SigV4 for ``region``, as Vault's own client
+    sends it (sdk/helper/awsutil GenerateLoginData): URL, body and headers
+    base64 (standard, padded); the headers as JSON in Go's http.Header shape
+    (name -> list of values), without Host, which Vault takes from the URL.
+    Pure: ``creds`` (AwsCredentials) and ``when`` are arguments."""
+    parts = urllib.parse.urlsplit(url)
+    headers = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
+    if server_id:
+        headers[AWS_SERVER_ID_HEADER] = server_id
+    signed = sigv4_headers("POST", parts.netloc, parts.path or "/", "", headers,
+                           hashlib.sha256(AWS_LOGIN_BODY).hexdigest(), creds.access_key,
+                           creds.secret_key.reveal(), creds.token.reveal() if creds.token else None,
+                           region, "sts", when)
+    signed.pop("host")
+    shaped = dict((go_header_name(name), [value]) for name, value in signed.items())
+
+    def b64(data):
+        return base64.b64encode(data).decode("ascii")
+    return {"iam_http_request_method": "POST", "iam_request_url": b64(url.encode("utf-8")),
+            "iam_request_body": b64(AWS_LOGIN_BODY),
+            "iam_request_headers": b64(json.dumps(shaped, sort_keys=True).encode("utf-8"))}
+
+
+def _check_aws(top, values):
+    endpoint = values["aws_sts_endpoint"]
+    if endpoint:
+        parts = urllib.parse.urlsplit(endpoint)
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise top.error("aws_sts_endpoint", "must be an origin without a path, e.g. "
+                                                "https://sts.eu-west-1.amazonaws.com")
+    values["aws_sts_endpoint"] = endpoint or aws_sts_url(values["aws_sts_region"])
+
+
+def _aws_chain(cfg, runtime):
+    """The AWS credential chain of the aws login (built once per client)."""
+    role = None
+    if cfg.aws_role_arn:
+        role = AwsRole(cfg.aws_role_arn, None, default_session_name(), 3600)
+    http = Http(None, cfg.timeout, proxy=ProxyPolicy(None, runtime.env),
+                deadline=cfg.request_timeout, signals=runtime.signals)
+    return AwsCredentialChain(None, runtime.env, cfg.aws_sts_region or "us-east-1", cfg.aws_profile,
+                              http, runtime.clock, imds_endpoint=cfg.aws_imds_endpoint,
+                              container_endpoint=cfg.aws_container_endpoint,
+                              sts_endpoint=cfg.aws_sts_endpoint, role=role, signals=runtime.signals,
+                              profile_given=cfg.sources.get("aws_profile") == "config")
+
+
+def _aws_login(cfg, runtime, cache):
+    chain = cache.get("aws_chain")
+    if chain is None:
+        chain = cache["aws_chain"] = _aws_chain(cfg, runtime)
+    try:
+        creds = chain.get()
+    except (StorageError, TransportError) as exc:
+        raise VaultError("aws login at auth/%s: no AWS credentials to sign with: %s"
+                         % (cfg.vault_auth_path, exc)) from exc
+    payload = aws_login_request(creds, cfg.aws_sts_endpoint + "/", cfg.aws_sts_region or "us-east-1",
+                                cfg.aws_iam_server_id, runtime.clock.now())
+    if cfg.vault_auth_role:
+        payload["role"] = cfg.vault_auth_role
+    return Login(cfg.vault_auth_path, payload, None)
+
+
 PASSWORD_KEYS = (
     Key("username", "name", doc="`userpass`/`ldap` user name"),
     Key("password_file", "file", doc="`userpass`/`ldap`: read the password from this file at each "
@@ -2890,6 +2973,28 @@ AUTH_METHODS = collections.OrderedDict((method.name, method) for method in (
                _check_password, _password_login, None),
     AuthMethod("ldap", (), "LDAP user name and password", "ldap", None, (), _check_password,
                _password_login, None),
+    AuthMethod("aws", (), "AWS IAM (a signed sts:GetCallerIdentity)", "aws", "optional", (
+        Key("aws_iam_server_id", "name",
+            doc="`aws`: the `X-Vault-AWS-IAM-Server-ID` header value, signed with the request (the "
+                "mount's `iam_server_id_header_value`)"),
+        Key("aws_sts_region", "name", pattern=(r"\A[a-z]{2}(-[a-z]+)+-[0-9]+\Z", "AWS region"),
+            default_doc="the global endpoint, signed for `us-east-1`",
+            doc="`aws`: sign for this region's STS, `https://sts.<region>.amazonaws.com` (Vault's "
+                "`sts_endpoint` and `sts_region` must match)"),
+        Key("aws_sts_endpoint", "url", default_doc="`https://sts.amazonaws.com`, or the region's",
+            doc="`aws`: the STS origin the request is signed for (its host), also used for web "
+                "identity and `aws_role_arn`"),
+        Key("aws_profile", "name", env=("AWS_PROFILE",),
+            doc="`aws`: profile in `~/.aws/credentials` / `~/.aws/config` (as the S3 storage's "
+                "`profile`)"),
+        Key("aws_role_arn", "name", pattern=(r"\Aarn:[a-z-]+:iam::[0-9]{12}:role/\S+\Z", "role ARN"),
+            doc="`aws`: assume this role (STS AssumeRole) with the credentials found, and log in "
+                "as it"),
+        Key("aws_imds_endpoint", "url", DEFAULT_IMDS_ENDPOINT,
+            env=("AWS_EC2_METADATA_SERVICE_ENDPOINT",), doc="`aws`: EC2 instance metadata (IMDSv2)"),
+        Key("aws_container_endpoint", "url", DEFAULT_CONTAINER_ENDPOINT,
+            doc="`aws`: container credentials for `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`"),
+    ), _check_aws, _aws_login, None),
     AuthMethod("token", (), "a token", None, None, (
         Key("token", "secret", env=_env_names("TOKEN"), doc="a token to use as is (token auth)"),
         Key("token_file", "file",
