@@ -60,15 +60,13 @@ def write_config(tmp_path, addr, **keys):
 _KEYS = {}
 
 
-def test_key(name):
+def session_key(name):
     """An RSA key made once per session (cryptography), by role."""
     if name not in _KEYS:
         import rsa_keys
         _KEYS[name] = rsa_keys.make_rsa_key()
     return _KEYS[name]
 
-
-test_key.__test__ = False
 
 
 class World:
@@ -79,25 +77,25 @@ class World:
     def __init__(self, case, tmp_path, stack, clock=time.time, max_jwt_exp=900):
         import rsa_keys
         self.case = case
-        self.mds = stack.enter_context(GceIdentityServer(key=test_key("google"), clock=clock))
+        self.mds = stack.enter_context(GceIdentityServer(key=session_key("google"), clock=clock))
         self.oauth = None
-        keys = {self.mds.key_id: test_key("google").public_pem}
+        keys = {self.mds.key_id: session_key("google").public_pem}
         self.config = {"gcp_metadata_host": self.mds.host}
         authorize, signer = self.mds.is_valid_token, ACCOUNT
         if case in ("iam-key", "iam-signjwt-key"):
-            self.oauth = stack.enter_context(GoogleTokenServer(test_key("account").public_pem))
+            self.oauth = stack.enter_context(GoogleTokenServer(session_key("account").public_pem))
             self.oauth.clock = clock
-            self.key_file = rsa_keys.service_account_json(test_key("account").private_pem,
+            self.key_file = rsa_keys.service_account_json(session_key("account").private_pem,
                                                           self.oauth.token_url, client_email=ACCOUNT)
-            keys[self.key_file["private_key_id"]] = test_key("account").public_pem
+            keys[self.key_file["private_key_id"]] = session_key("account").public_pem
             self.config["gcp_credentials_file"] = write_json(tmp_path / "sa.json", self.key_file)
             authorize, signer = self.oauth.is_valid_token, OTHER
         if case == "iam-signjwt-key":
             self.config["gcp_service_account"] = OTHER     # impersonated through signJwt
         if case == "iam-signjwt-metadata":
             self.config["gcp_service_account"] = ACCOUNT
-        self.iam = stack.enter_context(IamCredentialsServer(test_key("iam"), authorize, [signer]))
-        keys[self.iam.key_id] = test_key("iam").public_pem
+        self.iam = stack.enter_context(IamCredentialsServer(session_key("iam"), authorize, [signer]))
+        keys[self.iam.key_id] = session_key("iam").public_pem
         self.config["gcp_iam_endpoint"] = self.iam.url
         self.judge = VaultGcpJudge(ROLE, "gce" if case == "gce" else "iam", keys, max_jwt_exp, clock)
 
