@@ -2238,6 +2238,8 @@ def _oauth_answer(http, method, url, headers, body, what):
             detail = ""
             if isinstance(data, dict):
                 detail = data.get("error_description") or data.get("error") or data.get("message") or ""
+                if isinstance(detail, dict):    # Google APIs: {"error": {"code", "message", "status"}}
+                    detail = detail.get("message") or detail.get("status") or ""
             raise StorageError("%s: HTTP %d %s" % (what, resp.status, one_line(detail, 200)),
                                retryable_status(resp.status))
     if not isinstance(data, dict):
@@ -2290,11 +2292,13 @@ GCS_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"
 
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 
-def google_token_source(credentials_file, env, http, clock, metadata_host):
+GOOGLE_CLOUD_PLATFORM_SCOPE = "https://www.googleapis.com/auth/cloud-platform"   # IAM Credentials API
+
+def google_token_source(credentials_file, env, http, clock, metadata_host, scope=GCS_SCOPE):
     """(fetch function, description) for Application Default Credentials:
     the given file (the key or GOOGLE_APPLICATION_CREDENTIALS), then
     gcloud's ADC file, then the metadata server. The fetch returns (access
-    token, seconds)."""
+    token, seconds); a service-account key asks for ``scope``."""
     path = credentials_file
     if not path:
         gcloud = env.get("CLOUDSDK_CONFIG") or os.path.join(expand_home("~", env), ".config", "gcloud")
@@ -2321,7 +2325,7 @@ def google_token_source(credentials_file, env, http, clock, metadata_host):
 
         def service_account():
             assertion = service_account_jwt(key, email, info.get("private_key_id"), token_uri,
-                                            GCS_SCOPE, (clock.now() - EPOCH).total_seconds())
+                                            scope, (clock.now() - EPOCH).total_seconds())
             form = urllib.parse.urlencode([("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"),
                                            ("assertion", assertion)]).encode("ascii")
             data = _oauth_answer(http, "POST", token_uri, {
@@ -2942,6 +2946,131 @@ def _aws_login(cfg, runtime, cache):
     return Login(cfg.vault_auth_path, payload, None)
 
 
+GCP_JWT_EXP_MAX = 3600.0        # Vault's gcp method refuses a JWT that lives longer
+
+GCP_IDENTITY_LIMIT = 64 * 1024  # a metadata identity token is about 1 KiB: more is refused
+
+_JWT_RE = re.compile(r"\A[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\Z")
+
+
+def _check_gcp(top, values):
+    """The type (``iam`` when a service account or key file is known), the
+    service account (default: the key file's ``client_email``), the key
+    file checked now, and a JWT lifetime Vault accepts."""
+    path, account = values["gcp_credentials_file"], values["gcp_service_account"]
+    kind = values["gcp_auth_type"] or ("iam" if account or path else "gce")
+    values["gcp_auth_type"] = kind
+    if kind == "gce":
+        if account and top.sources.get("gcp_service_account") == "config":
+            raise top.error("gcp_service_account", "only for gcp_auth_type iam (a gce login is "
+                                                   "the instance's own identity)")
+        return
+    if path:
+        try:
+            info = read_credentials_file(path)
+            google_token_source(path, top.env, None, None, None)    # the key parses, fields present
+        except ConfigError as exc:
+            raise top.error("gcp_credentials_file", str(exc)) from exc
+        if not account and info.get("type") == "service_account":
+            account = values["gcp_service_account"] = info.get("client_email")
+    if not account:
+        raise top.error("gcp_service_account", "required for gcp iam login (or a service-account "
+                                               "key in gcp_credentials_file)")
+    if values["gcp_jwt_exp"] > GCP_JWT_EXP_MAX:
+        raise top.error("gcp_jwt_exp", "must be at most 1h (Vault refuses a JWT living longer), "
+                                       "got %s" % format_duration(values["gcp_jwt_exp"]))
+
+
+def _gcp_login(cfg, runtime, cache):
+    """A JWT for audience ``http://vault/<role>``, from the metadata server
+    (gce) or signed for the service account (iam); a failure to get it is
+    one line naming the method and the mount."""
+    try:
+        jwt = _gcp_iam_jwt(cfg, runtime, cache) if cfg.gcp_auth_type == "iam" else \
+            _gcp_gce_jwt(cfg, runtime, cache)
+    except Stopped:
+        raise
+    except AgentError as exc:
+        raise VaultError("gcp login at auth/%s failed: %s" % (cfg.vault_auth_path, exc)) from exc
+    return Login(cfg.vault_auth_path, {"role": cfg.vault_auth_role, "jwt": jwt.reveal()}, None)
+
+
+def _gcp_http(cfg, runtime, cache):
+    if "http" not in cache:
+        cache["http"] = Http(None, cfg.timeout, proxy=ProxyPolicy(None, runtime.env),
+                             deadline=cfg.request_timeout, signals=runtime.signals)
+    return cache["http"]
+
+
+def _gcp_gce_jwt(cfg, runtime, cache):
+    """The metadata server's identity token, ``format=full`` (gce roles
+    need the instance claims)."""
+    what = "GCE metadata server %s (identity token)" % cfg.gcp_metadata_host
+    query = urllib.parse.urlencode([("audience", "http://vault/%s" % cfg.vault_auth_role),
+                                    ("format", "full")])
+    url = "http://%s/computeMetadata/v1/instance/service-accounts/default/identity?%s" % (
+        cfg.gcp_metadata_host, query)
+    with _gcp_http(cfg, runtime, cache).request("GET", url, {"Metadata-Flavor": "Google"}) as resp:
+        status, data = resp.status, resp.body(GCP_IDENTITY_LIMIT)
+    text = data.decode("ascii", "replace").strip()
+    if status != 200:
+        detail = "" if _JWT_RE.match(text) else ": " + printable(one_line(text, 200))
+        raise VaultError("%s: HTTP %d%s" % (what, status, detail), status)
+    if not _JWT_RE.match(text):
+        raise VaultError("%s: the answer is not a JWT (%d bytes)" % (what, len(data)))
+    return Secret(text)
+
+
+def _gcp_iam_jwt(cfg, runtime, cache):
+    """Claims {aud, sub, exp} for the service account, signed with its key
+    file when that is the account's, else by the IAM Credentials API."""
+    account, path = cfg.gcp_service_account, cfg.gcp_credentials_file
+    now = int((runtime.clock.now() - EPOCH).total_seconds())
+    claims = collections.OrderedDict([("aud", "http://vault/%s" % cfg.vault_auth_role),
+                                      ("sub", account), ("exp", now + int(cfg.gcp_jwt_exp))])
+    info = read_credentials_file(path) if path else {}
+    if info.get("type") == "service_account" and info.get("client_email") == account:
+        return _gcp_local_jwt(path, info, claims)
+    return _gcp_sign_jwt(cfg, runtime, cache, claims)
+
+
+def _gcp_local_jwt(path, info, claims):
+    """RS256 with the key file's key; ``kid`` is how Vault finds the public key."""
+    kid, pem = info.get("private_key_id"), info.get("private_key")
+    if not kid or not isinstance(kid, str):
+        raise ConfigError("credentials file %s: private_key_id missing (Vault looks the key up "
+                          "by it)" % path)
+    try:
+        key = load_rsa_private_key(pem if isinstance(pem, str) else "")
+    except ValueError as exc:
+        raise ConfigError("credentials file %s: private_key: %s" % (path, exc)) from exc
+    header = collections.OrderedDict([("alg", "RS256"), ("typ", "JWT"), ("kid", kid)])
+    signing_input = "%s.%s" % (b64url(json.dumps(header, separators=(",", ":")).encode("utf-8")),
+                               b64url(json.dumps(claims, separators=(",", ":")).encode("utf-8")))
+    return Secret(signing_input + "." + b64url(rs256_sign(key, signing_input.encode("ascii"))))
+
+
+def _gcp_sign_jwt(cfg, runtime, cache, claims):
+    """``projects/-/serviceAccounts/<email>:signJwt`` with an access token
+    of the Google credentials found (kept between logins)."""
+    http, account = _gcp_http(cfg, runtime, cache), cfg.gcp_service_account
+    if "token" not in cache:
+        fetch, what = google_token_source(cfg.gcp_credentials_file, runtime.env, http, runtime.clock,
+                                          cfg.gcp_metadata_host, GOOGLE_CLOUD_PLATFORM_SCOPE)
+        cache["token"] = BearerToken(fetch, runtime.clock, what)
+    url = "%s/v1/projects/-/serviceAccounts/%s:signJwt" % (cfg.gcp_iam_endpoint,
+                                                          uri_encode(account, safe="@"))
+    body = json.dumps({"payload": json.dumps(claims, separators=(",", ":"))}).encode("utf-8")
+    data = _oauth_answer(http, "POST", url, {
+        "Authorization": "Bearer " + cache["token"].get().reveal(),
+        "Content-Type": "application/json", "Accept": "application/json"}, body,
+        "IAM signJwt for %s" % account)
+    jwt = data.get("signedJwt")
+    if not isinstance(jwt, str) or not _JWT_RE.match(jwt):
+        raise VaultError("IAM signJwt for %s: the answer has no signedJwt" % account)
+    return Secret(jwt)
+
+
 PASSWORD_KEYS = (
     Key("username", "name", doc="`userpass`/`ldap` user name"),
     Key("password_file", "file", doc="`userpass`/`ldap`: read the password from this file at each "
@@ -2995,6 +3124,26 @@ AUTH_METHODS = collections.OrderedDict((method.name, method) for method in (
         Key("aws_container_endpoint", "url", DEFAULT_CONTAINER_ENDPOINT,
             doc="`aws`: container credentials for `AWS_CONTAINER_CREDENTIALS_RELATIVE_URI`"),
     ), _check_aws, _aws_login, None),
+    AuthMethod("gcp", (), "Google Cloud (an IAM service account or a GCE instance)", "gcp",
+               "required", (
+        Key("gcp_auth_type", "choice", choices=("iam", "gce"),
+            default_doc="`iam` when a service account or credentials file is known, else `gce`",
+            doc="`gcp`: `iam` (a JWT for the service account) or `gce` (the metadata server's "
+                "identity token)"),
+        Key("gcp_service_account", "name", default_doc="the key file's `client_email`",
+            doc="`gcp` iam: the service account's email (the JWT's `sub`)"),
+        Key("gcp_credentials_file", "path", env=("GOOGLE_APPLICATION_CREDENTIALS",),
+            default_doc="gcloud's ADC file, the metadata server",
+            doc="`gcp` iam: the service account's own key signs the JWT here (RS256, `kid` = "
+                "`private_key_id`); other credentials call the IAM Credentials API's signJwt"),
+        Key("gcp_jwt_exp", "duration", "15m", minimum=60.0,
+            doc="`gcp` iam: the JWT's lifetime, at most 1h (beyond 15m the role's `max_jwt_exp` "
+                "must allow it)"),
+        Key("gcp_metadata_host", "str", "metadata.google.internal", env=("GCE_METADATA_HOST",),
+            doc="`gcp`: the metadata server (gce identity token; access token for signJwt)"),
+        Key("gcp_iam_endpoint", "url", "https://iamcredentials.googleapis.com",
+            doc="`gcp` iam: the IAM Credentials API (signJwt)"),
+    ), _check_gcp, _gcp_login, None),
     AuthMethod("token", (), "a token", None, None, (
         Key("token", "secret", env=_env_names("TOKEN"), doc="a token to use as is (token auth)"),
         Key("token_file", "file",
