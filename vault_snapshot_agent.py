@@ -2203,15 +2203,22 @@ class BearerToken:
 
 
 def _oauth_answer(http, method, url, headers, body, what):
-    """POST/GET a token endpoint; returns the JSON object or raises StorageError."""
+    """POST/GET a token endpoint; returns the JSON object or raises StorageError.
+    The whole exchange is under the Http's deadline (request_timeout); an
+    answer too large or too slow is that error, one that is not JSON an
+    empty object."""
     try:
-        resp = http.request(method, url, headers, body, timeout=30)
+        resp = http.request(method, url, headers, body)
     except TransportError as exc:
         raise StorageError("%s: %s" % (what, exc), exc.retryable) from exc
     with resp:
         try:
-            data = resp.json()
-        except TransportError:
+            raw = resp.body()
+        except TransportError as exc:
+            raise StorageError("%s: %s" % (what, exc), exc.retryable) from exc
+        try:
+            data = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+        except ValueError:
             data = {}
         if resp.status != 200:
             detail = ""
