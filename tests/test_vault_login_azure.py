@@ -232,6 +232,7 @@ def test_the_object_id_picks_the_identity_too(tmp_path):
     [query] = token_requests(vm)
     assert query["object_id"] == [USER_ASSIGNED] and "client_id" not in query
     assert decode_jwt(logins[0]["jwt"])["oid"] == USER_ASSIGNED
+    no_token_in(log, vm)
 
 
 @pytest.mark.parametrize("answer,reason", [
@@ -280,6 +281,7 @@ def test_a_slow_instance_metadata_answer_ends_at_the_request_timeout(tmp_path):
     assert code == 1 and logins == [] and elapsed < 4, elapsed
     one_error(log, "azure login at auth/azure failed: Azure instance metadata (IMDS): GET",
               "no complete answer within 1s (request_timeout)")
+    no_token_in(log, vm)
     print("held instance metadata, request_timeout 1s: failed after %.2f s" % elapsed)
 
 
@@ -302,6 +304,7 @@ def test_a_huge_instance_metadata_answer_is_refused(tmp_path):
     assert code == 1 and logins == []
     one_error(log, "azure login at auth/azure failed: Azure instance metadata (IMDS)",
               "answer larger than 4.2 MB, refused")
+    no_token_in(log, vm)
 
 
 def test_an_endless_token_answer_is_cut_at_the_json_limit(tmp_path):
