@@ -2224,15 +2224,22 @@ class BearerToken:
 
 
 def _oauth_answer(http, method, url, headers, body, what):
-    """POST/GET a token endpoint; returns the JSON object or raises StorageError."""
+    """POST/GET a token endpoint; returns the JSON object or raises StorageError.
+    The whole exchange is under the Http's deadline (request_timeout); an
+    answer too large or too slow is that error, one that is not JSON an
+    empty object."""
     try:
-        resp = http.request(method, url, headers, body, timeout=30)
+        resp = http.request(method, url, headers, body)
     except TransportError as exc:
         raise StorageError("%s: %s" % (what, exc), exc.retryable) from exc
     with resp:
         try:
-            data = resp.json()
-        except TransportError:
+            raw = resp.body()
+        except TransportError as exc:
+            raise StorageError("%s: %s" % (what, exc), exc.retryable) from exc
+        try:
+            data = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+        except ValueError:
             data = {}
         if resp.status != 200:
             detail = ""
@@ -2260,16 +2267,21 @@ AZURE_STORAGE_SCOPE = "https://storage.azure.com/.default"
 
 AZURE_STORAGE_RESOURCE = "https://storage.azure.com/"
 
+def azure_imds_token(http, imds, resource, identity=()):
+    """(access token, seconds valid) of the node's managed identity for
+    ``resource``, from IMDS at ``imds``; ``identity`` picks a user-assigned
+    one: ``[("client_id", id)]`` or ``[("object_id", id)]``."""
+    query = [("api-version", "2018-02-01"), ("resource", resource)] + list(identity)
+    data = _oauth_answer(http, "GET", imds + "/metadata/identity/oauth2/token?" +
+                         urllib.parse.urlencode(query), {"Metadata": "true"}, None,
+                         "Azure managed identity (IMDS)")
+    return data.get("access_token"), _expires_in(data)
+
 def _azure_token_fetcher(mode, http, imds, authority, tenant_id, client_id, client_secret, token_file):
     """A function returning (access token, seconds) for Azure Storage."""
     def managed_identity():
-        query = [("api-version", "2018-02-01"), ("resource", AZURE_STORAGE_RESOURCE)]
-        if client_id:
-            query.append(("client_id", client_id))
-        data = _oauth_answer(http, "GET", imds + "/metadata/identity/oauth2/token?" +
-                             urllib.parse.urlencode(query), {"Metadata": "true"}, None,
-                             "Azure managed identity (IMDS)")
-        return data.get("access_token"), _expires_in(data)
+        return azure_imds_token(http, imds, AZURE_STORAGE_RESOURCE,
+                                [("client_id", client_id)] if client_id else [])
 
     def entra():
         form = [("grant_type", "client_credentials"), ("client_id", client_id),
@@ -3071,6 +3083,68 @@ def _gcp_sign_jwt(cfg, runtime, cache, claims):
     return Secret(jwt)
 
 
+AZURE_MANAGEMENT_RESOURCE = "https://management.azure.com/"
+
+AZURE_INSTANCE_FIELDS = (("subscription_id", "subscriptionId"), ("resource_group_name", "resourceGroupName"),
+                         ("vm_name", "name"), ("vmss_name", "vmScaleSetName"))
+# login field <- the instance metadata's compute.<name> (Vault Agent's choice)
+
+
+def _check_azure(top, values):
+    if values["azure_client_id"] and values["azure_object_id"]:
+        raise top.error("azure_object_id", "conflicts with azure_client_id: set only one (both "
+                                           "name the user-assigned identity)")
+
+
+def _azure_login(cfg, runtime, cache):
+    """Vault Agent's azure login: the managed identity's token for
+    ``azure_resource`` as the JWT, where the VM stands from the instance
+    metadata. The token is reused while valid (BearerToken); a failing IMDS
+    call is one line naming the method and the mount."""
+    try:
+        if "token" not in cache:
+            http = Http(None, cfg.timeout, proxy=ProxyPolicy(None, runtime.env),
+                        deadline=cfg.request_timeout, signals=runtime.signals)
+            identity = [(name, value) for name, value in (("client_id", cfg.azure_client_id),
+                                                         ("object_id", cfg.azure_object_id)) if value]
+            cache["http"], cache["token"] = http, BearerToken(
+                lambda: azure_imds_token(http, cfg.azure_imds_endpoint, cfg.azure_resource, identity),
+                runtime.clock, "Azure managed identity (IMDS)")
+        jwt = cache["token"].get().reveal()
+        if not isinstance(jwt, str):
+            raise StorageError("Azure managed identity (IMDS): access_token is not a string")
+        where = _azure_instance(cfg, cache["http"])
+    except (StorageError, TransportError) as exc:
+        raise VaultError("azure login at auth/%s failed: %s" % (cfg.vault_auth_path, exc)) from exc
+    where.update(role=cfg.vault_auth_role, jwt=jwt)
+    return Login(cfg.vault_auth_path, where, None)
+
+
+def _azure_instance(cfg, http):
+    """subscription_id, resource_group_name, vm_name and vmss_name (when in a
+    scale set): the azure_* keys set, the rest from the instance metadata,
+    which is not read when the keys name a subscription, a resource group
+    and a VM or scale set."""
+    found = dict((field, getattr(cfg, "azure_" + field)) for field, _ in AZURE_INSTANCE_FIELDS)
+    if not (found["subscription_id"] and found["resource_group_name"]
+            and (found["vm_name"] or found["vmss_name"])):
+        what = "Azure instance metadata (IMDS)"
+        data = _oauth_answer(http, "GET", cfg.azure_imds_endpoint + "/metadata/instance?api-version="
+                             "2021-02-01", {"Metadata": "true"}, None, what)
+        compute = data.get("compute")
+        if not isinstance(compute, dict):
+            raise StorageError("%s: answer has no compute object" % what)
+        for field, name in AZURE_INSTANCE_FIELDS:
+            value = found[field] or compute.get(name)
+            if value is not None and not isinstance(value, str):
+                raise StorageError("%s: compute.%s is not a string" % (what, name))
+            found[field] = value
+        for field, name in AZURE_INSTANCE_FIELDS[:3]:
+            if not (found[field] or field == "vm_name" and found["vmss_name"]):
+                raise StorageError("%s: answer has no compute.%s (or set azure_%s)" % (what, name, field))
+    return dict((field, value) for field, value in found.items() if value)
+
+
 PASSWORD_KEYS = (
     Key("username", "name", doc="`userpass`/`ldap` user name"),
     Key("password_file", "file", doc="`userpass`/`ldap`: read the password from this file at each "
@@ -3144,6 +3218,24 @@ AUTH_METHODS = collections.OrderedDict((method.name, method) for method in (
         Key("gcp_iam_endpoint", "url", "https://iamcredentials.googleapis.com",
             doc="`gcp` iam: the IAM Credentials API (signJwt)"),
     ), _check_gcp, _gcp_login, None),
+    AuthMethod("azure", (), "Azure managed identity", "azure", "required", (
+        Key("azure_resource", "name", AZURE_MANAGEMENT_RESOURCE,
+            doc="`azure`: the resource the managed identity's token is for: the mount's `resource`, "
+                "exactly (a trailing slash counts)"),
+        Key("azure_client_id", "name", doc="`azure`: client ID of the user-assigned identity to log "
+                                           "in as (default: the VM's system-assigned identity)"),
+        Key("azure_object_id", "name", doc="`azure`: or its object ID"),
+        Key("azure_imds_endpoint", "url", "http://169.254.169.254",
+            doc="`azure`: the Instance Metadata Service (a link-local address: never proxied)"),
+        Key("azure_subscription_id", "name",
+            doc="`azure`: sent instead of the instance metadata's `compute.subscriptionId`; with "
+                "the resource group and a VM or scale set name set, no instance metadata is read"),
+        Key("azure_resource_group_name", "name",
+            doc="`azure`: instead of `compute.resourceGroupName`"),
+        Key("azure_vm_name", "name", doc="`azure`: instead of `compute.name`"),
+        Key("azure_vmss_name", "name", doc="`azure`: instead of `compute.vmScaleSetName` (Vault then "
+                                           "checks the scale set, not the VM)"),
+    ), _check_azure, _azure_login, None),
     AuthMethod("token", (), "a token", None, None, (
         Key("token", "secret", env=_env_names("TOKEN"), doc="a token to use as is (token auth)"),
         Key("token_file", "file",
