@@ -4,7 +4,8 @@
 
 One file, Python standard library only, Python 3.6 to 3.13. Run it beside every
 Vault node; on each tick the agent logs in (AppRole, Kubernetes, JWT, a TLS
-certificate, userpass/LDAP or a token: the table in "Vault login methods"),
+certificate, userpass/LDAP, AWS, Google, Azure or a token: the table in
+"Vault login methods"),
 asks whether its own node is the Raft leader and only there streams
 ``GET /v1/sys/storage/raft/snapshot`` to disk with constant memory, verifies
 the archive while it arrives, stores it in every configured storage and
@@ -2263,6 +2264,7 @@ def _expires_in(data):
         return 3600.0
     return min(max(seconds, 0.0), 86400.0) if math.isfinite(seconds) else 3600.0
 
+
 AZURE_STORAGE_SCOPE = "https://storage.azure.com/.default"
 
 AZURE_STORAGE_RESOURCE = "https://storage.azure.com/"
@@ -2955,6 +2957,7 @@ def _aws_login(cfg, runtime, cache):
                                 cfg.aws_iam_server_id, runtime.clock.now())
     if cfg.vault_auth_role:
         payload["role"] = cfg.vault_auth_role
+    payload["iam_request_headers"] = Secret(payload["iam_request_headers"])     # the signature
     return Login(cfg.vault_auth_path, payload, None)
 
 
@@ -3004,7 +3007,7 @@ def _gcp_login(cfg, runtime, cache):
         raise
     except AgentError as exc:
         raise VaultError("gcp login at auth/%s failed: %s" % (cfg.vault_auth_path, exc)) from exc
-    return Login(cfg.vault_auth_path, {"role": cfg.vault_auth_role, "jwt": jwt.reveal()}, None)
+    return Login(cfg.vault_auth_path, {"role": cfg.vault_auth_role, "jwt": jwt}, None)
 
 
 def _gcp_http(cfg, runtime, cache):
@@ -3116,7 +3119,7 @@ def _azure_login(cfg, runtime, cache):
         where = _azure_instance(cfg, cache["http"])
     except (StorageError, TransportError) as exc:
         raise VaultError("azure login at auth/%s failed: %s" % (cfg.vault_auth_path, exc)) from exc
-    where.update(role=cfg.vault_auth_role, jwt=jwt)
+    where.update(role=cfg.vault_auth_role, jwt=Secret(jwt))
     return Login(cfg.vault_auth_path, where, None)
 
 
