@@ -386,7 +386,7 @@ def test_manifests_embed_configs():
 @pytest.mark.parametrize("label,raw", embedded_configs(), ids=[c[0] for c in embedded_configs()])
 def test_embedded_configs_are_valid(label, raw, tmp_path):
     cfg, storages = check_config(raw, tmp_path, "embedded")
-    assert cfg.vault_auth_method == "k8s" and cfg.k8s_auth_role
+    assert cfg.vault_auth_method == "k8s" and cfg.vault_auth_role
     if label.startswith(_rel(CRONJOB)):
         # The CronJob reaches the active node through the active Service.
         assert cfg.addr == "http://vault-active.vault.svc:8200"
