@@ -15,7 +15,7 @@ import time
 import pytest
 
 import vault_snapshot_agent as vsa
-from harness import ROOT, FakeClock, FakeSignals, pid_alive
+from support.harness import ROOT, FakeClock, FakeSignals, pid_alive
 
 PY = sys.executable
 
@@ -90,7 +90,7 @@ MEASURE = """
 import json, resource, sys, time
 sys.path[:0] = [ROOT, TESTS]
 import vault_snapshot_agent as vsa
-from harness import FakeClock
+from support.harness import FakeClock
 env = json.loads(ENV)
 aws = vsa.AwsCredentialChain(None, env, "us-east-1", "proc", vsa.Http(None, 5.0), FakeClock(),
                              profile_given=True)

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from faultproxy import FaultProxy
+from support.faultproxy import FaultProxy
 
 
 # ------------------------------------------------------- cluster fixture

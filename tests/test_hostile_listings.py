@@ -24,14 +24,14 @@ import sys
 import pytest
 
 import vault_snapshot_agent as vsa
-from archives import build_archive, write_archive
-from harness import (AGENT, CLOUD_ENV_PREFIXES, FakeSignals, captured_log, child_env,
-                     clear_cloud_env, error_lines, read, reaped, run_main, snapshots,
-                     start_agent, stop, wait_for)
-from fake_endpoints import FakeVault
-from hostile_servers import (AzureListServer, GcsListServer, GcsStuckSession, S3ListServer,
-                             snapshot_names)
-from test_agent import StandbyVault, fake_clock
+from support.archives import build_archive, write_archive
+from support.harness import (AGENT, CLOUD_ENV_PREFIXES, FakeSignals, captured_log, child_env,
+                             clear_cloud_env, error_lines, read, reaped, run_main, snapshots,
+                             start_agent, stop, wait_for)
+from support.fake_endpoints import FakeVault
+from support.hostile_servers import (AzureListServer, GcsListServer, GcsStuckSession, S3ListServer,
+                                     snapshot_names)
+from support.agent_sim import StandbyVault, fake_clock
 
 HOUR = datetime.timedelta(hours=1)
 MINUTE = datetime.timedelta(minutes=1)

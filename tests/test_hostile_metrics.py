@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness import free_ports, read, reaped, start_agent, stop, wait_for
+from support.harness import free_ports, read, reaped, start_agent, stop, wait_for
 
 SCRAPE_TIMEOUT = 5.0      # a scrape that takes longer than this is blocked
 STOP_TIMEOUT = 15.0       # systemd waits 30 s before SIGKILL

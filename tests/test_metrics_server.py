@@ -21,7 +21,7 @@ import types
 import pytest
 
 import vault_snapshot_agent as vsa
-from harness import ROOT, free_ports, read, reaped, start_agent, stop, wait_for
+from support.harness import ROOT, free_ports, read, reaped, start_agent, stop, wait_for
 
 SAFETY = 5.0       # socket timeouts: a safety net, never the thing measured
 

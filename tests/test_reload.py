@@ -18,10 +18,10 @@ import threading
 import time
 
 import vault_snapshot_agent as vsa
-from agent_sim import START, ScriptedVault, fake_clock, run_daemon
-from fake_endpoints import FakeVault
-from fake_s3 import FakeS3
-from harness import FakeSignals, read, reaped, start_agent, stop, wait_for
+from support.agent_sim import START, ScriptedVault, fake_clock, run_daemon
+from support.fake_endpoints import FakeVault
+from support.fake_s3 import FakeS3
+from support.harness import FakeSignals, read, reaped, start_agent, stop, wait_for
 
 FAILED = "Config reload failed, keeping the running config:"
 RELOADED = "Config reloaded"

@@ -39,11 +39,11 @@ import time
 import pytest
 
 import vault_snapshot_agent as vsa
-from agent_sim import (NOW, START, ScriptedVault, fake_clock, gaps, one_cycle, plant,
-                       run_daemon)
-from fake_endpoints import FakeVault
-from fake_s3 import FakeS3
-from harness import FakeSignals, clear_cloud_env, error_lines, read, run_main, snapshots
+from support.agent_sim import (NOW, START, ScriptedVault, fake_clock, gaps, one_cycle, plant,
+                               run_daemon)
+from support.fake_endpoints import FakeVault
+from support.fake_s3 import FakeS3
+from support.harness import FakeSignals, clear_cloud_env, error_lines, read, run_main, snapshots
 
 HOUR = 3600.0
 DAY = 24 * HOUR

@@ -14,9 +14,9 @@ import time
 import pytest
 
 import vault_snapshot_agent as vsa
-from faults_support import (BUCKET, SEED, hidden, proxy_to, temp_files, verify_all,
-                            verify_bytes, write_config)
-from harness import read, start_agent, stop, wait_for
+from support.faults_support import (BUCKET, SEED, hidden, proxy_to, temp_files, verify_all,
+                                    verify_bytes, write_config)
+from support.harness import read, start_agent, stop, wait_for
 
 
 def test_wait_returns_at_once_on_sigterm():

@@ -27,13 +27,13 @@ import time
 import pytest
 
 import vault_snapshot_agent as vsa
-from agent_sim import write_config
-from archives import build_archive
-from fake_endpoints import Endpoint, FakeVault
-from fake_s3 import FakeS3
-from harness import (AGENT, FakeSignals, child_env, error_lines, read, reaped, run_main,
-                     start_agent, stop, wait_for)
-from slow_servers import RecordingProxy, TrickleServer
+from support.agent_sim import write_config
+from support.archives import build_archive
+from support.fake_endpoints import Endpoint, FakeVault
+from support.fake_s3 import FakeS3
+from support.harness import (AGENT, FakeSignals, child_env, error_lines, read, reaped, run_main,
+                             start_agent, stop, wait_for)
+from support.slow_servers import RecordingProxy, TrickleServer
 
 DEADLINE = 1.0
 

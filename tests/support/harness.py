@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AGENT = os.path.join(ROOT, "vault_snapshot_agent.py")
 
 __all__ = ["free_port", "free_ports", "tail", "child_env", "pid_alive", "spawn", "ServerError",
