@@ -243,7 +243,8 @@ def test_the_metrics_thread_does_not_spin_while_accept_fails_for_lack_of_descrip
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     spent, answer = out.stdout.decode().split(" ", 1)
     assert answer.startswith("b'HTTP/1.1 200"), "no answer once descriptors were free: %s" % answer
-    assert float(spent) < 0.15, "the metrics thread burned %ss of CPU in 0.5s while out of descriptors" % spent
+    assert float(spent) < 0.15, \
+        "the metrics thread burned %ss of CPU in 0.5s while out of descriptors" % spent
 
 
 # -- in process: rebinding --------------------------------------------------------

@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import threading
-import time
 
 import vault_snapshot_agent as vsa
 from support.agent_sim import START, ScriptedVault, fake_clock, run_daemon
@@ -152,7 +151,7 @@ def test_a_secret_id_file_replaced_by_a_fifo_does_not_hang_the_login_past_a_stop
         worker = threading.Thread(target=lambda: results.append(agent.run_cycle()))
         worker.daemon = True
         worker.start()
-        time.sleep(0.5)
+        worker.join(0.5)                 # a fixed agent fails the cycle at once
         signals.request_stop()
         worker.join(3.0)
         hung = worker.is_alive()
