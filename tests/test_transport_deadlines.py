@@ -92,8 +92,8 @@ def test_a_tls_handshake_that_never_comes_fails_at_the_deadline():
 
 
 def test_a_streamed_answer_is_held_to_the_idle_timeout_not_the_deadline():
-    # 12 bytes, one every 0.05 s: 0.6 s in all, longer than the deadline.
-    with TrickleServer("stream", length=12) as server:
+    # 8 bytes, one every 0.05 s: 0.4 s in all, longer than the deadline.
+    with TrickleServer("stream", length=8) as server:
         with http().request("GET", server.url + vsa.SNAPSHOT_PATH) as resp:
             data = b""
             while True:
@@ -101,13 +101,13 @@ def test_a_streamed_answer_is_held_to_the_idle_timeout_not_the_deadline():
                 if not chunk:
                     break
                 data += chunk
-    assert data == b" " * 12
+    assert data == b" " * 8
 
 
 def test_an_upload_body_is_held_to_the_idle_timeout_and_its_answer_to_the_deadline():
     def slow_body():
         for _ in range(6):
-            time.sleep(0.1)           # 0.6 s of upload, longer than the deadline
+            time.sleep(0.07)          # 0.42 s of upload, longer than the deadline
             yield b"x" * 1000
     with TrickleServer("slow_answer") as server:
         resp = http().request("PUT", server.url + "/bucket/object", {"Content-Length": "6000"},
