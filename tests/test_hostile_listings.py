@@ -329,7 +329,7 @@ def test_sigterm_during_a_listing_that_never_ends_stops_the_daemon(tmp_path, kin
     with LISTINGS[kind]("endless", delay=0.05) as server:
         config = write_config(tmp_path, dict(server.storage_block(), frequency="1h"))
         logfile = tmp_path / "agent.log"
-        code = sigterm_the_daemon(config, logfile, lambda: server.count("list") >= 5,
+        code = sigterm_the_daemon(config, logfile, lambda: server.count("list") >= 3,
                                   "the daemon to list a few pages")
     log = read(logfile)
     assert code == 0, log

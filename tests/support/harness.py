@@ -433,7 +433,7 @@ class LoopbackServer:
 # ------------------------------------------------------- the agent daemon
 
 
-def wait_for(predicate, timeout, what, interval=0.05):
+def wait_for(predicate, timeout, what, interval=0.02):
     """Poll ``predicate`` until it returns something true (returned), or
     fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
