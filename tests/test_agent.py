@@ -4,28 +4,12 @@ The Vault side is a stand-in that only answers "not the leader" and counts
 calls: these tests are about when cycles happen, not about Vault (the end to
 end tests cover that against a real cluster)."""
 
-import datetime
 import io
 import json
 
 import vault_snapshot_agent as vsa
-from harness import FakeClock, FakeSignals
-
-
-def fake_clock():
-    """2026-01-01T00:16:40Z, monotonic() 1000 (the times the tests assert)."""
-    return FakeClock(datetime.datetime(2026, 1, 1, 0, 16, 40, tzinfo=vsa.UTC), 1000.0)
-
-
-class StandbyVault:
-    calls = []
-
-    def __init__(self, cfg, clock=None, signals=None, env=None):     # as VaultClient
-        self.cfg, self.clock = cfg, clock
-
-    def is_leader(self):
-        StandbyVault.calls.append((self.clock.monotonic(), self.cfg.frequency))
-        return False
+from support.agent_sim import StandbyVault, fake_clock
+from support.harness import FakeSignals
 
 
 def make_loader(tmp_path, frequencies, **extra):

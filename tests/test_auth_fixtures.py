@@ -12,9 +12,9 @@ import urllib.request
 
 import pytest
 
-import bao_auth
-import rsa_keys
-from bao_tls import https_context, named_opener
+from support import bao_auth
+from support import rsa_keys
+from support.bao_tls import https_context, named_opener
 
 
 def _call(cluster, method, path, body=None, context=None, server_name="bao.test", node=None,
@@ -231,7 +231,7 @@ def test_openbao_has_no_cloud_auth_methods(bao_tls, kind):
 
 
 def test_auth_secrets_go_to_the_session_secret_scan(userpass_auth, jwt_auth, session_secrets):
-    import auth_fixtures
+    from support import auth_fixtures
     assert session_secrets is not auth_fixtures._OWN_SECRETS     # conftest's KNOWN_SECRETS
     with open(jwt_auth.config["jwt_file"]) as fh:
         assert fh.read() in session_secrets

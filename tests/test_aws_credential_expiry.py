@@ -12,10 +12,10 @@ import sys
 import pytest
 
 import vault_snapshot_agent as vsa
-from archives import write_archive
-from aws_fakes import FakeS3, StsServer
-from cred_servers import ContainerCredentialsServer, ImdsServer
-from harness import FakeClock, FakeSignals
+from support.archives import write_archive
+from support.aws_fakes import FakeS3, StsServer
+from support.cred_servers import ContainerCredentialsServer, ImdsServer
+from support.harness import FakeClock, FakeSignals
 
 UTC = vsa.UTC
 NO_FILES = {"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/c", "AWS_CONFIG_FILE": "/nonexistent/f"}

@@ -51,8 +51,8 @@ from urllib.parse import parse_qs
 import pytest
 
 import vault_snapshot_agent as vsa
-from archives import write_archive
-from harness import FakeClock, LoopbackServer, clear_cloud_env, error_lines, run_once
+from support.archives import write_archive
+from support.harness import FakeClock, LoopbackServer, clear_cloud_env, error_lines, run_once
 
 UTC = datetime.timezone.utc
 BUCKET = "snapshots"
@@ -73,7 +73,7 @@ ROLE_SESSION_DEFAULT = "vault-snapshot-agent-" + socket.gethostname()
 
 
 @pytest.fixture(autouse=True)
-def no_aws_env(monkeypatch, tmp_path):
+def no_cloud_env(monkeypatch, tmp_path):
     """No AWS (or other cloud) variable of ours leaks into the in-process runs."""
     clear_cloud_env(monkeypatch, tmp_path)
 
@@ -384,7 +384,7 @@ def test_profile_role_keys_are_sent(tmp_path):
 def test_credential_source_metadata_services(tmp_path, source):
     """credential_source Ec2InstanceMetadata / EcsContainer: the metadata
     service's temporary keys (with their session token) sign AssumeRole."""
-    from cred_servers import ContainerCredentialsServer, ImdsServer
+    from support.cred_servers import ContainerCredentialsServer, ImdsServer
     clock = FakeClock()
     config = write_ini(tmp_path / "config", [
         ("profile meta", {"role_arn": ROLE_ARN, "credential_source": source})])
@@ -480,7 +480,7 @@ def test_credential_process_expiration_is_honoured_and_refreshed(tmp_path):
 @pytest.fixture(scope="module")
 def iam(moto):
     """The module's principals in the session's moto (created once)."""
-    from moto_s3 import agent_policy_document, policy_document as doc
+    from support.moto_s3 import agent_policy_document, policy_document as doc
     arn = moto.role_arn_of
     key, secret = moto.create_user(USER, {"assume-only": doc({
         "Effect": "Allow", "Action": "sts:AssumeRole",
@@ -640,7 +640,7 @@ def test_assumed_credentials_refresh_against_moto(moto, iam, tmp_path):
     """FakeClock: the role's credentials (Expiration now + 1 h from moto) are
     reused for uploads at +30 min and fetched again at +56 min; STS calls
     are counted by a recording proxy in front of moto."""
-    from faultproxy import FaultProxy
+    from support.faultproxy import FaultProxy
     port = int(moto.endpoint.rsplit(":", 1)[1])
     clock = FakeClock()
     with FaultProxy("127.0.0.1", port) as proxy:
@@ -667,7 +667,7 @@ def test_assumed_credentials_refresh_against_moto(moto, iam, tmp_path):
 def test_sts_goes_through_the_storage_proxy(moto, iam, tmp_path):
     """The storage's ``proxy`` carries its STS calls too (absolute-form
     requests to the http endpoints)."""
-    from faultproxy import FaultProxy
+    from support.faultproxy import FaultProxy
     port = int(moto.endpoint.rsplit(":", 1)[1])
     with FaultProxy("127.0.0.1", port) as proxy:
         outcome = attempt(tmp_path, user_block(moto, iam, "via-proxy", role_arn=iam.role,

@@ -5,31 +5,18 @@ Azurite over HTTPS with OAuth on."""
 
 import io
 import json
-import os
 
 import pytest
 
 import vault_snapshot_agent as vsa
-from azurite import service_sas
-from cred_servers import DEFAULT_CLIENT_ID, DEFAULT_TENANT, AzureImdsServer, EntraTokenServer
-from faultproxy import FaultProxy
-from harness import run_once, success_location, verify_download
+from support.azurite import service_sas
+from support.cred_servers import DEFAULT_CLIENT_ID, DEFAULT_TENANT, AzureImdsServer, EntraTokenServer
+from support.faultproxy import FaultProxy
+from support.harness import run_once, success_location, verify_download
 
-CONTAINER = "snapshots"
+from support.storage_blocks import CONTAINER, azure_key_block as key_block
 
-
-@pytest.fixture(autouse=True)
-def no_azure_env(monkeypatch):
-    for name in list(os.environ):
-        if name.startswith("AZURE_"):
-            monkeypatch.delenv(name)
-
-
-def key_block(server, **extra):
-    block = {"account_name": server.account, "account_key": server.key,
-             "container_name": CONTAINER, "endpoint": server.endpoint}
-    block.update(extra)
-    return {k: v for k, v in block.items() if v is not None}
+pytestmark = pytest.mark.usefixtures("no_azure_env")
 
 
 def run_agent(tmp_path, bao_cluster, approle, block):

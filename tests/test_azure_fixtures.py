@@ -1,8 +1,8 @@
 """The Azure test fixtures themselves: the Shared Key / SAS signing in
-tests/azurite.py (pinned by Microsoft's documented rules, then checked by a
+tests/support/azurite.py (pinned by Microsoft's documented rules, then checked by a
 real Azurite, which rejects a wrong signature), Azurite's behaviour the
 Azure backend tests rely on, and the IMDS / Entra token servers of
-tests/cred_servers.py.
+tests/support/cred_servers.py.
 
 The tests that run Azurite are marked ``e2e`` (a real server, like the
 OpenBao and moto tests); the rest are plain unit tests.
@@ -21,8 +21,8 @@ import urllib.request
 
 import pytest
 
-import azurite as az_mod
-import cred_servers as cs
+from support import azurite as az_mod
+from support import cred_servers as cs
 
 WRONG_KEY = base64.b64encode(b"not the account key" * 3).decode("ascii")
 

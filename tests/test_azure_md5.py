@@ -15,10 +15,11 @@ import os
 import pytest
 
 import vault_snapshot_agent as vsa
-from archives import write_archive
-from harness import FakeSignals
-from test_azure import CONTAINER, key_block
-from test_azure import no_azure_env  # noqa: F401  (the autouse fixture, shared)
+from support.archives import write_archive
+from support.harness import FakeSignals
+from support.storage_blocks import CONTAINER, azure_key_block as key_block
+
+pytestmark = pytest.mark.usefixtures("no_azure_env")
 
 
 def azure_storage(azurite, tmp_path, prefix):

@@ -20,10 +20,10 @@ import urllib.parse
 import pytest
 
 import vault_snapshot_agent as vsa
-from agent_sim import NOW, fake_clock, one_cycle
-from archives import write_archive
-from fake_endpoints import Endpoint, FakeVault
-from harness import FakeSignals, LoopbackServer, clear_cloud_env, snapshots
+from support.agent_sim import NOW, fake_clock, one_cycle
+from support.archives import write_archive
+from support.fake_endpoints import Endpoint, FakeVault
+from support.harness import FakeSignals, LoopbackServer, clear_cloud_env, snapshots
 
 CONTAINER = BUCKET = "snapshots"
 

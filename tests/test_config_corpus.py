@@ -1,5 +1,5 @@
 """Sections "Config schema" and "Config": the corpus of broken config files
-(tests/bad_configs.py), each an exit 2 with one line naming the key, and a
+(tests/support/bad_configs.py), each an exit 2 with one line naming the key, and a
 fuzz of random configs that never ends in a traceback.
 
 Random configs are seeded (``FAULTS_SEED``, faults_support.SEED): a failure
@@ -13,10 +13,10 @@ import re
 
 import pytest
 
-import bad_configs
+from support import bad_configs
 import vault_snapshot_agent as vsa
-from faults_support import SEED
-from harness import error_lines, read, run_main
+from support.faults_support import SEED
+from support.harness import error_lines, read, run_main
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
 

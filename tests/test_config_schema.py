@@ -9,7 +9,7 @@ import re
 import pytest
 
 import vault_snapshot_agent as vsa
-from harness import ROOT
+from support.harness import ROOT
 
 README = os.path.join(ROOT, "README.md")
 BLOCK_RE = re.compile(r"<!-- keys: (.*?) -->\n.*?<!-- /keys -->", re.S)

@@ -26,7 +26,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 import vault_snapshot_agent as vsa  # noqa: E402
-from harness import parse_dockerfile, parse_unit  # noqa: E402
+from support.harness import parse_dockerfile, parse_unit  # noqa: E402
 
 pytestmark = pytest.mark.oracle
 

@@ -17,12 +17,12 @@ import sys
 import pytest
 
 import vault_snapshot_agent as vsa
-from agent_sim import fake_clock, write_config
-from cred_servers import ContainerCredentialsServer, ImdsServer
-from fake_endpoints import Endpoint
-from faults_support import BUCKET, CONTAINER
-from faults_support import write_config as write_agent_config
-from harness import FakeClock, FakeSignals, read, run_main, start_agent, stop, wait_for
+from support.agent_sim import fake_clock, write_config
+from support.cred_servers import ContainerCredentialsServer, ImdsServer
+from support.fake_endpoints import Endpoint
+from support.faults_support import BUCKET, CONTAINER
+from support.faults_support import write_config as write_agent_config
+from support.harness import FakeClock, FakeSignals, read, run_main, start_agent, stop, wait_for
 
 UTC = vsa.UTC
 
@@ -231,9 +231,9 @@ TOKEN_RE = re.compile(r"\b(?:hvs|hvb|hvr|s|b|sb|r)\.[A-Za-z0-9_-]{20,}")
 @pytest.mark.usefixtures("isolated_env")
 def test_no_credential_appears_in_any_output(bao_cluster, approle, moto, azurite, gcs, tmp_path,
                                              capsys):
-    from azurite import service_sas
-    from cred_servers import GoogleTokenServer
-    from rsa_keys import make_rsa_key, service_account_json, write_json
+    from support.azurite import service_sas
+    from support.cred_servers import GoogleTokenServer
+    from support.rsa_keys import make_rsa_key, service_account_json, write_json
 
     leader = bao_cluster.leader()
     private, public, _ = make_rsa_key(2048, "pkcs8")

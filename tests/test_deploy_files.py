@@ -14,7 +14,7 @@ import re
 import pytest
 
 import vault_snapshot_agent as vsa
-from harness import parse_dockerfile, parse_unit
+from support.harness import parse_dockerfile, parse_unit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNITS = [os.path.join(ROOT, "contrib", "vault-snapshot-agent.service"),

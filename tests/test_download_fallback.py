@@ -11,9 +11,9 @@ import tempfile
 import pytest
 
 import vault_snapshot_agent as vsa
-from archives import build_archive
-from fake_endpoints import FakeVault
-from harness import clear_cloud_env, error_lines, run_main
+from support.archives import build_archive
+from support.fake_endpoints import FakeVault
+from support.harness import clear_cloud_env, error_lines, run_main
 
 BUCKET = "snapshots"
 

@@ -17,8 +17,8 @@ import time
 import pytest
 
 import vault_snapshot_agent as vsa
-from faultproxy import FaultProxy
-from harness import read, run_main, snapshots, start_agent, stop, wait_for
+from support.faultproxy import FaultProxy
+from support.harness import read, run_main, snapshots, start_agent, stop, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(ROOT, "vault_snapshot_agent.py")

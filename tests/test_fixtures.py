@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from faultproxy import FaultProxy
+from support.faultproxy import FaultProxy
 
 
 # ------------------------------------------------------- cluster fixture
@@ -78,7 +78,7 @@ class _ThreadingServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
 @pytest.fixture
 def http_target():
     server = _ThreadingServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     try:
         yield server.server_address[1]

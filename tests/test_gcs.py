@@ -9,10 +9,10 @@ import json
 import pytest
 
 import vault_snapshot_agent as vsa
-from cred_servers import GceMetadataServer, GoogleTokenServer
-from faultproxy import FaultProxy
-from harness import run_once, success_location, verify_download
-from rsa_keys import authorized_user_json, make_rsa_key, service_account_json, write_json
+from support.cred_servers import GceMetadataServer, GoogleTokenServer
+from support.faultproxy import FaultProxy
+from support.harness import run_once, success_location, verify_download
+from support.rsa_keys import authorized_user_json, make_rsa_key, service_account_json, write_json
 
 BUCKET = "snapshots"
 

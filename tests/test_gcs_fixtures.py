@@ -18,10 +18,10 @@ import urllib.request
 
 import pytest
 
-import cred_servers
-import gcs_emulators
-import rsa_keys
-from gcs_emulators import GcsEmulator, md5_base64
+from support import cred_servers
+from support import gcs_emulators
+from support import rsa_keys
+from support.gcs_emulators import GcsEmulator, md5_base64
 
 BUCKET = "fixtures"        # not the session's "snapshots": the backend tests list that one
 SCOPE = rsa_keys.DEFAULT_SCOPE

@@ -14,10 +14,10 @@ import sys
 
 import pytest
 
-import harness
-from fake_endpoints import FakeVault
-from hostile_archives import (BIG, FORGED_INDEX, SMALL, error_matches, forged_meta,
-                              hostile_archive, raw_member, run_measured, write_small)
+from support import harness
+from support.fake_endpoints import FakeVault
+from support.hostile_archives import (BIG, FORGED_INDEX, SMALL, error_matches, forged_meta,
+                                      hostile_archive, raw_member, run_measured, write_small)
 
 import vault_snapshot_agent as vsa
 

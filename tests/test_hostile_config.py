@@ -4,7 +4,7 @@ A control character in any string value, whitespace in a value that ends up
 in an HTTP header or URL path, or an absurdly large number is a config error:
 ``--check-config`` exits 2 with one ``Config error: <key>: <problem>`` line,
 never a traceback, never the value of a secret.  The cases reuse the
-builders of tests/bad_configs.py (BASE, and one block per storage) in a
+builders of tests/support/bad_configs.py (BASE, and one block per storage) in a
 table of their own."""
 
 import io
@@ -12,9 +12,9 @@ import os
 
 import pytest
 
-import bad_configs
+from support import bad_configs
 import vault_snapshot_agent as vsa
-from bad_configs import az, cfg, gs, s3
+from support.bad_configs import az, cfg, gs, s3
 
 CONTROL = "control character"
 WHITESPACE = "whitespace"

@@ -18,20 +18,18 @@ import datetime
 import json
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 
 import vault_snapshot_agent as vsa
-from archives import build_archive, write_archive
-from harness import (AGENT, CLOUD_ENV_PREFIXES, FakeSignals, captured_log, child_env,
-                     clear_cloud_env, error_lines, read, reaped, run_main, snapshots,
-                     start_agent, stop, wait_for)
-from fake_endpoints import FakeVault
-from hostile_servers import (AzureListServer, GcsListServer, GcsStuckSession, S3ListServer,
-                             snapshot_names)
-from test_agent import StandbyVault, fake_clock
+from support.archives import build_archive, write_archive
+from support.harness import (CLOUD_ENV_PREFIXES, FakeSignals, captured_log, child_env,
+                             clear_cloud_env, error_lines, read, reaped, run_main, snapshots,
+                             start_agent, stop, wait_for)
+from support.fake_endpoints import FakeVault
+from support.hostile_servers import (AzureListServer, GcsListServer, GcsStuckSession, S3ListServer,
+                                     snapshot_names)
+from support.agent_sim import StandbyVault, fake_clock
 
 HOUR = datetime.timedelta(hours=1)
 MINUTE = datetime.timedelta(minutes=1)
@@ -112,22 +110,6 @@ def local_store(path, retain, clock=None):
     defaults to the real one."""
     runtime = vsa.Runtime({}, clock or vsa.Clock(), FakeSignals())
     return vsa.LocalStorage(path, vsa.Policy(retain, 0, 3600.0), runtime)
-
-
-def run_cli(config, *args, timeout=60):
-    """The agent as a subprocess (``-c config args``): (exit code, stdout,
-    stderr); fails the test if it has not exited after ``timeout`` seconds."""
-    proc = subprocess.Popen([sys.executable, "-I", AGENT, "-c", config] + list(args),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, universal_newlines=True, env=child_env())
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        raise AssertionError("%s did not exit within %ss; its log ends:\n%s"
-                             % (" ".join(args), timeout, err[-3000:])) from None
-    return proc.returncode, out, err
 
 
 # -- far-future names: schedule, retention, download latest --------------------
@@ -300,10 +282,11 @@ def test_names_that_only_look_like_snapshots_are_not_snapshots(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", sorted(LISTINGS))
-def test_odd_sizes_in_a_listing_count_as_zero(tmp_path, kind):
+def test_odd_sizes_in_a_listing_count_as_zero(tmp_path, capsys, kind):
     odd, normal = snapshot_names(0, 2)
     with LISTINGS[kind]("odd_size") as server:
-        code, out, err = run_cli(write_config(tmp_path, server.storage_block()), "list")
+        code, err = run_main("-c", write_config(tmp_path, server.storage_block()), "list")
+    out = capsys.readouterr().out
     assert code == 0, err
     assert "Traceback" not in err and not error_lines(err), err
     lines = out.splitlines()
@@ -317,7 +300,7 @@ def test_odd_sizes_in_a_listing_count_as_zero(tmp_path, kind):
 @pytest.mark.parametrize("kind", sorted(LISTINGS))
 def test_a_listing_that_repeats_its_token_fails_with_repeated(tmp_path, kind):
     with LISTINGS[kind]("repeat", limit=300) as server:
-        code, out, err = run_cli(write_config(tmp_path, server.storage_block()), "list")
+        code, err = run_main("-c", write_config(tmp_path, server.storage_block()), "list")
         pages = server.count("list")
     assert code == 1, err
     assert "Traceback" not in err, err
@@ -346,7 +329,7 @@ def test_sigterm_during_a_listing_that_never_ends_stops_the_daemon(tmp_path, kin
     with LISTINGS[kind]("endless", delay=0.05) as server:
         config = write_config(tmp_path, dict(server.storage_block(), frequency="1h"))
         logfile = tmp_path / "agent.log"
-        code = sigterm_the_daemon(config, logfile, lambda: server.count("list") >= 5,
+        code = sigterm_the_daemon(config, logfile, lambda: server.count("list") >= 3,
                                   "the daemon to list a few pages")
     log = read(logfile)
     assert code == 0, log

@@ -16,7 +16,7 @@ import time
 import pytest
 
 import vault_snapshot_agent as vsa
-from harness import FakeClock, FakeSignals, LoopbackServer, captured_log, run_main
+from support.harness import FakeClock, FakeSignals, LoopbackServer, captured_log, run_main
 
 PASSWORD = "s3cret-PW-7f3a"
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from harness import free_ports, read, reaped, start_agent, stop, wait_for
+from support.harness import free_ports, read, reaped, start_agent, stop, wait_for
 
 SCRAPE_TIMEOUT = 5.0      # a scrape that takes longer than this is blocked
 STOP_TIMEOUT = 15.0       # systemd waits 30 s before SIGKILL
@@ -57,7 +57,7 @@ def idle_client(port, data=b"GET /metr"):
     """A client that sends the start of a request line and then nothing."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     sock.sendall(data)
-    time.sleep(0.3)              # let the server accept it and start reading
+    time.sleep(0.1)              # let the server accept it (the backlog keeps the order anyway)
     return sock
 
 

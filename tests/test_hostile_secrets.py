@@ -15,9 +15,9 @@ import stat
 
 import pytest
 
-from archives import write_archive
-from fake_endpoints import Endpoint, FakeVault, self_signed_cert
-from harness import error_lines, free_port, read, run_main, snapshots
+from support.archives import write_archive
+from support.fake_endpoints import Endpoint, FakeVault, self_signed_cert
+from support.harness import error_lines, free_port, read, run_main, snapshots
 
 TOKEN = "s.HostileNewlineToken0123456789"
 SESSION_TOKEN = "FwoGZXIvYXdzEHostileSessionToken0123456789"

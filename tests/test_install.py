@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from harness import parse_unit
+from support.harness import parse_unit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)

@@ -22,11 +22,11 @@ import uuid
 import pytest
 
 import conftest
-import rsa_keys
+from support import rsa_keys
 import vault_snapshot_agent as vsa
-from harness import (child_env, error_lines, read, run_main, snapshots, start_agent, stop,
-                     wait_for)
-from k8s_tokenreview import DEFAULT_AUDIENCE, ServiceAccount, TokenReviewServer, make_sa_jwt
+from support.harness import (child_env, error_lines, read, run_main, snapshots, start_agent, stop,
+                             wait_for)
+from support.k8s_tokenreview import DEFAULT_AUDIENCE, ServiceAccount, TokenReviewServer, make_sa_jwt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLICY_FILE = os.path.join(ROOT, "contrib", "snapshot-policy.hcl")

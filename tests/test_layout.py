@@ -98,8 +98,33 @@ def test_every_row_of_the_failure_model_names_tests_that_exist():
     rows = [line for line in section.splitlines() if line.startswith("| ") and "`tests/" in line]
     assert len(rows) >= 12, rows
     for row in rows:
-        for name in re.findall(r"`(tests/[a-z_0-9]+\.py)`", row):
+        for name in re.findall(r"`(tests/[a-z_0-9/]+\.py)`", row):
             path = os.path.join(ROOT, name)
             assert os.path.isfile(path), (name, row)
             with open(path) as handle:
                 assert re.search(r"^def test_|\(\"file-", handle.read(), re.M), (name, row)
+
+
+def test_no_test_file_imports_another():
+    # What tests share lives in conftest.py (fixtures) or tests/support/
+    # (helpers), never in a test file another one imports: a test file can be
+    # renamed, split or run alone.
+    tests_dir = os.path.join(ROOT, "tests")
+    paths = [os.path.join(tests_dir, name) for name in os.listdir(tests_dir)]
+    paths += [os.path.join(tests_dir, "support", name)
+              for name in os.listdir(os.path.join(tests_dir, "support"))]
+    offenders = []
+    for path in sorted(p for p in paths if p.endswith(".py")):
+        with open(path) as handle:
+            tree = ast.parse(handle.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + ["%s.%s" % (node.module, a.name) for a in node.names]
+            else:
+                continue
+            offenders += ["%s imports %s" % (os.path.relpath(path, ROOT), name) for name in names
+                          if name.split(".")[0].startswith("test_")
+                          or name.rsplit(".", 1)[-1].startswith("test_")]
+    assert offenders == []

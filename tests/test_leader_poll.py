@@ -26,9 +26,9 @@ import time
 import pytest
 
 import vault_snapshot_agent as vsa
-from agent_sim import LEADER, LOGIN, RENEW, SNAPSHOT, START, ScriptedVault, fake_clock, gaps, \
+from support.agent_sim import LEADER, LOGIN, RENEW, SNAPSHOT, START, ScriptedVault, fake_clock, gaps, \
     plant, run_daemon
-from harness import FakeSignals, child_env, read, snapshots, start_agent, stop, wait_for
+from support.harness import FakeSignals, child_env, read, snapshots, start_agent, stop, wait_for
 
 POLL = 30.0                 # the default leader_poll
 SLACK = 31 * 1.1            # a poll interval, its 10% jitter and a second to spare

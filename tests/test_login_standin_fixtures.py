@@ -4,8 +4,8 @@ and everything after the login is the real cluster's answer."""
 import json
 import os
 
-from harness import run_main
-from login_standin import VaultLoginStandIn
+from support.harness import run_main
+from support.login_standin import VaultLoginStandIn
 
 
 def test_a_login_the_stand_in_accepts_gives_a_real_token(bao_cluster, tmp_path):

@@ -21,10 +21,9 @@ import re
 import pytest
 
 import vault_snapshot_agent as vsa
-from harness import (FakeSignals, captured_log, clear_cloud_env, error_lines, go_snapshot_name,
-                     run_main, run_once, success_location, unique)
-from test_azure import key_block
-from test_s3 import s3_block
+from support.harness import (FakeSignals, captured_log, clear_cloud_env, error_lines, go_snapshot_name,
+                             run_main, run_once, success_location, unique)
+from support.storage_blocks import azure_key_block as key_block, s3_block
 
 UTC = vsa.UTC
 OLD_SIZE = 512 * 1024                   # each pre-made snapshot

@@ -21,7 +21,7 @@ import types
 import pytest
 
 import vault_snapshot_agent as vsa
-from harness import ROOT, free_ports, read, reaped, start_agent, stop, wait_for
+from support.harness import ROOT, free_ports, read, reaped, start_agent, stop, wait_for
 
 SAFETY = 5.0       # socket timeouts: a safety net, never the thing measured
 
@@ -50,8 +50,9 @@ def scrape(port, method="GET", path="/metrics", timeout=SAFETY):
         conn.close()
 
 
-def connect(port, first=b"G"):
-    sock = socket.create_connection(("127.0.0.1", port), timeout=SAFETY)
+def connect(port, first=b"G", timeout=SAFETY):
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    sock.settimeout(SAFETY)
     sock.sendall(first)
     return sock
 
@@ -94,7 +95,7 @@ def close_all(socks):
 
 
 def test_clients_trickling_a_byte_at_a_time_are_closed_at_the_header_deadline(serve):
-    server = serve(header_timeout=0.5)
+    server = serve(header_timeout=0.25)
     socks = [connect(server.address[1]) for _ in range(8)]
     started = time.monotonic()
     try:
@@ -218,9 +219,9 @@ except OSError:
 os.close(held.pop())
 client = socket.create_connection(("127.0.0.1", port))     # waits in the backlog
 client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-time.sleep(0.2)
+time.sleep(0.1)
 before = time.process_time()
-time.sleep(1.0)
+time.sleep(0.5)
 spent = time.process_time() - before
 for fd in held[:8]:
     os.close(fd)
@@ -243,7 +244,8 @@ def test_the_metrics_thread_does_not_spin_while_accept_fails_for_lack_of_descrip
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     spent, answer = out.stdout.decode().split(" ", 1)
     assert answer.startswith("b'HTTP/1.1 200"), "no answer once descriptors were free: %s" % answer
-    assert float(spent) < 0.3, "the metrics thread burned %ss of CPU in 1s while out of descriptors" % spent
+    assert float(spent) < 0.15, \
+        "the metrics thread burned %ss of CPU in 0.5s while out of descriptors" % spent
 
 
 # -- in process: rebinding --------------------------------------------------------
@@ -356,9 +358,10 @@ def test_300_trickling_clients_cost_no_threads_and_scrapes_and_stops_stay_prompt
     try:
         for _ in range(300):
             try:
-                socks.append(connect(port))
+                socks.append(connect(port, timeout=0.25))
             except OSError:
-                pass                  # a full backlog may refuse: that is allowed
+                pass    # a full backlog may refuse, or drop the SYN (retried after 1 s): allowed
+        assert len(socks) >= 100, "only %d of 300 clients got in" % len(socks)
         trickle(socks, 0.5, 0.25)
         assert _threads(proc.pid) <= before + 2, "%d threads with %d clients connected" % (
             _threads(proc.pid), len(socks))

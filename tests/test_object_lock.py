@@ -30,11 +30,12 @@ import re
 import pytest
 
 import vault_snapshot_agent as vsa
-from archives import write_archive
-from faultproxy import FaultProxy
-from harness import FakeSignals, error_lines, run_main, run_once, success_location, unique
-from test_s3 import no_aws_env  # noqa: F401  (the autouse fixture, shared)
-from test_s3 import s3_block as plain_s3_block
+from support.archives import write_archive
+from support.faultproxy import FaultProxy
+from support.harness import FakeSignals, error_lines, run_main, run_once, success_location, unique
+from support.storage_blocks import s3_block as plain_s3_block
+
+pytestmark = pytest.mark.usefixtures("no_aws_env")
 
 LOCKED = "snapshots-locked"          # the agent user's policy covers snapshots*
 UNLOCKED = "snapshots-nolock"

@@ -15,8 +15,8 @@ import urllib.request
 import pytest
 
 import vault_snapshot_agent as vsa
-from harness import (FakeClock, FakeSignals, free_port, read, snapshots, start_agent, stop,
-                     wait_for)
+from support.harness import (FakeClock, FakeSignals, free_port, read, snapshots, start_agent, stop,
+                             wait_for)
 
 
 def write_config(tmp_path, addr, approle, **extra):

@@ -6,7 +6,7 @@ which proxy a URL takes (``vsa.ProxyPolicy(setting, env).for_url``: Go's
 setting, ``"direct"``, loopback and the metadata endpoints) and proxy URLs
 (``vsa.parse_proxy_url``: user info, refused forms, redaction), as tables.
 
-End to end, through Debian's tinyproxy (tests/tinyproxy.py; ``proxy`` has
+End to end, through Debian's tinyproxy (tests/support/tinyproxy.py; ``proxy`` has
 BasicAuth, ``open_proxy`` none), whose log shows every request line: S3
 (moto) through the authenticated proxy in absolute form; Azure Blob
 (Azurite over https) through CONNECT with TLS to the origin checked against
@@ -25,8 +25,8 @@ import socket
 import pytest
 
 import vault_snapshot_agent as vsa
-from harness import (clear_cloud_env, error_lines, free_port, run_main, run_once,
-                     success_location, unique, verify_download)
+from support.harness import (clear_cloud_env, error_lines, free_port, run_main, run_once,
+                             success_location, unique, verify_download)
 
 BUCKET = "snapshots"
 CONTAINER = "snapshots"

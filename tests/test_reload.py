@@ -15,13 +15,12 @@ import os
 import signal
 import sys
 import threading
-import time
 
 import vault_snapshot_agent as vsa
-from agent_sim import START, ScriptedVault, fake_clock, run_daemon
-from fake_endpoints import FakeVault
-from fake_s3 import FakeS3
-from harness import FakeSignals, read, reaped, start_agent, stop, wait_for
+from support.agent_sim import START, ScriptedVault, fake_clock, run_daemon
+from support.fake_endpoints import FakeVault
+from support.fake_s3 import FakeS3
+from support.harness import FakeSignals, read, reaped, start_agent, stop, wait_for
 
 FAILED = "Config reload failed, keeping the running config:"
 RELOADED = "Config reloaded"
@@ -152,7 +151,7 @@ def test_a_secret_id_file_replaced_by_a_fifo_does_not_hang_the_login_past_a_stop
         worker = threading.Thread(target=lambda: results.append(agent.run_cycle()))
         worker.daemon = True
         worker.start()
-        time.sleep(0.5)
+        worker.join(0.5)                 # a fixed agent fails the cycle at once
         signals.request_stop()
         worker.join(3.0)
         hung = worker.is_alive()

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import vault_snapshot_agent as vsa
-from archives import write_archive
+from support.archives import write_archive
 
 
 def write_config(tmp_path, bao_cluster, approle, **extra):

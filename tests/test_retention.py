@@ -25,8 +25,8 @@ import os
 
 
 import vault_snapshot_agent as vsa
-from fake_s3 import BUCKET, FakeS3
-from harness import FakeSignals, captured_log
+from support.fake_s3 import BUCKET, FakeS3
+from support.harness import FakeSignals, captured_log
 
 UTC = vsa.UTC
 DAY = datetime.timedelta(days=1)

@@ -12,29 +12,14 @@ import signal
 import pytest
 
 import vault_snapshot_agent as vsa
-from cred_servers import ContainerCredentialsServer, ImdsServer
-from faultproxy import FaultProxy
-from harness import (read, run_once, start_agent, stop, success_location, verify_download,
-                     wait_for)
+from support.cred_servers import ContainerCredentialsServer, ImdsServer
+from support.faultproxy import FaultProxy
+from support.harness import (read, run_once, start_agent, stop, success_location, verify_download,
+                             wait_for)
 
-BUCKET = "snapshots"
+from support.storage_blocks import BUCKET, s3_block
 
-
-@pytest.fixture(autouse=True)
-def no_aws_env(monkeypatch, tmp_path):
-    for name in list(os.environ):
-        if name.startswith("AWS_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-
-
-def s3_block(moto, **extra):
-    block = {"access_key_id": moto.access_key_id, "secret_access_key": moto.secret_access_key,
-             "s3_endpoint": moto.endpoint, "s3_region": "us-east-1", "s3_bucket": BUCKET}
-    block.update(extra)
-    return {k: v for k, v in block.items() if v is not None}
+pytestmark = pytest.mark.usefixtures("no_aws_env")
 
 
 def run_agent(tmp_path, bao_cluster, approle, aws, local=True, **extra):
@@ -310,7 +295,7 @@ def test_web_identity_through_sts(moto, bao_cluster, approle, tmp_path, monkeypa
         moto.enable_auth()
     assert creds.source.startswith("web identity") and creds.token and creds.expires
     src = tmp_path / "s.snap"
-    from archives import write_archive
+    from support.archives import write_archive
     write_archive(str(src))
     info = vsa.verify_file(str(src))
     location = storage.upload(info, "raft_snapshot-20261127T000000.000Z.snap")

@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-import cred_servers
-import moto_s3
+from support import cred_servers
+from support import moto_s3
 
 
 # ------------------------------------------------------------------ moto

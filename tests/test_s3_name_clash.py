@@ -11,8 +11,8 @@ import os
 import pytest
 
 import vault_snapshot_agent as vsa
-from aws_fakes import S3Front
-from harness import FakeClock, FakeSignals
+from support.aws_fakes import S3Front
+from support.harness import FakeClock, FakeSignals
 
 BUCKET = "snapshots"
 MiB = 1024 * 1024

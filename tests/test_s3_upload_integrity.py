@@ -10,8 +10,8 @@ import os
 import pytest
 
 import vault_snapshot_agent as vsa
-from aws_fakes import FakeS3, md5_hex, multipart_etag
-from harness import FakeClock, FakeSignals
+from support.aws_fakes import FakeS3, md5_hex, multipart_etag
+from support.harness import FakeClock, FakeSignals
 
 NAME = "raft_snapshot-20261127T000000.000Z.snap"
 KEY = "raft_snapshots/" + NAME

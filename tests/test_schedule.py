@@ -39,11 +39,11 @@ import time
 import pytest
 
 import vault_snapshot_agent as vsa
-from agent_sim import (NOW, START, ScriptedVault, fake_clock, gaps, one_cycle, plant,
-                       run_daemon)
-from fake_endpoints import FakeVault
-from fake_s3 import FakeS3
-from harness import FakeSignals, clear_cloud_env, error_lines, read, run_main, snapshots
+from support.agent_sim import (NOW, START, ScriptedVault, fake_clock, gaps, one_cycle, plant,
+                               run_daemon)
+from support.fake_endpoints import FakeVault
+from support.fake_s3 import FakeS3
+from support.harness import FakeSignals, clear_cloud_env, error_lines, read, run_main, snapshots
 
 HOUR = 3600.0
 DAY = 24 * HOUR
@@ -155,8 +155,9 @@ def test_a_flapping_leader_does_not_storm_a_failing_storage(tmp_path):
     clock = fake_clock()
     with FakeS3(put_status=403) as s3, \
             ScriptedVault(clock, flapping) as vault:
-        _, log = run_agent(tmp_path, vault, clock, 6 * HOUR, leader_poll="30s",
-                           retry_interval="1m", local_storage=None,
+        _, log = run_agent(tmp_path, vault, clock, 3 * HOUR, leader_poll="30s",
+                           retry_interval="1m", local_storage=None, status_file=None,
+                           metrics_textfile=None,
                            temp_dir=str(tmp_path), aws_storage=s3.storage_block())
         taken = vault.snapshot_times()
         puts = s3.paths("PUT")
@@ -164,8 +165,10 @@ def test_a_flapping_leader_does_not_storm_a_failing_storage(tmp_path):
     assert "fake S3 refuses PUT" in log, log
     assert s3.objects == {}
     # Back-off 1m, 2m, 4m... up to the 1h frequency, whoever leads meanwhile:
-    # about a dozen snapshots in 6 hours, not one at every other flip (~180).
-    assert 6 <= len(taken) <= 14, (len(taken), taken)
+    # 8 snapshots in 3 hours (the last two an hour apart), not one at every
+    # other flip (~90).
+    assert 6 <= len(taken) <= 10, (len(taken), taken)
+    assert 3500 <= taken[-1] - taken[-2] <= 3700, taken
     assert len(puts) >= len(taken)
 
 
@@ -185,21 +188,21 @@ class ListFailingS3(FakeS3):
 
 @pytest.mark.parametrize("shape", ["static_name", "listing_fails"])
 def test_a_flapping_leader_does_not_snapshot_a_healthy_storage_at_every_flip(tmp_path, shape):
-    # frequency 24h; is_self flips every minute for 6 h; every upload works.
+    # frequency 24h; is_self flips every minute for 2 h; every upload works.
     # A static S3 name is never listed as a snapshot, and a failing listing
     # shows none, so each new leadership planned "no snapshot yet: due now".
     clock = fake_clock()
     server = FakeS3() if shape == "static_name" else ListFailingS3()
     extra = {"s3_static_snapshot_name": "vault.snap"} if shape == "static_name" else {}
     with server as s3, ScriptedVault(clock, flapping) as vault:
-        _, log = run_daemon(tmp_path, vault, clock, FakeSignals(clock, until=START + 6 * HOUR),
+        _, log = run_daemon(tmp_path, vault, clock, FakeSignals(clock, until=START + 2 * HOUR),
                             frequency="24h", leader_poll="30s", retry_interval="1m",
                             local_storage=None, temp_dir=str(tmp_path),
                             aws_storage=s3.storage_block(**extra))
         taken = vault.snapshot_times()
         puts = s3.paths("PUT")
     assert "Traceback" not in log, log
-    # Before the fix: 180 snapshots pulled and 180 PUTs in 6 h (one per flip).
+    # Before the fix: 60 snapshots pulled and 60 PUTs in 2 h (one per flip).
     assert len(taken) <= 2, (len(taken), len(puts), taken[:5])
 
 
@@ -210,12 +213,13 @@ def test_a_snapshot_redirected_while_sys_leader_says_is_self_does_not_cycle_at_e
     # and plan() made the storage due now: a full cycle every poll.
     clock = fake_clock()
     with ScriptedVault(clock, redirect=True) as vault:
-        _, log = run_daemon(tmp_path, vault, clock, FakeSignals(clock, until=START + 6 * HOUR),
+        _, log = run_daemon(tmp_path, vault, clock, FakeSignals(clock, until=START + 3 * HOUR),
                             frequency="1h", leader_poll="30s")
         taken = vault.snapshot_times()
     assert "Traceback" not in log, log
-    # Before the fix: 686 snapshot requests (and 686 "skipping" lines) in 6 h.
-    assert len(taken) <= 14, (len(taken), log.count("skipping"))
+    # Before the fix: 686 snapshot requests (and 686 "skipping" lines) in 6 h,
+    # one per poll; now 8 in 3 h.
+    assert len(taken) <= 10, (len(taken), log.count("skipping"))
 
 
 # =============================================================================

@@ -14,16 +14,16 @@ import time
 import pytest
 
 import vault_snapshot_agent as vsa
-from faults_support import (BUCKET, SEED, hidden, proxy_to, temp_files, verify_all,
-                            verify_bytes, write_config)
-from harness import read, start_agent, stop, wait_for
+from support.faults_support import (BUCKET, SEED, hidden, proxy_to, temp_files, verify_all,
+                                    verify_bytes, write_config)
+from support.harness import read, start_agent, stop, wait_for
 
 
 def test_wait_returns_at_once_on_sigterm():
     signals = vsa.Signals()
     assert signals.install()
     try:
-        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
+        timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM))
         timer.start()
         started = time.monotonic()
         signals.wait(30)
@@ -37,7 +37,7 @@ def test_sighup_sets_reload_and_wakes_the_wait():
     signals = vsa.Signals()
     signals.install()
     try:
-        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGHUP)).start()
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGHUP)).start()
         started = time.monotonic()
         signals.wait(30)
         assert time.monotonic() - started < 5
@@ -68,8 +68,8 @@ def test_abort_hook_runs_on_stop_and_only_inside_the_block():
 def test_wait_times_out_without_signals():
     signals = vsa.Signals()
     started = time.monotonic()
-    signals.wait(0.2)
-    assert 0.15 < time.monotonic() - started < 5
+    signals.wait(0.05)
+    assert 0.04 < time.monotonic() - started < 5
     signals.close()
 
 

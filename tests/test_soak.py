@@ -14,8 +14,8 @@ import time
 import pytest
 
 import vault_snapshot_agent as vsa
-from faults_support import hidden, verify_all, write_config
-from harness import error_lines, read, start_agent, stop, wait_for
+from support.faults_support import hidden, verify_all, write_config
+from support.harness import error_lines, read, start_agent, stop, wait_for
 
 CYCLES = 500
 

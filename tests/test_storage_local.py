@@ -16,9 +16,9 @@ import sys
 import pytest
 
 import vault_snapshot_agent as vsa
-from archives import write_archive
-from faults_support import GO_NAMES, MB, write_config
-from harness import AGENT, FakeSignals, error_lines, go_snapshot_name, run_main
+from support.archives import write_archive
+from support.faults_support import GO_NAMES, MB, write_config
+from support.harness import AGENT, FakeSignals, error_lines, go_snapshot_name, run_main
 
 UTC = vsa.UTC
 BASE = datetime.datetime(2026, 11, 27, 12, 0, 0, tzinfo=UTC)

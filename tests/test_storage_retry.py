@@ -8,7 +8,7 @@ their first requests with ``503`` + ``Retry-After``; waits go to a
 FakeSignals on a FakeClock, so nothing really sleeps.
 
 End to end: the real agent stores a real snapshot in each storage emulator
-(S3, Azure, GCS) through tests/faultproxy.py; a storm of 5xx answers, a
+(S3, Azure, GCS) through tests/support/faultproxy.py; a storm of 5xx answers, a
 reset or a slow store is retried to success, and a store that always fails
 is one ERROR line that keeps the local snapshot and every older object.
 """
@@ -22,11 +22,11 @@ import time
 import pytest
 
 import vault_snapshot_agent as vsa
-from faults_support import (GO_NAMES, MB, Backend, proxy_to, temp_files, verify_all,
-                            verify_bytes, write_config)
-from harness import FakeClock, FakeSignals, captured_log, error_lines, run_main
-from hostile_servers import AzureListServer, GcsListServer, S3ListServer
-from slow_servers import throttled
+from support.faults_support import (GO_NAMES, MB, Backend, proxy_to, temp_files, verify_all,
+                                    verify_bytes, write_config)
+from support.harness import FakeClock, FakeSignals, captured_log, error_lines, run_main
+from support.hostile_servers import AzureListServer, GcsListServer, S3ListServer
+from support.slow_servers import throttled
 
 LISTINGS = {"s3": S3ListServer, "azure": AzureListServer, "gcs": GcsListServer}
 
@@ -103,7 +103,7 @@ def test_no_back_off_is_near_zero():
 
 # =============================================================================
 # end to end: storage faults (5xx storms, resets, slow answers, permanent
-# failure) through tests/faultproxy.py in front of each storage emulator
+# failure) through tests/support/faultproxy.py in front of each storage emulator
 # =============================================================================
 
 

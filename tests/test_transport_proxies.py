@@ -17,10 +17,10 @@ import socket
 import pytest
 
 import vault_snapshot_agent as vsa
-from cred_servers import ContainerCredentialsServer
-from fake_endpoints import Endpoint, self_signed_cert
-from harness import FakeClock, run_main
-from slow_servers import RecordingProxy, TunnelProxy
+from support.cred_servers import ContainerCredentialsServer
+from support.fake_endpoints import Endpoint, self_signed_cert
+from support.harness import FakeClock, run_main
+from support.slow_servers import RecordingProxy, TunnelProxy
 
 ENV_PROXY = {"HTTP_PROXY": "http://env.proxy:3128", "HTTPS_PROXY": "http://env.proxy:3128"}
 EXPLICIT = "http://corp.proxy:3128"

@@ -1,5 +1,5 @@
 """Section "Vault client" against the real 3-node OpenBao cluster, with
-tests/faultproxy.py in between: redirects (the token never leaves for
+tests/support/faultproxy.py in between: redirects (the token never leaves for
 another origin, a loop ends, API calls are not redirected), a huge JSON
 answer refused with bounded memory, and Vault-side faults (a sealed node,
 the daemon's Vault restarting, the leader killed mid-snapshot: last, as
@@ -13,9 +13,9 @@ import time
 import pytest
 
 import vault_snapshot_agent as vsa
-from faults_support import MB, proxy_to, snapshot_gets, temp_files, verify_all, write_config
-from harness import (ROOT, error_lines, read, run_main, snapshots, start_agent, stop,
-                     wait_for)
+from support.faults_support import MB, proxy_to, snapshot_gets, temp_files, verify_all, write_config
+from support.harness import (ROOT, error_lines, read, run_main, snapshots, start_agent, stop,
+                             wait_for)
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
 

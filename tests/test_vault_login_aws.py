@@ -22,10 +22,10 @@ import tracemalloc
 import pytest
 
 import vault_snapshot_agent as vsa
-from aws_iam_standin import HostileEndpoint, VaultAwsIam, WebIdentitySts, go_name
-from cred_servers import ImdsServer
-from harness import FakeClock, captured_log
-from login_standin import VaultLoginStandIn
+from support.aws_iam_standin import HostileEndpoint, VaultAwsIam, WebIdentitySts, go_name
+from support.cred_servers import ImdsServer
+from support.harness import FakeClock, captured_log
+from support.login_standin import VaultLoginStandIn
 
 ACCOUNT = "123456789012"
 USER_ARN = "arn:aws:iam::%s:user/snapshot-agent" % ACCOUNT
@@ -132,7 +132,7 @@ def judged(payload, **standin):
     """What VaultAwsIam says of ``payload`` before any replay."""
     check = VaultAwsIam("http://127.0.0.1:9", {}, **standin)
     _, body, headers = decoded(payload)
-    from aws_iam_standin import _headers
+    from support.aws_iam_standin import _headers
     return check._validate(_headers(payload["iam_request_headers"]), body.decode())
 
 

@@ -20,12 +20,12 @@ import pytest
 
 import conftest
 import vault_snapshot_agent as vsa
-from azure_vm import MANAGEMENT_RESOURCE, RESOURCE_GROUP, SUBSCRIPTION, AzureVm, vault_azure_check
-from cred_servers import decode_jwt
-from fake_endpoints import Endpoint, FakeVault
-from harness import FakeClock, captured_log, error_lines, run_main, snapshots
-from login_standin import VaultLoginStandIn
-from slow_servers import EndlessServer, TrickleServer
+from support.azure_vm import MANAGEMENT_RESOURCE, RESOURCE_GROUP, SUBSCRIPTION, AzureVm, vault_azure_check
+from support.cred_servers import decode_jwt
+from support.fake_endpoints import Endpoint, FakeVault
+from support.harness import FakeClock, captured_log, error_lines, run_main, snapshots
+from support.login_standin import VaultLoginStandIn
+from support.slow_servers import EndlessServer, TrickleServer
 
 ROLE = "snapshot"
 USER_ASSIGNED = "6f1c2d3e-0000-4000-8000-00000000eeee"
@@ -35,7 +35,7 @@ MB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def tenant_key():
-    import rsa_keys
+    from support import rsa_keys
     return rsa_keys.make_rsa_key()
 
 
@@ -175,7 +175,7 @@ def _refusals(tenant_key, other_key):
                                   "expired token", "signed by another key",
                                   "another VM named by the keys", "a VM where a scale set is bound"])
 def test_a_login_vault_refuses_is_one_line(case, bao_cluster, tenant_key, tmp_path):
-    import rsa_keys
+    from support import rsa_keys
     vm, bindings, config, reason = _refusals(tenant_key, rsa_keys.make_rsa_key())[case]
     check = vault_azure_check(vm, role=ROLE, **(bindings or {}))
     code, log, stand_in = run_through_stand_in(bao_cluster, tmp_path, vm, check, **config)

@@ -17,13 +17,13 @@ import urllib.parse
 import pytest
 
 import vault_snapshot_agent as vsa
-from bad_configs import FAKE_PKCS1
-from cred_servers import GoogleTokenServer
-from gcp_login import GceIdentityServer, IamCredentialsServer, LeaderOnly, VaultGcpJudge
-from harness import FakeClock, captured_log, clear_cloud_env, error_lines, run_main
-from harness import snapshots as snapshot_names
-from login_standin import VaultLoginStandIn
-from slow_servers import EndlessServer, TrickleServer
+from support.bad_configs import FAKE_PKCS1
+from support.cred_servers import GoogleTokenServer
+from support.gcp_login import GceIdentityServer, IamCredentialsServer, LeaderOnly, VaultGcpJudge
+from support.harness import FakeClock, captured_log, clear_cloud_env, error_lines, run_main
+from support.harness import snapshots as snapshot_names
+from support.login_standin import VaultLoginStandIn
+from support.slow_servers import EndlessServer, TrickleServer
 
 ROLE = "snap-gcp"
 ACCOUNT = "vault-snap@proj-1.iam.gserviceaccount.com"
@@ -63,7 +63,7 @@ _KEYS = {}
 def session_key(name):
     """An RSA key made once per session (cryptography), by role."""
     if name not in _KEYS:
-        import rsa_keys
+        from support import rsa_keys
         _KEYS[name] = rsa_keys.make_rsa_key()
     return _KEYS[name]
 
@@ -75,7 +75,7 @@ class World:
     agent's keys for it (``config``) and Vault's judge."""
 
     def __init__(self, case, tmp_path, stack, clock=time.time, max_jwt_exp=900):
-        import rsa_keys
+        from support import rsa_keys
         self.case = case
         self.mds = stack.enter_context(GceIdentityServer(key=session_key("google"), clock=clock))
         self.oauth = None

@@ -10,7 +10,7 @@ import os
 import pytest
 
 import vault_snapshot_agent as vsa
-from harness import FakeClock, captured_log, run_main
+from support.harness import FakeClock, captured_log, run_main
 
 METHODS = ["jwt", "cert", "userpass", "ldap"]
 

@@ -7,7 +7,7 @@ Builds (or reuses, --file) a valid snapshot archive of about --mb MB (the
 same generator and cache file as s3_upload.py, in benchlib: gzip tar of meta.json,
 state.bin, SHA256SUMS, SHA256SUMS.sealed with incompressible state), checks
 it once with vsa.verify_file (untimed), starts a throw-away Azurite blob
-service on loopback (tests/azurite.py; HTTP, Shared Key checked, data on
+service on loopback (tests/support/azurite.py; HTTP, Shared Key checked, data on
 disk unless --azurite-in-memory), then uploads the file --runs times with
 each tool, interleaved (the order rotates per round):
 
@@ -38,7 +38,7 @@ Prints a Markdown table (medians; ratios against the node client with its
 defaults); --json FILE also writes the raw numbers.
 
 Usage (from the repo root; Azurite installed with
-``python tests/azurite.py install .venv/azurite``; the Node client in a
+``python tests/support/azurite.py install .venv/azurite``; the Node client in a
 scratch dir: ``mkdir -p /tmp/azblob-ref && cd /tmp/azblob-ref && npm init -y
 && npm install @azure/storage-blob``):
 
@@ -109,7 +109,7 @@ def node_module_version(moddir):
 # ----------------------------------------------------------------- bench
 
 def bench(args, workdir, spawner):
-    from azurite import Azurite, installed_version, DEFAULT_PREFIX
+    from support.azurite import Azurite, installed_version, DEFAULT_PREFIX
 
     node = find_node(args.node)
     moddir = os.path.abspath(args.node_modules)

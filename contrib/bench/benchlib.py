@@ -422,7 +422,7 @@ def _add_member(tar, name, size, source):
 def write_big_archive(path, state_size, index=4242, term=7, level=1):
     """Streams a valid snapshot archive (gzip tar of meta.json, state.bin
     with `state_size` random bytes, SHA256SUMS, SHA256SUMS.sealed; the
-    layout of tests/archives.py) to `path`, through a temporary name."""
+    layout of tests/support/archives.py) to `path`, through a temporary name."""
     import gzip
     import tarfile
     meta = json.dumps({"ID": "%d-%d-%d" % (term, index, MTIME), "Index": index, "Term": term,

@@ -6,7 +6,7 @@
 Builds (or reuses, --file) a valid snapshot archive of about --mb MB (the
 same generator and cache file as s3_upload.py, in benchlib), checks it once with
 vsa.verify_file (untimed), starts a throw-away gcp-storage-emulator
-(tests/gcs_emulators.py: in memory, single-threaded, HTTP/1.0, no auth
+(tests/support/gcs_emulators.py: in memory, single-threaded, HTTP/1.0, no auth
 checks; its resumable uploads behave like GCS's), then uploads the file
 --runs times with each tool, interleaved (the order rotates per round):
 
@@ -108,7 +108,7 @@ def ref_versions(ref_python):
 
 
 def bench(args, workdir, spawner, tools):
-    from gcs_emulators import GcsEmulator
+    from support.gcs_emulators import GcsEmulator
 
     ref_python = find_ref_python(args.ref_python)
     python = args.python or sys.executable

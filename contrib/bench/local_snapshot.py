@@ -2,7 +2,7 @@
 # SPDX-License-Identifier: MIT
 """Benchmark: one Raft snapshot to local disk, agent vs curl vs bao CLI.
 
-Starts a throw-away 3-node OpenBao cluster on loopback (tests/bao_cluster.py),
+Starts a throw-away 3-node OpenBao cluster on loopback (tests/support/bao_cluster.py),
 writes about --mb MiB of incompressible KV data, sets up the snapshot AppRole,
 then takes --runs snapshots with each tool, interleaved (the order rotates per
 round so no tool always goes first).  --mb also takes an increasing list
@@ -50,7 +50,7 @@ from benchlib import AGENT, MB, MIB
 
 sys.path.insert(0, benchlib.TESTS)
 
-from bao_cluster import BaoCluster, find_bao
+from support.bao_cluster import BaoCluster, find_bao
 
 TOOLS = ("curl", "agent", "agent-m", "bao")
 SCRUB = ("VAULT_", "BAO_")

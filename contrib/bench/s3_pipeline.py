@@ -2,8 +2,8 @@
 # SPDX-License-Identifier: MIT
 """Benchmark: the whole "snapshot a real cluster into S3" job, agent vs bao + aws CLI.
 
-Starts a throw-away 3-node OpenBao cluster on loopback (tests/bao_cluster.py)
-and moto's S3 server with signature and IAM checking ON (tests/moto_s3.py),
+Starts a throw-away 3-node OpenBao cluster on loopback (tests/support/bao_cluster.py)
+and moto's S3 server with signature and IAM checking ON (tests/support/moto_s3.py),
 writes about --mb MiB of incompressible KV data, then runs each job --runs
 times, interleaved (the order rotates per round), after one untimed round:
 
@@ -43,7 +43,7 @@ AWS CLI in its own: python3 -m venv /tmp/awscli-venv &&
 
     .venv/bin/python contrib/bench/s3_pipeline.py --mb 100 --runs 3
 
-Stdlib only (moto's botocore is used by tests/moto_s3.py for the set-up and
+Stdlib only (moto's botocore is used by tests/support/moto_s3.py for the set-up and
 the checks).  The cluster and moto are always stopped (also on Ctrl-C /
 SIGTERM) and the work directory removed unless --keep.
 """
@@ -60,9 +60,9 @@ from benchlib import AGENT, MB, MIB
 
 sys.path.insert(0, benchlib.TESTS)
 
-from bao_cluster import BaoCluster, find_bao
+from support.bao_cluster import BaoCluster, find_bao
 from local_snapshot import mib_list, settle
-from moto_s3 import MotoServer
+from support.moto_s3 import MotoServer
 
 JOBS = ("agent", "bao+aws")
 BUCKET = "snapshots"

@@ -6,8 +6,8 @@
 Builds (or reuses, --file) a valid snapshot archive of about --mb MB (the
 generator and cache file of s3_upload.py, in benchlib), checks it once with
 vsa.verify_file (untimed), starts a throw-away moto_server on loopback
-(tests/moto_s3.py; request signature and IAM checking ON) and a tinyproxy
-(tests/tinyproxy.py; BasicAuth, LogLevel Connect), then uploads the file
+(tests/support/moto_s3.py; request signature and IAM checking ON) and a tinyproxy
+(tests/support/tinyproxy.py; BasicAuth, LogLevel Connect), then uploads the file
 --runs times each way, interleaved (the order rotates per round):
 
   direct   python -c '... S3Storage.upload(SnapshotInfo(...))' with
@@ -64,7 +64,7 @@ SCRUB = ("AWS_", "VAULT_", "BAO_", "BENCH_SPEC", "HTTP_PROXY", "HTTPS_PROXY", "h
 
 def start_moto(workdir):
     """moto_server, set up, auth on; its big objects spool under workdir."""
-    from moto_s3 import MotoServer
+    from support.moto_s3 import MotoServer
     moto_tmp = os.path.join(workdir, "moto-tmp")
     os.makedirs(moto_tmp)
     moto = MotoServer(os.path.join(workdir, "moto"))
@@ -84,7 +84,7 @@ def tinyproxy_version(binary):
 # ----------------------------------------------------------------- bench
 
 def bench(args, workdir, spawner):
-    from tinyproxy import Tinyproxy, TinyproxyError, find_tinyproxy
+    from support.tinyproxy import Tinyproxy, TinyproxyError, find_tinyproxy
 
     try:
         tinyproxy_bin = find_tinyproxy(args.tinyproxy)

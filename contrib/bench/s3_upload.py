@@ -4,10 +4,10 @@
 
 Builds (or reuses, --file) a valid snapshot archive of about --mb MB
 (gzip tar of meta.json, state.bin, SHA256SUMS, SHA256SUMS.sealed, laid out
-like tests/archives.py but streamed to disk, with incompressible state),
+like tests/support/archives.py but streamed to disk, with incompressible state),
 checks it once with vsa.verify_file (untimed: that gives the SnapshotInfo
 the upload needs), starts a throw-away moto_server on loopback
-(tests/moto_s3.py) with request signature and IAM checking ON, then uploads
+(tests/support/moto_s3.py) with request signature and IAM checking ON, then uploads
 the file --runs times with each tool, interleaved (the order rotates per
 round):
 
@@ -119,7 +119,7 @@ def write_aws_files(workdir, args):
 # ----------------------------------------------------------------- bench
 
 def bench(args, workdir, spawner):
-    from moto_s3 import MotoServer
+    from support.moto_s3 import MotoServer
 
     aws = benchlib.find_aws(args.aws)
     python = args.python or sys.executable

@@ -9,7 +9,7 @@ of each of:
   version  python3 -I vault_snapshot_agent.py --version
   standby  python3 -I vault_snapshot_agent.py -c CFG --once
            against a standby node of a throw-away 3-node OpenBao cluster
-           (tests/bao_cluster.py): reads the config, asks sys/leader, logs
+           (tests/support/bao_cluster.py): reads the config, asks sys/leader, logs
            "Not running on leader node, skipping." and exits 0
   bao      bao version                        (the Go CLI, for scale)
 
@@ -46,7 +46,7 @@ from benchlib import AGENT
 
 sys.path.insert(0, benchlib.TESTS)
 
-from bao_cluster import BaoCluster, find_bao
+from support.bao_cluster import BaoCluster, find_bao
 
 SCRUB = ("VAULT_", "BAO_")
 SKIP_LINE = "Not running on leader node, skipping."

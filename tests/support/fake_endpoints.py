@@ -19,8 +19,8 @@ from ``azurite.make_self_signed_cert``).
 import json
 import threading
 
-from archives import build_archive
-from harness import LoopbackServer
+from support.archives import build_archive
+from support.harness import LoopbackServer
 
 __all__ = ["Request", "Endpoint", "FakeVault", "self_signed_cert"]
 
@@ -135,5 +135,5 @@ def self_signed_cert(directory):
     """(certfile, keyfile) of a fresh self-signed cert for 127.0.0.1 (the
     openssl CLI, as for Azurite over HTTPS); the key is an RSA-2048 PKCS#8
     PEM, usable as a service account's private_key too."""
-    from azurite import make_self_signed_cert
+    from support.azurite import make_self_signed_cert
     return make_self_signed_cert(str(directory))

@@ -48,7 +48,7 @@ import threading
 import urllib.parse
 import xml.etree.ElementTree as ET
 
-from harness import LoopbackServer
+from support.harness import LoopbackServer
 
 __all__ = ["VaultAwsIam", "WebIdentitySts", "HostileEndpoint", "go_name", "canonical_arn",
            "SERVER_ID_HEADER"]

@@ -1,5 +1,5 @@
 """Helpers for the tests that run the real agent against the real servers
-with faults injected (tests/faultproxy.py in between to cut, delay, reset or
+with faults injected (tests/support/faultproxy.py in between to cut, delay, reset or
 answer instead of a server), and check what an operator would see: exit
 codes, one clear log line, files and objects that exist and verify, nothing
 partial left anywhere, older snapshots never lost.
@@ -26,8 +26,8 @@ import os
 import re
 
 import vault_snapshot_agent as vsa
-from faultproxy import FaultProxy
-from harness import overridden, snapshots
+from support.faultproxy import FaultProxy
+from support.harness import overridden, snapshots
 
 SEED = int(os.environ.get("FAULTS_SEED", "20261127"))
 MB = 1024 * 1024

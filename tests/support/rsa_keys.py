@@ -29,7 +29,7 @@ import collections
 import json
 import os
 
-from harness import overridden
+from support.harness import overridden
 
 __all__ = ["RsaKey", "make_rsa_key", "service_account_json", "authorized_user_json",
            "write_json", "make_jwt", "b64url", "public_numbers", "PKCS8", "PKCS1"]

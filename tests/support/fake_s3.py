@@ -14,7 +14,7 @@ policy that denies writes).
 import re
 import urllib.parse
 
-from fake_endpoints import Endpoint
+from support.fake_endpoints import Endpoint
 
 __all__ = ["BUCKET", "FakeS3"]
 

@@ -37,7 +37,7 @@ import json
 import threading
 import time
 
-from cred_servers import DEFAULT_TENANT, AzureImdsServer, decode_jwt
+from support.cred_servers import DEFAULT_TENANT, AzureImdsServer, decode_jwt
 
 __all__ = ["AzureVm", "vault_azure_check", "MANAGEMENT_RESOURCE", "SUBSCRIPTION", "RESOURCE_GROUP"]
 

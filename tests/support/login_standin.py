@@ -26,8 +26,8 @@ import http.client
 import json
 import urllib.parse
 
-from bao_auth import write_snapshot_policy
-from harness import LoopbackServer
+from support.bao_auth import write_snapshot_policy
+from support.harness import LoopbackServer
 
 __all__ = ["VaultLoginStandIn"]
 

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tarfile
 
-from archives import build_archive
+from support.archives import build_archive
 
 BLOCK = 512
 END = b"\0" * (2 * BLOCK)                # end-of-archive marker

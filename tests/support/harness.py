@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 AGENT = os.path.join(ROOT, "vault_snapshot_agent.py")
 
 __all__ = ["free_port", "free_ports", "tail", "child_env", "pid_alive", "spawn", "ServerError",
@@ -433,7 +433,7 @@ class LoopbackServer:
 # ------------------------------------------------------- the agent daemon
 
 
-def wait_for(predicate, timeout, what, interval=0.05):
+def wait_for(predicate, timeout, what, interval=0.02):
     """Poll ``predicate`` until it returns something true (returned), or
     fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout

@@ -54,7 +54,7 @@ import os
 import time
 import uuid
 
-from cred_servers import _CredServer
+from support.cred_servers import _CredServer
 
 __all__ = ["TokenReviewServer", "ServiceAccount", "make_sa_jwt", "decode_claims",
            "TOKENREVIEW_PATH", "DEFAULT_AUDIENCE"]

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from harness import overridden
+from support.harness import overridden
 
 MISSING_FILE, DIRECTORY, UNREADABLE = "<missing>", "<directory>", "<unreadable>"
 

@@ -52,7 +52,7 @@ import sys
 import urllib.error as _urlerr
 import urllib.request as _urlreq
 
-from harness import ServerProcess, child_env
+from support.harness import ServerProcess, child_env
 
 __all__ = ["MotoServer", "MotoServerError", "find_moto_server", "ACCOUNT_ID", "policy_document",
            "REGION", "OTHER_REGION", "ROOT_ACCESS_KEY", "ROOT_SECRET_KEY"]

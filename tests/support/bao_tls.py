@@ -44,7 +44,7 @@ import os
 import ssl
 import urllib.request
 
-from bao_cluster import BaoCluster, _NoRedirect
+from support.bao_cluster import BaoCluster, _NoRedirect
 
 __all__ = ["BaoTlsCluster", "TlsFiles", "make_pki", "https_context", "NamedHTTPSHandler",
            "named_opener", "SERVER_NAME"]

@@ -86,7 +86,7 @@ import sys
 import http.client as _httpclient
 import urllib.parse as _urlparse
 
-from harness import ServerProcess, child_env
+from support.harness import ServerProcess, child_env
 
 __all__ = ["GcsEmulator", "GcsEmulatorError", "KINDS", "QUIRKS", "find_emulator",
            "md5_base64", "HttpResult"]

@@ -48,7 +48,7 @@ import os
 import time
 import uuid
 
-from bao_cluster import SNAPSHOT_POLICY_HCL
+from support.bao_cluster import SNAPSHOT_POLICY_HCL
 
 __all__ = ["AuthSetup", "CONFIG_KEYS", "setup_jwt", "setup_cert", "setup_userpass",
            "write_snapshot_policy", "enable_auth", "mint_jwt", "write_secret_file",
@@ -117,7 +117,7 @@ def mint_jwt(sign, aud=JWT_AUDIENCE, exp_in=300, sub="snapshot-agent", iss=JWT_I
     list; None leaves it out), ``exp`` = now + ``exp_in`` seconds (negative:
     already expired; None leaves it out), ``iat``/``nbf`` = now, ``sub``,
     ``iss``, plus ``claims``."""
-    from rsa_keys import make_jwt
+    from support.rsa_keys import make_jwt
 
     now = int(time.time() if now is None else now)
     body = {"sub": sub, "iss": iss, "iat": now, "nbf": now, "jti": uuid.uuid4().hex}
@@ -149,7 +149,7 @@ def setup_jwt(cluster, directory, role="snapshot-agent", mount="jwt", audience=J
     bound to ``audience`` and ``sub`` ``snapshot-agent``.  A valid token
     (expiring in ``exp_in`` s) is written to ``<directory>/jwt`` (the
     config's ``jwt_file``).  ``extra``: key, audience, issuer, role, mount."""
-    import rsa_keys
+    from support import rsa_keys
 
     key = key or rsa_keys.make_rsa_key(2048)
     policy = write_snapshot_policy(cluster)

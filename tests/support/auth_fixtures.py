@@ -23,8 +23,8 @@ import os
 
 import pytest
 
-import bao_auth
-import bao_cluster
+from support import bao_auth
+from support import bao_cluster
 
 _OWN_SECRETS = set()       # used when no conftest has a KNOWN_SECRETS set
 
@@ -55,7 +55,7 @@ def session_secrets(pytestconfig):
 def bao_tls(tmp_path_factory, session_secrets):
     """A 3-node OpenBao Raft cluster over TLS only (private CA, DNS-only
     server certificate: see bao_tls.py), shared by the session."""
-    import bao_tls as _bao_tls
+    from support import bao_tls as _bao_tls
     try:
         binary = bao_cluster.find_bao(os.environ.get("BAO_BIN"))
         import cryptography  # noqa: F401  (makes the PKI)
@@ -73,7 +73,7 @@ def bao_tls(tmp_path_factory, session_secrets):
 
 @pytest.fixture(scope="session")
 def _jwt_key(session_secrets):
-    import rsa_keys
+    from support import rsa_keys
     key = rsa_keys.make_rsa_key(2048)
     session_secrets.add(key.private_pem)
     return key

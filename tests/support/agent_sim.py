@@ -12,6 +12,9 @@ For the unit tests of the schedule, the leader poll, reloads and stops
 * ``ScriptedVault(clock, leader=..., redirect=..., on_leader=...)``: a
   FakeVault whose ``is_self`` follows the fake clock and which notes every
   request in ``timeline`` as (seconds since START, method, path);
+* ``StandbyVault``: a VaultClient stand-in (the Agent's ``vault_factory``)
+  that is never the leader and notes each ``is_leader()`` in the class's
+  ``calls`` as (monotonic time, frequency);
 * ``write_config(tmp_path, doc)``: ``tmp_path/c.json`` (mode 0600);
 * ``agent_config(tmp_path, vault, **config)``: the daemon's usual config
   (AppRole ``r``/``s``, hourly, no leader poll, local storage in
@@ -34,12 +37,13 @@ import logging
 import os
 
 import vault_snapshot_agent as vsa
-from archives import write_archive
-from fake_endpoints import FakeVault
-from harness import FakeClock, FakeSignals, captured_log, overridden
+from support.archives import write_archive
+from support.fake_endpoints import FakeVault
+from support.harness import FakeClock, FakeSignals, captured_log, overridden
 
 __all__ = ["START", "NOW", "LEADER", "LOGIN", "RENEW", "LOOKUP", "SNAPSHOT", "fake_clock",
-           "gaps", "plant", "ScriptedVault", "write_config", "agent_config", "run_daemon", "one_cycle"]
+           "gaps", "plant", "StandbyVault", "ScriptedVault", "write_config", "agent_config",
+           "run_daemon", "one_cycle"]
 
 START = 1000.0              # the fake clock's monotonic() when the agent starts
 NOW = datetime.datetime(2026, 1, 1, 0, 16, 40, tzinfo=vsa.UTC)
@@ -53,6 +57,19 @@ SNAPSHOT = "/v1/sys/storage/raft/snapshot"
 def fake_clock():
     """2026-01-01T00:16:40Z (``NOW``), monotonic() ``START``."""
     return FakeClock(NOW, START)
+
+
+class StandbyVault:
+    """Never the leader; every ``is_leader()`` is noted in ``StandbyVault.calls``
+    (a test resets it) as (the clock's monotonic time, the config's frequency)."""
+    calls = []
+
+    def __init__(self, cfg, clock=None, signals=None, env=None):     # as VaultClient
+        self.cfg, self.clock = cfg, clock
+
+    def is_leader(self):
+        StandbyVault.calls.append((self.clock.monotonic(), self.cfg.frequency))
+        return False
 
 
 def gaps(times):

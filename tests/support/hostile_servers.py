@@ -48,7 +48,7 @@ import time
 from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape as xml_escape
 
-from harness import LoopbackServer
+from support.harness import LoopbackServer
 
 __all__ = ["HostileServer", "S3ListServer", "AzureListServer", "GcsListServer",
            "GcsStuckSession", "snapshot_names", "BUCKET"]

@@ -149,7 +149,7 @@ import urllib.parse
 import uuid
 from urllib.parse import parse_qs, urlsplit
 
-from harness import LoopbackServer
+from support.harness import LoopbackServer
 
 __all__ = ["ImdsServer", "ContainerCredentialsServer", "RecordedRequest", "iso8601",
            "AzureImdsServer", "EntraTokenServer", "make_azure_jwt", "decode_jwt",

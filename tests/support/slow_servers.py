@@ -303,7 +303,7 @@ class EndlessServer:
 
         self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,))
         self.thread.daemon = True
 
     def _chunks(self):

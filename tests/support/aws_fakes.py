@@ -44,7 +44,7 @@ import re
 import threading
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from harness import LoopbackServer
+from support.harness import LoopbackServer
 
 __all__ = ["FakeS3", "S3Front", "StsServer", "BUCKET"]
 

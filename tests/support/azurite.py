@@ -3,7 +3,7 @@ package) on loopback for the Azure Blob storage tests, and talk to it with a
 small Shared Key / SAS client of our own.
 
 Stdlib only; works on Python 3.6+.  Node.js and the npm package are needed
-only to *run* Azurite: ``python tests/azurite.py install .venv/azurite``
+only to *run* Azurite: ``python tests/support/azurite.py install .venv/azurite``
 (= ``npm install --prefix .venv/azurite azurite@AZURITE_VERSION``).
 
 Typical use::
@@ -110,7 +110,9 @@ import xml.etree.ElementTree as ET
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote, unquote
 
-from harness import ServerProcess, child_env
+if not __package__:      # run as a script (python tests/support/azurite.py): tests/ on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support.harness import ServerProcess, child_env
 
 __all__ = [
     "Azurite", "AzuriteError", "AzureResponse", "find_azurite", "install_azurite",
@@ -130,7 +132,7 @@ SAS_VERSION = "2021-08-06"      # sv of the SAS tokens make_sas() builds
 DEFAULT_START_TIMEOUT = 30.0
 BIN_NAME = "azurite-blob"
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROOT_DIR = os.path.dirname(TESTS_DIR)
 DEFAULT_PREFIX = os.path.join(ROOT_DIR, ".venv", "azurite")
 
@@ -169,7 +171,7 @@ def find_azurite(path=None):
     for cand in candidates:
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return os.path.abspath(cand)
-    raise AzuriteError("azurite-blob not found (python tests/azurite.py install .venv/azurite)")
+    raise AzuriteError("azurite-blob not found (python tests/support/azurite.py install .venv/azurite)")
 
 
 def installed_version(prefix):

@@ -19,8 +19,8 @@ only ever stopped by PID.
 
 Command line (quick-start demo)::
 
-    python tests/bao_cluster.py up --dir DIR     # processes outlive the command
-    python tests/bao_cluster.py down --dir DIR   # kill the PIDs in DIR/cluster.json
+    python tests/support/bao_cluster.py up --dir DIR     # processes outlive the command
+    python tests/support/bao_cluster.py down --dir DIR   # kill the PIDs in DIR/cluster.json
 """
 
 import argparse
@@ -40,7 +40,9 @@ import time
 import urllib.error as _urlerr
 import urllib.request as _urlreq
 
-from harness import child_env, free_ports, pid_alive, spawn, tail
+if not __package__:      # run as a script (python tests/support/bao_cluster.py): tests/ on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support.harness import child_env, free_ports, pid_alive, spawn, tail
 
 __all__ = [
     "BaoCluster",

@@ -57,8 +57,8 @@ import threading
 import time
 import urllib.parse
 
-from cred_servers import GceMetadataServer, _CredServer
-from harness import LoopbackServer
+from support.cred_servers import GceMetadataServer, _CredServer
+from support.harness import LoopbackServer
 
 __all__ = ["GceIdentityServer", "IamCredentialsServer", "VaultGcpJudge", "LeaderOnly",
            "decode_jwt", "google_error"]

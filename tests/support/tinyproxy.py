@@ -47,7 +47,9 @@ import shutil
 import socket
 import sys
 
-from harness import ServerProcess, child_env
+if not __package__:      # run as a script (python tests/support/tinyproxy.py): tests/ on the path
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from support.harness import ServerProcess, child_env
 
 __all__ = ["Tinyproxy", "TinyproxyError", "find_tinyproxy", "request_lines"]
 
@@ -149,7 +151,7 @@ class Tinyproxy(ServerProcess):
 
     def config_text(self):
         lines = [
-            "# written by tests/tinyproxy.py",
+            "# written by tests/support/tinyproxy.py",
             "Listen 127.0.0.1",
             "Port %d" % self.port,
             "Timeout %d" % self.timeout,
@@ -209,7 +211,7 @@ class Tinyproxy(ServerProcess):
 
 
 def _main(argv):
-    """``python tests/tinyproxy.py [--auth USER PASSWORD]``: run one in the
+    """``python tests/support/tinyproxy.py [--auth USER PASSWORD]``: run one in the
     foreground until Ctrl-C (for trying a client by hand)."""
     import tempfile
     import time
