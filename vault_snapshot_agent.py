@@ -422,6 +422,24 @@ def one_line(text, limit=300):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def masked(error, secrets):
+    """The text of ``error`` with every credential in ``secrets`` (sent in
+    the request) shown as ``***``; when a server echoed part of one (a body
+    cut at 200 characters), the whole text is withheld."""
+    text = str(error)
+    for secret in secrets:
+        if not secret:
+            continue
+        for form in (secret, json.dumps(secret)[1:-1]):
+            # a short one only as a word of its own ("s" must not eat every s)
+            pattern = re.escape(form) if len(form) >= 8 else r"(?<!\w)%s(?!\w)" % re.escape(form)
+            text = re.sub(pattern, "***", text)
+        pieces = (secret[i:i + 12] for i in range(max(1, len(secret) - 11)))
+        if any(piece in text for piece in pieces if len(piece) >= 8):
+            return "the answer quoted the credential sent; not shown (HTTP status above)"
+    return text
+
+
 def parse_bool(text):
     """Go's strconv.ParseBool, as used for VAULT_SKIP_VERIFY."""
     lowered = text.strip().lower()
@@ -452,6 +470,19 @@ def expand_home(path, env):
     if path == "~" or path.startswith("~/"):
         return (env.get("HOME") or os.path.expanduser("~")) + path[1:]
     return os.path.expanduser(path)
+
+
+def read_at_most(handle, limit, chunk=65536):
+    """Up to ``limit`` bytes of ``handle``, read in chunks: ``read(limit)``
+    would allocate the whole limit up front even for a small file."""
+    parts, size = [], 0
+    while size < limit:
+        data = handle.read(min(chunk, limit - size))
+        if not data:
+            break
+        parts.append(data)
+        size += len(data)
+    return b"".join(parts)
 
 
 def read_secret_file(path, what):
@@ -1856,13 +1887,16 @@ class AwsCredentialChain:
         self._held = None                   # (error text, until monotonic) of a bad source
         self._lock = threading.Lock()      # upload workers share it: one refresh per expiry
 
-    def get(self):
+    def get(self, min_valid=0.0):
+        """Credentials valid for at least ``min_valid`` more seconds (a
+        login that another server replays later asks for a margin)."""
         with self._lock:
-            return self._get()
+            return self._get(min_valid)
 
-    def _get(self):
+    def _get(self, min_valid=0.0):
         cached, now = self._cached, self.clock.now()
-        if cached is not None and (cached.expires is None or now < self._refresh_at):
+        if cached is not None and (cached.expires is None or (
+                now < self._refresh_at and (cached.expires - now).total_seconds() > min_valid)):
             return cached
         if self._held is not None and self.clock.monotonic() < self._held[1]:
             raise StorageError(self._held[0])
@@ -1874,6 +1908,9 @@ class AwsCredentialChain:
             if creds is not None:
                 if self.role is not None:
                     creds = self._assume(creds, self.role)
+                if any(has_control(part) for part in (creds.access_key, creds.secret_key.reveal(),
+                                                      creds.token.reveal() if creds.token else "")):
+                    raise StorageError("AWS credentials from %s hold a control character" % creds.source)
                 if cached is None or cached.source != creds.source:
                     LOG.info("AWS credentials from %s", creds.source)
                 self._cached, self._refresh_at = creds, _refresh_time(creds.expires, now)
@@ -1903,8 +1940,10 @@ class AwsCredentialChain:
         with resp:
             data = resp.body()
             if resp.status != 200:
-                raise StorageError("STS AssumeRole of %s (with %s) refused: HTTP %d %s" % (
+                raise StorageError(masked("STS AssumeRole of %s (with %s) refused: HTTP %d %s" % (
                     role.arn, base.source, resp.status, _aws_error_line(data)),
+                    [base.token.reveal() if base.token else "",
+                     headers["Authorization"].rpartition("Signature=")[2]]),
                     retryable_status(resp.status))
         root = parse_xml(data, "STS AssumeRole")
         return self._from_fields(xml_text(root, "AccessKeyId"), xml_text(root, "SecretAccessKey"),
@@ -1940,8 +1979,8 @@ class AwsCredentialChain:
         with resp:
             data = resp.body()
             if resp.status != 200:
-                raise StorageError("STS AssumeRoleWithWebIdentity for %s failed: HTTP %d %s"
-                                   % (role, resp.status, _aws_error_line(data)))
+                raise StorageError(masked("STS AssumeRoleWithWebIdentity for %s failed: HTTP %d %s"
+                                          % (role, resp.status, _aws_error_line(data)), [jwt.reveal()]))
         root = parse_xml(data, "STS AssumeRoleWithWebIdentity")
         return self._from_fields(xml_text(root, "AccessKeyId"), xml_text(root, "SecretAccessKey"),
                                  xml_text(root, "SessionToken"), xml_text(root, "Expiration"),
@@ -2184,10 +2223,9 @@ def read_ini_section(path, section):
 def _aws_error_line(data):
     """'Code: Message' from an AWS XML error body, or a cut of the body."""
     root = parse_error_xml(data)
-    if root is None:
-        return one_line(data[:200].decode("utf-8", "replace"))
-    code, message = xml_text(root, "Code"), xml_text(root, "Message")
-    return "%s: %s" % (code, message) if code else one_line(data[:200].decode("utf-8", "replace"))
+    code, message = (xml_text(root, "Code"), xml_text(root, "Message")) if root is not None else (None, None)
+    text = "%s: %s" % (code, message) if code else data[:200].decode("utf-8", "replace")
+    return printable(one_line(text), 300)
 
 
 # =============================================================================
@@ -2224,11 +2262,11 @@ class BearerToken:
             return self._token
 
 
-def _oauth_answer(http, method, url, headers, body, what):
+def _oauth_answer(http, method, url, headers, body, what, secrets=()):
     """POST/GET a token endpoint; returns the JSON object or raises StorageError.
     The whole exchange is under the Http's deadline (request_timeout); an
     answer too large or too slow is that error, one that is not JSON an
-    empty object."""
+    empty object. ``secrets`` (sent in the request) are masked in errors."""
     try:
         resp = http.request(method, url, headers, body)
     except TransportError as exc:
@@ -2248,8 +2286,8 @@ def _oauth_answer(http, method, url, headers, body, what):
                 detail = data.get("error_description") or data.get("error") or data.get("message") or ""
                 if isinstance(detail, dict):    # Google APIs: {"error": {"code", "message", "status"}}
                     detail = detail.get("message") or detail.get("status") or ""
-            raise StorageError("%s: HTTP %d %s" % (what, resp.status, one_line(detail, 200)),
-                               retryable_status(resp.status))
+            raise StorageError("%s: HTTP %d %s" % (what, resp.status, masked(
+                printable(one_line(detail, 200), 300), secrets)), retryable_status(resp.status))
     if not isinstance(data, dict):
         raise StorageError("%s: answer is not a JSON object" % what)
     return data
@@ -2366,10 +2404,16 @@ def google_token_source(credentials_file, env, http, clock, metadata_host, scope
     raise ConfigError("credentials file %s: type %r is not supported (service_account or "
                       "authorized_user)" % (path, kind))
 
+MAX_CREDENTIALS_FILE = 1024 * 1024     # a key file is a few KiB
+
+
 def read_credentials_file(path):
     try:
         with open_regular(path, "r") as handle:
-            info = json.load(handle)
+            text = handle.read(MAX_CREDENTIALS_FILE + 1)
+        if len(text) > MAX_CREDENTIALS_FILE:
+            raise ConfigError("credentials file %s: larger than 1 MiB; not a key file?" % path)
+        info = json.loads(text)
     except OSError as exc:
         raise ConfigError("credentials file %s: cannot read: %s" % (path, exc.strerror or exc)) from exc
     except ValueError:
@@ -2778,10 +2822,12 @@ class AuthMethod(collections.namedtuple(
     __slots__ = ()
 
 
-Login = collections.namedtuple("Login", "mount payload user")
+Login = collections.namedtuple("Login", "mount payload user secrets")
+Login.__new__.__defaults__ = ((),)
 # POST auth/<mount>/login[/<user>] with the JSON ``payload``; its credentials
 # are Secrets, revealed only into the request body, and masked in any error
-# text that echoes them back.
+# text that echoes them back, as are ``secrets`` (strings inside the payload
+# that would be shown otherwise, e.g. a signature in a signed request).
 
 
 def _check_approle(top, values):
@@ -2878,6 +2924,7 @@ def _no_check(top, values):
 
 
 AWS_STS_GLOBAL = "https://sts.amazonaws.com"
+AWS_LOGIN_MARGIN = 60.0     # seconds the signing credentials must stay valid (Vault replays later)
 AWS_LOGIN_BODY = b"Action=GetCallerIdentity&Version=2011-06-15"
 AWS_SERVER_ID_HEADER = "X-Vault-AWS-IAM-Server-ID"
 
@@ -2924,9 +2971,15 @@ def _check_aws(top, values):
     endpoint = values["aws_sts_endpoint"]
     if endpoint:
         parts = urllib.parse.urlsplit(endpoint)
-        if parts.path not in ("", "/") or parts.query or parts.fragment:
+        if parts.path not in ("", "/") or "?" in endpoint or "#" in endpoint:
             raise top.error("aws_sts_endpoint", "must be an origin without a path, e.g. "
                                                 "https://sts.eu-west-1.amazonaws.com")
+        named = re.match(r"\Asts\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?\Z", parts.hostname or "")
+        if named and values["aws_sts_region"] and named.group(1) != values["aws_sts_region"]:
+            raise top.error("aws_sts_region", "%r contradicts aws_sts_endpoint %s"
+                            % (values["aws_sts_region"], endpoint))
+        if named:       # a regional STS accepts only its own region in the signature
+            values["aws_sts_region"] = named.group(1)
     values["aws_sts_endpoint"] = endpoint or aws_sts_url(values["aws_sts_region"])
 
 
@@ -2935,7 +2988,7 @@ def _aws_chain(cfg, runtime):
     role = None
     if cfg.aws_role_arn:
         role = AwsRole(cfg.aws_role_arn, None, default_session_name(), 3600)
-    http = Http(None, cfg.timeout, proxy=ProxyPolicy(None, runtime.env),
+    http = Http(None, cfg.timeout, proxy=cfg.proxy_policy,
                 deadline=cfg.request_timeout, signals=runtime.signals)
     return AwsCredentialChain(None, runtime.env, cfg.aws_sts_region or "us-east-1", cfg.aws_profile,
                               http, runtime.clock, imds_endpoint=cfg.aws_imds_endpoint,
@@ -2949,7 +3002,7 @@ def _aws_login(cfg, runtime, cache):
     if chain is None:
         chain = cache["aws_chain"] = _aws_chain(cfg, runtime)
     try:
-        creds = chain.get()
+        creds = chain.get(min_valid=AWS_LOGIN_MARGIN)     # Vault replays the request later
     except (StorageError, TransportError) as exc:
         raise VaultError("aws login at auth/%s: no AWS credentials to sign with: %s"
                          % (cfg.vault_auth_path, exc)) from exc
@@ -2958,7 +3011,10 @@ def _aws_login(cfg, runtime, cache):
     if cfg.vault_auth_role:
         payload["role"] = cfg.vault_auth_role
     payload["iam_request_headers"] = Secret(payload["iam_request_headers"])     # the signature
-    return Login(cfg.vault_auth_path, payload, None)
+    signed = json.loads(base64.b64decode(payload["iam_request_headers"].reveal()).decode("utf-8"))
+    signature = "".join(signed.get("Authorization", [""])).rpartition("Signature=")[2]
+    return Login(cfg.vault_auth_path, payload, None,
+                 [signature] + ([creds.token.reveal()] if creds.token else []))
 
 
 GCP_JWT_EXP_MAX = 3600.0        # Vault's gcp method refuses a JWT that lives longer
@@ -2973,6 +3029,10 @@ def _check_gcp(top, values):
     service account (default: the key file's ``client_email``), the key
     file checked now, and a JWT lifetime Vault accepts."""
     path, account = values["gcp_credentials_file"], values["gcp_service_account"]
+    host_re = r"\A(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z"
+    if not re.match(host_re, values["gcp_metadata_host"]):
+        raise top.error("gcp_metadata_host", "must be host or host:port (no scheme, no path), got %r"
+                        % values["gcp_metadata_host"])
     kind = values["gcp_auth_type"] or ("iam" if account or path else "gce")
     values["gcp_auth_type"] = kind
     if kind == "gce":
@@ -3012,7 +3072,7 @@ def _gcp_login(cfg, runtime, cache):
 
 def _gcp_http(cfg, runtime, cache):
     if "http" not in cache:
-        cache["http"] = Http(None, cfg.timeout, proxy=ProxyPolicy(None, runtime.env),
+        cache["http"] = Http(None, cfg.timeout, proxy=cfg.proxy_policy,
                              deadline=cfg.request_timeout, signals=runtime.signals)
     return cache["http"]
 
@@ -3076,10 +3136,11 @@ def _gcp_sign_jwt(cfg, runtime, cache, claims):
     url = "%s/v1/projects/-/serviceAccounts/%s:signJwt" % (cfg.gcp_iam_endpoint,
                                                           uri_encode(account, safe="@"))
     body = json.dumps({"payload": json.dumps(claims, separators=(",", ":"))}).encode("utf-8")
+    bearer = cache["token"].get().reveal()
     data = _oauth_answer(http, "POST", url, {
-        "Authorization": "Bearer " + cache["token"].get().reveal(),
+        "Authorization": "Bearer " + bearer,
         "Content-Type": "application/json", "Accept": "application/json"}, body,
-        "IAM signJwt for %s" % account)
+        "IAM signJwt for %s" % account, secrets=[bearer])
     jwt = data.get("signedJwt")
     if not isinstance(jwt, str) or not _JWT_RE.match(jwt):
         raise VaultError("IAM signJwt for %s: the answer has no signedJwt" % account)
@@ -3106,7 +3167,7 @@ def _azure_login(cfg, runtime, cache):
     call is one line naming the method and the mount."""
     try:
         if "token" not in cache:
-            http = Http(None, cfg.timeout, proxy=ProxyPolicy(None, runtime.env),
+            http = Http(None, cfg.timeout, proxy=cfg.proxy_policy,
                         deadline=cfg.request_timeout, signals=runtime.signals)
             identity = [(name, value) for name, value in (("client_id", cfg.azure_client_id),
                                                          ("object_id", cfg.azure_object_id)) if value]
@@ -3139,8 +3200,8 @@ def _azure_instance(cfg, http):
             raise StorageError("%s: answer has no compute object" % what)
         for field, name in AZURE_INSTANCE_FIELDS:
             value = found[field] or compute.get(name)
-            if value is not None and not isinstance(value, str):
-                raise StorageError("%s: compute.%s is not a string" % (what, name))
+            if value is not None and (not isinstance(value, str) or has_control(value)):
+                raise StorageError("%s: compute.%s is not a plain string" % (what, name))
             found[field] = value
         for field, name in AZURE_INSTANCE_FIELDS[:3]:
             if not (found[field] or field == "vm_name" and found["vmss_name"]):
@@ -3458,7 +3519,7 @@ def load_config(path, env=None):
     env = os.environ if env is None else env
     try:
         with open_regular(path, "rb") as handle:
-            data = handle.read(MAX_CONFIG_BYTES + 1)
+            data = read_at_most(handle, MAX_CONFIG_BYTES + 1)
             mode = os.fstat(handle.fileno()).st_mode
     except OSError as exc:
         raise ConfigError("config file %s: cannot read: %s" % (path, exc.strerror or exc)) from exc
@@ -3694,14 +3755,19 @@ class VaultClient:
             LOG.info("Using token auth, token TTL %s", self._ttl_text(data.get("ttl")))
             return
         method = self.method.name
-        mount, payload, user = self.method.login(self.cfg, self.runtime, self._login_cache)
+        try:
+            mount, payload, user, extra = self.method.login(self.cfg, self.runtime, self._login_cache)
+        except AgentError:
+            self._login_cache.clear()       # a refused credential is fetched again, never reused
+            raise
         self._token = None
         path = "/v1/auth/%s/login" % mount + ("/" + uri_encode(user, safe="") if user else "")
-        secrets = [v.reveal() for v in payload.values() if isinstance(v, Secret)]
+        secrets = [v.reveal() for v in payload.values() if isinstance(v, Secret)] + list(extra)
         body = dict((k, v.reveal() if isinstance(v, Secret) else v) for k, v in payload.items())
         try:
             answer = self._call("POST", path, body, token=False, namespace=True)
         except VaultError as exc:
+            self._login_cache.clear()
             raise VaultError("%s login at auth/%s failed: %s" % (method, mount, masked(exc, secrets)),
                              exc.status) from None
         except TransportError as exc:       # e.g. an answer that is not JSON, quoted
@@ -3835,24 +3901,6 @@ def _object(answer, what):
     return answer
 
 
-def masked(error, secrets):
-    """The text of ``error`` with every credential in ``secrets`` (sent in
-    the request) shown as ``***``; when a server echoed part of one (a body
-    cut at 200 characters), the whole text is withheld."""
-    text = str(error)
-    for secret in secrets:
-        if not secret:
-            continue
-        for form in (secret, json.dumps(secret)[1:-1]):
-            # a short one only as a word of its own ("s" must not eat every s)
-            pattern = re.escape(form) if len(form) >= 8 else r"(?<!\w)%s(?!\w)" % re.escape(form)
-            text = re.sub(pattern, "***", text)
-        pieces = (secret[i:i + 12] for i in range(max(1, len(secret) - 11)))
-        if any(piece in text for piece in pieces if len(piece) >= 8):
-            return "the answer quoted the credential sent; not shown (HTTP status above)"
-    return text
-
-
 def vault_error(resp):
     """A VaultError from a non-success Vault answer, with Vault's own messages."""
     try:
@@ -3872,7 +3920,7 @@ def vault_error(resp):
     if resp.status in (400, 403) and re.search(r"/login(/[^/]+)?\Z", path):
         hint = " (login refused: check the credentials and the role)"
     return VaultError("Vault answered HTTP %d to %s %s%s%s" % (
-        resp.status, resp.method, path, hint, (": " + one_line(detail)) if detail else ""),
+        resp.status, resp.method, path, hint, (": " + printable(one_line(detail), 300)) if detail else ""),
         resp.status)
 
 

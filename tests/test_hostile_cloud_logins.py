@@ -1,11 +1,10 @@
 """Section "Vault login methods", methods ``aws``, ``gcp`` and ``azure``,
 attacked: hostile metadata, IAM, STS and Vault answers on loopback, and
-users with a wrong config. Tests marked ``xfail(strict=True)`` show a bug
-(their reason says which); the others pin a defence that holds.
-
-The credentials the leak tests expect to see masked are deliberately NOT
-added to conftest.KNOWN_SECRETS while the bug stands (the session's
-secret scan would fail the whole run); each test checks its own log."""
+users with a wrong config. Each test holds a defect found in review (fixed
+with it: credentials quoted back by STS, IAM or Vault masked; a refused
+token fetched again; the login's token endpoints behind the configured
+proxy; a regional STS signed for its region; capped key files; plain
+metadata names) or a defence that held; each leak test checks its own log."""
 
 import base64
 import datetime
@@ -19,12 +18,12 @@ import urllib.parse
 import pytest
 
 import vault_snapshot_agent as vsa
-from azure_vm import AzureVm
-from bad_configs import EC_PKCS8, FAKE_PKCS1
-from fake_endpoints import Endpoint, FakeVault
-from harness import (FakeClock, clear_cloud_env, error_lines, reaped, run_main,
+from support.azure_vm import AzureVm
+from support.bad_configs import EC_PKCS8, FAKE_PKCS1
+from support.fake_endpoints import Endpoint, FakeVault
+from support.harness import (FakeClock, clear_cloud_env, error_lines, reaped, run_main,
                      start_agent, stop, wait_for)
-from slow_servers import RecordingProxy, TrickleServer
+from support.slow_servers import RecordingProxy, TrickleServer
 
 ROLE = "snap"
 ACCOUNT = "vault-snap@proj-1.iam.gserviceaccount.com"
@@ -96,8 +95,6 @@ def test_aws_region_naming_another_host_is_refused_at_load(tmp_path):
         assert code == 2 and "aws_sts_region" in error_lines(log)[0], log
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: aws_sts_endpoint 'https://sts.example.test?' passes the "
-                   "no-query check, and the URL sent to Vault gets query '/' that was never signed")
 def test_aws_endpoint_with_an_empty_query_is_sent_as_signed(tmp_path):
     try:
         _, url, _ = aws_login(tmp_path, keys_env(tmp_path), aws_sts_endpoint="https://sts.example.test?")
@@ -107,8 +104,6 @@ def test_aws_endpoint_with_an_empty_query_is_sent_as_signed(tmp_path):
     assert (parts.path, parts.query) == ("/", ""), url       # signed: path "/", no query
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: aws_sts_endpoint https://sts.eu-west-1.amazonaws.com "
-                   "without aws_sts_region is signed for us-east-1; STS refuses that scope")
 def test_aws_regional_endpoint_is_signed_for_its_own_region(tmp_path):
     try:
         _, url, headers = aws_login(tmp_path, keys_env(tmp_path),
@@ -157,9 +152,6 @@ class ContainerCreds(Endpoint):
                          "Expiration": expires.strftime("%Y-%m-%dT%H:%M:%SZ")}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the chain's refresh rule (CREDENTIAL_MIN_REUSE 10 s) lets "
-                   "a login be signed with credentials 1 s from expiry; Vault's replay can reach STS "
-                   "after they lapse (ExpiredToken)")
 def test_aws_login_is_not_signed_with_credentials_about_to_expire(tmp_path):
     clock = FakeClock(datetime.datetime(2026, 3, 1, 12, 0, 0, tzinfo=vsa.UTC))
     with ContainerCreds(clock, [11, 3600]) as creds:
@@ -176,9 +168,6 @@ def test_aws_login_is_not_signed_with_credentials_about_to_expire(tmp_path):
     assert min(left) >= 5, "signed with credentials %.1f s from expiry" % min(left)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a session token holding LF is signed and sent to Vault "
-                   "inside iam_request_headers (the header control check never sees it); it should "
-                   "be refused before signing")
 def test_aws_session_token_with_a_control_character_is_refused_before_signing(tmp_path):
     env = keys_env(tmp_path, AWS_SESSION_TOKEN="hostile-token\nX-Injected: 1")
     with pytest.raises(vsa.AgentError) as caught:
@@ -186,9 +175,6 @@ def test_aws_session_token_with_a_control_character_is_refused_before_signing(tm
     assert "\n" not in str(caught.value) and "hostile-token" not in str(caught.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: only the base64 header blob is masked in a login error; "
-                   "a Vault (or STS via Vault) quoting the decoded session token or signature gets "
-                   "them into the ERROR line")
 def test_aws_session_token_and_signature_quoted_by_vault_are_masked(monkeypatch, tmp_path):
     token = "IQoJb3JpZ2luSessionTokenHostileQuoted01"
 
@@ -214,9 +200,6 @@ def sts_quoting_the_token(request):
         "</Message></Error></ErrorResponse>" % form.get("WebIdentityToken"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: STS AssumeRoleWithWebIdentity errors are logged as STS "
-                   "wrote them; an STS (or a proxy page) quoting WebIdentityToken puts the pod's "
-                   "JWT into the ERROR line")
 def test_aws_web_identity_token_quoted_by_sts_is_masked(monkeypatch, tmp_path):
     jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJob3N0aWxlIn0.aG9zdGlsZS1zaWduYXR1cmUtd2ViaWQ"
     (tmp_path / "token").write_text(jwt)
@@ -331,9 +314,6 @@ def iam_quoting_the_bearer(request):
                                % request.headers.get("authorization")}}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: signJwt errors are logged as Google wrote them; an IAM "
-                   "endpoint (or proxy) quoting the Authorization header puts the cloud-platform "
-                   "access token into the ERROR line")
 def test_gcp_signjwt_error_quoting_the_bearer_token_is_masked(tmp_path):
     with MetadataAndIam(iam_quoting_the_bearer) as google, FakeVault() as vault:
         code, log = run_main("-c", write_config(tmp_path, addr=vault.url, **google.keys()), "--once")
@@ -362,9 +342,6 @@ def test_gcp_identity_redirect_is_not_followed(tmp_path):
     assert elsewhere.requests == [] and not [r for r in vault.requests if "/login" in r.path]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: gcp_metadata_host accepts 'http://host:port' (or a path); "
-                   "the agent then asks 'http://http://...' and resolves the name 'http'; it should "
-                   "be refused at load (host[:port] only)")
 @pytest.mark.parametrize("host", ["http://127.0.0.1:9", "127.0.0.1:9/computeMetadata", "127.0.0.1:9?x="])
 def test_gcp_metadata_host_that_is_not_host_port_is_refused_at_load(tmp_path, host):
     code, log = run_main("-c", write_config(tmp_path, vault_auth_method="gcp", vault_auth_role=ROLE,
@@ -387,9 +364,6 @@ def test_gcp_key_file_with_a_key_that_is_not_a_plain_rsa_pem_is_one_line_at_load
     assert "Traceback" not in log and "MIIsecret" not in log and "BEGIN" not in log
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: read_credentials_file has no size cap (secret files have "
-                   "64 KiB): a 100 MB key file is parsed whole, twice at load and again at each login "
-                   "(measured: 300 MiB peak, 0.5 s)")
 def test_gcp_huge_credentials_file_is_refused_without_parsing_it(tmp_path):
     path = tmp_path / "sa.json"
     with open(str(path), "w") as handle:
@@ -425,8 +399,6 @@ def signjwt_refusing_first(calls):
     return iam
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an access token signJwt refused (401) stays cached: every "
-                   "login for up to 55 min presents it again instead of fetching a new one")
 def test_gcp_access_token_signjwt_refused_is_fetched_again(tmp_path):
     calls = []
     with MetadataAndIam(signjwt_refusing_first(calls)) as google, FakeVault() as vault:
@@ -440,9 +412,6 @@ def test_gcp_access_token_signjwt_refused_is_fetched_again(tmp_path):
     assert calls[0] != calls[1], "the refused access token was presented again"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the login methods' own requests (signJwt, the OAuth "
-                   "token, STS) use only the environment's proxy: the top-level `proxy` key (and "
-                   "`\"direct\"`) is ignored, so a proxy-only host cannot reach iamcredentials/STS")
 def test_gcp_login_requests_go_through_the_configured_proxy(tmp_path):
     with RecordingProxy("refuse") as proxy, \
             MetadataAndIam(lambda r: (200, {}, {"signedJwt": "eyJh.eyJ4.c2ln"})) as google:
@@ -471,9 +440,6 @@ def test_azure_client_id_cannot_add_query_parameters(tmp_path):
     assert code == 1 and "Identity not found" in log
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an IMDS token Vault refuses (another resource's, expired, "
-                   "a hiccup) stays cached: every login for up to 55 min sends the same JWT again "
-                   "(measured: 4 logins over 40 min, 1 IMDS request)")
 def test_azure_token_vault_refused_is_not_sent_again(tmp_path):
     sent = []
 
@@ -494,9 +460,6 @@ def test_azure_token_vault_refused_is_not_sent_again(tmp_path):
     assert len(sent) == 2 and sent[0] != sent[1], "the refused token was sent again"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: instance metadata names are sent to Vault unchecked, and "
-                   "vault_error() keeps ESC (one_line, not printable): a name Vault quotes back puts "
-                   "a terminal escape into the ERROR line")
 def test_azure_instance_names_with_control_characters_do_not_reach_the_log(tmp_path):
     with AzureVm(vm_name="vault-1\x1b[31m\r\nFAKE ERROR line") as vm, \
             leader_and(lambda body: (400, {"errors": ["vm %s not found" % body.get("vm_name")]})) as vault:

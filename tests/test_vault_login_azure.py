@@ -243,7 +243,7 @@ def test_the_object_id_picks_the_identity_too(tmp_path):
     ((200, None, {"compute": {"subscriptionId": SUBSCRIPTION, "resourceGroupName": RESOURCE_GROUP}}),
      "answer has no compute.name (or set azure_vm_name)"),
     ((200, None, {"compute": {"subscriptionId": SUBSCRIPTION, "resourceGroupName": ["rg"],
-                              "name": "vault-1"}}), "compute.resourceGroupName is not a string"),
+                              "name": "vault-1"}}), "compute.resourceGroupName is not a plain string"),
     ((200, None, [1, 2]), "answer is not a JSON object"),
     ((200, {"Content-Type": "text/html"}, "<html>captive portal\n</html>"), "answer has no compute object"),
     ((400, None, {"error": "Bad request. api-version is invalid"}), "HTTP 400 Bad request."),
