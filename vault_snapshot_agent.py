@@ -3399,7 +3399,9 @@ TOP_KEYS = (
     Key("namespace", "name", env=_env_names("NAMESPACE"),
         doc="sent on the login call only (snapshots are a root-namespace operation)"),
     Key("proxy", "proxy", env=_env_names("PROXY_ADDR") + _env_names("HTTP_PROXY"),
-        doc="HTTP proxy for Vault (`http://[user:password@]host:port`) or `\"direct\"`; unset: "
+        doc="HTTP proxy for Vault and the login methods' token endpoints (STS, IAM signJwt, "
+            "Google OAuth; node-local metadata never) (`http://[user:password@]host:port`) or "
+            "`\"direct\"`; unset: "
             "`HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` as Go reads them, never for a loopback `addr`"),
     Key("ca_cert", "file", env=_env_names("CACERT"), doc="CA bundle for Vault's certificate"),
     Key("ca_path", "dir", env=_env_names("CAPATH"), doc="directory of CA certificates"),
