@@ -52,7 +52,7 @@ import pytest
 
 import vault_snapshot_agent as vsa
 from support.archives import write_archive
-from support.harness import FakeClock, LoopbackServer, clear_cloud_env, error_lines, run_once
+from support.harness import FakeClock, LoopbackServer, clear_cloud_env, error_lines, known_secrets, run_once
 
 UTC = datetime.timezone.utc
 BUCKET = "snapshots"
@@ -76,13 +76,6 @@ ROLE_SESSION_DEFAULT = "vault-snapshot-agent-" + socket.gethostname()
 def no_cloud_env(monkeypatch, tmp_path):
     """No AWS (or other cloud) variable of ours leaks into the in-process runs."""
     clear_cloud_env(monkeypatch, tmp_path)
-
-
-def known_secrets(*values):
-    """Add to the session's secret scan (conftest), if it is loaded."""
-    conftest = sys.modules.get("conftest")
-    if conftest is not None and hasattr(conftest, "KNOWN_SECRETS"):
-        conftest.KNOWN_SECRETS.update(v for v in values if v)
 
 
 # ----------------------------------------------------------------- helpers

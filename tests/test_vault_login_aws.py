@@ -15,7 +15,6 @@ import datetime
 import io
 import json
 import os
-import sys
 import time
 import tracemalloc
 
@@ -24,7 +23,7 @@ import pytest
 import vault_snapshot_agent as vsa
 from support.aws_iam_standin import HostileEndpoint, VaultAwsIam, WebIdentitySts, go_name
 from support.cred_servers import ImdsServer
-from support.harness import FakeClock, captured_log
+from support.harness import FakeClock, known_secrets, token_lifecycle
 from support.login_standin import VaultLoginStandIn
 
 ACCOUNT = "123456789012"
@@ -34,12 +33,6 @@ SERVER_ID = "vault.example.test"
 WHEN = datetime.datetime(2026, 11, 27, 21, 0, 5, tzinfo=datetime.timezone.utc)
 CREDS = vsa.AwsCredentials("ASIAEXAMPLEKEY000001", vsa.Secret("unit-secret/key+0000000000000000"),
                            vsa.Secret("unit-session-token"), None, "test")
-
-
-def known_secrets(*values):
-    conftest = sys.modules.get("conftest")
-    if conftest is not None and hasattr(conftest, "KNOWN_SECRETS"):
-        conftest.KNOWN_SECRETS.update(v for v in values if v)
 
 
 known_secrets("unit-secret/key+0000000000000000", "unit-session-token", "hostile-secret",
@@ -351,16 +344,7 @@ def test_the_token_is_renewed_then_a_new_login_follows(aws_login, moto, tmp_path
     env = env_keys(tmp_path, moto)
     cfg = vsa.load_config(write_config(tmp_path, addr=stand_in.url, vault_auth_role="snapshot-agent"),
                           env=env)
-    clock = FakeClock()
-    client = vsa.VaultClient(cfg, clock=clock, env=env)
-    with captured_log() as log:
-        client.ensure_token()
-        clock.advance(2500)
-        client.ensure_token()
-        clock.advance(7200)
-        client.ensure_token()
-        client.open_snapshot().close()
-    text = log.getvalue()
+    text = token_lifecycle(cfg, FakeClock(), env)
     assert text.count("Logged in with aws") == 2 and text.count("Renewed token") == 1, text
     assert check.callers == [USER_ARN, USER_ARN]
     assert text.count("AWS credentials from environment") == 1     # one chain per client

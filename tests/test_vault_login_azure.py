@@ -23,7 +23,7 @@ import vault_snapshot_agent as vsa
 from support.azure_vm import MANAGEMENT_RESOURCE, RESOURCE_GROUP, SUBSCRIPTION, AzureVm, vault_azure_check
 from support.cred_servers import decode_jwt
 from support.fake_endpoints import Endpoint, FakeVault
-from support.harness import FakeClock, captured_log, error_lines, run_main, snapshots
+from support.harness import FakeClock, error_lines, run_main, snapshots, token_lifecycle
 from support.login_standin import VaultLoginStandIn
 from support.slow_servers import EndlessServer, TrickleServer
 
@@ -127,16 +127,7 @@ def test_azure_login_renews_then_logs_in_again_with_a_new_imds_token(bao_cluster
     vm = AzureVm(key=tenant_key)
     with vm, VaultLoginStandIn(bao_cluster, "azure", vault_azure_check(vm, role=ROLE)) as stand_in:
         cfg = vsa.load_config(write_config(tmp_path, stand_in.url, vm.url), env={})
-        clock = FakeClock()
-        client = vsa.VaultClient(cfg, clock=clock, env={})
-        with captured_log() as log:
-            client.ensure_token()
-            clock.advance(2500)
-            client.ensure_token()
-            clock.advance(7200)
-            client.ensure_token()
-            client.open_snapshot().close()
-    text = log.getvalue()
+        text = token_lifecycle(cfg, FakeClock())
     assert text.count("Logged in with azure at auth/azure") == 2, text
     assert text.count("Renewed token") == 1, text
     assert len(stand_in.logins) == 2 and len(token_requests(vm)) == 2

@@ -10,7 +10,6 @@ everything after the login is the real cluster's. Failures of Google's side
 import contextlib
 import json
 import os
-import sys
 import time
 import urllib.parse
 
@@ -20,7 +19,8 @@ import vault_snapshot_agent as vsa
 from support.bad_configs import FAKE_PKCS1
 from support.cred_servers import GoogleTokenServer
 from support.gcp_login import GceIdentityServer, IamCredentialsServer, LeaderOnly, VaultGcpJudge
-from support.harness import FakeClock, captured_log, clear_cloud_env, error_lines, run_main
+from support.harness import FakeClock, clear_cloud_env, error_lines, known_secrets, run_main
+from support.harness import token_lifecycle
 from support.harness import snapshots as snapshot_names
 from support.login_standin import VaultLoginStandIn
 from support.slow_servers import EndlessServer, TrickleServer
@@ -35,13 +35,6 @@ CASES = ["iam-key", "iam-signjwt-metadata", "iam-signjwt-key", "gce"]
 @pytest.fixture(autouse=True)
 def no_cloud_env(monkeypatch, tmp_path):
     clear_cloud_env(monkeypatch, tmp_path)
-
-
-def known_secrets(*values):
-    """Add to the session's secret scan (conftest), if it is loaded."""
-    conftest = sys.modules.get("conftest")
-    if conftest is not None and hasattr(conftest, "KNOWN_SECRETS"):
-        conftest.KNOWN_SECRETS.update(v for v in values if v)
 
 
 def write_json(path, doc):
@@ -176,15 +169,7 @@ def test_each_type_renews_its_token_then_logs_in_again(case, bao_cluster, tmp_pa
     env = {"CLOUDSDK_CONFIG": str(tmp_path / "no-gcloud")}
     with world_and_stand_in(case, tmp_path, bao_cluster, clock=epoch) as (world, stand_in):
         cfg = vsa.load_config(write_config(tmp_path, stand_in.url, **world.config), env=env)
-        client = vsa.VaultClient(cfg, clock=clock, env=env)
-        with captured_log() as log:
-            client.ensure_token()
-            clock.advance(2500)
-            client.ensure_token()
-            clock.advance(7200)
-            client.ensure_token()
-            client.open_snapshot().close()
-        text = log.getvalue()
+        text = token_lifecycle(cfg, clock, env)
         assert text.count("Logged in with gcp at auth/gcp") == 2, text
         assert text.count("Renewed token") == 1, text
         first, second = [claims for _, claims in world.judge.accepted]

@@ -10,7 +10,7 @@ import os
 import pytest
 
 import vault_snapshot_agent as vsa
-from support.harness import FakeClock, captured_log, run_main
+from support.harness import FakeClock, run_main, token_lifecycle
 
 METHODS = ["jwt", "cert", "userpass", "ldap"]
 
@@ -57,16 +57,7 @@ def test_each_method_renews_its_token_then_logs_in_again(method, request, bao_tl
     # log in again once it is past its end; the token works after each step.
     setup = request.getfixturevalue(method + "_auth")
     cfg = vsa.load_config(write_config(bao_tls, setup, tmp_path), env={})
-    clock = FakeClock()
-    client = vsa.VaultClient(cfg, clock=clock, env={})
-    with captured_log() as log:
-        client.ensure_token()
-        clock.advance(2500)
-        client.ensure_token()
-        clock.advance(7200)
-        client.ensure_token()
-        client.open_snapshot().close()
-    text = log.getvalue()
+    text = token_lifecycle(cfg, FakeClock())
     assert text.count("Logged in with %s" % method) == 2, text
     assert text.count("Renewed token") == 1, text
     no_secret_in(text, setup)

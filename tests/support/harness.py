@@ -727,3 +727,29 @@ def go_snapshot_name(when):
 def unique(prefix):
     """``prefix`` and 8 random hex digits: a key prefix of its own."""
     return "%s-%s" % (prefix, os.urandom(4).hex())
+
+
+def token_lifecycle(cfg, clock, env=None):
+    """A VaultClient for ``cfg`` on ``clock`` (a FakeClock) through the token
+    lifecycle AppRole has, against a 1 h TTL: log in, renew after 2/3 of it,
+    log in again once past its end, then open the snapshot with the token.
+    Returns the log text."""
+    import vault_snapshot_agent as vsa
+    client = vsa.VaultClient(cfg, clock=clock, env={} if env is None else env)
+    with captured_log() as log:
+        client.ensure_token()
+        clock.advance(2500)
+        client.ensure_token()
+        clock.advance(7200)
+        client.ensure_token()
+        client.open_snapshot().close()
+    return log.getvalue()
+
+
+def known_secrets(*values):
+    """Add ``values`` to the session's secret scan (conftest.KNOWN_SECRETS),
+    when the conftest is loaded."""
+    import sys
+    conftest = sys.modules.get("conftest")
+    if conftest is not None and hasattr(conftest, "KNOWN_SECRETS"):
+        conftest.KNOWN_SECRETS.update(v for v in values if v)
