@@ -5352,8 +5352,12 @@ class S3Storage(Storage):
         headers = self._object_headers()
         if self.checksum:
             headers["x-amz-checksum-algorithm"] = "SHA256"
+        # A stop must not cut this request once sent: S3 may have created the
+        # upload whose id the answer brings, and only that id can abort it
+        # (an upload left behind costs storage until a lifecycle rule acts).
+        self.signals.check()
         _, data = self._request("POST", "CreateMultipartUpload on %s" % key, key,
-                                query=[("uploads", "")], headers=headers)
+                                query=[("uploads", "")], headers=headers, cleanup=True)
         upload_id = xml_text(parse_xml(data, "CreateMultipartUpload"), "UploadId")
         if not upload_id:
             raise StorageError("S3 CreateMultipartUpload on %s: answer has no UploadId" % key)
