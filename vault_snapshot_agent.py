@@ -3238,8 +3238,8 @@ AUTH_METHODS = collections.OrderedDict((method.name, method) for method in (
     AuthMethod("cert", (), "TLS certificate", "cert", "optional", (), _check_cert, _cert_login, None),
     AuthMethod("userpass", (), "user name and password", "userpass", None, PASSWORD_KEYS,
                _check_password, _password_login, None),
-    AuthMethod("ldap", (), "LDAP user name and password", "ldap", None, (), _check_password,
-               _password_login, None),
+    AuthMethod("ldap", (), "LDAP user name and password", "ldap", None, PASSWORD_KEYS,
+               _check_password, _password_login, None),
     AuthMethod("aws", (), "AWS IAM (a signed sts:GetCallerIdentity)", "aws", "optional", (
         Key("aws_iam_server_id", "name",
             doc="`aws`: the `X-Vault-AWS-IAM-Server-ID` header value, signed with the request (the "
@@ -3329,12 +3329,14 @@ AUTH_KEYS = (
     Key("vault_auth_path", "mount", aliases=("k8s_auth_path",),
         default_doc="the method's name (`kubernetes` for `k8s`; `approle`'s own key)",
         doc="where the auth method is mounted (also as `k8s_auth_path`)"),
-) + tuple(key for method in AUTH_METHODS.values() for key in method.keys)
+) + tuple(collections.OrderedDict((key.name, key) for method in AUTH_METHODS.values()
+                                       for key in method.keys).values())
 
 
-def check_auth(top, values):
+def check_auth(top, values, warn):
     """The login method's name (an alias resolved), its mount filled in,
-    and the credentials it needs checked (ConfigError naming the key)."""
+    and the credentials it needs checked (ConfigError naming the key); a key
+    of another method set in the file is warned about (ignored)."""
     name = values["vault_auth_method"]
     if name is None:
         # Drop-in default is AppRole; a token (file) alone selects token auth.
@@ -3347,6 +3349,15 @@ def check_auth(top, values):
         raise top.error("vault_auth_role", "required for %s login" % method.name)
     method.check(top, values)
     values["vault_auth_path"] = values["vault_auth_path"] or method.path
+    own = set(key.name for key in method.keys)
+    others = collections.OrderedDict()
+    for other in AUTH_METHODS.values():
+        for key in other.keys:
+            if key.name not in own and top.sources.get(key.name) == "config":
+                others.setdefault(key.name, []).append(other.name)
+    for name, users in others.items():
+        warn("%s is for %s login; ignored with vault_auth_method %s"
+             % (name, "/".join(users), method.name))
 
 
 # =============================================================================
@@ -3595,7 +3606,7 @@ def config_from_dict(raw, path="<config>", env=None, warnings=()):
     if "://" not in given:          # a bare host is fine for storages, not for Vault
         raise top.error("addr", "must be an http:// or https:// URL, got %r" % given)
     values = read_block(top, TOP_KEYS)
-    check_auth(top, values)
+    check_auth(top, values, warnings.append)
     metrics_bind = _check_outputs(top, values)
     tls = TlsOptions(values["ca_cert"], values["ca_path"], values["client_cert"],
                      values["client_key"], values["tls_server_name"], values["tls_skip_verify"])

@@ -128,3 +128,17 @@ def test_the_password_may_come_from_the_environment(tmp_path):
     cfg = vsa.load_config(str(path), env={"VAULT_AUTH_PASSWORD": "from-env"})
     assert cfg.password.reveal() == "from-env" and cfg.vault_auth_path == "userpass"
     assert cfg.describe()["password"] == "***"
+
+
+def test_a_key_of_another_login_method_is_warned_about_and_ignored(tmp_path):
+    config = {"addr": "http://127.0.0.1:8200", "role_id": "r", "secret_id": "s3cr3t-value",
+              "username": "alice", "jwt_file": str(tmp_path / "jwt"),
+              "local_storage": {"path": str(tmp_path / "s")}}
+    (tmp_path / "jwt").write_text("x.y.z\n")
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config))
+    os.chmod(str(path), 0o600)
+    code, log = run_main("-c", str(path), "--check-config")
+    assert code == 0, log
+    assert "username is for userpass/ldap login; ignored with vault_auth_method approle" in log
+    assert "jwt_file is for jwt login; ignored" in log
