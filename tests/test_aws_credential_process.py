@@ -48,6 +48,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.slow
 def test_a_helper_that_hangs_with_a_grandchild_holding_stdout_is_killed_on_time(tmp_path):
     pidfile = str(tmp_path / "grandchild.pid")
     aws = chain_for(tmp_path, "%s %s" % (helper(tmp_path, STUBBORN), pidfile), timeout=0.5)
@@ -153,6 +154,7 @@ os._exit(0)
 """
 
 
+@pytest.mark.slow
 def test_a_helper_that_answers_and_leaves_a_setsid_daemon_is_not_waited_for(tmp_path):
     # CredentialHelper's docstring: a helper that starts its own session
     # "is not waited for, only not killed". But the answer was read until

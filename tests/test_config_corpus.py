@@ -163,6 +163,7 @@ def _fuzz_config(rng):
     return config
 
 
+@pytest.mark.slow
 def test_config_fuzz_never_tracebacks_and_exits_0_or_2(tmp_path, corpus_files, capsys):
     rng = random.Random(SEED + 4)
     failures = {}

@@ -19,6 +19,7 @@ UNITS = [os.path.join(REPO, "contrib", "vault-snapshot-agent.service"),
          os.path.join(REPO, "contrib", "deploy", "vault-snapshot-agent-credentials.service")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", UNITS, ids=os.path.basename)
 def test_unit_runs_the_installed_module_from_cached_bytecode(path, tmp_path):
     """Sections "Status, metrics and systemd" and "Command line": installed as

@@ -232,6 +232,7 @@ print("%%.3f %%r" %% (spent, answer))
 """
 
 
+@pytest.mark.slow
 def test_the_metrics_thread_does_not_spin_while_accept_fails_for_lack_of_descriptors():
     """_MetricsLoop._accept returned on EMFILE with the connection still in
     the backlog, so select() reported the listener ready at once, again and
@@ -350,6 +351,7 @@ def _threads(pid):
         return int([line for line in status if line.startswith("Threads:")][0].split()[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
 def test_300_trickling_clients_cost_no_threads_and_scrapes_and_stops_stay_prompt(daemon):
     proc, _, port, _, logfile = daemon

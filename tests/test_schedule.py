@@ -151,6 +151,7 @@ def test_a_400_day_jump_ahead_and_its_correction_leave_no_gap(tmp_path):
 # =============================================================================
 
 
+@pytest.mark.slow
 def test_a_flapping_leader_does_not_storm_a_failing_storage(tmp_path):
     clock = fake_clock()
     with FakeS3(put_status=403) as s3, \
@@ -186,6 +187,7 @@ class ListFailingS3(FakeS3):
         return FakeS3.respond(self, request)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", ["static_name", "listing_fails"])
 def test_a_flapping_leader_does_not_snapshot_a_healthy_storage_at_every_flip(tmp_path, shape):
     # frequency 24h; is_self flips every minute for 2 h; every upload works.

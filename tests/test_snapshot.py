@@ -296,6 +296,7 @@ def test_hostile_200_answer_to_the_snapshot_request_is_rejected(bao_cluster, app
     assert "Traceback" not in log
     assert snapshots(snapdir) == [] and temp_files(snapdir) == []
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("isolated_env")
 @pytest.mark.parametrize("threaded", [False, True], ids=["one thread", "two threads"])
 @pytest.mark.parametrize("mode", ["random", "state", "pax", "bomb"])

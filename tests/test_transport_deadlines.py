@@ -104,6 +104,7 @@ def test_a_streamed_answer_is_held_to_the_idle_timeout_not_the_deadline():
     assert data == b" " * 8
 
 
+@pytest.mark.slow
 def test_an_upload_body_is_held_to_the_idle_timeout_and_its_answer_to_the_deadline():
     def slow_body():
         for _ in range(6):
@@ -128,6 +129,7 @@ def test_request_timeout_is_a_top_level_key_shown_by_check_config(tmp_path, caps
     assert "unknown config key" not in log
 
 
+@pytest.mark.slow
 def test_a_trickling_leader_check_fails_the_cycle_at_the_deadline(tmp_path):
     with TrickleServer("headers") as server:
         path = tmp_path / "c.json"
@@ -229,6 +231,7 @@ def test_a_request_started_after_the_stop_still_runs_under_its_deadline():
             assert resp.status == 200
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_trickling_leader_check_exits_0_at_once(tmp_path):
     with TrickleServer("headers", limit=15.0) as server:
         path = tmp_path / "c.json"
@@ -275,6 +278,7 @@ class RetentionHangS3(FakeS3):
         return FakeS3.respond(self, request)
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_retention_retry_exits_0_without_a_traceback(tmp_path):
     # A SIGTERM during a retention retry escaped the daemon loop as a
     # traceback (issue 18's review).
@@ -368,6 +372,7 @@ class StuckMultipartS3(Endpoint):
         return 500, {}, b"<Error><Code>InternalError</Code></Error>"
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_multipart_upload_whose_abort_hangs_exits_within_seconds(tmp_path):
     # A stop cuts the parts in flight; the AbortMultipartUpload that
     # follows started after the stop, so nothing cut it: it ran to the

@@ -231,6 +231,7 @@ def login_error(tmp_path, env, **config):
     ("expired", "still expired"),
     ("not_json", "not JSON"),
 ])
+@pytest.mark.slow
 def test_a_hostile_metadata_service_is_one_line_bounded_in_time_and_memory(tmp_path, mode, expect):
     with HostileEndpoint(mode) as imds:
         env = base_env(tmp_path, AWS_EC2_METADATA_DISABLED="false")
@@ -240,6 +241,7 @@ def test_a_hostile_metadata_service_is_one_line_bounded_in_time_and_memory(tmp_p
     assert elapsed < 8.0 and peak < 24 * 1024 * 1024, (elapsed, peak)
 
 
+@pytest.mark.slow
 def test_a_web_identity_sts_that_never_answers_is_one_line_within_the_deadline(tmp_path):
     token = tmp_path / "token"
     token.write_text("header.payload.signature")

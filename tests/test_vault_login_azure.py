@@ -263,6 +263,7 @@ def test_a_token_answer_without_a_usable_token_is_one_line(tmp_path, answer, rea
     assert "eyJ" not in log
 
 
+@pytest.mark.slow
 def test_a_slow_instance_metadata_answer_ends_at_the_request_timeout(tmp_path):
     with AzureVm() as vm:
         vm.instance_hold = True
@@ -276,6 +277,7 @@ def test_a_slow_instance_metadata_answer_ends_at_the_request_timeout(tmp_path):
     print("held instance metadata, request_timeout 1s: failed after %.2f s" % elapsed)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["headers", "body"])
 def test_a_trickling_token_answer_ends_at_the_request_timeout(tmp_path, mode):
     with TrickleServer(mode, interval=0.05) as imds:

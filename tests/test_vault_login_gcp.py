@@ -301,6 +301,7 @@ def test_a_metadata_server_answering_garbage_is_one_line(tmp_path, status, answe
     assert seconds < 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["silent", "headers", "body", "endless_headers", "endless_body"])
 def test_a_slow_or_endless_metadata_server_is_one_line_within_the_deadline(tmp_path, mode):
     server = EndlessServer("random", 1 << 30) if mode == "endless_body" else \
