@@ -65,7 +65,8 @@ def test_status_file_after_success_and_after_failure(bao_cluster, approle, tmp_p
     assert data["last_snapshot"]["sha256"] == info.sha256
     assert data["last_snapshot"]["size"] == info.size
     assert data["last_snapshot"]["raft_index"] == info.index
-    local = data["storages"]["local:%s" % (tmp_path / "snaps")]
+    local = data["storages"]["local"]
+    assert local["location"] == "local:%s" % (tmp_path / "snaps") and local["type"] == "local"
     assert local["successes"] == 1 and local["last_error"] is None
     samples = parse_prometheus(read(tmp_path / "agent.prom"))
     assert samples["vault_snapshot_is_leader"] == 1
@@ -107,7 +108,7 @@ def test_metrics_endpoint_is_prometheus_text(bao_cluster, approle, tmp_path):
     finally:
         assert stop(proc) == 0
     samples = parse_prometheus(text)
-    storage = 'storage="local:%s",type="local"' % (tmp_path / "snaps")
+    storage = 'storage="local:%s",type="local",name="local"' % (tmp_path / "snaps")
     assert samples["vault_snapshot_is_leader"] == 1
     assert samples["vault_snapshot_storage_successes_total{%s}" % storage] == 1
     assert samples["vault_snapshot_storage_failures_total{%s}" % storage] == 0
