@@ -5298,7 +5298,7 @@ class S3Storage(Storage):
                       or ("." in bucket and endpoint.startswith("https")))
         key_id = settings["access_key_id"]
         static = (AwsCredentials(key_id, settings["secret_access_key"], settings["session_token"],
-                                 None, "aws_storage keys") if key_id else None)
+                                 None, "%s keys" % (settings.block or cls.config_key)) if key_id else None)
         role = None
         if settings["role_arn"]:
             role = AwsRole(settings["role_arn"], settings["external_id"],
