@@ -22,7 +22,7 @@ import pytest
 import vault_snapshot_agent as vsa
 from support.harness import (go_snapshot_name, read, run_once, start_agent, stop, verify_download,
                              wait_for)
-from support.storage_blocks import BUCKET, s3_block
+from support.storage_blocks import BUCKET, CONTAINER, azure_key_block, s3_block
 
 pytestmark = pytest.mark.usefixtures("no_aws_env")
 
@@ -165,3 +165,28 @@ def test_after_a_restart_each_block_plans_from_its_own_names(moto, bao_cluster, 
     status = json.loads(read(tmp_path / "status.json"))
     assert status["storages"]["tier-b"]["successes"] == 1
     assert status["storages"].get("tier-a", {}).get("successes", 0) == 0
+
+
+def test_azure_and_gcs_lists_rotate_each_prefix_on_its_own(azurite, gcs, bao_cluster, approle,
+                                                           tmp_path, monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("AZURE_") or name in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"):
+            monkeypatch.delenv(name)
+    folder = unique_prefix("lists")
+    azure = [azure_key_block(azurite, prefix=folder, retain=1),
+             azure_key_block(azurite, prefix=folder, file_prefix="offsite", retain=2)]
+    google = [{"bucket": "snapshots", "endpoint": gcs.endpoint, "anonymous": True, "prefix": folder,
+               "name": "gcs-a", "file_prefix": "a", "retain": 1},
+              {"bucket": "snapshots", "endpoint": gcs.endpoint, "anonymous": True, "prefix": folder,
+               "name": "gcs-b", "file_prefix": "b", "retain": 2}]
+    for _ in range(3):
+        code, log = run_once(tmp_path, bao_cluster.leader().addr, approle, azure_storage=azure,
+                             google_storage=google)
+        assert code == 0, log
+    assert "Successfully created azure-2 snapshot to " in log and "Retention on gcs-b (gs://" in log
+    blobs = [b["name"] for b in azurite.list_blobs(CONTAINER, folder + "/")]
+    assert len(own(blobs, "raft_snapshot")) == 1 and len(own(blobs, "offsite")) == 2, blobs
+    assert len(blobs) == 3, blobs
+    objects = gcs.list_objects("snapshots", folder + "/")
+    assert len(own(objects, "a")) == 1 and len(own(objects, "b")) == 2 and len(objects) == 3, objects
+    verify_download(gcs.get_object("snapshots", own(objects, "a")[0]), tmp_path)
