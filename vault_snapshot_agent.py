@@ -121,14 +121,20 @@ DEFAULT_LEADER_POLL = "30s"          # sys/leader between cycles: a failover is 
 DEFAULT_K8S_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 SNAPSHOT_PATH = "/v1/sys/storage/raft/snapshot"
-SNAPSHOT_PREFIX = "raft_snapshot-"
+DEFAULT_FILE_PREFIX = "raft_snapshot"
 SNAPSHOT_SUFFIX = ".snap"
-# Our names: raft_snapshot-20261127T205239.123Z.snap (UTC, sorts by time as text).
+# Names are <file_prefix>-<time>.snap. Our time: 20261127T205239.123Z (UTC,
+# sorts by time as text); the Go agent's: <unix nanoseconds>. Neither holds a
+# "-", so a name splits at its last "-" in one way only: a block sees exactly
+# the names of its own prefix (prefix "raft" never sees raft_snapshot-...).
 # Whole ASCII names only: [0-9], not \d (fullwidth digits), and \Z, not $ (a
 # trailing newline).
-OWN_NAME_RE = re.compile(r"\Araft_snapshot-([0-9]{8}T[0-9]{6}\.[0-9]{3})Z\.snap\Z")
-# The Go agent's names: raft_snapshot-<unix nanoseconds>.snap.
-GO_NAME_RE = re.compile(r"\Araft_snapshot-([0-9]{1,20})\.snap\Z")
+SNAPSHOT_NAME_RE = re.compile(r"\A([A-Za-z0-9_.-]{1,64})-(?:([0-9]{8}T[0-9]{6}\.[0-9]{3})Z"
+                              r"|([0-9]{1,20}))\.snap\Z")
+# A file_prefix or a storage block's name: a safe charset; a prefix also
+# neither starts with "." or "-" (a hidden file, an option) nor ends in "-".
+FILE_PREFIX_RE = r"\A(?![.-])[A-Za-z0-9_.-]{1,64}(?<!-)\Z"
+STORAGE_NAME_RE = r"\A[A-Za-z0-9_.-]{1,64}\Z"
 # A listed name dated later than now plus this is planted or from a clock that
 # ran ahead: the schedule, retention and 'latest' ignore it, nothing deletes it.
 FUTURE_SKEW = 300.0
@@ -319,29 +325,28 @@ def format_size(num):
     return "%d B" % num  # pragma: no cover
 
 
-def snapshot_name(when):
+def snapshot_name(when, prefix=DEFAULT_FILE_PREFIX):
     """The name of a snapshot taken at ``when`` (an aware datetime)."""
     utc = when.astimezone(UTC)
-    return "%s%s.%03dZ%s" % (SNAPSHOT_PREFIX, utc.strftime("%Y%m%dT%H%M%S"),
-                             utc.microsecond // 1000, SNAPSHOT_SUFFIX)
+    return "%s-%s.%03dZ%s" % (prefix, utc.strftime("%Y%m%dT%H%M%S"), utc.microsecond // 1000,
+                              SNAPSHOT_SUFFIX)
 
 
-def parse_snapshot_name(name):
-    """The UTC time inside one of our or the Go agent's names, else None."""
-    match = OWN_NAME_RE.match(name)
-    if match:
+def parse_snapshot_name(name, prefix=DEFAULT_FILE_PREFIX):
+    """The UTC time inside a name of ours or the Go agent's with exactly
+    ``prefix``, else None."""
+    match = SNAPSHOT_NAME_RE.match(name)
+    if not match or match.group(1) != prefix:
+        return None
+    if match.group(2):
         try:
-            return datetime.datetime.strptime(match.group(1), "%Y%m%dT%H%M%S.%f").replace(tzinfo=UTC)
+            return datetime.datetime.strptime(match.group(2), "%Y%m%dT%H%M%S.%f").replace(tzinfo=UTC)
         except ValueError:
             return None
-    match = GO_NAME_RE.match(name)
-    if match:
-        nanos = int(match.group(1))
-        try:
-            return EPOCH + datetime.timedelta(microseconds=nanos // 1000)
-        except OverflowError:
-            return None
-    return None
+    try:
+        return EPOCH + datetime.timedelta(microseconds=int(match.group(3)) // 1000)
+    except OverflowError:
+        return None
 
 
 def redact_url(url):
@@ -2747,11 +2752,13 @@ _READERS = {
 
 class Settings(collections.abc.Mapping):
     """A block's effective values, by key, read-only; ``sources`` says where
-    each came from ("config", "env VAR", "default")."""
+    each came from ("config", "env VAR", "default"); ``block`` is where the
+    block stands in the file (``aws_storage``, ``aws_storage[2]``)."""
 
-    def __init__(self, values=(), sources=None):
+    def __init__(self, values=(), sources=None, block=""):
         self._values = collections.OrderedDict(values)
         self.sources = dict(sources or {})
+        self.block = block
 
     def __getitem__(self, name):
         return self._values[name]
@@ -3377,6 +3384,11 @@ TOP_KEYS = (
     Key("max_space", "size", 0,
         doc="also delete the oldest snapshots while the storage's snapshots add up to more than this "
             "(`\"500MB\"`, `\"20GiB\"`, bytes); the one just written is always kept; `0`: no cap"),
+    Key("file_prefix", "str", DEFAULT_FILE_PREFIX, pattern=(FILE_PREFIX_RE, "file prefix (1 to 64 of "
+        "A-Z a-z 0-9 _ . -, not starting with . or -, not ending in -)"),
+        doc="snapshots are named `<file_prefix>-<UTC time>.snap`; retention, `latest`, `list` and "
+            "the schedule only ever see names with exactly this prefix, so clusters can share a "
+            "bucket prefix or directory"),
     Key("jitter", "duration", "0s",
         doc="add a random delay up to this to every scheduled time, so a fleet spreads out"),
     Key("retry_interval", "duration", DEFAULT_RETRY_INTERVAL, minimum=1.0, zero_off=True,
@@ -3424,8 +3436,16 @@ TOP_KEYS = (
         doc="turn certificate verification off (warned about at start)"),
 )
 
-# Keys every storage block has, declared once: each defaults to the global value.
+# Keys every storage block has, declared once: each defaults to the global value
+# (name: to its kind, "aws"; in a list of blocks, kind and place, "aws-2").
 STORAGE_POLICY_KEYS = (
+    Key("name", "str", pattern=(STORAGE_NAME_RE, "storage name (1 to 64 of A-Z a-z 0-9 _ . -)"),
+        default_doc="the kind (`local`, `aws`, `azure`, `google`); in a list, kind-N (`aws-2`)",
+        doc="this block's name in logs, the status file, metrics, `list` and `--storage`; unique"),
+    Key("file_prefix", "str", default_doc="global `file_prefix`",
+        pattern=(FILE_PREFIX_RE, "file prefix (1 to 64 of A-Z a-z 0-9 _ . -, not starting with "
+                                 ". or -, not ending in -)"),
+        doc="names of this block's snapshots: `<file_prefix>-<UTC time>.snap`"),
     Key("retain", "int", maximum=MAX_RETAIN, default_doc="global `retain`",
         doc="snapshots to keep in this storage; `0` keeps all"),
     Key("retain_days", "int", maximum=MAX_RETAIN_DAYS, default_doc="global `retain_days`",
@@ -3518,7 +3538,11 @@ class Config:
         keys, then each storage block under its key."""
         described = show_block(TOP_KEYS, self.values)
         for cls, settings in self.storages:
-            described[cls.config_key] = show_block(cls.keys, settings)
+            shown = show_block(cls.keys, settings)
+            if settings.block.endswith("]"):            # a list of blocks: shown as a list
+                described.setdefault(cls.config_key, []).append(shown)
+            else:
+                described[cls.config_key] = shown
         return described
 
 
@@ -3584,6 +3608,9 @@ def _holds_secret(raw, names=None):
     for name, value in raw.items():
         if isinstance(value, dict) and _holds_secret(value, names):
             return True
+        if isinstance(value, list) and any(isinstance(item, dict) and _holds_secret(item, names)
+                                           for item in value):
+            return True
         if name in names and value not in (None, ""):
             return True
     return False
@@ -3631,22 +3658,73 @@ def config_from_dict(raw, path="<config>", env=None, warnings=()):
 
 def _read_storages(top, values, warn):
     """(Section, Storage class, Settings) of each storage block present, in
-    registry order; with ``align``, the jitter must stay in the first half of
+    registry order (a key's list in its order); names unique, no two blocks
+    at one place. With ``align``, the jitter must stay in the first half of
     each period (the next boundary is found half a period after a cycle's
     start, so a later start would skip a whole period)."""
     blocks = []
     for key, cls in STORAGE_TYPES.items():
-        section = top.section(key)
-        if section is not None:
-            blocks.append((section, cls, cls.read(section, values, warn)))
+        sections = _storage_sections(top, key)
+        for index, section in enumerate(sections, 1):
+            name = cls.kind if len(sections) == 1 and section.prefix == key + "." else \
+                "%s-%d" % (cls.kind, index)
+            blocks.append((section, cls, cls.read(section, values, warn, name)))
     if not blocks:
         raise ConfigError("no storage configured: add local_storage (or another *_storage block)")
+    _check_blocks_apart(blocks)
     shortest = min(settings["frequency"] for _, _, settings in blocks)
     if values["align"] and values["jitter"] >= shortest / 2.0:
         raise ConfigError("jitter: with align, must be less than half the shortest frequency "
                           "(%s), got %s" % (format_duration(shortest / 2.0),
                                             format_duration(values["jitter"])))
     return blocks
+
+
+def _storage_sections(top, key):
+    """The Sections of storage key ``key``: none when absent, one for an
+    object, one per item of a list (``aws_storage[1].``, counted from 1 as
+    the default names ``aws-1`` are)."""
+    top.seen.add(key)
+    value = top.raw.get(key)
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [Section(value, key + ".", top.env)]
+    if not isinstance(value, list):
+        raise top.error(key, "must be an object or a list of objects, got %s" % _json_type(value))
+    if not value:
+        raise top.error(key, "an empty list: give at least one block, or leave the key out")
+    sections = []
+    for index, item in enumerate(value, 1):
+        if not isinstance(item, dict):
+            raise ConfigError("%s[%d]: must be an object, got %s" % (key, index, _json_type(item)))
+        sections.append(Section(item, "%s[%d]." % (key, index), top.env))
+    return sections
+
+
+def _check_blocks_apart(blocks):
+    """Refuse two blocks with one name, a name that is another block's kind
+    (``--storage aws`` selects every aws block), and two blocks at one
+    place: their retentions would delete each other's snapshots."""
+    names, places = {}, {}
+    kinds = dict((alias, cls) for cls in STORAGE_TYPES.values()
+                 for alias in (cls.config_key,) + cls.aliases)
+    for section, cls, settings in blocks:
+        name, where = settings["name"], settings.block
+        if name in names:
+            raise ConfigError("%s.name and %s.name: both %r; storage names must be unique"
+                              % (names[name], where, name))
+        names[name] = where
+        of_kind = sum(1 for _, c, _ in blocks if c is cls)
+        if name in kinds and (kinds[name] is not cls or of_kind > 1):
+            raise section.error("name", "%r is the short name of every %s block (--storage %s); "
+                                "pick another" % (name, kinds[name].config_key, name))
+        place = cls.place(settings)
+        if place in places:
+            raise ConfigError("%s and %s: both store at %s; their retentions would delete each "
+                              "other's snapshots (give one another place or file_prefix)"
+                              % (places[place], where, place))
+        places[place] = where
 
 
 def _check_outputs(top, values):
@@ -4450,15 +4528,41 @@ class Storage:
         self.retain, self.retain_days, self.frequency, self.max_space = policy
         self.env, self.clock, self.signals = runtime.env, runtime.clock, runtime.signals
         self.settings = settings or Settings()
+        self.name = self.settings.get("name") or self.kind
+        self.file_prefix = self.settings.get("file_prefix") or DEFAULT_FILE_PREFIX
+
+    def new_name(self, when):
+        """The name of this block's snapshot taken at ``when``."""
+        return snapshot_name(when, self.file_prefix)
+
+    def parse_name(self, name):
+        """The time in ``name`` when it is one of this block's snapshot
+        names (its own ``file_prefix`` exactly), else None."""
+        return parse_snapshot_name(name, self.file_prefix)
+
+    def label(self):
+        """The storage in log lines: its location, after its name when the
+        block has one of its own (a single block of a kind keeps the lines
+        it always had)."""
+        return self.describe() if self.name == self.kind else "%s (%s)" % (self.name, self.describe())
 
     @classmethod
-    def read(cls, section, top, warn):
+    def read(cls, section, top, warn, name=None):
         """The block's Settings: every key of ``keys`` read (the policy keys
-        default to the global ones in ``top``), then checked together and
-        completed by ``complete``. ConfigError naming the key otherwise."""
-        values = read_block(section, cls.keys, dict((name, top[name]) for name in Policy._fields))
+        and ``file_prefix`` default to the global ones in ``top``, ``name``
+        to ``name`` or the kind), then checked together and completed by
+        ``complete``. ConfigError naming the key otherwise."""
+        inherited = dict((key, top[key]) for key in Policy._fields + ("file_prefix",))
+        inherited["name"] = name or cls.kind
+        values = read_block(section, cls.keys, inherited)
         cls.complete(section, values, warn)
-        return Settings(values, section.sources)
+        return Settings(values, section.sources, section.prefix.rstrip("."))
+
+    @classmethod
+    def place(cls, settings):
+        """Where the block's snapshots go, as one text: two blocks with the
+        same place would delete each other's snapshots (refused at load)."""
+        raise NotImplementedError
 
     @classmethod
     def complete(cls, section, values, warn):
@@ -4582,7 +4686,7 @@ class Storage:
         name = full[len(prefix):]
         if not full.startswith(prefix) or "/" in name:
             return None
-        when = parse_snapshot_name(name)
+        when = self.parse_name(name)
         return SnapshotRef(name, when, parse_listed_size(size)) if when is not None else None
 
     def pages(self, fetch, what, token_name):
@@ -4613,6 +4717,16 @@ class Storage:
     def staging_dir(self):
         """A directory where staging the download makes upload() cheap, or None."""
         return None
+
+
+def _object_place(scheme, endpoint, container, prefix, file_prefix):
+    """The place of an object store block (see Storage.place): endpoint host
+    in lower case, "folder" without surrounding slashes."""
+    parts = urllib.parse.urlsplit(endpoint)
+    prefix = prefix.strip("/")
+    return "%s://%s/%s (at %s://%s%s, file_prefix %s)" % (
+        scheme, container, prefix + "/" if prefix else "", parts.scheme, parts.netloc.lower(),
+        parts.path.rstrip("/"), file_prefix)
 
 
 def _unique_refs(storage, items):
@@ -4796,6 +4910,11 @@ class LocalStorage(Storage):
     def from_settings(cls, settings, cfg, runtime):
         return cls(settings["path"], cls.policy_of(settings), runtime, settings)
 
+    @classmethod
+    def place(cls, settings):
+        return "directory %s (file_prefix %s)" % (os.path.realpath(settings["path"]),
+                                                  settings["file_prefix"])
+
     def describe(self):
         return "local:%s" % self.path
 
@@ -4888,7 +5007,7 @@ class LocalStorage(Storage):
             raise StorageError("cannot list %s: %s" % (self.path, exc.strerror)) from exc
         refs = []
         for name in names:
-            when = parse_snapshot_name(name)
+            when = self.parse_name(name)
             if when is None:
                 continue
             full = os.path.join(self.path, name)
@@ -4902,8 +5021,8 @@ class LocalStorage(Storage):
 
     def delete(self, names):
         for name in names:
-            if parse_snapshot_name(name) is None:
-                raise StorageError("refusing to delete %r: not a snapshot name" % name)
+            if self.parse_name(name) is None:
+                raise StorageError("refusing to delete %r: not a snapshot name of this block" % name)
             try:
                 os.unlink(os.path.join(self.path, name))
             except OSError as exc:
@@ -5179,12 +5298,12 @@ class S3Storage(Storage):
                       or ("." in bucket and endpoint.startswith("https")))
         key_id = settings["access_key_id"]
         static = (AwsCredentials(key_id, settings["secret_access_key"], settings["session_token"],
-                                 None, "aws_storage keys") if key_id else None)
+                                 None, "%s keys" % (settings.block or cls.config_key)) if key_id else None)
         role = None
         if settings["role_arn"]:
             role = AwsRole(settings["role_arn"], settings["external_id"],
                            settings["role_session_name"], settings["role_duration"])
-        proxy = storage_proxy(settings, runtime, cls.config_key)
+        proxy = storage_proxy(settings, runtime, settings.block or cls.config_key)
         chain = AwsCredentialChain(static, runtime.env, region, settings["profile"], Http(
             None, 5.0, proxy=proxy, deadline=cfg.request_timeout, signals=runtime.signals),
                                    runtime.clock, role=role, signals=runtime.signals,
@@ -5203,6 +5322,13 @@ class S3Storage(Storage):
                    part_size=settings["part_size_mb"] * 1024 * 1024,
                    concurrency=settings["concurrency"], checksum=settings["s3_checksum"],
                    lock=(lock, settings["s3_object_lock_days"]) if lock else None)
+
+    @classmethod
+    def place(cls, settings):
+        static = settings["s3_static_snapshot_name"]
+        return _object_place("s3", settings["s3_endpoint"], settings["s3_bucket"],
+                             settings["s3_key_prefix"], settings["file_prefix"]) + (
+            " static name %s" % static if static else "")
 
     def describe(self):
         return "s3://%s/%s" % (self.bucket, self.list_prefix())
@@ -5671,7 +5797,7 @@ class AzureStorage(Storage):
     def from_settings(cls, settings, cfg, runtime):
         endpoint, mode = settings["endpoint"], settings["auth_mode"]
         tls = storage_tls(settings, endpoint)
-        proxy = storage_proxy(settings, runtime, cls.config_key)
+        proxy = storage_proxy(settings, runtime, settings.block or cls.config_key)
         token = None
         if mode in ("managed_identity", "workload_identity", "client_secret"):
             auth_http = Http(tls._replace(skip_verify=settings["auth_tls_skip_verify"]), 30.0,
@@ -5689,6 +5815,11 @@ class AzureStorage(Storage):
                    access_tier=settings["access_tier"],
                    block_size=settings["block_size_mb"] * 1024 * 1024,
                    concurrency=settings["concurrency"], page_size=settings["list_page_size"])
+
+    @classmethod
+    def place(cls, settings):
+        return _object_place("azure", settings["endpoint"], settings["container_name"],
+                             settings["prefix"], settings["file_prefix"])
 
     def describe(self):
         return "azure:%s/%s/%s" % (self.endpoint, self.container, self.list_prefix())
@@ -5935,7 +6066,7 @@ class GoogleStorage(Storage):
     def from_settings(cls, settings, cfg, runtime):
         endpoint = settings["endpoint"]
         tls = storage_tls(settings, endpoint)
-        proxy = storage_proxy(settings, runtime, cls.config_key)
+        proxy = storage_proxy(settings, runtime, settings.block or cls.config_key)
         token = None
         if settings["credentials_file"] or not settings["anonymous"]:
             auth_http = Http(tls._replace(skip_verify=settings["auth_tls_skip_verify"]), 30.0,
@@ -5944,7 +6075,8 @@ class GoogleStorage(Storage):
                 fetch, what = google_token_source(settings["credentials_file"], runtime.env,
                                                   auth_http, runtime.clock, settings["metadata_host"])
             except ConfigError as exc:
-                raise ConfigError("%s.credentials_file: %s" % (cls.config_key, exc)) from exc
+                raise ConfigError("%s.credentials_file: %s" % (settings.block or cls.config_key,
+                                                                 exc)) from exc
             token = BearerToken(fetch, runtime.clock, what)
         return cls(settings["bucket"], settings["prefix"].strip("/"), endpoint.rstrip("/"), token,
                    Http(tls, cfg.timeout, proxy=proxy, deadline=cfg.request_timeout,
@@ -5952,6 +6084,11 @@ class GoogleStorage(Storage):
                    storage_class=settings["storage_class"],
                    chunk_size=settings["chunk_size_mb"] * 1024 * 1024,
                    page_size=settings["list_page_size"])
+
+    @classmethod
+    def place(cls, settings):
+        return _object_place("gs", settings["endpoint"], settings["bucket"], settings["prefix"],
+                             settings["file_prefix"])
 
     def describe(self):
         return "gs://%s/%s" % (self.bucket, self.list_prefix())
@@ -6269,7 +6406,7 @@ def apply_retention(storage, keep, now=None):
     rules = [(rule, text) for rule, limit, text in rules if limit]
     if not rules or storage.retention_off():
         return []
-    refs = without_future(storage.list(), now, storage.describe())
+    refs = without_future(storage.list(), now, storage.label())
     max_age = datetime.timedelta(days=storage.retain_days) if storage.retain_days else None
     view = age_view(refs, keep, now, storage.frequency) if max_age else refs
     plan = retention_plan(view, storage.retain, keep, max_age, now, storage.max_space)
@@ -6279,11 +6416,11 @@ def apply_retention(storage, keep, now=None):
     own = [ref for ref in refs if ref.name == keep]
     if storage.max_space and own and own[0].size > storage.max_space:
         LOG.warning("Snapshot %s (%s) alone exceeds max_space=%s on %s; it is kept", keep,
-                    format_size(own[0].size), size_text(storage.max_space), storage.describe())
+                    format_size(own[0].size), size_text(storage.max_space), storage.label())
     doomed = list(plan)
     locked = (storage.delete(doomed) or []) if doomed else []
     doomed = [name for name in doomed if name not in locked]
-    LOG.info("Retention on %s: kept %d; deleted %d (%s)%s%s", storage.describe(),
+    LOG.info("Retention on %s: kept %d; deleted %d (%s)%s%s", storage.label(),
              len(refs) - len(doomed), len(doomed), ", ".join(
                  "%d by %s=%s" % (sum(1 for n in doomed if plan[n] == rule), rule, text)
                  for rule, text in rules),
@@ -6340,7 +6477,7 @@ class Status:
         self.last_snapshot = None      # dict
         self.is_leader = None
         self.cycles = collections.Counter()
-        self.storages = collections.OrderedDict()   # describe() -> dict
+        self.storages = collections.OrderedDict()   # storage name -> dict
         self.frequency = frequency
 
     def configured(self, frequency):
@@ -6357,8 +6494,9 @@ class Status:
         return was
 
     def storage(self, storage):
-        return self.storages.setdefault(storage.describe(), {
-            "type": storage.kind, "last_success": None, "last_snapshot": None,
+        return self.storages.setdefault(storage.name, {
+            "type": storage.kind, "location": storage.describe(), "last_success": None,
+            "last_snapshot": None,
             "last_error": None, "last_error_time": None, "successes": 0, "failures": 0,
             "failures_in_a_row": 0, "retention_error": None, "retention_failures": 0})
 
@@ -6385,23 +6523,23 @@ class Status:
             self.last_snapshot = collections.OrderedDict((
                 ("name", result.stored[0][1]), ("time", iso(started)), ("size", info.size),
                 ("sha256", info.sha256), ("raft_index", info.index), ("raft_term", info.term)))
-        stored = set(id(s) for s, _ in result.stored)
-        failed = dict((s.describe(), e) for s, e in getattr(result, "failures", ()))
+        stored = dict((id(s), name) for s, name in result.stored)
+        failed = dict((s.name, e) for s, e in getattr(result, "failures", ()))
         for storage in storages:
             entry = self.storage(storage)
             if id(storage) in stored:
                 entry["last_success"] = iso(ended)
-                entry["last_snapshot"] = result.stored[0][1]
+                entry["last_snapshot"] = stored[id(storage)]
                 entry["successes"] += 1
                 entry["failures_in_a_row"] = 0
-            elif storage.describe() in failed:
-                entry["last_error"] = failed[storage.describe()]
+            elif storage.name in failed:
+                entry["last_error"] = failed[storage.name]
                 entry["last_error_time"] = iso(ended)
                 entry["failures"] += 1
                 entry["failures_in_a_row"] += 1
-        retained = dict((s.describe(), e) for s, _, e in getattr(result, "retention", ()))
+        retained = dict((s.name, e) for s, _, e in getattr(result, "retention", ()))
         for storage, _ in result.stored:
-            self.record_retention(storage, retained.get(storage.describe()))
+            self.record_retention(storage, retained.get(storage.name))
 
     def as_json(self):
         return collections.OrderedDict((
@@ -6441,22 +6579,25 @@ class Status:
                    [((), self.last_snapshot["size"])])
             metric("vault_snapshot_last_raft_index", "gauge", "Raft index of the last stored snapshot.",
                    [((), self.last_snapshot["raft_index"] or 0)])
-        per = list(self.storages.items())
+        # storage (the location) and type as before, so dashboards keep working;
+        # name tells blocks of one kind apart (two buckets, two prefixes).
+        per = [((("storage", v["location"]), ("type", v["type"]), ("name", k)), v)
+               for k, v in self.storages.items()]
         metric("vault_snapshot_last_success_timestamp_seconds", "gauge",
                "Last time a snapshot was stored in this storage.",
-               [((("storage", k), ("type", v["type"])), _timestamp(_parse_iso(v["last_success"])))
-                for k, v in per])
+               [(labels, _timestamp(_parse_iso(v["last_success"])))
+                for labels, v in per])
         metric("vault_snapshot_storage_successes_total", "counter", "Snapshots stored.",
-               [((("storage", k), ("type", v["type"])), v["successes"]) for k, v in per])
+               [(labels, v["successes"]) for labels, v in per])
         metric("vault_snapshot_storage_failures_total", "counter",
                "Failed stores (retention failures are counted apart).",
-               [((("storage", k), ("type", v["type"])), v["failures"]) for k, v in per])
+               [(labels, v["failures"]) for labels, v in per])
         metric("vault_snapshot_retention_failures_total", "counter",
                "Retentions that failed (listing or deleting); the snapshot itself was stored.",
-               [((("storage", k), ("type", v["type"])), v["retention_failures"]) for k, v in per])
+               [(labels, v["retention_failures"]) for labels, v in per])
         metric("vault_snapshot_storage_consecutive_failures", "gauge",
                "Failed stores in a row (0 after a success).",
-               [((("storage", k), ("type", v["type"])), v["failures_in_a_row"]) for k, v in per])
+               [(labels, v["failures_in_a_row"]) for labels, v in per])
         return "\n".join(lines) + "\n"
 
     def summary(self):
@@ -6928,14 +7069,14 @@ class Agent:
         self.notifier = notifier
         self.rand = rand
         self.status = Status(self.clock)
-        self.due = {}          # storage.describe() -> monotonic time it is due
-        self.last_start = {}   # storage.describe() -> (aware datetime, monotonic) of its last cycle
-        self.failed_runs = {}  # storage.describe() -> failed uploads in a row
-        self.retry_at = {}     # storage.describe() -> monotonic time before which no retry starts
+        self.due = {}          # storage.name -> monotonic time it is due
+        self.last_start = {}   # storage.name -> (aware datetime, monotonic) of its last cycle
+        self.failed_runs = {}  # storage.name -> failed uploads in a row
+        self.retry_at = {}     # storage.name -> monotonic time before which no retry starts
         self.held = set()      # storages whose back-off outlasts a new leadership (see plan)
-        self.stored_at = {}    # storage.describe() -> (wall, monotonic) start of its last stored cycle
+        self.stored_at = {}    # storage.name -> (wall, monotonic) start of its last stored cycle
         self.leading = False   # the running cycle saw is_self: true
-        self.retention_retry = {}  # storage.describe() -> [monotonic due, kept name, failures]
+        self.retention_retry = {}  # storage.name -> [monotonic due, kept name, failures]
         self.next_poll = None  # monotonic time of the next leader poll; None: no polling
         self.cfg, self.storages = loader(self.runtime)
         self.vault = vault_factory(self.cfg, clock=self.clock, signals=self.signals,
@@ -6964,7 +7105,7 @@ class Agent:
         return "addr %s, every %s, storages: %s" % (
             self.cfg.addr, format_duration(self.cfg.frequency), ", ".join(
                 "%s (every %s, retain %s%s)" % (
-                    s.describe(), format_duration(s.frequency or self.cfg.frequency),
+                    s.label(), format_duration(s.frequency or self.cfg.frequency),
                     s.retain or "all", ", %d days" % s.retain_days if s.retain_days else "")
                 for s in self.storages))
 
@@ -6999,7 +7140,7 @@ class Agent:
 
     def due_at(self, storage):
         """When ``storage`` is next due, as an aware wall-clock datetime."""
-        return self._wall(self.due[storage.describe()])
+        return self._wall(self.due[storage.name])
 
     def _regular(self, started, frequency):
         """The regular next due time (monotonic) after a cycle begun at
@@ -7018,7 +7159,7 @@ class Agent:
         or unreachable at boot) ends with the node leading: due now."""
         now, mono = self.clock.now(), self.clock.monotonic()
         for storage in self.storages:
-            key, frequency = storage.describe(), self._frequency(storage)
+            key, frequency = storage.name, self._frequency(storage)
             if reloaded and key in self.last_start:
                 self.due[key] = min(self.due.get(key, mono), self._regular(self.last_start[key], frequency))
                 continue
@@ -7026,8 +7167,8 @@ class Agent:
             if newest is not None:
                 due = max(mono, self._mono(self.next_time(newest, frequency)))
                 if due > mono:
-                    LOG.info("Newest snapshot in %s is from %s: next one due %s", key, iso(newest),
-                             iso(self._wall(due)))
+                    LOG.info("Newest snapshot in %s is from %s: next one due %s", storage.label(),
+                             iso(newest), iso(self._wall(due)))
             if key in self.stored_at:     # what this agent stored itself (unlisted: a static name)
                 due = max(due, self._regular(self.stored_at[key], frequency))
             if self.failed_runs.get(key) and key in self.held:
@@ -7037,14 +7178,13 @@ class Agent:
     def _newest(self, storage, now):
         """The time of the newest snapshot in ``storage`` (None: none, or the
         listing failed, which is logged)."""
-        key = storage.describe()
         try:
-            refs = without_future(storage.list(), now, key)
+            refs = without_future(storage.list(), now, storage.label())
         except Stopped:
             return None             # the loop sees the stop
         except AgentError as exc:
             LOG.warning("Cannot list %s to plan the schedule (%s); snapshotting now",
-                        key, _error_text(exc))
+                        storage.label(), _error_text(exc))
             return None
         return max([ref.when for ref in refs]) if refs else None
 
@@ -7061,12 +7201,12 @@ class Agent:
         standby's skipped cycle keeps any back-off for when it leads again."""
         ended = self.clock.monotonic()
         if result.outcome == "failed" and result.snapshot is None:
-            failed = set(s.describe() for s in storages)      # before any upload: all of them
+            failed = set(s.name for s in storages)      # before any upload: all of them
         else:
-            failed = set(s.describe() for s, _ in result.failures)
+            failed = set(s.name for s, _ in result.failures)
         retries = []
         for storage in storages:
-            key, frequency = storage.describe(), self._frequency(storage)
+            key, frequency = storage.name, self._frequency(storage)
             self.last_start[key] = started
             regular = self._regular(started, frequency)
             if result.outcome == "skipped" and not self.leading:
@@ -7085,7 +7225,8 @@ class Agent:
             self.retry_at[key] = ended + self._backoff(runs, frequency)
             (self.held.add if self.leading else self.held.discard)(key)
             self.due[key] = min(regular, self.retry_at[key])
-            retries.append("%s at %s (%d failed in a row)" % (key, iso(self._wall(self.due[key])), runs))
+            retries.append("%s at %s (%d failed in a row)" % (storage.label(), iso(self._wall(self.due[key])),
+                                                             runs))
         if retries:
             LOG.warning("Retrying %s", "; ".join(retries))
         self._schedule_retention(result)
@@ -7094,12 +7235,12 @@ class Agent:
         """Note the retentions that failed (retried on their own) and those
         that ran again after an upload (done)."""
         for storage, _ in result.stored:
-            self.retention_retry.pop(storage.describe(), None)
+            self.retention_retry.pop(storage.name, None)
         for storage, kept, _ in result.retention:
             self._retention_failed(storage, kept)
 
     def _retention_failed(self, storage, kept):
-        key = storage.describe()
+        key = storage.name
         entry = self.retention_retry.setdefault(key, [0.0, kept, 0])
         entry[1], entry[2] = kept, entry[2] + 1
         if not self.cfg.retry_interval:
@@ -7107,13 +7248,13 @@ class Agent:
             return
         entry[0] = self.clock.monotonic() + self._backoff(entry[2], self._frequency(storage))
         LOG.warning("Retrying the retention of %s at %s (%d failed in a row; no new snapshot "
-                    "is taken for it)", key, iso(self._wall(entry[0])), entry[2])
+                    "is taken for it)", storage.label(), iso(self._wall(entry[0])), entry[2])
 
     def _retention_retries(self):
         """[(storage, [monotonic due, kept name, failures])] of the running
         storages with a retention to retry (a storage a reload removed has none)."""
-        return [(s, self.retention_retry[s.describe()]) for s in self.storages
-                if s.describe() in self.retention_retry]
+        return [(s, self.retention_retry[s.name]) for s in self.storages
+                if s.name in self.retention_retry]
 
     def retry_retentions(self):
         """Run the retentions whose retry is due, on the leader only; False
@@ -7130,9 +7271,9 @@ class Agent:
             leader = None
             LOG.warning("Retention retry: cannot ask sys/leader (%s)", _error_text(exc))
         for storage in due:
-            kept = self.retention_retry[storage.describe()][1]
+            kept = self.retention_retry[storage.name][1]
             if leader is False:
-                self.retention_retry.pop(storage.describe())   # the new leader's agent does it
+                self.retention_retry.pop(storage.name)   # the new leader's agent does it
                 continue
             try:
                 error = _retain(storage, kept) if leader else "sys/leader did not answer"
@@ -7140,7 +7281,7 @@ class Agent:
                 return True         # the loop sees the stop
             self.status.record_retention(storage, error)
             if error is None:
-                self.retention_retry.pop(storage.describe())
+                self.retention_retry.pop(storage.name)
             else:
                 self._retention_failed(storage, kept)
         self.report()
@@ -7210,18 +7351,18 @@ class Agent:
             if self.retry_retentions():
                 continue
             started = (self.clock.now(), self.clock.monotonic())
-            next_due = min(self.due[s.describe()] for s in self.storages)
+            next_due = min(self.due[s.name] for s in self.storages)
             self.status.planned(self._wall(next_due))
             if started[1] < next_due:
                 self._wait_for(min([next_due] + [entry[0] for _, entry in self._retention_retries()]))
                 continue
-            due = [s for s in self.storages if self.due[s.describe()] <= started[1]]
+            due = [s for s in self.storages if self.due[s.name] <= started[1]]
             result = self.run_cycle(due)
             if result.outcome == "stopped":
                 break
             self.schedule_after(result, due, started)
             self._schedule_poll()         # the cycle just checked leadership
-            self.status.planned(self._wall(min(self.due[s.describe()] for s in self.storages)))
+            self.status.planned(self._wall(min(self.due[s.name] for s in self.storages)))
             self.report()
         if self.notifier:
             self.notifier.notify("STOPPING=1")
@@ -7280,15 +7421,17 @@ class Agent:
                 resp.close()
         raise SnapshotError("no staging directory")     # pragma: no cover (the loop returns or raises)
 
-    def _store_everywhere(self, storages, info, name):
+    def _store_everywhere(self, storages, info, when):
         """Store in every storage at once (one slow store does not hold up the
-        others); [(storage, (stored?, error text or None))] in config order."""
+        others), each under its own name for ``when``; [(storage, (stored
+        name or None, error text or None, retention error or None))] in
+        config order."""
         self.signals.check()
         if len(storages) == 1:
-            return [(storages[0], _store_one(storages[0], info, name))]
+            return [(storages[0], _store_one(storages[0], info, when))]
         import concurrent.futures
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(storages)) as pool:
-            futures = [pool.submit(_store_one, s, info, name)
+            futures = [pool.submit(_store_one, s, info, when)
                        for s in storages]
             while not all(f.done() for f in futures):
                 concurrent.futures.wait(futures, timeout=0.5)   # lets the main thread take signals
@@ -7344,11 +7487,11 @@ class Agent:
         vault.ensure_token()
         storages, unprepared = _prepared(storages)
         if not storages:
-            return CycleResult("failed", None, [], ["%s: %s" % (s.describe(), e) for s, e in unprepared],
+            return CycleResult("failed", None, [], ["%s: %s" % (s.label(), e) for s, e in unprepared],
                                unprepared)
         if not vault.is_leader():      # re-checked right before the snapshot
             raise NotLeader("leadership moved during login")
-        name = snapshot_name(self.clock.now())
+        when = self.clock.now()
         started = self.clock.monotonic()
         info = self._download(vault, self._staging_dirs(storages))
         elapsed = max(self.clock.monotonic() - started, 1e-6)
@@ -7356,27 +7499,28 @@ class Agent:
                  format_size(info.size), info.index, info.term, info.sha256[:16],
                  format_duration(elapsed), format_size(info.size / elapsed))
         try:
-            results = self._store_everywhere(storages, info, name)
+            results = self._store_everywhere(storages, info, when)
         finally:
             _unlink_quietly(info.path)
         stored = [(s, named) for s, (named, _, _) in results if named]
         failures = unprepared + [(s, error) for s, (_, error, _) in results if error is not None]
         retention = [(s, named, error) for s, (named, _, error) in results if error is not None]
-        errors = ["%s: %s" % (s.describe(), e) for s, e in failures] + [
-            "%s: retention: %s" % (s.describe(), e) for s, _, e in retention]
+        errors = ["%s: %s" % (s.label(), e) for s, e in failures] + [
+            "%s: retention: %s" % (s.label(), e) for s, _, e in retention]
         outcome = "stored" if not failures else ("partial" if stored else "failed")
         return CycleResult(outcome, info, stored, errors, failures, retention)
 
 
-def _store_one(storage, info, name):
-    """Upload to one storage, then apply its retention. Returns (stored name
-    or None, upload error or None, retention error or None); raises Stopped.
-    Any other failure stays in this storage: one storage failing never
-    stops the others. A name another agent took in the same millisecond
-    (NameClash) is never overwritten: the next free millisecond is used."""
-    progress = Progress("Uploading to %s" % storage.describe(), info.size, storage.clock)
+def _store_one(storage, info, when):
+    """Upload to one storage under its name for ``when``, then apply its
+    retention. Returns (stored name or None, upload error or None, retention
+    error or None); raises Stopped. Any other failure stays in this storage:
+    one storage failing never stops the others. A name another agent took in
+    the same millisecond (NameClash) is never overwritten: the next free
+    millisecond is used."""
+    progress = Progress("Uploading to %s" % storage.label(), info.size, storage.clock)
     try:
-        location, name = _upload_named(storage, info, name, progress)
+        location, name = _upload_named(storage, info, storage.new_name(when), progress)
     except Stopped:
         raise
     except Exception as exc:
@@ -7384,9 +7528,9 @@ def _store_one(storage, info, name):
             raise Stopped("stop requested") from exc
         if not isinstance(exc, AgentError):
             LOG.debug("Traceback", exc_info=True)
-        LOG.error("Storing snapshot in %s failed: %s", storage.describe(), _error_text(exc))
+        LOG.error("Storing snapshot in %s failed: %s", storage.label(), _error_text(exc))
         return None, _error_text(exc), None
-    LOG.info("Successfully created %s snapshot to %s", storage.kind, location)
+    LOG.info("Successfully created %s snapshot to %s", storage.name, location)
     return name, None, _retain(storage, name)
 
 
@@ -7399,7 +7543,8 @@ def _upload_named(storage, info, name, progress, attempts=3):
         except NameClash as exc:
             if attempt == attempts - 1:
                 raise
-            taken, name = name, snapshot_name(parse_snapshot_name(name) + datetime.timedelta(milliseconds=1))
+            later = storage.parse_name(name) + datetime.timedelta(milliseconds=1)
+            taken, name = name, storage.new_name(later)
             LOG.warning("%s (another agent wrote %s at the same moment); storing as %s",
                         exc, taken, name)
     raise StorageError("no free snapshot name")      # pragma: no cover (the loop returns or raises)
@@ -7412,7 +7557,7 @@ def _retain(storage, keep):
     except Stopped:
         raise
     except AgentError as exc:
-        LOG.error("Retention on %s failed: %s", storage.describe(), _error_text(exc))
+        LOG.error("Retention on %s failed: %s", storage.label(), _error_text(exc))
         return _error_text(exc)
     return None
 
@@ -7428,7 +7573,7 @@ def _prepared(storages):
         except Stopped:
             raise
         except AgentError as exc:
-            LOG.error("Preparing %s failed: %s", storage.describe(), _error_text(exc))
+            LOG.error("Preparing %s failed: %s", storage.label(), _error_text(exc))
             failed.append((storage, _error_text(exc)))
     return ready, failed
 
@@ -7478,24 +7623,27 @@ def list_snapshots(storages):
         except Stopped:
             raise
         except AgentError as exc:
-            errors.append("%s: %s" % (storage.describe(), _error_text(exc)))
+            errors.append("%s: %s" % (storage.label(), _error_text(exc)))
     found.sort(key=lambda item: (item[1].when, item[1].name), reverse=True)
     return found, errors
 
 
 def _storage_help():
-    return "only this storage (%s, or the block's key)" % ", ".join(
-        "/".join(cls.aliases) for cls in STORAGE_TYPES.values())
+    return "only this storage: a block's name, or every block of a kind (%s, or the key)" % (
+        ", ".join("/".join(cls.aliases) for cls in STORAGE_TYPES.values()))
 
 
 def pick_storages(storages, wanted):
-    """The storages ``--storage`` names (a config key or a short name)."""
+    """The storages ``--storage`` names: every block of a kind (its config
+    key or a short name, as before names existed), else the block of that
+    name."""
     if not wanted:
         return storages
     chosen = [s for s in storages if wanted == s.config_key or wanted in s.aliases]
+    chosen = chosen or [s for s in storages if s.name == wanted]
     if not chosen:
         raise ConfigError("--storage %s: no such storage in the config (have: %s)"
-                          % (wanted, ", ".join(s.config_key for s in storages)))
+                          % (wanted, ", ".join(s.name for s in storages)))
     return chosen
 
 
@@ -7516,15 +7664,15 @@ def fetch_snapshot(storages, name, directory, output=None, now=None):
     candidates = [(s, r) for s, r in found if r.name == name]
     if not candidates:
         raise StorageError("snapshot %s not found in %s" % (
-            name, ", ".join(s.describe() for s in storages)))
+            name, ", ".join(s.label() for s in storages)))
     failed = []
     for storage, ref in candidates:
         try:
             return _fetch_copy(storage, ref, output or os.path.join(directory, ref.name)), storage
         except (StorageError, SnapshotError) as exc:
-            failed.append("%s: %s" % (storage.describe(), _error_text(exc)))
+            failed.append("%s: %s" % (storage.label(), _error_text(exc)))
             LOG.warning("The copy of %s in %s is damaged or missing: %s%s", ref.name,
-                        storage.describe(), _error_text(exc),
+                        storage.label(), _error_text(exc),
                         "; trying the next storage" if len(failed) < len(candidates) else "")
     raise StorageError("no intact copy of %s: %s" % (name, "; ".join(failed)))
 
@@ -7557,7 +7705,7 @@ def cmd_list(storages, out):
     found, errors = list_snapshots(storages)
     for storage, ref in found:
         out.write("%-24s  %-10s  %10s  %s\n" % (
-            ref.when.strftime("%Y-%m-%dT%H:%M:%SZ"), storage.kind, format_size(ref.size),
+            ref.when.strftime("%Y-%m-%dT%H:%M:%SZ"), storage.name, format_size(ref.size),
             ref.name))
     for line in errors:
         LOG.error("Listing failed: %s", line)
@@ -7567,7 +7715,7 @@ def cmd_list(storages, out):
 def cmd_download(storages, name, output, out, now=None):
     info, storage = fetch_snapshot(storages, name, os.getcwd(), output, now)
     out.write("%s  (from %s; verified: %s, Raft index %s term %s, sha256 %s)\n" % (
-        info.path, storage.describe(), format_size(info.size), info.index, info.term, info.sha256))
+        info.path, storage.label(), format_size(info.size), info.index, info.term, info.sha256))
     return EXIT_OK
 
 
@@ -7599,7 +7747,7 @@ def cmd_restore(cfg, storages, target, force, out, env=None, signals=None):
         if temp_dir:
             info, storage = fetch_snapshot(storages, target, temp_dir)
             LOG.info("Downloaded and verified %s from %s", os.path.basename(info.path),
-                     storage.describe())
+                     storage.label())
         vault = VaultClient(cfg, signals=signals, env=env)
         token = next((env[v].strip() for v in _env_names("TOKEN") if env.get(v, "").strip()), None)
         if token:
@@ -7759,8 +7907,8 @@ def _run(args, out=None, env=None):
 def _check_config(cfg, out):
     """Print the whole effective configuration (stdout, JSON) and where each
     value came from (the log: stderr)."""
-    sources = [("", cfg.sources)] + [(cls.config_key + ".", settings.sources)
-                                     for cls, settings in cfg.storages]
+    sources = [("", cfg.sources)] + [(settings.block + ".", settings.sources)
+                                     for _, settings in cfg.storages]
     out.write(json.dumps(cfg.describe(), indent=2) + "\n")
     from_env = ["%s%s (%s)" % (prefix, key, source[4:]) for prefix, block in sources
                 for key, source in sorted(block.items()) if source.startswith("env ")]

@@ -65,7 +65,8 @@ def test_status_file_after_success_and_after_failure(bao_cluster, approle, tmp_p
     assert data["last_snapshot"]["sha256"] == info.sha256
     assert data["last_snapshot"]["size"] == info.size
     assert data["last_snapshot"]["raft_index"] == info.index
-    local = data["storages"]["local:%s" % (tmp_path / "snaps")]
+    local = data["storages"]["local"]
+    assert local["location"] == "local:%s" % (tmp_path / "snaps") and local["type"] == "local"
     assert local["successes"] == 1 and local["last_error"] is None
     samples = parse_prometheus(read(tmp_path / "agent.prom"))
     assert samples["vault_snapshot_is_leader"] == 1
@@ -107,7 +108,7 @@ def test_metrics_endpoint_is_prometheus_text(bao_cluster, approle, tmp_path):
     finally:
         assert stop(proc) == 0
     samples = parse_prometheus(text)
-    storage = 'storage="local:%s",type="local"' % (tmp_path / "snaps")
+    storage = 'storage="local:%s",type="local",name="local"' % (tmp_path / "snaps")
     assert samples["vault_snapshot_is_leader"] == 1
     assert samples["vault_snapshot_storage_successes_total{%s}" % storage] == 1
     assert samples["vault_snapshot_storage_failures_total{%s}" % storage] == 0
@@ -192,8 +193,9 @@ def test_sd_notify_ready_status_watchdog_reloading_stopping(bao_cluster, approle
 @pytest.mark.slow
 def test_per_storage_frequencies_over_a_simulated_day(bao_cluster, approle, tmp_path):
     config = write_config(tmp_path, bao_cluster.leader().addr, approle, frequency="24h",
-                          local_storage={"path": str(tmp_path / "hourly"), "frequency": "1h",
-                                         "retain_days": 1})
+                          local_storage=[{"path": str(tmp_path / "hourly"), "frequency": "1h",
+                                          "retain_days": 1},
+                                         {"path": str(tmp_path / "daily")}])     # the global 24h
     raw = json.loads(read(config))
     # Wall time that only moves when the agent waits, for one day less a
     # second: the stop then always comes before the cycle due at 24:00, however
@@ -203,10 +205,8 @@ def test_per_storage_frequencies_over_a_simulated_day(bao_cluster, approle, tmp_
 
     def loader(runtime):
         cfg, storages = vsa.load_all(config, runtime)
-        assert storages[0].frequency == 3600 and cfg.frequency == 86400
-        daily = vsa.LocalStorage(str(tmp_path / "daily"),                   # a second storage at 24h
-                                 vsa.Policy(0, 0, cfg.frequency), runtime)
-        return cfg, storages + [daily]
+        assert [s.frequency for s in storages] == [3600, 86400] and cfg.frequency == 86400
+        return cfg, storages
     agent = vsa.Agent(loader, clock=clock, signals=signals)
     agent.run_forever()
     hourly, daily = snapshots(tmp_path / "hourly"), snapshots(tmp_path / "daily")
@@ -214,4 +214,4 @@ def test_per_storage_frequencies_over_a_simulated_day(bao_cluster, approle, tmp_
     assert len(daily) == 1
     times = [vsa.parse_snapshot_name(n) for n in hourly]
     assert all(b - a == datetime.timedelta(hours=1) for a, b in zip(times, times[1:]))
-    assert raw["local_storage"]["retain_days"] == 1
+    assert raw["local_storage"][0]["retain_days"] == 1

@@ -161,7 +161,8 @@ def test_daemon_retries_only_the_failed_storage_until_a_reload_fixes_it(moto, ba
         assert failing["failures_in_a_row"] >= 3 and failing["successes"] == 0, failing
         assert "SignatureDoesNotMatch" in failing["last_error"]
         assert re.search(r'^vault_snapshot_storage_consecutive_failures\{storage="s3://%s/%s/",'
-                         r'type="aws"\} [3-9]' % (BUCKET, prefix), read(tmp_path / "agent.prom"), re.M)
+                         r'type="aws",name="aws"\} [3-9]' % (BUCKET, prefix),
+                         read(tmp_path / "agent.prom"), re.M)
         config["aws_storage"]["secret_access_key"] = moto.secret_access_key
         path.write_text(json.dumps(config))
         proc.send_signal(signal.SIGHUP)
@@ -172,7 +173,7 @@ def test_daemon_retries_only_the_failed_storage_until_a_reload_fixes_it(moto, ba
     fixed = s3_status(tmp_path, prefix)
     assert fixed["failures_in_a_row"] == 0 and fixed["failures"] >= 3, fixed
     assert re.search(r'^vault_snapshot_storage_consecutive_failures\{storage="s3://%s/%s/",'
-                     r'type="aws"\} 0$' % (BUCKET, prefix), read(tmp_path / "agent.prom"), re.M)
+                     r'type="aws",name="aws"\} 0$' % (BUCKET, prefix), read(tmp_path / "agent.prom"), re.M)
     log = read(logfile)
     assert code == 0, log
     assert log.count("Successfully created local snapshot") == 1, log
@@ -188,7 +189,9 @@ def test_daemon_retries_only_the_failed_storage_until_a_reload_fixes_it(moto, ba
 def s3_status(tmp_path, prefix):
     """The S3 storage's entry in the daemon's status file."""
     status = json.loads(read(tmp_path / "status.json"))
-    return status["storages"]["s3://%s/%s/" % (BUCKET, prefix)]
+    entry = status["storages"]["aws"]
+    assert entry["location"] == "s3://%s/%s/" % (BUCKET, prefix)
+    return entry
 
 
 def test_denied_user_gets_a_one_line_access_denied(moto, bao_cluster, approle, tmp_path):

@@ -300,7 +300,8 @@ def test_a_failed_retention_is_retried_without_a_new_snapshot(tmp_path, monkeypa
     assert len(retries) >= 3, log
     assert len(attempts) == len(retries), (attempts, retries)
     status = json.loads(read(tmp_path / "status.json"))
-    entry = status["storages"]["local:%s" % (tmp_path / "snaps")]
+    entry = status["storages"]["local"]
+    assert entry["location"] == "local:%s" % (tmp_path / "snaps")
     assert "Read-only file system" in (entry["retention_error"] or ""), entry
     failures = re.search(r"^vault_snapshot_retention_failures_total\{[^}]*\} (\S+)$",
                          read(tmp_path / "metrics.prom"), re.M)
@@ -338,7 +339,7 @@ def test_a_stop_during_the_retention_retry_leader_check_is_not_a_failed_retentio
     assert "Stopping on SIGTERM" in log, log
     failures = re.search(r"^vault_snapshot_retention_failures_total\{[^}]*\} (\S+)$",
                          read(tmp_path / "metrics.prom"), re.M)
-    status = json.loads(read(tmp_path / "status.json"))["storages"]["local:%s" % snaps]
+    status = json.loads(read(tmp_path / "status.json"))["storages"]["local"]
     # Before the fix: 2 failures; retention_error "sys/leader did not answer";
     # the log said "Retention retry: cannot ask sys/leader (stop requested)"
     # and "Retrying the retention of ... (2 failed in a row ...)".
