@@ -134,7 +134,7 @@ SNAPSHOT_NAME_RE = re.compile(r"\A([A-Za-z0-9_.-]{1,64})-(?:([0-9]{8}T[0-9]{6}\.
 # A file_prefix or a storage block's name: a safe charset; a prefix also
 # neither starts with "." or "-" (a hidden file, an option) nor ends in "-".
 FILE_PREFIX_RE = r"\A(?![.-])[A-Za-z0-9_.-]{1,64}(?<!-)\Z"
-STORAGE_NAME_RE = r"\A[A-Za-z0-9_.-]{1,64}\Z"
+STORAGE_NAME_RE = r"\A(?!-)[A-Za-z0-9_.-]{1,64}\Z"     # "-x" would read as an option
 # A listed name dated later than now plus this is planted or from a clock that
 # ran ahead: the schedule, retention and 'latest' ignore it, nothing deletes it.
 FUTURE_SKEW = 300.0
@@ -338,6 +338,8 @@ def parse_snapshot_name(name, prefix=DEFAULT_FILE_PREFIX):
     match = SNAPSHOT_NAME_RE.match(name)
     if not match or match.group(1) != prefix:
         return None
+    if match.group(3) and prefix != DEFAULT_FILE_PREFIX:
+        return None     # the Go agent's nanosecond names only ever had the default prefix
     if match.group(2):
         try:
             return datetime.datetime.strptime(match.group(2), "%Y%m%dT%H%M%S.%f").replace(tzinfo=UTC)
@@ -4724,8 +4726,12 @@ def _object_place(scheme, endpoint, container, prefix, file_prefix):
     in lower case, "folder" without surrounding slashes."""
     parts = urllib.parse.urlsplit(endpoint)
     prefix = prefix.strip("/")
+    netloc = parts.netloc.lower()
+    default_port = {"https": ":443", "http": ":80"}.get(parts.scheme)
+    if default_port and netloc.endswith(default_port):
+        netloc = netloc[:-len(default_port)]
     return "%s://%s/%s (at %s://%s%s, file_prefix %s)" % (
-        scheme, container, prefix + "/" if prefix else "", parts.scheme, parts.netloc.lower(),
+        scheme, container, prefix + "/" if prefix else "", parts.scheme, netloc,
         parts.path.rstrip("/"), file_prefix)
 
 
@@ -5326,9 +5332,11 @@ class S3Storage(Storage):
     @classmethod
     def place(cls, settings):
         static = settings["s3_static_snapshot_name"]
+        if static:          # one object, whatever the file_prefix
+            return _object_place("s3", settings["s3_endpoint"], settings["s3_bucket"],
+                                 settings["s3_key_prefix"], "-") + " static name %s" % static
         return _object_place("s3", settings["s3_endpoint"], settings["s3_bucket"],
-                             settings["s3_key_prefix"], settings["file_prefix"]) + (
-            " static name %s" % static if static else "")
+                             settings["s3_key_prefix"], settings["file_prefix"])
 
     def describe(self):
         return "s3://%s/%s" % (self.bucket, self.list_prefix())
@@ -6494,11 +6502,18 @@ class Status:
         return was
 
     def storage(self, storage):
-        return self.storages.setdefault(storage.name, {
+        entry = self.storages.setdefault(storage.name, {
             "type": storage.kind, "location": storage.describe(), "last_success": None,
             "last_snapshot": None,
             "last_error": None, "last_error_time": None, "successes": 0, "failures": 0,
             "failures_in_a_row": 0, "retention_error": None, "retention_failures": 0})
+        entry["type"], entry["location"] = storage.kind, storage.describe()    # a reload moved it
+        return entry
+
+    def forget(self, names):
+        """Storages no longer configured leave the status and the metrics."""
+        for name in names:
+            self.storages.pop(name, None)
 
     def record_retention(self, storage, error):
         """A retention's outcome on ``storage``: None (it worked) or its error."""
@@ -7093,6 +7108,7 @@ class Agent:
             return False
         for warning in cfg.warnings:
             LOG.warning("%s", warning)
+        self._forget(self.storages, storages)
         self.cfg, self.storages = cfg, storages
         self.vault = self.vault_factory(cfg, clock=self.clock, signals=self.signals,
                                         env=self.runtime.env)
@@ -7100,6 +7116,21 @@ class Agent:
         self.plan(reloaded=True)
         LOG.info("Config reloaded from %s: %s", cfg.path, self.summary())
         return True
+
+    def _forget(self, old, new):
+        """Before a reload takes ``new`` storages: a block whose name now
+        stands for another place (a new path, bucket or file_prefix, two
+        names swapped) or is gone loses its schedule state, so it is planned
+        from its own place's snapshots; a name no longer configured leaves
+        the status file and the metrics."""
+        places = dict((s.name, type(s).place(s.settings)) for s in new)
+        for storage in old:
+            if places.get(storage.name) != type(storage).place(storage.settings):
+                for state in (self.due, self.last_start, self.failed_runs, self.retry_at,
+                              self.stored_at, self.retention_retry):
+                    state.pop(storage.name, None)
+                self.held.discard(storage.name)
+        self.status.forget([s.name for s in old if s.name not in places])
 
     def summary(self):
         return "addr %s, every %s, storages: %s" % (

@@ -14,7 +14,7 @@ Guards that hold:
   naming the block by its place;
 * a location that needs escaping is escaped in the metrics.
 
-Bugs (``xfail(strict=True)``: each turns into a failure once fixed):
+Defects found in review, fixed with these tests:
 
 * a SIGHUP that moves a block (new ``path`` or ``file_prefix``, same
   ``name``) keeps the old place's schedule: the new place gets no snapshot
@@ -198,9 +198,6 @@ def test_a_location_that_needs_escaping_is_escaped_in_the_metrics(tmp_path):
 # -- bugs: reloads -------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a reload that moves a block (new path or file_prefix, "
-                   "same name) keeps the old place's schedule (Agent.plan: last_start keyed by name); "
-                   "the new place gets no snapshot for up to a frequency")
 @pytest.mark.parametrize("change", [{"path": "b"}, {"file_prefix": "moved"}])
 def test_a_reload_that_moves_a_block_snapshots_the_empty_new_place_at_once(tmp_path, change):
     old = {"path": str(tmp_path / "a"), "name": "weekly", "frequency": "168h"}
@@ -216,9 +213,6 @@ def test_a_reload_that_moves_a_block_snapshots_the_empty_new_place_at_once(tmp_p
     assert len(names_in(new["path"], new.get("file_prefix", "raft_snapshot"))) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: Status.storage() sets 'location' once per name "
-                   "(setdefault): after a reload moves a block, the status file and the metrics' "
-                   "storage label keep the old location")
 def test_after_a_reload_moves_a_block_status_and_metrics_show_the_new_location(tmp_path):
     old = {"path": str(tmp_path / "a"), "name": "tier"}
     new = dict(old, path=str(tmp_path / "b"))
@@ -233,9 +227,6 @@ def test_after_a_reload_moves_a_block_status_and_metrics_show_the_new_location(t
     assert 'storage="local:%s"' % (tmp_path / "a") not in read(tmp_path / "m.prom")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a reload keeps the status entry (and metrics) of a "
-                   "name no longer configured: a renamed failing block's consecutive_failures "
-                   "stays 1 for good")
 def test_a_reload_that_renames_a_block_drops_the_old_name_from_status_and_metrics(tmp_path):
     (tmp_path / "blocked").write_text("a file where a directory should be")
     old = {"path": str(tmp_path / "blocked" / "x"), "name": "old"}
@@ -253,9 +244,6 @@ def test_a_reload_that_renames_a_block_drops_the_old_name_from_status_and_metric
     assert 'name="old"' not in metrics, metrics  # measured: consecutive_failures{...name="old"} 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a reload that swaps two blocks' names swaps their "
-                   "schedules (Agent.plan keys last_start/due by name): the daily block is "
-                   "snapshotted again an hour later and its cadence moves")
 def test_a_reload_that_swaps_two_names_keeps_each_blocks_own_schedule(tmp_path):
     hourly = {"path": str(tmp_path / "h"), "frequency": "1h"}
     daily = {"path": str(tmp_path / "d"), "frequency": "24h"}
@@ -272,8 +260,6 @@ def test_a_reload_that_swaps_two_names_keeps_each_blocks_own_schedule(tmp_path):
 # -- bugs: one place written two ways, static names, stray names ------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _object_place compares the endpoint as text: an "
-                   "explicit default port (:443, :80) is another place")
 @pytest.mark.parametrize("key,blocks", [
     ("aws_storage", [s3("one"), s3("one", s3_endpoint="https://s3.eu-west-1.amazonaws.com:443")]),
     ("azure_storage", [{"account_name": "acct", "account_key": "eA==", "container_name": "cont"},
@@ -288,9 +274,6 @@ def test_one_place_with_and_without_its_default_port_is_refused(tmp_path, key, b
     assert "%s[1] and %s[2]: both store at" % (key, key) in str(caught.value)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: S3Storage.place keeps file_prefix for a static name, "
-                   "which ignores it: two static-name blocks differing only in file_prefix write one "
-                   "object (the daily copy is overwritten hourly)")
 def test_two_static_name_blocks_writing_one_object_are_refused(tmp_path):
     with pytest.raises(vsa.ConfigError) as caught:
         load(tmp_path, {"aws_storage": [
@@ -303,9 +286,6 @@ def test_two_static_name_blocks_writing_one_object_are_refused(tmp_path):
     assert storages[0].key_for("ignored") == "raft_snapshots/latest.snap"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: parse_snapshot_name takes the Go agent's <digits> form "
-                   "for every prefix: under file_prefix prod, prod-1.snap (not ours, not the Go "
-                   "agent's) is read as 1970 and deleted")
 def test_a_short_numeric_name_under_a_custom_prefix_is_not_a_snapshot(tmp_path):
     snaps = tmp_path / "snaps"
     stray = [plant(snaps, "prod-1.snap"), plant(snaps, "prod-2024.snap")]
@@ -318,8 +298,6 @@ def test_a_short_numeric_name_under_a_custom_prefix_is_not_a_snapshot(tmp_path):
         assert os.path.exists(str(snaps / name)), log
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: STORAGE_NAME_RE allows a leading '-', which "
-                   "'--storage NAME' then takes for an option")
 def test_a_block_name_can_be_chosen_with_storage(tmp_path):
     snaps = tmp_path / "snaps"
     plant(snaps, vsa.snapshot_name(NOW))
