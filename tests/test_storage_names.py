@@ -34,31 +34,12 @@ import pytest
 
 import vault_snapshot_agent as vsa
 from support.agent_sim import NOW, START, ScriptedVault, fake_clock, run_daemon, write_config
-from support.archives import write_archive
+from support.agent_sim import load_doc as load, names_in, plant_named as plant
 from support.harness import FakeSignals, captured_log, go_snapshot_name, read
 
 HOUR = 3600.0
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
-
-
-def names_in(directory, prefix):
-    """The snapshot names of ``prefix`` in ``directory``, oldest first."""
-    return sorted(n for n in os.listdir(str(directory)) if vsa.parse_snapshot_name(n, prefix))
-
-
-def plant(directory, name):
-    if not os.path.isdir(str(directory)):
-        os.makedirs(str(directory), 0o700)
-    write_archive(os.path.join(str(directory), name), state=b"p" * 4096)
-    return name
-
-
-def load(tmp_path, doc):
-    """Config of ``doc`` (AppRole r/s added) as load_config reads it."""
-    full = {"addr": "http://127.0.0.1:8200", "role_id": "r", "secret_id": "s"}
-    full.update(doc)
-    return vsa.load_config(write_config(tmp_path, full), {"AWS_CONFIG_FILE": str(tmp_path / "none")})
 
 
 def check_config(tmp_path, doc):

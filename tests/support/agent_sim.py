@@ -180,3 +180,26 @@ def one_cycle(tmp_path, vault, clock, **config):
                           FakeSignals(clock), env={})
         result = agent.run_cycle()
     return result, stream.getvalue()
+
+
+def names_in(directory, prefix):
+    """The snapshot names of ``prefix`` in ``directory``, oldest first."""
+    if not os.path.isdir(str(directory)):
+        return []
+    return sorted(n for n in os.listdir(str(directory)) if vsa.parse_snapshot_name(n, prefix))
+
+
+def plant_named(directory, name):
+    """A valid snapshot archive named ``name`` in ``directory``; returns the name."""
+    from support.archives import write_archive
+    if not os.path.isdir(str(directory)):
+        os.makedirs(str(directory), 0o700)
+    write_archive(os.path.join(str(directory), name), state=b"p" * 4096)
+    return name
+
+
+def load_doc(tmp_path, doc):
+    """The Config of ``doc`` (AppRole r/s added) as load_config reads it."""
+    full = {"addr": "http://127.0.0.1:8200", "role_id": "r", "secret_id": "s"}
+    full.update(doc)
+    return vsa.load_config(write_config(tmp_path, full), {"AWS_CONFIG_FILE": str(tmp_path / "none")})
