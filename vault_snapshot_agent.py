@@ -1179,16 +1179,12 @@ class Response:
         return data
 
     def _read_body(self, limit):
-        data = b""
-        while True:
-            chunk = self.read(min(CHUNK_SIZE, limit + 1 - len(data)))
-            if not chunk:
-                return data
-            data += chunk
-            if len(data) > limit:
-                self.close()
-                raise TransportError("%s %s: answer larger than %s, refused"
-                                     % (self.method, redact_url(self.url), format_size(limit)))
+        data = read_at_most(self, limit + 1, CHUNK_SIZE)
+        if len(data) > limit:
+            self.close()
+            raise TransportError("%s %s: answer larger than %s, refused"
+                                 % (self.method, redact_url(self.url), format_size(limit)))
+        return data
 
     def json(self):
         data = self.body()
@@ -2992,13 +2988,21 @@ def _check_aws(top, values):
     values["aws_sts_endpoint"] = endpoint or aws_sts_url(values["aws_sts_region"])
 
 
-def _aws_chain(cfg, runtime):
+def _login_http(cfg, runtime, cache):
+    """The Http of a login method's own requests (metadata, STS, IAM),
+    kept between logins: the Vault proxy policy (node-local metadata is
+    never proxied), under request_timeout, stopped by a stop."""
+    if "http" not in cache:
+        cache["http"] = Http(None, cfg.timeout, proxy=cfg.proxy_policy,
+                             deadline=cfg.request_timeout, signals=runtime.signals)
+    return cache["http"]
+
+
+def _aws_chain(cfg, runtime, http):
     """The AWS credential chain of the aws login (built once per client)."""
     role = None
     if cfg.aws_role_arn:
         role = AwsRole(cfg.aws_role_arn, None, default_session_name(), 3600)
-    http = Http(None, cfg.timeout, proxy=cfg.proxy_policy,
-                deadline=cfg.request_timeout, signals=runtime.signals)
     return AwsCredentialChain(None, runtime.env, cfg.aws_sts_region or "us-east-1", cfg.aws_profile,
                               http, runtime.clock, imds_endpoint=cfg.aws_imds_endpoint,
                               container_endpoint=cfg.aws_container_endpoint,
@@ -3009,7 +3013,7 @@ def _aws_chain(cfg, runtime):
 def _aws_login(cfg, runtime, cache):
     chain = cache.get("aws_chain")
     if chain is None:
-        chain = cache["aws_chain"] = _aws_chain(cfg, runtime)
+        chain = cache["aws_chain"] = _aws_chain(cfg, runtime, _login_http(cfg, runtime, cache))
     try:
         creds = chain.get(min_valid=AWS_LOGIN_MARGIN)     # Vault replays the request later
     except (StorageError, TransportError) as exc:
@@ -3079,13 +3083,6 @@ def _gcp_login(cfg, runtime, cache):
     return Login(cfg.vault_auth_path, {"role": cfg.vault_auth_role, "jwt": jwt}, None)
 
 
-def _gcp_http(cfg, runtime, cache):
-    if "http" not in cache:
-        cache["http"] = Http(None, cfg.timeout, proxy=cfg.proxy_policy,
-                             deadline=cfg.request_timeout, signals=runtime.signals)
-    return cache["http"]
-
-
 def _gcp_gce_jwt(cfg, runtime, cache):
     """The metadata server's identity token, ``format=full`` (gce roles
     need the instance claims)."""
@@ -3094,7 +3091,7 @@ def _gcp_gce_jwt(cfg, runtime, cache):
                                     ("format", "full")])
     url = "http://%s/computeMetadata/v1/instance/service-accounts/default/identity?%s" % (
         cfg.gcp_metadata_host, query)
-    with _gcp_http(cfg, runtime, cache).request("GET", url, {"Metadata-Flavor": "Google"}) as resp:
+    with _login_http(cfg, runtime, cache).request("GET", url, {"Metadata-Flavor": "Google"}) as resp:
         status, data = resp.status, resp.body(GCP_IDENTITY_LIMIT)
     text = data.decode("ascii", "replace").strip()
     if status != 200:
@@ -3137,7 +3134,7 @@ def _gcp_local_jwt(path, info, claims):
 def _gcp_sign_jwt(cfg, runtime, cache, claims):
     """``projects/-/serviceAccounts/<email>:signJwt`` with an access token
     of the Google credentials found (kept between logins)."""
-    http, account = _gcp_http(cfg, runtime, cache), cfg.gcp_service_account
+    http, account = _login_http(cfg, runtime, cache), cfg.gcp_service_account
     if "token" not in cache:
         fetch, what = google_token_source(cfg.gcp_credentials_file, runtime.env, http, runtime.clock,
                                           cfg.gcp_metadata_host, GOOGLE_CLOUD_PLATFORM_SCOPE)
@@ -3175,18 +3172,17 @@ def _azure_login(cfg, runtime, cache):
     metadata. The token is reused while valid (BearerToken); a failing IMDS
     call is one line naming the method and the mount."""
     try:
+        http = _login_http(cfg, runtime, cache)
         if "token" not in cache:
-            http = Http(None, cfg.timeout, proxy=cfg.proxy_policy,
-                        deadline=cfg.request_timeout, signals=runtime.signals)
             identity = [(name, value) for name, value in (("client_id", cfg.azure_client_id),
                                                          ("object_id", cfg.azure_object_id)) if value]
-            cache["http"], cache["token"] = http, BearerToken(
+            cache["token"] = BearerToken(
                 lambda: azure_imds_token(http, cfg.azure_imds_endpoint, cfg.azure_resource, identity),
                 runtime.clock, "Azure managed identity (IMDS)")
         jwt = cache["token"].get().reveal()
         if not isinstance(jwt, str):
             raise StorageError("Azure managed identity (IMDS): access_token is not a string")
-        where = _azure_instance(cfg, cache["http"])
+        where = _azure_instance(cfg, http)
     except (StorageError, TransportError) as exc:
         raise VaultError("azure login at auth/%s failed: %s" % (cfg.vault_auth_path, exc)) from exc
     where.update(role=cfg.vault_auth_role, jwt=Secret(jwt))
