@@ -52,17 +52,20 @@ Sections (``grep -n '^# [0-9]*\\. '`` lists them):
     10. Vault login methods
     11. Config
     12. Vault client
-    13. Snapshot stream and verification
-    14. Storage backends
-    15. Local storage
-    16. S3 storage
-    17. Azure Blob storage
-    18. Google Cloud Storage
-    19. Retention
-    20. Status, metrics and systemd
-    21. Agent
-    22. Restore tooling
-    23. Command line
+    13. Snapshot archive
+    14. Snapshot stream
+    15. Storage backends
+    16. Local storage
+    17. S3 storage
+    18. Azure Blob storage
+    19. Google Cloud Storage
+    20. Retention
+    21. Scrub
+    22. Status, metrics and systemd
+    23. Notifications
+    24. Agent
+    25. Restore tooling
+    26. Command line
 """
 
 import argparse
@@ -115,6 +118,9 @@ DEFAULT_FREQUENCY = "1h"
 DEFAULT_API_TIMEOUT = "30s"          # per socket operation on API calls
 DEFAULT_REQUEST_TIMEOUT = "60s"      # total deadline of one request (the Vault Go client's default)
 DEFAULT_SNAPSHOT_TIMEOUT = "2m"      # idle (per read) timeout of the snapshot stream
+VERIFY_SCOPES = ("latest", "all")     # what a re-verification reads
+NOTIFY_EVENTS = ("failed", "recovered", "verify_failed", "retention_failed", "stored")
+NOTIFY_DEFAULT_EVENTS = ("failed", "recovered", "verify_failed", "retention_failed")
 DEFAULT_RETRY_INTERVAL = "1m"        # first retry after a failed cycle; doubles, up to frequency
 STOP_GRACE = 1.0                     # seconds a clean-up request may take after a stop
 DEFAULT_LEADER_POLL = "30s"          # sys/leader between cycles: a failover is noticed this fast
@@ -427,6 +433,12 @@ def one_line(text, limit=300):
     """Collapse whitespace and cut long server answers for a log line."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _error_text(exc):
+    if isinstance(exc, OSError) and not isinstance(exc, AgentError):
+        return "%s%s" % (exc.strerror or exc, (": " + exc.filename) if exc.filename else "")
+    return str(exc)
 
 
 def masked(error, secrets):
@@ -2679,6 +2691,22 @@ class Section:
             raise self.error(key, "must be a string, got %s" % _json_type(value))
         return parse_proxy_url(value, source or self.name(key))
 
+    def strings(self, key, default=None):
+        """A list of 1 to 64 non-empty strings without control characters
+        (an argv, a list of names); the error never shows a value."""
+        value, _ = self._value(key)
+        if value is None:
+            return default
+        if not isinstance(value, list) or not value or len(value) > 64:
+            raise self.error(key, "must be a list of 1 to 64 strings, got %s" % (
+                "%d items" % len(value) if isinstance(value, list) else _json_type(value)))
+        for number, item in enumerate(value, 1):
+            if not isinstance(item, str) or not item:
+                raise self.error(key, "item %d must be a non-empty string, got %s"
+                                 % (number, _json_type(item) if not isinstance(item, str) else "\"\""))
+            refuse_control(item, "%s item %d" % (self.name(key), number))
+        return list(value)
+
     def any(self, key, default=None):
         """The raw JSON value (its block checks it)."""
         value, _ = self._value(key)
@@ -2744,6 +2772,7 @@ _READERS = {
     "size": lambda s, n, k, d: s.size(n, d),
     "proxy": lambda s, n, k, d: s.proxy(n, k.env),
     "any": lambda s, n, k, d: s.any(n, d),
+    "strings": lambda s, n, k, d: s.strings(n, d),
     "mount": lambda s, n, k, d: _mount(s, n, s.string(n, d, k.env, spaces=False)),
 }
 
@@ -3416,6 +3445,28 @@ TOP_KEYS = (
         doc="write the metrics to a file (mode 0644) for node_exporter's textfile collector"),
     Key("metrics_address", "str",
         doc="serve Prometheus metrics at `http://HOST:PORT/metrics`, e.g. `127.0.0.1:9469`"),
+    Key("verify_frequency", "duration", "0s", minimum=1.0, zero_off=True,
+        doc="re-verify what each storage holds this often (`24h`): read the stored snapshots back "
+            "and check the archive and the checksum recorded at upload, writing nothing, on the "
+            "leader, between cycles; `0s`: off"),
+    Key("verify_scope", "choice", "latest", choices=VERIFY_SCOPES,
+        doc="what a re-verification reads: the newest snapshot (`latest`) or `all`"),
+    Key("notify_command", "strings",
+        doc="a command run on each of `notify_events`: an argv list (`[\"/usr/local/bin/page\", "
+            "\"backups\"]`), never a shell, with the facts in `SNAPSHOT_*` environment variables, "
+            "in its own process group, killed at `notify_timeout`"),
+    Key("notify_url", "secret",
+        doc="a webhook (Slack, Mattermost or Teams incoming webhook) POSTed a JSON document whose "
+            "`text` reads as a chat message; a secret (never logged), proxy as the environment says"),
+    Key("notify_events", "strings", list(NOTIFY_DEFAULT_EVENTS),
+        default_doc="`%s`" % ", ".join(NOTIFY_DEFAULT_EVENTS),
+        doc="what notifies: `failed` (a storage starts failing), `recovered` (it stores again), "
+            "`verify_failed` (a re-verification found a bad or missing snapshot), "
+            "`retention_failed`, `stored` (every snapshot stored)"),
+    Key("notify_timeout", "duration", "30s", minimum=1.0,
+        doc="deadline of each notification: the command is killed, the webhook abandoned; "
+            "a notification never fails or delays a cycle"),
+    Key("notify_ca_cert", "file", doc="CA bundle for the webhook's certificate (default: the system's)"),
 ) + AUTH_KEYS + (
     Key("namespace", "name", env=_env_names("NAMESPACE"),
         doc="sent on the login call only (snapshots are a root-namespace operation)"),
@@ -3452,6 +3503,11 @@ STORAGE_POLICY_KEYS = (
         doc="size cap for the snapshots in this storage"),
     Key("frequency", "duration", minimum=1.0, default_doc="global `frequency`",
         doc="time between snapshots for this storage (e.g. local hourly, S3 daily)"),
+    Key("verify_frequency", "duration", minimum=1.0, zero_off=True,
+        default_doc="global `verify_frequency`",
+        doc="re-verify this storage's snapshots this often; `0s`: off"),
+    Key("verify_scope", "choice", choices=VERIFY_SCOPES, default_doc="global `verify_scope`",
+        doc="`latest` or `all` of this storage's snapshots"),
 )
 
 
@@ -3633,6 +3689,7 @@ def config_from_dict(raw, path="<config>", env=None, warnings=()):
     values = read_block(top, TOP_KEYS)
     check_auth(top, values, warnings.append)
     metrics_bind = _check_outputs(top, values)
+    _check_notify(top, values)
     tls = TlsOptions(values["ca_cert"], values["ca_path"], values["client_cert"],
                      values["client_key"], values["tls_server_name"], values["tls_skip_verify"])
     if tls.client_key and not tls.client_cert:
@@ -3740,6 +3797,36 @@ def _check_outputs(top, values):
         if target and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
             raise top.error(key, "directory %s does not exist" % os.path.dirname(os.path.abspath(target)))
     return bind
+
+
+def _check_notify(top, values):
+    """The notify_* keys: a command that can run, a webhook URL that parses
+    (never shown: it holds a token), known events."""
+    command = values["notify_command"]
+    if command:
+        import shutil
+        program = command[0]
+        found = shutil.which(program, path=top.env.get("PATH", os.defpath)) if "/" not in program \
+            else (program if os.path.isfile(program) and os.access(program, os.X_OK) else None)
+        if not found:
+            raise top.error("notify_command", "%s is not an executable %s" % (
+                program, "file" if "/" in program else "program on PATH"))
+    url = values["notify_url"]
+    if url:
+        try:
+            parts = urllib.parse.urlsplit(url.reveal())
+            _ = parts.port
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise top.error("notify_url", "must be an http:// or https:// URL with a host "
+                                          "(the value is not shown: it is a secret)")
+        if parts.scheme == "https":
+            make_ssl_context(TlsOptions(values["notify_ca_cert"], None, None, None, None, False))
+    unknown = [e for e in values["notify_events"] if e not in NOTIFY_EVENTS]
+    if unknown:
+        raise top.error("notify_events", "unknown event %r (have: %s)"
+                        % (unknown[0], ", ".join(NOTIFY_EVENTS)))
 
 
 # =============================================================================
@@ -4014,7 +4101,7 @@ def vault_error(resp):
 
 
 # =============================================================================
-# 13. Snapshot stream and verification
+# 13. Snapshot archive
 # =============================================================================
 
 
@@ -4302,6 +4389,36 @@ def _parse_pax(data):
     return name, size
 
 
+# =============================================================================
+# 14. Snapshot stream
+# =============================================================================
+
+
+class Progress:
+    """Logs a long transfer every ``interval`` seconds: bytes, rate, ETA."""
+
+    def __init__(self, what, total, clock, interval=30.0):
+        self.what, self.total, self.clock, self.interval = what, total, clock, interval
+        self.done = 0
+        self.start = self.last = clock.monotonic()
+        self._lock = threading.Lock()
+
+    def add(self, count):
+        with self._lock:
+            self.done += count
+            now = self.clock.monotonic()
+            if now - self.last < self.interval:
+                return
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-6)
+            if self.total:
+                LOG.info("%s: %s of %s (%d%%), %s/s, about %s left", self.what, format_size(self.done),
+                         format_size(self.total), 100 * self.done // self.total, format_size(rate),
+                         format_duration((self.total - self.done) / max(rate, 1.0)))
+            else:
+                LOG.info("%s: %s so far, %s/s", self.what, format_size(self.done), format_size(rate))
+
+
 class _Pass:
     """One pass over a snapshot's bytes: read, write, take the archive's
     SHA-256 and verify, so nothing is read twice and memory stays bounded.
@@ -4456,6 +4573,88 @@ def verify_file(path, threaded=None):
     return SnapshotInfo(path, one_pass.size, one_pass.digest.hexdigest(), index, term, state_size)
 
 
+Recorded = collections.namedtuple("Recorded", "what algorithm expected size part_size parts")
+Recorded.__new__.__defaults__ = (None, None, 0)
+# The checksum a store recorded for an object when it was written, to compare
+# with the bytes read back: ``what`` names it ("S3 ETag"), ``algorithm`` is
+# "sha256" or "md5", ``expected`` the digest (bytes), ``size`` the object's
+# size if the store said. With ``part_size``, a multipart composite of
+# ``parts`` parts: the algorithm's digest of the parts' digests joined (S3's
+# "-N" ETag and composite checksum).
+
+
+class StoredCheck:
+    """A download sink that verifies instead of keeping: what is written to
+    it goes through the archive check and the hash of the checksum the
+    store recorded (``expect``), and nowhere else, so reading a stored
+    snapshot back takes constant memory and no disk. ``seek(0)`` starts
+    over (send() does so before a retried download); ``finish()`` says
+    whether it was all good."""
+
+    def __init__(self, signals, progress=None):
+        self.signals, self.progress = signals, progress
+        self.recorded = None
+        self.seek(0)
+
+    def expect(self, recorded):
+        """The checksum the store recorded (a Recorded), or None."""
+        self.recorded = recorded
+        self.seek(0)
+
+    def seek(self, position):
+        self.verifier = ArchiveVerifier()
+        self.size = 0
+        self._parts, self._part_left = [], 0
+        self._hash = new_hash(self.recorded.algorithm) if self.recorded else None
+
+    def truncate(self):
+        pass
+
+    def write(self, data):
+        self.signals.check()
+        self.verifier.feed(data)
+        self.size += len(data)
+        if self._hash is not None:
+            self._hash_parts(memoryview(data)) if self.recorded.part_size else self._hash.update(data)
+        if self.progress is not None:
+            self.progress.add(len(data))
+        return len(data)
+
+    def _hash_parts(self, view):
+        while len(view):
+            if not self._part_left:
+                self._hash = new_hash(self.recorded.algorithm)
+                self._parts.append(self._hash)
+                self._part_left = self.recorded.part_size
+            take = min(self._part_left, len(view))
+            self._hash.update(view[:take])
+            self._part_left -= take
+            view = view[take:]
+
+    def finish(self):
+        """(index, term, state size, what was compared) of a good read;
+        SnapshotError naming what is wrong otherwise."""
+        index, term, state = self.verifier.finish()
+        recorded = self.recorded
+        if recorded is None:
+            return index, term, state, "no checksum recorded at upload"
+        if recorded.size is not None and recorded.size != self.size:
+            raise SnapshotError("read %d bytes, but the store records %d" % (self.size, recorded.size))
+        if recorded.part_size:
+            if len(self._parts) != recorded.parts:
+                raise SnapshotError("%s is of %d parts, but the object read back makes %d of %s"
+                                    % (recorded.what, recorded.parts, len(self._parts),
+                                       format_size(recorded.part_size)))
+            got = new_hash(recorded.algorithm, b"".join(h.digest() for h in self._parts)).digest()
+        else:
+            got = self._hash.digest()
+        if got != recorded.expected:
+            raise SnapshotError("the object read back does not match the %s recorded at upload "
+                                "(the archive itself is a valid snapshot: another one, or "
+                                "replaced)" % recorded.what)
+        return index, term, state, recorded.what
+
+
 def _unlink_quietly(path):
     try:
         os.unlink(path)
@@ -4464,7 +4663,7 @@ def _unlink_quietly(path):
 
 
 # =============================================================================
-# 14. Storage backends
+# 15. Storage backends
 # =============================================================================
 
 
@@ -4528,6 +4727,8 @@ class Storage:
         self.settings = settings or Settings()
         self.name = self.settings.get("name") or self.kind
         self.file_prefix = self.settings.get("file_prefix") or DEFAULT_FILE_PREFIX
+        self.verify_frequency = self.settings.get("verify_frequency") or 0.0
+        self.verify_scope = self.settings.get("verify_scope") or "latest"
 
     def new_name(self, when):
         """The name of this block's snapshot taken at ``when``."""
@@ -4550,7 +4751,8 @@ class Storage:
         and ``file_prefix`` default to the global ones in ``top``, ``name``
         to ``name`` or the kind), then checked together and completed by
         ``complete``. ConfigError naming the key otherwise."""
-        inherited = dict((key, top[key]) for key in Policy._fields + ("file_prefix",))
+        inherited = dict((key, top[key]) for key in Policy._fields + (
+            "file_prefix", "verify_frequency", "verify_scope"))
         inherited["name"] = name or cls.kind
         values = read_block(section, cls.keys, inherited)
         cls.complete(section, values, warn)
@@ -4712,6 +4914,14 @@ class Storage:
         """Write snapshot ``name`` into the open binary file ``sink``."""
         raise NotImplementedError
 
+    def read_back(self, name, check):
+        """Read snapshot ``name`` into ``check`` (a StoredCheck), after
+        telling it (``check.expect``) the checksum the store recorded when
+        the object was written, taken from the very version read: a
+        re-verification. Raises StorageError when it cannot be read."""
+        check.expect(None)
+        self.download(name, check)
+
     def staging_dir(self):
         """A directory where staging the download makes upload() cheap, or None."""
         return None
@@ -4872,7 +5082,7 @@ def build_storages(cfg, runtime):
 
 
 # =============================================================================
-# 15. Local storage
+# 16. Local storage
 # =============================================================================
 
 
@@ -4966,6 +5176,7 @@ class LocalStorage(Storage):
                 os.chmod(final, 0o600)
             except OSError as exc:
                 raise StorageError("cannot make %s private: %s" % (final, exc.strerror)) from exc
+        _record_sha256(final, snapshot.sha256)
         fsync_dir(self.path)
         return final
 
@@ -4999,6 +5210,15 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise StorageError("cannot read %s: %s" % (os.path.join(self.path, name),
                                                         exc.strerror or exc)) from exc
+
+    def read_back(self, name, check):
+        path = os.path.join(self.path, name)
+        try:
+            with open(path, "rb") as src:
+                check.expect(_local_recorded(src.fileno(), os.fstat(src.fileno()).st_size))
+                copy_stream(src.read, check.write, self.signals)
+        except OSError as exc:
+            raise StorageError("cannot read %s: %s" % (path, exc.strerror or exc)) from exc
 
     def list(self):
         try:
@@ -5035,6 +5255,33 @@ class LocalStorage(Storage):
             fsync_dir(self.path)
 
 
+LOCAL_SHA256_XATTR = "user.vault_snapshot_agent.sha256"
+# The SHA-256 of a local snapshot, kept with the file (an extended attribute:
+# it follows the inode through renames and in-place writes, cp -a and rsync -X)
+# so that a re-verification tells the file written from another valid snapshot
+# put in its place. Filesystems without user xattrs keep the archive check only.
+
+
+def _record_sha256(path, sha256):
+    if not sha256:
+        return
+    try:
+        os.setxattr(path, LOCAL_SHA256_XATTR, sha256.encode("ascii"))
+    except (OSError, AttributeError) as exc:      # no user xattrs here (or not Linux)
+        LOG.debug("Cannot record the SHA-256 of %s in an xattr: %s", path, exc)
+
+
+def _local_recorded(fd, size):
+    """The Recorded SHA-256 of the open file ``fd``, or None."""
+    try:
+        value = os.getxattr(fd, LOCAL_SHA256_XATTR)
+    except (OSError, AttributeError):
+        return None
+    text = value[:64].decode("ascii", "replace")
+    digest = bytes.fromhex(text) if re.match(r"\A[0-9a-f]{64}\Z", text) and len(value) == 64 else b""
+    return Recorded("SHA-256 recorded in its xattr %s" % LOCAL_SHA256_XATTR, "sha256", digest, size)
+
+
 def _place(temp, final):
     """Give ``temp`` the name ``final`` without replacing a file another
     agent put there meanwhile (a hard link fails with EEXIST; rename would
@@ -5052,7 +5299,7 @@ def _place(temp, final):
 
 
 # =============================================================================
-# 16. S3 storage
+# 17. S3 storage
 # =============================================================================
 
 
@@ -5377,6 +5624,62 @@ class S3Storage(Storage):
         key = self.full_name(name)
         self._request("GET", "GetObject on %s" % key, key, sink=sink)
 
+    def read_back(self, name, check):
+        """HEAD (with the checksum when ``s3_checksum``), then GET that very
+        object (If-Match its ETag)."""
+        key = self.full_name(name)
+        mode = {"x-amz-checksum-mode": "ENABLED"} if self.checksum else {}
+        head, _ = self._request("HEAD", "HeadObject on %s" % key, key, headers=mode)
+        check.expect(self._recorded(key, head))
+        etag = head.header("ETag")
+        self._request("GET", "GetObject on %s" % key, key, sink=check,
+                      headers=dict(mode, **({"If-Match": etag} if etag else {})))
+
+    def _recorded(self, key, head):
+        """What S3 recorded of the object at ``key`` (from its HEAD): the
+        SHA-256 checksum (whole, or a composite of parts), else the ETag
+        when it is an MD5 (whole, or of parts); None when neither is."""
+        size = parse_listed_size(head.header("Content-Length")) or None
+        checksum = head.header("x-amz-checksum-sha256") if self.checksum else None
+        etag = _s3_etag(head)
+        if checksum:
+            what, algorithm, value = "S3 x-amz-checksum-sha256", "sha256", checksum
+        elif etag and not _s3_md5_hidden(head, self.sse):
+            what, algorithm, value = "S3 ETag (MD5)", "md5", etag
+        else:
+            return None
+        whole, _, count = value.partition("-")
+        if algorithm == "sha256" and not count and head.header("x-amz-checksum-type") != "FULL_OBJECT":
+            count = etag.partition("-")[2]      # a HEAD may show a composite without its "-N"
+        try:
+            expected = (base64.b64decode(whole, validate=True) if algorithm == "sha256"
+                        else bytes.fromhex(whole))
+        except ValueError:
+            expected = b""          # not what S3 writes: never matches
+        if not count:
+            return Recorded(what, algorithm, expected, size)
+        if not count.isdigit() or not 0 < int(count) <= 10000:
+            return Recorded(what, algorithm, b"", size)
+        part_size = self._part_size(key, int(count), size)
+        if part_size is None:
+            LOG.debug("S3 %s: the part size of %s is unknown; the archive check only", what, key)
+            return None
+        return Recorded(what + " of %s parts" % count, algorithm, expected, size, part_size, int(count))
+
+    def _part_size(self, key, count, size):
+        """The part size of a multipart object: part 1's size (HEAD
+        ?partNumber=1), else the size this agent would choose."""
+        try:
+            head, _ = self._request("HEAD", "HeadObject part 1 of %s" % key, key,
+                                    query=[("partNumber", "1")], ok=(200, 206))
+            part = parse_listed_size(head.header("Content-Length"))
+            if part and (size is None or part < size) and -(-(size or 0) // part) == count:
+                return part
+        except StorageError as exc:
+            LOG.debug("HEAD part 1 of %s: %s", key, exc)
+        guess = s3_part_size(size or 0, self.part_size)
+        return guess if size and -(-size // guess) == count else None
+
     def _object_headers(self):
         headers = {"Content-Type": "application/octet-stream"}
         if self.sse:
@@ -5625,7 +5928,7 @@ def _is_ip_or_localhost(host):
 
 
 # =============================================================================
-# 17. Azure Blob storage
+# 18. Azure Blob storage
 # =============================================================================
 
 
@@ -5858,6 +6161,25 @@ class AzureStorage(Storage):
         blob = self.full_name(name)
         self._request("GET", "Get Blob %s" % blob, blob, ok=(200,), sink=sink)
 
+    def read_back(self, name, check):
+        """Get Blob Properties (the Content-MD5 this agent set), then Get
+        Blob of that very blob (If-Match its ETag)."""
+        blob = self.full_name(name)
+        head, _ = self._request("HEAD", "Get Blob Properties %s" % blob, blob, ok=(200,))
+        md5 = head.header("Content-MD5")
+        recorded = None
+        if md5:
+            try:
+                expected = base64.b64decode(md5, validate=True)
+            except ValueError:
+                expected = b""
+            recorded = Recorded("Azure Content-MD5", "md5", expected,
+                                parse_listed_size(head.header("Content-Length")) or None)
+        check.expect(recorded)
+        etag = head.header("ETag")
+        self._request("GET", "Get Blob %s" % blob, blob, ok=(200,), sink=check,
+                      headers={"If-Match": etag} if etag else None)
+
     # -- upload ------------------------------------------------------------------
 
     def upload(self, snapshot, name, progress=None):
@@ -5973,7 +6295,7 @@ def _azure_error(resp, data, action):
 
 
 # =============================================================================
-# 18. Google Cloud Storage
+# 19. Google Cloud Storage
 # =============================================================================
 
 
@@ -6115,6 +6437,26 @@ class GoogleStorage(Storage):
         url = "%s/storage/v1/b/%s/o/%s?alt=media" % (self.endpoint, uri_encode(self.bucket),
                                                      uri_encode(obj, safe=""))
         self._request("GET", "download of %s" % obj, url, sink=sink)
+
+    def read_back(self, name, check):
+        """The object's metadata (its md5Hash and generation), then the
+        media of that generation."""
+        obj = self.full_name(name)
+        url = "%s/storage/v1/b/%s/o/%s" % (self.endpoint, uri_encode(self.bucket),
+                                           uri_encode(obj, safe=""))
+        _, data = self._request("GET", "metadata of %s" % obj, url)
+        meta = self._object_json(data, obj)
+        md5, generation = meta.get("md5Hash"), str(meta.get("generation") or "")
+        recorded = None
+        if isinstance(md5, str):
+            try:
+                expected = base64.b64decode(md5, validate=True)
+            except ValueError:
+                expected = b""
+            recorded = Recorded("GCS md5Hash", "md5", expected, parse_listed_size(meta.get("size")) or None)
+        check.expect(recorded)
+        query = "?alt=media" + ("&generation=" + generation if generation.isdigit() else "")
+        self._request("GET", "download of %s" % obj, url + query, sink=check)
 
     # -- upload ------------------------------------------------------------------
 
@@ -6311,7 +6653,7 @@ def _confirmed(range_header):
 
 
 # =============================================================================
-# 19. Retention
+# 20. Retention
 # =============================================================================
 
 
@@ -6434,7 +6776,192 @@ def apply_retention(storage, keep, now=None):
 
 
 # =============================================================================
-# 20. Status, metrics and systemd
+# 21. Scrub
+# =============================================================================
+
+
+Verified = collections.namedtuple("Verified", "name size index term checked")
+# A stored snapshot read back and found good: its size, Raft index and term,
+# and what was compared besides the archive ("S3 ETag (MD5)", or "no checksum
+# recorded at upload" for an object another agent wrote).
+
+ScrubReport = collections.namedtuple("ScrubReport", "storage verified bad new_bad ended")
+# One storage's finished re-verification: verified [Verified], bad {name:
+# error} (unreadable, damaged, replaced or missing), new_bad the names not bad
+# at the run before (what notifies), ended (aware datetime).
+
+
+def verify_stored(storage, name, progress=None):
+    """Read snapshot ``name`` back from ``storage`` and check it in full (the
+    archive as the restore would, and the checksum the store recorded at
+    upload) without writing it anywhere; returns Verified. SnapshotError when
+    it is damaged or not the object written, StorageError when it cannot be
+    read, Stopped on a stop."""
+    check = StoredCheck(storage.signals, progress)
+    storage.read_back(name, check)
+    try:
+        index, term, _, checked = check.finish()
+    except SnapshotError as exc:
+        raise SnapshotError("%s: %s" % (name, exc)) from exc
+    return Verified(name, check.size, index, term, checked)
+
+
+def scrub_names(refs, scope):
+    """The names a re-verification of ``scope`` reads, newest first."""
+    ordered = sorted(refs, key=lambda ref: (ref.when, ref.name), reverse=True)
+    return [ref.name for ref in (ordered[:1] if scope == "latest" else ordered)]
+
+
+class _ScrubRun:
+    """One storage's re-verification in progress: the names left to read,
+    what was found so far."""
+
+    def __init__(self, names, missing):
+        self.left = list(names)
+        self.verified = []
+        self.bad = collections.OrderedDict((name, "%s is missing: it was stored or listed before and "
+                                                  "no retention of this agent deleted it" % name)
+                                           for name in missing)
+
+
+class Scrubber:
+    """Re-verifies what each storage with a ``verify_frequency`` holds, one
+    object per ``step``: the agent's loop calls it only when no snapshot
+    cycle is due, so a re-verification never overlaps a cycle and holds one
+    up by at most one object's read.
+
+    A storage is due ``verify_frequency`` after its last re-verification
+    (``resume`` takes the time from the previous run's status file), else at
+    once. Besides reading objects back, a run notices deletions behind the
+    agent's back: a name it stored or listed before that is gone though no
+    retention of its own deleted it. What it knows is dropped whenever
+    another node may have led (``standby``): another agent's retention is
+    not a deletion to report."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.due = {}        # storage name -> monotonic time it is due
+        self.last = {}       # storage name -> wall time its last run ended
+        self.runs = {}       # storage name -> _ScrubRun in progress
+        self.known = {}      # storage name -> names stored or listed before
+        self.deleted = collections.defaultdict(set)   # storage name -> deleted by own retention
+        self.bad = {}        # storage name -> names bad at the last run
+        self._lock = threading.Lock()     # upload threads report stores and deletions
+
+    def resume(self, last_verified):
+        """{storage name: aware datetime} of re-verifications before a restart."""
+        self.last.update(last_verified)
+
+    def plan(self, storages):
+        """Due times for the storages to verify (after start or a reload)."""
+        mono, now = self.clock.monotonic(), self.clock.now()
+        names = set()
+        for storage in storages:
+            if not storage.verify_frequency:
+                continue
+            names.add(storage.name)
+            last = self.last.get(storage.name)
+            since = max(0.0, (now - last).total_seconds()) if last is not None else None
+            due = mono if since is None else mono + max(0.0, storage.verify_frequency - since)
+            self.due[storage.name] = due
+        for name in list(self.due):
+            if name not in names:
+                self.forget(name)
+
+    def forget(self, name):
+        """A storage no longer verified, or moved to another place."""
+        with self._lock:
+            for state in (self.due, self.runs, self.known, self.deleted, self.bad, self.last):
+                state.pop(name, None)
+
+    def next_due(self):
+        """The monotonic time of the next step (None: nothing to verify)."""
+        if self.runs:
+            return self.clock.monotonic()
+        return min(self.due.values()) if self.due else None
+
+    def stored(self, storage, name):
+        with self._lock:
+            self.known.setdefault(storage.name, set()).add(name)
+
+    def retained(self, storage, names):
+        with self._lock:
+            self.deleted[storage.name].update(names)
+
+    def standby(self):
+        """Another node may lead: what it stores and deletes is its own."""
+        with self._lock:
+            self.known.clear()
+            self.deleted.clear()
+
+    def pending(self, storages):
+        """The storage the next step works on, or None."""
+        mono = self.clock.monotonic()
+        for storage in storages:
+            if storage.name in self.runs:
+                return storage
+        for storage in storages:
+            if storage.name in self.due and self.due[storage.name] <= mono:
+                return storage
+        return None
+
+    def postpone(self, storage, seconds):
+        """Not now (not the leader, or the listing failed): try again later."""
+        self.runs.pop(storage.name, None)
+        self.due[storage.name] = self.clock.monotonic() + min(seconds, storage.verify_frequency)
+
+    def step(self, storage):
+        """Start ``storage``'s run (list it) or read its next object; returns
+        a ScrubReport when the run ended, else None. StorageError when the
+        listing fails (postpone), Stopped on a stop."""
+        run = self.runs.get(storage.name)
+        if run is None:
+            refs = without_future(storage.list(), self.clock.now(), storage.label())
+            listed = set(ref.name for ref in refs)
+            with self._lock:
+                gone = (self.known.get(storage.name, set()) - listed) - self.deleted[storage.name]
+                self.known[storage.name] = set(listed)
+                self.deleted[storage.name] = set()
+            run = self.runs[storage.name] = _ScrubRun(scrub_names(refs, storage.verify_scope),
+                                                      sorted(gone))
+            LOG.info("Re-verifying %s: %d snapshot(s) to read%s", storage.label(), len(run.left),
+                     "; missing: %s" % ", ".join(sorted(gone)) if gone else "")
+        if run.left:
+            self._read(storage, run, run.left.pop(0))
+        if run.left:
+            return None
+        return self._finish(storage, run)
+
+    def _read(self, storage, run, name):
+        progress = Progress("Re-verifying %s in %s" % (name, storage.label()), None, self.clock)
+        try:
+            found = verify_stored(storage, name, progress)
+        except Stopped:
+            raise
+        except AgentError as exc:
+            run.bad[name] = _error_text(exc)
+            LOG.error("Re-verification of %s in %s FAILED: %s", name, storage.label(), _error_text(exc))
+            return
+        run.verified.append(found)
+        LOG.info("Re-verified %s in %s: %s, Raft index %s term %s, %s", name, storage.label(),
+                 format_size(found.size), found.index, found.term, found.checked)
+
+    def _finish(self, storage, run):
+        del self.runs[storage.name]
+        ended = self.clock.now()
+        self.last[storage.name] = ended
+        self.due[storage.name] = self.clock.monotonic() + storage.verify_frequency
+        before = self.bad.get(storage.name, set())
+        self.bad[storage.name] = set(run.bad)
+        new_bad = [name for name in run.bad if name not in before]
+        LOG.log(logging.ERROR if run.bad else logging.INFO, "Re-verification of %s: %d good, %d bad%s",
+                storage.label(), len(run.verified), len(run.bad),
+                (" (%s)" % ", ".join(run.bad)) if run.bad else "")
+        return ScrubReport(storage, run.verified, run.bad, new_bad, ended)
+
+
+# =============================================================================
+# 22. Status, metrics and systemd
 # =============================================================================
 
 
@@ -6502,7 +7029,9 @@ class Status:
             "type": storage.kind, "location": storage.describe(), "last_success": None,
             "last_snapshot": None,
             "last_error": None, "last_error_time": None, "successes": 0, "failures": 0,
-            "failures_in_a_row": 0, "retention_error": None, "retention_failures": 0})
+            "failures_in_a_row": 0, "retention_error": None, "retention_failures": 0,
+            "last_verified": None, "verified_snapshots": 0, "bad_snapshots": {},
+            "verify_failures": 0})
         entry["type"], entry["location"] = storage.kind, storage.describe()    # a reload moved it
         return entry
 
@@ -6517,6 +7046,15 @@ class Status:
         entry["retention_error"] = error
         if error is not None:
             entry["retention_failures"] += 1
+
+    def record_verify(self, report):
+        """A finished re-verification (ScrubReport): when, how many were
+        good, which were bad and why."""
+        entry = self.storage(report.storage)
+        entry["last_verified"] = iso(report.ended)
+        entry["verified_snapshots"] = len(report.verified)
+        entry["bad_snapshots"] = dict(report.bad)
+        entry["verify_failures"] += len(report.bad)
 
     def record(self, result, started, ended, duration, storages, leading=False):
         """A cycle's result; ``leading``: sys/leader said is_self (a skip
@@ -6609,6 +7147,15 @@ class Status:
         metric("vault_snapshot_storage_consecutive_failures", "gauge",
                "Failed stores in a row (0 after a success).",
                [(labels, v["failures_in_a_row"]) for labels, v in per])
+        metric("vault_snapshot_last_verified_timestamp_seconds", "gauge",
+               "End of the last re-verification of this storage's snapshots (0: none yet).",
+               [(labels, _timestamp(_parse_iso(v["last_verified"]))) for labels, v in per])
+        metric("vault_snapshot_verify_bad_snapshots", "gauge",
+               "Snapshots the last re-verification found unreadable, damaged, replaced or missing.",
+               [(labels, len(v["bad_snapshots"])) for labels, v in per])
+        metric("vault_snapshot_verify_failures_total", "counter",
+               "Bad snapshots found by re-verifications, each time one was found.",
+               [(labels, v["verify_failures"]) for labels, v in per])
         return "\n".join(lines) + "\n"
 
     def summary(self):
@@ -6618,6 +7165,22 @@ class Status:
         if self.next_start:
             text += ", next %s" % iso(self.next_start)
         return text
+
+
+def previous_verifications(path):
+    """{storage name: aware datetime} of the re-verifications a previous
+    run recorded in the status file ``path`` (empty when unset, missing or
+    not the agent's JSON), so a restart does not read everything again."""
+    if not path:
+        return {}
+    try:
+        with open_regular(path) as handle:
+            data = json.loads(read_at_most(handle, MAX_JSON_BYTES).decode("utf-8"))
+        storages = data["storages"]
+        found = ((name, _parse_iso(entry.get("last_verified"))) for name, entry in storages.items())
+        return dict((name, when) for name, when in found if when is not None)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def _label_escape(value):
@@ -7006,33 +7569,275 @@ class SystemdNotifier:
             self.sock.close()
 
 
-class Progress:
-    """Logs a long transfer every ``interval`` seconds: bytes, rate, ETA."""
-
-    def __init__(self, what, total, clock, interval=30.0):
-        self.what, self.total, self.clock, self.interval = what, total, clock, interval
-        self.done = 0
-        self.start = self.last = clock.monotonic()
-        self._lock = threading.Lock()
-
-    def add(self, count):
-        with self._lock:
-            self.done += count
-            now = self.clock.monotonic()
-            if now - self.last < self.interval:
-                return
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-6)
-            if self.total:
-                LOG.info("%s: %s of %s (%d%%), %s/s, about %s left", self.what, format_size(self.done),
-                         format_size(self.total), 100 * self.done // self.total, format_size(rate),
-                         format_duration((self.total - self.done) / max(rate, 1.0)))
-            else:
-                LOG.info("%s: %s so far, %s/s", self.what, format_size(self.done), format_size(rate))
 
 
 # =============================================================================
-# 21. Agent
+# 23. Notifications
+# =============================================================================
+
+
+NOTIFY_QUEUE = 100          # events waiting for delivery; beyond, the oldest are dropped
+NOTIFY_OUTPUT = 16 * 1024   # bytes of a notify command's output kept for the log
+NOTIFY_ANSWER = 300         # bytes of a webhook's error answer kept for the log
+NOTIFY_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY",
+              "https_proxy", "http_proxy", "no_proxy")
+# What a notify command inherits from the agent's environment: never tokens
+# or cloud credentials (VAULT_TOKEN, AWS_SECRET_ACCESS_KEY...).
+
+Event = collections.namedtuple("Event", "event storage snapshot error failures when")
+Event.__new__.__defaults__ = ("", "", "", 0, None)
+# event: one of NOTIFY_EVENTS; storage: block name(s), comma-separated;
+# snapshot: name(s); error: one line; failures: in a row (or bad snapshots).
+
+_EVENT_TITLES = {
+    "failed": "Vault snapshots FAILING",
+    "recovered": "Vault snapshots recovered",
+    "verify_failed": "Stored Vault snapshot(s) failed re-verification",
+    "retention_failed": "Vault snapshot retention failing",
+    "stored": "Vault snapshot stored",
+}
+
+
+def event_text(event, host):
+    """The one-paragraph message of ``event``: what a chat shows."""
+    facts = ["storage %s" % event.storage if event.storage else "",
+             "snapshot %s" % event.snapshot if event.snapshot else "",
+             ("%d in a row" if event.event in ("failed", "recovered") else "%d") % event.failures
+             if event.failures else ""]
+    text = "%s on %s: %s" % (_EVENT_TITLES[event.event], host, ", ".join(f for f in facts if f))
+    return text + (" - %s" % event.error if event.error else "")
+
+
+def event_document(event, host):
+    """The webhook's JSON: ``text`` for Slack, Mattermost and Teams incoming
+    webhooks, the facts as fields for anything else."""
+    return collections.OrderedDict((
+        ("text", event_text(event, host)), ("event", event.event), ("storage", event.storage),
+        ("snapshot", event.snapshot), ("error", event.error), ("failures", event.failures),
+        ("host", host), ("time", iso(event.when)), ("agent", "%s %s" % (PROG, __version__))))
+
+
+def event_environment(event, host, env):
+    """The notify command's environment: a few of the agent's (NOTIFY_ENV)
+    and the event's facts as SNAPSHOT_* variables."""
+    result = dict((name, env[name]) for name in NOTIFY_ENV if env.get(name))
+    result.setdefault("PATH", os.defpath)
+    result.update({"SNAPSHOT_EVENT": event.event, "SNAPSHOT_STORAGE": event.storage,
+                   "SNAPSHOT_NAME": event.snapshot, "SNAPSHOT_ERROR": event.error,
+                   "SNAPSHOT_FAILURES": str(event.failures), "SNAPSHOT_HOST": host,
+                   "SNAPSHOT_TIME": iso(event.when) or "", "SNAPSHOT_TEXT": event_text(event, host)})
+    return result
+
+
+def config_secrets(cfg):
+    """Every credential value in ``cfg`` (to mask in what others print)."""
+    values = list(cfg.values.values()) + [v for _, settings in cfg.storages for v in settings.values()]
+    return [v.reveal() for v in values if isinstance(v, Secret) and v.reveal()]
+
+
+class Notifications:
+    """Tells someone about events: runs ``notify_command`` and POSTs to
+    ``notify_url``, from one background thread, so a cycle never waits for
+    either. Each delivery has ``notify_timeout``: the command (in its own
+    process group, never a shell) is then killed with its group, the webhook
+    abandoned. A failing notification is logged, never retried beyond three
+    quick attempts on a 429/503 (the receiver said it took nothing), never
+    fails a cycle. ``close`` waits for what is queued (``--once``), or, on a
+    stop, kills what runs and drops the rest."""
+
+    def __init__(self, cfg, env, clock, http=None):
+        self.command, self.url = cfg.notify_command, cfg.notify_url
+        self.events, self.timeout = set(cfg.notify_events), cfg.notify_timeout
+        self.env, self.clock = env, clock
+        self.secrets = config_secrets(cfg)
+        self.host = socket.gethostname()
+        self.http = http or Http(TlsOptions(cfg.notify_ca_cert, None, None, None, None, False),
+                                 timeout=self.timeout, deadline=self.timeout,
+                                 proxy=ProxyPolicy(None, env, "notify_url"))
+        self._queue = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._thread = None
+        self._busy = False
+        self._closing = False
+        self._child = None       # the running command's Popen
+        self._stopping = threading.Event()   # close(wait=False): cut a retry's pause
+
+    def enabled(self):
+        return bool(self.command or self.url)
+
+    def send(self, event):
+        """Queue ``event`` (an Event) if its kind is one of notify_events."""
+        if not self.enabled() or event.event not in self.events:
+            return
+        event = event._replace(when=event.when or self.clock.now(), error=masked(
+            printable(one_line(event.error), 400), self.secrets) if event.error else "")
+        with self._cond:
+            if self._closing:
+                return
+            if len(self._queue) >= NOTIFY_QUEUE:
+                dropped = self._queue.popleft()
+                LOG.warning("Notification queue full: dropped the %s event of %s", dropped.event,
+                            iso(dropped.when))
+            self._queue.append(event)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def close(self, wait=True):
+        """Deliver what is queued (``wait``; at most each one's timeout), or
+        (``wait=False``, a stop) drop it and kill a running command; then
+        end the thread. ``wait=None`` (a reload) lets the thread deliver
+        what is queued and end, without waiting for it."""
+        with self._cond:
+            if wait is False:
+                if self._queue:
+                    LOG.warning("Stopping: %d notification(s) not sent", len(self._queue))
+                self._queue.clear()
+            self._closing = True
+            self._cond.notify()
+            thread, child = self._thread, self._child
+        if wait is False:
+            self._stopping.set()
+            if child is not None:
+                _kill_group(child)
+        if thread is not None and wait is not None:
+            limit = (self.timeout * 2 + 5) * (len(self._queue) + 1) if wait else 2.0
+            thread.join(limit)
+
+    def _run(self):
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait()
+                if not self._queue:
+                    self._thread = None
+                    return
+                event = self._queue.popleft()
+            try:
+                if self.command:
+                    self._run_command(event)
+                if self.url:
+                    self._post(event)
+            except Exception as exc:      # a bug here must not end the deliveries
+                LOG.error("Notification of %s failed: %s: %s", event.event, type(exc).__name__, exc)
+
+    def _run_command(self, event):
+        import subprocess
+        started = time.monotonic()
+        try:
+            child = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, env=event_environment(
+                                         event, self.host, self.env),
+                                     close_fds=True, start_new_session=True)
+        except OSError as exc:
+            LOG.error("notify_command %s cannot run: %s", self.command[0], exc.strerror or exc)
+            return
+        with self._cond:
+            self._child = child
+        try:
+            output, killed = _collect(child, started + self.timeout)
+        finally:
+            with self._cond:
+                self._child = None
+            child.stdout.close()
+        for line in output.decode("utf-8", "replace").splitlines()[:20]:
+            if line.strip():
+                LOG.info("notify_command: %s", masked(printable(line, 300), self.secrets))
+        took = format_duration(time.monotonic() - started)
+        if killed:
+            LOG.error("notify_command for %s killed after %s (notify_timeout)", event.event, took)
+        elif child.returncode:
+            LOG.error("notify_command for %s exited with %s after %s", event.event,
+                      child.returncode, took)
+        else:
+            LOG.info("Notified %s through notify_command (%s)", event.event, took)
+
+    def _post(self, event):
+        url = self.url.reveal()
+        parts = urllib.parse.urlsplit(url)
+        where = "notify_url %s://%s" % (parts.scheme, parts.hostname)      # the path is the secret
+        body = json.dumps(event_document(event, self.host)).encode("utf-8")
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        end = time.monotonic() + self.timeout
+        for attempt in range(3):
+            try:
+                with self.http.request("POST", url, headers, body) as resp:
+                    status = resp.status
+                    answer = b"" if 200 <= status < 300 else read_at_most(resp, NOTIFY_ANSWER)
+                    wait = retry_after(resp.header("Retry-After"), self.clock.now())
+            except TransportError as exc:
+                LOG.error("Notification of %s to %s failed: %s", event.event, where,
+                          masked(exc, [url, parts.path, parts.query]))
+                return
+            if 200 <= status < 300:
+                LOG.info("Notified %s through %s", event.event, where)
+                return
+            wait = max(wait or 0.0, 1.0 * 2 ** attempt)
+            if status not in (429, 503) or attempt == 2 or time.monotonic() + wait > end:
+                break
+            if self._stopping.wait(wait):
+                return
+        LOG.error("Notification of %s to %s failed: HTTP %d%s%s", event.event, where, status,
+                  " (redirects are not followed)" if 300 <= status < 400 else "",
+                  ": " + masked(printable(one_line(answer.decode("utf-8", "replace")), 200),
+                                [url, parts.path]) if answer.strip() else "")
+
+
+def _collect(child, deadline):
+    """Read ``child``'s output (NOTIFY_OUTPUT bytes kept, the rest
+    discarded) until it exits, killing its process group at ``deadline``;
+    returns (output, killed)."""
+    fd = child.stdout.fileno()
+    _set_nonblocking(fd)
+    kept, killed, exited_at = bytearray(), False, None
+    while True:
+        now = time.monotonic()
+        if child.poll() is not None:
+            exited_at = exited_at or now
+        if exited_at is not None and now - exited_at > 0.5:    # a grandchild keeps the pipe
+            break
+        if exited_at is None and now >= deadline:
+            killed = True
+            _kill_group(child)
+            child.wait()
+            break
+        ready, _, _ = select.select([fd], [], [], 0.1)
+        if not ready:
+            continue
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            data = b""
+        if not data:        # the pipe closed: wait for the exit, or the deadline
+            try:
+                child.wait(max(0.0, deadline - time.monotonic()))
+            except Exception:       # subprocess.TimeoutExpired
+                continue
+            break
+        kept.extend(data[:max(0, NOTIFY_OUTPUT - len(kept))])
+    return bytes(kept), killed
+
+
+def _kill_group(child):
+    """SIGTERM ``child``'s process group, SIGKILL after 2 s."""
+    import subprocess
+    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, None)):
+        try:
+            os.killpg(child.pid, sig)
+        except OSError:
+            return
+        if grace is None:
+            return
+        try:
+            child.wait(grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+# =============================================================================
+# 24. Agent
 # =============================================================================
 
 
@@ -7089,10 +7894,15 @@ class Agent:
         self.leading = False   # the running cycle saw is_self: true
         self.retention_retry = {}  # storage.name -> [monotonic due, kept name, failures]
         self.next_poll = None  # monotonic time of the next leader poll; None: no polling
+        self.streak = {}       # storage.name -> failed cycles in a row (what notifies)
+        self.retention_failing = set()   # storage names whose retention failed last
+        self.scrubber = Scrubber(self.clock)
         self.cfg, self.storages = loader(self.runtime)
         self.vault = vault_factory(self.cfg, clock=self.clock, signals=self.signals,
                                    env=self.runtime.env)
+        self.alerts = Notifications(self.cfg, self.runtime.env, self.clock)
         self.status.configured(self.cfg.frequency)
+        self.scrubber.resume(previous_verifications(self.cfg.status_file))
 
     def reload(self):
         try:
@@ -7108,6 +7918,8 @@ class Agent:
         self.cfg, self.storages = cfg, storages
         self.vault = self.vault_factory(cfg, clock=self.clock, signals=self.signals,
                                         env=self.runtime.env)
+        self.alerts.close(wait=None)       # delivers what it has, then ends
+        self.alerts = Notifications(cfg, self.runtime.env, self.clock)
         self.status.configured(cfg.frequency)
         self.plan(reloaded=True)
         LOG.info("Config reloaded from %s: %s", cfg.path, self.summary())
@@ -7123,9 +7935,11 @@ class Agent:
         for storage in old:
             if places.get(storage.name) != type(storage).place(storage.settings):
                 for state in (self.due, self.last_start, self.failed_runs, self.retry_at,
-                              self.stored_at, self.retention_retry):
+                              self.stored_at, self.retention_retry, self.streak):
                     state.pop(storage.name, None)
                 self.held.discard(storage.name)
+                self.retention_failing.discard(storage.name)
+                self.scrubber.forget(storage.name)
         self.status.forget([s.name for s in old if s.name not in places])
 
     def summary(self):
@@ -7185,6 +7999,7 @@ class Agent:
         does not storm a failing storage. A failure before that (Vault sealed
         or unreachable at boot) ends with the node leading: due now."""
         now, mono = self.clock.now(), self.clock.monotonic()
+        self.scrubber.plan(self.storages)
         for storage in self.storages:
             key, frequency = storage.name, self._frequency(storage)
             if reloaded and key in self.last_start:
@@ -7303,10 +8118,11 @@ class Agent:
                 self.retention_retry.pop(storage.name)   # the new leader's agent does it
                 continue
             try:
-                error = _retain(storage, kept) if leader else "sys/leader did not answer"
+                error = _retain(storage, kept, self.scrubber) if leader else "sys/leader did not answer"
             except Stopped:
                 return True         # the loop sees the stop
             self.status.record_retention(storage, error)
+            self._notify_retention(storage, kept, error)
             if error is None:
                 self.retention_retry.pop(storage.name)
             else:
@@ -7338,6 +8154,8 @@ class Agent:
             LOG.debug("Leader poll failed: %s", exc)
             return
         was = self.status.leader_seen(leader)
+        if not leader:
+            self.scrubber.standby()
         if leader and not was and not planned:
             LOG.info("This node is now the leader; planning from the storages")
             self.plan()
@@ -7381,12 +8199,16 @@ class Agent:
             next_due = min(self.due[s.name] for s in self.storages)
             self.status.planned(self._wall(next_due))
             if started[1] < next_due:
-                self._wait_for(min([next_due] + [entry[0] for _, entry in self._retention_retries()]))
+                if self.scrub_step():
+                    continue
+                self._wait_for(min([next_due, self.scrubber.next_due() or next_due]
+                                   + [entry[0] for _, entry in self._retention_retries()]))
                 continue
             due = [s for s in self.storages if self.due[s.name] <= started[1]]
             result = self.run_cycle(due)
             if result.outcome == "stopped":
                 break
+            self.notify_cycle(result, due)
             self.schedule_after(result, due, started)
             self._schedule_poll()         # the cycle just checked leadership
             self.status.planned(self._wall(min(self.due[s.name] for s in self.storages)))
@@ -7394,6 +8216,88 @@ class Agent:
         if self.notifier:
             self.notifier.notify("STOPPING=1")
         LOG.info("Stopping on %s", _signal_name(self.signals.stop_signal))
+
+    # -- re-verification and notifications --------------------------------------
+
+    def scrub_step(self):
+        """One step of a due re-verification (see Scrubber), on the leader
+        only; False when none is due."""
+        storage = self.scrubber.pending(self.storages)
+        if storage is None:
+            return False
+        try:
+            leader = self.vault.is_leader()
+        except Stopped:
+            return True             # the loop sees the stop
+        except AgentError as exc:
+            LOG.warning("Re-verification of %s postponed: cannot ask sys/leader (%s)",
+                        storage.label(), _error_text(exc))
+            self.scrubber.postpone(storage, max(self.cfg.retry_interval, 60.0))
+            return True
+        if not leader:
+            LOG.debug("Not the leader: re-verification of %s postponed", storage.label())
+            self.scrubber.standby()
+            self.scrubber.postpone(storage, self._frequency(storage))
+            return True
+        try:
+            report = self.scrubber.step(storage)
+        except Stopped:
+            return True
+        except AgentError as exc:
+            LOG.error("Re-verification of %s: cannot list it (%s); trying again later",
+                      storage.label(), _error_text(exc))
+            self.scrubber.postpone(storage, max(self.cfg.retry_interval, 60.0))
+            return True
+        if report is not None:
+            self.status.record_verify(report)
+            if report.new_bad:
+                self.alerts.send(Event("verify_failed", storage.name, ", ".join(report.new_bad),
+                                       report.bad[report.new_bad[0]], len(report.bad)))
+            self.report()
+        return True
+
+    def notify_cycle(self, result, storages):
+        """The events of a cycle over ``storages``: a storage that starts
+        failing (one event for those of the cycle), one that stores again,
+        a retention that starts failing, and every store."""
+        if result.outcome in ("skipped", "stopped"):
+            if result.outcome == "skipped" and not self.leading:
+                self.scrubber.standby()
+            return
+        stored = collections.OrderedDict((s.name, name) for s, name in result.stored)
+        if result.snapshot is None:
+            errors = dict((s.name, "; ".join(result.errors)) for s in storages)
+        else:
+            errors = dict((s.name, error) for s, error in result.failures)
+        started, recovered = [], []
+        for storage in storages:
+            key = storage.name
+            if key in errors:
+                self.streak[key] = self.streak.get(key, 0) + 1
+                if self.streak[key] == 1:
+                    started.append(key)
+            elif key in stored:
+                if self.streak.pop(key, 0):
+                    recovered.append(key)
+        if started:
+            self.alerts.send(Event("failed", ", ".join(started), "", "; ".join(
+                "%s: %s" % (k, errors[k]) for k in started) if len(started) > 1 else errors[started[0]], 1))
+        for key in recovered:
+            self.alerts.send(Event("recovered", key, stored[key]))
+        for storage, kept, error in result.retention:
+            self._notify_retention(storage, kept, error)
+        for storage, name in result.stored:
+            if not any(s is storage for s, _, _ in result.retention):
+                self._notify_retention(storage, name, None)
+        if stored:
+            self.alerts.send(Event("stored", ", ".join(stored), ", ".join(sorted(set(stored.values())))))
+
+    def _notify_retention(self, storage, kept, error):
+        if error is None:
+            self.retention_failing.discard(storage.name)
+        elif storage.name not in self.retention_failing:
+            self.retention_failing.add(storage.name)
+            self.alerts.send(Event("retention_failed", storage.name, kept, error))
 
     # -- reporting -------------------------------------------------------------
 
@@ -7455,10 +8359,10 @@ class Agent:
         config order."""
         self.signals.check()
         if len(storages) == 1:
-            return [(storages[0], _store_one(storages[0], info, when))]
+            return [(storages[0], _store_one(storages[0], info, when, self.scrubber))]
         import concurrent.futures
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(storages)) as pool:
-            futures = [pool.submit(_store_one, s, info, when)
+            futures = [pool.submit(_store_one, s, info, when, self.scrubber)
                        for s in storages]
             while not all(f.done() for f in futures):
                 concurrent.futures.wait(futures, timeout=0.5)   # lets the main thread take signals
@@ -7538,7 +8442,7 @@ class Agent:
         return CycleResult(outcome, info, stored, errors, failures, retention)
 
 
-def _store_one(storage, info, when):
+def _store_one(storage, info, when, journal=None):
     """Upload to one storage under its name for ``when``, then apply its
     retention. Returns (stored name or None, upload error or None, retention
     error or None); raises Stopped. Any other failure stays in this storage:
@@ -7558,7 +8462,9 @@ def _store_one(storage, info, when):
         LOG.error("Storing snapshot in %s failed: %s", storage.label(), _error_text(exc))
         return None, _error_text(exc), None
     LOG.info("Successfully created %s snapshot to %s", storage.name, location)
-    return name, None, _retain(storage, name)
+    if journal is not None:
+        journal.stored(storage, name)
+    return name, None, _retain(storage, name, journal)
 
 
 def _upload_named(storage, info, name, progress, attempts=3):
@@ -7577,10 +8483,13 @@ def _upload_named(storage, info, name, progress, attempts=3):
     raise StorageError("no free snapshot name")      # pragma: no cover (the loop returns or raises)
 
 
-def _retain(storage, keep):
-    """apply_retention, its failure as a text (logged) instead of raised."""
+def _retain(storage, keep, journal=None):
+    """apply_retention, its failure as a text (logged) instead of raised;
+    ``journal`` (the Scrubber) learns what it deleted."""
     try:
-        apply_retention(storage, keep=keep, now=storage.clock.now())
+        deleted = apply_retention(storage, keep=keep, now=storage.clock.now())
+        if journal is not None:
+            journal.retained(storage, deleted)
     except Stopped:
         raise
     except AgentError as exc:
@@ -7621,12 +8530,6 @@ def _default_temp_dir():
     return tempfile.gettempdir()
 
 
-def _error_text(exc):
-    if isinstance(exc, OSError) and not isinstance(exc, AgentError):
-        return "%s%s" % (exc.strerror or exc, (": " + exc.filename) if exc.filename else "")
-    return str(exc)
-
-
 def _signal_name(signum):
     if signum is None:
         return "request"
@@ -7637,7 +8540,7 @@ def _signal_name(signum):
 
 
 # =============================================================================
-# 22. Restore tooling
+# 25. Restore tooling
 # =============================================================================
 
 
@@ -7753,6 +8656,52 @@ def cmd_verify(path, out):
     return EXIT_OK
 
 
+def _stored_target(target):
+    """Whether ``verify TARGET`` means stored snapshots (not a file)."""
+    return target in VERIFY_SCOPES or SNAPSHOT_NAME_RE.match(target) is not None
+
+
+def cmd_verify_stored(storages, target, out, now):
+    """Read back and verify ``target`` (a name, 'latest' or 'all') in each
+    storage: one OK or FAIL line per snapshot; exit 1 when any failed or
+    the name is nowhere."""
+    good, failed = 0, []
+    for storage in storages:
+        try:
+            refs = without_future(storage.list(), now, storage.label())
+        except Stopped:
+            raise
+        except AgentError as exc:
+            failed.append((storage, "-", "cannot list: %s" % _error_text(exc)))
+            continue
+        names = scrub_names(refs, target) if target in VERIFY_SCOPES else \
+            [ref.name for ref in refs if ref.name == target]
+        if not names and (target == "latest" or len(storages) == 1):
+            failed.append((storage, target, "no snapshot %sin %s" % (
+                "" if target == "latest" else "of that name ", storage.label())))
+        for name in names:
+            progress = Progress("Verifying %s in %s" % (name, storage.label()), None, storage.clock)
+            try:
+                found = verify_stored(storage, name, progress)
+            except Stopped:
+                raise
+            except AgentError as exc:
+                failed.append((storage, name, _error_text(exc)))
+                out.write("FAIL  %-10s  %s  %s\n" % (storage.name, name, _error_text(exc)))
+                continue
+            good += 1
+            out.write("OK    %-10s  %s  %s, Raft index %s term %s (%s)\n" % (
+                storage.name, found.name, format_size(found.size), found.index, found.term,
+                found.checked))
+    for storage, name, error in failed:
+        LOG.error("%s in %s: %s", name, storage.label(), error)
+    if not good and not failed:
+        LOG.error("snapshot %s not found in %s", target, ", ".join(s.label() for s in storages))
+        return EXIT_FAILED
+    LOG.info("Verified %d snapshot(s): %d good, %d bad", good + len(failed), good, len(failed))
+    return EXIT_FAILED if failed else EXIT_OK
+
+
 def cmd_restore(cfg, storages, target, force, out, env=None, signals=None):
     """POST a verified snapshot to the cluster. Uses VAULT_TOKEN/BAO_TOKEN when
     set (restoring needs an operator's token), else the configured login."""
@@ -7794,7 +8743,7 @@ def cmd_restore(cfg, storages, target, force, out, env=None, signals=None):
 
 
 # =============================================================================
-# 23. Command line
+# 26. Command line
 # =============================================================================
 
 
@@ -7849,8 +8798,13 @@ def _parser():
     download.add_argument("name", help="a snapshot name, or 'latest'")
     download.add_argument("-o", "--output", metavar="FILE", help="where to write it (default ./NAME)")
     download.add_argument("--storage", help=_storage_help())
-    verify = commands.add_parser("verify", help="verify a snapshot file (no config needed)")
-    verify.add_argument("file")
+    verify = commands.add_parser(
+        "verify", help="verify a snapshot file (no config needed), or read stored snapshots back "
+                       "and verify them in full, writing nothing")
+    verify.add_argument("target", metavar="FILE|NAME|latest|all",
+                        help="a snapshot file; or, in the storages: a snapshot name, the newest "
+                             "of each ('latest'), or 'all'")
+    verify.add_argument("--storage", help=_storage_help())
     restore = commands.add_parser("restore", help="restore a snapshot into the cluster at addr")
     restore.add_argument("target", help="a snapshot file, a snapshot name, or 'latest'")
     restore.add_argument("--yes", action="store_true",
@@ -7899,9 +8853,10 @@ def _run(args, out=None, env=None):
     if args.config_reference:
         out.write(config_reference())
         return EXIT_OK
-    if args.command == "verify":
+    if args.command == "verify" and not args.storage and (
+            os.path.isfile(args.target) or not _stored_target(args.target)):
         try:
-            return cmd_verify(args.file, out)
+            return cmd_verify(args.target, out)
         except SnapshotError as exc:
             LOG.error("%s", exc)
             return EXIT_FAILED
@@ -7913,7 +8868,7 @@ def _run(args, out=None, env=None):
     try:
         try:
             cfg, storages = load_all(args.config, runtime)
-            if args.command in ("download", "restore"):
+            if args.command in ("download", "restore", "verify"):
                 storages = pick_storages(storages, args.storage)
         except ConfigError as exc:
             LOG.error("Config error: %s", exc)
@@ -7958,6 +8913,7 @@ def _run_agent(args, cfg, storages, runtime):
 
     runtime.signals.install()
     notifier = SystemdNotifier(runtime.env, runtime.signals, runtime.clock)
+    agent = None
     try:
         agent = Agent(loader, clock=runtime.clock, signals=runtime.signals, notifier=notifier,
                       env=runtime.env)
@@ -7966,6 +8922,7 @@ def _run_agent(args, cfg, storages, runtime):
             metrics[0] = MetricsServer(cfg.metrics_bind, agent.status)
         if args.once:
             result = agent.run_cycle()
+            agent.notify_cycle(result, agent.storages)
             agent.report()
             ok = result.outcome in ("stored", "skipped", "stopped") and not result.retention
             return EXIT_OK if ok else EXIT_FAILED
@@ -7978,6 +8935,8 @@ def _run_agent(args, cfg, storages, runtime):
         if metrics[0] is not None:
             metrics[0].close()
         notifier.close()
+        if agent is not None:
+            agent.alerts.close(wait=not runtime.signals.stop_requested)
 
 
 def _run_command(args, cfg, storages, runtime, out):
@@ -7987,6 +8946,8 @@ def _run_command(args, cfg, storages, runtime, out):
             return cmd_list(storages, out)
         if args.command == "download":
             return cmd_download(storages, args.name, args.output, out, runtime.clock.now())
+        if args.command == "verify":
+            return cmd_verify_stored(storages, args.target, out, runtime.clock.now())
         return cmd_restore(cfg, storages, args.target, args.force, out, runtime.env,
                            runtime.signals)
     except Stopped:

@@ -139,7 +139,8 @@ def test_a_new_backend_is_one_class_and_one_registry_entry():
     for key, cls in vsa.STORAGE_TYPES.items():
         assert cls.config_key == key and cls.aliases and cls.keys
         names = [k.name for k in cls.keys]
-        assert names[-4:] == ["retain", "retain_days", "max_space", "frequency"], key
+        assert names[-6:] == ["retain", "retain_days", "max_space", "frequency", "verify_frequency",
+                              "verify_scope"], key
         assert len(names) == len(set(names)), key
 
 
@@ -203,7 +204,7 @@ def _valid_block(cls):
 def test_secret_keys_auth_methods_and_storage_names_are_derived_from_the_tables(capsys):
     assert vsa.secret_key_names() == frozenset([
         "secret_id", "token", "secret_access_key", "session_token", "account_key", "sas_token",
-        "connection_string", "client_secret", "password"])
+        "connection_string", "client_secret", "password", "notify_url"])
     method_key = [k for k in vsa.TOP_KEYS if k.name == "vault_auth_method"][0]
     names = [n for m in vsa.AUTH_METHODS.values() for n in (m.name,) + m.aliases]
     assert list(method_key.options["choices"]) == names
