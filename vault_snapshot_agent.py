@@ -6799,10 +6799,7 @@ def verify_stored(storage, name, progress=None):
     read, Stopped on a stop."""
     check = StoredCheck(storage.signals, progress)
     storage.read_back(name, check)
-    try:
-        index, term, _, checked = check.finish()
-    except SnapshotError as exc:
-        raise SnapshotError("%s: %s" % (name, exc)) from exc
+    index, term, _, checked = check.finish()
     return Verified(name, check.size, index, term, checked)
 
 
