@@ -4395,10 +4395,15 @@ def _parse_pax(data):
 
 
 class Progress:
-    """Logs a long transfer every ``interval`` seconds: bytes, rate, ETA."""
+    """Logs a long transfer every ``interval`` seconds: bytes, rate, ETA.
+    With ``tty`` (a terminal's stream) it redraws one line there twice a
+    second instead, which ``end()`` clears."""
 
-    def __init__(self, what, total, clock, interval=30.0):
+    def __init__(self, what, total, clock, interval=30.0, tty=None):
         self.what, self.total, self.clock, self.interval = what, total, clock, interval
+        self.tty = tty
+        if tty is not None:
+            self.interval = 0.5
         self.done = 0
         self.start = self.last = clock.monotonic()
         self._lock = threading.Lock()
@@ -4412,11 +4417,23 @@ class Progress:
             self.last = now
             rate = self.done / max(now - self.start, 1e-6)
             if self.total:
-                LOG.info("%s: %s of %s (%d%%), %s/s, about %s left", self.what, format_size(self.done),
-                         format_size(self.total), 100 * self.done // self.total, format_size(rate),
-                         format_duration((self.total - self.done) / max(rate, 1.0)))
+                text = "%s: %s of %s (%d%%), %s/s, about %s left" % (
+                    self.what, format_size(self.done), format_size(self.total),
+                    100 * self.done // self.total, format_size(rate),
+                    format_duration((self.total - self.done) / max(rate, 1.0)))
             else:
-                LOG.info("%s: %s so far, %s/s", self.what, format_size(self.done), format_size(rate))
+                text = "%s: %s so far, %s/s" % (self.what, format_size(self.done), format_size(rate))
+            if self.tty is None:
+                LOG.info("%s", text)
+            else:
+                self.tty.write("\r\x1b[K" + text)
+                self.tty.flush()
+
+    def end(self):
+        """Clear the terminal line (nothing without ``tty``)."""
+        if self.tty is not None and self.done:
+            self.tty.write("\r\x1b[K")
+            self.tty.flush()
 
 
 class _Pass:
@@ -4637,7 +4654,7 @@ class StoredCheck:
         index, term, state = self.verifier.finish()
         recorded = self.recorded
         if recorded is None:
-            return index, term, state, "no checksum recorded at upload"
+            return index, term, state, "archive only: no checksum recorded at upload"
         if recorded.size is not None and recorded.size != self.size:
             raise SnapshotError("read %d bytes, but the store records %d" % (self.size, recorded.size))
         if recorded.part_size:
@@ -4652,7 +4669,7 @@ class StoredCheck:
             raise SnapshotError("the object read back does not match the %s recorded at upload "
                                 "(the archive itself is a valid snapshot: another one, or "
                                 "replaced)" % recorded.what)
-        return index, term, state, recorded.what
+        return index, term, state, "matches the %s recorded at upload" % recorded.what
 
 
 def _unlink_quietly(path):
@@ -5279,7 +5296,7 @@ def _local_recorded(fd, size):
         return None
     text = value[:64].decode("ascii", "replace")
     digest = bytes.fromhex(text) if re.match(r"\A[0-9a-f]{64}\Z", text) and len(value) == 64 else b""
-    return Recorded("SHA-256 recorded in its xattr %s" % LOCAL_SHA256_XATTR, "sha256", digest, size)
+    return Recorded("SHA-256 in xattr %s" % LOCAL_SHA256_XATTR, "sha256", digest, size)
 
 
 def _place(temp, final):
@@ -6782,8 +6799,8 @@ def apply_retention(storage, keep, now=None):
 
 Verified = collections.namedtuple("Verified", "name size index term checked")
 # A stored snapshot read back and found good: its size, Raft index and term,
-# and what was compared besides the archive ("S3 ETag (MD5)", or "no checksum
-# recorded at upload" for an object another agent wrote).
+# and what was compared besides the archive ("matches the S3 ETag (MD5)
+# recorded at upload", or "archive only: ..." for another agent's object).
 
 ScrubReport = collections.namedtuple("ScrubReport", "storage verified bad new_bad ended")
 # One storage's finished re-verification: verified [Verified], bad {name:
@@ -8658,7 +8675,7 @@ def _stored_target(target):
     return target in VERIFY_SCOPES or SNAPSHOT_NAME_RE.match(target) is not None
 
 
-def cmd_verify_stored(storages, target, out, now):
+def cmd_verify_stored(storages, target, out, now, tty=None):
     """Read back and verify ``target`` (a name, 'latest' or 'all') in each
     storage: one OK or FAIL line per snapshot; exit 1 when any failed or
     the name is nowhere."""
@@ -8677,15 +8694,18 @@ def cmd_verify_stored(storages, target, out, now):
             failed.append((storage, target, "no snapshot %sin %s" % (
                 "" if target == "latest" else "of that name ", storage.label())))
         for name in names:
-            progress = Progress("Verifying %s in %s" % (name, storage.label()), None, storage.clock)
+            progress = Progress("Verifying %s in %s" % (name, storage.label()), None, storage.clock,
+                                tty=tty)
             try:
                 found = verify_stored(storage, name, progress)
             except Stopped:
                 raise
             except AgentError as exc:
+                progress.end()
                 failed.append((storage, name, _error_text(exc)))
                 out.write("FAIL  %-10s  %s  %s\n" % (storage.name, name, _error_text(exc)))
                 continue
+            progress.end()
             good += 1
             out.write("OK    %-10s  %s  %s, Raft index %s term %s (%s)\n" % (
                 storage.name, found.name, format_size(found.size), found.index, found.term,
@@ -8840,12 +8860,13 @@ def main(argv=None, stream=None, env=None, out=None):
     handler = _configure_logging(getattr(logging, args.log_level.upper()), args.log_format,
                                  stream or sys.stderr)
     try:
-        return _run(args, out, env)
+        isatty = getattr(handler.stream, "isatty", None)
+        return _run(args, out, env, handler.stream if isatty and isatty() else None)
     finally:
         LOG.removeHandler(handler)
 
 
-def _run(args, out=None, env=None):
+def _run(args, out=None, env=None, tty=None):
     out = out or sys.stdout
     if args.config_reference:
         out.write(config_reference())
@@ -8871,7 +8892,7 @@ def _run(args, out=None, env=None):
             LOG.error("Config error: %s", exc)
             return EXIT_USAGE
         if args.command:
-            return _run_command(args, cfg, storages, runtime, out)
+            return _run_command(args, cfg, storages, runtime, out, tty)
         for warning in cfg.warnings:
             LOG.warning("%s", warning)
         if cfg.tls_skip_verify:
@@ -8936,7 +8957,7 @@ def _run_agent(args, cfg, storages, runtime):
             agent.alerts.close(wait=not runtime.signals.stop_requested)
 
 
-def _run_command(args, cfg, storages, runtime, out):
+def _run_command(args, cfg, storages, runtime, out, tty=None):
     runtime.signals.install()
     try:
         if args.command == "list":
@@ -8944,7 +8965,7 @@ def _run_command(args, cfg, storages, runtime, out):
         if args.command == "download":
             return cmd_download(storages, args.name, args.output, out, runtime.clock.now())
         if args.command == "verify":
-            return cmd_verify_stored(storages, args.target, out, runtime.clock.now())
+            return cmd_verify_stored(storages, args.target, out, runtime.clock.now(), tty)
         return cmd_restore(cfg, storages, args.target, args.force, out, runtime.env,
                            runtime.signals)
     except Stopped:
