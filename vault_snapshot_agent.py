@@ -8215,7 +8215,8 @@ class Agent:
             if started[1] < next_due:
                 if self.scrub_step():
                     continue
-                self._wait_for(min([next_due, self.scrubber.next_due() or next_due]
+                scrub = self.scrubber.next_due()
+                self._wait_for(min([next_due] + ([scrub] if scrub is not None else [])
                                    + [entry[0] for _, entry in self._retention_retries()]))
                 continue
             due = [s for s in self.storages if self.due[s.name] <= started[1]]
