@@ -53,7 +53,8 @@ IMAGE_CMD = ["--config", "/etc/vault.d/snapshot.json"]
 METRICS = ("vault_snapshot_last_success_timestamp_seconds",
            "vault_snapshot_storage_consecutive_failures",
            "vault_snapshot_is_leader",
-           "vault_snapshot_frequency_seconds")
+           "vault_snapshot_frequency_seconds",
+           "vault_snapshot_verify_bad_snapshots")
 
 
 def _walk_files(top, suffixes):
@@ -566,6 +567,9 @@ def test_alert_rules_shape():
     assert "vault_snapshot_storage_consecutive_failures" in failing and ">= 2" in failing
     assert "vault_snapshot_is_leader" in failing
     assert re.search(r"\bup\{[^}]*\} == 0", rules["VaultSnapshotAgentDown"]["expr"])
+    exported = vsa.Status(vsa.Clock()).metrics()       # every rule's metric is one the agent exports
+    for metric in METRICS:
+        assert "# TYPE %s " % metric in exported, metric
 
 
 PROMTOOL = shutil.which("promtool")
@@ -686,6 +690,39 @@ tests:
           - exp_labels: {{severity: warning, job: vault-snapshot-agent, instance: c, cluster: other}}
       - eval_time: 120m
         alertname: VaultSnapshotAgentAbsent
+        exp_alerts: []
+
+  # Re-verification: the leader a finds 2 bad snapshots in "s3" from 30m to
+  # 60m; b, a standby since 10m, still shows the 1 it found while it led.
+  # Only the leader's finding alerts, and only while it stands.
+  - interval: 1m
+    input_series:
+      - series: 'vault_snapshot_verify_bad_snapshots{{job="vault-snapshot-agent",instance="a",storage="s3",type="s3"}}'
+        values: '0x30 2x30 0x60'
+      - series: 'vault_snapshot_verify_bad_snapshots{{job="vault-snapshot-agent",instance="b",storage="local",type="local"}}'
+        values: '1x120'
+      - series: 'vault_snapshot_is_leader{{job="vault-snapshot-agent",instance="a"}}'
+        values: '0x10 1x110'
+      - series: 'vault_snapshot_is_leader{{job="vault-snapshot-agent",instance="b"}}'
+        values: '1x10 0x110'
+      - series: 'up{{job="vault-snapshot-agent",instance="a"}}'
+        values: '1x120'
+      - series: 'up{{job="vault-snapshot-agent",instance="b"}}'
+        values: '1x120'
+    alert_rule_test:
+      - eval_time: 5m
+        alertname: VaultSnapshotVerifyFailed
+        exp_alerts:
+          - exp_labels: {{severity: critical, job: vault-snapshot-agent, storage: local, type: local}}
+      - eval_time: 20m
+        alertname: VaultSnapshotVerifyFailed
+        exp_alerts: []
+      - eval_time: 45m
+        alertname: VaultSnapshotVerifyFailed
+        exp_alerts:
+          - exp_labels: {{severity: critical, job: vault-snapshot-agent, storage: s3, type: s3}}
+      - eval_time: 90m
+        alertname: VaultSnapshotVerifyFailed
         exp_alerts: []
 
   # CronJob flavour through kube-state-metrics: last success at 10 minutes.
