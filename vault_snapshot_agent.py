@@ -17,10 +17,13 @@ Usage::
     vault_snapshot_agent.py [-c /etc/vault.d/snapshot.json] [--once]
                             [--check-config] [--log-level info]
                             [--log-format text|json] [--version]
-    vault_snapshot_agent.py [-c CONFIG] list
-    vault_snapshot_agent.py [-c CONFIG] download NAME|latest [-o FILE]
+                            [--config-reference]
+    vault_snapshot_agent.py list [-c CONFIG] [--storage NAME]
+    vault_snapshot_agent.py download NAME|latest [-o FILE] [-c CONFIG] [--storage NAME]
     vault_snapshot_agent.py verify FILE
-    vault_snapshot_agent.py [-c CONFIG] restore FILE|NAME|latest --yes [--force]
+    vault_snapshot_agent.py verify NAME|latest|all [-c CONFIG] [--storage NAME]
+    vault_snapshot_agent.py restore FILE|NAME|latest --yes [--force] [-c CONFIG]
+                            [--storage NAME]
 
 Exit codes: 0 success, requested stop, or not the leader; 1 a ``--once``
 cycle failed; 2 usage or config error.
@@ -8811,7 +8814,9 @@ def _parser():
                         help="print every config key with its default and meaning (Markdown) and exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND",
                                      help="restore tooling (without one: run the agent)")
-    commands.add_parser("list", help="list the snapshots in every configured storage, newest first")
+    listing = commands.add_parser("list", help="list the snapshots in every configured storage, "
+                                               "newest first")
+    listing.add_argument("--storage", help=_storage_help())
     download = commands.add_parser("download", help="download a snapshot and verify it")
     download.add_argument("name", help="a snapshot name, or 'latest'")
     download.add_argument("-o", "--output", metavar="FILE", help="where to write it (default ./NAME)")
@@ -8830,6 +8835,9 @@ def _parser():
     restore.add_argument("--force", action="store_true",
                          help="use snapshot-force (a snapshot from another cluster)")
     restore.add_argument("--storage", help=_storage_help())
+    for command in (listing, download, verify, restore):      # -c after the command too
+        command.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="PATH",
+                             help="config file (default %s)" % DEFAULT_CONFIG_PATH)
     return parser
 
 
@@ -8887,7 +8895,7 @@ def _run(args, out=None, env=None, tty=None):
     try:
         try:
             cfg, storages = load_all(args.config, runtime)
-            if args.command in ("download", "restore", "verify"):
+            if args.command:
                 storages = pick_storages(storages, args.storage)
         except ConfigError as exc:
             LOG.error("Config error: %s", exc)
