@@ -4889,6 +4889,10 @@ class Storage:
         """Why this storage applies no retention (a text), else None."""
         return None
 
+    def emptiness(self):
+        """Why a listing found nothing, for the message that says so."""
+        return "no snapshot named %s-<time>.snap there" % self.file_prefix
+
     # Object stores keep snapshots under an optional "folder" prefix.
     prefix = ""
 
@@ -5152,6 +5156,11 @@ class LocalStorage(Storage):
 
     def staging_dir(self):
         return self.path
+
+    def emptiness(self):
+        if not os.path.isdir(self.path):
+            return "the directory %s does not exist (yet: the first snapshot creates it)" % self.path
+        return Storage.emptiness(self)
 
     def _ensure_dir(self):
         try:
@@ -8576,6 +8585,14 @@ def list_snapshots(storages):
     return found, errors
 
 
+def _empty_storages(storages, found, errors):
+    """'label: why' of each storage that listed no snapshot (and no error)."""
+    failed = set(line.split(": ", 1)[0] for line in errors)
+    have = set(id(storage) for storage, _ in found)
+    return ["%s: %s" % (s.label(), s.emptiness()) for s in storages
+            if id(s) not in have and s.label() not in failed]
+
+
 def _storage_help():
     return "only this storage: a block's name, or every block of a kind (%s, or the key)" % (
         ", ".join("/".join(cls.aliases) for cls in STORAGE_TYPES.values()))
@@ -8611,8 +8628,12 @@ def fetch_snapshot(storages, name, directory, output=None, now=None):
         name = found[0][1].name if found else name
     candidates = [(s, r) for s, r in found if r.name == name]
     if not candidates:
-        raise StorageError("snapshot %s not found in %s" % (
-            name, ", ".join(s.label() for s in storages)))
+        empty = _empty_storages(storages, found, errors)
+        if name == "latest" and empty:
+            raise StorageError("no snapshot to download: %s" % "; ".join(empty))
+        raise StorageError("snapshot %s not found in %s%s" % (
+            name, ", ".join(s.label() for s in storages),
+            " (%s)" % "; ".join(empty) if empty else ""))
     failed = []
     for storage, ref in candidates:
         try:
@@ -8655,6 +8676,8 @@ def cmd_list(storages, out):
         out.write("%-24s  %-10s  %10s  %s\n" % (
             ref.when.strftime("%Y-%m-%dT%H:%M:%SZ"), storage.name, format_size(ref.size),
             ref.name))
+    for line in _empty_storages(storages, found, errors):
+        LOG.warning("No snapshots in %s", line)
     for line in errors:
         LOG.error("Listing failed: %s", line)
     return EXIT_FAILED if errors else EXIT_OK

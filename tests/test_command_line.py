@@ -67,3 +67,23 @@ def test_usage_synopsis_names_every_option_and_form():
     parser.print_help(help_text)
     for command in ("list", "download", "verify", "restore"):
         assert command in help_text.getvalue()
+
+
+def test_an_empty_or_missing_storage_is_said_so(tmp_path):
+    config = two_blocks(tmp_path)
+    for name in ("a0", "a1"):
+        (tmp_path / name).unlink()
+    for path in (tmp_path / "cold").iterdir():
+        path.unlink()
+    (tmp_path / "cold").rmdir()
+    code, out, log = run(["list", "-c", config])
+    assert code == 0 and out.count(".snap") == 1
+    assert "No snapshots in cold (local:%s): the directory %s does not exist" % (
+        tmp_path / "cold", tmp_path / "cold") in log
+    code, _, log = run(["download", "latest", "-c", config, "--storage", "cold"])
+    assert code == 1
+    assert "no snapshot to download: cold (local:%s): the directory %s does not exist" % (
+        tmp_path / "cold", tmp_path / "cold") in log
+    (tmp_path / "cold").mkdir()
+    code, _, log = run(["list", "-c", config, "--storage", "cold"])
+    assert code == 0 and "no snapshot named cold-<time>.snap there" in log
