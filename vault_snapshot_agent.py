@@ -1371,7 +1371,10 @@ def _request_error(exc, watch, method, url, via, proxy):
     if failure is not None and isinstance(exc, (OSError, ValueError, http.client.HTTPException)):
         return failure
     if isinstance(exc, ssl.SSLError):      # before ValueError: a certificate error is both
-        return TransportError("%s %s%s: TLS error: %s" % (method, redact_url(url), via, _exc_text(exc)),
+        text = _exc_text(exc)
+        if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
+            text += " (the server answered without TLS: use http:// in the URL, or its TLS port)"
+        return TransportError("%s %s%s: TLS error: %s" % (method, redact_url(url), via, text),
                               retryable=False)
     if isinstance(exc, ValueError):         # http.client's header checks; its text may hold a value
         return TransportError("%s %s: http.client refused the request headers" % (method, redact_url(url)))
@@ -5484,7 +5487,8 @@ class S3Storage(Storage):
             default_doc="`https://s3.<region>.amazonaws.com`",
             doc="for MinIO/Ceph/...: `https://minio.example:9000`"),
         Key("s3_force_path_style", "bool", False,
-            doc="path-style URLs; automatic for IP/localhost endpoints and dotted bucket names"),
+            doc="path-style URLs; automatic for IP/localhost and one-word (`http://minio:9000`) "
+                "endpoints and dotted bucket names"),
         Key("s3_key_prefix", "str", "raft_snapshots", doc="\"folder\" for the objects"),
         Key("s3_server_side_encryption", "any", False,
             doc="`true` or `\"AES256\"` (SSE-S3), `\"aws:kms\"` (SSE-KMS), `\"aws:kms:dsse\"`"),
@@ -5571,8 +5575,9 @@ class S3Storage(Storage):
     @classmethod
     def from_settings(cls, settings, cfg, runtime):
         bucket, region, endpoint = settings["s3_bucket"], settings["s3_region"], settings["s3_endpoint"]
-        path_style = (settings["s3_force_path_style"]
-                      or _is_ip_or_localhost(urllib.parse.urlsplit(endpoint).hostname)
+        host = urllib.parse.urlsplit(endpoint).hostname or ""
+        path_style = (settings["s3_force_path_style"] or _is_ip_or_localhost(host)
+                      or "." not in host       # docker-compose's "minio": bucket.minio cannot resolve
                       or ("." in bucket and endpoint.startswith("https")))
         key_id = settings["access_key_id"]
         static = (AwsCredentials(key_id, settings["secret_access_key"], settings["session_token"],
@@ -8407,10 +8412,10 @@ class Agent:
         elapsed = self.clock.monotonic() - began
         if result.snapshot is not None:
             info = result.snapshot
-            LOG.info("Cycle %s: snapshot %s, %s, Raft index %s term %s, stored in %d/%d storages in %s",
-                     result.outcome, result.stored[0][1] if result.stored else "-",
-                     format_size(info.size), info.index, info.term, len(result.stored),
-                     len(storages), format_duration(elapsed))
+            LOG.info("Cycle %s: %s, %s, Raft index %s term %s, stored in %d/%d storages in %s",
+                     result.outcome, "snapshot %s" % result.stored[0][1] if result.stored
+                     else "snapshot taken but stored nowhere", format_size(info.size), info.index,
+                     info.term, len(result.stored), len(storages), format_duration(elapsed))
         self.status.record(result, started, self.clock.now(), elapsed, storages,
                            leading=self.leading)
         return result
@@ -8908,7 +8913,8 @@ def _run(args, out=None, env=None, tty=None):
         try:
             return cmd_verify(args.target, out)
         except SnapshotError as exc:
-            LOG.error("%s", exc)
+            text = str(exc)
+            LOG.error("%s", text if text.startswith(args.target + ":") else "%s: %s" % (args.target, text))
             return EXIT_FAILED
     if args.command == "restore" and not args.yes:
         LOG.error("restore replaces ALL data in the cluster at the configured addr with the "

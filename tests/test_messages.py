@@ -1,0 +1,79 @@
+"""Messages that say what happened and what to do (#23): each case a user
+met, with the exact situation."""
+
+import io
+import socket
+import threading
+
+import pytest
+
+import vault_snapshot_agent as vsa
+from support.agent_sim import one_cycle
+from support.fake_endpoints import FakeVault
+from support.harness import FakeClock, free_port
+
+
+def test_a_cycle_stored_nowhere_says_so_not_snapshot_dash(tmp_path):
+    with FakeVault(role_id="r", secret_id="s") as vault:
+        result, log = one_cycle(tmp_path, vault, FakeClock(), local_storage=None, aws_storage={
+            "s3_bucket": "snaps", "s3_region": "us-east-1",
+            "s3_endpoint": "http://127.0.0.1:%d" % free_port(),
+            "access_key_id": "AKIDEXAMPLE", "secret_access_key": "secret-example-key"})
+    assert result.outcome == "failed"
+    assert "Cycle failed: snapshot taken but stored nowhere" in log
+    assert "snapshot -," not in log
+
+
+@pytest.mark.parametrize("endpoint, path_style", [
+    ("http://minio:9000", True), ("http://minio.internal:9000", False),
+    ("http://127.0.0.1:9000", True), ("https://s3.eu-west-1.amazonaws.com", False)])
+def test_a_one_word_s3_endpoint_host_gets_path_style(tmp_path, endpoint, path_style):
+    cfg = vsa.config_from_dict({"vault_auth_method": "token", "token": "t", "aws_storage": {
+        "s3_bucket": "snaps", "s3_region": "us-east-1", "s3_endpoint": endpoint,
+        "access_key_id": "AKIDEXAMPLE", "secret_access_key": "secret-example-key"}}, env={})
+    runtime = vsa.Runtime.create(env={})
+    try:
+        storage = vsa.build_storages(cfg, runtime)[0]
+    finally:
+        runtime.signals.close()
+    assert storage.path_style is path_style
+    host = endpoint.split("://")[1]
+    assert storage._host == (host if path_style else "snaps." + host)
+
+
+def plain_http_listener():
+    """A loopback socket that answers any connection with an HTTP/1.1 400."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def test_https_to_a_plain_http_listener_says_use_http():
+    server = plain_http_listener()
+    try:
+        http = vsa.Http(deadline=10.0, timeout=5.0)
+        with pytest.raises(vsa.TransportError) as caught:
+            http.request("GET", "https://127.0.0.1:%d/v1/sys/leader" % server.getsockname()[1])
+    finally:
+        server.close()
+    assert "the server answered without TLS: use http:// in the URL" in str(caught.value)
+
+
+def test_verify_of_a_file_that_is_not_gzip_names_the_file(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not a snapshot\n")
+    log = io.StringIO()
+    assert vsa.main(["verify", str(path)], stream=log, out=io.StringIO()) == 1
+    assert "ERROR %s: snapshot is not a valid gzip stream" % path in log.getvalue()
