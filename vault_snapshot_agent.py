@@ -2559,6 +2559,7 @@ class Section:
     def read(self, key, default=None):
         """The value of ``key`` (a Key) in this block, ``default`` when unset."""
         name = key.name
+        self.seen.update(key.aliases)        # known spellings, even when empty ("" is unset)
         if key.options.get("env_only") and self.raw.get(name) not in (None, ""):
             raise self.error(name, "is read from the environment only (%s), never from the config "
                              "file: use the file key instead" % ", ".join(key.env))
@@ -3711,10 +3712,19 @@ def config_from_dict(raw, path="<config>", env=None, warnings=()):
             except OSError:
                 pass
     storages = _read_storages(top, values, warnings.append)
-    warnings += ["unknown config key %r ignored (typo?)" % k
-                 for section in [top] + [s for s, _, _ in storages] for k in section.unknown()]
+    warnings += [_unknown_key(section, k) for section in [top] + [s for s, _, _ in storages]
+                 for k in section.unknown()]
     return Config(path, Settings(values, top.sources), [(c, v) for _, c, v in storages], warnings,
                   tls, proxy_policy, metrics_bind)
+
+
+def _unknown_key(section, name):
+    """The warning for an unknown key: the closest known one, if any."""
+    import difflib
+    key = name[len(section.prefix):] if name.startswith(section.prefix) else name
+    close = difflib.get_close_matches(key, sorted(section.seen), n=1, cutoff=0.7)
+    return "unknown config key %r ignored (%s)" % (
+        name, "did you mean %r?" % (section.prefix + close[0]) if close else "typo?")
 
 
 def _read_storages(top, values, warn):
@@ -8944,13 +8954,19 @@ def _run(args, out=None, env=None, tty=None):
 
 def _check_config(cfg, out):
     """Print the whole effective configuration (stdout, JSON) and where each
-    value came from (the log: stderr)."""
+    value came from (the log: stderr); exit 1 when a key is unknown (the
+    daemon ignores it, as the Go agent did, but a check must not pass)."""
     sources = [("", cfg.sources)] + [(settings.block + ".", settings.sources)
                                      for _, settings in cfg.storages]
     out.write(json.dumps(cfg.describe(), indent=2) + "\n")
     from_env = ["%s%s (%s)" % (prefix, key, source[4:]) for prefix, block in sources
                 for key, source in sorted(block.items()) if source.startswith("env ")]
     LOG.info("Values from the environment: %s", ", ".join(from_env) or "none")
+    unknown = [w for w in cfg.warnings if w.startswith("unknown config key")]
+    if unknown:
+        LOG.error("--check-config: %d unknown key(s): the agent would run, ignoring them; fix or "
+                  "remove them", len(unknown))
+        return EXIT_FAILED
     return EXIT_OK
 
 

@@ -56,9 +56,12 @@ def test_unknown_keys_are_warnings_not_errors(tmp_path, corpus_files, capsys):
     path.write_text(json.dumps(config))
     code, log = run_main("-c", str(path), "--check-config")
     capsys.readouterr()
-    assert code == 0, log
-    assert "'snapshot_frequency'" in log and "'aws_storage.s3_bukket'" in log
-    assert error_lines(log) == []
+    assert code == 1, log                   # the check fails; loading does not (warnings)
+    assert "'snapshot_frequency'" in log and "did you mean 'aws_storage.s3_bucket'?" in log
+    assert [line.split(" ", 2)[2] for line in error_lines(log)] == [
+        "--check-config: 2 unknown key(s): the agent would run, ignoring them; fix or remove them"]
+    cfg = vsa.load_config(str(path), env={})
+    assert len([w for w in cfg.warnings if w.startswith("unknown config key")]) == 2
 
 
 @pytest.mark.parametrize("key", ["frequency", "timeout", "snapshot_timeout", "retry_interval"])

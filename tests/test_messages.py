@@ -77,3 +77,22 @@ def test_verify_of_a_file_that_is_not_gzip_names_the_file(tmp_path):
     log = io.StringIO()
     assert vsa.main(["verify", str(path)], stream=log, out=io.StringIO()) == 1
     assert "ERROR %s: snapshot is not a valid gzip stream" % path in log.getvalue()
+
+
+def test_an_unknown_key_gets_a_suggestion_and_fails_check_config(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text('{"addr": "http://127.0.0.1:9", "vault_auth_method": "token", "token": "t", '
+                      '"retian": 3, "local_storage": {"path": "%s", "frequncy": "1h", "zzz": 1}}'
+                      % (tmp_path / "snaps"))
+    log, out = io.StringIO(), io.StringIO()
+    assert vsa.main(["-c", str(config), "--check-config"], stream=log, out=out, env={}) == 1
+    text = log.getvalue()
+    assert "unknown config key 'retian' ignored (did you mean 'retain'?)" in text
+    assert "'local_storage.frequncy' ignored (did you mean 'local_storage.frequency'?)" in text
+    assert "'local_storage.zzz' ignored (typo?)" in text
+    assert "ERROR --check-config: 3 unknown key(s)" in text
+    assert '"retain": 0' in out.getvalue()          # the effective config is still shown
+    config.write_text('{"addr": "http://127.0.0.1:9", "vault_auth_method": "token", "token": "t", '
+                      '"local_storage": {"path": "%s"}}' % (tmp_path / "snaps"))
+    assert vsa.main(["-c", str(config), "--check-config"], stream=io.StringIO(), out=io.StringIO(),
+                    env={}) == 0
