@@ -915,7 +915,8 @@ class ProxyPolicy:
     def __init__(self, setting=None, env=None, where="proxy"):
         env = {} if env is None else env
         self.explicit = self.direct = False
-        self.proxies, self.warnings = {}, []
+        self.proxies, self.warnings, self.where, self.sources = {}, [], where, {}
+        self.no_proxy = ""
         if setting == "direct":
             self.direct = True
         elif setting:
@@ -927,24 +928,37 @@ class ProxyPolicy:
                 proxy, problem = _env_proxy(env, scheme)
                 if proxy is not None:
                     self.proxies[scheme] = proxy
+                    self.sources[scheme] = next(v for v in (scheme.upper() + "_PROXY", scheme + "_proxy")
+                                                if env.get(v, "").strip())
                 if problem:
                     self.warnings.append("%s; ignored: %s requests go direct" % (problem, scheme))
             self.no_proxy = next((env[v] for v in ("NO_PROXY", "no_proxy") if env.get(v)), "")
 
     def for_url(self, url):
         """The Proxy for ``url``, or None to connect directly."""
+        return self.decide(url)[0]
+
+    def decide(self, url):
+        """(Proxy or None, why): the decision for ``url`` and its reason,
+        as ``--check-config`` and the start-up log show it."""
         parts = urllib.parse.urlsplit(url)
         host = (parts.hostname or "").lower()
         proxy = self.proxies.get(parts.scheme)
-        if proxy is None or is_node_local(host):
-            return None
+        if self.direct:
+            return None, "direct (%s is \"direct\")" % self.where
+        if is_node_local(host):
+            return None, "direct (a node-local metadata address is never proxied)"
+        if proxy is None:
+            return None, "direct (%s)" % ("%s is not set" % self.where if self.explicit else
+                                          "no %s_PROXY in the environment" % parts.scheme.upper())
         if self.explicit:
-            return proxy
+            return proxy, "via %s (%s)" % (proxy.display, self.where)
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        if host == "localhost" or host.endswith(".localhost") or _is_loopback(host) \
-                or no_proxy_match(host, port, self.no_proxy):
-            return None
-        return proxy
+        if host == "localhost" or host.endswith(".localhost") or _is_loopback(host):
+            return None, "direct (loopback is never proxied from the environment)"
+        if no_proxy_match(host, port, self.no_proxy):
+            return None, "direct (NO_PROXY matches %s)" % host
+        return proxy, "via %s (%s)" % (proxy.display, self.sources.get(parts.scheme, "environment"))
 
 
 def _env_proxy(env, scheme):
@@ -4902,6 +4916,15 @@ class Storage:
         """Why this storage applies no retention (a text), else None."""
         return None
 
+    def route(self):
+        """(URL, Http) of the server this storage talks to (None for a
+        directory): for the proxy and TLS lines of --check-config."""
+        http = getattr(self, "http", None)
+        return (self.describe_endpoint(), http) if http is not None else None
+
+    def describe_endpoint(self):
+        return getattr(self, "endpoint", None)
+
     def emptiness(self):
         """Why a listing found nothing, for the message that says so."""
         return "no snapshot named %s-<time>.snap there" % self.file_prefix
@@ -5667,6 +5690,9 @@ class S3Storage(Storage):
     def download(self, name, sink):
         key = self.full_name(name)
         self._request("GET", "GetObject on %s" % key, key, sink=sink)
+
+    def describe_endpoint(self):
+        return "%s://%s" % (self._scheme, self._host)
 
     def read_back(self, name, check):
         """HEAD (with the checksum when ``s3_checksum``), then GET that very
@@ -8946,13 +8972,30 @@ def _run(args, out=None, env=None, tty=None):
         if cfg.tls_skip_verify:
             LOG.warning("TLS certificate verification towards Vault is OFF (tls_skip_verify)")
         if args.check_config:
-            return _check_config(cfg, out)
+            return _check_config(cfg, storages, out)
         return _run_agent(args, cfg, storages, runtime)
     finally:
         runtime.signals.close()
 
 
-def _check_config(cfg, out):
+def route_lines(cfg, storages, vault_http=None):
+    """One line per destination (Vault, each storage's server): which proxy
+    or direct and why, and whether TLS is verified."""
+    vault_http = vault_http or Http(cfg.tls, proxy=cfg.proxy_policy)
+    routes = [("Vault", cfg.addr, vault_http)] + [
+        (s.label(), url, http) for s in storages for url, http in [s.route() or (None, None)] if url]
+    lines = []
+    for what, url, http in routes:
+        parts = urllib.parse.urlsplit(url)
+        tls = "" if parts.scheme != "https" else (
+            ", TLS NOT verified" if http.tls.skip_verify else ", TLS verified%s" % (
+                " with %s" % http.tls.ca_cert if http.tls.ca_cert else ""))
+        lines.append("%s at %s://%s: %s%s" % (what, parts.scheme, parts.netloc.rpartition("@")[2],
+                                              http.proxy.decide(url)[1], tls))
+    return lines
+
+
+def _check_config(cfg, storages, out):
     """Print the whole effective configuration (stdout, JSON) and where each
     value came from (the log: stderr); exit 1 when a key is unknown (the
     daemon ignores it, as the Go agent did, but a check must not pass)."""
@@ -8962,6 +9005,8 @@ def _check_config(cfg, out):
     from_env = ["%s%s (%s)" % (prefix, key, source[4:]) for prefix, block in sources
                 for key, source in sorted(block.items()) if source.startswith("env ")]
     LOG.info("Values from the environment: %s", ", ".join(from_env) or "none")
+    for line in route_lines(cfg, storages):
+        LOG.info("Route: %s", line)
     unknown = [w for w in cfg.warnings if w.startswith("unknown config key")]
     if unknown:
         LOG.error("--check-config: %d unknown key(s): the agent would run, ignoring them; fix or "
@@ -8990,6 +9035,8 @@ def _run_agent(args, cfg, storages, runtime):
         agent = Agent(loader, clock=runtime.clock, signals=runtime.signals, notifier=notifier,
                       env=runtime.env)
         LOG.info("%s %s starting: %s", PROG, __version__, agent.summary())
+        for line in route_lines(cfg, storages, agent.vault.http):
+            LOG.info("Route: %s", line)
         if cfg.metrics_address:
             metrics[0] = MetricsServer(cfg.metrics_bind, agent.status)
         if args.once:

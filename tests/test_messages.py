@@ -2,6 +2,7 @@
 met, with the exact situation."""
 
 import io
+import json
 import socket
 import threading
 
@@ -96,3 +97,29 @@ def test_an_unknown_key_gets_a_suggestion_and_fails_check_config(tmp_path):
                       '"local_storage": {"path": "%s"}}' % (tmp_path / "snaps"))
     assert vsa.main(["-c", str(config), "--check-config"], stream=io.StringIO(), out=io.StringIO(),
                     env={}) == 0
+
+
+def test_check_config_shows_each_route_and_why(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({
+        "addr": "https://vault.example:8200", "vault_auth_method": "token", "token": "t",
+        "local_storage": {"path": str(tmp_path / "snaps")},
+        "aws_storage": {"s3_bucket": "snaps", "s3_region": "eu-west-1", "access_key_id": "AKIDEXAMPLE",
+                        "secret_access_key": "secret-example-key"},
+        "azure_storage": {"account_name": "acct", "account_key": "a2V5", "container_name": "c",
+                          "endpoint": "http://127.0.0.1:10000/acct"},
+        "google_storage": {"bucket": "gsnaps", "proxy": "direct"}}))
+    env = {"HTTPS_PROXY": "http://user:pw-secret@proxy.corp:3128", "NO_PROXY": ".amazonaws.com"}
+    log = io.StringIO()
+    vsa.main(["-c", str(config), "--check-config"], stream=log, out=io.StringIO(), env=env)
+    routes = [line.split(" Route: ", 1)[1] for line in log.getvalue().splitlines() if " Route: " in line]
+    assert routes == [
+        "Vault at https://vault.example:8200: via http://user:***@proxy.corp:3128 (HTTPS_PROXY), "
+        "TLS verified",
+        "s3://snaps/raft_snapshots/ at https://snaps.s3.eu-west-1.amazonaws.com: direct (NO_PROXY "
+        "matches snaps.s3.eu-west-1.amazonaws.com), TLS verified",
+        "azure:http://127.0.0.1:10000/acct/c/ at http://127.0.0.1:10000: direct (no HTTP_PROXY in "
+        "the environment)",
+        "gs://gsnaps/ at https://storage.googleapis.com: direct (google_storage.proxy is \"direct\"), "
+        "TLS verified"], log.getvalue()
+    assert "pw-secret" not in log.getvalue()
