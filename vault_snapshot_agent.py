@@ -79,6 +79,7 @@ import datetime
 import errno
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -157,6 +158,8 @@ UPLOAD_CHUNK = 1024 * 1024           # read size of uploads (one reused buffer p
 INFLATE_STEP = 64 * 1024             # archive bytes inflated (and at most produced) per zlib call
 PASS_BUFFERS = 4                     # CHUNK_SIZE buffers between reading and verifying a snapshot
 MAX_JSON_BYTES = 4 * 1024 * 1024     # an API answer larger than this is refused
+OWN_SHA256 = "vault-snapshot-sha256"  # object metadata: the SHA-256 of the snapshot as written
+REWRITE_ALLOWANCE = 3600.0           # seconds after its name's time a snapshot may still be written
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a config file larger than this is refused
 MAX_SMALL_MEMBER = 1024 * 1024       # meta.json / SHA256SUMS size cap
 MAX_PAX_HEADER = 64 * 1024           # a PAX extended header larger than this is refused
@@ -601,6 +604,19 @@ def http_date(moment):
     t = moment.astimezone(UTC)
     return "%s, %02d %s %04d %02d:%02d:%02d GMT" % (
         _WEEKDAYS[t.weekday()], t.day, _MONTHS[t.month - 1], t.year, t.hour, t.minute, t.second)
+
+
+def parse_http_date(text):
+    """An RFC 7231 date ('Wed, 02 Dec 2026 08:02:10 GMT') as an aware UTC
+    datetime; None when absent or not a date."""
+    import email.utils
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 # =============================================================================
@@ -4630,6 +4646,19 @@ Recorded.__new__.__defaults__ = (None, None, 0)
 # "-N" ETag and composite checksum).
 
 
+OWN_RECORD = "SHA-256 this agent recorded"
+
+
+def own_record(value, size=None):
+    """The Recorded of this agent's own SHA-256 (hex text, as stored in the
+    object's metadata or xattr), or None when there is none."""
+    if value is None:
+        return None
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    digest = bytes.fromhex(text) if re.match(r"\A[0-9a-f]{64}\Z", text) else b""
+    return Recorded(OWN_RECORD, "sha256", digest, size)
+
+
 class StoredCheck:
     """A download sink that verifies instead of keeping: what is written to
     it goes through the archive check and the hash of the checksum the
@@ -4640,12 +4669,13 @@ class StoredCheck:
 
     def __init__(self, signals, progress=None):
         self.signals, self.progress = signals, progress
-        self.recorded = None
+        self.recorded = self.written = None
         self.seek(0)
 
-    def expect(self, recorded):
-        """The checksum the store recorded (a Recorded), or None."""
-        self.recorded = recorded
+    def expect(self, recorded, written=None):
+        """The checksum recorded at upload (a Recorded), or None; when the
+        store last wrote the object (aware datetime), if it says."""
+        self.recorded, self.written = recorded, written
         self.seek(0)
 
     def seek(self, position):
@@ -4678,11 +4708,24 @@ class StoredCheck:
             self._part_left -= take
             view = view[take:]
 
-    def finish(self):
+    def finish(self, stored_at=None, written_here=False):
         """(index, term, state size, what was compared) of a good read;
-        SnapshotError naming what is wrong otherwise."""
+        SnapshotError naming what is wrong otherwise. An object without this
+        agent's own SHA-256 was replaced when this process wrote it
+        (``written_here``: always with one) or when the store says it was
+        written well after ``stored_at`` (the time in its name)."""
         index, term, state = self.verifier.finish()
         recorded = self.recorded
+        own = recorded is not None and recorded.what == OWN_RECORD
+        if not own and written_here:
+            raise SnapshotError("the object holds no SHA-256 recorded by this agent, which wrote it "
+                                "with one: replaced by another upload")
+        if not own and stored_at and self.written \
+                and (self.written - stored_at).total_seconds() > REWRITE_ALLOWANCE:
+            raise SnapshotError("the object was written at %s, %s after the snapshot's time, and "
+                                "holds no SHA-256 recorded by this agent: replaced by another upload" % (
+                                    iso(self.written), format_duration(
+                                        (self.written - stored_at).total_seconds())))
         if recorded is None:
             return index, term, state, "archive only: no checksum recorded at upload"
         if recorded.size is not None and recorded.size != self.size:
@@ -4695,11 +4738,11 @@ class StoredCheck:
             got = new_hash(recorded.algorithm, b"".join(h.digest() for h in self._parts)).digest()
         else:
             got = self._hash.digest()
+        what = recorded.what + ("" if own else " recorded")
         if got != recorded.expected:
-            raise SnapshotError("the object read back does not match the %s recorded at upload "
-                                "(the archive itself is a valid snapshot: another one, or "
-                                "replaced)" % recorded.what)
-        return index, term, state, "matches the %s recorded at upload" % recorded.what
+            raise SnapshotError("the object read back does not match the %s at upload (the archive "
+                                "itself is a valid snapshot: another one, or replaced)" % what)
+        return index, term, state, "matches the %s at upload" % what
 
 
 def _unlink_quietly(path):
@@ -4931,6 +4974,10 @@ class Storage:
 
     # Object stores keep snapshots under an optional "folder" prefix.
     prefix = ""
+
+    # Whether an upload keeps this agent's SHA-256 with the object (a local
+    # filesystem without user xattrs cannot): a re-verification then expects it.
+    records_sha256 = True
 
     def full_name(self, name):
         """The object name of snapshot ``name`` under the prefix."""
@@ -5241,7 +5288,7 @@ class LocalStorage(Storage):
                 os.chmod(final, 0o600)
             except OSError as exc:
                 raise StorageError("cannot make %s private: %s" % (final, exc.strerror)) from exc
-        _record_sha256(final, snapshot.sha256)
+        self.records_sha256 = _record_sha256(final, snapshot.sha256)
         fsync_dir(self.path)
         return final
 
@@ -5279,8 +5326,10 @@ class LocalStorage(Storage):
     def read_back(self, name, check):
         path = os.path.join(self.path, name)
         try:
-            with open(path, "rb") as src:
-                check.expect(_local_recorded(src.fileno(), os.fstat(src.fileno()).st_size))
+            with open_regular(path) as src:
+                info = os.fstat(src.fileno())
+                check.expect(_local_recorded(src.fileno(), info.st_size),
+                             datetime.datetime.fromtimestamp(info.st_ctime, UTC))
                 copy_stream(src.read, check.write, self.signals)
         except OSError as exc:
             raise StorageError("cannot read %s: %s" % (path, exc.strerror or exc)) from exc
@@ -5328,12 +5377,15 @@ LOCAL_SHA256_XATTR = "user.vault_snapshot_agent.sha256"
 
 
 def _record_sha256(path, sha256):
+    """Keep ``sha256`` with the file; False when the filesystem cannot."""
     if not sha256:
-        return
+        return False
     try:
         os.setxattr(path, LOCAL_SHA256_XATTR, sha256.encode("ascii"))
+        return True
     except (OSError, AttributeError) as exc:      # no user xattrs here (or not Linux)
         LOG.debug("Cannot record the SHA-256 of %s in an xattr: %s", path, exc)
+        return False
 
 
 def _local_recorded(fd, size):
@@ -5342,9 +5394,7 @@ def _local_recorded(fd, size):
         value = os.getxattr(fd, LOCAL_SHA256_XATTR)
     except (OSError, AttributeError):
         return None
-    text = value[:64].decode("ascii", "replace")
-    digest = bytes.fromhex(text) if re.match(r"\A[0-9a-f]{64}\Z", text) and len(value) == 64 else b""
-    return Recorded("SHA-256 in xattr %s" % LOCAL_SHA256_XATTR, "sha256", digest, size)
+    return own_record(value[:100], size)
 
 
 def _place(temp, final):
@@ -5700,7 +5750,9 @@ class S3Storage(Storage):
         key = self.full_name(name)
         mode = {"x-amz-checksum-mode": "ENABLED"} if self.checksum else {}
         head, _ = self._request("HEAD", "HeadObject on %s" % key, key, headers=mode)
-        check.expect(self._recorded(key, head))
+        size = parse_listed_size(head.header("Content-Length")) or None
+        check.expect(own_record(head.header("x-amz-meta-" + OWN_SHA256), size) or self._recorded(key, head),
+                     parse_http_date(head.header("Last-Modified")))
         etag = head.header("ETag")
         self._request("GET", "GetObject on %s" % key, key, sink=check,
                       headers=dict(mode, **({"If-Match": etag} if etag else {})))
@@ -5750,8 +5802,10 @@ class S3Storage(Storage):
         guess = s3_part_size(size or 0, self.part_size)
         return guess if size and -(-size // guess) == count else None
 
-    def _object_headers(self):
+    def _object_headers(self, sha256):
         headers = {"Content-Type": "application/octet-stream"}
+        if sha256:
+            headers["x-amz-meta-" + OWN_SHA256] = sha256
         if self.sse:
             headers["x-amz-server-side-encryption"] = self.sse
         if self.kms_key_id:
@@ -5781,7 +5835,7 @@ class S3Storage(Storage):
         sha256 = snapshot.sha256 or _FileSlice(snapshot.path, 0, snapshot.size,
                                                self.signals.check).digest("sha256").hexdigest()
         md5 = _RunningHash("md5")          # of the bytes sent, for the ETag the store answers
-        headers = self._object_headers()
+        headers = self._object_headers(sha256)
         headers["Content-Length"] = str(snapshot.size)
         checksum = base64.b64encode(bytes.fromhex(sha256)).decode("ascii") if self.checksum else None
         if checksum:
@@ -5863,7 +5917,7 @@ class S3Storage(Storage):
 
     def _multipart(self, snapshot, key, progress):
         part_size = s3_part_size(snapshot.size, self.part_size)
-        headers = self._object_headers()
+        headers = self._object_headers(snapshot.sha256)
         if self.checksum:
             headers["x-amz-checksum-algorithm"] = "SHA256"
         # A stop must not cut this request once sent: S3 may have created the
@@ -6237,15 +6291,16 @@ class AzureStorage(Storage):
         blob = self.full_name(name)
         head, _ = self._request("HEAD", "Get Blob Properties %s" % blob, blob, ok=(200,))
         md5 = head.header("Content-MD5")
-        recorded = None
-        if md5:
+        recorded = own_record(head.header(AZURE_OWN_SHA256),
+                              parse_listed_size(head.header("Content-Length")) or None)
+        if md5 and recorded is None:
             try:
                 expected = base64.b64decode(md5, validate=True)
             except ValueError:
                 expected = b""
             recorded = Recorded("Azure Content-MD5", "md5", expected,
                                 parse_listed_size(head.header("Content-Length")) or None)
-        check.expect(recorded)
+        check.expect(recorded, parse_http_date(head.header("Last-Modified")))
         etag = head.header("ETag")
         self._request("GET", "Get Blob %s" % blob, blob, ok=(200,), sink=check,
                       headers={"If-Match": etag} if etag else None)
@@ -6259,6 +6314,8 @@ class AzureStorage(Storage):
         very blob sent, whose answer was lost (same size and MD5)."""
         blob = self.full_name(name)
         headers = {"Content-Type": "application/octet-stream", "If-None-Match": "*"}
+        if snapshot.sha256:
+            headers[AZURE_OWN_SHA256] = snapshot.sha256
         if self.access_tier:
             headers["x-ms-access-tier"] = self.access_tier
         if snapshot.size <= self.block_size:
@@ -6316,6 +6373,8 @@ class AzureStorage(Storage):
                         "Content-MD5": base64.b64encode(new_hash("md5", payload).digest()).decode("ascii")}
         if self.access_tier:
             list_headers["x-ms-access-tier"] = self.access_tier
+        if AZURE_OWN_SHA256 in headers:
+            list_headers[AZURE_OWN_SHA256] = headers[AZURE_OWN_SHA256]
         list_headers["If-None-Match"] = "*"
         self._conditional(blob, snapshot.size, list_headers["x-ms-blob-content-md5"], lambda: self._request(
             "PUT", "Put Block List %s" % blob, blob, query=[("comp", "blocklist")],
@@ -6351,6 +6410,9 @@ class AzureStorage(Storage):
                 locked.append(name)
                 LOG.warning("%s is locked by an immutability policy; left in place (%s)", blob, exc)
         return locked
+
+
+AZURE_OWN_SHA256 = "x-ms-meta-" + OWN_SHA256.replace("-", "_")   # metadata names are identifiers
 
 
 def _azure_error(resp, data, action):
@@ -6517,14 +6579,19 @@ class GoogleStorage(Storage):
         _, data = self._request("GET", "metadata of %s" % obj, url)
         meta = self._object_json(data, obj)
         md5, generation = meta.get("md5Hash"), str(meta.get("generation") or "")
-        recorded = None
-        if isinstance(md5, str):
+        custom = meta.get("metadata") if isinstance(meta.get("metadata"), dict) else {}
+        recorded = own_record(custom.get(OWN_SHA256), parse_listed_size(meta.get("size")) or None)
+        if isinstance(md5, str) and recorded is None:
             try:
                 expected = base64.b64decode(md5, validate=True)
             except ValueError:
                 expected = b""
             recorded = Recorded("GCS md5Hash", "md5", expected, parse_listed_size(meta.get("size")) or None)
-        check.expect(recorded)
+        try:
+            created = _parse_time(meta.get("timeCreated") or "")
+        except (ValueError, TypeError, AttributeError):
+            created = None
+        check.expect(recorded, created)
         query = "?alt=media" + ("&generation=" + generation if generation.isdigit() else "")
         self._request("GET", "download of %s" % obj, url + query, sink=check)
 
@@ -6554,16 +6621,20 @@ class GoogleStorage(Storage):
         NameClash); returns the object's metadata."""
         if snapshot.size > self.chunk_size:
             return self._resumable(snapshot, obj, base, progress, md5)
-        url = base + "?" + canonical_query([("uploadType", "media"), ("name", obj),
-                                            ("ifGenerationMatch", "0")])
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(snapshot.size)}
-        _, data = self._request("POST", "upload of %s" % obj, url, headers,
-                                lambda: _FileSlice(snapshot.path, 0, snapshot.size, self.signals.check,
-                                                   progress, md5))
-        result = self._object_json(data, obj)
-        if self.storage_class:
-            self._set_storage_class(obj)
-        return result
+        url = base + "?" + canonical_query([("uploadType", "multipart"), ("ifGenerationMatch", "0")])
+        boundary = "vault-snapshot-agent-" + os.urandom(12).hex()
+        head = ("--%s\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n%s\r\n--%s\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n" % (
+                    boundary, json.dumps(self._resource(snapshot, obj)), boundary)).encode("utf-8")
+        tail = ("\r\n--%s--\r\n" % boundary).encode("ascii")
+        headers = {"Content-Type": "multipart/related; boundary=%s" % boundary,
+                   "Content-Length": str(len(head) + snapshot.size + len(tail))}
+
+        def body():
+            piece = _FileSlice(snapshot.path, 0, snapshot.size, self.signals.check, progress, md5)
+            return itertools.chain([head], piece, [tail])
+        _, data = self._request("POST", "upload of %s" % obj, url, headers, body)
+        return self._object_json(data, obj)
 
     def _holds(self, obj, snapshot, md5):
         """``obj``'s metadata when it is the object sent (size and MD5), else None."""
@@ -6582,19 +6653,18 @@ class GoogleStorage(Storage):
             raise StorageError("GCS upload of %s: answer is not JSON" % obj) from None
         return result if isinstance(result, dict) else {}
 
-    def _set_storage_class(self, obj):
-        url = "%s/storage/v1/b/%s/o/%s/rewriteTo/b/%s/o/%s" % (
-            self.endpoint, uri_encode(self.bucket), uri_encode(obj, safe=""), uri_encode(self.bucket),
-            uri_encode(obj, safe=""))
-        payload = json.dumps({"storageClass": self.storage_class}).encode("utf-8")
-        self._request("POST", "set storage class of %s" % obj, url,
-                      {"Content-Type": "application/json"}, payload)
+    def _resource(self, snapshot, obj):
+        """The new object's resource: name, type, storage class, this
+        agent's SHA-256."""
+        resource = {"name": obj, "contentType": "application/octet-stream"}
+        if self.storage_class:
+            resource["storageClass"] = self.storage_class
+        if snapshot.sha256:
+            resource["metadata"] = {OWN_SHA256: snapshot.sha256}
+        return resource
 
     def _resumable(self, snapshot, obj, base, progress, tap):
-        metadata = {"name": obj, "contentType": "application/octet-stream"}
-        if self.storage_class:
-            metadata["storageClass"] = self.storage_class
-        payload = json.dumps(metadata).encode("utf-8")
+        payload = json.dumps(self._resource(snapshot, obj)).encode("utf-8")
         url = base + "?" + canonical_query([("uploadType", "resumable"), ("name", obj),
                                             ("ifGenerationMatch", "0")])
         resp, _ = self._request("POST", "start of resumable upload of %s" % obj, url, {
@@ -6861,7 +6931,7 @@ ScrubReport = collections.namedtuple("ScrubReport", "storage verified bad new_ba
 # at the run before (what notifies), ended (aware datetime).
 
 
-def verify_stored(storage, name, progress=None):
+def verify_stored(storage, name, progress=None, written_here=False):
     """Read snapshot ``name`` back from ``storage`` and check it in full (the
     archive as the restore would, and the checksum the store recorded at
     upload) without writing it anywhere; returns Verified. SnapshotError when
@@ -6869,7 +6939,7 @@ def verify_stored(storage, name, progress=None):
     read, Stopped on a stop."""
     check = StoredCheck(storage.signals, progress)
     storage.read_back(name, check)
-    index, term, _, checked = check.finish()
+    index, term, _, checked = check.finish(storage.parse_name(name), written_here)
     return Verified(name, check.size, index, term, checked)
 
 
@@ -6913,6 +6983,7 @@ class Scrubber:
         self.known = {}      # storage name -> names stored or listed before
         self.deleted = collections.defaultdict(set)   # storage name -> deleted by own retention
         self.bad = {}        # storage name -> names bad at the last run
+        self.written = collections.defaultdict(set)   # storage name -> names this process stored
         self._lock = threading.Lock()     # upload threads report stores and deletions
 
     def resume(self, last_verified):
@@ -6938,7 +7009,8 @@ class Scrubber:
     def forget(self, name):
         """A storage no longer verified, or moved to another place."""
         with self._lock:
-            for state in (self.due, self.runs, self.known, self.deleted, self.bad, self.last):
+            for state in (self.due, self.runs, self.known, self.deleted, self.bad, self.last,
+                          self.written):
                 state.pop(name, None)
 
     def next_due(self):
@@ -6950,10 +7022,13 @@ class Scrubber:
     def stored(self, storage, name):
         with self._lock:
             self.known.setdefault(storage.name, set()).add(name)
+            if storage.records_sha256:
+                self.written[storage.name].add(name)
 
     def retained(self, storage, names):
         with self._lock:
             self.deleted[storage.name].update(names)
+            self.written[storage.name].difference_update(names)
 
     def standby(self):
         """Another node may lead: what it stores and deletes is its own."""
@@ -7002,7 +7077,7 @@ class Scrubber:
     def _read(self, storage, run, name):
         progress = Progress("Re-verifying %s in %s" % (name, storage.label()), None, self.clock)
         try:
-            found = verify_stored(storage, name, progress)
+            found = verify_stored(storage, name, progress, name in self.written[storage.name])
         except Stopped:
             raise
         except AgentError as exc:

@@ -216,6 +216,16 @@ def test_azure_name_taken_moves_to_the_next_millisecond_whatever_the_head_answer
 # =============================================================================
 
 
+def multipart_upload(content_type, body):
+    """(media, object name) of a GCS multipart upload body."""
+    boundary = content_type.split("boundary=", 1)[1].strip('"').encode("ascii")
+    parts = body.split(b"--" + boundary)
+    resource = json.loads(parts[1].split(b"\r\n\r\n", 1)[1].strip().decode("utf-8"))
+    media = parts[2].split(b"\r\n\r\n", 1)[1]
+    assert media.endswith(b"\r\n") and parts[3].strip() == b"--", parts[3]
+    return media[:-2], resource["name"]
+
+
 class PreconditionGcs(LoopbackServer):
     """GCS's simple upload and object metadata as the service documents
     them, with the one thing both emulators here ignore: ``ifGenerationMatch=0``
@@ -234,7 +244,10 @@ class PreconditionGcs(LoopbackServer):
         if handler.command == "POST" and parts.path.startswith("/upload/storage/v1/b/"):
             body = handler.read_body()
             self.queries.append(query)
-            name = query["name"]
+            if query.get("uploadType") == "multipart":      # metadata, then the media
+                body, name = multipart_upload(handler.headers["Content-Type"], body)
+            else:
+                name = query["name"]
             if query.get("ifGenerationMatch") == "0" and name in self.objects:
                 return 412, {}, {"error": {"code": 412, "message": "At least one of the pre-"
                                            "conditions you specified did not hold.",
