@@ -7189,6 +7189,10 @@ class Status:
         if error is not None:
             entry["retention_failures"] += 1
 
+    def verified_before(self, storage, when):
+        """The last re-verification of a previous run (from its status file)."""
+        self.storage(storage)["last_verified"] = iso(when)
+
     def record_verify(self, report):
         """A finished re-verification (ScrubReport): when, how many were
         good, which were bad and why."""
@@ -8044,7 +8048,11 @@ class Agent:
                                    env=self.runtime.env)
         self.alerts = Notifications(self.cfg, self.runtime.env, self.clock)
         self.status.configured(self.cfg.frequency)
-        self.scrubber.resume(previous_verifications(self.cfg.status_file))
+        verified = previous_verifications(self.cfg.status_file)
+        self.scrubber.resume(verified)
+        for storage in self.storages:
+            if storage.name in verified:
+                self.status.verified_before(storage, verified[storage.name])
 
     def reload(self):
         try:

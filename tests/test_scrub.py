@@ -467,9 +467,6 @@ def test_a_restart_goes_on_from_the_status_files_last_verified(tmp_path):
     assert status_of(status_file)["last_verified"] == vsa.iso(NOW + datetime.timedelta(hours=1))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a restarted agent's Status starts with last_verified "
-                   "None, so its first status file write (after a cycle) drops the resumed time; the "
-                   "next restart then re-reads everything at once")
 def test_a_restarted_agent_keeps_last_verified_until_it_verifies_again(tmp_path):
     clock = fake_clock()
     with ScriptedVault(clock) as vault:
