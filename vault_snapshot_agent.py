@@ -447,6 +447,12 @@ def _error_text(exc):
     return str(exc)
 
 
+def fields(**facts):
+    """``extra=`` for a log call: facts a JSON log line carries as fields of
+    its own (storage, snapshot, bytes, duration, error), beside the message."""
+    return {"extra": {"fields": facts}}
+
+
 def masked(error, secrets):
     """The text of ``error`` with every credential in ``secrets`` (sent in
     the request) shown as ``***``; when a server echoed part of one (a body
@@ -6904,6 +6910,8 @@ def apply_retention(storage, keep, now=None):
         LOG.warning("Snapshot %s (%s) alone exceeds max_space=%s on %s; it is kept", keep,
                     format_size(own[0].size), size_text(storage.max_space), storage.label())
     doomed = list(plan)
+    LOG.debug("Retention on %s: %d listed, plan: %s", storage.label(), len(refs), ", ".join(
+        "%s (%s)" % (name, rule) for name, rule in plan.items()) or "delete nothing")
     locked = (storage.delete(doomed) or []) if doomed else []
     doomed = [name for name in doomed if name not in locked]
     LOG.info("Retention on %s: kept %d; deleted %d (%s)%s%s", storage.label(),
@@ -7082,11 +7090,14 @@ class Scrubber:
             raise
         except AgentError as exc:
             run.bad[name] = _error_text(exc)
-            LOG.error("Re-verification of %s in %s FAILED: %s", name, storage.label(), _error_text(exc))
+            LOG.error("Re-verification of %s in %s FAILED: %s", name, storage.label(), _error_text(exc),
+                      **fields(storage=storage.name, snapshot=name, error=_error_text(exc)))
             return
         run.verified.append(found)
         LOG.info("Re-verified %s in %s: %s, Raft index %s term %s, %s", name, storage.label(),
-                 format_size(found.size), found.index, found.term, found.checked)
+                 format_size(found.size), found.index, found.term, found.checked,
+                 **fields(storage=storage.name, snapshot=name, bytes=found.size,
+                          duration=round(self.clock.monotonic() - progress.start, 3)))
 
     def _finish(self, storage, run):
         del self.runs[storage.name]
@@ -8490,6 +8501,8 @@ class Agent:
         When none can, the error names each directory and what it said."""
         failed = []
         for position, directory in enumerate(directories):
+            LOG.debug("Streaming the snapshot into %s (staging choices: %s)", directory,
+                      ", ".join(directories))
             resp = vault.open_snapshot()
             try:
                 return stream_snapshot(resp, directory, self.signals,
@@ -8534,7 +8547,10 @@ class Agent:
             LOG.info("Cycle %s: %s, %s, Raft index %s term %s, stored in %d/%d storages in %s",
                      result.outcome, "snapshot %s" % result.stored[0][1] if result.stored
                      else "snapshot taken but stored nowhere", format_size(info.size), info.index,
-                     info.term, len(result.stored), len(storages), format_duration(elapsed))
+                     info.term, len(result.stored), len(storages), format_duration(elapsed),
+                     **fields(outcome=result.outcome, snapshot=result.stored[0][1] if result.stored
+                              else None, bytes=info.size, duration=round(elapsed, 3),
+                              raft_index=info.index, error="; ".join(result.errors) or None))
         self.status.record(result, started, self.clock.now(), elapsed, storages,
                            leading=self.leading)
         return result
@@ -8566,6 +8582,8 @@ class Agent:
         if not vault.is_leader():
             raise NotLeader("sys/leader: is_self is false")
         self.leading = True
+        LOG.debug("sys/leader at %s: this node is the active one; cycle for %s", self.cfg.addr,
+                  ", ".join(s.name for s in storages))
         vault.ensure_token()
         storages, unprepared = _prepared(storages)
         if not storages:
@@ -8579,7 +8597,9 @@ class Agent:
         elapsed = max(self.clock.monotonic() - started, 1e-6)
         LOG.info("Snapshot verified: %s, Raft index %s term %s, sha256 %s, downloaded in %s (%s/s)",
                  format_size(info.size), info.index, info.term, info.sha256[:16],
-                 format_duration(elapsed), format_size(info.size / elapsed))
+                 format_duration(elapsed), format_size(info.size / elapsed),
+                 **fields(bytes=info.size, duration=round(elapsed, 3), raft_index=info.index,
+                          sha256=info.sha256))
         try:
             results = self._store_everywhere(storages, info, when)
         finally:
@@ -8601,6 +8621,7 @@ def _store_one(storage, info, when, journal=None):
     the same millisecond (NameClash) is never overwritten: the next free
     millisecond is used."""
     progress = Progress("Uploading to %s" % storage.label(), info.size, storage.clock)
+    LOG.debug("Uploading %s to %s", format_size(info.size), storage.label())
     try:
         location, name = _upload_named(storage, info, storage.new_name(when), progress)
     except Stopped:
@@ -8610,9 +8631,12 @@ def _store_one(storage, info, when, journal=None):
             raise Stopped("stop requested") from exc
         if not isinstance(exc, AgentError):
             LOG.debug("Traceback", exc_info=True)
-        LOG.error("Storing snapshot in %s failed: %s", storage.label(), _error_text(exc))
+        LOG.error("Storing snapshot in %s failed: %s", storage.label(), _error_text(exc),
+                  **fields(storage=storage.name, error=_error_text(exc)))
         return None, _error_text(exc), None
-    LOG.info("Successfully created %s snapshot to %s", storage.name, location)
+    LOG.info("Successfully created %s snapshot to %s", storage.name, location,
+             **fields(storage=storage.name, snapshot=name, bytes=info.size,
+                      duration=round(storage.clock.monotonic() - progress.start, 3)))
     if journal is not None:
         journal.stored(storage, name)
     return name, None, _retain(storage, name, journal)
@@ -8924,13 +8948,20 @@ class _TextFormatter(logging.Formatter):
 
 
 class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, then the facts the
+    call gave (``fields``: storage, snapshot, bytes, duration, error...)."""
+
     def format(self, record):
         when = datetime.datetime.fromtimestamp(record.created, UTC)
-        return json.dumps(collections.OrderedDict((
+        line = collections.OrderedDict((
             ("time", when.strftime("%Y-%m-%dT%H:%M:%S.") + "%03dZ" % (when.microsecond // 1000)),
             ("level", record.levelname.lower()),
             ("message", record.getMessage()),
-        )))
+        ))
+        for key, value in sorted((getattr(record, "fields", None) or {}).items()):
+            if value is not None and key not in line:
+                line[key] = value
+        return json.dumps(line)
 
 
 def _configure_logging(level, fmt, stream):

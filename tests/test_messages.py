@@ -123,3 +123,27 @@ def test_check_config_shows_each_route_and_why(tmp_path):
         "gs://gsnaps/ at https://storage.googleapis.com: direct (google_storage.proxy is \"direct\"), "
         "TLS verified"], log.getvalue()
     assert "pw-secret" not in log.getvalue()
+
+
+def test_debug_adds_lines_to_a_cycle_and_json_lines_carry_fields(tmp_path):
+    with FakeVault(role_id="r", secret_id="s") as vault:
+        config = tmp_path / "c.json"
+        config.write_text(json.dumps({"addr": vault.url, "role_id": "r", "secret_id": "s",
+                                      "retain": 1, "local_storage": {"path": str(tmp_path / "snaps")}}))
+        logs = {}
+        for level in ("info", "debug"):
+            log = io.StringIO()
+            assert vsa.main(["-c", str(config), "--once", "--log-level", level, "--log-format",
+                             "json"], stream=log, out=io.StringIO(), env={}) == 0
+            logs[level] = [json.loads(line) for line in log.getvalue().splitlines()]
+    debug = [line["message"] for line in logs["debug"] if line["level"] == "debug"]
+    for start in ("sys/leader at %s: this node is the active one" % vault.url, "Streaming the snapshot into",
+                  "Uploading ", "Retention on local:"):
+        assert any(message.startswith(start) for message in debug), (start, debug)
+    assert not [line for line in logs["info"] if line["level"] == "debug"]
+    stored = [line for line in logs["info"] if line["message"].startswith("Successfully created")][0]
+    assert stored["storage"] == "local" and stored["snapshot"].startswith("raft_snapshot-")
+    assert stored["bytes"] > 0 and stored["duration"] >= 0
+    cycle = [line for line in logs["info"] if line["message"].startswith("Cycle stored")][0]
+    assert cycle["outcome"] == "stored" and cycle["snapshot"] == stored["snapshot"]
+    assert cycle["bytes"] == stored["bytes"] and "error" not in cycle
