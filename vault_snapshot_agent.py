@@ -3477,6 +3477,9 @@ TOP_KEYS = (
         doc="total deadline of each API, storage, token-endpoint and proxy request (connect, proxy "
             "CONNECT, TLS, the answer's headers and any small body); snapshot downloads and uploads "
             "instead fail when idle for `snapshot_timeout`/`timeout`"),
+    Key("restore_timeout", "duration", "30m", minimum=1.0,
+        doc="how long `restore` waits for Vault's answer once the snapshot is sent (a large "
+            "restore keeps Vault busy for a while)"),
     Key("snapshot_timeout", "duration", DEFAULT_SNAPSHOT_TIMEOUT, minimum=1.0,
         doc="idle timeout of the snapshot stream: only a stream that stops sending for this long "
             "fails; a long snapshot never does"),
@@ -4065,7 +4068,14 @@ class VaultClient:
         api_path = SNAPSHOT_PATH[len("/v1/"):] + ("-force" if force else "")
         # Ask first: Vault refuses a restore only after the upload started, and
         # closes the connection on the rest of the body, hiding its 403.
-        answer = self._call("POST", "/v1/sys/capabilities-self", {"paths": [api_path]})
+        try:
+            answer = self._call("POST", "/v1/sys/capabilities-self", {"paths": [api_path]})
+        except VaultError as exc:
+            if exc.status != 403:
+                raise
+            raise VaultError("%s refused the token (invalid, expired or revoked: capabilities-self "
+                             "answered 403); give a valid operator token in VAULT_TOKEN or "
+                             "BAO_TOKEN" % self.cfg.addr, 403) from exc
         capabilities = answer.get(api_path) or (answer.get("data") or {}).get(api_path) or []
         if not set(capabilities) & set(["update", "root", "sudo"]):
             raise VaultError("this token may not restore: its capabilities on %s are [%s]; use an "
@@ -4075,12 +4085,24 @@ class VaultClient:
         headers = self._headers()
         headers.update({"Content-Type": "application/octet-stream", "Content-Length": str(size)})
         with open(path, "rb") as body:
-            with self.http.request("POST", url, headers, body, timeout=self.cfg.snapshot_timeout) as resp:
+            with self.http.request("POST", url, headers, body, timeout=self.cfg.restore_timeout) as resp:
                 if resp.status in (301, 302, 303, 307, 308):
                     raise VaultError("restore must be sent to the active node; %s redirected to %s"
                                      % (self.cfg.addr, redact_url(resp.header("Location", "?"))))
                 if resp.status not in (200, 204):
-                    raise vault_error(resp)
+                    error = vault_error(resp)
+                    if force or resp.status not in (400, 500):
+                        raise error
+                    raise VaultError("%s (a snapshot of another cluster, whose keys differ, is "
+                                     "restored only with --force)" % error, resp.status)
+
+    def sealed(self):
+        """Whether ``sys/seal-status`` says sealed (None: no answer)."""
+        try:
+            status = self._call("GET", "/v1/sys/seal-status", token=False)
+        except AgentError:
+            return None
+        return status.get("sealed") if isinstance(status, dict) else None
 
     def open_snapshot(self):
         """Start ``GET /v1/sys/storage/raft/snapshot``; returns the 200 Response.
@@ -8845,6 +8867,17 @@ def cmd_verify(path, out):
     return EXIT_OK
 
 
+def _sealed_after(vault, signals, seconds=10.0):
+    """Whether the cluster sealed itself within ``seconds`` of a restore."""
+    end = time.monotonic() + seconds
+    while True:
+        if vault.sealed():
+            return True
+        if time.monotonic() >= end or (signals is not None and signals.stop_requested):
+            return False
+        (signals or Signals()).wait(1.0) if signals is not None else select.select([], [], [], 1.0)
+
+
 def _stored_target(target):
     """Whether ``verify TARGET`` means stored snapshots (not a file)."""
     return target in VERIFY_SCOPES or SNAPSHOT_NAME_RE.match(target) is not None
@@ -8898,10 +8931,6 @@ def cmd_restore(cfg, storages, target, force, out, env=None, signals=None):
     """POST a verified snapshot to the cluster. Uses VAULT_TOKEN/BAO_TOKEN when
     set (restoring needs an operator's token), else the configured login."""
     env = os.environ if env is None else env
-    if force:
-        LOG.warning("A forced restore replaces the target's keyring with the source cluster's: "
-                    "the target then seals itself and unseals only with the source's seal key "
-                    "(auto-unseal) or unseal keys (Shamir); have them at hand")
     temp_dir = None
     if os.path.isfile(target):
         info = verify_file(target)
@@ -8924,6 +8953,10 @@ def cmd_restore(cfg, storages, target, force, out, env=None, signals=None):
         else:
             vault.ensure_token()
         vault.restore(info.path, info.size, force)
+        if force and _sealed_after(vault, signals):
+            LOG.warning("%s sealed itself after the forced restore: it took the keyring of the "
+                        "snapshot's cluster, and unseals only with that cluster's seal key "
+                        "(auto-unseal) or unseal keys (Shamir)", cfg.addr)
     finally:
         if temp_dir:
             import shutil
@@ -9066,10 +9099,6 @@ def _run(args, out=None, env=None, tty=None):
             text = str(exc)
             LOG.error("%s", text if text.startswith(args.target + ":") else "%s: %s" % (args.target, text))
             return EXIT_FAILED
-    if args.command == "restore" and not args.yes:
-        LOG.error("restore replaces ALL data in the cluster at the configured addr with the "
-                  "snapshot; add --yes to do it")
-        return EXIT_USAGE
     runtime = Runtime.create(env=env)
     try:
         try:
@@ -9078,6 +9107,12 @@ def _run(args, out=None, env=None, tty=None):
                 storages = pick_storages(storages, args.storage)
         except ConfigError as exc:
             LOG.error("Config error: %s", exc)
+            return EXIT_USAGE
+        if args.command == "restore" and not args.yes:
+            LOG.error("restore would replace ALL data in the cluster at %s with %s; add --yes to "
+                      "do it", cfg.addr, "the file %s" % args.target if os.path.isfile(args.target)
+                      else "snapshot %s%s" % (args.target, " (--storage %s)" % args.storage
+                                              if args.storage else ""))
             return EXIT_USAGE
         if args.command:
             return _run_command(args, cfg, storages, runtime, out, tty)
