@@ -1214,13 +1214,14 @@ class Response:
                                  % (self.method, redact_url(self.url), _exc_text(exc) or type(exc).__name__),
                                  retryable=True) from exc
 
-    def body(self, limit=MAX_JSON_BYTES):
-        """The whole body, refusing more than ``limit`` bytes; within the
-        request's deadline."""
+    def body(self, limit=MAX_JSON_BYTES, cut=False):
+        """The whole body, refusing more than ``limit`` bytes (``cut``: its
+        first ``limit`` bytes, the rest unread); within the request's
+        deadline."""
         if self._watch is not None:
             self._watch.resume()
         try:
-            data = self._read_body(limit)
+            data = read_at_most(self, limit, CHUNK_SIZE) if cut else self._read_body(limit)
         finally:
             if self._watch is not None:
                 self._watch.pause()
@@ -7828,7 +7829,11 @@ class Notifications:
         self.command, self.url = cfg.notify_command, cfg.notify_url
         self.events, self.timeout = set(cfg.notify_events), cfg.notify_timeout
         self.env, self.clock = env, clock
-        self.secrets = config_secrets(cfg)
+        # the webhook's path and query are its secret: replaced where they
+        # appear, not a reason to withhold a whole text that shares a host name
+        self.secrets = [v for v in config_secrets(cfg) if not self.url or v != self.url.reveal()]
+        parts = urllib.parse.urlsplit(self.url.reveal()) if self.url else None
+        self._url_parts = [p for p in ((parts.path, parts.query) if parts else ()) if len(p) > 1]
         self.host = socket.gethostname()
         self.http = http or Http(TlsOptions(cfg.notify_ca_cert, None, None, None, None, False),
                                  timeout=self.timeout, deadline=self.timeout,
@@ -7848,8 +7853,8 @@ class Notifications:
         """Queue ``event`` (an Event) if its kind is one of notify_events."""
         if not self.enabled() or event.event not in self.events:
             return
-        event = event._replace(when=event.when or self.clock.now(), error=masked(
-            printable(one_line(event.error), 400), self.secrets) if event.error else "")
+        event = event._replace(when=event.when or self.clock.now(), error=self._mask(
+            printable(one_line(event.error), 400)) if event.error else "")
         with self._cond:
             if self._closing:
                 return
@@ -7862,6 +7867,13 @@ class Notifications:
                 self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
                 self._thread.start()
             self._cond.notify()
+
+    def _mask(self, text):
+        """``text`` with config secrets and the webhook's path shown as ***."""
+        text = masked(text, self.secrets)
+        for part in self._url_parts:
+            text = text.replace(part, "***")
+        return text
 
     def close(self, wait=True):
         """Deliver what is queued (``wait``; at most each one's timeout), or
@@ -7922,7 +7934,7 @@ class Notifications:
             child.stdout.close()
         for line in output.decode("utf-8", "replace").splitlines()[:20]:
             if line.strip():
-                LOG.info("notify_command: %s", masked(printable(line, 300), self.secrets))
+                LOG.info("notify_command: %s", self._mask(printable(line, 300)))
         took = format_duration(time.monotonic() - started)
         if killed:
             LOG.error("notify_command for %s killed after %s (notify_timeout)", event.event, took)
@@ -7943,11 +7955,11 @@ class Notifications:
             try:
                 with self.http.request("POST", url, headers, body) as resp:
                     status = resp.status
-                    answer = b"" if 200 <= status < 300 else read_at_most(resp, NOTIFY_ANSWER)
                     wait = retry_after(resp.header("Retry-After"), self.clock.now())
+                    answer = b"" if 200 <= status < 300 else resp.body(NOTIFY_ANSWER, cut=True)
             except TransportError as exc:
                 LOG.error("Notification of %s to %s failed: %s", event.event, where,
-                          masked(exc, [url, parts.path, parts.query]))
+                          self._mask(str(exc).replace("(request_timeout)", "(notify_timeout)")))
                 return
             if 200 <= status < 300:
                 LOG.info("Notified %s through %s", event.event, where)
@@ -7959,8 +7971,8 @@ class Notifications:
                 return
         LOG.error("Notification of %s to %s failed: HTTP %d%s%s", event.event, where, status,
                   " (redirects are not followed)" if 300 <= status < 400 else "",
-                  ": " + masked(printable(one_line(answer.decode("utf-8", "replace")), 200),
-                                [url, parts.path]) if answer.strip() else "")
+                  ": " + self._mask(printable(one_line(answer.decode("utf-8", "replace")), 200))
+                  if answer.strip() else "")
 
 
 def _collect(child, deadline):
@@ -7999,20 +8011,23 @@ def _collect(child, deadline):
 
 
 def _kill_group(child):
-    """SIGTERM ``child``'s process group, SIGKILL after 2 s."""
+    """SIGTERM ``child``'s process group, then, 2 s later or once the
+    command is gone, SIGKILL whatever of the group is left (a grandchild
+    that ignores SIGTERM)."""
     import subprocess
-    for sig, grace in ((signal.SIGTERM, 2.0), (signal.SIGKILL, None)):
-        try:
-            os.killpg(child.pid, sig)
-        except OSError:
-            return
-        if grace is None:
-            return
-        try:
-            child.wait(grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    try:
+        os.killpg(child.pid, signal.SIGTERM)
+    except OSError:
+        return
+    try:
+        child.wait(2.0)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except OSError:
+        pass            # the whole group is gone
+    child.wait()
 
 
 # =============================================================================
@@ -8461,13 +8476,14 @@ class Agent:
                 if self.streak[key] == 1:
                     started.append(key)
             elif key in stored:
-                if self.streak.pop(key, 0):
-                    recovered.append(key)
+                runs = self.streak.pop(key, 0)
+                if runs:
+                    recovered.append((key, runs))
         if started:
             self.alerts.send(Event("failed", ", ".join(started), "", "; ".join(
                 "%s: %s" % (k, errors[k]) for k in started) if len(started) > 1 else errors[started[0]], 1))
-        for key in recovered:
-            self.alerts.send(Event("recovered", key, stored[key]))
+        for key, runs in recovered:
+            self.alerts.send(Event("recovered", key, stored[key], "", runs))
         for storage, kept, error in result.retention:
             self._notify_retention(storage, kept, error)
         for storage, name in result.stored:

@@ -187,13 +187,11 @@ def test_the_command_is_an_argv_never_a_shell_in_its_own_process_group(tmp_path,
     assert "Notified failed through notify_command" in log, log
 
 
-BUG_SIGTERM_ONLY = ("BUG: _kill_group stops at SIGTERM once the command itself has exited; a "
-                    "grandchild that ignores SIGTERM is never sent SIGKILL and lives on")
 
 
 @pytest.mark.parametrize("mode", [
     "sleep",
-    pytest.param("hang", marks=pytest.mark.xfail(strict=True, reason=BUG_SIGTERM_ONLY)),
+    "hang",
     pytest.param("hang-stubborn", marks=pytest.mark.slow),
 ])
 def test_a_command_past_notify_timeout_is_killed_with_its_grandchildren(tmp_path, probe_out, mode):
@@ -357,9 +355,6 @@ def test_a_slow_receiver_is_abandoned_at_the_deadline_and_gets_the_event_once(tm
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="BUG: _post reads a non-2xx answer's body with resp.read "
-                                       "(idle timeout only), not under notify_timeout: a receiver "
-                                       "trickling its error body holds the notification thread")
 def test_a_trickled_error_answer_is_abandoned_at_the_deadline(tmp_path, receivers):
     """The receiver answers 500 at once, then sends its body one byte every
     0.3 s (it gives up after 3 s): 300 bytes would take 90 s."""
@@ -458,9 +453,6 @@ def test_a_storage_failing_three_cycles_notifies_failed_once_then_recovered_once
     assert docs[1]["time"] == vsa.iso(NOW + datetime.timedelta(seconds=420))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: notify_cycle drops the streak it pops: a recovered "
-                                       "event always has failures 0, its text never says how many "
-                                       "cycles failed")
 def test_recovered_says_how_many_cycles_had_failed(tmp_path, receivers):
     bad, on_leader = fixed_after(tmp_path, 250)
     docs, log, _ = daemon_posts(tmp_path, receivers(), HOUR, on_leader,
@@ -479,11 +471,6 @@ def test_a_cycle_failing_before_any_upload_notifies_failed_once_for_all_its_stor
         ("failed", "good, bad"), ("recovered", "good"), ("recovered", "bad")]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: config_secrets puts the whole notify_url among the "
-                                       "secrets, and masked() withholds any text sharing 12 "
-                                       "characters with it: an error naming Vault on the same host "
-                                       "or domain as the webhook is replaced by 'the answer quoted "
-                                       "the credential sent'")
 def test_the_failed_event_says_why_when_vault_shares_the_webhooks_host(tmp_path, receivers):
     docs, log, _ = daemon_posts(tmp_path, receivers(), 600, sealed=lambda t: t < 200)
     assert docs and docs[0]["event"] == "failed", docs
@@ -599,7 +586,7 @@ def test_a_slow_webhook_never_delays_the_next_cycle(tmp_path, receivers):
 
 @pytest.mark.parametrize("mode", [
     "sleep",
-    pytest.param("hang", marks=pytest.mark.xfail(strict=True, reason=BUG_SIGTERM_ONLY)),
+    "hang",
     pytest.param("hang-stubborn", marks=pytest.mark.slow),
 ])
 def test_sigterm_kills_a_running_command_group_promptly(tmp_path, probe_out, mode):
