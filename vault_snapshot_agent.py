@@ -612,6 +612,11 @@ def http_date(moment):
         _WEEKDAYS[t.weekday()], t.day, _MONTHS[t.month - 1], t.year, t.hour, t.minute, t.second)
 
 
+def iso(when):
+    """An aware datetime as '2026-12-07T21:00:00Z' (None stays None)."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if when else None
+
+
 def parse_http_date(text):
     """An RFC 7231 date ('Wed, 02 Dec 2026 08:02:10 GMT') as an aware UTC
     datetime; None when absent or not a date."""
@@ -6933,7 +6938,7 @@ def apply_retention(storage, keep, now=None):
         LOG.warning("Snapshot %s (%s) alone exceeds max_space=%s on %s; it is kept", keep,
                     format_size(own[0].size), size_text(storage.max_space), storage.label())
     doomed = list(plan)
-    LOG.debug("Retention on %s: %d listed, plan: %s", storage.label(), len(refs), ", ".join(
+    LOG.debug("Retention plan for %s: %d listed; %s", storage.label(), len(refs), ", ".join(
         "%s (%s)" % (name, rule) for name, rule in plan.items()) or "delete nothing")
     locked = (storage.delete(doomed) or []) if doomed else []
     doomed = [name for name in doomed if name not in locked]
@@ -7160,10 +7165,6 @@ def write_atomic(path, text, mode):
     except OSError:
         _unlink_quietly(temp)
         raise
-
-
-def iso(when):
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if when else None
 
 
 def _timestamp(when):

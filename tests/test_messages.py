@@ -138,7 +138,7 @@ def test_debug_adds_lines_to_a_cycle_and_json_lines_carry_fields(tmp_path):
             logs[level] = [json.loads(line) for line in log.getvalue().splitlines()]
     debug = [line["message"] for line in logs["debug"] if line["level"] == "debug"]
     for start in ("sys/leader at %s: this node is the active one" % vault.url, "Streaming the snapshot into",
-                  "Uploading ", "Retention on local:"):
+                  "Uploading ", "Retention plan for local:"):
         assert any(message.startswith(start) for message in debug), (start, debug)
     assert not [line for line in logs["info"] if line["level"] == "debug"]
     stored = [line for line in logs["info"] if line["message"].startswith("Successfully created")][0]
