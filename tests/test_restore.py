@@ -66,10 +66,49 @@ def test_verify_rejects_a_corrupt_file(tmp_path):
     assert len(log.splitlines()) == 1
 
 
-def test_restore_needs_yes(bao_cluster, approle, tmp_path):
+def test_restore_needs_yes_and_says_what_it_would_replace(bao_cluster, approle, tmp_path):
     config = write_config(tmp_path, bao_cluster, approle)
-    code, out, log = run("-c", config, "restore", "latest")
-    assert code == 2 and "--yes" in log
+    code, out, log = run("-c", config, "restore", "latest", "--storage", "local")
+    assert code == 2
+    assert "restore would replace ALL data in the cluster at %s with snapshot latest (--storage " \
+           "local); add --yes to do it" % bao_cluster.leader().addr in log
+    path = tmp_path / "x.snap"
+    write_archive(str(path))
+    code, out, log = run("restore", str(path), "-c", config)
+    assert code == 2 and "with the file %s; add --yes" % path in log
+
+
+def test_restore_with_a_bogus_token_says_the_token_was_refused(bao_cluster, approle, tmp_path,
+                                                                 monkeypatch):
+    config = write_config(tmp_path, bao_cluster, approle)
+    path = tmp_path / "x.snap"
+    write_archive(str(path))
+    monkeypatch.setenv("VAULT_TOKEN", "s.NotATokenThisClusterKnows0000")
+    code, out, log = run("-c", config, "restore", str(path), "--yes")
+    assert code == 1
+    assert "refused the token (invalid, expired or revoked" in log
+    assert "policy" not in log and "s.NotATokenThisClusterKnows0000" not in log
+
+
+def test_a_snapshot_of_another_cluster_is_refused_with_a_hint_at_force(bao_cluster, approle,
+                                                                        bao_tls, tmp_path, monkeypatch):
+    # The TLS cluster is another cluster (other keys): without --force it refuses
+    # the snapshot, and says nothing of a seal; it keeps serving afterwards.
+    config = write_config(tmp_path, bao_cluster, approle)
+    assert vsa.main(["-c", config, "--once"], stream=io.StringIO()) == 0
+    other = bao_tls.agent_tls_config()
+    other.update({"vault_auth_method": "token", "token": bao_tls.root_token,
+                  "local_storage": {"path": str(tmp_path / "snaps")}})
+    other_config = tmp_path / "other.json"
+    other_config.write_text(json.dumps(other))
+    os.chmod(str(other_config), 0o600)
+    monkeypatch.setenv("VAULT_TOKEN", bao_tls.root_token)
+    code, out, log = run("-c", str(other_config), "restore", "latest", "--yes")
+    assert code == 1, log
+    assert "is restored only with --force" in log, log
+    assert "sealed itself" not in log
+    status, _ = bao_tls.api("GET", "sys/health")
+    assert status == 200
 
 
 def read_value(bao_cluster):
@@ -108,3 +147,17 @@ def test_restore_with_the_agent_token_is_refused_clearly(bao_cluster, approle, t
     code, out, log = run("-c", config, "restore", "latest", "--yes")
     assert code == 1
     assert "this token may not restore: its capabilities on sys/storage/raft/snapshot are [read]" in log
+
+
+@pytest.mark.slow
+def test_a_forced_restore_into_the_same_cluster_gives_no_seal_warning(bao_cluster, approle, tmp_path,
+                                                                       monkeypatch):
+    # The seal warning is for a forced restore that really sealed the target
+    # (another cluster's keyring); into the same cluster nothing seals.
+    config = write_config(tmp_path, bao_cluster, approle)
+    assert vsa.main(["-c", config, "--once"], stream=io.StringIO()) == 0
+    monkeypatch.setenv("VAULT_TOKEN", bao_cluster.root_token)
+    code, out, log = run("-c", config, "restore", "latest", "--yes", "--force")
+    assert code == 0, log
+    assert "(forced)" in out and "sealed itself" not in log and "keyring" not in log
+    bao_cluster.wait_for_leader()
