@@ -630,6 +630,53 @@ def parse_http_date(text):
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
+class Progress:
+    """Logs a long transfer every ``interval`` seconds: bytes, rate, ETA.
+    With ``tty`` (a terminal's stream) it redraws one line there twice a
+    second instead, which ``end()`` clears."""
+
+    def __init__(self, what, total, clock, interval=30.0, tty=None):
+        self.what, self.total, self.clock, self.interval = what, total, clock, interval
+        self.tty = tty
+        if tty is not None:
+            self.interval = 0.5
+        self.done = 0
+        self.start = self.last = clock.monotonic()
+        self._lock = threading.Lock()
+
+    def add(self, count):
+        with self._lock:
+            self.done += count
+            now = self.clock.monotonic()
+            if now - self.last < self.interval:
+                return
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-6)
+            if self.total:
+                text = "%s: %s of %s (%d%%), %s/s, about %s left" % (
+                    self.what, format_size(self.done), format_size(self.total),
+                    100 * self.done // self.total, format_size(rate),
+                    format_duration((self.total - self.done) / max(rate, 1.0)))
+            else:
+                text = "%s: %s so far, %s/s" % (self.what, format_size(self.done), format_size(rate))
+            if self.tty is None:
+                LOG.info("%s", text)
+            else:
+                self.tty.write("\r\x1b[K" + text)
+                self.tty.flush()
+
+    def end(self):
+        """Clear the terminal line (nothing without ``tty``)."""
+        if self.tty is not None and self.done:
+            self.tty.write("\r\x1b[K")
+            self.tty.flush()
+
+
+def transfer_summary(what, size, seconds):
+    return "%s: %s in %s (%s/s)" % (what, format_size(size), format_duration(seconds),
+                                   format_size(size / max(seconds, 1e-6)))
+
+
 # =============================================================================
 # 4. Clock and signals
 # =============================================================================
@@ -4069,8 +4116,10 @@ class VaultClient:
 
     # -- snapshot ------------------------------------------------------------
 
-    def restore(self, path, size, force=False):
-        """``POST /v1/sys/storage/raft/snapshot[-force]`` with the file as body."""
+    def restore(self, path, size, force=False, tty=None):
+        """``POST /v1/sys/storage/raft/snapshot[-force]`` with the file as
+        body; progress on the terminal ``tty`` (else every 30 s) and a
+        summary line of the upload and of Vault's answer."""
         api_path = SNAPSHOT_PATH[len("/v1/"):] + ("-force" if force else "")
         # Ask first: Vault refuses a restore only after the upload started, and
         # closes the connection on the rest of the body, hiding its 403.
@@ -4090,8 +4139,15 @@ class VaultClient:
         url = self.cfg.addr + "/v1/" + api_path
         headers = self._headers()
         headers.update({"Content-Type": "application/octet-stream", "Content-Length": str(size)})
-        with open(path, "rb") as body:
+        progress = Progress("Sending %s to %s" % (os.path.basename(path), self.cfg.addr), size,
+                            self.clock, tty=tty)
+        with open(path, "rb") as handle:
+            body = _Sent(handle, progress)
             with self.http.request("POST", url, headers, body, timeout=self.cfg.restore_timeout) as resp:
+                progress.end()
+                LOG.info("%s; Vault answered %s later", transfer_summary(
+                    "Sent %s to %s" % (os.path.basename(path), self.cfg.addr), progress.done,
+                    body.sent_at - progress.start), format_duration(self.clock.monotonic() - body.sent_at))
                 if resp.status in (301, 302, 303, 307, 308):
                     raise VaultError("restore must be sent to the active node; %s redirected to %s"
                                      % (self.cfg.addr, redact_url(resp.header("Location", "?"))))
@@ -4148,6 +4204,21 @@ class VaultClient:
                 raise vault_error(resp)
             finally:
                 resp.close()
+
+
+class _Sent:
+    """A request body file that tells ``progress`` what went out, and when
+    the last of it did (``sent_at``)."""
+
+    def __init__(self, handle, progress):
+        self.handle, self.progress = handle, progress
+        self.sent_at = progress.start
+
+    def read(self, size=-1):
+        data = self.handle.read(size)
+        self.progress.add(len(data))
+        self.sent_at = self.progress.clock.monotonic()
+        return data
 
 
 def _object(answer, what):
@@ -4472,48 +4543,6 @@ def _parse_pax(data):
 # =============================================================================
 # 14. Snapshot stream
 # =============================================================================
-
-
-class Progress:
-    """Logs a long transfer every ``interval`` seconds: bytes, rate, ETA.
-    With ``tty`` (a terminal's stream) it redraws one line there twice a
-    second instead, which ``end()`` clears."""
-
-    def __init__(self, what, total, clock, interval=30.0, tty=None):
-        self.what, self.total, self.clock, self.interval = what, total, clock, interval
-        self.tty = tty
-        if tty is not None:
-            self.interval = 0.5
-        self.done = 0
-        self.start = self.last = clock.monotonic()
-        self._lock = threading.Lock()
-
-    def add(self, count):
-        with self._lock:
-            self.done += count
-            now = self.clock.monotonic()
-            if now - self.last < self.interval:
-                return
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-6)
-            if self.total:
-                text = "%s: %s of %s (%d%%), %s/s, about %s left" % (
-                    self.what, format_size(self.done), format_size(self.total),
-                    100 * self.done // self.total, format_size(rate),
-                    format_duration((self.total - self.done) / max(rate, 1.0)))
-            else:
-                text = "%s: %s so far, %s/s" % (self.what, format_size(self.done), format_size(rate))
-            if self.tty is None:
-                LOG.info("%s", text)
-            else:
-                self.tty.write("\r\x1b[K" + text)
-                self.tty.flush()
-
-    def end(self):
-        """Clear the terminal line (nothing without ``tty``)."""
-        if self.tty is not None and self.done:
-            self.tty.write("\r\x1b[K")
-            self.tty.flush()
 
 
 class _Pass:
@@ -8799,7 +8828,28 @@ def pick_storages(storages, wanted):
     return chosen
 
 
-def fetch_snapshot(storages, name, directory, output=None, now=None):
+class _Counted:
+    """A file (``read`` or ``write`` side) that tells ``progress`` the bytes
+    that pass: a download's sink, a restore's body."""
+
+    def __init__(self, handle, progress):
+        self.handle, self.progress = handle, progress
+
+    def write(self, data):
+        count = self.handle.write(data)
+        self.progress.add(len(data))
+        return count
+
+    def read(self, size=-1):
+        data = self.handle.read(size)
+        self.progress.add(len(data))
+        return data
+
+    def __getattr__(self, name):            # seek, truncate, flush, fileno...
+        return getattr(self.handle, name)
+
+
+def fetch_snapshot(storages, name, directory, output=None, now=None, tty=None):
     """Download ``name`` (or the newest, for 'latest', ignoring names dated
     in the future), verify it, and move it to ``output`` (or
     ``directory/name``). Returns (SnapshotInfo, storage). A copy that is
@@ -8824,7 +8874,7 @@ def fetch_snapshot(storages, name, directory, output=None, now=None):
     failed = []
     for storage, ref in candidates:
         try:
-            return _fetch_copy(storage, ref, output or os.path.join(directory, ref.name)), storage
+            return _fetch_copy(storage, ref, output or os.path.join(directory, ref.name), tty), storage
         except (StorageError, SnapshotError) as exc:
             failed.append("%s: %s" % (storage.label(), _error_text(exc)))
             LOG.warning("The copy of %s in %s is damaged or missing: %s%s", ref.name,
@@ -8833,19 +8883,28 @@ def fetch_snapshot(storages, name, directory, output=None, now=None):
     raise StorageError("no intact copy of %s: %s" % (name, "; ".join(failed)))
 
 
-def _fetch_copy(storage, ref, final):
+def _fetch_copy(storage, ref, final, tty=None):
     """Download ``ref`` from ``storage`` next to ``final``, verify it and
-    rename it there; returns SnapshotInfo. Raises with nothing left behind."""
+    rename it there; returns SnapshotInfo. Raises with nothing left behind.
+    Progress on the terminal ``tty``, else a log line every 30 s; a summary
+    line at the end."""
     temp = os.path.join(os.path.dirname(os.path.abspath(final)), temp_name())
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
         raise AgentError("cannot create a file next to %s: %s" % (final, exc.strerror)) from exc
     try:
+        progress = Progress("Downloading %s from %s" % (ref.name, storage.label()), ref.size or None,
+                            storage.clock, tty=tty)
         with os.fdopen(fd, "wb") as sink:
-            storage.download(ref.name, sink)
+            try:
+                storage.download(ref.name, _Counted(sink, progress))
+            finally:
+                progress.end()
             sink.flush()
             os.fsync(sink.fileno())
+        LOG.info("%s", transfer_summary("Downloaded %s from %s" % (ref.name, storage.label()),
+                                         progress.done, storage.clock.monotonic() - progress.start))
         info = verify_file(temp)
         os.rename(temp, final)
     except OSError as exc:          # the local disk: full, a directory in the way...
@@ -8870,8 +8929,8 @@ def cmd_list(storages, out):
     return EXIT_FAILED if errors else EXIT_OK
 
 
-def cmd_download(storages, name, output, out, now=None):
-    info, storage = fetch_snapshot(storages, name, os.getcwd(), output, now)
+def cmd_download(storages, name, output, out, now=None, tty=None):
+    info, storage = fetch_snapshot(storages, name, os.getcwd(), output, now, tty)
     out.write("%s  (from %s; verified: %s, Raft index %s term %s, sha256 %s)\n" % (
         info.path, storage.label(), format_size(info.size), info.index, info.term, info.sha256))
     return EXIT_OK
@@ -8944,7 +9003,7 @@ def cmd_verify_stored(storages, target, out, now, tty=None):
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def cmd_restore(cfg, storages, target, force, out, env=None, signals=None):
+def cmd_restore(cfg, storages, target, force, out, env=None, signals=None, tty=None):
     """POST a verified snapshot to the cluster. Uses VAULT_TOKEN/BAO_TOKEN when
     set (restoring needs an operator's token), else the configured login."""
     env = os.environ if env is None else env
@@ -8959,7 +9018,7 @@ def cmd_restore(cfg, storages, target, force, out, env=None, signals=None):
             raise SnapshotError("cannot create a temporary directory: %s" % exc.strerror) from exc
     try:
         if temp_dir:
-            info, storage = fetch_snapshot(storages, target, temp_dir)
+            info, storage = fetch_snapshot(storages, target, temp_dir, tty=tty)
             LOG.info("Downloaded and verified %s from %s", os.path.basename(info.path),
                      storage.label())
         vault = VaultClient(cfg, signals=signals, env=env)
@@ -8969,7 +9028,7 @@ def cmd_restore(cfg, storages, target, force, out, env=None, signals=None):
             vault.use_token(Secret(token))
         else:
             vault.ensure_token()
-        vault.restore(info.path, info.size, force)
+        vault.restore(info.path, info.size, force, tty)
         if force and _sealed_after(vault, signals):
             LOG.warning("%s sealed itself after the forced restore: it took the keyring of the "
                         "snapshot's cluster, and unseals only with that cluster's seal key "
@@ -9230,11 +9289,11 @@ def _run_command(args, cfg, storages, runtime, out, tty=None):
         if args.command == "list":
             return cmd_list(storages, out)
         if args.command == "download":
-            return cmd_download(storages, args.name, args.output, out, runtime.clock.now())
+            return cmd_download(storages, args.name, args.output, out, runtime.clock.now(), tty)
         if args.command == "verify":
             return cmd_verify_stored(storages, args.target, out, runtime.clock.now(), tty)
         return cmd_restore(cfg, storages, args.target, args.force, out, runtime.env,
-                           runtime.signals)
+                           runtime.signals, tty)
     except Stopped:
         LOG.warning("Stopped; nothing partial was kept")
         return EXIT_OK
