@@ -4,14 +4,20 @@ What a user would notice, from ``verify`` and from the daemon:
 
 * ``verify --storage NAME latest|all|<name>`` reads stored snapshots back,
   writing nothing, and prints one OK line per snapshot naming the checksum
-  it compared: the SHA-256 in a local file's xattr, the S3 ETag (MD5) or
-  x-amz-checksum-sha256 (whole, or a multipart composite of 3 parts), the
+  it compared: for what this agent stored, the SHA-256 it kept with the
+  object (S3 and GCS metadata, Azure x-ms-meta, the local xattr); for an
+  object without it (the Go agent's, an older build's), the store's own:
+  the S3 ETag (MD5) or x-amz-checksum-sha256 (whole, or of 3 parts), the
   Azure Content-MD5 (Put Blob, or blocks), the GCS md5Hash (simple or
-  resumable upload); exit 0;
+  resumable upload), a local file's archive only; exit 0;
 * a truncated object, a byte corrupted in the middle, other bytes, another
   valid snapshot under the checksum recorded for the old one: a FAIL line
   naming the object and why, exit 1; ``all`` still says OK for the good
   ones; a deleted object named is an error, exit 1;
+* an object without this agent's SHA-256 that the store wrote over an hour
+  after its name's time is a FAIL (replaced by another upload): so is one
+  this agent stored, then replaced the ordinary way (renamed over,
+  uploaded again); within the hour the store's checksum verifies it;
 * the daemon with ``verify_frequency``: after a stored cycle, between
   cycles, it re-verifies (``verify_scope`` latest: the newest only; all:
   every one), puts ``last_verified``, ``verified_snapshots``,
@@ -19,20 +25,24 @@ What a user would notice, from ``verify`` and from the daemon:
   metrics, runs ``notify_command`` once for a bad snapshot however many
   scrubs find it still bad, reports a snapshot deleted behind its back as
   missing (never one its own retention deleted), writes no file for it,
-  does nothing of it on a standby, lets a due cycle go first, and after a
-  restart goes on from the status file's ``last_verified``.
+  does nothing of it on a standby, lets a due cycle go first, after a
+  restart goes on from the status file's ``last_verified``, and reports a
+  snapshot it stored that then lost its SHA-256 (replaced) at once.
 
 Damage is done as someone with access to the place would (``write``: an
 ordinary overwrite, after which the store describes the new bytes); where
 only the checksum recorded at upload can tell (another valid snapshot),
 support/scrub_stores.py makes the store's record disagree with its bytes as
 far as each store allows (see there; S3 without checksums cannot be made
-to). The servers are moto (signature checking on), Azurite and
+to). Objects without this agent's SHA-256, and objects named hours ago,
+are uploaded through the agent's own Storage.upload (support/scrub_stores.py
+``upload``). The servers are moto (signature checking on), Azurite and
 gcp-storage-emulator; the daemon runs the real Agent against a loopback
 stand-in Vault on a fake clock (support/agent_sim.py).
 """
 
 import datetime
+import hashlib
 import json
 import os
 import re
@@ -44,13 +54,16 @@ import vault_snapshot_agent as vsa
 from support.agent_sim import LEADER, NOW, START, ScriptedVault, fake_clock, plant, run_daemon
 from support.archives import write_archive
 from support.harness import FakeClock, FakeSignals, clear_cloud_env, run_main, unique
-from support.scrub_stores import (XATTR_OK, AzureStore, GcsStore, LocalStore, S3Store, Snapshots,
-                                  run_cli, store_snapshots)
+from support.scrub_stores import (OWN_CHECKED, XATTR_OK, AzureStore, GcsStore, LocalStore, S3Store,
+                                  Snapshots, run_cli, store_snapshots, taken, upload)
 
 SMALL = ("local", "s3", "s3-etag", "azure", "gcs")
 BIG = ("s3-multipart", "s3-multipart-etag", "azure-blocks", "gcs-resumable")
 MEGABYTES = {"s3-multipart": 11, "s3-multipart-etag": 11, "azure-blocks": 2.5, "gcs-resumable": 2.5}
 SERVER = {"s3": "moto", "azure": "azurite", "gcs": "gcs"}
+OWN = [pytest.param(True, id="by-this-agent"), pytest.param(False, id="without-its-sha256")]
+needs_xattr = pytest.mark.skipif(not XATTR_OK, reason="no user xattrs where the tests write: a "
+                                 "snapshot stored on the fake clock's day would look replaced")
 
 
 @pytest.fixture(autouse=True)
@@ -103,25 +116,50 @@ def verify(tmp_path, store, target):
     return run_cli(tmp_path, store, "verify", "--storage", store.name, target)
 
 
+def put_two(tmp_path, store, snaps, own):
+    """Two snapshots in ``store`` (older, newer): stored by ``--once`` cycles
+    of this agent (``own``), else without its SHA-256, as the Go agent or an
+    older build stored them, under names of a minute or two ago."""
+    archives = [archive(snaps, store), archive(snaps, store)]
+    if own:
+        return store_snapshots(tmp_path, store, archives)
+    names = [taken(2 / 60), taken(1 / 60)]
+    for name, data in zip(names, archives):
+        upload(tmp_path, store, name, data, own=False)
+    return names
+
+
+def stored_before(directory, when):
+    """A valid snapshot named as taken at ``when`` in ``directory``, as this
+    agent stores one (its SHA-256 in the xattr); its name."""
+    name = plant(directory, when)
+    LocalStore(directory).record(name)
+    return name
+
+
 # =============================================================================
 # verify --storage NAME latest|all|<name>
 # =============================================================================
 
 
+@pytest.mark.parametrize("own", OWN)
 @pytest.mark.parametrize("store", kinds(*(SMALL + BIG)), indirect=True)
-def test_stored_snapshots_verify_naming_the_checksum_compared(store, tmp_path):
+def test_stored_snapshots_verify_naming_the_checksum_compared(store, own, tmp_path):
     snaps = Snapshots()
-    older, newer = store_snapshots(tmp_path, store, [archive(snaps, store), archive(snaps, store)])
+    older, newer = put_two(tmp_path, store, snaps, own)
     if store.megabytes and isinstance(store, (S3Store, AzureStore)):
         assert store.parts(newer) == 3          # really a multipart upload, or blocks
+    for name in (older, newer):     # this agent's SHA-256 kept with the object, or none
+        assert store.own_sha256(name) == (hashlib.sha256(store.read(name)).hexdigest() if own else None)
+    checked = OWN_CHECKED if own else store.checked
     code, log, out = verify(tmp_path, store, "latest")
     assert code == 0, log
     assert len(out.splitlines()) == 1 and lines(out, "OK", store, newer), out
-    assert "Raft index 102 term 3 (%s)" % store.checked in out
+    assert "Raft index 102 term 3 (%s)" % checked in out
     code, log, out = verify(tmp_path, store, "all")
     assert code == 0, log
     assert [line.split()[2] for line in out.splitlines()] == [newer, older], out
-    assert out.count("(%s)" % store.checked) == 2, out
+    assert out.count("(%s)" % checked) == 2, out
     assert "Verified 2 snapshot(s): 2 good, 0 bad" in log
     code, log, out = verify(tmp_path, store, older)
     assert code == 0 and lines(out, "OK", store, older) and "Raft index 101 " in out, log + out
@@ -140,11 +178,12 @@ DAMAGES = {
 }
 
 
+@pytest.mark.parametrize("own", OWN)
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
 @pytest.mark.parametrize("store", kinds(*SMALL), indirect=True)
-def test_a_damaged_snapshot_is_a_fail_naming_it_and_why(store, damage, tmp_path):
+def test_a_damaged_snapshot_is_a_fail_naming_it_and_why(store, damage, own, tmp_path):
     snaps = Snapshots()
-    older, newer = store_snapshots(tmp_path, store, [snaps.small(), snaps.small()])
+    older, newer = put_two(tmp_path, store, snaps, own)
     make, reason = DAMAGES[damage]
     store.write(newer, make(store.read(newer), snaps.small()))
     code, log, out = verify(tmp_path, store, newer)
@@ -158,18 +197,27 @@ def test_a_damaged_snapshot_is_a_fail_naming_it_and_why(store, damage, tmp_path)
     assert "Verified 2 snapshot(s): 1 good, 1 bad" in log
 
 
-@pytest.mark.parametrize("store", kinds("local", "s3", "azure", "gcs", "s3-multipart", "azure-blocks",
-                                        "gcs-resumable"), indirect=True)
-def test_another_valid_snapshot_under_the_recorded_checksum_is_a_fail(store, tmp_path):
+KEEPING_RECORD = ("s3", "azure", "gcs", "s3-multipart", "azure-blocks", "gcs-resumable")
+
+
+@pytest.mark.parametrize("store,own", [
+    pytest.param(kind, own, id="%s-%s" % (kind, tag), marks=[pytest.mark.e2e] if kind != "local" else [])
+    for own, tag in ((True, "by-this-agent"), (False, "without-its-sha256"))
+    for kind in (("local",) if own else ()) + KEEPING_RECORD], indirect=["store"])
+def test_another_valid_snapshot_under_the_recorded_checksum_is_a_fail(store, own, tmp_path):
+    """A local file rewritten in place keeps this agent's xattr; in a cloud
+    store, the replacement drops this agent's SHA-256 and the store's
+    checksum, made to disagree (see support/scrub_stores.py), tells."""
     snaps = Snapshots()
-    name, = store_snapshots(tmp_path, store, [archive(snaps, store)])
+    name, = put_two(tmp_path, store, snaps, own)[1:]
     store.replace_keeping_record(name, archive(snaps, store))
     code, log, out = verify(tmp_path, store, "latest")
     assert code == 1, log
     failed = lines(out, "FAIL", store, name)
-    what = "S3 x-amz-checksum-sha256" if isinstance(store, S3Store) else store.checked
+    what = "S3 x-amz-checksum-sha256" if isinstance(store, S3Store) else store.recorded
+    what = "SHA-256 this agent recorded" if isinstance(store, LocalStore) else what
     assert len(failed) == 1 and re.search(
-        r"the object read back does not match the %s.* recorded at upload \(the archive itself is "
+        r"the object read back does not match the %s.* at upload \(the archive itself is "
         r"a valid snapshot" % re.escape(what), failed[0]), out
 
 
@@ -186,16 +234,45 @@ def _replace_the_ordinary_way(store, name, other):
         store.write(name, other)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the checksum compared is the store's record of whatever "
-                   "was written last (or an xattr lost with the inode); the agent keeps no SHA-256 of "
-                   "its own, so another valid snapshot put in place the ordinary way verifies OK")
+REPLACED = (r"the object was written at \S+, (1h59m\d+s|2h\S*) after the snapshot's time, and holds "
+            r"no SHA-256 recorded by this agent: replaced by another upload")
+
+
 @pytest.mark.parametrize("store", kinds("local", "s3", "azure", "gcs"), indirect=True)
 def test_another_valid_snapshot_put_in_place_the_ordinary_way_is_a_fail(store, tmp_path):
-    snaps = Snapshots()
-    name, = store_snapshots(tmp_path, store, [snaps.small()])
-    _replace_the_ordinary_way(store, name, snaps.small())
+    """Named two hours before: its own SHA-256 verifies it whenever the store
+    wrote it; replaced (renamed over, uploaded), it has none, and the store
+    wrote it over an hour after its time."""
+    snaps, name = Snapshots(), taken(2)
+    upload(tmp_path, store, name, snaps.small())
     code, log, out = verify(tmp_path, store, name)
-    assert code == 1 and lines(out, "FAIL", store, name), out + log
+    assert code == 0 and OWN_CHECKED in lines(out, "OK", store, name)[0], out + log
+    _replace_the_ordinary_way(store, name, snaps.small())
+    assert store.own_sha256(name) is None
+    code, log, out = verify(tmp_path, store, name)
+    assert code == 1, out + log
+    failed = lines(out, "FAIL", store, name)
+    assert len(failed) == 1 and re.search(REPLACED, failed[0]), out
+
+
+@pytest.mark.parametrize("minutes", [50, 120])
+@pytest.mark.parametrize("store", kinds("local", "s3", "azure", "gcs"), indirect=True)
+def test_an_object_without_this_agents_sha256_written_over_an_hour_after_its_time_is_a_fail(
+        store, minutes, tmp_path):
+    """As the Go agent or an older build stored it, or replaced by another
+    upload: within the hour of its name the store's checksum verifies it
+    (another valid snapshot put there this soon passes: what ``verify``
+    cannot tell), later it is a FAIL."""
+    name = taken(minutes / 60)
+    upload(tmp_path, store, name, Snapshots().small(), own=False)
+    assert store.own_sha256(name) is None
+    code, log, out = verify(tmp_path, store, name)
+    if minutes < 60:
+        assert code == 0 and "(%s)" % store.checked in lines(out, "OK", store, name)[0], out + log
+    else:
+        failed = lines(out, "FAIL", store, name)
+        assert code == 1 and len(failed) == 1 and re.search(REPLACED, failed[0]), \
+            out + log
 
 
 @pytest.mark.parametrize("store", kinds(*SMALL), indirect=True)
@@ -281,6 +358,7 @@ def scrubbed(log):
     return re.findall(r"Re-verified (\S+) in |Re-verification of (\S+) in .* FAILED", log)
 
 
+@needs_xattr
 def test_a_damaged_snapshot_is_reported_in_status_metrics_and_notified_once(tmp_path):
     argv, record = notify_command(tmp_path)
     clock, snaps = fake_clock(), tmp_path / "snaps"
@@ -333,6 +411,7 @@ def test_a_snapshot_deleted_behind_the_agents_back_is_reported_missing(tmp_path)
     assert [(e["SNAPSHOT_EVENT"], e["SNAPSHOT_NAME"]) for e in events] == [("verify_failed", gone[0])]
 
 
+@needs_xattr
 def test_snapshots_deleted_by_its_own_retention_are_not_reported_missing(tmp_path):
     clock = fake_clock()
     with ScriptedVault(clock) as vault:
@@ -345,10 +424,11 @@ def test_snapshots_deleted_by_its_own_retention_are_not_reported_missing(tmp_pat
     assert "missing" not in log
 
 
+@needs_xattr
 @pytest.mark.parametrize("scope", ["latest", "all"])
 def test_scope_latest_reads_the_newest_only_and_all_reads_every_one(scope, tmp_path):
     snaps = tmp_path / "snaps"
-    planted = [plant(snaps, NOW - datetime.timedelta(hours=h)) for h in (30, 20, 10)]
+    planted = [stored_before(snaps, NOW - datetime.timedelta(hours=h)) for h in (30, 20, 10)]
     with open(str(snaps / planted[0]), "r+b") as handle:      # the oldest: damaged
         handle.seek(100)
         handle.write(b"\0" * 50)
@@ -368,6 +448,7 @@ def test_scope_latest_reads_the_newest_only_and_all_reads_every_one(scope, tmp_p
         assert list(entry["bad_snapshots"]) == [planted[0]] and entry["verified_snapshots"] == 3
 
 
+@needs_xattr
 def test_a_scrub_opens_no_file_for_writing(tmp_path, monkeypatch):
     import builtins
     import tempfile
@@ -400,7 +481,7 @@ def test_a_scrub_opens_no_file_for_writing(tmp_path, monkeypatch):
     (tmp_path / "systmp").mkdir()
     (tmp_path / "staging").mkdir()
     for h in (3, 2):
-        plant(tmp_path / "snaps", NOW - datetime.timedelta(hours=h))
+        stored_before(tmp_path / "snaps", NOW - datetime.timedelta(hours=h))
     clock = fake_clock()
     with ScriptedVault(clock) as vault:
         _, log, _ = daemon(tmp_path, clock, START + 1900, vault, on_agent=on_agent, temp_dir=str(
@@ -428,9 +509,10 @@ def test_a_standby_does_not_scrub(tmp_path):
     assert len(vault.times(LEADER)) <= 4 * 6 + 5, vault.times(LEADER)
 
 
+@needs_xattr
 def test_a_due_cycle_runs_before_a_scrub_and_between_two_of_its_reads(tmp_path):
     for h in (4, 3, 2):
-        plant(tmp_path / "snaps", NOW - datetime.timedelta(hours=h))
+        stored_before(tmp_path / "snaps", NOW - datetime.timedelta(hours=h))
     clock, steps = fake_clock(), []
 
     def on_agent(agent):
@@ -454,6 +536,7 @@ def test_a_due_cycle_runs_before_a_scrub_and_between_two_of_its_reads(tmp_path):
                       ("", names[1]), ("", names[0])], events
 
 
+@needs_xattr
 def test_a_restart_goes_on_from_the_status_files_last_verified(tmp_path):
     clock = fake_clock()
     with ScriptedVault(clock) as vault:
@@ -467,6 +550,7 @@ def test_a_restart_goes_on_from_the_status_files_last_verified(tmp_path):
     assert status_of(status_file)["last_verified"] == vsa.iso(NOW + datetime.timedelta(hours=1))
 
 
+@needs_xattr
 def test_a_restarted_agent_keeps_last_verified_until_it_verifies_again(tmp_path):
     clock = fake_clock()
     with ScriptedVault(clock) as vault:
@@ -491,20 +575,27 @@ def test_a_restarted_agent_keeps_last_verified_until_it_verifies_again(tmp_path)
 # =============================================================================
 
 
-@pytest.mark.parametrize("store", kinds("s3", "azure", "gcs"), indirect=True)
-def test_the_daemon_reports_a_replaced_cloud_object(store, tmp_path):
+@pytest.mark.parametrize("store", kinds("local", "s3", "azure", "gcs"), indirect=True)
+def test_the_daemon_reports_a_snapshot_it_stored_replaced_the_ordinary_way(store, tmp_path):
+    """What ``verify`` cannot tell within the hour, the daemon that stored the
+    object can: it stored it with its SHA-256."""
     clock = FakeClock(None, START)      # the real time: the stores check request dates
     done = []
 
     def replace_once(t):
         if t >= 200 and not done:
             done.append(store.names()[0])
-            store.replace_keeping_record(done[0], Snapshots().small())
+            _replace_the_ordinary_way(store, done[0], Snapshots().small())
+    config = {"local_storage": None, store.key: store.block()}
     with ScriptedVault(clock, on_leader=replace_once) as vault:
         vault.archive = Snapshots().small()
-        _, log, status_file = daemon(tmp_path, clock, START + 500, vault, local_storage=None,
-                                     verify_frequency="5m", **{store.key: store.block()})
+        _, log, status_file = daemon(tmp_path, clock, START + 500, vault, verify_frequency="5m",
+                                     **config)
     entry = status_of(status_file, store.name)
-    assert re.search(r"Re-verified %s in .*, %s\n" % (re.escape(done[0]), re.escape(store.checked)),
+    assert re.search(r"Re-verified %s in .*, %s\n" % (re.escape(done[0]), re.escape(OWN_CHECKED)),
                      log), log           # at 0, before the object was replaced at 300
-    assert list(entry["bad_snapshots"]) == done and "recorded at upload" in entry["bad_snapshots"][done[0]]
+    assert list(entry["bad_snapshots"]) == done and entry["bad_snapshots"][done[0]].endswith(
+        "holds no SHA-256 recorded by this agent, which wrote it with one: replaced by another "
+        "upload"), entry
+    code, log, out = verify(tmp_path, store, done[0])     # another process, within the hour
+    assert code == 0 and "(%s)" % store.checked in lines(out, "OK", store, done[0])[0], out + log

@@ -23,7 +23,23 @@ Each ``Store`` is a block of the agent's config under a prefix of its own
   is always recomputed);
 * ``delete(name)``, ``names()`` (snapshot names under the prefix, sorted);
   S3 and Azure: ``parts(name)``, the parts or blocks the object was written in;
-* ``checked``: what the OK line says was compared.
+* ``own_sha256(name)``: the SHA-256 kept with the object for this agent
+  (S3 ``x-amz-meta-vault-snapshot-sha256``, Azure
+  ``x-ms-meta-vault_snapshot_sha256``, GCS ``metadata``, the local xattr
+  ``user.vault_snapshot_agent.sha256``), None when there is none;
+* ``recorded``: the store's own checksum a read-back compares for an object
+  without this agent's SHA-256 (None: a local file, the archive only);
+  ``checked``: what the OK line then says was compared. ``OWN_CHECKED``:
+  what it says for an object with this agent's SHA-256;
+* ``LocalStore.record(name)``: the file's SHA-256 put in its xattr, as this
+  agent keeps it.
+
+``upload(tmp_path, store, name, data, own)`` stores ``data`` as snapshot
+``name`` through the agent's own Storage.upload, so that its name may be
+of any time: with this agent's SHA-256 (``own``) or without, as the Go
+agent and older builds stored objects (an S3 single PUT then goes
+directly, with the SDK: the agent's always computes one). ``taken(hours)``:
+a snapshot name as taken ``hours`` before now (the servers' real time).
 
 ``Snapshots`` builds the archives: ``small()`` (a few hundred bytes),
 ``sized(megabytes)`` (incompressible, for multipart uploads), each a valid
@@ -37,6 +53,7 @@ serving it answers; returns the names stored, oldest first.
 """
 
 import base64
+import datetime
 import hashlib
 import io
 import json
@@ -46,7 +63,11 @@ from support.archives import build_archive
 from support.storage_blocks import BUCKET, CONTAINER, azure_key_block, s3_block
 
 __all__ = ["Store", "LocalStore", "S3Store", "AzureStore", "GcsStore", "Snapshots", "XATTR_OK",
-           "run_cli", "store_snapshots"]
+           "OWN_CHECKED", "run_cli", "store_snapshots", "upload", "taken"]
+
+OWN_CHECKED = "matches the SHA-256 this agent recorded at upload"
+OWN_KEY = "vault-snapshot-sha256"
+LOCAL_XATTR = "user.vault_snapshot_agent.sha256"
 
 
 def _xattr_ok():
@@ -80,8 +101,12 @@ class Snapshots:
 
 
 class Store:
-    key = name = checked = ""
+    key = name = recorded = ""
     can_keep_record = True
+
+    @property
+    def checked(self):
+        return "matches the %s recorded at upload" % self.recorded
 
     def __init__(self, prefix):
         self.prefix = prefix
@@ -92,10 +117,15 @@ class Store:
     def replace_keeping_record(self, name, data):
         raise NotImplementedError
 
+    def put_directly(self, name, data):
+        """Store ``data`` without the agent (an object without its SHA-256);
+        False when the agent's own upload, given no SHA-256, does that."""
+        return False
+
 
 class LocalStore(Store):
     key, name = "local_storage", "local"
-    checked = "SHA-256 recorded in its xattr user.vault_snapshot_agent.sha256"
+    recorded, checked = None, "archive only: no checksum recorded at upload"
 
     def __init__(self, directory):
         Store.__init__(self, "")
@@ -118,6 +148,17 @@ class LocalStore(Store):
 
     replace_keeping_record = write
 
+    def own_sha256(self, name):
+        try:
+            return os.getxattr(self.file(name), LOCAL_XATTR).decode("ascii")
+        except OSError:
+            return None
+
+    def record(self, name):
+        with open(self.file(name), "rb") as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()
+        os.setxattr(self.file(name), LOCAL_XATTR, digest.encode("ascii"))
+
     def delete(self, name):
         os.unlink(self.file(name))
 
@@ -135,12 +176,9 @@ class S3Store(Store):
         Store.__init__(self, prefix)
         self.moto, self.checksum, self.part_size_mb = moto, checksum, part_size_mb
         self.can_keep_record = checksum
-        # moto keeps the x-amz-checksum-sha256 of a multipart upload (x-amz-checksum-algorithm
-        # on its creation) but not of a PUT without x-amz-sdk-checksum-algorithm (the
-        # agent's): HEAD then shows the ETag alone
-        self.checked = "S3 x-amz-checksum-sha256" if checksum and parts else "S3 ETag (MD5)"
+        self.recorded = "S3 x-amz-checksum-sha256" if checksum else "S3 ETag (MD5)"
         if parts:
-            self.checked += " of %d parts" % parts
+            self.recorded += " of %d parts" % parts
 
     def block(self, **extra):
         block = s3_block(self.moto, s3_key_prefix=self.prefix, s3_checksum=self.checksum)
@@ -152,10 +190,22 @@ class S3Store(Store):
         return self.moto.get(BUCKET, self.full(name))
 
     def write(self, name, data):
-        self.moto.put(BUCKET, self.full(name), data)
+        # as the SDK does where checksums are on: moto keeps the x-amz-checksum-sha256 of a
+        # PUT with x-amz-sdk-checksum-algorithm (and not of the agent's PUT without it)
+        self.moto.put(BUCKET, self.full(name), data,
+                      **({"ChecksumAlgorithm": "SHA256"} if self.checksum else {}))
 
     def head(self, name):
         return self.moto.admin.head_object(Bucket=BUCKET, Key=self.full(name), ChecksumMode="ENABLED")
+
+    def own_sha256(self, name):
+        return self.head(name)["Metadata"].get(OWN_KEY)
+
+    def put_directly(self, name, data):
+        if self.part_size_mb:
+            return False        # the agent's multipart upload without a SHA-256 keeps none
+        self.write(name, data)
+        return True
 
     def parts(self, name):
         """The part count in the object's ETag (None: a single PUT)."""
@@ -179,7 +229,7 @@ class S3Store(Store):
 
 class AzureStore(Store):
     key, name = "azure_storage", "azure"
-    checked = "Azure Content-MD5"
+    recorded = "Azure Content-MD5"
 
     def __init__(self, azurite, prefix, block_size_mb=None):
         Store.__init__(self, prefix)
@@ -193,6 +243,10 @@ class AzureStore(Store):
 
     def read(self, name):
         return self.azurite.get_blob(CONTAINER, self.full(name))
+
+    def own_sha256(self, name):
+        return self.azurite.blob_properties(CONTAINER, self.full(name)).get(
+            "x-ms-meta-" + OWN_KEY.replace("-", "_"))
 
     def parts(self, name):
         """The blob's committed blocks (None: one Put Blob)."""
@@ -222,7 +276,7 @@ class AzureStore(Store):
 
 class GcsStore(Store):
     key, name = "google_storage", "google"
-    checked = "GCS md5Hash"
+    recorded = "GCS md5Hash"
 
     def __init__(self, gcs, prefix, chunk_size_mb=None):
         Store.__init__(self, prefix)
@@ -240,6 +294,9 @@ class GcsStore(Store):
 
     def write(self, name, data):
         self.gcs.put_object(BUCKET, self.full(name), data)
+
+    def own_sha256(self, name):
+        return (self.gcs.object_metadata(BUCKET, self.full(name)).get("metadata") or {}).get(OWN_KEY)
 
     def replace_keeping_record(self, name, data):
         from support.gcs_emulators import quote_name
@@ -260,18 +317,26 @@ class GcsStore(Store):
 NOWHERE = "http://127.0.0.1:9"      # the addr of commands that never ask Vault
 
 
+def _env(tmp_path):
+    return {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(tmp_path),
+            "AWS_CONFIG_FILE": os.path.join(str(tmp_path), "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": os.path.join(str(tmp_path), "no-aws-credentials"),
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def _config(tmp_path, store, addr=NOWHERE):
+    return {"addr": addr, "role_id": "r", "secret_id": "s", "temp_dir": str(tmp_path),
+            store.key: store.block()}
+
+
 def run_cli(tmp_path, store, *argv, addr=NOWHERE):
     """main() with ``store``'s block: (exit code, log text, stdout text)."""
     import vault_snapshot_agent as vsa
     path = os.path.join(str(tmp_path), "scrub.json")
     with open(path, "w") as handle:
-        json.dump({"addr": addr, "role_id": "r", "secret_id": "s", "temp_dir": str(tmp_path),
-                   store.key: store.block()}, handle)
+        json.dump(_config(tmp_path, store, addr), handle)
     os.chmod(path, 0o600)
-    env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(tmp_path),
-           "AWS_CONFIG_FILE": os.path.join(str(tmp_path), "no-aws-config"),
-           "AWS_SHARED_CREDENTIALS_FILE": os.path.join(str(tmp_path), "no-aws-credentials"),
-           "AWS_EC2_METADATA_DISABLED": "true"}
+    env = _env(tmp_path)
     log, out = io.StringIO(), io.StringIO()
     code = vsa.main(["-c", path] + list(argv), stream=log, out=out, env=env)
     return code, log.getvalue(), out.getvalue()
@@ -290,3 +355,29 @@ def store_snapshots(tmp_path, store, archives):
     names = [n for n in store.names() if n not in before]
     assert len(names) == len(archives), names
     return names
+
+
+def taken(hours):
+    """A snapshot name as taken ``hours`` before now (real time)."""
+    import vault_snapshot_agent as vsa
+    return vsa.snapshot_name(datetime.datetime.now(vsa.UTC) - datetime.timedelta(hours=hours))
+
+
+def upload(tmp_path, store, name, data, own=True):
+    """``data`` stored as snapshot ``name``: by the agent's Storage.upload,
+    with this agent's SHA-256 when ``own``, else without it (as the Go agent
+    or an older build stored it)."""
+    import vault_snapshot_agent as vsa
+    from support.harness import FakeClock, FakeSignals
+    if not own and store.put_directly(name, data):
+        return
+    path = os.path.join(str(tmp_path), "upload-" + name)
+    with open(path, "wb") as handle:
+        handle.write(data)
+    info = vsa.SnapshotInfo(path, len(data), hashlib.sha256(data).hexdigest() if own else None,
+                            1, 1, len(data))
+    env = _env(tmp_path)
+    cfg = vsa.config_from_dict(_config(tmp_path, store), env=env)
+    storage, = vsa.build_storages(cfg, vsa.Runtime(env, FakeClock(), FakeSignals()))
+    storage.upload(info, name)
+    os.unlink(path)
