@@ -14,6 +14,7 @@ and skipped where PyYAML cannot be imported.
 """
 
 import base64
+import io
 import json
 import os
 import re
@@ -26,7 +27,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 
 import vault_snapshot_agent as vsa  # noqa: E402
-from support.harness import parse_dockerfile, parse_unit  # noqa: E402
+from support.harness import parse_dockerfile, parse_unit, read  # noqa: E402
 
 pytestmark = pytest.mark.oracle
 
@@ -762,3 +763,50 @@ def test_alert_rules_behave(tmp_path):
     proc = subprocess.run([PROMTOOL, "test", "rules", str(tests)], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, universal_newlines=True, timeout=120)
     assert proc.returncode == 0, proc.stdout
+
+
+def test_the_full_example_config_passes_check_config_with_its_files_in_place(tmp_path):
+    # contrib/snapshot-full.json shows every block; it checks clean once the
+    # files and programs it names exist (here under a temporary root).
+    root = tmp_path / "root"
+    doc = json.loads(read(os.path.join(CONTRIB, "snapshot-full.json")))
+
+    def rooted(value):
+        if isinstance(value, dict):
+            return dict((k, rooted(v)) for k, v in value.items())
+        if isinstance(value, list):
+            return [rooted(v) for v in value]
+        if isinstance(value, str) and value.startswith("/"):
+            return str(root) + value
+        return value
+    doc = rooted(doc)
+    os.makedirs(os.path.dirname(doc["ca_cert"]))
+    with open(doc["ca_cert"], "w") as handle:
+        handle.write(read(vsa_ca_bundle()))
+    with open(doc["secret_id_file"], "w") as handle:
+        handle.write("secret-id-example\n")
+    os.chmod(doc["secret_id_file"], 0o600)
+    os.makedirs(os.path.dirname(doc["notify_command"][0]))
+    with open(doc["notify_command"][0], "w") as handle:
+        handle.write("#!/bin/sh\nexit 0\n")
+    os.chmod(doc["notify_command"][0], 0o755)
+    os.makedirs(os.path.dirname(doc["status_file"]))
+    config = tmp_path / "snapshot.json"
+    config.write_text(json.dumps(doc))
+    os.chmod(str(config), 0o600)
+    log, out = io.StringIO(), io.StringIO()
+    assert vsa.main(["-c", str(config), "--check-config"], stream=log, out=out, env={}) == 0, log.getvalue()
+    shown = json.loads(out.getvalue())
+    for key in ("local_storage", "aws_storage", "azure_storage", "google_storage", "status_file",
+                "metrics_address", "proxy", "verify_frequency", "notify_url", "max_space"):
+        assert shown.get(key) not in (None, [], {}), key
+    assert "unknown config key" not in log.getvalue() and "WARNING" not in log.getvalue()
+
+
+def vsa_ca_bundle():
+    """A CA bundle of this machine (any PEM of certificates will do)."""
+    for path in ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt"):
+        if os.path.isfile(path):
+            return path
+    import ssl
+    return ssl.get_default_verify_paths().cafile
