@@ -810,3 +810,11 @@ def vsa_ca_bundle():
             return path
     import ssl
     return ssl.get_default_verify_paths().cafile
+
+
+def test_readme_and_policy_file_name_the_same_approle_role():
+    readme = read(os.path.join(ROOT, "README.md"))
+    policy = read(os.path.join(CONTRIB, "snapshot-policy.hcl"))
+    roles = set(re.findall(r"auth/approle/role/([A-Za-z0-9_-]+)", readme + policy))
+    assert roles == {"snapshot"}, roles
+    assert "token_policies=snapshot" in readme and "vault policy write snapshot" in readme
