@@ -1510,6 +1510,7 @@ def _tunnel(sock, host, port, proxy):
         lines.append("Proxy-Authorization: %s" % proxy.auth.reveal())
     sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("ascii"))
     reader = sock.makefile("rb", buffering=0)
+    headers = {}
     try:
         status = _tunnel_status(reader.readline(MAX_HEADER_BYTES + 1))
         total = 0
@@ -1523,12 +1524,34 @@ def _tunnel(sock, host, port, proxy):
                 break
             if not line:
                 raise OSError("the proxy closed the connection during CONNECT")
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
         else:
             raise OSError("the proxy's answer to CONNECT has more than %d header lines" % MAX_HEADER_LINES)
+        said = _proxy_reason(reader, headers) if status[0] != 200 else ""
     finally:
         reader.close()
     if status[0] != 200:
-        raise OSError("Tunnel connection failed: %d %s" % status)
+        raise OSError("Tunnel connection failed: %d %s%s" % (status + (said,)))
+
+
+def _proxy_reason(reader, headers):
+    """What a proxy that refused CONNECT says besides its status: Squid's
+    X-Squid-Error, else the text of its error page (HTML tags dropped; at
+    most 4 KiB of it read)."""
+    if headers.get("x-squid-error"):
+        return " (the proxy said: %s)" % printable(headers["x-squid-error"], 100)
+    length = headers.get("content-length", "")
+    if re.match(r"\A[0-9]{1,9}\Z", length):
+        want = min(int(length), 4096)
+    else:
+        want = 4096 if "chunked" not in headers.get("transfer-encoding", "").lower() else 0
+    try:
+        page = read_at_most(reader, want, 1024).decode("utf-8", "replace") if want else ""
+    except OSError:
+        return ""
+    text = one_line(re.sub(r"(?s)<(script|style)[^>]*>.*?</\1>|<[^>]*>", " ", page), 160)
+    return " (the proxy said: %s)" % printable(text, 160) if text else ""
 
 
 def _tunnel_status(line):

@@ -147,3 +147,14 @@ def test_debug_adds_lines_to_a_cycle_and_json_lines_carry_fields(tmp_path):
     cycle = [line for line in logs["info"] if line["message"].startswith("Cycle stored")][0]
     assert cycle["outcome"] == "stored" and cycle["snapshot"] == stored["snapshot"]
     assert cycle["bytes"] == stored["bytes"] and "error" not in cycle
+
+
+@pytest.mark.e2e
+def test_a_refused_connect_shows_the_proxys_own_reason(open_proxy):
+    # tinyproxy cannot reach the origin: its 500 page says why; the error shows it.
+    http = vsa.Http(proxy=vsa.ProxyPolicy(open_proxy.open_url), deadline=10.0, timeout=5.0)
+    with pytest.raises(vsa.TransportError) as caught:
+        http.request("GET", "https://127.0.0.1:%d/v1/sys/leader" % free_port())
+    text = str(caught.value)
+    assert "Tunnel connection failed: 500" in text
+    assert "(the proxy said: " in text and "<" not in text.split("the proxy said: ")[1], text
