@@ -64,11 +64,13 @@ Sections (``grep -n '^# [0-9]*\\. '`` lists them):
     19. Google Cloud Storage
     20. Retention
     21. Scrub
-    22. Status, metrics and systemd
-    23. Notifications
-    24. Agent
-    25. Restore tooling
-    26. Command line
+    22. Status and metrics
+    23. Status page
+    24. Metrics server and systemd
+    25. Notifications
+    26. Agent
+    27. Restore tooling
+    28. Command line
 """
 
 import argparse
@@ -3566,7 +3568,11 @@ TOP_KEYS = (
     Key("metrics_textfile", "path",
         doc="write the metrics to a file (mode 0644) for node_exporter's textfile collector"),
     Key("metrics_address", "str",
-        doc="serve Prometheus metrics at `http://HOST:PORT/metrics`, e.g. `127.0.0.1:9469`"),
+        doc="serve Prometheus metrics at `http://HOST:PORT/metrics`, e.g. `127.0.0.1:9469`, with "
+            "a status page at `/`, `/healthz` and `/status.json`"),
+    Key("health_window", "duration", "0s",
+        doc="`/healthz` answers 200 while the last cycle that stored (a standby: its last leader "
+            "check) is at most this old, else 503; `0s`: twice the frequency"),
     Key("verify_frequency", "duration", "0s", minimum=1.0, zero_off=True,
         doc="re-verify what each storage holds this often (`24h`): read the stored snapshots back "
             "and check the archive and the checksum recorded at upload, writing nothing, on the "
@@ -7194,7 +7200,7 @@ class Scrubber:
 
 
 # =============================================================================
-# 22. Status, metrics and systemd
+# 22. Status and metrics
 # =============================================================================
 
 
@@ -7223,6 +7229,9 @@ def _timestamp(when):
     return (when - EPOCH).total_seconds() if when else 0
 
 
+STATUS_HISTORY = 48            # recent snapshots kept for the status page's chart
+
+
 class Status:
     """What the agent tells operators, modelled on Vault Enterprise's
     ``sys/storage/raft/snapshot-auto/status``: the JSON status file, the
@@ -7239,18 +7248,28 @@ class Status:
         self.cycles = collections.Counter()
         self.storages = collections.OrderedDict()   # storage name -> dict
         self.frequency = frequency
+        self.health_window = 0.0       # 0: two frequencies
+        self.last_ok = self.started    # the last cycle that stored, or a standby's leader check
+        self.history = collections.deque(maxlen=STATUS_HISTORY)   # recent snapshots, for the page
 
-    def configured(self, frequency):
-        """A (re)loaded config's global frequency."""
-        self.frequency = frequency
+    def configured(self, frequency, health_window=0.0):
+        """A (re)loaded config's global frequency and health window."""
+        self.frequency, self.health_window = frequency, health_window
+
+    def scheduled(self, storage, when):
+        """When ``storage`` is next due (an aware datetime)."""
+        self.storage(storage)["next_run"] = iso(when)
 
     def planned(self, next_start):
         """The next cycle's start (an aware datetime), as the agent planned it."""
         self.next_start = next_start
 
     def leader_seen(self, leader):
-        """What sys/leader said (True/False); returns what it said before."""
+        """What sys/leader said (True/False); returns what it said before.
+        A standby that got its answer is healthy."""
         was, self.is_leader = self.is_leader, leader
+        if leader is False:
+            self.last_ok = self.clock.now()
         return was
 
     def storage(self, storage):
@@ -7259,6 +7278,7 @@ class Status:
             "last_snapshot": None,
             "last_error": None, "last_error_time": None, "successes": 0, "failures": 0,
             "failures_in_a_row": 0, "retention_error": None, "retention_failures": 0,
+            "last_size": None, "next_run": None,
             "last_verified": None, "verified_snapshots": 0, "bad_snapshots": {},
             "verify_failures": 0})
         entry["type"], entry["location"] = storage.kind, storage.describe()    # a reload moved it
@@ -7300,6 +7320,12 @@ class Status:
         elif result.snapshot is not None:      # only the leader gets this far
             self.is_leader = True
         self.last_error = "; ".join(result.errors) or None
+        if result.outcome in ("stored", "skipped"):
+            self.last_ok = ended
+        if result.snapshot is not None:
+            self.history.append(collections.OrderedDict((
+                ("time", iso(started)), ("size", result.snapshot.size),
+                ("duration", round(duration, 3)), ("outcome", result.outcome))))
         if result.snapshot is not None and result.stored:
             info = result.snapshot
             self.last_snapshot = collections.OrderedDict((
@@ -7312,6 +7338,7 @@ class Status:
             if id(storage) in stored:
                 entry["last_success"] = iso(ended)
                 entry["last_snapshot"] = stored[id(storage)]
+                entry["last_size"] = result.snapshot.size
                 entry["successes"] += 1
                 entry["failures_in_a_row"] = 0
             elif storage.name in failed:
@@ -7330,7 +7357,17 @@ class Status:
             ("last_end", iso(self.last_end)), ("last_outcome", self.last_outcome),
             ("last_error", self.last_error), ("last_snapshot", self.last_snapshot),
             ("next_start", iso(self.next_start)), ("cycles", dict(self.cycles)),
-            ("storages", self.storages)))
+            ("last_ok", iso(self.last_ok)), ("storages", self.storages),
+            ("history", list(self.history))))
+
+    def health(self, now):
+        """(healthy, why): whether the last cycle that stored (a standby:
+        its last leader check) is within the health window."""
+        window = self.health_window or 2.0 * (self.frequency or 3600.0)
+        age = (now - self.last_ok).total_seconds()
+        why = "last success %s (%s ago), window %s" % (iso(self.last_ok), format_duration(max(age, 0)),
+                                                       format_duration(window))
+        return age <= window, why
 
     def metrics(self):
         """Prometheus text exposition format (version 0.0.4)."""
@@ -7424,6 +7461,119 @@ def _parse_iso(text):
     return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) if text else None
 
 
+# =============================================================================
+# 23. Status page
+# =============================================================================
+
+
+STATUS_CSS = ("body{font:14px system-ui,sans-serif;margin:1.5em;color:#222}"
+              "table{border-collapse:collapse;margin:1em 0}"
+              "th,td{border-bottom:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}"
+              "th{background:#f4f4f4}.bad{color:#b00020;font-weight:600}.ok{color:#137333}"
+              ".muted{color:#777}svg{border:1px solid #ddd;background:#fafafa}")
+
+
+def _h(value):
+    """Text for HTML: escaped, '-' for nothing."""
+    import html
+    return html.escape("-" if value in (None, "") else str(value), quote=True)
+
+
+def status_page(status, now, host):
+    """The one-page HTML status: the agent, each storage, a chart of the
+    recent snapshots; every value escaped; no script, no external asset."""
+    healthy, why = status.health(now)
+    rows = []
+    for name, entry in status.storages.items():
+        failing = entry["failures_in_a_row"] or entry["bad_snapshots"] or entry["retention_error"]
+        rows.append("<tr><td class=\"%s\">%s<br><span class=muted>%s</span></td><td>%s</td>"
+                    "<td>%s<br><span class=muted>%s</span></td><td>%s</td><td>%s</td>"
+                    "<td>%s</td><td>%s</td></tr>" % (
+                        "bad" if failing else "ok", _h(name), _h(entry["location"]),
+                        _h(entry["last_success"]), _h(entry["last_snapshot"]),
+                        _h(format_size(entry["last_size"]) if entry["last_size"] else None),
+                        _h(entry["next_run"]), _h(entry["failures_in_a_row"]),
+                        _h(entry["last_error"] if entry["failures_in_a_row"] else entry["retention_error"]),
+                        _h("%s, %d bad" % (entry["last_verified"], len(entry["bad_snapshots"]))
+                           if entry["last_verified"] else None)))
+    return "".join((
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">",
+        "<meta name=\"viewport\" content=\"width=device-width\">",
+        "<title>%s on %s</title><style>%s</style></head><body>" % (_h(PROG), _h(host), STATUS_CSS),
+        "<h1>%s on %s</h1>" % (_h(PROG), _h(host)),
+        "<p><span class=\"%s\">%s</span> (%s) &middot; leader: %s &middot; last cycle: %s at %s &middot; "
+        "next: %s</p>" % ("ok" if healthy else "bad", "healthy" if healthy else "UNHEALTHY", _h(why),
+                          _h({True: "yes", False: "no"}.get(status.is_leader)),
+                          _h(status.last_outcome), _h(iso(status.last_end)), _h(iso(status.next_start))),
+        "<table><thead><tr><th>storage</th><th>last success</th><th>last snapshot</th>"
+        "<th>next run</th><th>failures in a row</th><th>last error</th><th>last verified</th>"
+        "</tr></thead><tbody>%s</tbody></table>" % "".join(rows),
+        "<h2>Recent snapshots</h2>%s" % _history_chart(list(status.history)),
+        "<p class=muted>%s %s, pid %d, started %s &middot; <a href=\"/metrics\">metrics</a> &middot; "
+        "<a href=\"/healthz\">healthz</a> &middot; <a href=\"/status.json\">status.json</a></p>"
+        % (_h(PROG), _h(__version__), os.getpid(), _h(iso(status.started))),
+        "</body></html>\n"))
+
+
+def _history_chart(history, width=600, height=140):
+    """An inline SVG: a bar per recent snapshot (height: its size), a dot
+    for how long its cycle took; each with a tooltip."""
+    if not history:
+        return "<p class=muted>No snapshot yet.</p>"
+    most = max(item["size"] for item in history) or 1
+    slowest = max(item["duration"] for item in history) or 1.0
+    step = float(width) / max(len(history), 1)
+    shapes = []
+    for number, item in enumerate(history):
+        bar = max(1.0, (height - 20) * item["size"] / float(most))
+        x = number * step
+        tip = _h("%s: %s in %s (%s)" % (item["time"], format_size(item["size"]),
+                                       format_duration(item["duration"]), item["outcome"]))
+        shapes.append("<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"%s\">"
+                      "<title>%s</title></rect>" % (x + 1, height - bar, max(step - 2, 1), bar,
+                                                    "#4a7bd0" if item["outcome"] == "stored" else "#d08a4a",
+                                                    tip))
+        shapes.append("<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3\" fill=\"#222\"><title>%s</title>"
+                      "</circle>" % (x + step / 2, height - 4 - (height - 24) * item["duration"] / slowest,
+                                     tip))
+    return ("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" role=\"img\" "
+            "aria-label=\"sizes and durations of the recent snapshots\">%s</svg>"
+            "<p class=muted>bars: size (largest %s) &middot; dots: cycle duration (longest %s)</p>"
+            % (width, height, "".join(shapes), _h(format_size(most)), _h(format_duration(slowest))))
+
+
+def status_csp():
+    """The page's Content-Security-Policy: nothing but its own style block."""
+    digest = base64.b64encode(hashlib.sha256(STATUS_CSS.encode("utf-8")).digest()).decode("ascii")
+    return ("default-src 'none'; style-src 'sha256-%s'; img-src 'none'; base-uri 'none'; "
+            "form-action 'none'; frame-ancestors 'none'" % digest)
+
+
+def status_route(status, target, now, host):
+    """(code, body, content type, extra headers) for a request target of
+    the metrics address: /metrics, / (the page), /healthz, /status.json."""
+    path = target.split("?", 1)[0]
+    if path == "/metrics":
+        return 200, status.metrics(), "text/plain; version=0.0.4; charset=utf-8", ()
+    if path == "/":
+        return 200, status_page(status, now, host), "text/html; charset=utf-8", (
+            "Content-Security-Policy: " + status_csp(), "X-Content-Type-Options: nosniff",
+            "Referrer-Policy: no-referrer", "Cache-Control: no-store", "X-Frame-Options: DENY")
+    if path == "/healthz":
+        healthy, why = status.health(now)
+        return (200 if healthy else 503), ("ok: " if healthy else "unhealthy: ") + why + "\n", \
+            "text/plain; charset=utf-8", ("Cache-Control: no-store",)
+    if path == "/status.json":
+        return 200, json.dumps(status.as_json(), indent=2) + "\n", "application/json", (
+            "Cache-Control: no-store",)
+    return None
+
+
+# =============================================================================
+# 24. Metrics server and systemd
+# =============================================================================
+
+
 METRICS_HEADER_TIMEOUT = 5.0   # seconds a client has, in all, to send its request line and headers
 METRICS_MAX_CLIENTS = 16       # connections served at once; beyond, the oldest is closed
 METRICS_MAX_LINE = 8192        # bytes of request line (414 beyond)
@@ -7431,7 +7581,7 @@ METRICS_MAX_HEAD = 16384       # bytes of request line and headers (431 beyond)
 
 _HTTP_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
                  414: "URI Too Long", 431: "Request Header Fields Too Large",
-                 500: "Internal Server Error"}
+                 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
 def _http_answer(code, body, content_type="text/plain; charset=utf-8", head_only=False, extra=()):
@@ -7443,22 +7593,24 @@ def _http_answer(code, body, content_type="text/plain; charset=utf-8", head_only
 
 def metrics_answer(head, render):
     """The bytes answering a request whose line and headers are ``head``:
-    ``GET`` (or ``HEAD``) of ``/metrics`` or ``/`` gets ``render()``."""
+    ``GET`` (or ``HEAD``) of a target ``render(target)`` knows (it returns
+    (code, text, content type, extra headers), or None: 404)."""
     parts = head.split(b"\n", 1)[0].split()
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
         return _http_answer(400, b"Bad request\n")
     method, target = parts[0], parts[1]
     if method not in (b"GET", b"HEAD"):
         return _http_answer(405, b"Only GET\n", extra=("Allow: GET, HEAD",))
-    if target.split(b"?")[0] not in (b"/metrics", b"/"):
-        return _http_answer(404, b"Not found: the metrics are at /metrics\n")
     try:
-        body = render().encode("utf-8")
+        answer = render(target.decode("latin-1"))
+        if answer is None:
+            return _http_answer(404, b"Not found: /metrics, /healthz, /status.json or / (the page)\n")
+        code, text, content_type, extra = answer
+        body = text.encode("utf-8")
     except Exception as exc:           # a bug: the scraper sees 500, the journal one line
         LOG.error("Metrics: rendering failed with %s: %s", type(exc).__name__, exc)
         return _http_answer(500, b"Internal error\n")
-    return _http_answer(200, body, "text/plain; version=0.0.4; charset=utf-8",
-                        head_only=method == b"HEAD")
+    return _http_answer(code, body, content_type, head_only=method == b"HEAD", extra=extra)
 
 
 def _line_too_long(received):
@@ -7682,8 +7834,10 @@ class MetricsServer:
 
     def _start(self, listener):
         self.address = listener.getsockname()[:2]
-        self.loop = _MetricsLoop(listener, self.status.metrics, self.clock, self.header_timeout,
-                                 self.max_clients)
+        host = socket.gethostname()
+        self.loop = _MetricsLoop(listener, lambda target: status_route(
+            self.status, target, self.clock.now(), host), self.clock, self.header_timeout,
+            self.max_clients)
 
     def where(self):
         host, port = self.address
@@ -7805,7 +7959,7 @@ class SystemdNotifier:
 
 
 # =============================================================================
-# 23. Notifications
+# 25. Notifications
 # =============================================================================
 
 
@@ -8084,7 +8238,7 @@ def _kill_group(child):
 
 
 # =============================================================================
-# 24. Agent
+# 26. Agent
 # =============================================================================
 
 
@@ -8148,7 +8302,7 @@ class Agent:
         self.vault = vault_factory(self.cfg, clock=self.clock, signals=self.signals,
                                    env=self.runtime.env)
         self.alerts = Notifications(self.cfg, self.runtime.env, self.clock)
-        self.status.configured(self.cfg.frequency)
+        self.status.configured(self.cfg.frequency, self.cfg.health_window)
         verified = previous_verifications(self.cfg.status_file)
         self.scrubber.resume(verified)
         for storage in self.storages:
@@ -8171,7 +8325,7 @@ class Agent:
                                         env=self.runtime.env)
         self.alerts.close(wait=None)       # delivers what it has, then ends
         self.alerts = Notifications(cfg, self.runtime.env, self.clock)
-        self.status.configured(cfg.frequency)
+        self.status.configured(cfg.frequency, cfg.health_window)
         self.plan(reloaded=True)
         LOG.info("Config reloaded from %s: %s", cfg.path, self.summary())
         return True
@@ -8556,6 +8710,9 @@ class Agent:
 
     def report(self):
         """Write the status file and metrics textfile; tell systemd."""
+        for storage in self.storages:
+            if storage.name in self.due:
+                self.status.scheduled(storage, self._wall(self.due[storage.name]))
         # The status file holds error texts: 0640. Prometheus' textfile
         # collector runs as another user: 0644.
         outputs = ((self.cfg.status_file, lambda: json.dumps(self.status.as_json(), indent=2) + "\n",
@@ -8806,7 +8963,7 @@ def _signal_name(signum):
 
 
 # =============================================================================
-# 25. Restore tooling
+# 27. Restore tooling
 # =============================================================================
 
 
@@ -9067,7 +9224,7 @@ def cmd_restore(cfg, storages, target, force, out, env=None, signals=None, tty=N
 
 
 # =============================================================================
-# 26. Command line
+# 28. Command line
 # =============================================================================
 
 
