@@ -24,6 +24,7 @@ Usage::
     vault_snapshot_agent.py verify NAME|latest|all [-c CONFIG] [--storage NAME]
     vault_snapshot_agent.py restore FILE|NAME|latest --yes [--force] [-c CONFIG]
                             [--storage NAME]
+    vault_snapshot_agent.py status [-c CONFIG]
 
 Exit codes: 0 success, requested stop, or not the leader; 1 a ``--once``
 cycle failed; 2 usage or config error.
@@ -9123,6 +9124,76 @@ def cmd_verify(path, out):
     return EXIT_OK
 
 
+def read_status(cfg, now):
+    """(status document, where it came from): the running agent's
+    /status.json at metrics_address, else the status_file. AgentError when
+    neither is configured or readable."""
+    tried = []
+    if cfg.metrics_bind:
+        host, port = cfg.metrics_bind
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        url = "http://%s:%d/status.json" % ("[%s]" % host if ":" in host else host, port)
+        try:
+            with Http(deadline=5.0, timeout=5.0).request("GET", url) as resp:
+                if resp.status == 200:
+                    return resp.json(), "the running agent at %s" % url
+                tried.append("%s: HTTP %d" % (url, resp.status))
+        except (TransportError, VaultError) as exc:
+            tried.append(str(exc))
+    if cfg.status_file:
+        try:
+            with open_regular(cfg.status_file) as handle:
+                return json.loads(read_at_most(handle, MAX_JSON_BYTES).decode("utf-8")), cfg.status_file
+        except (OSError, ValueError) as exc:
+            tried.append("%s: %s" % (cfg.status_file, getattr(exc, "strerror", None) or exc))
+    if not tried:
+        raise AgentError("no status to show: set status_file or metrics_address in the config")
+    raise AgentError("no status to show: %s" % "; ".join(tried))
+
+
+def cmd_status(cfg, out, now):
+    """Print the agent's status per storage; exit 1 when a storage is
+    failing, holds bad snapshots, or nothing stored for two frequencies."""
+    doc, where = read_status(cfg, now)
+    if not isinstance(doc, dict) or not isinstance(doc.get("storages"), dict):
+        raise AgentError("%s is not the agent's status" % where)
+    out.write("%s %s (pid %s), from %s\n" % (PROG, doc.get("version"), doc.get("pid"), where))
+    out.write("  leader: %s, last cycle: %s at %s, next: %s\n" % (
+        {True: "yes", False: "no"}.get(doc.get("is_leader"), "unknown"), doc.get("last_outcome") or "-",
+        doc.get("last_end") or "-", doc.get("next_start") or "-"))
+    troubled = []
+    if doc.get("last_outcome") in ("failed", "partial"):
+        out.write("  last error: %s\n" % printable(str(doc.get("last_error") or "-"), 300))
+        troubled.append("the last cycle (%s)" % doc["last_outcome"])
+    for name, entry in doc["storages"].items():
+        if not isinstance(entry, dict):
+            continue
+        size = entry.get("last_size")
+        bad = entry.get("bad_snapshots") or {}
+        lines = [
+            ("last success", "%s  %s%s" % (
+                entry.get("last_success") or "never", entry.get("last_snapshot") or "",
+                " (%s)" % format_size(size) if isinstance(size, int) else "")),
+            ("next run", entry.get("next_run") or "-"),
+            ("failures", "%s in a row (%s in all)" % (entry.get("failures_in_a_row", 0),
+                                                     entry.get("failures", 0))),
+            ("last error", "%s%s" % (entry.get("last_error") or "-", " (at %s)" % entry["last_error_time"]
+                                     if entry.get("last_error_time") else ""))]
+        if entry.get("retention_error"):
+            lines.append(("retention", "failing: %s" % entry["retention_error"]))
+        if entry.get("last_verified"):
+            lines.append(("last verified", "%s, %d bad%s" % (entry["last_verified"], len(bad), (
+                ": " + ", ".join(sorted(bad))) if bad else "")))
+        out.write("%s (%s)\n" % (name, entry.get("location") or entry.get("type")))
+        for label, text in lines:
+            out.write("  %-14s %s\n" % (label, printable(str(text), 300)))
+        if entry.get("failures_in_a_row") or bad or entry.get("retention_error"):
+            troubled.append(name)
+    if troubled:
+        LOG.error("Failing or holding bad snapshots: %s", ", ".join(troubled))
+    return EXIT_FAILED if troubled else EXIT_OK
+
+
 def _sealed_after(vault, signals, seconds=10.0):
     """Whether the cluster sealed itself within ``seconds`` of a restore."""
     end = time.monotonic() + seconds
@@ -9302,7 +9373,9 @@ def _parser():
     restore.add_argument("--force", action="store_true",
                          help="use snapshot-force (a snapshot from another cluster)")
     restore.add_argument("--storage", help=_storage_help())
-    for command in (listing, download, verify, restore):      # -c after the command too
+    status = commands.add_parser("status", help="show the agent's status per storage (from the running "
+                                                "agent's metrics_address, else the status_file)")
+    for command in (listing, download, verify, restore, status):      # -c after the command too
         command.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="PATH",
                              help="config file (default %s)" % DEFAULT_CONFIG_PATH)
     return parser
@@ -9360,7 +9433,7 @@ def _run(args, out=None, env=None, tty=None):
         try:
             cfg, storages = load_all(args.config, runtime)
             if args.command:
-                storages = pick_storages(storages, args.storage)
+                storages = pick_storages(storages, getattr(args, "storage", None))
         except ConfigError as exc:
             LOG.error("Config error: %s", exc)
             return EXIT_USAGE
@@ -9472,6 +9545,8 @@ def _run_command(args, cfg, storages, runtime, out, tty=None):
             return cmd_download(storages, args.name, args.output, out, runtime.clock.now(), tty)
         if args.command == "verify":
             return cmd_verify_stored(storages, args.target, out, runtime.clock.now(), tty)
+        if args.command == "status":
+            return cmd_status(cfg, out, runtime.clock.now())
         return cmd_restore(cfg, storages, args.target, args.force, out, runtime.env,
                            runtime.signals, tty)
     except Stopped:
