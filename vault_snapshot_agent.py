@@ -25,6 +25,7 @@ Usage::
     vault_snapshot_agent.py restore FILE|NAME|latest --yes [--force] [-c CONFIG]
                             [--storage NAME]
     vault_snapshot_agent.py status [-c CONFIG]
+    vault_snapshot_agent.py doctor [-c CONFIG] [--storage NAME]
 
 Exit codes: 0 success, requested stop, or not the leader; 1 a ``--once``
 cycle failed; 2 usage or config error.
@@ -4131,6 +4132,12 @@ class VaultClient:
             self._expire_at = now + ttl - min(TOKEN_MIN_REMAINING, max(1.0, ttl * 0.1))
         return ttl
 
+    def token_ttl_text(self):
+        """What is left of the token's life, for doctor."""
+        if self._expire_at is None:
+            return "unlimited"
+        return format_duration(max(0.0, self._expire_at - self.clock.monotonic()))
+
     @staticmethod
     def _ttl_text(ttl):
         try:
@@ -4154,14 +4161,13 @@ class VaultClient:
         # Ask first: Vault refuses a restore only after the upload started, and
         # closes the connection on the rest of the body, hiding its 403.
         try:
-            answer = self._call("POST", "/v1/sys/capabilities-self", {"paths": [api_path]})
+            capabilities = self.capabilities(api_path)
         except VaultError as exc:
             if exc.status != 403:
                 raise
             raise VaultError("%s refused the token (invalid, expired or revoked: capabilities-self "
                              "answered 403); give a valid operator token in VAULT_TOKEN or "
                              "BAO_TOKEN" % self.cfg.addr, 403) from exc
-        capabilities = answer.get(api_path) or (answer.get("data") or {}).get(api_path) or []
         if not set(capabilities) & set(["update", "root", "sudo"]):
             raise VaultError("this token may not restore: its capabilities on %s are [%s]; use an "
                              "operator token (VAULT_TOKEN or BAO_TOKEN)"
@@ -4187,6 +4193,14 @@ class VaultClient:
                         raise error
                     raise VaultError("%s (a snapshot of another cluster, whose keys differ, is "
                                      "restored only with --force)" % error, resp.status)
+
+    def capabilities(self, api_path):
+        """The token's capabilities on ``api_path`` (``sys/capabilities-self``)."""
+        answer = self._call("POST", "/v1/sys/capabilities-self", {"paths": [api_path]})
+        if not isinstance(answer, dict):
+            raise VaultError("sys/capabilities-self answer is not a JSON object")
+        found = answer.get(api_path) or (answer.get("data") or {}).get(api_path) or []
+        return [c for c in found if isinstance(c, str)] if isinstance(found, list) else []
 
     def sealed(self):
         """Whether ``sys/seal-status`` says sealed (None: no answer)."""
@@ -5061,6 +5075,45 @@ class Storage:
     def describe_endpoint(self):
         return getattr(self, "endpoint", None)
 
+    def probe(self):
+        """``doctor``'s write test: put a small object (a name no listing of
+        snapshots ever takes) where snapshots go, read it back, delete it;
+        returns what was done, StorageError naming the step that failed."""
+        blocked = self.probe_blocked()
+        if blocked:
+            return "write test skipped: %s" % blocked
+        name = ".vault-snapshot-agent-doctor-%s" % os.urandom(6).hex()
+        data = ("written by %s doctor at %s\n" % (PROG, iso(self.clock.now()))).encode("ascii")
+        try:
+            self.probe_put(name, data)
+        except StorageError as exc:
+            raise StorageError("write: %s" % exc) from exc
+        try:
+            got = self.probe_get(name)
+        except StorageError as exc:
+            raise StorageError("read back: %s" % exc) from exc
+        finally:
+            try:
+                self.probe_delete(name)
+            except StorageError as exc:
+                raise StorageError("delete (%s is left behind): %s" % (self.full_name(name), exc)) from exc
+        if got != data:
+            raise StorageError("read back %d bytes that differ from the %d written" % (len(got), len(data)))
+        return "wrote, read back and deleted %s" % self.full_name(name)
+
+    def probe_blocked(self):
+        """Why a probe object must not be written (it could not be deleted), or None."""
+        return None
+
+    def probe_put(self, name, data):
+        raise NotImplementedError
+
+    def probe_get(self, name):
+        raise NotImplementedError
+
+    def probe_delete(self, name):
+        raise NotImplementedError
+
     def emptiness(self):
         """Why a listing found nothing, for the message that says so."""
         return "no snapshot named %s-<time>.snap there" % self.file_prefix
@@ -5332,6 +5385,32 @@ class LocalStorage(Storage):
 
     def staging_dir(self):
         return self.path
+
+    def full_name(self, name):
+        return os.path.join(self.path, name)
+
+    def probe_put(self, name, data):
+        self._ensure_dir()
+        try:
+            fd = os.open(self.full_name(name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(data)
+        except OSError as exc:
+            raise StorageError("cannot write %s: %s" % (self.full_name(name), exc.strerror)) from exc
+
+    def probe_get(self, name):
+        try:
+            with open_regular(self.full_name(name)) as handle:
+                return read_at_most(handle, 4096)
+        except OSError as exc:
+            raise StorageError("cannot read %s: %s" % (self.full_name(name), exc.strerror)) from exc
+
+    def probe_delete(self, name):
+        try:
+            os.unlink(self.full_name(name))
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise StorageError("cannot delete %s: %s" % (self.full_name(name), exc.strerror)) from exc
 
     def emptiness(self):
         if not os.path.isdir(self.path):
@@ -5836,6 +5915,26 @@ class S3Storage(Storage):
 
     def describe_endpoint(self):
         return "%s://%s" % (self._scheme, self._host)
+
+    def probe_blocked(self):
+        if self.lock:
+            return "Object Lock (%s, %d days) would keep the object" % self.lock
+        return None
+
+    def probe_put(self, name, data):
+        key = self.full_name(name)
+        headers = self._object_headers(None)
+        headers["Content-Length"] = str(len(data))
+        self._request("PUT", "PutObject on %s" % key, key, headers=headers, body=data,
+                      payload_hash=hashlib.sha256(data).hexdigest())
+
+    def probe_get(self, name):
+        key = self.full_name(name)
+        return self._request("GET", "GetObject on %s" % key, key)[1]
+
+    def probe_delete(self, name):
+        key = self.full_name(name)
+        self._request("DELETE", "DeleteObject on %s" % key, key, ok=(200, 204, 404))
 
     def read_back(self, name, check):
         """HEAD (with the checksum when ``s3_checksum``), then GET that very
@@ -6378,6 +6477,20 @@ class AzureStorage(Storage):
         blob = self.full_name(name)
         self._request("GET", "Get Blob %s" % blob, blob, ok=(200,), sink=sink)
 
+    def probe_put(self, name, data):
+        blob = self.full_name(name)
+        self._request("PUT", "Put Blob %s" % blob, blob, headers={
+            "x-ms-blob-type": "BlockBlob", "Content-Length": str(len(data)),
+            "Content-Type": "application/octet-stream"}, body=data)
+
+    def probe_get(self, name):
+        blob = self.full_name(name)
+        return self._request("GET", "Get Blob %s" % blob, blob, ok=(200,))[1]
+
+    def probe_delete(self, name):
+        blob = self.full_name(name)
+        self._request("DELETE", "Delete Blob %s" % blob, blob, ok=(200, 202, 404))
+
     def read_back(self, name, check):
         """Get Blob Properties (the Content-MD5 this agent set), then Get
         Blob of that very blob (If-Match its ETag)."""
@@ -6662,6 +6775,24 @@ class GoogleStorage(Storage):
         url = "%s/storage/v1/b/%s/o/%s?alt=media" % (self.endpoint, uri_encode(self.bucket),
                                                      uri_encode(obj, safe=""))
         self._request("GET", "download of %s" % obj, url, sink=sink)
+
+    def _object_url(self, obj):
+        return "%s/storage/v1/b/%s/o/%s" % (self.endpoint, uri_encode(self.bucket), uri_encode(obj, safe=""))
+
+    def probe_put(self, name, data):
+        obj = self.full_name(name)
+        url = "%s/upload/storage/v1/b/%s/o?%s" % (self.endpoint, uri_encode(self.bucket),
+                                                   canonical_query([("uploadType", "media"), ("name", obj)]))
+        self._request("POST", "upload of %s" % obj, url, {"Content-Type": "application/octet-stream",
+                                                           "Content-Length": str(len(data))}, data)
+
+    def probe_get(self, name):
+        obj = self.full_name(name)
+        return self._request("GET", "download of %s" % obj, self._object_url(obj) + "?alt=media")[1]
+
+    def probe_delete(self, name):
+        obj = self.full_name(name)
+        self._request("DELETE", "delete of %s" % obj, self._object_url(obj), ok=(200, 204, 404))
 
     def read_back(self, name, check):
         """The object's metadata (its md5Hash and generation), then the
@@ -9124,6 +9255,69 @@ def cmd_verify(path, out):
     return EXIT_OK
 
 
+def cmd_doctor(cfg, storages, runtime, out):
+    """Prove the set-up without taking a snapshot: one line per check, ok
+    or FAIL with the reason; exit 0 only when all pass."""
+    results = []
+
+    def check(what, step, *args):
+        """Run ``step(*args)``: True when it passed, the error when not."""
+        try:
+            detail = step(*args)
+        except Stopped:
+            raise
+        except AgentError as exc:
+            results.append(False)
+            out.write("FAIL  %-24s %s\n" % (what, _error_text(exc)))
+            return exc
+        results.append(True)
+        out.write("ok    %-24s %s\n" % (what, detail))
+        return True
+
+    vault = VaultClient(cfg, clock=runtime.clock, signals=runtime.signals, env=runtime.env)
+    for line in route_lines(cfg, storages, vault.http):
+        out.write("info  %-24s %s\n" % ("route", line))
+    leader = check("vault", _doctor_leader, vault)
+    if leader is True or isinstance(leader, NotLeader):        # a standby's login still counts
+        if check("login (%s)" % cfg.vault_auth_method, _doctor_login, vault) is True:
+            check("snapshot policy", _doctor_policy, vault)
+    for storage in storages:
+        if check("%s list" % storage.name, _doctor_list, storage) is True:
+            check("%s write" % storage.name, storage.probe)
+    failed = results.count(False)
+    LOG.log(logging.ERROR if failed else logging.INFO, "doctor: %d check(s), %d failed",
+            len(results), failed)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _doctor_leader(vault):
+    status = vault.leader_status()
+    if not isinstance(status, dict):
+        raise VaultError("sys/leader answer is not a JSON object")
+    if status.get("ha_enabled") is False or status.get("is_self") is True:
+        return "%s is reachable and the active node (it takes the snapshots)" % vault.cfg.addr
+    raise NotLeader("%s is a standby (the active node is %s): only the active node's agent takes "
+                    "snapshots" % (vault.cfg.addr, printable(str(status.get("leader_address") or "?"), 100)))
+
+
+def _doctor_list(storage):
+    return "%d snapshot(s) in %s" % (len(storage.list()), storage.describe())
+
+
+def _doctor_login(vault):
+    vault.ensure_token()
+    return "logged in; token TTL %s" % vault.token_ttl_text()
+
+
+def _doctor_policy(vault):
+    api_path = SNAPSHOT_PATH[len("/v1/"):]
+    capabilities = vault.capabilities(api_path)
+    if set(capabilities) & set(["read", "root", "sudo"]):
+        return "the token may read sys/storage/raft/snapshot (capabilities [%s])" % ", ".join(capabilities)
+    raise VaultError("the token may not read %s (capabilities [%s]): give the role the policy of "
+                     "contrib/snapshot-policy.hcl" % (api_path, ", ".join(capabilities)))
+
+
 def read_status(cfg, now):
     """(status document, where it came from): the running agent's
     /status.json at metrics_address, else the status_file. AgentError when
@@ -9373,9 +9567,12 @@ def _parser():
     restore.add_argument("--force", action="store_true",
                          help="use snapshot-force (a snapshot from another cluster)")
     restore.add_argument("--storage", help=_storage_help())
+    doctor = commands.add_parser("doctor", help="check the set-up without taking a snapshot: Vault, "
+                                                "login, policy, each storage's list and a write test")
+    doctor.add_argument("--storage", help=_storage_help())
     status = commands.add_parser("status", help="show the agent's status per storage (from the running "
                                                 "agent's metrics_address, else the status_file)")
-    for command in (listing, download, verify, restore, status):      # -c after the command too
+    for command in (listing, download, verify, restore, status, doctor):    # -c after the command too
         command.add_argument("-c", "--config", default=argparse.SUPPRESS, metavar="PATH",
                              help="config file (default %s)" % DEFAULT_CONFIG_PATH)
     return parser
@@ -9547,6 +9744,8 @@ def _run_command(args, cfg, storages, runtime, out, tty=None):
             return cmd_verify_stored(storages, args.target, out, runtime.clock.now(), tty)
         if args.command == "status":
             return cmd_status(cfg, out, runtime.clock.now())
+        if args.command == "doctor":
+            return cmd_doctor(cfg, storages, runtime, out)
         return cmd_restore(cfg, storages, args.target, args.force, out, runtime.env,
                            runtime.signals, tty)
     except Stopped:
