@@ -9255,6 +9255,23 @@ def cmd_verify(path, out):
     return EXIT_OK
 
 
+def route_lines(cfg, storages, vault_http=None):
+    """One line per destination (Vault, each storage's server): which proxy
+    or direct and why, and whether TLS is verified."""
+    vault_http = vault_http or Http(cfg.tls, proxy=cfg.proxy_policy)
+    routes = [("Vault", cfg.addr, vault_http)] + [
+        (s.label(), url, http) for s in storages for url, http in [s.route() or (None, None)] if url]
+    lines = []
+    for what, url, http in routes:
+        parts = urllib.parse.urlsplit(url)
+        tls = "" if parts.scheme != "https" else (
+            ", TLS NOT verified" if http.tls.skip_verify else ", TLS verified%s" % (
+                " with %s" % http.tls.ca_cert if http.tls.ca_cert else ""))
+        lines.append("%s at %s://%s: %s%s" % (what, parts.scheme, parts.netloc.rpartition("@")[2],
+                                              http.proxy.decide(url)[1], tls))
+    return lines
+
+
 def cmd_doctor(cfg, storages, runtime, out):
     """Prove the set-up without taking a snapshot: one line per check, ok
     or FAIL with the reason; exit 0 only when all pass."""
@@ -9651,23 +9668,6 @@ def _run(args, out=None, env=None, tty=None):
         return _run_agent(args, cfg, storages, runtime)
     finally:
         runtime.signals.close()
-
-
-def route_lines(cfg, storages, vault_http=None):
-    """One line per destination (Vault, each storage's server): which proxy
-    or direct and why, and whether TLS is verified."""
-    vault_http = vault_http or Http(cfg.tls, proxy=cfg.proxy_policy)
-    routes = [("Vault", cfg.addr, vault_http)] + [
-        (s.label(), url, http) for s in storages for url, http in [s.route() or (None, None)] if url]
-    lines = []
-    for what, url, http in routes:
-        parts = urllib.parse.urlsplit(url)
-        tls = "" if parts.scheme != "https" else (
-            ", TLS NOT verified" if http.tls.skip_verify else ", TLS verified%s" % (
-                " with %s" % http.tls.ca_cert if http.tls.ca_cert else ""))
-        lines.append("%s at %s://%s: %s%s" % (what, parts.scheme, parts.netloc.rpartition("@")[2],
-                                              http.proxy.decide(url)[1], tls))
-    return lines
 
 
 def _check_config(cfg, storages, out):
