@@ -168,6 +168,7 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a config file larger than this is refused
 MAX_SMALL_MEMBER = 1024 * 1024       # meta.json / SHA256SUMS size cap
 MAX_PAX_HEADER = 64 * 1024           # a PAX extended header larger than this is refused
 MAX_TAR_HEADERS = 64                 # 4 members, their PAX headers and a few spare
+MAX_TRAILING = 1024 * 1024           # NUL padding accepted after the gzip stream
 MAX_LIST_PAGES = 10000               # pages of one storage listing (10 million objects)
 MAX_REDIRECTS = 3
 MAX_RETAIN = 1000000                 # snapshots kept per storage
@@ -1249,6 +1250,12 @@ class Response:
 
     def read(self, size=CHUNK_SIZE):
         return self._reading(self._raw.read, size)
+
+    def read1(self, size=CHUNK_SIZE):
+        """What one receive brings (at most ``size``): a consumer that must
+        see progress (a stop, a cycle due) is not held until ``size``
+        bytes trickled in."""
+        return self._reading(self._raw.read1, size)
 
     def readinto(self, buffer):
         """Fill ``buffer`` from the body (chunked or not) without allocating;
@@ -4353,6 +4360,7 @@ class ArchiveVerifier:
         self._ended = False        # saw the end-of-archive zero block
         self.members = collections.OrderedDict()
         self.compressed = 0
+        self.trailing = 0          # bytes after the end of the gzip stream (NUL padding)
 
     def feed(self, data):
         """Take the next bytes of the archive (any bytes-like object).
@@ -4369,6 +4377,10 @@ class ArchiveVerifier:
         self.compressed += len(data)
         if self._inflate.eof:
             # Past the gzip end: check each new chunk once (linear, nothing kept).
+            self.trailing += len(data)
+            if self.trailing > MAX_TRAILING:
+                raise SnapshotError("snapshot has more than %s of padding after the end of the gzip "
+                                    "stream" % format_size(MAX_TRAILING))
             if bytes(data).strip(b"\0"):
                 raise SnapshotError("snapshot has unexpected data after the end of the gzip stream")
             return
@@ -4774,8 +4786,11 @@ class StoredCheck:
     over (send() does so before a retried download); ``finish()`` says
     whether it was all good."""
 
-    def __init__(self, signals, progress=None):
-        self.signals, self.progress = signals, progress
+    incremental = True      # fed what each receive brings: a preemption is seen at once
+
+    def __init__(self, signals, progress=None, interrupt=None, limit=None):
+        self.signals, self.progress, self.interrupt = signals, progress, interrupt
+        self.limit = limit          # the listed size: more is refused
         self.recorded = self.written = None
         self.seek(0)
 
@@ -4789,15 +4804,20 @@ class StoredCheck:
         self.verifier = ArchiveVerifier()
         self.size = 0
         self._parts, self._part_left = [], 0
-        self._hash = new_hash(self.recorded.algorithm) if self.recorded else None
+        self._hash = new_hash(self.recorded.algorithm) if self.recorded and self.recorded.algorithm else None
 
     def truncate(self):
         pass
 
     def write(self, data):
         self.signals.check()
-        self.verifier.feed(data)
+        if self.interrupt is not None:
+            self.interrupt()
         self.size += len(data)
+        most = max(self.recorded.size or 0 if self.recorded else 0, self.limit or 0)
+        if most and self.size > most:
+            raise SnapshotError("the store sent more than the %d bytes it lists for the object" % most)
+        self.verifier.feed(data)
         if self._hash is not None:
             self._hash_parts(memoryview(data)) if self.recorded.part_size else self._hash.update(data)
         if self.progress is not None:
@@ -4807,6 +4827,10 @@ class StoredCheck:
     def _hash_parts(self, view):
         while len(view):
             if not self._part_left:
+                if len(self._parts) >= self.recorded.parts:
+                    raise SnapshotError("the object read back is longer than the %d parts of %s "
+                                        "the store records" % (self.recorded.parts,
+                                                               format_size(self.recorded.part_size)))
                 self._hash = new_hash(self.recorded.algorithm)
                 self._parts.append(self._hash)
                 self._part_left = self.recorded.part_size
@@ -4821,6 +4845,7 @@ class StoredCheck:
         agent's own SHA-256 was replaced when this process wrote it
         (``written_here``: always with one) or when the store says it was
         written well after ``stored_at`` (the time in its name)."""
+        self.signals.check()        # a stop that cut the read looks like an early end
         index, term, state = self.verifier.finish()
         recorded = self.recorded
         own = recorded is not None and recorded.what == OWN_RECORD
@@ -4833,10 +4858,10 @@ class StoredCheck:
                                 "holds no SHA-256 recorded by this agent: replaced by another upload" % (
                                     iso(self.written), format_duration(
                                         (self.written - stored_at).total_seconds())))
-        if recorded is None:
-            return index, term, state, "archive only: no checksum recorded at upload"
-        if recorded.size is not None and recorded.size != self.size:
+        if recorded is not None and recorded.size is not None and recorded.size != self.size:
             raise SnapshotError("read %d bytes, but the store records %d" % (self.size, recorded.size))
+        if recorded is None or recorded.algorithm is None:
+            return index, term, state, "archive only: no checksum recorded at upload"
         if recorded.part_size:
             if len(self._parts) != recorded.parts:
                 raise SnapshotError("%s is of %d parts, but the object read back makes %d of %s"
@@ -5015,7 +5040,8 @@ class Storage:
                     if sink is not None and resp.status in ok:
                         sink.seek(0)
                         sink.truncate()
-                        copy_stream(resp.read, sink.write, self.signals)
+                        copy_stream(resp.read1 if getattr(sink, "incremental", False) else resp.read,
+                                    sink.write, self.signals)
                         return resp, b""
                     data = resp.body(MAX_JSON_BYTES)
                     if resp.status in ok:
@@ -5120,6 +5146,7 @@ class Storage:
 
     # Object stores keep snapshots under an optional "folder" prefix.
     prefix = ""
+    static_name = None      # one fixed object name instead of dated ones (S3 only)
 
     # Whether an upload keeps this agent's SHA-256 with the object (a local
     # filesystem without user xattrs cannot): a re-verification then expects it.
@@ -5500,8 +5527,9 @@ class LocalStorage(Storage):
         try:
             with open_regular(path) as src:
                 info = os.fstat(src.fileno())
-                check.expect(_local_recorded(src.fileno(), info.st_size),
-                             datetime.datetime.fromtimestamp(info.st_ctime, UTC))
+                # no "written" time: a chown, cp or restore of the directory changes
+                # ctime, and old snapshots without the xattr would all read as replaced
+                check.expect(_local_recorded(src.fileno(), info.st_size))
                 copy_stream(src.read, check.write, self.signals)
         except OSError as exc:
             raise StorageError("cannot read %s: %s" % (path, exc.strerror or exc)) from exc
@@ -5961,7 +5989,7 @@ class S3Storage(Storage):
         elif etag and not _s3_md5_hidden(head, self.sse):
             what, algorithm, value = "S3 ETag (MD5)", "md5", etag
         else:
-            return None
+            return Recorded("S3 size", None, None, size)
         whole, _, count = value.partition("-")
         if algorithm == "sha256" and not count and head.header("x-amz-checksum-type") != "FULL_OBJECT":
             count = etag.partition("-")[2]      # a HEAD may show a composite without its "-N"
@@ -5977,7 +6005,7 @@ class S3Storage(Storage):
         part_size = self._part_size(key, int(count), size)
         if part_size is None:
             LOG.debug("S3 %s: the part size of %s is unknown; the archive check only", what, key)
-            return None
+            return Recorded("S3 size", None, None, size)
         return Recorded(what + " of %s parts" % count, algorithm, expected, size, part_size, int(count))
 
     def _part_size(self, key, count, size):
@@ -5987,7 +6015,7 @@ class S3Storage(Storage):
             head, _ = self._request("HEAD", "HeadObject part 1 of %s" % key, key,
                                     query=[("partNumber", "1")], ok=(200, 206))
             part = parse_listed_size(head.header("Content-Length"))
-            if part and (size is None or part < size) and -(-(size or 0) // part) == count:
+            if part >= S3_MIN_PART and (size is None or part < size) and -(-(size or 0) // part) == count:
                 return part
         except StorageError as exc:
             LOG.debug("HEAD part 1 of %s: %s", key, exc)
@@ -6223,6 +6251,9 @@ class S3Storage(Storage):
                 raise StorageError("S3 DeleteObjects: %d keys not deleted, first %s: %s %s" % (
                     len(errors), printable(xml_text(errors[0], "Key", ""), 120),
                     xml_text(errors[0], "Code"), one_line(xml_text(errors[0], "Message", ""), 200)))
+
+
+S3_MIN_PART = 5 * 1024 * 1024     # every part of a multipart object but the last is this large
 
 
 def s3_part_size(size, preferred):
@@ -6499,13 +6530,14 @@ class AzureStorage(Storage):
         md5 = head.header("Content-MD5")
         recorded = own_record(head.header(AZURE_OWN_SHA256),
                               parse_listed_size(head.header("Content-Length")) or None)
-        if md5 and recorded is None:
+        if recorded is None:
+            size = parse_listed_size(head.header("Content-Length")) or None
             try:
-                expected = base64.b64decode(md5, validate=True)
+                expected = base64.b64decode(md5 or "", validate=True)
             except ValueError:
                 expected = b""
-            recorded = Recorded("Azure Content-MD5", "md5", expected,
-                                parse_listed_size(head.header("Content-Length")) or None)
+            recorded = Recorded("Azure Content-MD5", "md5", expected, size) if md5 else \
+                Recorded("Azure size", None, None, size)
         check.expect(recorded, parse_http_date(head.header("Last-Modified")))
         etag = head.header("ETag")
         self._request("GET", "Get Blob %s" % blob, blob, ok=(200,), sink=check,
@@ -7157,13 +7189,13 @@ ScrubReport = collections.namedtuple("ScrubReport", "storage verified bad new_ba
 # at the run before (what notifies), ended (aware datetime).
 
 
-def verify_stored(storage, name, progress=None, written_here=False):
+def verify_stored(storage, name, progress=None, written_here=False, interrupt=None, limit=None):
     """Read snapshot ``name`` back from ``storage`` and check it in full (the
     archive as the restore would, and the checksum the store recorded at
     upload) without writing it anywhere; returns Verified. SnapshotError when
     it is damaged or not the object written, StorageError when it cannot be
     read, Stopped on a stop."""
-    check = StoredCheck(storage.signals, progress)
+    check = StoredCheck(storage.signals, progress, interrupt, limit)
     storage.read_back(name, check)
     index, term, _, checked = check.finish(storage.parse_name(name), written_here)
     return Verified(name, check.size, index, term, checked)
@@ -7175,12 +7207,18 @@ def scrub_names(refs, scope):
     return [ref.name for ref in (ordered[:1] if scope == "latest" else ordered)]
 
 
-class _ScrubRun:
-    """One storage's re-verification in progress: the names left to read,
-    what was found so far."""
+class ScrubPreempted(Exception):
+    """A snapshot cycle (or a reload) is due: the read in progress yields;
+    the same snapshot is read again at the next step."""
 
-    def __init__(self, names, missing):
+
+class _ScrubRun:
+    """One storage's re-verification in progress: the names left to read
+    (and their listed sizes), what was found so far."""
+
+    def __init__(self, names, missing, sizes=None):
         self.left = list(names)
+        self.sizes = sizes or {}
         self.verified = []
         self.bad = collections.OrderedDict((name, "%s is missing: it was stored or listed before and "
                                                   "no retention of this agent deleted it" % name)
@@ -7201,8 +7239,9 @@ class Scrubber:
     another node may have led (``standby``): another agent's retention is
     not a deletion to report."""
 
-    def __init__(self, clock):
+    def __init__(self, clock, interrupt=None):
         self.clock = clock
+        self.interrupt = interrupt   # raises ScrubPreempted when a cycle is due
         self.due = {}        # storage name -> monotonic time it is due
         self.last = {}       # storage name -> wall time its last run ended
         self.runs = {}       # storage name -> _ScrubRun in progress
@@ -7246,6 +7285,8 @@ class Scrubber:
         return min(self.due.values()) if self.due else None
 
     def stored(self, storage, name):
+        if storage.static_name:         # one fixed object name, never listed as a snapshot
+            return
         with self._lock:
             self.known.setdefault(storage.name, set()).add(name)
             if storage.records_sha256:
@@ -7291,7 +7332,7 @@ class Scrubber:
                 self.known[storage.name] = set(listed)
                 self.deleted[storage.name] = set()
             run = self.runs[storage.name] = _ScrubRun(scrub_names(refs, storage.verify_scope),
-                                                      sorted(gone))
+                                                      sorted(gone), dict((r.name, r.size) for r in refs))
             LOG.info("Re-verifying %s: %d snapshot(s) to read%s", storage.label(), len(run.left),
                      "; missing: %s" % ", ".join(sorted(gone)) if gone else "")
         if run.left:
@@ -7303,10 +7344,20 @@ class Scrubber:
     def _read(self, storage, run, name):
         progress = Progress("Re-verifying %s in %s" % (name, storage.label()), None, self.clock)
         try:
-            found = verify_stored(storage, name, progress, name in self.written[storage.name])
+            found = verify_stored(storage, name, progress, name in self.written[storage.name],
+                                  self.interrupt, run.sizes.get(name))
         except Stopped:
             raise
+        except ScrubPreempted:
+            run.left.insert(0, name)
+            LOG.info("Re-verification of %s in %s yields to a due cycle; read again after it",
+                     name, storage.label())
+            return
         except AgentError as exc:
+            with self._lock:
+                gone = name in self.deleted[storage.name]
+            if gone:             # this agent's retention deleted it since the listing
+                return
             run.bad[name] = _error_text(exc)
             LOG.error("Re-verification of %s in %s FAILED: %s", name, storage.label(), _error_text(exc),
                       **fields(storage=storage.name, snapshot=name, error=_error_text(exc)))
@@ -8164,7 +8215,8 @@ class Notifications:
     fails a cycle. ``close`` waits for what is queued (``--once``), or, on a
     stop, kills what runs and drops the rest."""
 
-    def __init__(self, cfg, env, clock, http=None):
+    def __init__(self, cfg, env, clock, http=None, signals=None):
+        self.signals = signals          # a stop while close() waits drops the rest
         self.command, self.url = cfg.notify_command, cfg.notify_url
         self.events, self.timeout = set(cfg.notify_events), cfg.notify_timeout
         self.env, self.clock = env, clock
@@ -8188,12 +8240,18 @@ class Notifications:
     def enabled(self):
         return bool(self.command or self.url)
 
+    def busy(self):
+        """Whether its thread still delivers."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
     def send(self, event):
         """Queue ``event`` (an Event) if its kind is one of notify_events."""
         if not self.enabled() or event.event not in self.events:
             return
         event = event._replace(when=event.when or self.clock.now(), error=self._mask(
-            printable(one_line(event.error), 400)) if event.error else "")
+            printable(one_line(event.error), 400)) if event.error else "",
+            storage=_capped(event.storage), snapshot=_capped(event.snapshot))
         with self._cond:
             if self._closing:
                 return
@@ -8232,8 +8290,12 @@ class Notifications:
             if child is not None:
                 _kill_group(child)
         if thread is not None and wait is not None:
-            limit = (self.timeout * 2 + 5) * (len(self._queue) + 1) if wait else 2.0
-            thread.join(limit)
+            end = time.monotonic() + ((self.timeout * 2 + 5) * (len(self._queue) + 1) if wait else 2.0)
+            while thread.is_alive() and time.monotonic() < end:
+                thread.join(0.2)
+                if wait and self.signals is not None and self.signals.stop_requested:
+                    self.close(wait=False)          # a stop while --once waits: drop the rest
+                    return
 
     def _run(self):
         while True:
@@ -8310,25 +8372,38 @@ class Notifications:
                 return
         LOG.error("Notification of %s to %s failed: HTTP %d%s%s", event.event, where, status,
                   " (redirects are not followed)" if 300 <= status < 400 else "",
-                  ": " + self._mask(printable(one_line(answer.decode("utf-8", "replace")), 200))
-                  if answer.strip() else "")
+                  ": " + masked(self._mask(printable(one_line(answer.decode("utf-8", "replace")), 200)),
+                                [url] + self._url_parts) if answer.strip() else "")
+
+
+def _capped(names, limit=2000):
+    """A comma-separated list cut to about ``limit`` characters, saying how
+    many were left out (an environment variable over 128 KiB fails exec)."""
+    if len(names) <= limit:
+        return names
+    items = names.split(", ")
+    shown = []
+    for item in items:
+        if sum(len(i) + 2 for i in shown) + len(item) > limit:
+            break
+        shown.append(item)
+    return "%s (and %d more)" % (", ".join(shown) or names[:limit], len(items) - len(shown))
 
 
 def _collect(child, deadline):
     """Read ``child``'s output (NOTIFY_OUTPUT bytes kept, the rest
     discarded) until it exits, killing its process group at ``deadline``;
-    returns (output, killed)."""
+    what it leaves running in its group (a ``cmd &``) ends half a second
+    after it does. Returns (output, killed)."""
     fd = child.stdout.fileno()
     _set_nonblocking(fd)
     kept, killed, exited_at = bytearray(), False, None
     while True:
         now = time.monotonic()
-        if child.poll() is not None:
-            exited_at = exited_at or now
-        if exited_at is not None and now - exited_at > 0.5:    # a grandchild keeps the pipe
-            break
-        if exited_at is None and now >= deadline:
-            killed = True
+        if exited_at is None and child.poll() is not None:
+            exited_at = now
+        if now >= deadline or (exited_at is not None and now - exited_at > 0.5):
+            killed = exited_at is None
             _kill_group(child)
             child.wait()
             break
@@ -8343,7 +8418,9 @@ def _collect(child, deadline):
             try:
                 child.wait(max(0.0, deadline - time.monotonic()))
             except Exception:       # subprocess.TimeoutExpired
-                continue
+                killed = True
+            _kill_group(child)     # and whatever it left running in its group
+            child.wait()
             break
         kept.extend(data[:max(0, NOTIFY_OUTPUT - len(kept))])
     return bytes(kept), killed
@@ -8429,11 +8506,13 @@ class Agent:
         self.next_poll = None  # monotonic time of the next leader poll; None: no polling
         self.streak = {}       # storage.name -> failed cycles in a row (what notifies)
         self.retention_failing = set()   # storage names whose retention failed last
-        self.scrubber = Scrubber(self.clock)
+        self.scrubber = Scrubber(self.clock, self._scrub_interrupt)
+        self._scrub_until = None   # monotonic time a re-verification's read yields at (a cycle)
         self.cfg, self.storages = loader(self.runtime)
         self.vault = vault_factory(self.cfg, clock=self.clock, signals=self.signals,
                                    env=self.runtime.env)
-        self.alerts = Notifications(self.cfg, self.runtime.env, self.clock)
+        self.alerts = Notifications(self.cfg, self.runtime.env, self.clock, signals=self.signals)
+        self.retired_alerts = []   # Notifications replaced by a reload, still delivering
         self.status.configured(self.cfg.frequency, self.cfg.health_window)
         verified = previous_verifications(self.cfg.status_file)
         self.scrubber.resume(verified)
@@ -8456,7 +8535,8 @@ class Agent:
         self.vault = self.vault_factory(cfg, clock=self.clock, signals=self.signals,
                                         env=self.runtime.env)
         self.alerts.close(wait=None)       # delivers what it has, then ends
-        self.alerts = Notifications(cfg, self.runtime.env, self.clock)
+        self.retired_alerts = [a for a in self.retired_alerts if a.busy()] + [self.alerts]
+        self.alerts = Notifications(cfg, self.runtime.env, self.clock, signals=self.signals)
         self.status.configured(cfg.frequency, cfg.health_window)
         self.plan(reloaded=True)
         LOG.info("Config reloaded from %s: %s", cfg.path, self.summary())
@@ -8689,6 +8769,7 @@ class Agent:
             leader = self.vault.is_leader()
         except AgentError as exc:
             LOG.debug("Leader poll failed: %s", exc)
+            self.scrubber.standby()         # who leads meanwhile is unknown
             return
         was = self.status.leader_seen(leader)
         if not leader:
@@ -8757,12 +8838,22 @@ class Agent:
 
     # -- re-verification and notifications --------------------------------------
 
+    def _scrub_interrupt(self):
+        """Raise ScrubPreempted when a reload is asked for, or the next
+        cycle, not due when the step began, has come due."""
+        if self.signals.reload_requested or (
+                self._scrub_until is not None and self.clock.monotonic() >= self._scrub_until):
+            raise ScrubPreempted("a snapshot cycle is due")
+
     def scrub_step(self):
         """One step of a due re-verification (see Scrubber), on the leader
-        only; False when none is due."""
+        only; False when none is due. A read yields to a cycle that comes
+        due meanwhile (it is read again at the next step)."""
         storage = self.scrubber.pending(self.storages)
         if storage is None:
             return False
+        due = min(self.due.values()) if self.due else None
+        self._scrub_until = due if due is not None and due > self.clock.monotonic() else None
         try:
             leader = self.vault.is_leader()
         except Stopped:
@@ -8770,6 +8861,7 @@ class Agent:
         except AgentError as exc:
             LOG.warning("Re-verification of %s postponed: cannot ask sys/leader (%s)",
                         storage.label(), _error_text(exc))
+            self.scrubber.standby()         # who leads meanwhile is unknown
             self.scrubber.postpone(storage, max(self.cfg.retry_interval, 60.0))
             return True
         if not leader:
@@ -8798,9 +8890,9 @@ class Agent:
         """The events of a cycle over ``storages``: a storage that starts
         failing (one event for those of the cycle), one that stores again,
         a retention that starts failing, and every store."""
+        if not self.leading:
+            self.scrubber.standby()         # another node may have led: its deletions are its own
         if result.outcome in ("skipped", "stopped"):
-            if result.outcome == "skipped" and not self.leading:
-                self.scrubber.standby()
             return
         stored = collections.OrderedDict((s.name, name) for s, name in result.stored)
         if result.snapshot is None:
@@ -8830,6 +8922,13 @@ class Agent:
                 self._notify_retention(storage, name, None)
         if stored:
             self.alerts.send(Event("stored", ", ".join(stored), ", ".join(sorted(set(stored.values())))))
+
+    def close_alerts(self):
+        """At the end: deliver what is queued (``--once``), or on a stop
+        kill what runs, here and in what a reload replaced."""
+        stopping = self.signals.stop_requested
+        for alerts in self.retired_alerts + [self.alerts]:
+            alerts.close(wait=not stopping)
 
     def _notify_retention(self, storage, kept, error):
         if error is None:
@@ -9436,9 +9535,10 @@ def cmd_verify_stored(storages, target, out, now, tty=None):
             continue
         names = scrub_names(refs, target) if target in VERIFY_SCOPES else \
             [ref.name for ref in refs if ref.name == target]
-        if not names and (target == "latest" or len(storages) == 1):
-            failed.append((storage, target, "no snapshot %sin %s" % (
-                "" if target == "latest" else "of that name ", storage.label())))
+        if not names and (target in VERIFY_SCOPES or len(storages) == 1):
+            failed.append((storage, target, "nothing to verify: %s" % storage.emptiness()
+                           if target in VERIFY_SCOPES
+                           else "no snapshot of that name in %s" % storage.label()))
         for name in names:
             progress = Progress("Verifying %s in %s" % (name, storage.label()), None, storage.clock,
                                 tty=tty)
@@ -9730,7 +9830,7 @@ def _run_agent(args, cfg, storages, runtime):
             metrics[0].close()
         notifier.close()
         if agent is not None:
-            agent.alerts.close(wait=not runtime.signals.stop_requested)
+            agent.close_alerts()
 
 
 def _run_command(args, cfg, storages, runtime, out, tty=None):
