@@ -5111,33 +5111,37 @@ class Storage:
         name = ".vault-snapshot-agent-doctor-%s" % os.urandom(6).hex()
         data = ("written by %s doctor at %s\n" % (PROG, iso(self.clock.now()))).encode("ascii")
         try:
-            self.probe_put(name, data)
+            version = self.probe_put(name, data)
         except StorageError as exc:
             raise StorageError("write: %s" % exc) from exc
+        problems, got = [], None
         try:
             got = self.probe_get(name)
         except StorageError as exc:
-            raise StorageError("read back: %s" % exc) from exc
-        finally:
-            try:
-                self.probe_delete(name)
-            except StorageError as exc:
-                raise StorageError("delete (%s is left behind): %s" % (self.full_name(name), exc)) from exc
+            problems.append("read back: %s" % exc)
+        try:
+            note = self.probe_delete(name, version)
+        except StorageError as exc:
+            problems.append("delete (%s is left behind): %s" % (self.full_name(name), exc))
+        if problems:
+            raise StorageError("; then ".join(problems))
         if got != data:
             raise StorageError("read back %d bytes that differ from the %d written" % (len(got), len(data)))
-        return "wrote, read back and deleted %s" % self.full_name(name)
+        return "wrote, read back and deleted %s%s" % (self.full_name(name), note or "")
 
     def probe_blocked(self):
         """Why a probe object must not be written (it could not be deleted), or None."""
         return None
 
     def probe_put(self, name, data):
+        """Write the probe; returns its version id where the store keeps versions."""
         raise NotImplementedError
 
     def probe_get(self, name):
         raise NotImplementedError
 
-    def probe_delete(self, name):
+    def probe_delete(self, name, version=None):
+        """Delete the probe (that version); returns a note for the ok line, or None."""
         raise NotImplementedError
 
     def emptiness(self):
@@ -5432,7 +5436,7 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise StorageError("cannot read %s: %s" % (self.full_name(name), exc.strerror)) from exc
 
-    def probe_delete(self, name):
+    def probe_delete(self, name, version=None):
         try:
             os.unlink(self.full_name(name))
         except OSError as exc:
@@ -5953,16 +5957,32 @@ class S3Storage(Storage):
         key = self.full_name(name)
         headers = self._object_headers(None)
         headers["Content-Length"] = str(len(data))
-        self._request("PUT", "PutObject on %s" % key, key, headers=headers, body=data,
-                      payload_hash=hashlib.sha256(data).hexdigest())
+        resp, _ = self._request("PUT", "PutObject on %s" % key, key, headers=headers, body=data,
+                                payload_hash=hashlib.sha256(data).hexdigest())
+        version = resp.header("x-amz-version-id")
+        return version if version and version != "null" else None
 
     def probe_get(self, name):
         key = self.full_name(name)
         return self._request("GET", "GetObject on %s" % key, key)[1]
 
-    def probe_delete(self, name):
+    def probe_delete(self, name, version=None):
+        """In a versioned bucket the probe's version itself is deleted (no
+        delete marker, no noncurrent version); without the right for that
+        (s3:DeleteObjectVersion), a plain delete, and the line says what stays."""
         key = self.full_name(name)
+        if version:
+            try:
+                self._request("DELETE", "DeleteObject (version) on %s" % key, key,
+                              query=[("versionId", version)], ok=(200, 204, 404))
+                return None
+            except StorageError as exc:
+                LOG.debug("Deleting the probe's version failed: %s", exc)
+                self._request("DELETE", "DeleteObject on %s" % key, key, ok=(200, 204, 404))
+                return (" (versioned bucket: a noncurrent version and a delete marker stay; "
+                        "s3:DeleteObjectVersion would remove them)")
         self._request("DELETE", "DeleteObject on %s" % key, key, ok=(200, 204, 404))
+        return None
 
     def read_back(self, name, check):
         """HEAD (with the checksum when ``s3_checksum``), then GET that very
@@ -6518,7 +6538,7 @@ class AzureStorage(Storage):
         blob = self.full_name(name)
         return self._request("GET", "Get Blob %s" % blob, blob, ok=(200,))[1]
 
-    def probe_delete(self, name):
+    def probe_delete(self, name, version=None):
         blob = self.full_name(name)
         self._request("DELETE", "Delete Blob %s" % blob, blob, ok=(200, 202, 404))
 
@@ -6822,7 +6842,7 @@ class GoogleStorage(Storage):
         obj = self.full_name(name)
         return self._request("GET", "download of %s" % obj, self._object_url(obj) + "?alt=media")[1]
 
-    def probe_delete(self, name):
+    def probe_delete(self, name, version=None):
         obj = self.full_name(name)
         self._request("DELETE", "delete of %s" % obj, self._object_url(obj), ok=(200, 204, 404))
 
@@ -9450,6 +9470,9 @@ def read_status(cfg, now):
                 tried.append("%s: HTTP %d" % (url, resp.status))
         except (TransportError, VaultError) as exc:
             tried.append(str(exc))
+        if cfg.status_file:
+            LOG.warning("The running agent did not answer (%s); showing the status file %s, "
+                        "which may be old", tried[-1], cfg.status_file)
     if cfg.status_file:
         try:
             with open_regular(cfg.status_file) as handle:
@@ -9472,6 +9495,15 @@ def cmd_status(cfg, out, now):
         {True: "yes", False: "no"}.get(doc.get("is_leader"), "unknown"), doc.get("last_outcome") or "-",
         doc.get("last_end") or "-", doc.get("next_start") or "-"))
     troubled = []
+    window = cfg.health_window or 2.0 * cfg.frequency
+    try:
+        last_ok = _parse_iso(doc.get("last_ok")) if isinstance(doc.get("last_ok"), str) else None
+    except ValueError:
+        last_ok = None
+    if last_ok is not None and (now - last_ok).total_seconds() > window:
+        out.write("  STALE: the last good cycle was %s, %s ago (more than %s)\n" % (
+            iso(last_ok), format_duration((now - last_ok).total_seconds()), format_duration(window)))
+        troubled.append("nothing good for %s" % format_duration((now - last_ok).total_seconds()))
     if doc.get("last_outcome") in ("failed", "partial"):
         out.write("  last error: %s\n" % printable(str(doc.get("last_error") or "-"), 300))
         troubled.append("the last cycle (%s)" % doc["last_outcome"])

@@ -252,8 +252,6 @@ def test_a_probe_that_cannot_be_deleted_is_named_as_left_behind(bao_cluster, app
     moto.delete_all(BUCKET, prefix)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: when the read back and then the delete of the probe fail, "
-                                       "the delete's error replaces the read's: the FAIL line hides it")
 def test_a_failed_read_back_is_said_even_when_the_delete_fails_too(bao_cluster, approle, moto,
                                                                   tmp_path):
     prefix = unique("doctor")
@@ -323,8 +321,6 @@ def test_under_object_lock_the_write_test_is_skipped(bao_cluster, approle, moto,
     assert page.get("Versions", []) == page.get("DeleteMarkers", []) == []
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: in a versioned bucket the probe's DELETE by key leaves "
-                                       "its version (and a delete marker) behind")
 def test_in_a_versioned_bucket_the_probe_leaves_no_version(bao_cluster, approle, moto, tmp_path):
     versioned = "snapshots-doctor-versioned"
     bucket(moto, versioned)

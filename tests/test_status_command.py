@@ -179,8 +179,6 @@ def test_exit_code_follows_what_the_storages_report(tmp_path, change, code, show
     assert (" ERROR " in log) == (code == 1)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: status exits 0 on the status file of an agent that stopped "
-                                       "storing long ago (cmd_status never compares last_ok with now)")
 def test_a_status_file_older_than_two_frequencies_exits_1(tmp_path):
     # The agent died 5 hours ago (frequency 1h) after a good cycle: its file
     # still says all is well. cmd_status's docstring: exit 1 when "nothing
