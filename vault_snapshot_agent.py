@@ -168,7 +168,7 @@ MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a config file larger than this is refused
 MAX_SMALL_MEMBER = 1024 * 1024       # meta.json / SHA256SUMS size cap
 MAX_PAX_HEADER = 64 * 1024           # a PAX extended header larger than this is refused
 MAX_TAR_HEADERS = 64                 # 4 members, their PAX headers and a few spare
-MAX_TRAILING = 1024 * 1024           # NUL padding accepted after the gzip stream
+MAX_TRAILING = 1024 * 1024           # NUL padding a re-verification accepts after the gzip stream
 MAX_LIST_PAGES = 10000               # pages of one storage listing (10 million objects)
 MAX_REDIRECTS = 3
 MAX_RETAIN = 1000000                 # snapshots kept per storage
@@ -4378,9 +4378,6 @@ class ArchiveVerifier:
         if self._inflate.eof:
             # Past the gzip end: check each new chunk once (linear, nothing kept).
             self.trailing += len(data)
-            if self.trailing > MAX_TRAILING:
-                raise SnapshotError("snapshot has more than %s of padding after the end of the gzip "
-                                    "stream" % format_size(MAX_TRAILING))
             if bytes(data).strip(b"\0"):
                 raise SnapshotError("snapshot has unexpected data after the end of the gzip stream")
             return
@@ -4818,6 +4815,9 @@ class StoredCheck:
         if most and self.size > most:
             raise SnapshotError("the store sent more than the %d bytes it lists for the object" % most)
         self.verifier.feed(data)
+        if self.verifier.trailing > MAX_TRAILING:        # no size known: NULs must end somewhere
+            raise SnapshotError("the object has more than %s of padding after the end of the gzip "
+                                "stream" % format_size(MAX_TRAILING))
         if self._hash is not None:
             self._hash_parts(memoryview(data)) if self.recorded.part_size else self._hash.update(data)
         if self.progress is not None:

@@ -117,7 +117,8 @@ def test_300_mb_of_output_is_one_error_without_the_memory(tmp_path):
     result = json.loads(out.decode().strip().splitlines()[-1])
     assert result["outcome"].startswith("StorageError: credential_process of AWS profile 'proc': "
                                         "printed more than 1048576 bytes"), result
-    assert result["rss_mb"] < 100, result          # before: 882 MB
+    assert result["rss_mb"] < 150, result          # before: 882 MB (the interpreter, the agent's
+    #                                                 compiled module and the test helpers: ~100 MB)
     assert result["seconds"] < 5, result
 
 

@@ -41,9 +41,9 @@ import vault_snapshot_agent as vsa
 from support.agent_sim import NOW, START, ScriptedVault, fake_clock, plant, run_daemon, write_config
 from support.fake_endpoints import FakeVault
 from support.harness import (FakeSignals, captured_log, error_lines, free_port, known_secrets,
-                             pid_alive, reaped, run_main, start_agent, stop, wait_for)
+                             loopback_alias, pid_alive, reaped, run_main, start_agent, stop, wait_for)
 from support.notify_probe import command, entries
-from support.webhook_receiver import Answer, WebhookReceiver, loopback_alias, make_private_ca
+from support.webhook_receiver import Answer, WebhookReceiver, make_private_ca
 
 pytestmark = pytest.mark.usefixtures("isolated_env")
 

@@ -20,13 +20,12 @@ import base64
 import json
 import os
 import re
-import socket
 
 import pytest
 
 import vault_snapshot_agent as vsa
-from support.harness import (clear_cloud_env, error_lines, free_port, run_main, run_once,
-                             success_location, unique, verify_download)
+from support.harness import (clear_cloud_env, error_lines, free_port, loopback_alias, run_main,
+                             run_once, success_location, unique, verify_download)
 
 BUCKET = "snapshots"
 CONTAINER = "snapshots"
@@ -405,24 +404,6 @@ def clean_env(monkeypatch, tmp_path):
     for name in PROXY_ENV:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
-
-
-def loopback_alias():
-    """A host name (not "localhost", not an IP) that this machine resolves
-    to 127.0.0.1, where the emulators listen: it is not loopback to the
-    agent's eyes, so the environment's proxy applies to it.  The machine's
-    own name usually is one; else 0.0.0.0, which Linux connects to the local
-    host."""
-    for name in (socket.gethostname(), socket.getfqdn()):
-        if not name or name.lower() == "localhost" or name.lower().endswith(".localhost"):
-            continue
-        try:
-            infos = socket.getaddrinfo(name, 80, socket.AF_INET, socket.SOCK_STREAM)
-        except socket.gaierror:
-            continue
-        if infos and all(info[4][0] == "127.0.0.1" for info in infos):
-            return name
-    return "0.0.0.0"
 
 
 def s3_block(moto, prefix, **extra):

@@ -753,3 +753,62 @@ def known_secrets(*values):
     conftest = sys.modules.get("conftest")
     if conftest is not None and hasattr(conftest, "KNOWN_SECRETS"):
         conftest.KNOWN_SECRETS.update(v for v in values if v)
+
+
+class RawListener:
+    """A loopback listening socket with an accept thread, for servers that
+    write their answers byte by byte (slow, lying, endless): a subclass
+    sets up its state, calls ``RawListener.__init__`` and has ``_accept``
+    (it loops while ``self._stopped`` is clear)."""
+
+    backlog = 16
+
+    def __init__(self):
+        self._stopped = threading.Event()
+        self._listener = None
+        self.port = None
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def start(self):
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(self.backlog)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def stop(self):
+        self._stopped.set()
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+
+def loopback_alias():
+    """A host name (not "localhost", not an IP) this machine resolves only
+    to 127.0.0.1, where the test servers listen: not loopback to the
+    agent's eyes, so the environment's proxy applies to it. The machine's
+    own name usually is one; else 0.0.0.0, which Linux connects to the
+    local host."""
+    for name in (socket.gethostname(), socket.getfqdn()):
+        if not name or name.lower() == "localhost" or name.lower().endswith(".localhost"):
+            continue
+        try:
+            infos = socket.getaddrinfo(name, 80, socket.AF_INET, socket.SOCK_STREAM)
+        except socket.gaierror:
+            continue
+        if infos and all(info[4][0] == "127.0.0.1" for info in infos):
+            return name
+    return "0.0.0.0"

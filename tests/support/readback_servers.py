@@ -27,9 +27,10 @@ bytes that went out, ``closed_early`` the answers the client cut.
 """
 
 import collections
-import socket
 import threading
 import time
+
+from support.harness import RawListener
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 __all__ = ["Reply", "Seen", "ScriptedServer", "endless", "repeat"]
@@ -53,8 +54,10 @@ def repeat(data, count):
         yield data
 
 
-class ScriptedServer:
+class ScriptedServer(RawListener):
     """See the module docstring."""
+
+    backlog = 32
 
     def __init__(self, script, limit=20.0):
         self.script, self.limit = script, limit
@@ -62,36 +65,7 @@ class ScriptedServer:
         self.sent = 0
         self.closed_early = 0
         self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._listener = None
-        self.port = None
-
-    @property
-    def url(self):
-        return "http://127.0.0.1:%d" % self.port
-
-    def start(self):
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(32)
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def stop(self):
-        self._stopped.set()
-        try:
-            self._listener.close()
-        except OSError:
-            pass
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-        return False
+        RawListener.__init__(self)
 
     def requests(self, method=None):
         with self._lock:

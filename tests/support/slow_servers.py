@@ -50,12 +50,14 @@ import threading
 import time
 import zlib
 
+from support.harness import RawListener
+
 __all__ = ["TrickleServer", "RecordingProxy", "TunnelProxy", "EndlessServer"]
 
 MB = 1024 * 1024
 
 
-class _RawServer:
+class _RawServer(RawListener):
     """Listening socket, accept thread, per-connection daemon threads."""
 
     def __init__(self, mode, interval=0.05, limit=8.0):
@@ -63,36 +65,7 @@ class _RawServer:
         self.connections = 0
         self.received = []             # first bytes of each connection
         self._lock = threading.Lock()
-        self._stopped = threading.Event()
-        self._listener = None
-        self.port = None
-
-    @property
-    def url(self):
-        return "http://127.0.0.1:%d" % self.port
-
-    def start(self):
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(16)
-        self.port = self._listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def stop(self):
-        self._stopped.set()
-        try:
-            self._listener.close()
-        except OSError:
-            pass
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-        return False
+        RawListener.__init__(self)
 
     def _accept(self):
         while not self._stopped.is_set():

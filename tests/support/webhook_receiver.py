@@ -20,8 +20,6 @@ certificates come from the ``openssl`` CLI); Python 3.6+.
 * ``tls=(certfile, keyfile)``: HTTPS. ``make_private_ca(directory, hosts)``
   writes a CA and a server certificate for ``hosts`` signed by it.
 * ``path``: the secret part of a chat webhook URL, unique per receiver.
-* ``loopback_alias()``: a host name (not localhost, not an IP) that this
-  machine resolves to 127.0.0.1, so the environment's proxy applies to it.
 """
 
 import collections
@@ -30,14 +28,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import socketserver
 import ssl
 import subprocess
 import threading
 import time
 
-__all__ = ["Answer", "OK", "Post", "WebhookReceiver", "make_private_ca", "loopback_alias"]
+__all__ = ["Answer", "OK", "Post", "WebhookReceiver", "make_private_ca"]
 
 Answer = collections.namedtuple("Answer", "status headers body delay endless trickle")
 Answer.__new__.__defaults__ = (200, None, b"ok", 0.0, False, 0.0)
@@ -206,18 +203,3 @@ def make_private_ca(directory, hosts=("127.0.0.1", "localhost")):
     return path("ca.pem"), path("server.pem"), path("server-key.pem")
 
 
-def loopback_alias():
-    """A host name (not "localhost", not an IP) this machine resolves only
-    to 127.0.0.1: not loopback to the agent's eyes, so the environment's
-    proxy applies to it. The machine's own name usually is one; else
-    0.0.0.0, which Linux connects to the local host."""
-    for name in (socket.gethostname(), socket.getfqdn()):
-        if not name or name.lower() == "localhost" or name.lower().endswith(".localhost"):
-            continue
-        try:
-            infos = socket.getaddrinfo(name, 80, socket.AF_INET, socket.SOCK_STREAM)
-        except socket.gaierror:
-            continue
-        if infos and all(info[4][0] == "127.0.0.1" for info in infos):
-            return name
-    return "0.0.0.0"
