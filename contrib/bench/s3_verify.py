@@ -18,14 +18,16 @@ per round):
                     HEAD ?partNumber=1 for the part size, one GET If-Match
                     the ETag, streamed into StoredCheck: the archive check
                     a restore makes - inflate, tar, SHA-256 of state.bin
-                    and SHA256SUMS - plus the SHA-256 of every part for the
-                    composite checksum S3 recorded; no disk, no copy kept)
+                    and SHA256SUMS - plus the SHA-256 of the whole object,
+                    compared with the one the agent stored in its metadata
+                    at upload; no disk, no copy kept)
   agent-installed  the same as the systemd unit and a pip install run it
                    (python3 -m vault_snapshot_agent, bytecode compiled
                    once): a script run compiles the agent's source first,
                    which costs about 20 MB of peak RSS
   agent-etag       the script with s3_checksum: false in CFG (only with
-                   --etag): compares the ETag instead, MD5 of every part
+                   --etag): the upload sends no x-amz-checksum; the
+                   read-back still compares the agent's own SHA-256
   aws-cli          aws s3 cp s3://snapshots/bench/NAME /dev/null --endpoint-url MOTO
                    (AWS CLI v1 defaults: ranged GETs of 8 MiB, 10 threads;
                     checks nothing of the archive): the issue's reference
@@ -37,9 +39,9 @@ per round):
                    of 1 GB) and dominates aws-cli's time: this row shows
                    the AWS CLI without that penalty.
 
-Every agent run must print its OK line naming what it compared ("S3
-x-amz-checksum-sha256 of N parts", or "S3 ETag (MD5) of N parts"): a run
-that fell back to the archive check alone fails the benchmark.
+Every agent run must print its OK line naming what it compared ("matches
+the SHA-256 this agent recorded at upload"): a run that fell back to the
+archive check alone fails the benchmark.
 
 For each run: wall time of the child process, its CPU time and peak RSS
 (ru_maxrss from os.wait4; children start from a small helper forked before
@@ -81,9 +83,9 @@ BUCKET = "snapshots"
 PREFIX = "bench"
 SCRUB = ("AWS_", "VAULT_", "BAO_", "BENCH_SPEC")
 TAKEN = datetime.datetime(2026, 12, 1, 3, 0, tzinfo=datetime.timezone.utc)   # the name's time
-SHA256, MD5 = "S3 x-amz-checksum-sha256 of ", "S3 ETag (MD5) of "
-COMPARED = {"agent": SHA256, "agent-installed": SHA256, "agent-etag": MD5}
-OK_LINE = re.compile(r"^OK +aws +(\S+) +.*?\((S3 .*)\)$", re.M)
+OWN = "matches the SHA-256 this agent recorded at upload"    # every upload keeps it (metadata)
+COMPARED = {"agent": OWN, "agent-installed": OWN, "agent-etag": OWN}
+OK_LINE = re.compile(r"^OK +aws +(\S+) +.*?\((matches .*)\)$", re.M)
 PROFILE_LINES = 25
 
 
