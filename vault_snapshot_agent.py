@@ -6824,11 +6824,10 @@ class GoogleStorage(Storage):
 
     def download(self, name, sink):
         obj = self.full_name(name)
-        url = "%s/storage/v1/b/%s/o/%s?alt=media" % (self.endpoint, uri_encode(self.bucket),
-                                                     uri_encode(obj, safe=""))
-        self._request("GET", "download of %s" % obj, url, sink=sink)
+        self._request("GET", "download of %s" % obj, self._object_url(obj) + "?alt=media", sink=sink)
 
     def _object_url(self, obj):
+        """The JSON API URL of object ``obj`` (its metadata; ``?alt=media``: its bytes)."""
         return "%s/storage/v1/b/%s/o/%s" % (self.endpoint, uri_encode(self.bucket), uri_encode(obj, safe=""))
 
     def probe_put(self, name, data):
@@ -6850,8 +6849,7 @@ class GoogleStorage(Storage):
         """The object's metadata (its md5Hash and generation), then the
         media of that generation."""
         obj = self.full_name(name)
-        url = "%s/storage/v1/b/%s/o/%s" % (self.endpoint, uri_encode(self.bucket),
-                                           uri_encode(obj, safe=""))
+        url = self._object_url(obj)
         _, data = self._request("GET", "metadata of %s" % obj, url)
         meta = self._object_json(data, obj)
         md5, generation = meta.get("md5Hash"), str(meta.get("generation") or "")
@@ -6914,9 +6912,7 @@ class GoogleStorage(Storage):
 
     def _holds(self, obj, snapshot, md5):
         """``obj``'s metadata when it is the object sent (size and MD5), else None."""
-        url = "%s/storage/v1/b/%s/o/%s" % (self.endpoint, uri_encode(self.bucket),
-                                           uri_encode(obj, safe=""))
-        _, data = self._request("GET", "metadata of %s" % obj, url)
+        _, data = self._request("GET", "metadata of %s" % obj, self._object_url(obj))
         found = self._object_json(data, obj)
         ours = base64.b64encode(md5.digest(snapshot.path, snapshot.size, self.signals.check))
         same = found.get("md5Hash") == ours.decode("ascii") and str(found.get("size")) == str(snapshot.size)
@@ -7049,10 +7045,9 @@ class GoogleStorage(Storage):
         locked = []
         for name in names:
             obj = self.full_name(name)
-            url = "%s/storage/v1/b/%s/o/%s" % (self.endpoint, uri_encode(self.bucket),
-                                               uri_encode(obj, safe=""))
             try:
-                self._request("DELETE", "delete of %s" % obj, url, {"Content-Length": "0"}, b"",
+                self._request("DELETE", "delete of %s" % obj, self._object_url(obj),
+                              {"Content-Length": "0"}, b"",
                               ok=(200, 204, 404))
             except StorageError as exc:
                 if "retentionPolicyNotMet" not in str(exc) and "objectRetention" not in str(exc):
@@ -7566,7 +7561,7 @@ class Status:
     def health(self, now):
         """(healthy, why): whether the last cycle that stored (a standby:
         its last leader check) is within the health window."""
-        window = self.health_window or 2.0 * (self.frequency or 3600.0)
+        window = health_limit(self.health_window, self.frequency)
         age = (now - self.last_ok).total_seconds()
         why = "last success %s (%s ago), window %s" % (iso(self.last_ok), format_duration(max(age, 0)),
                                                        format_duration(window))
@@ -7640,6 +7635,17 @@ class Status:
         return text
 
 
+def read_status_file(path):
+    """The parsed status file at ``path`` (OSError, ValueError otherwise)."""
+    with open_regular(path) as handle:
+        return json.loads(read_at_most(handle, MAX_JSON_BYTES).decode("utf-8"))
+
+
+def health_limit(window, frequency):
+    """Seconds the last good cycle may be old: ``health_window``, else two frequencies."""
+    return window or 2.0 * (frequency or 3600.0)
+
+
 def previous_verifications(path):
     """{storage name: aware datetime} of the re-verifications a previous
     run recorded in the status file ``path`` (empty when unset, missing or
@@ -7647,9 +7653,7 @@ def previous_verifications(path):
     if not path:
         return {}
     try:
-        with open_regular(path) as handle:
-            data = json.loads(read_at_most(handle, MAX_JSON_BYTES).decode("utf-8"))
-        storages = data["storages"]
+        storages = read_status_file(path)["storages"]
         found = ((name, _parse_iso(entry.get("last_verified"))) for name, entry in storages.items())
         return dict((name, when) for name, when in found if when is not None)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -9475,8 +9479,7 @@ def read_status(cfg, now):
                         "which may be old", tried[-1], cfg.status_file)
     if cfg.status_file:
         try:
-            with open_regular(cfg.status_file) as handle:
-                return json.loads(read_at_most(handle, MAX_JSON_BYTES).decode("utf-8")), cfg.status_file
+            return read_status_file(cfg.status_file), cfg.status_file
         except (OSError, ValueError) as exc:
             tried.append("%s: %s" % (cfg.status_file, getattr(exc, "strerror", None) or exc))
     if not tried:
@@ -9495,7 +9498,7 @@ def cmd_status(cfg, out, now):
         {True: "yes", False: "no"}.get(doc.get("is_leader"), "unknown"), doc.get("last_outcome") or "-",
         doc.get("last_end") or "-", doc.get("next_start") or "-"))
     troubled = []
-    window = cfg.health_window or 2.0 * cfg.frequency
+    window = health_limit(cfg.health_window, cfg.frequency)
     try:
         last_ok = _parse_iso(doc.get("last_ok")) if isinstance(doc.get("last_ok"), str) else None
     except ValueError:
@@ -9544,7 +9547,10 @@ def _sealed_after(vault, signals, seconds=10.0):
             return True
         if time.monotonic() >= end or (signals is not None and signals.stop_requested):
             return False
-        (signals or Signals()).wait(1.0) if signals is not None else select.select([], [], [], 1.0)
+        if signals is not None:
+            signals.wait(1.0)
+        else:
+            select.select([], [], [], 1.0)
 
 
 def _stored_target(target):
