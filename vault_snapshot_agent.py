@@ -717,16 +717,28 @@ class Signals:
         for fd in (self._read_fd, self._write_fd):
             _set_nonblocking(fd)
         self._previous = {}
+        self._previous_wakeup = None   # the wakeup fd before install (-1: none)
         self._abort_hooks = []
         self.heartbeat = time.monotonic()    # last check(): the watchdog's sign of life
         self.waiting = False
 
     def install(self):
-        """Take over the signals; returns False outside the main thread."""
+        """Take over the signals; returns False outside the main thread.
+
+        The kernel may deliver a signal to any thread (the notify reader,
+        the metrics server), and then the main thread's ``select`` is not
+        interrupted; Python runs the handler only once the main thread wakes.
+        So the C-level handler also writes to the pipe (``set_wakeup_fd``),
+        from whichever thread took the signal."""
         try:
             for name in self.HANDLED:
                 num = getattr(signal, name)
                 self._previous[num] = signal.signal(num, self._handle)
+            if sys.version_info >= (3, 7):
+                self._previous_wakeup = signal.set_wakeup_fd(self._write_fd,
+                                                             warn_on_full_buffer=False)
+            else:
+                self._previous_wakeup = signal.set_wakeup_fd(self._write_fd)
         except ValueError:      # not the main thread: leave signals alone
             self.uninstall()
             return False
@@ -739,6 +751,12 @@ class Signals:
             except ValueError:
                 pass
         self._previous = {}
+        if self._previous_wakeup is not None:
+            try:
+                signal.set_wakeup_fd(self._previous_wakeup)
+            except ValueError:
+                pass
+            self._previous_wakeup = None
 
     def close(self):
         self.uninstall()
@@ -820,6 +838,55 @@ class _AbortHook:
         except ValueError:
             pass
         return False
+
+
+class signals_blocked:
+    """``with signals_blocked():`` the handled signals are blocked in this
+    thread; a thread started inside inherits the mask and never takes them.
+    ``signals_blocked(False)`` unblocks them instead (see spawn).
+
+    The kernel hands a process signal to any thread that does not block it,
+    and only the main thread runs Python handlers: a SIGTERM taken by a
+    worker would wait for the main thread's read or ``select`` to end. So
+    every thread the agent starts is started inside this block, and every
+    signal goes to the main thread."""
+
+    def __init__(self, block=True):
+        self.how = signal.SIG_BLOCK if block else signal.SIG_UNBLOCK
+        self.previous = None
+
+    def __enter__(self):
+        try:
+            self.previous = signal.pthread_sigmask(
+                self.how, [getattr(signal, name) for name in Signals.HANDLED])
+        except (AttributeError, OSError, ValueError):
+            pass            # no pthread_sigmask: Signals' wakeup fd still wakes the wait
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.previous)
+        return False
+
+
+def start_thread(target, name, *args):
+    """Start a daemon thread running ``target(*args)`` that never takes the
+    handled signals (see signals_blocked); returns it."""
+    thread = threading.Thread(target=target, args=args, name=name)
+    thread.daemon = True
+    with signals_blocked():
+        thread.start()
+    return thread
+
+
+def spawn(argv, **kwargs):
+    """``subprocess.Popen(argv, **kwargs)`` whose child takes the handled
+    signals again: a child inherits its thread's mask across ``exec``, and
+    one started from a start_thread thread would ignore the SIGTERM that is
+    to end it."""
+    import subprocess
+    with signals_blocked(False):
+        return subprocess.Popen(argv, **kwargs)
 
 
 class Runtime(collections.namedtuple("Runtime", "env clock signals")):
@@ -1113,9 +1180,8 @@ class Watchdog:
         with self._cond:
             self._watches.add(watch)
             if self._thread is None:
-                thread = threading.Thread(target=self._run, name="http-deadlines", daemon=True)
                 try:
-                    thread.start()
+                    thread = start_thread(self._run, "http-deadlines")
                 except RuntimeError as exc:     # out of threads (a pids limit): no deadline
                     self._watches.discard(watch)
                     raise TransportError("cannot start the request deadline thread: %s" % exc,
@@ -1921,8 +1987,8 @@ class CredentialHelper:
         StorageError (timeout, too much output, cannot start) or Stopped."""
         import subprocess
         try:
-            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, env=self.env, start_new_session=True)
+            self.proc = spawn(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=self.env, start_new_session=True)
         except (OSError, ValueError) as exc:
             raise StorageError("%s: cannot run it: %s" % (
                 self.what, getattr(exc, "strerror", None) or exc)) from exc
@@ -4630,9 +4696,7 @@ class _Pass:
             free.put(bytearray(CHUNK_SIZE))
         worker = None
         if self.threaded:
-            worker = threading.Thread(target=self._verify, args=(full, free), name="verify")
-            worker.daemon = True
-            worker.start()
+            worker = start_thread(self._verify, "verify", full, free)
         try:
             while True:
                 buf = self._next_free(free)
@@ -5336,7 +5400,9 @@ def run_parts(parts, worker, concurrency, signals):
 
     results = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(parts)))) as pool:
-        pending = dict((pool.submit(worker, check, *part), index) for index, part in enumerate(parts))
+        with signals_blocked():     # the pool's threads start on submit
+            pending = dict((pool.submit(worker, check, *part), index)
+                           for index, part in enumerate(parts))
         try:
             while pending:
                 finished, _ = concurrent.futures.wait(
@@ -7868,9 +7934,7 @@ class _MetricsLoop:
         for sock in (listener, self.wake_r):
             sock.setblocking(False)
             self.selector.register(sock, selectors.EVENT_READ)
-        self.thread = threading.Thread(target=self.run, name="metrics")
-        self.thread.daemon = True
-        self.thread.start()
+        self.thread = start_thread(self.run, "metrics")
 
     def run(self):
         try:
@@ -8145,9 +8209,7 @@ class SystemdNotifier:
     def start_watchdog(self):
         if not self.watchdog:
             return
-        thread = threading.Thread(target=self._watchdog_loop, name="watchdog")
-        thread.daemon = True
-        thread.start()
+        start_thread(self._watchdog_loop, "watchdog")
 
     def _watchdog_loop(self):
         interval = self.watchdog / 2.0
@@ -8285,8 +8347,7 @@ class Notifications:
                             iso(dropped.when))
             self._queue.append(event)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="notify", daemon=True)
-                self._thread.start()
+                self._thread = start_thread(self._run, "notify")
             self._cond.notify()
 
     def _mask(self, text):
@@ -8342,10 +8403,9 @@ class Notifications:
         import subprocess
         started = time.monotonic()
         try:
-            child = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, env=event_environment(
-                                         event, self.host, self.env),
-                                     close_fds=True, start_new_session=True)
+            child = spawn(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, env=event_environment(event, self.host, self.env),
+                          close_fds=True, start_new_session=True)
         except OSError as exc:
             LOG.error("notify_command %s cannot run: %s", self.command[0], exc.strerror or exc)
             return
@@ -9029,8 +9089,9 @@ class Agent:
             return [(storages[0], _store_one(storages[0], info, when, self.scrubber))]
         import concurrent.futures
         with concurrent.futures.ThreadPoolExecutor(max_workers=len(storages)) as pool:
-            futures = [pool.submit(_store_one, s, info, when, self.scrubber)
-                       for s in storages]
+            with signals_blocked():     # the pool's threads start on submit
+                futures = [pool.submit(_store_one, s, info, when, self.scrubber)
+                           for s in storages]
             while not all(f.done() for f in futures):
                 concurrent.futures.wait(futures, timeout=0.5)   # lets the main thread take signals
         for future in futures:

@@ -326,6 +326,34 @@ def test_a_stop_after_a_reload_kills_the_running_notify_command(tmp_path):
         kill_group(pid)
 
 
+def other_threads(pid):
+    """The thread ids of process ``pid`` but its main thread's."""
+    return [int(t) for t in os.listdir("/proc/%d/task" % pid) if int(t) != pid]
+
+
+def test_signals_the_kernel_hands_to_the_notify_thread_still_reload_and_stop(tmp_path):
+    # kill() of a thread id is still a process signal, delivered to that thread
+    # first: what the kernel may do to any signal while the main thread sleeps.
+    argv = command(tmp_path, "echo $$ > %(dir)s/pid.$SNAPSHOT_EVENT; exec sleep 30")
+    with sealed_vault() as vault, reaped(start_failing_agent(tmp_path, vault, argv,
+                                                             notify_timeout="20s")) as proc:
+        pid = running_pid(tmp_path)
+        threads = other_threads(proc.pid)
+        assert threads, "the notify thread is running"
+        for tid in threads:
+            os.kill(tid, signal.SIGHUP)
+        wait_for(lambda: "Config reloaded" in read(tmp_path / "log"), 5, "the reload")
+        started = time.monotonic()
+        os.kill(other_threads(proc.pid)[0], signal.SIGTERM)
+        assert proc.wait(5) == 0
+        assert time.monotonic() - started < 3
+    try:
+        time.sleep(0.5)
+        assert not group_alive(pid), "the notify command outlives the agent"
+    finally:
+        kill_group(pid)
+
+
 def test_once_honours_a_stop_while_waiting_for_its_notifications(tmp_path):
     argv = command(tmp_path, "echo $$ > %(dir)s/pid.$SNAPSHOT_EVENT; exec sleep 30")
     with sealed_vault() as vault, reaped(start_failing_agent(tmp_path, vault, argv, "--once",

@@ -46,6 +46,35 @@ def test_sighup_sets_reload_and_wakes_the_wait():
         signals.close()
 
 
+@pytest.mark.parametrize("name", ["SIGHUP", "SIGTERM"])
+def test_a_signal_taken_by_another_thread_still_wakes_the_wait(name):
+    # The kernel may hand a process signal to any thread (a notify command's
+    # reader, the metrics server); the main thread's wait must end all the same.
+    signals = vsa.Signals()
+    signals.install()
+    num = getattr(signal, name)
+    try:
+        threading.Timer(0.05, lambda: signal.pthread_kill(threading.get_ident(), num)).start()
+        started = time.monotonic()
+        signals.wait(10)
+        wait_for(lambda: signals.reload_requested or signals.stop_requested, 2, "the handler")
+        assert time.monotonic() - started < 5
+        assert (signals.reload_requested, signals.stop_requested) == (num == signal.SIGHUP,
+                                                                      num == signal.SIGTERM)
+    finally:
+        signals.close()
+
+
+def test_threads_the_agent_starts_leave_every_handled_signal_to_the_main_thread():
+    seen = []
+    vsa.start_thread(lambda: seen.append(signal.pthread_sigmask(signal.SIG_BLOCK, [])),
+                     "probe").join(5)
+    with vsa.signals_blocked():
+        pass
+    assert {signal.SIGTERM, signal.SIGINT, signal.SIGHUP} <= set(seen[0])
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
 def test_uninstall_restores_previous_handlers():
     before = signal.getsignal(signal.SIGTERM)
     signals = vsa.Signals()
