@@ -735,8 +735,8 @@ class Signals:
                 num = getattr(signal, name)
                 self._previous[num] = signal.signal(num, self._handle)
             if sys.version_info >= (3, 7):
-                self._previous_wakeup = signal.set_wakeup_fd(
-                    self._write_fd, warn_on_full_buffer=False)  # novermin (3.7+, guarded)
+                self._previous_wakeup = signal.set_wakeup_fd(  # novermin (3.7+, guarded)
+                    self._write_fd, warn_on_full_buffer=False)
             else:
                 self._previous_wakeup = signal.set_wakeup_fd(self._write_fd)
         except ValueError:      # not the main thread: leave signals alone
