@@ -8,7 +8,8 @@ certificate, userpass/LDAP, AWS, Google, Azure or a token: the table in
 "Vault login methods"),
 asks whether its own node is the Raft leader and only there streams
 ``GET /v1/sys/storage/raft/snapshot`` to disk with constant memory, verifies
-the archive while it arrives, stores it in every configured storage and
+the archive while it arrives, stores it in every configured storage (a
+directory, S3, Azure Blob, Google Cloud Storage, OpenStack Swift) and
 applies retention. It reads the Go ``vault_raft_snapshot_agent`` config file
 unchanged.
 
@@ -39,9 +40,9 @@ deadline, every wait on the monotonic clock, a stop cuts any of it)::
                   staging file (0600) <--write-- one pass: inflate, tar members,
                         |  verified before use    SHA256SUMS, sealed file, sizes
                         v
-      +-- local (hard link) -- S3 (PUT/multipart) -- Azure (blocks) -- GCS --+
-      |   each storage on its own: conditional write, retries, own errors     |
-      +---------> retention per storage: list, plan, delete listed keys <-----+
+      +- local (hard link) - S3 (multipart) - Azure (blocks) - GCS - Swift (SLO) -+
+      |   each storage on its own: conditional write, retries, own errors          |
+      +-----------> retention per storage: list, plan, delete listed keys <--------+
 
 Sections (``grep -n '^# [0-9]*\\. '`` lists them):
 
@@ -52,7 +53,7 @@ Sections (``grep -n '^# [0-9]*\\. '`` lists them):
     5. HTTP transport and retry
     6. Request signing
     7. AWS credentials
-    8. Azure and Google credentials
+    8. Azure, Google and OpenStack credentials
     9. Config schema
     10. Vault login methods
     11. Config
@@ -64,15 +65,16 @@ Sections (``grep -n '^# [0-9]*\\. '`` lists them):
     17. S3 storage
     18. Azure Blob storage
     19. Google Cloud Storage
-    20. Retention
-    21. Scrub
-    22. Status and metrics
-    23. Status page
-    24. Metrics server and systemd
-    25. Notifications
-    26. Agent
-    27. Restore tooling
-    28. Command line
+    20. OpenStack Swift
+    21. Retention
+    22. Scrub
+    23. Status and metrics
+    24. Status page
+    25. Metrics server and systemd
+    26. Notifications
+    27. Agent
+    28. Restore tooling
+    29. Command line
 """
 
 import argparse
@@ -2439,37 +2441,50 @@ def _aws_error_line(data):
 
 
 # =============================================================================
-# 8. Azure and Google credentials
+# 8. Azure, Google and OpenStack credentials
 # =============================================================================
 
 
 class BearerToken:
-    """An OAuth access token cache: ``fetch()`` returns (token, seconds valid);
-    a new token is fetched when refresh_in() says, as AWS credentials are
-    (five minutes before it expires, half-way through a shorter life); one
-    that arrives expired is an error."""
+    """An access token cache: ``fetch()`` returns (token, seconds valid) or
+    (token, seconds, what comes with it: a Swift storage URL); a new token
+    is fetched when refresh_in() says, as AWS credentials are (five minutes
+    before it expires, half-way through a shorter life), or once the server
+    refused it (``invalidate``); one that arrives expired is an error."""
 
     def __init__(self, fetch, clock, what):
         self.fetch, self.clock, self.what = fetch, clock, what
-        self._token = None
+        self._token = self._context = None
         self._expires = None
         self._lock = threading.Lock()      # upload workers share it: one fetch per expiry
 
     def get(self):
+        return self.session()[0]
+
+    def session(self):
+        """(the token as a Secret, what its fetch gave with it)."""
         with self._lock:
             if self._token is None or self.clock.monotonic() >= self._expires:
-                token, seconds = self.fetch()
+                answer = self.fetch()
+                token, seconds = answer[0], answer[1]
                 if not token:
                     raise StorageError("%s: answer has no access token" % self.what)
                 seconds = float(seconds)
                 if not seconds > 0:
                     raise StorageError("%s: answered a token that is already expired "
                                        "(expires_in %r)" % (self.what, seconds))
-                self._token = Secret(token)
+                self._token, self._context = Secret(token), answer[2] if len(answer) > 2 else None
                 self._expires = self.clock.monotonic() + refresh_in(seconds)
                 LOG.info("Obtained an access token from %s, valid %s", self.what,
                          format_duration(float(seconds)))
-            return self._token
+            return self._token, self._context
+
+    def invalidate(self, token):
+        """Forget ``token`` (the Secret a server just refused) unless a newer
+        one has replaced it already: the next ``get`` fetches another."""
+        with self._lock:
+            if self._token is token:
+                self._token = None
 
 
 def _oauth_answer(http, method, url, headers, body, what, secrets=()):
@@ -2631,6 +2646,193 @@ def read_credentials_file(path):
     if not isinstance(info, dict):
         raise ConfigError("credentials file %s: not a JSON object" % path)
     return info
+
+
+# -- OpenStack: Keystone v3 and tempauth ----------------------------------------
+
+OPENSTACK_INTERFACES = ("public", "internal", "admin")
+
+
+def swift_auth_version(auth_url):
+    """'1' for a tempauth (v1) URL, whose path ends in ``/auth/v1.0`` or
+    ``/v1``; else '3' (Keystone)."""
+    path = urllib.parse.urlsplit(auth_url).path.rstrip("/")
+    return "1" if re.search(r"/v1(\.0)?\Z", path) else "3"
+
+
+def _openstack_ref(name, ident, domain_name, domain_id):
+    """A Keystone user or project reference: by id, else by name in a
+    domain (by id, else by name; neither: the ``default`` domain)."""
+    if ident:
+        return {"id": ident}
+    domain = {"id": domain_id} if domain_id else {"name": domain_name} if domain_name else {"id": "default"}
+    return {"name": name, "domain": domain}
+
+
+def keystone_auth_body(values, secret):
+    """The body of a Keystone v3 token request for a ``swift_storage``
+    block's ``values``: its application credential, else its password
+    scoped to its project; ``secret`` is the revealed secret sent."""
+    user = _openstack_ref(values["username"], values["user_id"], values["user_domain_name"],
+                          values["user_domain_id"])
+    if values["application_credential_id"] or values["application_credential_name"]:
+        credential = {"secret": secret}
+        if values["application_credential_id"]:
+            credential["id"] = values["application_credential_id"]
+        else:
+            credential.update(name=values["application_credential_name"], user=user)
+        return {"auth": {"identity": {"methods": ["application_credential"],
+                                      "application_credential": credential}}}
+    domain_name, domain_id = values["project_domain_name"], values["project_domain_id"]
+    if not (domain_name or domain_id):
+        domain_name, domain_id = values["user_domain_name"], values["user_domain_id"]
+    user["password"] = secret
+    return {"auth": {"identity": {"methods": ["password"], "password": {"user": user}},
+                     "scope": {"project": _openstack_ref(values["project_name"], values["project_id"],
+                                                         domain_name, domain_id)}}}
+
+
+def catalog_endpoint(catalog, service_type, interface, region, what):
+    """The URL of ``service_type`` at ``interface`` (and ``region``, when
+    given) in a Keystone v3 catalog; StorageError saying what the catalog
+    offers otherwise."""
+    offered = []
+    for service in catalog if isinstance(catalog, list) else []:
+        if not isinstance(service, dict) or service.get("type") != service_type:
+            continue
+        for point in service.get("endpoints") if isinstance(service.get("endpoints"), list) else []:
+            if isinstance(point, dict) and isinstance(point.get("url"), str):
+                regions = [r for r in (point.get("region"), point.get("region_id")) if isinstance(r, str)]
+                offered.append((point.get("interface"), regions, point["url"]))
+    urls = sorted(set(url for where, regions, url in offered
+                      if where == interface and (region is None or region in regions)))
+    if len(urls) == 1:
+        return urls[0]
+    shown = ", ".join(sorted(set("%s in %s" % (printable(str(where), 20), printable(
+        "/".join(regions) or "no region", 60)) for where, regions, _ in offered)))
+    if not offered:
+        raise StorageError("%s: the token's catalog has no %s service (is the project right?)"
+                           % (what, service_type))
+    if not urls:
+        raise StorageError("%s: no %s endpoint for interface %s%s; the catalog offers: %s"
+                           % (what, service_type, interface, " in region %s" % region if region else "",
+                              shown))
+    raise StorageError("%s: several %s endpoints for interface %s (%s); set region"
+                       % (what, service_type, interface, shown))
+
+
+def keystone_login(http, auth_url, body, interface, region, clock, what, secret):
+    """(token, seconds valid, object-store URL at ``interface``, None
+    without one) from Keystone v3's ``POST /v3/auth/tokens`` (``auth_url``
+    is the v3 root as OS_AUTH_URL gives it; a bare host gets ``/v3``)."""
+    url = auth_url.rstrip("/")
+    url += ("" if urllib.parse.urlsplit(url).path else "/v3") + "/auth/tokens"
+    try:
+        resp = http.request("POST", url, {"Content-Type": "application/json",
+                                          "Accept": "application/json"},
+                            json.dumps(body).encode("utf-8"))
+        with resp:
+            raw, token = resp.body(), resp.header("X-Subject-Token")
+    except TransportError as exc:
+        raise StorageError("%s: %s" % (what, exc), exc.retryable) from exc
+    try:
+        data = json.loads(raw.decode("utf-8")) if raw.strip() else {}
+    except (ValueError, RecursionError):
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    if resp.status not in (200, 201):
+        error = data.get("error") if isinstance(data.get("error"), dict) else {}
+        detail = error.get("message") if isinstance(error.get("message"), str) else ""
+        raise StorageError("%s: HTTP %d %s%s" % (what, resp.status, masked(
+            printable(one_line(detail or resp.reason or "", 200), 300), [secret]),
+            " (the credentials were refused)" if resp.status == 401 else ""),
+            retryable_status(resp.status))
+    answer = data.get("token") if isinstance(data.get("token"), dict) else {}
+    try:
+        left = (_parse_time(answer.get("expires_at")) - clock.now()).total_seconds()
+    except (ValueError, TypeError, AttributeError):
+        left = 3600.0
+    left = min(left, 86400.0) if math.isfinite(left) else 3600.0
+    if interface is None:       # the block names its storage URL itself
+        return token, left, None
+    return token, left, catalog_endpoint(answer.get("catalog"), "object-store", interface, region, what)
+
+
+def tempauth_login(http, auth_url, user, key, what):
+    """(token, seconds valid, storage URL) from a v1 auth endpoint
+    (tempauth, swauth, or a store that speaks it): ``GET`` with
+    ``X-Auth-User``/``X-Auth-Key``."""
+    try:
+        resp = http.request("GET", auth_url, {"X-Auth-User": user, "X-Auth-Key": key})
+        with resp:
+            raw = resp.body(64 * 1024, cut=True)
+            token, storage_url = resp.header("X-Auth-Token"), resp.header("X-Storage-Url")
+            expires = resp.header("X-Auth-Token-Expires")
+    except TransportError as exc:
+        raise StorageError("%s: %s" % (what, exc), exc.retryable) from exc
+    if resp.status not in (200, 204):
+        text = re.sub(r"<[^>]*>", " ", raw.decode("utf-8", "replace"))
+        raise StorageError("%s: HTTP %d %s%s" % (
+            what, resp.status, masked(printable(one_line(text or resp.reason or "", 200), 300), [key]),
+            " (the user or key was refused)" if resp.status == 401 else ""),
+            retryable_status(resp.status))
+    try:
+        left = float(expires)
+    except (TypeError, ValueError):
+        left = 3600.0
+    return token, min(left, 86400.0) if math.isfinite(left) else 3600.0, storage_url
+
+
+def swift_token_source(values, http, clock):
+    """(fetch, description) for a ``swift_storage`` block's ``values``: the
+    fetch logs in (tempauth or Keystone v3, a secret file read afresh each
+    time) and returns (token, seconds valid, storage URL)."""
+    auth_url, version = values["auth_url"], values["auth_version"]
+    app = values["application_credential_id"] or values["application_credential_name"]
+
+    def secret():
+        if app:
+            if values["application_credential_secret_file"]:
+                return read_secret_file(values["application_credential_secret_file"],
+                                        "application_credential_secret_file").reveal()
+            return values["application_credential_secret"].reveal()
+        if values["password_file"]:
+            return read_secret_file(values["password_file"], "password_file").reveal()
+        return values["password"].reveal()
+
+    def checked(url, what):
+        if values["storage_url"]:
+            return values["storage_url"]
+        parts = urllib.parse.urlsplit(url or "")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise StorageError("%s: the storage URL %r is not an http(s) URL"
+                               % (what, printable(url or "", 100)))
+        if parts.scheme == "http" and auth_url.startswith("https:"):
+            raise StorageError("%s: the storage URL %s is plain http while auth_url is https; the "
+                               "token would cross the network in clear (set storage_url to insist)"
+                               % (what, redact_url(url)))
+        return url.rstrip("/")
+
+    if version == "1":
+        what = "Swift tempauth at %s (user %s)" % (redact_url(auth_url), values["username"])
+
+        def tempauth():
+            token, left, url = tempauth_login(http, auth_url, values["username"], secret(), what)
+            return token, left, checked(url, what)
+        return tempauth, what
+    who = ("application credential %s" % (values["application_credential_id"] or
+                                          values["application_credential_name"]) if app else
+           "user %s, project %s" % (values["username"] or values["user_id"],
+                                    values["project_name"] or values["project_id"]))
+    what = "Keystone at %s (%s)" % (redact_url(auth_url), who)
+
+    def keystone():
+        key = secret()
+        token, left, url = keystone_login(
+            http, auth_url, keystone_auth_body(values, key),
+            None if values["storage_url"] else values["interface"], values["region"], clock, what, key)
+        return token, left, checked(url, what)
+    return keystone, what
 
 
 # =============================================================================
@@ -3692,7 +3894,7 @@ TOP_KEYS = (
 # (name: to its kind, "aws"; in a list of blocks, kind and place, "aws-2").
 STORAGE_POLICY_KEYS = (
     Key("name", "str", pattern=(STORAGE_NAME_RE, "storage name (1 to 64 of A-Z a-z 0-9 _ . -)"),
-        default_doc="the kind (`local`, `aws`, `azure`, `google`); in a list, kind-N (`aws-2`)",
+        default_doc="the kind (`local`, `aws`, `azure`, `google`, `swift`); in a list, kind-N (`aws-2`)",
         doc="this block's name in logs, the status file, metrics, `list` and `--storage`; unique"),
     Key("file_prefix", "str", default_doc="global `file_prefix`",
         pattern=(FILE_PREFIX_RE, "file prefix (1 to 64 of A-Z a-z 0-9 _ . -, not starting with "
@@ -7130,7 +7332,371 @@ def _confirmed(range_header):
 
 
 # =============================================================================
-# 20. Retention
+# 20. OpenStack Swift
+# =============================================================================
+
+
+SWIFT_MAX_SEGMENTS = 1000       # Swift's default max_manifest_segments
+SWIFT_HINTS = {
+    401: "the token was refused: expired, revoked, or for another project",
+    403: "the user may not do this here (a Swift ACL, or the project's member role)",
+    404: "the container does not exist (create it, e.g. `swift post CONTAINER`)",
+    413: "larger than this Swift takes in one object (max_file_size): lower segment_size_mb",
+}
+
+
+def _swift_error(resp, data, action):
+    """Swift answers errors as a short HTML page or plain text."""
+    text = re.sub(r"<[^>]*>", " ", data[:400].decode("utf-8", "replace"))
+    hint = SWIFT_HINTS.get(resp.status, "")
+    if resp.status == 404 and ("container" not in action and "list" not in action):
+        hint = ""
+    error = storage_error("Swift", action, resp, None, one_line(text) or None, hint)
+    if resp.status == 412:          # our If-None-Match: *: the name is taken
+        return NameClash("%s; the object exists already, not replaced" % error)
+    return error
+
+
+def _swift_etag(resp):
+    """The ETag of an answer without quotes, in lower case ("" when none)."""
+    return (resp.header("Etag") or "").strip().strip('"').lower()
+
+
+@register_storage
+class SwiftStorage(Storage):
+    """OpenStack Swift (and stores that speak its API), with Keystone v3
+    (password or application credential) or v1 (tempauth) login.
+
+    Files up to ``segment_size`` go in one PUT; larger ones as a Static
+    Large Object: segments (``concurrency`` at a time, each one's MD5
+    compared with the ETag Swift answers) under ``.segments/`` of the
+    prefix or in ``segment_container``, then the manifest, which Swift
+    checks against every segment. Each PUT carries ``If-None-Match: *``, so
+    no object is ever replaced; a failed or stopped upload deletes the
+    segments it wrote and leaves no manifest. Retention deletes a manifest
+    with its segments (``multipart-manifest=delete``). The token is fetched
+    again before it expires and when Swift refuses it.
+    """
+
+    config_key = "swift_storage"
+    kind = "swift"
+    aliases = ("swift",)
+    service = "Swift"
+    keys = (
+        Key("container", "name", required=True, pattern=(r"\A[^/\s]{1,256}\Z", "container name"),
+            doc="container"),
+        Key("prefix", "str", "", doc="object name prefix (\"folder\")"),
+        Key("auth_url", "url", env=("OS_AUTH_URL", "ST_AUTH"), required=True,
+            doc="Keystone v3 (`https://keystone:5000/v3`) or v1/tempauth (`.../auth/v1.0`) URL"),
+        Key("auth_version", "choice", choices=("1", "3"),
+            default_doc="`1` when `auth_url` ends in `/v1.0` or `/v1`, else `3`",
+            doc="`3` (Keystone) or `1` (tempauth `X-Auth-User`/`X-Auth-Key`)"),
+        Key("username", "str", env=("OS_USERNAME", "ST_USER"),
+            doc="user name (v1: `account:user`)"),
+        Key("user_id", "name", env=("OS_USER_ID",), doc="user id, instead of a name and domain"),
+        Key("user_domain_name", "str", env=("OS_USER_DOMAIN_NAME",),
+            default_doc="`default` (by id)", doc="the user's domain"),
+        Key("user_domain_id", "name", env=("OS_USER_DOMAIN_ID",), doc="the user's domain, by id"),
+        Key("password", "secret", env=("OS_PASSWORD", "ST_KEY"), doc="password (v1: the key)"),
+        Key("password_file", "file", doc="read the password from this file at each login"),
+        Key("project_name", "str", env=("OS_PROJECT_NAME", "OS_TENANT_NAME"),
+            doc="the project the token is scoped to"),
+        Key("project_id", "name", env=("OS_PROJECT_ID", "OS_TENANT_ID"), doc="the project, by id"),
+        Key("project_domain_name", "str", env=("OS_PROJECT_DOMAIN_NAME",),
+            default_doc="the user's domain", doc="the project's domain"),
+        Key("project_domain_id", "name", env=("OS_PROJECT_DOMAIN_ID",),
+            doc="the project's domain, by id"),
+        Key("application_credential_id", "name", env=("OS_APPLICATION_CREDENTIAL_ID",),
+            doc="Keystone application credential (instead of a password)"),
+        Key("application_credential_name", "str", env=("OS_APPLICATION_CREDENTIAL_NAME",),
+            doc="the application credential by name (with the user)"),
+        Key("application_credential_secret", "secret", env=("OS_APPLICATION_CREDENTIAL_SECRET",),
+            doc="its secret"),
+        Key("application_credential_secret_file", "file",
+            doc="read the application credential's secret from this file at each login"),
+        Key("region", "str", env=("OS_REGION_NAME",),
+            default_doc="the only region offering object-store", doc="catalog region"),
+        Key("interface", "choice", "public", env=("OS_INTERFACE", "OS_ENDPOINT_TYPE"),
+            choices=OPENSTACK_INTERFACES, doc="catalog interface: `public`, `internal`, `admin`"),
+        Key("storage_url", "url", env=("OS_STORAGE_URL",),
+            default_doc="the catalog's object-store endpoint (v1: `X-Storage-Url`)",
+            doc="the account URL (`https://swift:8080/v1/AUTH_<project id>`)"),
+        Key("segment_container", "name", pattern=(r"\A[^/\s]{1,256}\Z", "container name"),
+            default_doc="`container`, under `<prefix>/.segments/`",
+            doc="container for the segments of large snapshots"),
+        Key("segment_size_mb", "int", 1024, minimum=1, maximum=5120,
+            doc="segment size; files up to it go in one PUT (Swift's limit: 5120)"),
+        Key("concurrency", "int", 4, minimum=1, maximum=64, doc="segments uploaded at once"),
+        Key("list_page_size", "int", 1000, minimum=1, maximum=10000, doc="container listing page size"),
+    ) + tls_keys(token_endpoint="`auth_url`") + STORAGE_POLICY_KEYS
+
+    def __init__(self, container, prefix, token, http, policy, runtime, settings=None,
+                 segment_container=None, segment_size=1024 * 1024 * 1024, concurrency=4,
+                 page_size=1000, endpoint=None):
+        Storage.__init__(self, policy, runtime, settings)
+        self.container, self.prefix, self.token, self.http = container, prefix, token, http
+        self.segment_container = segment_container
+        self.segment_size, self.concurrency, self.page_size = segment_size, concurrency, page_size
+        self.endpoint = endpoint        # for logs and doctor: the storage URL, else auth_url
+
+    @classmethod
+    def complete(cls, section, values, warn):
+        values["auth_version"] = values["auth_version"] or swift_auth_version(values["auth_url"])
+        app = values["application_credential_id"] or values["application_credential_name"]
+        secrets = ("application_credential_secret", "application_credential_secret_file") if app \
+            else ("password", "password_file")
+        needed = [("username",) if values["auth_version"] == "1" else
+                  ("username", "user_id") if not values["application_credential_id"] else (), secrets]
+        if not app and values["auth_version"] == "3":
+            needed.append(("project_name", "project_id"))
+        for keys in needed:
+            if keys and not any(values[k] for k in keys):
+                raise section.error(keys[0], "required%s (Keystone v%s%s)" % (
+                    " (or %s)" % " or ".join(keys[1:]) if len(keys) > 1 else "",
+                    values["auth_version"], ", application credential" if app else ""))
+        if values["auth_version"] == "1" and app:
+            raise section.error("application_credential_id", "needs Keystone (auth_version 3)")
+        if values["auth_version"] == "1" and ":" not in values["username"]:
+            warn("%s.username: tempauth users are usually account:user, got %r"
+                 % (section.prefix.rstrip("."), values["username"]))
+        storage_tls(values, values["storage_url"] or values["auth_url"])
+
+    @classmethod
+    def from_settings(cls, settings, cfg, runtime):
+        endpoint = settings["storage_url"] or settings["auth_url"]
+        tls = storage_tls(settings, endpoint)
+        proxy = storage_proxy(settings, runtime, settings.block or cls.config_key)
+        auth_http = Http(tls._replace(skip_verify=settings["auth_tls_skip_verify"]), 30.0, proxy=proxy,
+                         deadline=cfg.request_timeout, signals=runtime.signals)
+        fetch, what = swift_token_source(settings, auth_http, runtime.clock)
+        return cls(settings["container"], settings["prefix"].strip("/"),
+                   BearerToken(fetch, runtime.clock, what),
+                   Http(tls, cfg.timeout, proxy=proxy, deadline=cfg.request_timeout,
+                        signals=runtime.signals), cls.policy_of(settings), runtime, settings,
+                   segment_container=settings["segment_container"],
+                   segment_size=settings["segment_size_mb"] * 1024 * 1024,
+                   concurrency=settings["concurrency"], page_size=settings["list_page_size"],
+                   endpoint=endpoint)
+
+    @classmethod
+    def place(cls, settings):
+        who = settings["project_id"] or settings["project_name"] or settings["username"] or \
+            settings["application_credential_id"] or settings["application_credential_name"]
+        return _object_place("swift", settings["storage_url"] or settings["auth_url"],
+                             "%s:%s" % (who, settings["container"]), settings["prefix"],
+                             settings["file_prefix"])
+
+    def describe(self):
+        return "swift://%s/%s" % (self.container, self.list_prefix())
+
+    def _request(self, method, action, obj="", query=(), headers=None, body=None, ok=(200,),
+                 sink=None, container=None, cleanup=False):
+        """One request to the account's ``container`` (this block's) with
+        retries; a 401 fetches a new token and tries again, once."""
+        used, refused = [None], []
+
+        def build():
+            token, account = self.token.session()
+            used[0] = token
+            url = "%s/%s%s%s" % (account, uri_encode(container or self.container),
+                                 "/" + uri_encode(obj, safe="-_.~/") if obj else "",
+                                 "?" + canonical_query(query) if query else "")
+            sent = {"X-Auth-Token": token.reveal()}
+            sent.update(headers or {})
+            return method, url, sent, body() if callable(body) else body
+
+        def error_from(resp, data, action):
+            error = _swift_error(resp, data, action)
+            if resp.status == 401 and not refused:
+                refused.append(True)
+                self.token.invalidate(used[0])
+                error.retryable = True
+            return error
+        return self.send(action, build, ok, error_from, sink, cleanup=cleanup)
+
+    def download(self, name, sink):
+        obj = self.full_name(name)
+        self._request("GET", "download of %s" % obj, obj, sink=sink)
+
+    def probe_put(self, name, data):
+        obj = self.full_name(name)
+        self._request("PUT", "upload of %s" % obj, obj, headers={
+            "Content-Length": str(len(data)), "If-None-Match": "*"}, body=data, ok=(201,))
+
+    def probe_get(self, name):
+        obj = self.full_name(name)
+        return self._request("GET", "download of %s" % obj, obj)[1]
+
+    def probe_delete(self, name, version=None):
+        obj = self.full_name(name)
+        self._request("DELETE", "delete of %s" % obj, obj, ok=(200, 204, 404))
+
+    def read_back(self, name, check):
+        """HEAD (the agent's SHA-256, else a plain object's MD5 ETag), then
+        GET that very object (If-Match its ETag)."""
+        obj = self.full_name(name)
+        head, _ = self._request("HEAD", "metadata of %s" % obj, obj, ok=(200, 204))
+        size = parse_listed_size(head.header("Content-Length")) or None
+        etag = _swift_etag(head)
+        recorded = own_record(head.header("X-Object-Meta-" + OWN_SHA256), size)
+        large = (head.header("X-Static-Large-Object") or "").lower() == "true"
+        if recorded is None and not large and re.match(r"\A[0-9a-f]{32}\Z", etag):
+            recorded = Recorded("Swift ETag", "md5", bytes.fromhex(etag), size)
+        check.expect(recorded, parse_http_date(head.header("Last-Modified")))
+        self._request("GET", "download of %s" % obj, obj, sink=check,
+                      headers={"If-Match": '"%s"' % etag} if etag else {})
+
+    # -- upload ------------------------------------------------------------------
+
+    def upload(self, snapshot, name, progress=None):
+        obj = self.full_name(name)
+        sha256 = snapshot.sha256 or _FileSlice(snapshot.path, 0, snapshot.size,
+                                               self.signals.check).digest("sha256").hexdigest()
+        if snapshot.size <= self.segment_size:
+            md5 = _RunningHash("md5")
+            resp = self._write(snapshot, obj, sha256, "upload of %s" % obj, {
+                "Content-Length": str(snapshot.size), "Content-Type": "application/octet-stream"},
+                lambda: _FileSlice(snapshot.path, 0, snapshot.size, self.signals.check, progress, md5))
+            ours = md5.digest(snapshot.path, snapshot.size, self.signals.check).hex()
+        else:
+            resp, ours = self._large(snapshot, obj, sha256, progress)
+        if resp is not None and _swift_etag(resp) != ours:
+            self.delete([name])
+            raise StorageError("Swift upload of %s: the store answered ETag %s, expected %s; "
+                               "object deleted" % (obj, printable(_swift_etag(resp), 80) or "(none)", ours))
+        return "swift://%s/%s" % (self.container, obj)
+
+    def _write(self, snapshot, obj, sha256, action, headers, body, query=()):
+        """A PUT that never replaces an object (If-None-Match: *; 412 is
+        NameClash) and keeps the agent's SHA-256 with it. When an answer was
+        lost and the retry finds the name taken, the object there may be
+        this one: if it is (size and SHA-256), that is success (None)."""
+        headers = dict(headers, **{"If-None-Match": "*", "X-Object-Meta-" + OWN_SHA256: sha256})
+        tries = []
+
+        def counted():
+            tries.append(1)
+            return body() if callable(body) else body
+        try:
+            return self._request("PUT", action, obj, query, headers, counted, ok=(201,))[0]
+        except NameClash:
+            if len(tries) < 2 or not self.sent_copy(lambda: self._holds(obj, snapshot.size, sha256)):
+                raise
+            LOG.info("Swift %s: the answer was lost, but the object there is the one sent", action)
+            return None
+
+    def _holds(self, obj, size, sha256):
+        resp, _ = self._request("HEAD", "metadata of %s" % obj, obj, ok=(200, 204, 404))
+        return resp.status != 404 and resp.header("X-Object-Meta-" + OWN_SHA256) == sha256 and \
+            parse_listed_size(resp.header("Content-Length")) == size
+
+    def _segments_at(self, obj):
+        """(container, name prefix) for this upload's segments: a random
+        directory per upload, so two agents never share one."""
+        upload = "%s/%s/" % (obj.rpartition("/")[2], os.urandom(6).hex())
+        if self.segment_container:
+            return self.segment_container, self.list_prefix() + upload
+        return self.container, self.list_prefix() + ".segments/" + upload
+
+    def _large(self, snapshot, obj, sha256, progress):
+        """A Static Large Object: the segments, then the manifest; returns
+        (the manifest PUT's answer or None, the ETag it must have)."""
+        container, base = self._segments_at(obj)
+        parts = [(i + 1, offset, min(self.segment_size, snapshot.size - offset))
+                 for i, offset in enumerate(range(0, snapshot.size, self.segment_size))]
+        if len(parts) > SWIFT_MAX_SEGMENTS:
+            raise StorageError("Swift upload of %s: %d segments of %s, more than a manifest takes "
+                               "(%d): raise segment_size_mb" % (obj, len(parts), format_size(
+                                   self.segment_size), SWIFT_MAX_SEGMENTS))
+        written = []
+
+        def put_segment(check, number, offset, length):
+            path = "%s%08d" % (base, number)
+            written.append(path)
+            digests = []
+
+            def body():
+                digests.append(new_hash("md5"))
+                return _FileSlice(snapshot.path, offset, length, check, progress,
+                                  lambda position, chunk: digests[-1].update(chunk))
+            resp, _ = self._request("PUT", "upload of segment %d of %s" % (number, obj), path,
+                                    headers={"Content-Length": str(length)}, body=body, ok=(201,),
+                                    container=container)
+            etag = digests[-1].hexdigest()
+            if _swift_etag(resp) != etag:
+                raise StorageError("Swift upload of segment %d of %s: the store answered ETag %s "
+                                   "for a body whose MD5 is %s" % (number, obj, printable(
+                                       _swift_etag(resp), 80) or "(none)", etag))
+            return {"path": "/%s/%s" % (container, path), "etag": etag, "size_bytes": length}
+
+        try:
+            segments = run_parts(parts, put_segment, self.concurrency, self.signals)
+            manifest = json.dumps(segments).encode("utf-8")
+            resp = self._write(snapshot, obj, sha256, "manifest of %s" % obj, {
+                "Content-Length": str(len(manifest)), "Content-Type": "application/octet-stream"},
+                manifest, query=[("multipart-manifest", "put")])
+        except BaseException:
+            self._remove(container, written, obj)
+            raise
+        return resp, new_hash("md5", "".join(s["etag"] for s in segments).encode("ascii")).hexdigest()
+
+    def _remove(self, container, paths, obj):
+        """Delete the segments of a failed upload (also after a stop)."""
+        left = []
+        for path in paths:
+            try:
+                self._request("DELETE", "delete of segment of %s" % obj, path, ok=(200, 204, 404),
+                              container=container, cleanup=True)
+            except (StorageError, TransportError, Stopped):
+                left.append(path)
+        if left:
+            LOG.error("Could not delete %d segment(s) of the failed upload of %s, e.g. %s/%s",
+                      len(left), obj, container, left[0])
+        elif paths:
+            LOG.info("Deleted the %d segment(s) of the failed upload of %s", len(paths), obj)
+
+    # -- list and delete ---------------------------------------------------------
+
+    def list(self):
+        what = "Swift list of %s" % self.describe()
+
+        def page(marker):
+            query = [("format", "json"), ("prefix", self.list_prefix()), ("delimiter", "/"),
+                     ("limit", str(self.page_size))] + ([("marker", marker)] if marker else [])
+            _, data = self._request("GET", "list of %s" % self.describe(), query=query,
+                                    headers={"Accept": "application/json"})
+            try:
+                answer = json.loads(data.decode("utf-8")) if data.strip() else []
+            except (ValueError, RecursionError):
+                raise StorageError("%s: answer is not JSON" % what) from None
+            if not isinstance(answer, list):
+                raise StorageError("%s: answer is not a list of objects" % what)
+            entries = [item for item in answer if isinstance(item, dict)]
+            items = [(item.get("name"), item.get("bytes")) for item in entries if "name" in item]
+            last = (entries[-1].get("name") or entries[-1].get("subdir")) if entries else None
+            return items, last if len(answer) >= self.page_size and isinstance(last, str) else None
+
+        return _unique_refs(self, self.pages(page, what, "marker"))
+
+    def delete(self, names):
+        for name in names:
+            obj = self.full_name(name)
+            resp, data = self._request("DELETE", "delete of %s" % obj, obj,
+                                       query=[("multipart-manifest", "delete")],
+                                       headers={"Accept": "application/json"}, ok=(200, 204, 404))
+            try:
+                summary = json.loads(data.decode("utf-8")) if data.strip() else {}
+            except (ValueError, RecursionError):
+                summary = {}
+            errors = summary.get("Errors") if isinstance(summary, dict) else None
+            if errors:
+                raise StorageError("Swift delete of %s: %d segment(s) not deleted, first: %s" % (
+                    obj, len(errors), printable(one_line(json.dumps(errors[0])), 200)))
+        return []
+
+
+# =============================================================================
+# 21. Retention
 # =============================================================================
 
 
@@ -7255,7 +7821,7 @@ def apply_retention(storage, keep, now=None):
 
 
 # =============================================================================
-# 21. Scrub
+# 22. Scrub
 # =============================================================================
 
 
@@ -7464,7 +8030,7 @@ class Scrubber:
 
 
 # =============================================================================
-# 22. Status and metrics
+# 23. Status and metrics
 # =============================================================================
 
 
@@ -7735,7 +8301,7 @@ def _parse_iso(text):
 
 
 # =============================================================================
-# 23. Status page
+# 24. Status page
 # =============================================================================
 
 
@@ -7843,7 +8409,7 @@ def status_route(status, target, now, host):
 
 
 # =============================================================================
-# 24. Metrics server and systemd
+# 25. Metrics server and systemd
 # =============================================================================
 
 
@@ -8228,7 +8794,7 @@ class SystemdNotifier:
 
 
 # =============================================================================
-# 25. Notifications
+# 26. Notifications
 # =============================================================================
 
 
@@ -8531,7 +9097,7 @@ def _kill_group(child):
 
 
 # =============================================================================
-# 26. Agent
+# 27. Agent
 # =============================================================================
 
 
@@ -9279,7 +9845,7 @@ def _signal_name(signum):
 
 
 # =============================================================================
-# 27. Restore tooling
+# 28. Restore tooling
 # =============================================================================
 
 
@@ -9705,7 +10271,7 @@ def cmd_restore(cfg, storages, target, force, out, env=None, signals=None, tty=N
 
 
 # =============================================================================
-# 28. Command line
+# 29. Command line
 # =============================================================================
 
 

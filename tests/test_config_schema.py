@@ -43,7 +43,7 @@ def run_check(tmp_path, config, env=None):
     return code, out.getvalue(), stream.getvalue()
 
 
-ALL_FOUR = {
+EVERY_STORAGE = {
     "addr": "http://127.0.0.1:8200", "role_id": "role", "secret_id": "SECRET-ID-VALUE",
     "frequency": "2h", "retain": 5,
     "local_storage": {"path": "/var/backups/vault", "retain": 3},
@@ -53,11 +53,14 @@ ALL_FOUR = {
                       "endpoint": "http://127.0.0.1:10000/devstoreaccount1",
                       "account_key": "QVpVUkUtS0VZLVZBTFVF"},
     "google_storage": {"bucket": "snaps", "endpoint": "http://127.0.0.1:4443", "anonymous": True},
+    "swift_storage": {"container": "snaps", "auth_url": "http://127.0.0.1:5000/v3",
+                      "username": "backup", "password": "SWIFT-PASSWORD-VALUE",
+                      "project_name": "vault"},
 }
 
 
 def test_check_config_prints_every_key_of_every_block(tmp_path):
-    code, out, log = run_check(tmp_path, ALL_FOUR, env={"AWS_REGION": "eu-west-1"})
+    code, out, log = run_check(tmp_path, EVERY_STORAGE, env={"AWS_REGION": "eu-west-1"})
     assert code == 0, log
     shown = json.loads(out)
     top = [k.name for k in vsa.TOP_KEYS]
@@ -76,9 +79,11 @@ def test_check_config_prints_every_key_of_every_block(tmp_path):
     assert shown["azure_storage"]["account_key"] == "***"
     assert shown["aws_storage"]["s3_region"] == "eu-west-1"
     assert shown["azure_storage"]["auth_mode"] == "shared_key"
+    assert shown["swift_storage"]["password"] == "***"
+    assert shown["swift_storage"]["auth_version"] == "3"
     # where values came from: on stderr, not as JSON keys
     assert "aws_storage.s3_region (AWS_REGION)" in log
-    for secret in ("SECRET-ID-VALUE", "AWS-SECRET-VALUE", "QVpVUkUtS0VZLVZBTFVF"):
+    for secret in ("SECRET-ID-VALUE", "AWS-SECRET-VALUE", "QVpVUkUtS0VZLVZBTFVF", "SWIFT-PASSWORD-VALUE"):
         assert secret not in out + log
 
 
@@ -108,7 +113,7 @@ def test_go_agent_kubernetes_spelling_is_accepted(tmp_path):
 @pytest.mark.parametrize("mode,warned", [(0o600, False), (0o640, True), (0o644, True)])
 def test_a_config_file_with_secrets_readable_by_others_is_warned(tmp_path, mode, warned):
     path = tmp_path / "snapshot.json"
-    path.write_text(json.dumps(ALL_FOUR))
+    path.write_text(json.dumps(EVERY_STORAGE))
     os.chmod(str(path), mode)
     cfg = vsa.load_config(str(path), env={})
     lines = [w for w in cfg.warnings if "readable by others" in w]
@@ -160,7 +165,7 @@ def test_the_config_is_complete_and_read_only(tmp_path):
     # load_config gives every block, read and checked; nothing is attached to
     # it or set in it afterwards (a reload builds a new one).
     path = tmp_path / "snapshot.json"
-    path.write_text(json.dumps(dict(ALL_FOUR, local_storage={"path": str(tmp_path / "s"),
+    path.write_text(json.dumps(dict(EVERY_STORAGE, local_storage={"path": str(tmp_path / "s"),
                                                              "typo_key": 1})))
     os.chmod(str(path), 0o600)
     cfg = vsa.load_config(str(path), env={"AWS_REGION": "eu-west-1"})
@@ -196,7 +201,7 @@ def test_required_and_pattern_come_from_the_key_table(tmp_path):
 
 
 def _valid_block(cls):
-    blocks = dict(ALL_FOUR, local_storage={"path": "/tmp"})
+    blocks = dict(EVERY_STORAGE, local_storage={"path": "/tmp"})
     return dict((k, v) for k in cls.keys for name, v in blocks[cls.config_key].items()
                 if k.name == name)
 
@@ -204,7 +209,8 @@ def _valid_block(cls):
 def test_secret_keys_auth_methods_and_storage_names_are_derived_from_the_tables(capsys):
     assert vsa.secret_key_names() == frozenset([
         "secret_id", "token", "secret_access_key", "session_token", "account_key", "sas_token",
-        "connection_string", "client_secret", "password", "notify_url"])
+        "connection_string", "client_secret", "password", "notify_url",
+        "application_credential_secret"])
     method_key = [k for k in vsa.TOP_KEYS if k.name == "vault_auth_method"][0]
     names = [n for m in vsa.AUTH_METHODS.values() for n in (m.name,) + m.aliases]
     assert list(method_key.options["choices"]) == names
