@@ -7590,18 +7590,18 @@ class SwiftStorage(Storage):
         return resp.status != 404 and resp.header("X-Object-Meta-" + OWN_SHA256) == sha256 and \
             parse_listed_size(resp.header("Content-Length")) == size
 
-    def _segments_at(self, obj):
-        """(container, name prefix) for this upload's segments: a random
-        directory per upload, so two agents never share one."""
-        upload = "%s/%s/" % (obj.rpartition("/")[2], os.urandom(6).hex())
+    def _segment_root(self):
+        """(container, name prefix) under which segments go, each upload's
+        in ``<snapshot name>/<random>/``, so two agents never share one."""
         if self.segment_container:
-            return self.segment_container, self.list_prefix() + upload
-        return self.container, self.list_prefix() + ".segments/" + upload
+            return self.segment_container, self.list_prefix()
+        return self.container, self.list_prefix() + ".segments/"
 
     def _large(self, snapshot, obj, sha256, progress):
         """A Static Large Object: the segments, then the manifest; returns
         (the manifest PUT's answer or None, the ETag it must have)."""
-        container, base = self._segments_at(obj)
+        container, root = self._segment_root()
+        base = "%s%s/%s/" % (root, obj.rpartition("/")[2], os.urandom(6).hex())
         parts = [(i + 1, offset, min(self.segment_size, snapshot.size - offset))
                  for i, offset in enumerate(range(0, snapshot.size, self.segment_size))]
         if len(parts) > SWIFT_MAX_SEGMENTS:
@@ -7655,16 +7655,34 @@ class SwiftStorage(Storage):
         elif paths:
             LOG.info("Deleted the %d segment(s) of the failed upload of %s", len(paths), obj)
 
-    # -- list and delete ---------------------------------------------------------
+    def prepare(self):
+        """Delete the segments an upload killed mid-way left behind: those
+        of a snapshot name without a manifest, over a day after the time in
+        that name (an upload still running is never that old). A failure
+        here is a warning: the cycle goes on."""
+        container, root = self._segment_root()
+        try:
+            held = set(ref.name for ref in self.list())
+            for subdir in self._listing(container, root, "/", subdirs=True):
+                name = subdir[len(root):].rstrip("/")
+                when = self.parse_name(name)
+                if when is None or name in held or (self.clock.now() - when).total_seconds() < 86400:
+                    continue
+                paths = [path for path, _ in self._listing(container, subdir)]
+                self._remove(container, paths, self.full_name(name))
+        except StorageError as exc:
+            LOG.warning("Swift: looking for segments of killed uploads in %s failed: %s", container, exc)
 
-    def list(self):
-        what = "Swift list of %s" % self.describe()
+    def _listing(self, container, prefix, delimiter=None, subdirs=False):
+        """(name, size) of the objects (``subdirs``: the names of the
+        "folders") a container listing shows under ``prefix``, page by page."""
+        what = "Swift list of %s/%s" % (container, prefix)
 
         def page(marker):
-            query = [("format", "json"), ("prefix", self.list_prefix()), ("delimiter", "/"),
-                     ("limit", str(self.page_size))] + ([("marker", marker)] if marker else [])
-            _, data = self._request("GET", "list of %s" % self.describe(), query=query,
-                                    headers={"Accept": "application/json"})
+            query = [("format", "json"), ("prefix", prefix), ("limit", str(self.page_size))] + (
+                [("delimiter", delimiter)] if delimiter else []) + ([("marker", marker)] if marker else [])
+            _, data = self._request("GET", "list of %s/%s" % (container, prefix), query=query,
+                                    headers={"Accept": "application/json"}, container=container)
             try:
                 answer = json.loads(data.decode("utf-8")) if data.strip() else []
             except (ValueError, RecursionError):
@@ -7672,11 +7690,19 @@ class SwiftStorage(Storage):
             if not isinstance(answer, list):
                 raise StorageError("%s: answer is not a list of objects" % what)
             entries = [item for item in answer if isinstance(item, dict)]
-            items = [(item.get("name"), item.get("bytes")) for item in entries if "name" in item]
+            items = [item.get("subdir") if subdirs else (item.get("name"), item.get("bytes"))
+                     for item in entries if ("subdir" if subdirs else "name") in item]
             last = (entries[-1].get("name") or entries[-1].get("subdir")) if entries else None
             return items, last if len(answer) >= self.page_size and isinstance(last, str) else None
 
-        return _unique_refs(self, self.pages(page, what, "marker"))
+        for item in self.pages(page, what, "marker"):
+            if not subdirs or (isinstance(item, str) and item.startswith(prefix)):
+                yield item
+
+    # -- list and delete ---------------------------------------------------------
+
+    def list(self):
+        return _unique_refs(self, self._listing(self.container, self.list_prefix(), "/"))
 
     def delete(self, names):
         for name in names:
@@ -7689,7 +7715,9 @@ class SwiftStorage(Storage):
             except (ValueError, RecursionError):
                 summary = {}
             errors = summary.get("Errors") if isinstance(summary, dict) else None
-            if errors:
+            if errors and len(errors) == 1 and "Not an SLO manifest" in json.dumps(errors[0]):
+                self._request("DELETE", "delete of %s" % obj, obj, ok=(200, 204, 404))   # one PUT
+            elif errors:
                 raise StorageError("Swift delete of %s: %d segment(s) not deleted, first: %s" % (
                     obj, len(errors), printable(one_line(json.dumps(errors[0])), 200)))
         return []
