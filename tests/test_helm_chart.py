@@ -346,3 +346,189 @@ def test_the_cronjob_runs_once_and_the_deployment_loops(chart, value_set):
         deployment = one(docs, "Deployment")["spec"]
         assert deployment["replicas"] == 1 and deployment["strategy"]["type"] == "Recreate"
     assert kind == ("CronJob" if value_set == "cronjob" else "Deployment")
+
+
+# --------------------------------------------------------- bad values
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "mode=weekly"], '- mode: mode must be one of the following: "deployment", "cronjob"'),
+    (["--set-json", "schedule=5"], "- schedule: Invalid type. Expected: string, given: integer"),
+    (["--set", "schedule=often"], "- schedule: Does not match pattern"),
+    (["--set", "metrics.port=70000"], "- metrics.port: Must be less than or equal to 65535"),
+    (["--set", "persistance.enabled=false"], "Additional property persistance is not allowed"),
+    (["--set", "auth.method=kerberos"], "- auth.method: auth.method must be one of the following"),
+    (["--set", "mode=cronjob", "--set", "metrics.serviceMonitor.enabled=true"],
+     "metrics.serviceMonitor/podMonitor need mode: deployment"),
+    (["--set", "auth.method=approle"], "auth.method approle needs auth.roleId and auth.secretIdSecret.name"),
+    (["--set", "auth.method=jwt"], "auth.method jwt needs auth.audience"),
+    (["--set", "persistence.enabled=false", "--set", "config.local_storage.path=/data"],
+     "config.local_storage without persistence.enabled"),
+])
+def test_bad_values_fail_with_a_message(chart, args, message):
+    proc = chart.run(chart.template_args("default", *args), check=False)
+    assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+    assert proc.stdout == ""
+
+
+# ------------------------------------------------------------ secrets
+
+
+def test_a_credential_in_the_values_reaches_the_config_secret_only(chart):
+    secret = "wJalrXUtnFEMI/K7MDENG/helmtestSECRETKEY"
+    text, docs = chart.render("approle-s3", "--set", "config.aws_storage.access_key_id=AKIAHELMTEST",
+                              "--set", "config.aws_storage.secret_access_key=" + secret)
+    assert agent_config(docs)["aws_storage"]["secret_access_key"] == secret     # it is there...
+    assert secret not in text                                                # ...but only encoded
+    assert "ConfigMap" not in kinds(docs)
+    config_secret = [d for d in docs if d["kind"] == "Secret"]
+    assert [sorted(d.get("data", {})) for d in config_secret] == [["snapshot.json"]]
+    for doc in docs:
+        if doc is config_secret[0]:
+            continue
+        assert secret not in json.dumps(doc) and SECRET_ID not in json.dumps(doc)
+        assert base64.b64encode(secret.encode()).decode() not in json.dumps(doc)
+    # The pod's annotation is a hash of the config, which changes with it.
+    _kind, pod = workload(docs)
+    checksum = pod["metadata"]["annotations"]["checksum/config"]
+    assert re.match(r"^[0-9a-f]{64}$", checksum)
+    _kind, plain = workload(chart.render("approle-s3")[1])
+    assert plain["metadata"]["annotations"]["checksum/config"] != checksum
+
+
+def test_existing_secrets_are_mounted_not_copied(chart):
+    _text, docs = chart.render("approle-s3")
+    _kind, pod = workload(docs)
+    container = agent_container(pod)
+    volumes = dict((v["name"], v) for v in pod["spec"]["volumes"])
+    assert volumes["approle"]["secret"]["secretName"] == "vault-snapshot-approle"
+    assert volumes["vault-ca"]["secret"]["secretName"] == "vault-server-tls"
+    assert container["envFrom"] == [{"secretRef": {"name": "vault-snapshot-s3"}}]
+    config = agent_config(docs)
+    assert config["secret_id_file"] == "/var/run/secrets/vault-snapshot-agent/approle/secret_id"
+    assert config["ca_cert"] == "/var/run/secrets/vault-snapshot-agent/tls/ca.crt"
+    assert config["tls_server_name"] == "vault-active.vault.svc"
+    assert "secret_id" not in config and pod["spec"]["automountServiceAccountToken"] is False
+    assert [d for d in docs if d["kind"] == "Secret"] == [d for d in docs if d["kind"] == "Secret"
+                                                         and d["metadata"]["name"] == "snap-vault-snapshot-agent-config"]
+    assert "PersistentVolumeClaim" not in kinds(docs) and "snapshots" not in volumes
+
+
+# ---------------------------------------- service account and storage
+
+
+def test_kubernetes_auth_uses_the_created_service_account(chart):
+    _text, docs = chart.render("kubernetes-auth")
+    account = one(docs, "ServiceAccount")
+    assert account["metadata"]["name"] == "vault-snapshot-agent"
+    assert account["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/vault-snapshots"}
+    assert account["automountServiceAccountToken"] is False
+    _kind, pod = workload(docs)
+    assert pod["spec"]["serviceAccountName"] == "vault-snapshot-agent"
+    assert pod["spec"]["automountServiceAccountToken"] is False      # the projected token instead
+    projected = [v for v in pod["spec"]["volumes"] if "projected" in v][0]
+    token = projected["projected"]["sources"][0]["serviceAccountToken"]
+    assert token["audience"] == "vault" and token["expirationSeconds"] == 600
+    mount = [m for m in agent_container(pod)["volumeMounts"] if m["name"] == projected["name"]][0]
+    config = agent_config(docs)
+    assert config["k8s_token_path"] == mount["mountPath"] + "/" + token["path"]
+    assert (config["vault_auth_method"], config["vault_auth_role"], config["vault_auth_path"]) == \
+        ("k8s", "vault-snapshot-agent", "kubernetes")
+    # Without an audience: the default token, automounted for this pod only.
+    _text, docs = chart.render("default")
+    _kind, pod = workload(docs)
+    assert pod["spec"]["automountServiceAccountToken"] is True
+    assert "k8s_token_path" not in agent_config(docs)
+
+
+def test_local_storage_lives_on_the_claim(chart):
+    _text, docs = chart.render("local-pvc")
+    claim = one(docs, "PersistentVolumeClaim")
+    assert claim["spec"]["storageClassName"] == "fast-ssd"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    _kind, pod = workload(docs)
+    volume = [v for v in pod["spec"]["volumes"] if v.get("persistentVolumeClaim")][0]
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    mount = [m for m in agent_container(pod)["volumeMounts"] if m["name"] == volume["name"]][0]
+    local = agent_config(docs)["local_storage"]
+    assert local == {"path": mount["mountPath"], "retain": 96, "file_prefix": "prod"}
+    assert not mount.get("readOnly")
+    _text, docs = chart.render("default", "--set", "persistence.existingClaim=my-claim")
+    _kind, pod = workload(docs)
+    assert "PersistentVolumeClaim" not in kinds(docs)
+    assert [v["persistentVolumeClaim"]["claimName"] for v in pod["spec"]["volumes"]
+            if v.get("persistentVolumeClaim")] == ["my-claim"]
+
+
+# ------------------------------------------------------------ metrics
+
+
+def test_the_service_monitor_scrapes_the_agents_port(chart):
+    _text, docs = chart.render("servicemonitor")
+    _kind, pod = workload(docs)
+    service, monitor = one(docs, "Service"), one(docs, "ServiceMonitor")
+    labels = pod["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
+    assert service["metadata"]["labels"].items() >= monitor["spec"]["selector"]["matchLabels"].items()
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    port = [p for p in agent_container(pod)["ports"] if p["name"] == service["spec"]["ports"][0]["targetPort"]]
+    assert port and agent_config(docs)["metrics_address"] == "0.0.0.0:%d" % port[0]["containerPort"]
+    endpoint = monitor["spec"]["endpoints"][0]
+    assert endpoint["port"] == service["spec"]["ports"][0]["name"] and endpoint["path"] == "/metrics"
+    assert {"targetLabel": "job", "replacement": "vault-snapshot-agent"} in endpoint["relabelings"]
+    assert 'job="vault-snapshot-agent"' in read(os.path.join(ROOT, "contrib", "deploy", "alerts.yaml"))
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    probes = agent_container(pod)
+    assert probes["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert probes["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
+
+
+def test_the_pod_monitor_scrapes_pods_without_a_service(chart):
+    _text, docs = chart.render("podmonitor")
+    _kind, pod = workload(docs)
+    monitor = one(docs, "PodMonitor")
+    assert "Service" not in kinds(docs) and "ServiceMonitor" not in kinds(docs)
+    labels = pod["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    port = [p for p in agent_container(pod)["ports"] if p["name"] == endpoint["port"]][0]
+    assert port["containerPort"] == 9470 and agent_config(docs)["metrics_address"] == "0.0.0.0:9470"
+    # No monitor kinds (and so no CRDs needed) unless asked for.
+    for value_set in ("default", "cronjob", "approle-s3"):
+        assert not set(kinds(chart.render(value_set)[1])) & set(helm_tools.MONITOR_KINDS)
+
+
+# ------------------------------------------------ NOTES and the README
+
+
+def test_notes_render_for_both_modes(chart, tmp_path):
+    """helm template skips NOTES.txt: render a copy of the chart that holds it
+    as a named template, its text as a YAML string."""
+    copy = str(tmp_path / "vault-snapshot-agent")
+    shutil.copytree(CHART, copy)
+    notes = os.path.join(copy, "templates", "NOTES.txt")
+    with open(os.path.join(copy, "templates", "notes.yaml"), "w") as handle:
+        handle.write('{{- define "test.notes" -}}%s{{- end -}}\nnotes: {{ include "test.notes" . | toJson }}\n'
+                     % read(notes))
+    os.remove(notes)
+    for value_set, expect in (("default", "exec deploy/snap-vault-snapshot-agent"),
+                              ("cronjob", "create job --from=cronjob/snap-vault-snapshot-agent")):
+        args = chart.template_args(value_set, "--show-only", "templates/notes.yaml")
+        args[2] = copy
+        out = yaml.safe_load(chart.run(args).stdout)["notes"]
+        assert expect in out and "http://vault-active.vault.svc:8200" in out, out
+        assert "{{" not in out and "<no value>" not in out, out
+
+
+def test_the_chart_readme_shows_the_tested_sidecar_values():
+    """The sidecar form for the Vault/OpenBao charts is the README's values
+    block: the same server.extraContainers/volumes as contrib/deploy/helm-values.yaml."""
+    text = read(os.path.join(CHART, "README.md"))
+    blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", text, re.S)]
+    sidecars = [b for b in blocks if isinstance(b, dict) and "server" in b]
+    assert len(sidecars) == 1
+    assert sidecars[0] == yaml.safe_load(read(HELM_VALUES))
+    for key in yaml.safe_load(read(os.path.join(CHART, "values.yaml"))):
+        assert "`%s" % key in text, "values key %s is not documented in the chart README" % key
