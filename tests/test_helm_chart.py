@@ -39,7 +39,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHART = os.path.join(ROOT, "contrib", "helm", "vault-snapshot-agent")
 AGENT = os.path.join(ROOT, "vault_snapshot_agent.py")
 HELM_VALUES = os.path.join(ROOT, "contrib", "deploy", "helm-values.yaml")
-VALUE_SETS = ["default"] + sorted(name[:-len("-values.yaml")] for name in os.listdir(os.path.join(CHART, "ci"))
+VALUE_SETS = ["default"] + sorted(name[:-len("-values.yaml")]
+                                  for name in os.listdir(os.path.join(CHART, "ci"))
                                   if name.endswith("-values.yaml"))
 NAMESPACE = "vault"
 SECRET_ID = "c0ffee00-helm-test-secret-id-5e1f"
@@ -47,7 +48,8 @@ SECRET_ID = "c0ffee00-helm-test-secret-id-5e1f"
 # What the existing Secrets the value sets name would hold (the CA: any real bundle).
 EXTERNAL_SECRETS = {
     "vault-snapshot-approle": {"secret_id": SECRET_ID},
-    "vault-server-tls": {"ca.crt": read(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt")},
+    "vault-server-tls": {"ca.crt": read(ssl.get_default_verify_paths().cafile
+                                        or "/etc/ssl/certs/ca-certificates.crt")},
     "vault-snapshot-gcs": {"key.json": json.dumps({"type": "authorized_user", "client_id": "c",
                                                    "client_secret": "s", "refresh_token": "r"})},
 }
@@ -74,7 +76,8 @@ def chart(tmp_path_factory):
 
         @staticmethod
         def template_args(value_set, *extra):
-            files = [] if value_set == "default" else ["-f", os.path.join(CHART, "ci", value_set + "-values.yaml")]
+            files = [] if value_set == "default" else \
+                ["-f", os.path.join(CHART, "ci", value_set + "-values.yaml")]
             return ["template", "snap", CHART, "--namespace", NAMESPACE] + files + list(extra)
 
         @classmethod
@@ -171,7 +174,8 @@ def test_rendered_objects_pass_the_kubernetes_schemas(chart, value_set, tmp_path
     warned = [line for level, line in lines if level == "WARN"]
     assert len(warned) == len(monitors) * len(versions), warned
     for line in warned:
-        assert any(helm_tools.unknown_kind_warning(m["kind"], m["apiVersion"]).match(line) for m in monitors), line
+        assert any(helm_tools.unknown_kind_warning(m["kind"], m["apiVersion"]).match(line)
+                   for m in monitors), line
     # ...and those are checked against the CRDs' models instead.
     for doc in monitors:
         assert helm_tools.monitor_model_check(doc) == []
@@ -314,7 +318,7 @@ def test_every_pod_is_hardened(chart, value_set):
     for container in pod["spec"]["containers"] + pod["spec"].get("initContainers", []):
         sc = container.get("securityContext") or {}
 
-        def setting(key):
+        def setting(key, sc=sc):
             return sc.get(key, pod_sc.get(key))
         assert setting("runAsNonRoot") is True
         assert int(setting("runAsUser")) != 0
@@ -409,8 +413,8 @@ def test_existing_secrets_are_mounted_not_copied(chart):
     assert config["ca_cert"] == "/var/run/secrets/vault-snapshot-agent/tls/ca.crt"
     assert config["tls_server_name"] == "vault-active.vault.svc"
     assert "secret_id" not in config and pod["spec"]["automountServiceAccountToken"] is False
-    assert [d for d in docs if d["kind"] == "Secret"] == [d for d in docs if d["kind"] == "Secret"
-                                                         and d["metadata"]["name"] == "snap-vault-snapshot-agent-config"]
+    secrets = [d["metadata"]["name"] for d in docs if d["kind"] == "Secret"]
+    assert secrets == ["snap-vault-snapshot-agent-config"]
     assert "PersistentVolumeClaim" not in kinds(docs) and "snapshots" not in volumes
 
 
@@ -473,7 +477,8 @@ def test_the_service_monitor_scrapes_the_agents_port(chart):
     assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
     assert service["metadata"]["labels"].items() >= monitor["spec"]["selector"]["matchLabels"].items()
     assert service["spec"]["publishNotReadyAddresses"] is True
-    port = [p for p in agent_container(pod)["ports"] if p["name"] == service["spec"]["ports"][0]["targetPort"]]
+    target = service["spec"]["ports"][0]["targetPort"]
+    port = [p for p in agent_container(pod)["ports"] if p["name"] == target]
     assert port and agent_config(docs)["metrics_address"] == "0.0.0.0:%d" % port[0]["containerPort"]
     endpoint = monitor["spec"]["endpoints"][0]
     assert endpoint["port"] == service["spec"]["ports"][0]["name"] and endpoint["path"] == "/metrics"
@@ -510,8 +515,8 @@ def test_notes_render_for_both_modes(chart, tmp_path):
     shutil.copytree(CHART, copy)
     notes = os.path.join(copy, "templates", "NOTES.txt")
     with open(os.path.join(copy, "templates", "notes.yaml"), "w") as handle:
-        handle.write('{{- define "test.notes" -}}%s{{- end -}}\nnotes: {{ include "test.notes" . | toJson }}\n'
-                     % read(notes))
+        handle.write('{{- define "test.notes" -}}%s{{- end -}}\n' % read(notes)
+                     + 'notes: {{ include "test.notes" . | toJson }}\n')
     os.remove(notes)
     for value_set, expect in (("default", "exec deploy/snap-vault-snapshot-agent"),
                               ("cronjob", "create job --from=cronjob/snap-vault-snapshot-agent")):

@@ -113,8 +113,9 @@ def kubernetes_validate_module():
     """The kubernetes_validate module, or ToolMissing (tests/run.sh installs it)."""
     try:
         import kubernetes_validate.utils as utils
-    except ImportError:
-        raise ToolMissing("kubernetes-validate is not installed (tests/run.sh installs it into .venv)")
+    except ImportError as exc:
+        raise ToolMissing("kubernetes-validate is not installed "
+                          "(tests/run.sh installs it into .venv)") from exc
     return utils
 
 
@@ -148,9 +149,9 @@ def monitor_model_check(doc):
     set and comparing it with the document."""
     try:
         from cloudcoil.models.prometheus_operator import v1
-    except ImportError:
+    except ImportError as exc:
         raise ToolMissing("cloudcoil-models-prometheus-operator is not installed "
-                          "(tests/run.sh installs it into .venv)")
+                          "(tests/run.sh installs it into .venv)") from exc
     model = getattr(v1, doc.get("kind", ""), None)
     if doc.get("kind") not in MONITOR_KINDS or model is None:
         return ["not a ServiceMonitor/PodMonitor: %r" % doc.get("kind")]
