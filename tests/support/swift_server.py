@@ -53,6 +53,7 @@ import base64
 import http.client
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -434,43 +435,87 @@ class Keystone:
         self.url = "http://127.0.0.1:%d" % self.port
         self.auth_url = self.url + "/v3"
 
-    def env(self):
-        return child_env(drop_prefixes=("OS_", "PYTHON"), OS_KEYSTONE_CONFIG_FILES=self.conf,
+    def env(self, conf=None):
+        return child_env(drop_prefixes=("OS_", "PYTHON"), OS_KEYSTONE_CONFIG_FILES=conf or self.conf,
                          PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
 
-    def _configure(self):
+    def _write_conf(self, directory, conf):
         for sub in ("fernet-keys", "credential-keys"):
-            os.makedirs(os.path.join(self.tmpdir, sub), mode=0o700, exist_ok=True)
-        _write(self.conf, _ini([
-            ("DEFAULT", [("log_file", os.path.join(self.tmpdir, "keystone-app.log"))]),
-            ("database", [("connection", "sqlite:///" + os.path.join(self.tmpdir, "keystone.db"))]),
+            os.makedirs(os.path.join(directory, sub), mode=0o700, exist_ok=True)
+        _write(conf, _ini([
+            ("DEFAULT", [("log_file", os.path.join(directory, "keystone-app.log"))]),
+            ("database", [("connection", "sqlite:///" + os.path.join(directory, "keystone.db"))]),
+            ("identity", [("password_hash_rounds", 4)]),     # bcrypt's least: fast logins
             ("token", [("provider", "fernet"), ("expiration", self.token_expiration)]),
-            ("fernet_tokens", [("key_repository", os.path.join(self.tmpdir, "fernet-keys"))]),
-            ("credential", [("key_repository", os.path.join(self.tmpdir, "credential-keys"))]),
+            ("fernet_tokens", [("key_repository", os.path.join(directory, "fernet-keys"))]),
+            ("credential", [("key_repository", os.path.join(directory, "credential-keys"))]),
             ("cache", [("enabled", "false")]),
         ]))
 
-    def _manage(self, *args):
-        _run([os.path.join(self.venv, "bin", "keystone-manage"), "--config-file", self.conf]
-             + list(args), os.path.join(self.tmpdir, "keystone-manage.log"), env=self.env())
+    FACTS = ("domain_id", "project_id", "user_id", "app_cred_id", "app_cred_secret")
 
-    def start(self):
-        began = time.monotonic()
-        self._configure()
-        self._manage("db_sync")
-        self._manage("fernet_setup", "--keystone-user", "root", "--keystone-group", "root")
-        self._manage("credential_setup", "--keystone-user", "root", "--keystone-group", "root")
-        self._manage("bootstrap", "--bootstrap-password", self.admin_password,
-                     "--bootstrap-region-id", self.region,
-                     "--bootstrap-public-url", self.auth_url,
-                     "--bootstrap-internal-url", self.auth_url,
-                     "--bootstrap-admin-url", self.auth_url)
+    def template(self):
+        """A keystone.db after db_sync, bootstrap and ``_populate`` (the
+        users, projects, roles and application credential), its fernet and
+        credential keys and ``facts.json`` (ids, the credential's secret):
+        made once per venv and keystone version (about 12 s) under
+        ``<venv>/var/``, then copied by every start.  Nothing in it names a
+        port: the catalog's endpoints are added by each start."""
+        versions = [name[len("keystone-"):-len(".dist-info")] for sub in
+                    os.listdir(os.path.join(self.venv, "lib"))
+                    for name in os.listdir(os.path.join(self.venv, "lib", sub, "site-packages"))
+                    if name.startswith("keystone-") and name.endswith(".dist-info")]
+        target = os.path.join(self.venv, "var", "keystone-template-%s" % "-".join(versions))
+        if os.path.isfile(os.path.join(target, "facts.json")):
+            return target
+        work = "%s.%d.tmp" % (target, os.getpid())
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        builder = Keystone(work, self.venv, 3600)
+        builder._write_conf(work, builder.conf)
+        manage = [os.path.join(self.venv, "bin", "keystone-manage"), "--config-file", builder.conf]
+        for args in (["db_sync"],
+                     ["fernet_setup", "--keystone-user", "root", "--keystone-group", "root"],
+                     ["credential_setup", "--keystone-user", "root", "--keystone-group", "root"],
+                     ["bootstrap", "--bootstrap-password", ADMIN_PASSWORD,
+                      "--bootstrap-region-id", REGION]):
+            _run(manage + args, os.path.join(work, "keystone-manage.log"), env=builder.env())
+        try:
+            builder._serve()
+            builder._populate()
+        finally:
+            builder.stop()
+        _write(os.path.join(work, "facts.json"),
+               json.dumps(dict((name, getattr(builder, name)) for name in self.FACTS)))
+        if not os.path.isfile(os.path.join(target, "facts.json")):
+            shutil.rmtree(target, ignore_errors=True)      # an unfinished one
+        try:
+            os.rename(work, target)
+        except OSError:           # another run made it meanwhile
+            shutil.rmtree(work, ignore_errors=True)
+        return target
+
+    def _serve(self):
         self.server = _Server("keystone", os.path.join(self.tmpdir, "keystone.log"),
                               [os.path.join(self.venv, "bin", "python"), "-c", _WSGI_SCRIPT,
                                str(self.port)], self.port, "/v3", env=self.env(), cwd=self.tmpdir)
+        self.server.start()
+
+    def start(self):
+        began = time.monotonic()
+        os.makedirs(self.tmpdir, exist_ok=True)
+        template = self.template()
+        self._write_conf(self.tmpdir, self.conf)
+        shutil.copy(os.path.join(template, "keystone.db"), self.tmpdir)
+        for sub in ("fernet-keys", "credential-keys"):
+            for name in os.listdir(os.path.join(template, sub)):
+                shutil.copy(os.path.join(template, sub, name), os.path.join(self.tmpdir, sub))
+        with open(os.path.join(template, "facts.json")) as handle:
+            for name, value in json.load(handle).items():
+                setattr(self, name, value)
         try:
-            self.server.start()
-            self._populate()
+            self._serve()
+            self.add_service("identity", "keystone", self.auth_url)
         except BaseException:
             self.stop()
             raise
@@ -554,16 +599,16 @@ class Keystone:
             user_token).json()["application_credential"]
         self.app_cred_id, self.app_cred_secret = cred["id"], cred["secret"]
 
-    def add_object_store(self, url_base, name="swift"):
-        """The ``object-store`` service and its public, internal and admin
-        endpoints ``<url_base>/v1/AUTH_%(project_id)s`` in ``region``."""
-        token = self.admin_token()
+    def add_service(self, kind, name, url, token=None):
+        """A service of type ``kind`` with public, internal and admin
+        endpoints ``url`` in ``region``; returns the service id."""
+        token = token or self.admin_token()
         service = self.api("POST", "/services", {"service": {
-            "type": "object-store", "name": name, "enabled": True}}, token).json()["service"]["id"]
+            "type": kind, "name": name, "enabled": True}}, token).json()["service"]["id"]
         for interface in ("public", "internal", "admin"):
             self.api("POST", "/endpoints", {"endpoint": {
                 "service_id": service, "interface": interface, "region_id": self.region,
-                "url": url_base + "/v1/AUTH_%(project_id)s", "enabled": True}}, token)
+                "url": url, "enabled": True}}, token)
         return service
 
 
@@ -610,7 +655,7 @@ class KeystoneSwift:
                                      ("reseller_prefix", "AUTH_")]),
         ]))
         self.server = self.swift.start_server("proxy-keystone", "swift-proxy-server", conf, self.port)
-        ks.add_object_store(self.proxy_url)
+        ks.add_service("object-store", "swift", self.proxy_url + "/v1/AUTH_%(project_id)s")
         self.storage_url = "%s/v1/AUTH_%s" % (self.proxy_url, ks.project_id)
         self.startup_seconds = time.monotonic() - began
         return self
