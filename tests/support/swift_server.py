@@ -33,7 +33,7 @@ their groups themselves (``AUTH_ftk...``/``AUTH_zftk...``) and are checked
 against ``token_life`` by Fernet's own ``ttl`` (whole seconds); without
 memcache and without a Fernet key tempauth answers 500 "Memcache required".
 
-Tempauth users (key ``KEY`` unless said): ``test:tester`` (``.admin`` of
+Tempauth users (key ``KEY``): ``test:tester`` (``.admin`` of
 account ``AUTH_test``), ``test:reader`` (no groups: 403 on everything of
 AUTH_test), ``test2:tester2`` (``.admin`` of ``AUTH_test2``).
 
@@ -66,7 +66,7 @@ __all__ = ["start_swift", "start_keystone", "start_keystone_swift", "find_openst
            "Swift", "Keystone", "KeystoneSwift", "Response", "request", "OpenStackError",
            "KEY", "REGION", "DOMAIN", "PROJECT", "USER", "PASSWORD", "APP_CRED_NAME"]
 
-KEY = "testing"                  # every tempauth user's key
+KEY = "swift-tempauth-key-7Qm2"     # every tempauth user's key (distinct: the secret scan looks for it)
 REGION = "RegionTest"
 DOMAIN = "snapdomain"
 PROJECT = "snapproject"
@@ -663,6 +663,16 @@ class KeystoneSwift:
     def stop(self):
         if self.server is not None:
             self.server.stop()
+
+    def log_tails(self, lines=20):
+        """The end of every Swift server's log and of Keystone's."""
+        server = self.keystone.server
+        return "%s\n---- keystone (%s)\n%s" % (self.swift.log_tails(lines), server.log_path,
+                                               server.log_tail(lines))
+
+    def new_container(self, token, prefix="k"):
+        """A new, empty container of the project's account; its name."""
+        return self.swift.new_container(prefix, storage_url=self.storage_url, token=token)
 
 
 def start_keystone_swift(swift, keystone):
