@@ -7,6 +7,8 @@ credentials.  (All e2e: the servers run from .venv-openstack.)"""
 
 import hashlib
 import json
+import os
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -382,3 +384,37 @@ def test_keystone_token_expires_on_the_swift_proxy(swift, tmp_path):
     finally:
         ks.stop()
     assert not [pid for pid in pids if pid_alive(pid)]
+
+
+def test_swift_cli_talks_to_both_proxies(swift, swift_keystone, tmp_path):
+    """python-swiftclient's CLI (for benchmarks): an SLO upload by tempauth,
+    its segments in ``<container>_segments``; a listing by application
+    credential through the keystone proxy."""
+    ks = swift_keystone.keystone
+    data = os.urandom(2500)
+    (tmp_path / "f").write_bytes(data)
+    env = dict((k, v) for k, v in os.environ.items() if not k.startswith(("OS_", "ST_")))
+
+    def cli(*args):
+        done = subprocess.run([swift.cli] + list(args), cwd=str(tmp_path), env=env, timeout=120,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert done.returncode == 0, done.stdout
+        return done.stdout.decode()
+
+    container = swift.new_container("cli")
+    cli("-A", swift.auth_url, "-U", swift.user, "-K", swift.key, "upload", "--use-slo",
+        "--segment-size", "1000", "--object-name", "obj", container, "f")
+    token, url = login(swift)
+    assert http("GET", "%s/%s/obj" % (url, container), token)[2] == data
+    assert len(listing("%s/%s_segments" % (url, container), token)) == 3
+    kcontainer = swift_keystone.new_container(ks.user_token()[0])
+    cli("--os-auth-url", ks.auth_url, "--auth-version", "3", "--os-username", ks.user,
+        "--os-password", ks.password, "--os-user-domain-name", ks.domain,
+        "--os-project-name", ks.project, "--os-project-domain-name", ks.domain,
+        "--os-region-name", ks.region, "upload", "--object-name", "k", kcontainer, "f")
+    out = cli("--os-auth-url", ks.auth_url, "--auth-version", "3",
+              "--os-auth-type", "v3applicationcredential",
+              "--os-application-credential-id", ks.app_cred_id,
+              "--os-application-credential-secret", ks.app_cred_secret,
+              "--os-region-name", ks.region, "list", kcontainer)
+    assert out.split() == ["k"]

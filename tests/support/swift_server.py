@@ -231,7 +231,7 @@ _STORAGE_APPS = {"account": "account", "container": "container", "object": "obje
 class Swift:
     """An all-in-one Swift with a tempauth proxy (see the module docstring).
 
-    ``proxy_url`` (``http://127.0.0.1:PORT``), ``auth_url``
+    ``proxy_url`` (``http://127.0.0.1:PORT``), ``cli`` (the swift CLI), ``auth_url``
     (``<proxy_url>/auth/v1.0``), ``user`` (``test:tester``), ``key``,
     ``account`` (``AUTH_test``), ``storage_url`` (``<proxy_url>/v1/AUTH_test``),
     ``reader`` (``test:reader``, no rights), ``other_user`` / ``other_storage_url``
@@ -317,6 +317,11 @@ class Swift:
     @property
     def python(self):
         return os.path.join(self.venv, "bin", "python")
+
+    @property
+    def cli(self):
+        """python-swiftclient's ``swift`` command (in the OpenStack venv)."""
+        return os.path.join(self.venv, "bin", "swift")
 
     def env(self):
         return child_env(drop_prefixes=("OS_", "SWIFT_", "PYTHON"), PYTHONUNBUFFERED="1")
