@@ -31,7 +31,10 @@ No ``cache`` filter and no memcached: tempauth is given a Fernet key
 (``fernet_key_1`` + ``active_fernet_key_id = 1``), so its tokens carry
 their groups themselves (``AUTH_ftk...``/``AUTH_zftk...``) and are checked
 against ``token_life`` by Fernet's own ``ttl`` (whole seconds); without
-memcache and without a Fernet key tempauth answers 500 "Memcache required".
+memcache and without a Fernet key tempauth raises "Memcache required" (a
+500).  Each login still logs "swift.cache could not be found in env!"
+(harmless).  Logs: ``-v`` copies them to ``<tmpdir>/<server>.log``; with
+no /dev/log swift also sends them to syslog on UDP 127.0.0.1:514.
 
 Tempauth users (key ``KEY``): ``test:tester`` (``.admin`` of
 account ``AUTH_test``), ``test:reader`` (no groups: 403 on everything of
@@ -463,7 +466,7 @@ class Keystone:
         """A keystone.db after db_sync, bootstrap and ``_populate`` (the
         users, projects, roles and application credential), its fernet and
         credential keys and ``facts.json`` (ids, the credential's secret):
-        made once per venv and keystone version (about 12 s) under
+        made once per venv and keystone version (about 15 s) under
         ``<venv>/var/``, then copied by every start.  Nothing in it names a
         port: the catalog's endpoints are added by each start."""
         versions = [name[len("keystone-"):-len(".dist-info")] for sub in
