@@ -28,6 +28,7 @@ import vault_snapshot_agent as _vsa  # noqa: E402
 from support import moto_s3 as _moto  # noqa: E402
 from support import gcs_emulators as _gcs  # noqa: E402
 from support import azurite as _azurite  # noqa: E402
+from support import swift_server as _swift  # noqa: E402
 from support import tinyproxy as _tinyproxy  # noqa: E402
 from support import browser as _browser  # noqa: E402
 from support import harness as _harness  # noqa: E402
@@ -45,7 +46,7 @@ except ImportError:
     collect_ignore = ["test_contrib.py", "test_helm_chart.py"]
 
 SERVER_FIXTURES = ("bao_cluster", "moto", "gcs", "gcs_paging", "azurite", "azurite_oauth",
-                   "proxy", "open_proxy", "chromium")
+                   "swift", "swift_keystone", "swift_container", "proxy", "open_proxy", "chromium")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -236,6 +237,73 @@ def azurite_oauth(tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+# ---------------------------------------------- OpenStack Swift and Keystone
+#
+# The servers run from .venv-openstack (support.swift_server), whatever
+# Python runs the tests: the tests that use them are e2e (SERVER_FIXTURES).
+
+
+def _openstack_dir(tmp_path_factory, name):
+    try:
+        _swift.find_openstack_venv()
+    except _swift.OpenStackError as exc:
+        pytest.fail("cannot run the Swift tests: %s" % exc)
+    return str(tmp_path_factory.mktemp(name))
+
+
+@pytest.fixture(scope="session")
+def swift(tmp_path_factory):
+    """Swift all in one (swift_server.Swift: account, container, object
+    servers and a tempauth proxy, tokens valid an hour): ``auth_url``,
+    ``user``, ``key``, ``storage_url``, ``login()``, ``new_container()``,
+    ``request()``; ``reader`` (no rights), ``other_user``; logs in its dir."""
+    server = _swift.start_swift(_openstack_dir(tmp_path_factory, "swift"), token_life=3600)
+    KNOWN_SECRETS.add(server.key)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def swift_keystone(swift, tmp_path_factory):
+    """A second proxy of the ``swift`` cluster behind Keystone
+    (swift_server.KeystoneSwift: authtoken + keystoneauth): ``proxy_url``,
+    ``storage_url``, ``keystone`` (swift_server.Keystone: ``auth_url`` .../v3,
+    user/project/domain names and ids, ``password``, ``app_cred_*``,
+    ``region``; tokens valid an hour), ``new_container(token)``."""
+    keystone = _swift.start_keystone(_openstack_dir(tmp_path_factory, "keystone"),
+                                     token_expiration=3600)
+    KNOWN_SECRETS.update([keystone.password, keystone.admin_password,
+                          keystone.service_password, keystone.app_cred_secret])
+    try:
+        proxy = _swift.start_keystone_swift(swift, keystone)
+        try:
+            yield proxy
+        finally:
+            proxy.stop()
+    finally:
+        keystone.stop()
+
+
+@pytest.fixture
+def swift_container(swift):
+    """A new, empty container of ``swift``'s ``test`` account (its name)."""
+    return swift.new_container("t")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that used the Swift fixtures shows their logs' tails."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        funcargs = getattr(item, "funcargs", {})
+        server = funcargs.get("swift_keystone") or funcargs.get("swift")
+        if server is not None:
+            report.sections.append(("Swift and Keystone logs", server.log_tails()))
 
 
 # ------------------------------------------------- forward proxies

