@@ -259,7 +259,8 @@ def test_hostile_commands_end_at_notify_timeout_with_their_group_and_no_zombie(t
         took = time.monotonic() - started
     pids = [int((tmp_path / ("pid." + e)).read_text()) for e in ("failed", "recovered")]
     try:
-        assert not any(group_alive(pid) for pid in pids)
+        # SIGKILL has been sent to the groups; a loaded machine may take a moment to end them
+        wait_for(lambda: not any(group_alive(pid) for pid in pids), 2, "the groups to end")
         assert zombies() == []
         assert took < 7.5, took          # two events: 1 s each, plus 2 s each to SIGKILL at worst
         lines = [line for line in log.getvalue().splitlines() if "notify_command for failed" in line]
