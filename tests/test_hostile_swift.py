@@ -538,3 +538,201 @@ def test_a_keystone_error_quoting_the_secret_is_masked(tmp_path, app):
     assert code == 1, log
     assert [line for line in error_lines(log) if "HTTP 401" in line], log
     no_secret(log, KS_TOKEN)
+
+
+# -- 401 loops ---------------------------------------------------------------------
+
+
+def test_a_store_that_refuses_every_token_costs_one_new_login_per_request(tmp_path):
+    def refuse(req):
+        return (401, {}, b"<html><h1>Unauthorized</h1></html>") if req.container else None
+    with FakeSwift([refuse]) as swift:
+        store = storage(tmp_path, swift.storage_block())
+        with captured_log() as log:
+            for _ in range(3):
+                with pytest.raises(vsa.StorageError) as caught:
+                    store.list()
+                assert "HTTP 401" in str(caught.value) and "token was refused" in str(caught.value)
+        # a login, then per list: the list, a new login, the list again (the
+        # second refusal ends it; its token stays for the next request's try)
+        assert len(swift.tokens) == 4, swift.tokens
+        assert swift.count("GET") == 4 + 6
+    tokens_free(log.getvalue(), swift)
+
+
+def test_a_token_refused_once_then_accepted_needs_exactly_one_new_login(tmp_path):
+    def refuse_first(req):
+        if req.container and req.headers.get("X-Auth-Token") == swift.tokens[0]:
+            return 401, {}, b"<html><h1>Unauthorized</h1></html>"
+        return None
+    with FakeSwift([refuse_first]) as swift:
+        swift.put("snaps", name_at(now() - HOUR))
+        store = storage(tmp_path, swift.storage_block())
+        with captured_log():
+            assert len(store.list()) == 1
+            assert len(store.list()) == 1
+        assert len(swift.tokens) == 2
+
+
+# -- uploads ---------------------------------------------------------------------
+
+
+def sha_meta(value):
+    return {"X-Object-Meta-" + vsa.OWN_SHA256: value}
+
+
+def served_then(change):
+    """A hook answering as FakeSwift, then ``change(req, (status, headers,
+    payload))`` -> what is sent (or "cut")."""
+    def hook(req):
+        return change(req, hook.swift.serve(req)) if req.container else None
+    return hook
+
+
+def is_segment_put(req):
+    return req.method == "PUT" and ".segments/" in (req.obj or "")
+
+
+def is_manifest_put(req):
+    return req.method == "PUT" and req.query.get("multipart-manifest") == "put"
+
+
+def upload_with(tmp_path, *hooks, signals=None):
+    """Upload a 1.5 MiB snapshot (two 1 MiB segments) under prefix p/ to a
+    FakeSwift with ``hooks``: (result or the exception, log, the swift)."""
+    info = staged(tmp_path)
+    name = name_at(now())
+    with with_swift(*hooks) as swift:
+        store = storage(tmp_path, swift.storage_block(prefix="p", segment_size_mb=1), signals=signals)
+        with captured_log() as log:
+            try:
+                result = store.upload(info, name)
+            except (vsa.StorageError, vsa.Stopped) as exc:
+                result = exc
+    tokens_free(log.getvalue() + str(result), swift)
+    return result, log.getvalue(), swift, name
+
+
+def test_a_segment_answered_with_a_wrong_etag_fails_the_upload_and_leaves_nothing(tmp_path):
+    def wrong(req, answer):
+        if is_segment_put(req):
+            answer[1]["Etag"] = "0" * 32
+        return answer
+    result, log, swift, _ = upload_with(tmp_path, served_then(wrong))
+    assert isinstance(result, vsa.StorageError) and "segment" in str(result), result
+    assert swift.names() == [], swift.names()
+    assert swift.count("PUT", query_key="multipart-manifest") == 0
+    assert "Deleted the" in log and "segment(s) of the failed upload" in log, log
+
+
+def test_a_manifest_answered_with_a_wrong_etag_is_deleted_with_its_segments(tmp_path):
+    def wrong(req, answer):
+        if is_manifest_put(req):
+            answer[1]["Etag"] = '"%s"' % ("f" * 32)
+        return answer
+    result, _, swift, _ = upload_with(tmp_path, served_then(wrong))
+    assert isinstance(result, vsa.StorageError) and "object deleted" in str(result), result
+    assert swift.names() == [], swift.names()
+
+
+def test_a_manifest_put_cut_after_it_was_stored_is_a_success(tmp_path):
+    def cut_first(req, answer):
+        if is_manifest_put(req) and hook.swift.count("PUT", query_key="multipart-manifest") == 1:
+            return "cut"        # stored, but the answer is lost
+        return answer
+    hook = served_then(cut_first)
+    result, log, swift, name = upload_with(tmp_path, hook)
+    assert result == "swift://snaps/p/" + name, result
+    assert swift.count("PUT", query_key="multipart-manifest") == 2
+    assert "the answer was lost, but the object there is the one sent" in log, log
+    assert len(swift.names()) == 3 and "p/" + name in swift.names()
+
+
+def test_a_manifest_put_cut_then_refused_for_another_object_is_a_name_clash(tmp_path):
+    def plant_then_cut(req):
+        if is_manifest_put(req) and hook.swift.count("PUT", query_key="multipart-manifest") == 1:
+            hook.swift.put("snaps", req.obj, b"another agent's", sha_meta("0" * 64))
+            return "cut"
+        return None
+    hook = plant_then_cut
+    result, _, swift, name = upload_with(tmp_path, hook)
+    assert isinstance(result, vsa.NameClash), result
+    assert swift.names() == ["p/" + name]
+    assert swift.objects[("snaps", "p/" + name)].data == b"another agent's"
+
+
+def test_a_stop_during_segment_uploads_deletes_the_segments_written(tmp_path):
+    signals = FakeSignals()
+
+    def stop_on_second(req, answer):
+        if is_segment_put(req) and hook.swift.count("PUT") == 2:
+            signals.request_stop()
+        return answer
+    hook = served_then(stop_on_second)
+    result, log, swift, _ = upload_with(tmp_path, hook, signals=signals)
+    assert isinstance(result, vsa.Stopped), result
+    assert swift.count("PUT", query_key="multipart-manifest") == 0
+    assert swift.count("PUT") >= 1
+    assert swift.names() == [], swift.names()
+
+
+def test_segments_that_cannot_be_deleted_are_named_in_one_error_line(tmp_path):
+    from support.archives import build_archive
+    from support.fake_endpoints import FakeVault
+
+    def wrong_then_locked(req):
+        if req.method == "DELETE" and ".segments/" in (req.obj or ""):
+            return 403, {}, b"<html><h1>Forbidden</h1></html>"
+        if is_segment_put(req):
+            status, headers, payload = hook.swift.serve(req)
+            return status, dict(headers, Etag="0" * 32), payload
+        return None
+    hook = wrong_then_locked
+    with FakeVault(archive=build_archive(state=os.urandom(1536 * 1024))) as vault, \
+            with_swift(hook) as swift:
+        block = swift.storage_block(prefix="p", segment_size_mb=1)
+        code, log = run_main("-c", write_config(tmp_path, block, addr=vault.url), "--once")
+        left = [n for n in swift.names() if ".segments/" in n]
+    assert code == 1, log
+    assert left and swift.count("PUT", query_key="multipart-manifest") == 0, swift.names()
+    lines = [line for line in error_lines(log) if "Could not delete %d segment(s)" % len(left) in line]
+    assert lines and any("snaps/" + name in lines[0] for name in left), log
+    assert "Traceback" not in log and "unexpected" not in log, log
+    tokens_free(log, swift)
+
+
+def slo_store(swift, names, prefix="p/"):
+    """Each name stored as a manifest of one segment under prefix/.segments/."""
+    for name in names:
+        seg = "%s.segments/%s/0a0b0c/00000001" % (prefix, name)
+        swift.put("snaps", seg, b"segment of " + name.encode())
+        part = swift.objects[("snaps", seg)]
+        from support.hostile_swift import Obj
+        swift.objects[("snaps", prefix + name)] = Obj(b"", {}, [
+            {"path": "/snaps/" + seg, "etag": part.etag, "size_bytes": part.size}])
+
+
+ERRORS_CRASH = pytest.mark.xfail(strict=True, reason="BUG: SwiftStorage.delete takes len() and [0] "
+                                 "of any JSON Errors value: TypeError/KeyError instead of a StorageError")
+
+
+@pytest.mark.parametrize("errors", [
+    [["/snaps/p/.segments/x/00000001", "403 Forbidden"]], "text", [None],
+    pytest.param(5, marks=ERRORS_CRASH), pytest.param({"a": 1}, marks=ERRORS_CRASH),
+    pytest.param(True, marks=ERRORS_CRASH)],
+    ids=["list", "string", "null-entry", "number", "object", "bool"])
+def test_a_manifest_delete_answering_errors_is_a_retention_error(tmp_path, errors):
+    when = now()
+    names = [name_at(when - HOUR * i) for i in (0, 1, 2)]
+
+    def refuse(req):
+        if req.method == "DELETE" and req.query.get("multipart-manifest") == "delete":
+            return 200, {}, {"Number Deleted": 0, "Response Status": "400 Bad Request", "Errors": errors}
+        return None
+    with FakeSwift([refuse]) as swift:
+        slo_store(swift, names)
+        store = storage(tmp_path, swift.storage_block(prefix="p", retain=1))
+        with captured_log(), pytest.raises(vsa.StorageError) as caught:
+            vsa.apply_retention(store, keep=names[0], now=when)
+        assert len(swift.names()) == 6
+    assert "not deleted" in str(caught.value), caught.value
