@@ -736,3 +736,99 @@ def test_a_manifest_delete_answering_errors_is_a_retention_error(tmp_path, error
             vsa.apply_retention(store, keep=names[0], now=when)
         assert len(swift.names()) == 6
     assert "not deleted" in str(caught.value), caught.value
+
+
+# -- two agents, one name --------------------------------------------------------
+
+
+def test_two_agents_uploading_one_name_at_once_one_wins_and_the_other_removes_only_its_own(tmp_path):
+    import threading
+    infos = [staged(tmp_path, name="a.snap"), staged(tmp_path, name="b.snap")]
+    name = name_at(now())
+    both = threading.Barrier(2, timeout=20)
+
+    def meet(req):
+        if is_manifest_put(req):
+            both.wait()         # both manifests arrive before either is stored
+        return None
+    results = [None, None]
+    with FakeSwift([meet]) as swift:
+        stores = [storage(tmp_path, swift.storage_block(prefix="p", segment_size_mb=1)) for _ in infos]
+
+        def run(index):
+            try:
+                results[index] = stores[index].upload(infos[index], name)
+            except vsa.StorageError as exc:
+                results[index] = exc
+        with captured_log():
+            threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        winner = [i for i in (0, 1) if isinstance(results[i], str)]
+        assert len(winner) == 1 and isinstance(results[1 - winner[0]], vsa.NameClash), results
+        manifest = swift.objects[("snaps", "p/" + name)]
+        assert manifest.meta["X-Object-Meta-" + vsa.OWN_SHA256] == infos[winner[0]].sha256
+        segments = [n for n in swift.names() if ".segments/" in n]
+        assert sorted(s["path"] for s in manifest.segments) == sorted("/snaps/" + n for n in segments)
+        with captured_log():
+            data = stores[0]._request("GET", "download", "p/" + name)[1]
+    with open(infos[winner[0]].path, "rb") as handle:
+        assert data == handle.read()
+
+
+# -- the cleaner of killed uploads ----------------------------------------------
+
+
+def segments_of(swift, name, upload="0a0b0c", count=2, prefix="p/.segments/"):
+    for number in range(1, count + 1):
+        swift.put("snaps", "%s%s/%s/%08d" % (prefix, name, upload, number), b"seg")
+
+
+def test_the_cleaner_deletes_only_old_orphan_segments(tmp_path):
+    when = now()
+    kept_manifest, orphan, young = name_at(when - 3 * DAY), name_at(when - 2 * DAY), name_at(when - HOUR)
+    with FakeSwift() as swift:
+        slo_store(swift, [kept_manifest])
+        for name in (orphan, young):
+            segments_of(swift, name)
+        segments_of(swift, orphan, prefix="q/.segments/")
+        segments_of(swift, orphan, prefix="p/other/")
+        segments_of(swift, "vault-" + orphan[len("raft_snapshot-"):])      # another file_prefix
+        swift.put("snaps", "p/.segments/" + orphan)                         # not a folder
+        before = swift.names()
+        store = storage(tmp_path, swift.storage_block(prefix="p"))
+        with captured_log() as log:
+            store.prepare()
+        gone = sorted(set(before) - set(swift.names()))
+    assert gone == ["p/.segments/%s/0a0b0c/%08d" % (orphan, n) for n in (1, 2)], log.getvalue()
+    tokens_free(log.getvalue(), swift)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: prepare() deletes every name the listing of an orphan's "
+                   "segment folder returns, without checking it lies under that folder")
+def test_a_hostile_segment_listing_cannot_make_the_cleaner_delete_elsewhere(tmp_path):
+    when = now()
+    orphan, real = name_at(when - 2 * DAY), name_at(when - 3 * HOUR)
+    folder = "p/.segments/%s/" % orphan
+
+    def lie(req):
+        prefix = req.query.get("prefix", "")
+        if req.method == "GET" and req.obj is None and prefix == folder:
+            return 200, {}, [{"name": "p/" + real, "bytes": 3}, {"name": "q/x", "bytes": 1},
+                             {"name": folder + "../../" + real, "bytes": 1},
+                             {"name": folder + "0a/00000001", "bytes": 3}]
+        if req.method == "GET" and req.obj is None and prefix == "p/.segments/":
+            return 200, {}, [{"subdir": folder}, {"subdir": "p/.segments/../"},
+                             {"subdir": "q/.segments/%s/" % orphan}, {"subdir": "p/"}]
+        return None
+    with FakeSwift([lie]) as swift:
+        swift.put("snaps", "p/" + real)
+        swift.put("snaps", "q/x")
+        swift.put("snaps", folder + "0a/00000001")
+        store = storage(tmp_path, swift.storage_block(prefix="p"))
+        with captured_log():
+            store.prepare()
+        deleted = sorted(r[2] for r in swift.requests if r[0] == "DELETE")
+    assert deleted == [folder + "0a/00000001"], deleted
