@@ -832,3 +832,43 @@ def test_a_hostile_segment_listing_cannot_make_the_cleaner_delete_elsewhere(tmp_
             store.prepare()
         deleted = sorted(r[2] for r in swift.requests if r[0] == "DELETE")
     assert deleted == [folder + "0a/00000001"], deleted
+
+
+# -- a SIGTERM during an upload, in the daemon -----------------------------------
+
+
+def test_sigterm_during_segment_uploads_deletes_them_and_exits_0(tmp_path):
+    import signal
+    import threading
+    from support.archives import build_archive
+    from support.fake_endpoints import FakeVault
+    from support.harness import child_env, read, reaped, start_agent, stop, wait_for
+    release = threading.Event()
+
+    def hold_the_second(req):
+        if is_segment_put(req) and hook.swift.count("PUT") >= 2:
+            release.wait(20)            # the agent is stopped meanwhile
+            return 503, {}, b"<html><h1>Service Unavailable</h1></html>"
+        return None
+    hook = hold_the_second
+    logfile = tmp_path / "agent.log"
+    with FakeVault(archive=build_archive(state=os.urandom(1536 * 1024))) as vault, \
+            with_swift(hook) as swift:
+        block = swift.storage_block(prefix="p", segment_size_mb=1, concurrency=1)
+        config = write_config(tmp_path, block, addr=vault.url, frequency="1h")
+        try:
+            with reaped(start_agent(config, str(logfile), env=child_env())) as proc:
+                wait_for(lambda: proc.poll() is not None or swift.count("PUT") >= 2, 30,
+                         "the second segment PUT")
+                assert proc.poll() is None, read(logfile)
+                assert any(".segments/" in n for n in swift.names())     # the first is stored
+                code = stop(proc, signal.SIGTERM, timeout=15)
+        finally:
+            release.set()
+        names = swift.names()
+    log = read(logfile)
+    assert code == 0, log
+    assert names == [], log
+    assert swift.count("PUT", query_key="multipart-manifest") == 0
+    assert "Traceback" not in log, log
+    tokens_free(log, swift)
