@@ -23,7 +23,7 @@ from support.archives import write_archive
 from support.fake_endpoints import Endpoint
 from support.harness import (FakeClock, FakeSignals, captured_log, clear_cloud_env, error_lines,
                              go_snapshot_name, known_secrets, run_main)
-from support.hostile_swift import KEY, FakeSwift
+from support.hostile_swift import KEY, FakeSwift, Obj
 
 HOUR = datetime.timedelta(hours=1)
 DAY = datetime.timedelta(days=1)
@@ -707,7 +707,6 @@ def slo_store(swift, names, prefix="p/"):
         seg = "%s.segments/%s/0a0b0c/00000001" % (prefix, name)
         swift.put("snaps", seg, b"segment of " + name.encode())
         part = swift.objects[("snaps", seg)]
-        from support.hostile_swift import Obj
         swift.objects[("snaps", prefix + name)] = Obj(b"", {}, [
             {"path": "/snaps/" + seg, "etag": part.etag, "size_bytes": part.size}])
 
