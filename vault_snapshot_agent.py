@@ -434,9 +434,9 @@ def refuse_control(value, where):
 
 def parse_listed_size(value):
     """An object size from a listing (XML text, JSON string or number); 0
-    when it is missing or not a plain whole number."""
+    when it is missing or not a plain whole number of at most 20 digits."""
     if isinstance(value, int) and not isinstance(value, bool):
-        return max(value, 0)
+        return value if 0 <= value < 10 ** 20 else 0
     if isinstance(value, str) and re.match(r"\A[0-9]{1,20}\Z", value.strip()):
         return int(value.strip())
     return 0
@@ -7507,6 +7507,9 @@ class SwiftStorage(Storage):
 
         def error_from(resp, data, action):
             error = _swift_error(resp, data, action)
+            shown = masked(str(error), [used[0].reveal()])
+            if shown != str(error):           # a page that quotes the token
+                error = type(error)(shown, error.retryable)
             if resp.status == 401 and not refused:
                 refused.append(True)
                 self.token.invalidate(used[0])
@@ -7668,7 +7671,9 @@ class SwiftStorage(Storage):
                 when = self.parse_name(name)
                 if when is None or name in held or (self.clock.now() - when).total_seconds() < 86400:
                     continue
-                paths = [path for path, _ in self._listing(container, subdir)]
+                paths = [path for path, _ in self._listing(container, subdir)
+                         if isinstance(path, str) and path.startswith(subdir)
+                         and ".." not in path.split("/")]
                 self._remove(container, paths, self.full_name(name))
         except StorageError as exc:
             LOG.warning("Swift: looking for segments of killed uploads in %s failed: %s", container, exc)
@@ -7715,6 +7720,8 @@ class SwiftStorage(Storage):
             except (ValueError, RecursionError):
                 summary = {}
             errors = summary.get("Errors") if isinstance(summary, dict) else None
+            if errors and not isinstance(errors, list):
+                errors = [errors]
             if errors and len(errors) == 1 and "Not an SLO manifest" in json.dumps(errors[0]):
                 self._request("DELETE", "delete of %s" % obj, obj, ok=(200, 204, 404))   # one PUT
             elif errors:
