@@ -1,0 +1,297 @@
+"""Section "OpenStack Swift": Swift storage end to end against a real Swift
+(all in one, tempauth) and a real Keystone v3 (support/swift_server.py):
+real snapshots from the OpenBao cluster stored with every login flavour,
+then listed, downloaded, verified and restored through main(); Static Large
+Objects (segments, segment_container, retention of manifests with their
+segments); uploads cut or stopped mid-way leave nothing; crash leftovers
+are swept; tokens that expire or are refused mid-cycle; one-line errors;
+``--check-config`` with the OS_* variables; ``doctor``; re-verification of
+damaged objects; no password, secret or token in any log line.
+
+Short cycles that need no real Raft data run against the loopback
+FakeVault (support/fake_endpoints.py) through support/scrub_stores.py's
+``SwiftStore``; the container is the ``swift_container`` fixture's (fresh
+per test), so every listing is exactly what the test put there.
+"""
+
+import hashlib
+import io
+import json
+import os
+import re
+
+import pytest
+
+import vault_snapshot_agent as vsa
+from support.fake_endpoints import FakeVault
+from support.faultproxy import FaultProxy
+from support.harness import (error_lines, known_secrets, read, reaped, run_main, run_once, start_agent,
+                             stop, success_location, verify_download, wait_for)
+from support.scrub_stores import Snapshots, SwiftStore, run_cli, store_snapshots, taken, upload
+from support.swift_server import request, start_swift
+
+SUCCESS = "Successfully created swift snapshot to swift://"
+OBTAINED = "Obtained an access token from "
+
+
+@pytest.fixture(autouse=True)
+def no_openstack_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("OS_", "ST_", "VAULT_", "BAO_")):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def logins(monkeypatch):
+    """Every token the agent's Swift logins (tempauth and Keystone) got,
+    in order; each one is added to the session's secret scan."""
+    tokens = []
+
+    def recording(real):
+        def login(*args, **kwargs):
+            answer = real(*args, **kwargs)
+            tokens.append(answer[0])
+            known_secrets(answer[0])
+            return answer
+        return login
+    monkeypatch.setattr(vsa, "tempauth_login", recording(vsa.tempauth_login))
+    monkeypatch.setattr(vsa, "keystone_login", recording(vsa.keystone_login))
+    return tokens
+
+
+def tempauth_block(swift, container, **extra):
+    return dict({"auth_url": swift.auth_url, "username": swift.user, "password": swift.key,
+                 "container": container}, **extra)
+
+
+KEYSTONE_LOGINS = ("password-names", "password-ids", "appcred-id", "appcred-name")
+
+
+def keystone_block(ksw, container, how="password-names", **extra):
+    ks = ksw.keystone
+    block = {"auth_url": ks.auth_url, "container": container}
+    if how == "password-names":
+        block.update(username=ks.user, user_domain_name=ks.domain, password=ks.password,
+                     project_name=ks.project, project_domain_name=ks.domain)
+    elif how == "password-ids":
+        block.update(user_id=ks.user_id, password=ks.password, project_id=ks.project_id)
+    elif how == "appcred-id":
+        block.update(application_credential_id=ks.app_cred_id,
+                     application_credential_secret=ks.app_cred_secret)
+    else:
+        block.update(application_credential_name=ks.app_cred_name, username=ks.user,
+                     user_domain_name=ks.domain, application_credential_secret=ks.app_cred_secret)
+    return dict(block, **extra)
+
+
+def keystone_listing(ksw, container):
+    """Every object name in a container of the Keystone project."""
+    resp = request("GET", "%s/%s?format=json" % (ksw.storage_url, container),
+                   token=ksw.keystone.user_token()[0])
+    assert resp.status == 200, resp
+    return sorted(item["name"] for item in resp.json())
+
+
+def keystone_get(ksw, container, name):
+    resp = request("GET", "%s/%s/%s" % (ksw.storage_url, container, name),
+                   token=ksw.keystone.user_token()[0])
+    assert resp.status == 200, resp
+    return resp
+
+
+def assert_no_secret(log, *secrets):
+    for secret in secrets:
+        assert secret and secret not in log
+    assert "Traceback" not in log
+
+
+def cycle(tmp_path, store, archive):
+    """One ``--once`` cycle of ``store``'s block against a FakeVault serving
+    ``archive``: (exit code, log)."""
+    with FakeVault(role_id="r", secret_id="s", archive=archive) as vault:
+        code, log, _ = run_cli(tmp_path, store, "--once", addr=vault.url)
+    return code, log
+
+
+def proxied(store, proxy, **extra):
+    """``store``'s block with tempauth and storage through ``proxy``."""
+    return SwiftStore(store.swift, store.container, store.prefix, store.segment_size_mb,
+                      **dict(store.extra, auth_url=proxy.addr + "/auth/v1.0",
+                             storage_url=proxy.addr + "/v1/" + store.swift.account, **extra))
+
+
+def segment_puts(proxy):
+    return [line for line in proxy.requests if line.startswith("PUT ") and "/.segments/" in line]
+
+
+# =============================================================================
+# --once against the real cluster, with each login; list, download, verify
+# =============================================================================
+
+
+def _commands_work(tmp_path, name, data):
+    """list, download latest, verify (the file, and the stored snapshot)
+    through main() on the config run_once wrote."""
+    config = str(tmp_path / "c.json")
+    code, log = run_main("-c", config, "list")
+    assert code == 0, log
+    output = str(tmp_path / "latest.snap")
+    out = io.StringIO()
+    assert vsa.main(["-c", config, "list"], stream=io.StringIO(), out=out) == 0
+    assert [line.split()[-1] for line in out.getvalue().splitlines()] == [name], out.getvalue()
+    assert " swift " in out.getvalue()
+    code, log = run_main("-c", config, "download", "latest", "-o", output)
+    assert code == 0, log
+    assert open(output, "rb").read() == data
+    code, log = run_main("verify", output)
+    assert code == 0, log
+    out = io.StringIO()
+    code = vsa.main(["-c", config, "verify", "latest", "--storage", "swift"], stream=io.StringIO(), out=out)
+    assert code == 0 and re.match(r"OK +swift +%s " % re.escape(name), out.getvalue()), out.getvalue()
+
+
+@pytest.mark.parametrize("how", ("tempauth",) + KEYSTONE_LOGINS)
+def test_once_stores_a_snapshot_that_lists_downloads_and_verifies(how, bao_cluster, approle, swift,
+                                                                  swift_keystone, logins, tmp_path):
+    ks = swift_keystone.keystone
+    if how == "tempauth":
+        container = swift.new_container("once")
+        block, listing = tempauth_block(swift, container, prefix="p"), \
+            lambda: SwiftStore(swift, container, "p").listing()
+        get = lambda key: swift.request("GET", "/%s/%s" % (container, key))  # noqa: E731
+    else:
+        container = swift_keystone.new_container(ks.user_token()[0])
+        block, listing = keystone_block(swift_keystone, container, how, prefix="p"), \
+            lambda: keystone_listing(swift_keystone, container)
+        get = lambda key: keystone_get(swift_keystone, container, key)  # noqa: E731
+    code, log = run_once(tmp_path, bao_cluster.leader().addr, approle, swift_storage=block)
+    assert code == 0, log
+    key = success_location(log, SUCCESS + container + "/")
+    assert re.match(r"p/raft_snapshot-\d{8}T\d{6}\.\d{3}Z\.snap\Z", key) and listing() == [key]
+    resp = get(key)
+    info = verify_download(resp.body, tmp_path)
+    assert resp.headers["x-object-meta-vault-snapshot-sha256"] == info.sha256
+    assert log.count(OBTAINED) == 1 and len(logins) == 1
+    if how in ("tempauth", "password-names"):   # each request costs Keystone's proxy ~0.5 s
+        _commands_work(tmp_path, key.split("/")[1], resp.body)
+    assert_no_secret(log, swift.key if how == "tempauth" else
+                     ks.password if how.startswith("password") else ks.app_cred_secret, *logins)
+
+
+def test_restore_takes_the_snapshot_from_swift(swift, swift_container, tmp_path):
+    store = SwiftStore(swift, swift_container, "restore")
+    snaps = Snapshots()
+    older, newer = store_snapshots(tmp_path, store, [snaps.small(), snaps.small()])
+    with FakeVault(role_id="r", secret_id="s") as vault:
+        code, log, out = run_cli(tmp_path, store, "restore", "latest", "--yes", addr=vault.url)
+        assert code == 0, log
+        assert vault.restores == [store.read(newer)]
+        code, log, out = run_cli(tmp_path, store, "restore", older, "--yes", addr=vault.url)
+        assert code == 0, log
+        assert vault.restores[1] == store.read(older)
+
+
+# =============================================================================
+# Static Large Objects, segment_container, retention
+# =============================================================================
+
+
+@pytest.mark.parametrize("separate", [False, True], ids=["segments-beside", "segment-container"])
+def test_a_large_snapshot_is_an_slo_whose_segments_retention_deletes(separate, swift, swift_container,
+                                                                      tmp_path):
+    seg = swift.new_container("seg") if separate else None
+    store = SwiftStore(swift, swift_container, "slo", segment_size_mb=1, retain=1,
+                       **({"segment_container": seg} if separate else {}))
+    segments = SwiftStore(swift, seg, "slo") if separate else store
+    under = "slo/" if separate else "slo/.segments/"
+    snaps, kept = Snapshots(), {}
+    for _ in range(3):
+        data = snaps.sized(2.5)
+        code, log = cycle(tmp_path, store, data)
+        assert code == 0, log
+        name = success_location(log, SUCCESS + swift_container + "/").split("/", 1)[1]
+        head = store.head(name)
+        assert head.headers.get("x-static-large-object", "").lower() == "true", head
+        assert store.read(name) == data and store.own_sha256(name) == hashlib.sha256(data).hexdigest()
+        parts = segments.listing(under + name + "/")
+        assert len(parts) == 3 and all(re.match(r"%s%s/[0-9a-f]{12}/0000000[123]\Z" % (
+            re.escape(under), re.escape(name)), p) for p in parts), parts
+        kept = {"manifest": "slo/" + name, "segments": parts}
+    assert store.names() == [kept["manifest"].split("/")[1]]
+    if separate:
+        assert store.listing() == [kept["manifest"]]
+        assert segments.listing() == kept["segments"]
+    else:
+        assert store.listing() == sorted([kept["manifest"]] + kept["segments"])
+    assert "deleted 1" in log
+
+
+# =============================================================================
+# a cut or stopped upload leaves nothing; crash leftovers are swept
+# =============================================================================
+
+
+def test_a_refused_segment_leaves_no_manifest_and_no_segment(swift, swift_container, tmp_path):
+    store = SwiftStore(swift, swift_container, "cut", segment_size_mb=1, concurrency=2)
+    with FaultProxy("127.0.0.1", swift.ports["proxy"]) as proxy:
+        rule = proxy.fail_requests(lambda m, p: m == "PUT" and "/.segments/" in p and
+                                   p.endswith("/00000003"), status=403, body=b"cut",
+                                   content_type="text/plain")
+        code, log = cycle(tmp_path, proxied(store, proxy), Snapshots().sized(4.5))
+    assert code == 1, log
+    assert rule.hits == 1
+    assert store.listing() == [], log
+    assert re.search(r"Deleted the [1-5] segment\(s\) of the failed upload of cut/raft_snapshot-", log), log
+    assert "HTTP 403" in log and "segment 3" in log
+
+
+def test_a_missing_segment_container_leaves_nothing(swift, swift_container, tmp_path):
+    store = SwiftStore(swift, swift_container, "noseg", segment_size_mb=1,
+                       segment_container="no-such-segments")
+    code, log = cycle(tmp_path, store, Snapshots().sized(2.5))
+    assert code == 1, log
+    assert store.listing() == []
+    assert any("HTTP 404" in line and "segment" in line for line in error_lines(log)), log
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_segment_uploads_leaves_nothing_and_exits_0(swift, swift_container, tmp_path):
+    store = SwiftStore(swift, swift_container, "term", segment_size_mb=1, concurrency=1)
+    with FakeVault(role_id="r", secret_id="s", archive=Snapshots().sized(6.5)) as vault, \
+            FaultProxy("127.0.0.1", swift.ports["proxy"]) as proxy:
+        proxy.delay(0.2)
+        config = tmp_path / "agent.json"
+        config.write_text(json.dumps({"addr": vault.url, "role_id": "r", "secret_id": "s",
+                                      "temp_dir": str(tmp_path), "frequency": "1h",
+                                      "swift_storage": proxied(store, proxy).block()}))
+        os.chmod(str(config), 0o600)
+        logfile = tmp_path / "agent.log"
+        with reaped(start_agent(str(config), str(logfile))) as proc:
+            wait_for(lambda: len(segment_puts(proxy)) >= 2, 30, "two segment uploads")
+            assert stop(proc) == 0, read(logfile)
+    log = read(logfile)
+    assert store.listing() == [], log
+    assert SUCCESS not in log and "Traceback" not in log
+    assert re.search(r"Deleted the \d segment\(s\) of the failed upload of term/", log), log
+
+
+def test_prepare_sweeps_segments_of_killed_uploads_and_nothing_else(swift, swift_container, tmp_path):
+    store = SwiftStore(swift, swift_container, "sweep", segment_size_mb=1, retain=0)
+    snaps = Snapshots()
+    old_slo, orphan, recent = taken(50), taken(49), taken(2)
+    data = snaps.sized(2.5)
+    upload(tmp_path, store, old_slo, data)                 # an old SLO: its segments are its own
+    kept = store.segments(old_slo + "/")
+    assert len(kept) == 3
+    leftovers = ["sweep/.segments/%s/0123456789ab/%08d" % (orphan, n) for n in (1, 2)]
+    spared = ["sweep/.segments/%s/0123456789ab/00000001" % recent,     # may still be uploading
+              "sweep/.segments/notes/0123456789ab/00000001"]           # not a snapshot name
+    for path in leftovers + spared:
+        resp = store.request("PUT", path, body=b"segment")
+        assert resp.status == 201, resp
+    code, log = cycle(tmp_path, store, snaps.small())
+    assert code == 0, log
+    new = success_location(log, SUCCESS + swift_container + "/")
+    assert store.listing() == sorted(["sweep/" + old_slo, new] + kept + spared), log
+    assert store.read(old_slo) == data
+    assert "Deleted the 2 segment(s) of the failed upload of sweep/%s" % orphan in log
