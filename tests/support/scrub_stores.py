@@ -319,7 +319,8 @@ class GcsStore(Store):
 
 class SwiftStore(Store):
     """A container of the ``swift`` fixture (support/swift_server.Swift),
-    tempauth as ``test:tester``; ``segment_size_mb``: SLO uploads above it.
+    tempauth as ``test:tester``; ``segment_size_mb``: SLO uploads above it;
+    ``extra``: more keys of the block (with ``swift`` None, the login too).
     ``segments()``: every object name under ``.segments/`` of the prefix."""
 
     key, name = "swift_storage", "swift"
@@ -333,8 +334,10 @@ class SwiftStore(Store):
         self._token = None
 
     def block(self, **extra):
-        block = {"auth_url": self.swift.auth_url, "username": self.swift.user,
-                 "password": self.swift.key, "container": self.container, "prefix": self.prefix}
+        block = {"container": self.container, "prefix": self.prefix}
+        if self.swift is not None:          # None: the login keys are all in ``extra``
+            block.update(auth_url=self.swift.auth_url, username=self.swift.user,
+                         password=self.swift.key)
         if self.segment_size_mb:
             block["segment_size_mb"] = self.segment_size_mb
         return dict(block, **dict(self.extra, **extra))
