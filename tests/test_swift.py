@@ -157,7 +157,8 @@ def _commands_work(tmp_path, name, data):
     assert code == 0 and re.match(r"OK +swift +%s " % re.escape(name), out.getvalue()), out.getvalue()
 
 
-@pytest.mark.parametrize("how", ("tempauth",) + KEYSTONE_LOGINS)
+@pytest.mark.parametrize("how", ["tempauth"] + [pytest.param(how, marks=pytest.mark.slow)
+                                                for how in KEYSTONE_LOGINS])
 def test_once_stores_a_snapshot_that_lists_downloads_and_verifies(how, bao_cluster, approle, swift,
                                                                   swift_keystone, logins, tmp_path):
     ks = swift_keystone.keystone
@@ -179,7 +180,7 @@ def test_once_stores_a_snapshot_that_lists_downloads_and_verifies(how, bao_clust
     info = verify_download(resp.body, tmp_path)
     assert resp.headers["x-object-meta-vault-snapshot-sha256"] == info.sha256
     assert log.count(OBTAINED) == 1 and len(logins) == 1
-    if how in ("tempauth", "password-names"):   # each request costs Keystone's proxy ~0.5 s
+    if how == "tempauth":       # the same after the login; Keystone's proxy takes ~0.5 s a request
         _commands_work(tmp_path, key.split("/")[1], resp.body)
     assert_no_secret(log, swift.key if how == "tempauth" else
                      ks.password if how.startswith("password") else ks.app_cred_secret, *logins)
@@ -472,3 +473,132 @@ def test_the_internal_interface_of_the_region_works(swift_keystone, tmp_path):
     key = success_location(log, SUCCESS + container + "/")
     assert keystone_listing(swift_keystone, container) == [key]
     assert_no_secret(log, ks.app_cred_secret)
+
+
+# =============================================================================
+# --check-config with the OS_* variables; doctor
+# =============================================================================
+
+KEYSTONE_ENV = {"OS_AUTH_URL": "https://keystone.example.com:5000/v3", "OS_USERNAME": "backup",
+                "OS_PASSWORD": "os-env-password-1", "OS_PROJECT_NAME": "vault",
+                "OS_USER_DOMAIN_NAME": "Default", "OS_PROJECT_DOMAIN_NAME": "Default",
+                "OS_REGION_NAME": "RegionOne"}
+APP_CRED_ENV = {"OS_AUTH_URL": "https://keystone.example.com:5000/v3",
+                "OS_APPLICATION_CREDENTIAL_ID": "0123abcd",
+                "OS_APPLICATION_CREDENTIAL_SECRET": "os-env-secret-2"}
+TEMPAUTH_ENV = {"ST_AUTH": "https://swift.example.com/auth/v1.0", "ST_USER": "acct:user",
+                "ST_KEY": "st-env-key-3"}
+
+
+def check_config(tmp_path, env, **block):
+    path = tmp_path / "check.json"
+    path.write_text(json.dumps({"addr": "http://127.0.0.1:8200", "role_id": "r", "secret_id": "s",
+                                "swift_storage": dict({"container": "vault-snapshots"}, **block)}))
+    stream, out = io.StringIO(), io.StringIO()
+    code = vsa.main(["-c", str(path), "--check-config"], stream=stream, out=out, env=env)
+    return code, stream.getvalue() + out.getvalue()
+
+
+@pytest.mark.parametrize("env", [KEYSTONE_ENV, APP_CRED_ENV, TEMPAUTH_ENV],
+                         ids=["keystone-password", "application-credential", "tempauth"])
+def test_check_config_takes_the_openstack_variables(env, tmp_path):
+    code, text = check_config(tmp_path, dict(env))
+    assert code == 0, text
+    assert_no_secret(text, *[value for key, value in env.items() if "PASSWORD" in key or
+                             "SECRET" in key or key == "ST_KEY"])
+
+
+@pytest.mark.parametrize("env,drop,key", [
+    (KEYSTONE_ENV, "OS_PASSWORD", "password"),
+    (KEYSTONE_ENV, "OS_PROJECT_NAME", "project_name"),
+    (KEYSTONE_ENV, "OS_USERNAME", "username"),
+    (KEYSTONE_ENV, "OS_AUTH_URL", "auth_url"),
+    (APP_CRED_ENV, "OS_APPLICATION_CREDENTIAL_SECRET", "application_credential_secret"),
+    (TEMPAUTH_ENV, "ST_USER", "username"),
+])
+def test_check_config_names_the_missing_key_in_one_line(env, drop, key, tmp_path):
+    env = dict(env)
+    del env[drop]
+    code, text = check_config(tmp_path, env)
+    assert code == 2, text
+    lines = text.splitlines()
+    assert len(lines) == 1 and "swift_storage.%s" % key in lines[0], lines
+
+
+def doctor(tmp_path, store):
+    with FakeVault(role_id="r", secret_id="s") as vault:
+        code, log, out = run_cli(tmp_path, store, "doctor", addr=vault.url)
+    return code, log, out
+
+
+def doctor_line(out, status, check):
+    found = [text for text in out.splitlines()
+             if text.split(" ", 1)[0] == status and text[6:].startswith(check + " ")]
+    assert len(found) == 1, (status, check, out)
+    return found[0]
+
+
+def test_doctor_passes_against_swift_and_leaves_nothing(swift, swift_container, tmp_path):
+    store = SwiftStore(swift, swift_container, "doctor")
+    code, log, out = doctor(tmp_path, store)
+    assert code == 0, out + log
+    assert "0 snapshot(s) in" in doctor_line(out, "ok", "swift list")
+    assert "wrote, read back and deleted" in doctor_line(out, "ok", "swift write")
+    assert store.listing() == []
+    assert_no_secret(log + out, swift.key)
+
+
+def test_doctor_fails_a_wrong_password_naming_the_reason(swift, swift_container, tmp_path):
+    wrong = "doctor-wrong-%s" % os.urandom(4).hex()
+    code, log, out = doctor(tmp_path, SwiftStore(swift, swift_container, "doctor", password=wrong))
+    assert code == 1, out + log
+    failed = [text for text in out.splitlines() if text.startswith("FAIL") and "swift" in text]
+    assert failed and "Swift tempauth" in failed[0] and "HTTP 401" in failed[0], out
+    assert wrong not in out + log
+
+
+# =============================================================================
+# re-verification: verify --storage swift NAME
+# =============================================================================
+
+
+def _damage(store, name, damage, other, large):
+    """Someone with write access damages snapshot ``name``: an SLO's second
+    segment, a single object's bytes (keeping the agent's SHA-256 with it)."""
+    keep = {store.OWN_META: store.own_sha256(name)}
+    if damage == "deleted":
+        return store.delete(name)
+    if damage == "replaced":
+        return store.replace_keeping_record(name, other)
+    if large:
+        path = store.segments(name + "/")[1]
+        data = store.request("GET", path).body
+    else:
+        path, data = store.full(name), store.read(name)
+    data = data[:len(data) // 2] if damage == "truncated" else \
+        data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0x55]) + data[len(data) // 2 + 1:]
+    assert store.request("PUT", path, keep if not large else None, data).status == 201
+
+
+@pytest.mark.parametrize("damage", ["intact", "truncated", "corrupted", "replaced", "deleted"])
+@pytest.mark.parametrize("large", [False, True], ids=["single-put", "slo"])
+def test_verify_reports_a_damaged_object_and_passes_an_intact_one(large, damage, swift, swift_container,
+                                                                  tmp_path):
+    store = SwiftStore(swift, swift_container, "scrub", segment_size_mb=1 if large else None)
+    snaps = Snapshots()
+    name = taken(0.1)
+    upload(tmp_path, store, name, snaps.sized(2.5) if large else snaps.small())
+    if large:
+        assert store.head(name).headers.get("x-static-large-object", "").lower() == "true"
+    if damage != "intact":
+        _damage(store, name, damage, snaps.small(), large)
+    code, log, out = run_cli(tmp_path, store, "verify", "--storage", "swift", name)
+    word = "OK" if damage == "intact" else "FAIL"
+    found = [line for line in out.splitlines() if re.match(r"%s +swift +%s " % (word, re.escape(name)), line)]
+    if damage == "intact":
+        assert code == 0 and found and "SHA-256 this agent recorded" in found[0], out + log
+    elif damage == "deleted":
+        assert code == 1 and re.search(r"ERROR %s in .*: no snapshot of that name" % re.escape(name), log)
+    else:
+        assert code == 1 and len(found) == 1, out + log
+    assert "Traceback" not in log

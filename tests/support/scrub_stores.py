@@ -1,7 +1,7 @@
 """One face for every storage kind the re-verification (scrub) tests damage:
 a local directory, S3 on moto, Azure Blob on Azurite, GCS on
-gcp-storage-emulator, OpenStack Swift (tempauth; support/swift_server.py). Stdlib only (the moto helpers import botocore when
-first used); Python 3.6+.
+gcp-storage-emulator, OpenStack Swift (tempauth; support/swift_server.py).
+Stdlib only (the moto helpers import botocore when first used); Python 3.6+.
 
 Each ``Store`` is a block of the agent's config under a prefix of its own
 (``key``: the config key, ``name``: the block's name for ``--storage``,
