@@ -1,7 +1,7 @@
 """One face for every storage kind the re-verification (scrub) tests damage:
 a local directory, S3 on moto, Azure Blob on Azurite, GCS on
-gcp-storage-emulator. Stdlib only (the moto helpers import botocore when
-first used); Python 3.6+.
+gcp-storage-emulator, OpenStack Swift (tempauth; support/swift_server.py).
+Stdlib only (the moto helpers import botocore when first used); Python 3.6+.
 
 Each ``Store`` is a block of the agent's config under a prefix of its own
 (``key``: the config key, ``name``: the block's name for ``--storage``,
@@ -18,7 +18,9 @@ Each ``Store`` is a block of the agent's config under a prefix of its own
   longer match what it recorded). Azure: Put Block List with the old
   ``x-ms-blob-content-md5``, which Azure documents as not validated. GCS:
   a new upload whose ``md5Hash`` is then PATCHed back (gcp-storage-emulator
-  lets it be written; GCS would not). None where the store cannot be made
+  lets it be written; GCS would not). Swift: an ordinary PUT that carries
+  the old object's ``X-Object-Meta-Vault-Snapshot-Sha256`` (anyone may set
+  metadata). None where the store cannot be made
   to disagree (``can_keep_record`` False: S3 without checksums, whose ETag
   is always recomputed);
 * ``delete(name)``, ``names()`` (snapshot names under the prefix, sorted);
@@ -62,7 +64,8 @@ import os
 from support.archives import build_archive
 from support.storage_blocks import BUCKET, CONTAINER, azure_key_block, s3_block
 
-__all__ = ["Store", "LocalStore", "S3Store", "AzureStore", "GcsStore", "Snapshots", "XATTR_OK",
+__all__ = ["Store", "LocalStore", "S3Store", "AzureStore", "GcsStore", "SwiftStore", "Snapshots",
+           "XATTR_OK",
            "OWN_CHECKED", "run_cli", "store_snapshots", "upload", "taken"]
 
 OWN_CHECKED = "matches the SHA-256 this agent recorded at upload"
@@ -312,6 +315,79 @@ class GcsStore(Store):
 
     def names(self):
         return sorted(n.rsplit("/", 1)[1] for n in self.gcs.list_objects(BUCKET, self.prefix + "/"))
+
+
+class SwiftStore(Store):
+    """A container of the ``swift`` fixture (support/swift_server.Swift),
+    tempauth as ``test:tester``; ``segment_size_mb``: SLO uploads above it;
+    ``extra``: more keys of the block (with ``swift`` None, the login too).
+    ``segments()``: every object name under ``.segments/`` of the prefix."""
+
+    key, name = "swift_storage", "swift"
+    recorded = "Swift ETag"
+    OWN_META = "x-object-meta-vault-snapshot-sha256"
+
+    def __init__(self, swift, container, prefix, segment_size_mb=None, **extra):
+        Store.__init__(self, prefix)
+        self.swift, self.container, self.segment_size_mb = swift, container, segment_size_mb
+        self.extra = extra          # more keys of the block
+        self._token = None
+
+    def block(self, **extra):
+        block = {"container": self.container, "prefix": self.prefix}
+        if self.swift is not None:          # None: the login keys are all in ``extra``
+            block.update(auth_url=self.swift.auth_url, username=self.swift.user,
+                         password=self.swift.key)
+        if self.segment_size_mb:
+            block["segment_size_mb"] = self.segment_size_mb
+        return dict(block, **dict(self.extra, **extra))
+
+    def request(self, method, name, headers=None, body=None, query=""):
+        from urllib.parse import quote
+        if self._token is None:
+            self._token = self.swift.login()[0]
+        url = "%s/%s%s%s" % (self.swift.storage_url, self.container, "/" + quote(name) if name else "",
+                             query)
+        return self.swift.request(method, url, headers, body, token=self._token)
+
+    def read(self, name):
+        resp = self.request("GET", self.full(name))
+        assert resp.status == 200, resp
+        return resp.body
+
+    def head(self, name):
+        return self.request("HEAD", self.full(name))
+
+    def own_sha256(self, name):
+        return self.head(name).headers.get(self.OWN_META)
+
+    def write(self, name, data, headers=None):
+        """An ordinary PUT over the object (an SLO manifest becomes a plain
+        object; its segments stay)."""
+        resp = self.request("PUT", self.full(name), headers, data)
+        assert resp.status == 201, resp
+
+    def replace_keeping_record(self, name, data):
+        self.write(name, data, {self.OWN_META: self.own_sha256(name)})
+
+    def delete(self, name):
+        resp = self.request("DELETE", self.full(name))
+        assert resp.status in (204, 404), resp
+
+    def listing(self, prefix=""):
+        """Every object name in the container under ``prefix``."""
+        resp = self.request("GET", "", query="?format=json&prefix=" + prefix)
+        assert resp.status == 200, resp
+        return sorted(item["name"] for item in json.loads(resp.body.decode("utf-8")))
+
+    def segments(self, name=""):
+        return self.listing("%s/.segments/%s" % (self.prefix, name))
+
+    def names(self):
+        import vault_snapshot_agent as vsa
+        return sorted(n.rsplit("/", 1)[1] for n in self.listing(self.prefix + "/")
+                      if n.count("/") == self.prefix.count("/") + 1
+                      and vsa.parse_snapshot_name(n.rsplit("/", 1)[1]))
 
 
 NOWHERE = "http://127.0.0.1:9"      # the addr of commands that never ask Vault
