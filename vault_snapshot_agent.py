@@ -2702,7 +2702,8 @@ def catalog_endpoint(catalog, service_type, interface, region, what):
             continue
         for point in service.get("endpoints") if isinstance(service.get("endpoints"), list) else []:
             if isinstance(point, dict) and isinstance(point.get("url"), str):
-                regions = [r for r in (point.get("region"), point.get("region_id")) if isinstance(r, str)]
+                regions = sorted(set(r for r in (point.get("region"), point.get("region_id"))
+                                     if isinstance(r, str)))
                 offered.append((point.get("interface"), regions, point["url"]))
     urls = sorted(set(url for where, regions, url in offered
                       if where == interface and (region is None or region in regions)))
@@ -7349,8 +7350,8 @@ def _swift_error(resp, data, action):
     """Swift answers errors as a short HTML page or plain text."""
     text = re.sub(r"<[^>]*>", " ", data[:400].decode("utf-8", "replace"))
     hint = SWIFT_HINTS.get(resp.status, "")
-    if resp.status == 404 and ("container" not in action and "list" not in action):
-        hint = ""
+    if resp.status == 404 and action.startswith(("download", "metadata", "delete")):
+        hint = ""                   # the object, not the container, is what is missing
     error = storage_error("Swift", action, resp, None, one_line(text) or None, hint)
     if resp.status == 412:          # our If-None-Match: *: the name is taken
         return NameClash("%s; the object exists already, not replaced" % error)
@@ -7645,18 +7646,19 @@ class SwiftStorage(Storage):
 
     def _remove(self, container, paths, obj):
         """Delete the segments of a failed upload (also after a stop)."""
-        left = []
+        left, deleted = [], 0
         for path in paths:
             try:
-                self._request("DELETE", "delete of segment of %s" % obj, path, ok=(200, 204, 404),
-                              container=container, cleanup=True)
+                resp, _ = self._request("DELETE", "delete of segment of %s" % obj, path,
+                                        ok=(200, 204, 404), container=container, cleanup=True)
+                deleted += resp.status != 404       # 404: never written
             except (StorageError, TransportError, Stopped):
                 left.append(path)
         if left:
             LOG.error("Could not delete %d segment(s) of the failed upload of %s, e.g. %s/%s",
                       len(left), obj, container, left[0])
-        elif paths:
-            LOG.info("Deleted the %d segment(s) of the failed upload of %s", len(paths), obj)
+        elif deleted:
+            LOG.info("Deleted the %d segment(s) of the failed upload of %s", deleted, obj)
 
     def prepare(self):
         """Delete the segments an upload killed mid-way left behind: those
