@@ -6,6 +6,7 @@ answers that are not snapshots are one ERROR line each, store nothing and
 leave no temp file; the next clean cycle stores. An endless stream from a
 loopback server keeps memory bounded."""
 
+import errno
 import gzip
 import hashlib
 import io
@@ -20,7 +21,7 @@ import pytest
 import vault_snapshot_agent as vsa
 from support.archives import build_archive
 from support.faults_support import MB, SEED, proxy_to, temp_files, verify_all, write_config
-from support.harness import error_lines, run_main, snapshots
+from support.harness import error_lines, run_main, snapshots, wait_for
 from support.slow_servers import EndlessServer
 
 
@@ -327,3 +328,59 @@ def test_endless_snapshot_stream_keeps_memory_bounded(tmp_path, mode, threaded):
         assert sent < 32 * MB, "a stream that is not gzip was read on for %d MB" % (sent // MB)
     elif mode == "state":     # a long (legitimate-looking) snapshot is never cut short
         assert sent >= limit, "only %d MB flowed" % (sent // MB)
+
+
+# =============================================================================
+# write-back: a large snapshot reaches the disk while it still arrives
+# =============================================================================
+
+
+class _Answer:
+    """A snapshot answer for stream_snapshot, from bytes."""
+
+    def __init__(self, data):
+        self.stream = io.BytesIO(data)
+
+    def readinto(self, buffer):
+        return self.stream.readinto(buffer)
+
+    def abort(self):
+        pass
+
+
+def _quiet_writeback():
+    """Whether no write-back thread is left running."""
+    return not [t for t in threading.enumerate() if t.name == "writeback" and t.is_alive()]
+
+
+def test_a_large_snapshot_is_flushed_while_it_arrives_and_stored_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(vsa, "WRITEBACK_STEP", 256 * 1024)
+    flushed, real = [], os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (flushed.append(fd), real(fd)))
+    archive = build_archive(os.urandom(3 * MB))
+    signals = vsa.Signals()
+    descriptors = len(os.listdir("/proc/self/fd"))
+    info = vsa.stream_snapshot(_Answer(archive), str(tmp_path), signals, threaded=False)
+    with open(info.path, "rb") as handle:
+        assert handle.read() == archive
+    assert info.sha256 == hashlib.sha256(archive).hexdigest()
+    assert flushed, "nothing was flushed before the end"
+    assert wait_for(_quiet_writeback, 5, "the write-back thread to end")
+    assert len(os.listdir("/proc/self/fd")) == descriptors, "a descriptor was left open"
+    signals.close()
+
+
+def test_an_error_of_the_background_flush_fails_the_snapshot_and_keeps_nothing(tmp_path, monkeypatch):
+    # Linux reports a write-back error to one caller only: the final fsync
+    # alone would succeed, and a snapshot that never reached the disk be kept.
+    monkeypatch.setattr(vsa, "WRITEBACK_STEP", 256 * 1024)
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(os, "fdatasync", failing)
+    with pytest.raises(vsa.StagingError) as caught:
+        vsa.stream_snapshot(_Answer(build_archive(os.urandom(2 * MB))), str(tmp_path), vsa.Signals(),
+                            threaded=False)
+    assert "Input/output error" in str(caught.value)
+    assert os.listdir(str(tmp_path)) == []
+    assert wait_for(_quiet_writeback, 5, "the write-back thread to end")

@@ -602,15 +602,17 @@ def python_version(python, isolated=False):
     return subprocess.check_output(argv, universal_newlines=True).strip()
 
 
-def install_agent(python, workdir):
-    """Install the agent the way the systemd unit does (contrib/
-    vault-snapshot-agent.service): the module in its own directory, its
-    bytecode compiled once, run as ``python3 -m vault_snapshot_agent`` with
-    PYTHONPATH naming that directory. Returns (argv prefix, extra env)."""
-    lib = os.path.join(workdir, "installed-agent")
+def install_agent(python, workdir, source=AGENT, name="installed-agent"):
+    """Install the agent (``source``: another version of the file, to compare
+    with) the way the systemd unit does (contrib/
+    vault-snapshot-agent.service): the module in its own directory
+    ``name``, its bytecode compiled once, run as ``python3 -m
+    vault_snapshot_agent`` with PYTHONPATH naming that directory. Returns
+    (argv prefix, extra env)."""
+    lib = os.path.join(workdir, name)
     if not os.path.isdir(lib):
         os.makedirs(lib)
-        shutil.copy(AGENT, lib)
+        shutil.copy(source, os.path.join(lib, "vault_snapshot_agent.py"))
     subprocess.check_call([python, "-m", "compileall", "-q", lib])
     # From "/", as systemd starts services: `-m` puts the working directory
     # first on sys.path, and from the repository root it would import the

@@ -19,6 +19,10 @@ cluster, so the tools' memory can be compared as the snapshot grows:
          the same agent installed as the systemd unit runs it: its own
          directory, bytecode compiled once (benchlib.install_agent)
   bao    bao operator raft snapshot save FILE   (BAO_ADDR/VAULT_ADDR, BAO_TOKEN)
+  curl-sync  curl -o FILE, then `sync FILE` (the floor with the durability the agent
+         and bao give: both fsync)
+  base:NAME  with --compare FILE: that version of the agent, installed the same way
+         (variants of the agent measured in the same run)
 
 For each: median wall time of the child process, its CPU time (user+sys from
 os.wait4), its peak RSS (os.wait4's ru_maxrss, or /proc/PID/status VmHWM
@@ -52,7 +56,7 @@ sys.path.insert(0, benchlib.TESTS)
 
 from support.bao_cluster import BaoCluster, find_bao
 
-TOOLS = ("curl", "agent", "agent-m", "bao")
+TOOLS = ["curl", "curl-sync", "agent", "agent-m", "bao"]    # --tools and --compare change it
 SCRUB = ("VAULT_", "BAO_")
 
 
@@ -103,11 +107,15 @@ def bench(args, workdir):
             "frequency": "1h", "retain": 1, "local_storage": {"path": agent_dir}})
         out_file = os.path.join(outdir, "snapshot.snap")
         installed = benchlib.install_agent(python, workdir)
+        bases = dict(("base:" + os.path.basename(f), benchlib.install_agent(
+            python, workdir, f, "base-%d" % i)) for i, f in enumerate(args.compare))
 
         def take(tool):
-            if tool == "curl":
+            if tool in ("curl", "curl-sync"):
                 argv = [curl, "-sS", "--fail", "-o", out_file,
                         "-H", "X-Vault-Token: " + token, url]
+                if tool == "curl-sync":
+                    argv = ["/bin/sh", "-c", '"$@" && exec sync "$0"', out_file] + argv
                 elapsed, cpu, rss, how = runner.run(argv, env=benchlib.scrubbed_env(SCRUB))
                 path = out_file
             elif tool == "bao":
@@ -120,7 +128,7 @@ def bench(args, workdir):
                 if tool == "agent":
                     argv, extra = [python, AGENT], {}
                 else:
-                    argv, extra = installed
+                    argv, extra = bases.get(tool) or installed
                 argv = argv + ["-c", cfg_path, "--once"]
                 elapsed, cpu, rss, how = runner.run(argv, env=benchlib.scrubbed_env(SCRUB, **extra))
                 snaps = glob.glob(os.path.join(agent_dir, "raft_snapshot-*.snap"))
@@ -184,6 +192,7 @@ LABEL = {
     "agent": "`python3 vault_snapshot_agent.py --once` (script)",
     "agent-m": "`python3 -m vault_snapshot_agent --once` (installed)",
     "bao": "`bao operator raft snapshot save`",
+    "curl-sync": "`curl -o FILE && sync FILE`",
 }
 
 
@@ -203,7 +212,8 @@ def table(data):
         base = rows["curl"]
         for tool in TOOLS:
             r = rows[tool]
-            cells = [LABEL[tool], "%.2f s (%.2f-%.2f)" % (r["seconds"], r["min"], r["max"]),
+            label = LABEL.get(tool) or "`%s` installed (--compare)" % tool[len("base:"):]
+            cells = [label, "%.2f s (%.2f-%.2f)" % (r["seconds"], r["min"], r["max"]),
                      "%.2fx" % (r["seconds"] / base["seconds"]),
                      "%.2fx" % (r["seconds"] / rows["bao"]["seconds"]),
                      "%.0f" % (r["size"] / MB / r["seconds"]), "%.2f s" % r["cpu"],
@@ -246,11 +256,20 @@ def main(argv=None):
     parser.add_argument("--bao", help="bao binary (default: $BAO_BIN, PATH, next to python)")
     parser.add_argument("--workdir", help="parent of the work dir (default: $TMPDIR)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs)")
+    parser.add_argument("--tools", default=",".join(TOOLS),
+                        help="which of %s to run (curl and bao are needed)" % ",".join(TOOLS))
+    parser.add_argument("--compare", action="append", default=[], metavar="FILE",
+                        help="another vault_snapshot_agent.py to measure beside this one "
+                             "(installed form; repeatable)")
     parser.add_argument("--poll", type=float, default=benchlib.Runner.POLL,
                         help="VmHWM poll interval in seconds (%(default)s)")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
+    tools = [t for t in args.tools.split(",") if t]
+    if not {"curl", "bao"} <= set(tools) or not set(tools) <= set(TOOLS):
+        parser.error("--tools: a subset of %s with curl and bao" % ",".join(TOOLS))
+    TOOLS[:] = tools + ["base:" + os.path.basename(f) for f in args.compare]
     benchlib.Runner.POLL = args.poll
 
     def add_summaries(data):
