@@ -5041,10 +5041,15 @@ class _Writeback:
             self._due = True
             self._cond.notify()
         if self._thread is None:
+            self._thread = False        # no descriptor or thread left: the final fsync does it
             try:
-                self._thread = start_thread(self._run, "writeback", os.dup(self.fd))
-            except (OSError, RuntimeError):     # no descriptor or thread left: the final fsync does it
-                self._thread = False
+                copy = os.dup(self.fd)
+            except OSError:
+                return
+            try:
+                self._thread = start_thread(self._run, "writeback", copy)
+            except RuntimeError:
+                os.close(copy)
 
     def _run(self, fd):
         sync = getattr(os, "fdatasync", os.fsync)

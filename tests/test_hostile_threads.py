@@ -232,8 +232,6 @@ def test_many_stopped_and_whole_snapshots_leave_no_thread_and_no_descriptor(tmp_
     assert open_fds() == before
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _Writeback.wrote leaks its os.dup() descriptor "
-                                       "when the thread cannot start (RuntimeError)")
 def test_no_thread_left_for_the_flush_leaks_no_descriptor(tmp_path, small_step, monkeypatch):
     def no_thread(*args):
         raise RuntimeError("can't start new thread")
