@@ -443,6 +443,11 @@ def parse_listed_size(value):
     return 0
 
 
+def page_text(data):
+    """The text of an error answer that may be an HTML page (tags dropped)."""
+    return re.sub(r"<[^>]*>", " ", data.decode("utf-8", "replace"))
+
+
 def one_line(text, limit=300):
     """Collapse whitespace and cut long server answers for a log line."""
     text = " ".join(str(text).split())
@@ -2773,7 +2778,7 @@ def tempauth_login(http, auth_url, user, key, what):
     except TransportError as exc:
         raise StorageError("%s: %s" % (what, exc), exc.retryable) from exc
     if resp.status not in (200, 204):
-        text = re.sub(r"<[^>]*>", " ", raw.decode("utf-8", "replace"))
+        text = page_text(raw)
         raise StorageError("%s: HTTP %d %s%s" % (
             what, resp.status, masked(printable(one_line(text or resp.reason or "", 200), 300), [key]),
             " (the user or key was refused)" if resp.status == 401 else ""),
@@ -7428,7 +7433,7 @@ SWIFT_HINTS = {
 
 def _swift_error(resp, data, action):
     """Swift answers errors as a short HTML page or plain text."""
-    text = re.sub(r"<[^>]*>", " ", data[:400].decode("utf-8", "replace"))
+    text = page_text(data[:400])
     hint = SWIFT_HINTS.get(resp.status, "")
     if resp.status == 404 and action.startswith(("download", "metadata", "delete")):
         hint = ""                   # the object, not the container, is what is missing
