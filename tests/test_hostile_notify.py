@@ -28,7 +28,7 @@ import vault_snapshot_agent as vsa
 from support.agent_sim import START, ScriptedVault, fake_clock, load_doc, run_daemon
 from support.fake_endpoints import Endpoint
 from support.harness import (FakeSignals, captured_log, child_env, free_port, known_secrets, read,
-                             reaped, start_agent, stop, wait_for)
+                             reaped, start_agent, stop, thread_ids, wait_for)
 from support.hostile_servers import snapshot_names
 from support.readback_servers import Reply, ScriptedServer, endless, repeat
 
@@ -332,15 +332,14 @@ def test_a_stop_after_a_reload_kills_the_running_notify_command(tmp_path):
         wait_for(lambda: "Config reloaded" in read(tmp_path / "log"), 10, "the reload")
         assert stop(proc) == 0
     try:
-        time.sleep(0.5)
-        assert ended(pid), "the notify command outlives the agent"
+        assert ended(pid, 2.5), "the notify command outlives the agent"
     finally:
         kill_group(pid)
 
 
 def other_threads(pid):
     """The thread ids of process ``pid`` but its main thread's."""
-    return [int(t) for t in os.listdir("/proc/%d/task" % pid) if int(t) != pid]
+    return [t for t in thread_ids(pid) if t != pid]
 
 
 def test_signals_the_kernel_hands_to_the_notify_thread_still_reload_and_stop(tmp_path):
@@ -360,8 +359,7 @@ def test_signals_the_kernel_hands_to_the_notify_thread_still_reload_and_stop(tmp
         assert proc.wait(5) == 0
         assert time.monotonic() - started < 3
     try:
-        time.sleep(0.5)
-        assert ended(pid), "the notify command outlives the agent"
+        assert ended(pid, 2.5), "the notify command outlives the agent"
     finally:
         kill_group(pid)
 

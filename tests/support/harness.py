@@ -54,7 +54,7 @@ AGENT = os.path.join(ROOT, "vault_snapshot_agent.py")
 
 __all__ = ["free_port", "free_ports", "tail", "child_env", "pid_alive", "spawn", "ServerError",
            "ServerProcess", "LoopbackServer", "LoopbackHandler", "wait_for", "read",
-           "start_agent", "reaped", "stop", "AGENT", "FakeClock", "FakeSignals"]
+           "start_agent", "reaped", "stop", "AGENT", "FakeClock", "FakeSignals", "thread_ids"]
 
 
 # ------------------------------------------------------------ ports and logs
@@ -130,6 +130,11 @@ def spawn(argv, log_path, cwd=None, env=None, banner=None):
                                 start_new_session=True, close_fds=True)
     finally:
         log.close()
+
+
+def thread_ids(pid):
+    """The thread ids of process ``pid`` (its main thread's is ``pid``), sorted."""
+    return sorted(int(t) for t in os.listdir("/proc/%d/task" % pid))
 
 
 def pid_alive(pid):
